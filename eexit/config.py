@@ -1,0 +1,101 @@
+"""Reading configuration from the environment and from systemd credentials.
+
+Every daemon builds one frozen dataclass from these helpers at start-up. A bad value raises
+ConfigError naming the variable; the daemon prints it and exits non-zero (exit code 2), the
+only situation in which a daemon exits on its own: running with a configuration nobody
+intended is worse than not starting, and systemd shows the failure.
+"""
+
+import math
+import os
+from pathlib import Path
+
+CONFIG_EXIT_CODE = 2
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed. The message names the variable."""
+
+
+def env_str(name, default=None, env=None):
+    env = os.environ if env is None else env
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        if default is None:
+            raise ConfigError(f"{name} is required but not set")
+        return default
+    return value.strip()
+
+
+def env_float(name, default, minimum=None, maximum=None, env=None):
+    raw = env_str(name, str(default), env)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} is below the minimum {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} is above the maximum {maximum}")
+    return value
+
+
+def env_int(name, default, minimum=None, maximum=None, env=None):
+    raw = env_str(name, str(default), env)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} is below the minimum {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} is above the maximum {maximum}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_bool(name, default, env=None):
+    raw = env_str(name, "true" if default else "false", env).lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def env_list(name, default, env=None):
+    """Comma-separated list; empty items are dropped. default is a tuple."""
+    raw = env_str(name, ",".join(default), env)
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if not items:
+        raise ConfigError(f"{name}={raw!r} names nothing")
+    return items
+
+
+def credential(file_name, env_names=(), env=None):
+    """A secret from $CREDENTIALS_DIRECTORY/<file_name>, else from the first set variable of
+    env_names, else None. systemd's LoadCredential= is the recommended path: the secret never
+    appears in the unit, the environment of other processes, or `systemctl show`."""
+    env = os.environ if env is None else env
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        path = Path(directory) / file_name
+        if path.exists():
+            try:
+                value = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"credential {file_name} in CREDENTIALS_DIRECTORY is unreadable: "
+                                  f"{type(exc).__name__}") from None
+            if not value:
+                raise ConfigError(f"credential {file_name} in CREDENTIALS_DIRECTORY is empty")
+            return value
+    for name in env_names:
+        value = env.get(name)
+        if value is not None and value.strip():
+            return value.strip()
+    return None

@@ -1,0 +1,388 @@
+"""The wire contract: key names and one dataclass per message (SPEC §2). Pure: no I/O.
+
+Every message has `to_fields()` (str -> str, ready for XADD/HSET) and a classmethod
+`from_fields(raw)` returning `(message, problems)`. `from_fields` never raises: a safety daemon
+that crashes on a malformed entry is a daemon an attacker (or a bug) can switch off with one
+XADD. Problems are short codes such as `missing:event_id` or `bad_int:ts`; the caller decides
+what a problem means (the EEW still executes an authorised but malformed panic).
+
+Missing or unreadable numbers parse to None, never to 0: "0 positions" must only ever mean the
+producer said 0 (SPEC §4.1, §4.6).
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# Stream and key names (fixed by SPEC §2).
+PANIC_STREAM = "system:panic_close"
+COMPLETED_STREAM = "system:panic_close:completed"
+HEARTBEAT_STREAM = "exit_brain:heartbeat"
+EEW_HEARTBEAT_STREAM = "eexit:eew:heartbeat"
+WATCHDOG_HEARTBEAT_STREAM = "eexit:watchdog:heartbeat"
+TRADING_STATE_KEY = "system:state:trading"
+PROCESSED_KEY = "system:panic_close:processed"
+
+EEW_GROUP = "emergency_exit_worker"
+AUDIT_GROUP = "audit_logger"
+
+HEARTBEAT_MAXLEN = 1000
+
+SEVERITIES = ("CRITICAL",)
+KNOWN_ISSUERS = ("risk_kernel", "exit_brain", "watchdog", "ops")
+HEARTBEAT_STATUSES = ("OK", "DEGRADED")
+REPORT_STATUSES = ("FLAT", "RESIDUAL", "FAILED", "REJECTED", "DUPLICATE")
+
+# Bounds that make a value absurd rather than merely surprising.
+MAX_TEXT = 1024                       # chars kept of any text field; longer is truncated
+MAX_TS_MS = 32503680000000            # year 3000
+MAX_COUNT = 1_000_000                 # positions, orders, attempts
+MAX_DURATION_MS = 10 * 365 * 86400 * 1000
+
+
+class _FieldReader:
+    """Collects typed values out of a raw Redis field map, recording problems instead of
+    raising. Consumed names are tracked so the rest can be kept as `extra`."""
+
+    def __init__(self, raw):
+        self.problems = []
+        self.values = {}
+        self.consumed = set()
+        if not isinstance(raw, Mapping):
+            self.problems.append("not_a_map")
+            return
+        for key, value in raw.items():
+            name = self._text(key, "key")
+            if name is None:
+                continue
+            text = self._text(value, name)
+            if text is not None:
+                self.values[name] = text
+
+    def _text(self, item, label):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            item = bytes(item)
+            try:
+                return item.decode("utf-8")
+            except UnicodeDecodeError:
+                self.problems.append(f"non_utf8:{label}")
+                return item.decode("utf-8", errors="replace")
+        if isinstance(item, str):
+            return item
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            return repr(item)
+        self.problems.append(f"bad_type:{label}")
+        return None
+
+    def _take(self, name, aliases=()):
+        for candidate in (name, *aliases):
+            if candidate in self.values:
+                self.consumed.add(candidate)
+                for alias in (name, *aliases):
+                    if alias in self.values:
+                        self.consumed.add(alias)
+                return self.values[candidate]
+        return None
+
+    def text(self, name, required=True, aliases=()):
+        value = self._take(name, aliases)
+        if value is None or value == "":
+            if required:
+                self.problems.append(f"missing:{name}")
+            return ""
+        if len(value) > MAX_TEXT:
+            self.problems.append(f"too_long:{name}")
+            value = value[:MAX_TEXT]
+        return value
+
+    def choice(self, name, allowed, legacy=None, required=True, aliases=()):
+        value = self.text(name, required, aliases)
+        if value == "":
+            return value
+        value = (legacy or {}).get(value, value)
+        if value not in allowed:
+            self.problems.append(f"unknown_value:{name}")
+        return value
+
+    def integer(self, name, maximum, required=True):
+        value = self._take(name)
+        if value is None or value == "":
+            if required:
+                self.problems.append(f"missing:{name}")
+            return None
+        try:
+            number = int(value.strip())
+        except ValueError:
+            # Producers in other languages write "1.0"; accept an integral float.
+            try:
+                as_float = float(value)
+            except ValueError:
+                self.problems.append(f"bad_int:{name}")
+                return None
+            if not math.isfinite(as_float) or as_float != int(as_float):
+                self.problems.append(f"bad_int:{name}")
+                return None
+            number = int(as_float)
+        if number < 0 or number > maximum:
+            self.problems.append(f"absurd:{name}")
+            return None
+        return number
+
+    def number(self, name, maximum, required=True):
+        value = self._take(name)
+        if value is None or value == "":
+            if required:
+                self.problems.append(f"missing:{name}")
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            self.problems.append(f"bad_number:{name}")
+            return None
+        if not math.isfinite(number) or number < 0 or number > maximum:
+            self.problems.append(f"absurd:{name}")
+            return None
+        return number
+
+    def boolean(self, name, required=True):
+        value = self._take(name)
+        if value is None or value == "":
+            if required:
+                self.problems.append(f"missing:{name}")
+            return None
+        lowered = value.strip().lower()
+        if lowered in ("true", "1"):
+            return True
+        if lowered in ("false", "0"):
+            return False
+        self.problems.append(f"bad_bool:{name}")
+        return None
+
+    def json_list(self, name, required=True):
+        value = self._take(name)
+        if value is None or value == "":
+            if required:
+                self.problems.append(f"missing:{name}")
+            return []
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            self.problems.append(f"bad_json:{name}")
+            return []
+        if not isinstance(parsed, list):
+            self.problems.append(f"bad_json:{name}")
+            return []
+        return parsed
+
+    def extra(self):
+        kept = {}
+        for name, value in self.values.items():
+            if name in self.consumed:
+                continue
+            if len(value) > MAX_TEXT:
+                self.problems.append(f"too_long:{name[:64]}")
+                value = value[:MAX_TEXT]
+            kept[name[:MAX_TEXT]] = value
+        return kept
+
+
+def _encode(pairs, extra):
+    """Known fields first, None omitted; extra fields never override known ones."""
+    fields = {}
+    for name, value in pairs:
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            fields[name] = "true" if value else "false"
+        elif isinstance(value, (list, dict)):
+            fields[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        else:
+            fields[name] = str(value)
+    for name, value in extra.items():
+        fields.setdefault(name, value)
+    return fields
+
+
+@dataclass
+class PanicEvent:
+    """An order to go flat now. Published on PANIC_STREAM by the watchdog, risk kernel or ops."""
+
+    event_id: str
+    reason: str
+    issued_by: str
+    ts: int | None
+    severity: str = "CRITICAL"
+    extra: dict = field(default_factory=dict)   # unknown fields, e.g. sig, kid, context
+
+    def to_fields(self):
+        return _encode([("event_id", self.event_id), ("reason", self.reason),
+                        ("severity", self.severity), ("issued_by", self.issued_by),
+                        ("ts", self.ts)], self.extra)
+
+    @classmethod
+    def from_fields(cls, raw):
+        r = _FieldReader(raw)
+        event = cls(
+            event_id=r.text("event_id"),
+            reason=r.text("reason"),
+            severity=r.choice("severity", SEVERITIES),
+            issued_by=r.text("issued_by", aliases=("source",)),
+            ts=r.integer("ts", MAX_TS_MS),
+        )
+        event.extra = r.extra()
+        return event, r.problems
+
+
+@dataclass
+class CompletionReport:
+    """What the EEW did about one panic event. Published on COMPLETED_STREAM."""
+
+    event_id: str
+    status: str
+    issued_by: str = ""
+    reason: str = ""
+    positions_total: int | None = 0
+    positions_closed: int | None = 0
+    positions_failed: int | None = 0
+    failed_symbols: list = field(default_factory=list)
+    ts_started: int | None = None
+    ts_completed: int | None = None
+    execution_time_ms: int | None = None
+    residual_positions: list = field(default_factory=list)  # [{"symbol","side","contracts"}]
+    dust: list = field(default_factory=list)
+    orders_cancelled: int | None = 0
+    attempts: int | None = 0
+    event_age_ms: int | None = None
+    detail: str = ""              # why REJECTED / FAILED, or the original of a DUPLICATE
+    problems: list = field(default_factory=list)   # schema problems of the panic event
+    extra: dict = field(default_factory=dict)
+
+    def to_fields(self):
+        return _encode([
+            ("event_id", self.event_id), ("status", self.status),
+            ("issued_by", self.issued_by), ("reason", self.reason),
+            ("positions_total", self.positions_total),
+            ("positions_closed", self.positions_closed),
+            ("positions_failed", self.positions_failed),
+            ("failed_symbols", self.failed_symbols),
+            ("ts_started", self.ts_started), ("ts_completed", self.ts_completed),
+            ("execution_time_ms", self.execution_time_ms),
+            ("residual_positions", self.residual_positions), ("dust", self.dust),
+            ("orders_cancelled", self.orders_cancelled), ("attempts", self.attempts),
+            ("event_age_ms", self.event_age_ms), ("detail", self.detail),
+            ("problems", self.problems),
+        ], self.extra)
+
+    @classmethod
+    def from_fields(cls, raw):
+        r = _FieldReader(raw)
+        report = cls(
+            event_id=r.text("event_id"),
+            status=r.choice("status", REPORT_STATUSES),
+            issued_by=r.text("issued_by", required=False),
+            reason=r.text("reason", required=False),
+            positions_total=r.integer("positions_total", MAX_COUNT),
+            positions_closed=r.integer("positions_closed", MAX_COUNT),
+            positions_failed=r.integer("positions_failed", MAX_COUNT),
+            failed_symbols=r.json_list("failed_symbols"),
+            ts_started=r.integer("ts_started", MAX_TS_MS),
+            ts_completed=r.integer("ts_completed", MAX_TS_MS),
+            execution_time_ms=r.integer("execution_time_ms", MAX_DURATION_MS),
+            residual_positions=r.json_list("residual_positions", required=False),
+            dust=r.json_list("dust", required=False),
+            orders_cancelled=r.integer("orders_cancelled", MAX_COUNT, required=False),
+            attempts=r.integer("attempts", MAX_COUNT, required=False),
+            event_age_ms=r.integer("event_age_ms", MAX_TS_MS, required=False),
+            detail=r.text("detail", required=False),
+            problems=r.json_list("problems", required=False),
+        )
+        report.extra = r.extra()
+        return report, r.problems
+
+
+@dataclass
+class Heartbeat:
+    """A guard's sign of life. The Exit Brain publishes on HEARTBEAT_STREAM; the EEW and the
+    watchdog publish the same shape on their own streams."""
+
+    service_id: str
+    status: str
+    active_positions: int | None
+    last_decision_ts: int | None
+    latency_ms: float | None
+    ts: int | None
+    extra: dict = field(default_factory=dict)
+
+    def to_fields(self):
+        latency = None if self.latency_ms is None else round(self.latency_ms, 3)
+        return _encode([("service_id", self.service_id), ("status", self.status),
+                        ("active_positions", self.active_positions),
+                        ("last_decision_ts", self.last_decision_ts),
+                        ("latency_ms", latency), ("ts", self.ts)], self.extra)
+
+    @classmethod
+    def from_fields(cls, raw):
+        r = _FieldReader(raw)
+        beat = cls(
+            service_id=r.text("service_id"),
+            status=r.choice("status", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"}),
+            active_positions=r.integer("active_positions", MAX_COUNT),
+            last_decision_ts=r.integer("last_decision_ts", MAX_TS_MS),
+            latency_ms=r.number("latency_ms", MAX_DURATION_MS),
+            ts=r.integer("ts", MAX_TS_MS),
+        )
+        beat.extra = r.extra()
+        return beat, r.problems
+
+
+@dataclass
+class TradingState:
+    """The halt flag in TRADING_STATE_KEY. Trading code must treat a missing or unreadable
+    `halted` as halted."""
+
+    halted: bool | None
+    reason: str = ""
+    event_id: str = ""
+    halted_at: int | None = None
+    halted_by: str = ""
+    requires_manual_reset: bool | None = None
+    cleared_by: str = ""
+    cleared_at: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_fields(self):
+        return _encode([("halted", self.halted), ("reason", self.reason or None),
+                        ("event_id", self.event_id or None), ("halted_at", self.halted_at),
+                        ("halted_by", self.halted_by or None),
+                        ("requires_manual_reset", self.requires_manual_reset),
+                        ("cleared_by", self.cleared_by or None),
+                        ("cleared_at", self.cleared_at)], self.extra)
+
+    @property
+    def trading_allowed(self):
+        return self.halted is False
+
+    @classmethod
+    def from_fields(cls, raw):
+        r = _FieldReader(raw)
+        state = cls(
+            halted=r.boolean("halted"),
+            reason=r.text("reason", required=False),
+            event_id=r.text("event_id", required=False),
+            halted_at=r.integer("halted_at", MAX_TS_MS, required=False),
+            halted_by=r.text("halted_by", required=False),
+            requires_manual_reset=r.boolean("requires_manual_reset", required=False),
+            cleared_by=r.text("cleared_by", required=False),
+            cleared_at=r.integer("cleared_at", MAX_TS_MS, required=False),
+        )
+        state.extra = r.extra()
+        return state, r.problems
+
+
+def entry_id_ms(entry_id):
+    """The millisecond part of a stream entry id ("1700000000000-0"), or None."""
+    if isinstance(entry_id, (bytes, bytearray)):
+        entry_id = bytes(entry_id).decode("ascii", errors="replace")
+    head, _, _ = str(entry_id).partition("-")
+    return int(head) if head.isdigit() else None

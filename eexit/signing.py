@@ -1,0 +1,248 @@
+"""HMAC-SHA256 signatures on panic events, so that `issued_by` is proven, not self-declared.
+
+Anyone who can XADD to `system:panic_close` could claim to be the watchdog (predecessor defect
+12). With keys configured, every issuer signs the event's core fields with its own key and the
+EEW rejects anything whose signature does not check out. Keys are per issuer: the watchdog
+holds only the watchdog's key, so a compromised watchdog host can forge watchdog events but
+not ops events, and a bot with Redis access but no key can forge nothing.
+
+Wire fields added to a panic event
+    kid   key id (which key signed it; the key ring binds each kid to one issuer)
+    sig   64 lowercase hex digits, HMAC-SHA256(key, canonical bytes)
+
+Canonical bytes (version 1), reproducible in any language:
+    b"eexit-panic-v1\\n", then for each name in CORE_FIELDS order
+    (kid, event_id, reason, severity, issued_by, ts):
+        name + b"=" + decimal byte length of the UTF-8 value + b":" + value + b"\\n"
+The length prefix makes the encoding unambiguous whatever the values contain. The legacy
+field `source` stands in for `issued_by` when `issued_by` is absent (both present and
+different is rejected). Fields outside CORE_FIELDS are not signed: they are audit context.
+
+Key ring: the credential file `panic_hmac_keys` (systemd LoadCredential=, read from
+$CREDENTIALS_DIRECTORY) or, for tests and tools, the variable EEXIT_PANIC_HMAC_KEYS. One key
+per line (a comma also separates entries), `kid issuer hexkey`, hexkey at least 32 bytes;
+blank lines and lines starting with `#` are ignored. Generate a key with
+`python3 -c "import secrets; print(secrets.token_hex(32))"`.
+
+API
+    load_keys(env=None) -> KeyRing        ConfigError on a malformed file; empty ring if none
+    sign_fields(fields, kid, keyring)     -> new dict with `kid` and `sig`; ValueError if the
+                                             kid is unknown, belongs to another issuer, or a
+                                             core field is missing (a caller bug, not input)
+    verify_fields(fields, keyring)        -> (ok, reason); never raises, whatever `fields` is
+        empty ring            -> (True,  "unsigned_allowed")   verification not configured
+        good signature        -> (True,  "signature_ok")
+        otherwise (False, one of): "malformed", "missing_field", "issuer_ambiguous",
+            "missing_kid", "missing_sig", "unknown_kid", "kid_issuer_mismatch",
+            "bad_sig_format", "sig_mismatch"
+Pure: no I/O except load_keys reading the credential; no logging. Nothing here puts key
+material in a repr, an exception message or a return value.
+"""
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+
+from eexit.config import ConfigError, credential
+
+CREDENTIAL_FILE = "panic_hmac_keys"
+ENV_VARIABLE = "EEXIT_PANIC_HMAC_KEYS"
+CORE_FIELDS = ("kid", "event_id", "reason", "severity", "issued_by", "ts")
+MIN_KEY_BYTES = 32
+_DOMAIN = b"eexit-panic-v1\n"
+_KID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ISSUER_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HEX_RE = re.compile(r"[0-9a-fA-F]+")
+_SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
+_MAX_VALUE_CHARS = 64 * 1024  # an event field larger than this is hostile, not a panic
+
+
+@dataclass(frozen=True)
+class _Key:
+    issuer: str
+    secret: bytes = field(repr=False)
+
+
+class KeyRing:
+    """kid -> (issuer, key). Immutable. Its repr names kids and issuers, never key bytes."""
+
+    def __init__(self, entries=None):
+        self._entries = dict(entries or {})
+
+    @property
+    def configured(self):
+        return bool(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def kids(self):
+        return tuple(self._entries)
+
+    def has_kid(self, kid):
+        return kid in self._entries
+
+    def issuer_of(self, kid):
+        entry = self._entries.get(kid)
+        return None if entry is None else entry.issuer
+
+    def kid_for(self, issuer):
+        """The first kid (in file order) that belongs to issuer, or None: what a daemon or
+        tool signs with when it holds only its own key."""
+        for kid, entry in self._entries.items():
+            if entry.issuer == issuer:
+                return kid
+        return None
+
+    def _secret(self, kid):
+        return self._entries[kid].secret
+
+    def __repr__(self):
+        pairs = ", ".join(f"{kid}:{entry.issuer}" for kid, entry in self._entries.items())
+        return f"KeyRing({pairs})"
+
+
+def parse_keys(text, origin):
+    """Key ring from the `kid issuer hexkey` text. Errors name the origin and the entry
+    number, never the entry's content (it holds a secret)."""
+    entries = {}
+    chunks = text.replace(",", "\n").splitlines()
+    for number, chunk in enumerate(chunks, start=1):
+        line = chunk.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise ConfigError(f"{origin} entry {number}: expected 'kid issuer hexkey'")
+        kid, issuer, hexkey = parts
+        if not _KID_RE.fullmatch(kid):
+            raise ConfigError(f"{origin} entry {number}: kid must be 1-64 of [A-Za-z0-9._-]")
+        if not _ISSUER_RE.fullmatch(issuer):
+            raise ConfigError(f"{origin} entry {number}: issuer must be 1-64 of [A-Za-z0-9._-]")
+        if not _HEX_RE.fullmatch(hexkey) or len(hexkey) % 2:
+            raise ConfigError(f"{origin} entry {number}: key is not hexadecimal")
+        if len(hexkey) // 2 < MIN_KEY_BYTES:
+            raise ConfigError(f"{origin} entry {number}: key shorter than {MIN_KEY_BYTES} bytes")
+        if kid in entries:
+            raise ConfigError(f"{origin} entry {number}: duplicate kid {kid}")
+        entries[kid] = _Key(issuer, bytes.fromhex(hexkey))
+    return KeyRing(entries)
+
+
+def load_keys(env=None):
+    """The key ring from $CREDENTIALS_DIRECTORY/panic_hmac_keys, else EEXIT_PANIC_HMAC_KEYS,
+    else empty (verification not configured: every event passes as "unsigned_allowed").
+    A file that exists but holds no key is a ConfigError: someone meant to configure keys."""
+    text = credential(CREDENTIAL_FILE, (ENV_VARIABLE,), env)
+    if text is None:
+        return KeyRing()
+    ring = parse_keys(text, f"credential {CREDENTIAL_FILE} / {ENV_VARIABLE}")
+    if not ring.configured:
+        raise ConfigError(f"credential {CREDENTIAL_FILE} / {ENV_VARIABLE} holds no key")
+    return ring
+
+
+def _text(value):
+    """A wire value as str, or None if it is neither str nor UTF-8 bytes."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _normalise(fields):
+    """str -> str copy of a str- or bytes-keyed mapping; None if it is not one."""
+    if not hasattr(fields, "items"):
+        return None
+    out = {}
+    for key, value in fields.items():
+        key_text, value_text = _text(key), _text(value)
+        if key_text is None or value_text is None:
+            return None
+        out[key_text] = value_text
+    return out
+
+
+def _claimed_issuer(fields):
+    """(issuer, problem): issued_by, or the legacy `source` when issued_by is absent."""
+    issued_by, source = fields.get("issued_by"), fields.get("source")
+    if issued_by is not None and source is not None and issued_by != source:
+        return None, "issuer_ambiguous"
+    issuer = issued_by if issued_by is not None else source
+    return issuer, (None if issuer else "missing_field")
+
+
+def canonical_bytes(fields, issuer):
+    """The signed bytes (see module docstring). Raises UnicodeEncodeError on a lone
+    surrogate; verify_fields turns that into "malformed"."""
+    parts = [_DOMAIN]
+    for name in CORE_FIELDS:
+        value = issuer if name == "issued_by" else fields[name]
+        data = value.encode("utf-8")
+        parts.append(name.encode("ascii") + b"=" + str(len(data)).encode("ascii") + b":" + data + b"\n")
+    return b"".join(parts)
+
+
+def _mac(secret, fields, issuer):
+    return hmac.new(secret, canonical_bytes(fields, issuer), hashlib.sha256).digest()
+
+
+def sign_fields(fields, kid, keyring):
+    """A copy of fields with `kid` and `sig` set. The kid must be in the ring and belong to
+    the event's issued_by. Raises ValueError on misuse; the message names no secret."""
+    plain = _normalise(fields)
+    if plain is None:
+        raise ValueError("fields must be a mapping of str to str")
+    issuer, problem = _claimed_issuer(plain)
+    if problem:
+        raise ValueError(f"cannot sign: {problem} (issued_by)")
+    if not keyring.has_kid(kid):
+        raise ValueError(f"cannot sign: unknown kid {kid!r}")
+    if keyring.issuer_of(kid) != issuer:
+        raise ValueError(f"cannot sign: kid {kid!r} does not belong to issuer {issuer!r}")
+    plain["kid"] = kid
+    missing = [name for name in CORE_FIELDS if name != "issued_by" and not plain.get(name)]
+    if missing:
+        raise ValueError(f"cannot sign: missing {', '.join(missing)}")
+    plain["sig"] = _mac(keyring._secret(kid), plain, issuer).hex()
+    return plain
+
+
+def verify_fields(fields, keyring):
+    """(ok, reason) for a panic event's fields as read from the stream. See the module
+    docstring for the reason codes. Never raises on any input."""
+    if not keyring.configured:
+        return True, "unsigned_allowed"
+    plain = _normalise(fields)
+    if plain is None:
+        return False, "malformed"
+    if any(len(value) > _MAX_VALUE_CHARS for value in plain.values()):
+        return False, "malformed"
+    kid, sig = plain.get("kid"), plain.get("sig")
+    if not kid:
+        return False, "missing_kid"
+    if not sig:
+        return False, "missing_sig"
+    issuer, problem = _claimed_issuer(plain)
+    if problem:
+        return False, problem
+    if any(not plain.get(name) for name in CORE_FIELDS if name != "issued_by"):
+        return False, "missing_field"
+    if not keyring.has_kid(kid):
+        return False, "unknown_kid"
+    if keyring.issuer_of(kid) != issuer:
+        return False, "kid_issuer_mismatch"
+    if not _SIG_RE.fullmatch(sig):
+        return False, "bad_sig_format"
+    try:
+        expected = _mac(keyring._secret(kid), plain, issuer)
+    except UnicodeEncodeError:
+        return False, "malformed"
+    if not hmac.compare_digest(expected, bytes.fromhex(sig)):
+        return False, "sig_mismatch"
+    return True, "signature_ok"
