@@ -6,13 +6,20 @@ block time well below the read timeout; `BLOCK_MS_MAX` enforces that.
 """
 
 import os
+import time
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from .config import ConfigError, credential
 
 DEFAULT_URL = "redis://localhost:6379/0"
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_DEFAULT_PORT = 26379
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 10
@@ -28,18 +35,25 @@ def redis_url(env=None):
     env = os.environ if env is None else env
     url = (env.get("REDIS_URL") or DEFAULT_URL).strip()
     scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"REDIS_URL has scheme {scheme!r}; use redis://, rediss:// or unix://")
+    if scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
+        raise ConfigError(f"REDIS_URL has scheme {scheme!r}; use redis://, rediss://, unix:// "
+                          f"or {SENTINEL_SCHEME}://")
+    if scheme == SENTINEL_SCHEME:
+        parse_sentinel_url(url)   # a malformed Sentinel URL is a start-up error, not a runtime one
     return url
 
 
 def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
     """A client for REDIS_URL. The password may be in the URL or in the credential file
     `redis_password` (user in `redis_username`), which wins so that no secret needs to be in
-    an environment file. Connecting is lazy: the first command raises if Redis is down."""
+    an environment file. Connecting is lazy: the first command raises if Redis is down.
+    A redis+sentinel:// URL gives a client that asks the Sentinels for the master on every
+    new connection, so a daemon's ordinary reconnect after an error follows a failover."""
     url = url or redis_url(env)
     password = credential("redis_password", ("REDIS_PASSWORD",), env)
     username = credential("redis_username", ("REDIS_USERNAME",), env)
+    if urlsplit(url).scheme == SENTINEL_SCHEME:
+        return _connect_sentinel(url, env, read_timeout_s, username, password)
     parts = urlsplit(url)
     options = dict(
         socket_connect_timeout=CONNECT_TIMEOUT_S,
@@ -57,6 +71,88 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
             unquote(parts.password) if parts.password else None)
         url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return redis.Redis.from_url(url, **options)
+
+
+SENTINEL_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    sentinels: tuple          # ((host, port), ...)
+    service: str              # the master's name in `sentinel monitor <name> ...`
+    db: int
+    username: str | None      # the data nodes' user and password, as in a redis:// URL
+    password: str | None
+
+
+def parse_sentinel_url(url):
+    """redis+sentinel://[user:password@]host1:26379,host2:26379,.../service[/db]
+
+    Sentinel URLs have no standard; this is the form used by kombu/Celery and others. The
+    credentials in the URL are the data nodes' (as in redis://); a password for the Sentinels
+    themselves comes only from the credential `redis_sentinel_password`. IPv6 hosts are
+    written in brackets: [::1]:26379."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ConfigError(f"REDIS_URL is not a {SENTINEL_SCHEME}:// URL")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    sentinels = []
+    for item in hostlist.split(","):
+        item = item.strip()
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_text = item.partition(":")
+        try:
+            port = int(port_text) if port_text else SENTINEL_DEFAULT_PORT
+        except ValueError:
+            raise ConfigError(f"REDIS_URL: sentinel {item!r} has a malformed port") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError(f"REDIS_URL: sentinel {item!r} is not host:port")
+        sentinels.append((host, port))
+    path = [piece for piece in parts.path.split("/") if piece]
+    if not path or len(path) > 2:
+        raise ConfigError(f"REDIS_URL: a {SENTINEL_SCHEME} URL ends in /<service>[/<db>]")
+    try:
+        db = int(path[1]) if len(path) == 2 else 0
+    except ValueError:
+        raise ConfigError(f"REDIS_URL: database {path[1]!r} is not a number") from None
+    return SentinelUrl(tuple(sentinels), unquote(path[0]), db,
+                       unquote(username) or None, unquote(password) or None)
+
+
+def _connect_sentinel(url, env, read_timeout_s, username, password):
+    """A master client through redis-py's Sentinel support. SentinelConnectionPool asks the
+    Sentinels for the master's address every time it opens a connection and drops idle
+    connections when the address changed; a connection to a demoted master (READONLY) is
+    closed and raised as ConnectionError. So after any Redis error a daemon's usual
+    back-off-and-retry reaches the new master without a new client."""
+    parsed = parse_sentinel_url(url)
+    sentinel_options = dict(
+        socket_connect_timeout=min(CONNECT_TIMEOUT_S, SENTINEL_TIMEOUT_S),
+        socket_timeout=SENTINEL_TIMEOUT_S,
+        socket_keepalive=True,
+        # No retries inside one Sentinel query: a dead Sentinel is skipped for the next one
+        # at once; the data connection's own retry runs the whole discovery again.
+        retry=Retry(NoBackoff(), 0),
+        username=credential("redis_sentinel_username", ("REDIS_SENTINEL_USERNAME",), env),
+        password=credential("redis_sentinel_password", ("REDIS_SENTINEL_PASSWORD",), env),
+    )
+    manager = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_options)
+    return manager.master_for(
+        parsed.service,
+        db=parsed.db,
+        username=username if username is not None else parsed.username,
+        password=password if password is not None else parsed.password,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=read_timeout_s,
+        socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_S,
+        decode_responses=False,
+        check_connection=True,
+    )
 
 
 def ensure_group(client, stream, group, start_id="0"):
@@ -126,3 +222,103 @@ def publish(client, stream, message, maxlen=None):
 
 def _text(value):
     return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def as_text(value):
+    """A reply value (bytes from a decode_responses=False client) as str."""
+    return _text(value)
+
+
+# ---------------------------------------------------------------- high availability (docs/HA.md)
+
+DURABLE_GIVE_UP_S = 5.0
+DURABLE_BACKOFF_START_S = 0.05
+DURABLE_BACKOFF_MAX_S = 0.5
+
+
+@dataclass(frozen=True)
+class DurablePublish:
+    entry_id: str        # the entry on the master that last held it
+    confirmed: bool      # WAIT saw at least `replicas` replicas acknowledge it
+    replicas_acked: int  # the last WAIT's answer
+    writes: int          # XADDs performed: more than 1 only when a failover lost the entry
+
+
+def publish_durable(client, stream, message, replicas, timeout_ms,
+                    give_up_after_s=DURABLE_GIVE_UP_S, sleep=time.sleep, monotonic=time.monotonic):
+    """XADD `message` (a schema message or a ready field map, e.g. signed fields), then WAIT
+    until `replicas` replicas hold it. Until that is confirmed or give_up_after_s has passed:
+
+    - WAIT answered fewer replicas: check the entry is still on the (possibly new) master and
+      WAIT again;
+    - a Redis error (the master died mid-WAIT), or the entry is gone from the master we now
+      reach (a failover promoted a replica that never got it): back off, then XADD the SAME
+      fields again (same event_id) to whichever master the client reaches.
+
+    So a panic survives a failover at-least-once; the copies carry one event_id and the EEW
+    executes it once (idempotency by event_id). With replicas=0 this is a plain XADD.
+
+    Returns DurablePublish; confirmed=False means the entry was written but replication was
+    never confirmed: the caller logs it CRITICAL and keeps its own re-publish schedule (the
+    watchdog re-publishes until it sees a completion report). Raises the last REDIS_ERRORS
+    exception if no XADD succeeded at all, exactly as publish() would."""
+    if replicas > 0 and timeout_ms <= 0:
+        raise ValueError("timeout_ms must be > 0: WAIT with timeout 0 blocks forever")
+    fields = message.to_fields() if hasattr(message, "to_fields") else dict(message)
+    deadline = monotonic() + give_up_after_s
+    backoff = DURABLE_BACKOFF_START_S
+    entry_id, writes, acked = None, 0, 0
+    while True:
+        try:
+            if entry_id is None or not _entry_holds(client, stream, entry_id, fields):
+                entry_id = _text(client.xadd(stream, fields))
+                writes += 1
+            if replicas <= 0:
+                return DurablePublish(entry_id, True, 0, writes)
+            acked = int(client.wait(replicas, timeout_ms))
+            if acked >= replicas:
+                return DurablePublish(entry_id, True, acked, writes)
+            error = None
+        except REDIS_ERRORS as exc:
+            # The master is gone or refuses writes (NOREPLICAS, failover in progress): retry
+            # within the budget, because the Sentinels may name a new master any moment.
+            error = exc
+        if monotonic() >= deadline:
+            if entry_id is None:
+                raise error
+            return DurablePublish(entry_id, False, acked, writes)
+        if error is not None:
+            sleep(backoff)
+            backoff = min(backoff * 2, DURABLE_BACKOFF_MAX_S)
+
+
+def _entry_holds(client, stream, entry_id, fields):
+    """Is entry_id on this master with exactly these fields? (After a failover the new master
+    may have given the same id to someone else's entry.)"""
+    found = client.xrange(stream, entry_id, entry_id)
+    if not found:
+        return False
+    stored = {_text(k): _text(v) for k, v in found[0][1].items()}
+    return stored == {str(k): str(v) for k, v in fields.items()}
+
+
+def claim_incident(client, key, fields, id_field="event_id"):
+    """Open an incident shared by several watchdogs: the first to claim `key` wins.
+
+    HSETNX on the id field decides atomically; the winner then writes the rest of `fields`.
+    Returns (event_id_in_force, won). The loser gets the winner's event_id and adopts it:
+    whatever it publishes for this incident carries that id, so the EEW executes once however
+    many watchdogs saw the outage. A claim whose winner died before publishing is still
+    covered, because the loser re-publishes the adopted id on its own schedule when no
+    completion report appears."""
+    candidate = str(fields[id_field])
+    for _attempt in range(3):
+        if client.hsetnx(key, id_field, candidate):
+            client.hset(key, mapping={k: str(v) for k, v in fields.items()})
+            return candidate, True
+        stored = client.hget(key, id_field)
+        if stored is not None:
+            return _text(stored), False
+        # Deleted between our HSETNX and HGET (the other watchdog closed its incident): the
+        # next HSETNX decides again.
+    raise redis.ResponseError(f"{key}: could not claim or read the incident after 3 attempts")

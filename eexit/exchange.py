@@ -399,21 +399,26 @@ def classify_error(exc, ex=None):
     re-read the account before sending another."""
     code = error_code(exc)
     text = str(exc)
-    if code in _RATE_CODES or isinstance(exc, ccxt.DDoSProtection) or " 418 " in text or " 429 " in text:
+    # Codes first: they mean the same against any URL, while ccxt's class depends on it.
+    if code in _RATE_CODES:
         return ErrorClass("rate_limited", _retry_after(exc, ex, text), code)
     if code in _REDUCE_ONLY_CODES:
         return ErrorClass("reduce_only_rejected", None, code)
     if code in _POSITION_SIDE_CODES:
         return ErrorClass("position_side", None, code)
-    if code in _AUTH_CODES or isinstance(exc, (ccxt.AuthenticationError, ccxt.PermissionDenied,
-                                                   ccxt.AccountSuspended)):
+    if code in _AUTH_CODES:
+        # ccxt turns -2015 into DDoSProtection once a key has worked; it is still a key problem.
         return ErrorClass("auth", None, code)
-    if code in _TRANSIENT_CODES or isinstance(exc, (ccxt.NetworkError, ccxt.InvalidNonce)):
+    if code in _TRANSIENT_CODES:
+        return ErrorClass("transient", None, code)
+    if isinstance(exc, ccxt.DDoSProtection) or " 418 " in text or " 429 " in text:
+        return ErrorClass("rate_limited", _retry_after(exc, ex, text), code)
+    if isinstance(exc, (ccxt.AuthenticationError, ccxt.PermissionDenied, ccxt.AccountSuspended)):
+        return ErrorClass("auth", None, code)
+    if isinstance(exc, (ccxt.NetworkError, ccxt.InvalidNonce, ConnectionError, TimeoutError)):
         return ErrorClass("transient", None, code)
     if code is not None or isinstance(exc, ccxt.ExchangeError):
         return ErrorClass("rejected", None, code)
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return ErrorClass("transient", None, None)
     return ErrorClass("unknown", None, code)
 
 

@@ -1,0 +1,354 @@
+"""The Exit Brain: guards open positions with the operator's exit rules and says so honestly.
+
+    python -m eexit.brain
+
+Each cycle (EEXIT_BRAIN_INTERVAL_S, default 1 s):
+  1. read every position through ccxt (eexit.exchange.read_positions; raises on any failure,
+     an exchange error is never an empty account),
+  2. apply the pure exit rules (`decide_exits`) per position: stop-loss %, take-profit %,
+     trailing stop % (from the most favourable mark seen), maximum holding time,
+  3. close a position that hits one with one reduce-only market order (hedge mode:
+     positionSide), the order side opposite to the position,
+  4. optionally arm the exchange's dead-man switch (EEXIT_DEADMAN_S, below),
+  5. publish a heartbeat on `exit_brain:heartbeat`: status, active_positions (the count just
+     read), last_decision_ts (end of the last completed evaluation), latency_ms, ts,
+  6. send WATCHDOG=1 to systemd, but ONLY after a cycle that completed healthy and whose
+     heartbeat reached Redis: never from a timer thread, never from an exception handler
+     (SPEC §4.6). A brain that cannot guard is restarted by systemd and panicked by the watchdog.
+
+DEGRADED. A cycle that failed (exchange error or timeout, a close order rejected, a position
+without a mark price, a dead-man arm failed) or ran longer than EEXIT_BRAIN_LATENCY_BUDGET_MS
+makes the heartbeat DEGRADED. The exchange calls run in a worker thread while the main thread
+keeps time: once a cycle is over budget it publishes a DEGRADED heartbeat every
+EEXIT_BRAIN_DEGRADED_BEAT_S (0.5 s) until the cycle ends, so a hung exchange shows up as
+DEGRADED (watchdog rule 2), not as silence. While degraded, the next cycle starts after 0.5 s.
+When the count of positions is unknown (read failed or still running) the heartbeat omits
+active_positions, which the watchdog reads as "positions open" (fail-closed). Each exchange
+request is bounded by EEXIT_EXCHANGE_TIMEOUT_MS, so a cycle ends; a second cycle never starts
+while the previous one still runs (the ccxt client is not shared between threads).
+
+Halt. `system:state:trading` halted=true (written by the EEW) forbids OPENING exposure. The Exit
+Brain never opens anything: every order it sends is reduce-only. So it keeps enforcing its exits
+while halted (closing is what a halt wants), and reports the flag in its heartbeat (`halted`).
+
+Dead-man switch (EEXIT_DEADMAN_S, default 0 = off). When set, every cycle re-arms Binance's
+countdownCancelAll for each symbol with open orders, with countdown EEXIT_DEADMAN_S. If the
+brain stops re-arming (dead, hung, cut off), the exchange itself cancels ALL open orders of
+those symbols, which protects against resting entry orders re-opening exposure while nobody
+guards. The trade-off: it also cancels protective stop-loss/take-profit orders placed by the
+bot, so after a brain outage longer than the countdown the positions sit on the exchange with
+no resting protection until the watchdog's panic closes them. Use it when the watchdog + EEW
+path is deployed (it is the backstop); keep it off if resting stops are your only protection.
+It costs one extra request per cycle plus one per symbol with open orders.
+
+Exit rules are global percentages applied to each position (0 = rule off). Holding time counts
+from when this brain first saw the position (the exchange's position row carries no open
+time), so a restart of the brain restarts that clock; entry-price based rules are unaffected.
+"""
+
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from . import bus, schema
+from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_str
+from .heartbeat import Heartbeat, wall_ms
+from .log import Logger
+from .notify import Notifier
+
+# ---------------------------------------------------------------------------- pure core
+
+
+@dataclass(frozen=True)
+class ExitRules:
+    stop_loss_pct: float = 0.0       # close when the loss reaches this % of entry (0 = off)
+    take_profit_pct: float = 0.0     # close when the gain reaches this % of entry
+    trailing_stop_pct: float = 0.0   # close when the mark retreats this % from its best
+    max_holding_s: float = 0.0       # close after this long (since first seen)
+
+    @property
+    def enabled(self):
+        return any((self.stop_loss_pct, self.take_profit_pct, self.trailing_stop_pct, self.max_holding_s))
+
+
+@dataclass(frozen=True)
+class Tracked:
+    first_seen_ms: int
+    best_mark: float | None = None   # most favourable mark seen: highest (long), lowest (short)
+
+
+@dataclass(frozen=True)
+class Exit:
+    position: object                 # exchange.Position
+    rule: str                        # stop_loss | take_profit | trailing_stop | max_holding
+    detail: str
+
+    @property
+    def order_side(self):
+        return "sell" if self.position.side == "long" else "buy"
+
+
+def position_key(position):
+    return f"{position.symbol}|{position.position_side}|{position.side}"
+
+
+def decide_exits(positions, tracked, rules, now_ms):
+    """-> (exits, tracked for the positions still open, keys of positions without a usable
+    price). Thresholds hit at equality: a stop at exactly -2 % closes."""
+    exits, new_tracked, unpriced = [], {}, []
+    for position in positions:
+        key = position_key(position)
+        track = tracked.get(key) or Tracked(first_seen_ms=now_ms)
+        mark, entry = position.mark_price, position.entry_price
+        priced = mark is not None and mark > 0 and entry is not None and entry > 0
+        if priced:
+            best = track.best_mark
+            if best is None:
+                best = mark
+            best = max(best, mark) if position.side == "long" else min(best, mark)
+            track = Tracked(track.first_seen_ms, best)
+        else:
+            unpriced.append(key)
+        new_tracked[key] = track
+        rule = _first_rule_hit(position, track, rules, now_ms, priced)
+        if rule is not None:
+            exits.append(Exit(position, *rule))
+    return exits, new_tracked, unpriced
+
+
+def _first_rule_hit(position, track, rules, now_ms, priced):
+    if priced:
+        direction = 1.0 if position.side == "long" else -1.0
+        pnl_pct = (position.mark_price - position.entry_price) / position.entry_price * 100.0 * direction
+        if rules.stop_loss_pct and pnl_pct <= -rules.stop_loss_pct:
+            return "stop_loss", f"pnl={pnl_pct:.4f}%"
+        if rules.take_profit_pct and pnl_pct >= rules.take_profit_pct:
+            return "take_profit", f"pnl={pnl_pct:.4f}%"
+        if rules.trailing_stop_pct:
+            retreat_pct = (track.best_mark - position.mark_price) / track.best_mark * 100.0 * direction
+            if retreat_pct >= rules.trailing_stop_pct:
+                return "trailing_stop", f"retreat={retreat_pct:.4f}% best={track.best_mark}"
+    held_s = (now_ms - track.first_seen_ms) / 1000.0
+    if rules.max_holding_s and held_s >= rules.max_holding_s:
+        return "max_holding", f"held={held_s:.3f}s"
+    return None
+
+
+# ---------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class Config:
+    service_id: str
+    interval_s: float
+    latency_budget_ms: float
+    degraded_beat_s: float
+    rules: ExitRules
+    deadman_s: float
+
+    @classmethod
+    def from_env(cls, env=None):
+        interval_s = env_float("EEXIT_BRAIN_INTERVAL_S", 1.0, minimum=0.05, maximum=60, env=env)
+        return cls(
+            service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
+            interval_s=interval_s,
+            latency_budget_ms=env_float("EEXIT_BRAIN_LATENCY_BUDGET_MS", 1000.0, minimum=10, env=env),
+            degraded_beat_s=env_float("EEXIT_BRAIN_DEGRADED_BEAT_S", 0.5, minimum=0.05, maximum=5, env=env),
+            rules=ExitRules(
+                stop_loss_pct=env_float("EEXIT_STOP_LOSS_PCT", 0.0, minimum=0, maximum=100, env=env),
+                take_profit_pct=env_float("EEXIT_TAKE_PROFIT_PCT", 0.0, minimum=0, env=env),
+                trailing_stop_pct=env_float("EEXIT_TRAILING_STOP_PCT", 0.0, minimum=0, maximum=100, env=env),
+                max_holding_s=env_float("EEXIT_MAX_HOLDING_S", 0.0, minimum=0, env=env),
+            ),
+            deadman_s=env_float("EEXIT_DEADMAN_S", 0.0, minimum=0, maximum=3600, env=env),
+        )
+
+
+# ---------------------------------------------------------------------------- shell
+
+@dataclass
+class CycleResult:
+    positions: int
+    decided_at_ms: int
+    exits_sent: int = 0
+    problems: list = field(default_factory=list)    # why this completed cycle is DEGRADED
+
+
+class Brain:
+    def __init__(self, cfg, exchange_module, ex, client, notifier=None, log=None):
+        self.cfg = cfg
+        self.exchange = exchange_module     # eexit.exchange, imported late (ccxt is heavy)
+        self.ex = ex
+        self.client = client
+        self.notifier = notifier or Notifier(env={})
+        self.log = log or Logger("brain")
+        self.beat = Heartbeat(client, cfg.service_id)
+        self.tracked = {}                   # only touched by the cycle thread
+        self.last_decision_ts = None
+        self.halted = "unknown"
+        self.stopping = False
+
+    # -- one cycle, in the worker thread ---------------------------------------------------
+
+    def cycle(self):
+        positions = self.exchange.read_positions(self.ex)
+        exits, self.tracked, unpriced = decide_exits(positions, self.tracked, self.cfg.rules, wall_ms())
+        result = CycleResult(positions=len(positions), decided_at_ms=wall_ms())
+        if unpriced:
+            result.problems.append(f"no_price:{','.join(unpriced)}")
+        for exit_ in exits:
+            self._close(exit_, result)
+        if self.cfg.deadman_s > 0:
+            self._arm_deadman(result)
+        return result
+
+    def _close(self, exit_, result):
+        position = exit_.position
+        client_order_id = "eexit-brain-" + uuid.uuid4().hex[:20]
+        self.log.info("exit_rule_hit", symbol=position.symbol, side=position.side, rule=exit_.rule,
+                      detail=exit_.detail, contracts=position.contracts, client_order_id=client_order_id)
+        try:
+            order = self.exchange.place_close_order(self.ex, position.symbol, exit_.order_side,
+                                                    position.contracts, position.position_side,
+                                                    client_order_id)
+        except Exception as exc:  # noqa: BLE001 - any failure of one close
+            # The other exits still go out; this cycle is DEGRADED and the next one re-reads
+            # the account and tries again (the rule still holds if the position is still there).
+            kind = self.exchange.classify_error(exc, self.ex).kind
+            self.log.error("exit_failed", symbol=position.symbol, rule=exit_.rule, kind=kind,
+                           error=type(exc).__name__, detail=str(exc)[:200])
+            result.problems.append(f"exit_failed:{position.symbol}")
+            return
+        result.exits_sent += 1
+        self.log.info("exit_sent", symbol=position.symbol, rule=exit_.rule, order_id=order["id"],
+                      status=order["status"], filled=order["filled"])
+
+    def _arm_deadman(self, result):
+        try:
+            symbols = sorted({order.symbol for order in self.exchange.read_open_orders(self.ex)})
+            for symbol in symbols:
+                self.exchange.arm_deadman(self.ex, symbol, int(self.cfg.deadman_s * 1000))
+        except Exception as exc:  # noqa: BLE001 - reading orders or arming failed
+            # Not armed means the switch may fire or may never fire: report DEGRADED, try again
+            # next cycle. The exits of this cycle are done either way.
+            self.log.error("deadman_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            result.problems.append("deadman_failed")
+
+    # -- the main thread: timing, heartbeats, pings ----------------------------------------
+
+    def _run_cycle_in_worker(self, started):
+        """Runs cycle() in a worker thread; while it overruns its budget, publishes a DEGRADED
+        heartbeat every degraded_beat_s. Returns (result or None, error or None)."""
+        box = {}
+
+        def work():
+            try:
+                box["result"] = self.cycle()
+            except Exception as exc:  # noqa: BLE001 - handed to the main thread as is
+                box["error"] = exc
+        worker = threading.Thread(target=work, name="brain-cycle", daemon=True)
+        worker.start()
+        wait_until = started + self.cfg.latency_budget_ms / 1000.0
+        while True:
+            worker.join(max(0.0, wait_until - time.monotonic()))
+            if not worker.is_alive():
+                return box.get("result"), box.get("error")
+            # Over budget and still running (a hung exchange): DEGRADED, count unknown.
+            self._publish("DEGRADED", None, (time.monotonic() - started) * 1000, reason="cycle_overrun")
+            wait_until = time.monotonic() + self.cfg.degraded_beat_s
+
+    def _publish(self, status, positions, latency_ms, reason=""):
+        extra = {"halted": self.halted}
+        if reason:
+            extra["degraded_reason"] = reason[:200]
+        try:
+            self.beat.publish(status, positions, self.last_decision_ts, latency_ms, extra)
+            return True
+        except bus.REDIS_ERRORS as exc:
+            # The watchdog will see silence and act (fail-closed); we keep guarding positions,
+            # and withhold WATCHDOG=1 for this cycle.
+            self.log.critical("heartbeat_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            return False
+
+    def _read_halt(self):
+        """"true" | "false" | "unset" | "unknown", for the heartbeat and the log only."""
+        try:
+            raw = self.client.hgetall(schema.TRADING_STATE_KEY)
+        except bus.REDIS_ERRORS as exc:
+            # Unknown halt state changes nothing for a brain that only reduces exposure.
+            self.log.warning("halt_state_unreadable", error=type(exc).__name__)
+            return "unknown"
+        if not raw:
+            return "unset"
+        state, _problems = schema.TradingState.from_fields(raw)
+        return {True: "true", False: "false"}.get(state.halted, "unknown")
+
+    def run_once(self):
+        """One cycle end to end; returns True when it was healthy (and pinged)."""
+        started = time.monotonic()
+        halted = self._read_halt()
+        if halted != self.halted:
+            self.log.info("halt_state", halted=halted, note="exits stay allowed; the brain never opens")
+            self.halted = halted
+        result, error = self._run_cycle_in_worker(started)
+        latency_ms = (time.monotonic() - started) * 1000
+        if error is not None:
+            kind = self.exchange.classify_error(error, self.ex).kind
+            self.log.error("cycle_failed", error=type(error).__name__, kind=kind, detail=str(error)[:300],
+                           latency_ms=round(latency_ms, 1))
+            self._publish("DEGRADED", None, latency_ms, reason=f"cycle_failed:{type(error).__name__}")
+            return False
+        self.last_decision_ts = result.decided_at_ms
+        problems = list(result.problems)
+        if latency_ms > self.cfg.latency_budget_ms:
+            problems.append("over_latency_budget")
+        status = "DEGRADED" if problems else "OK"
+        published = self._publish(status, result.positions, latency_ms, reason=",".join(problems))
+        if status == "OK" and published:
+            self.notifier.ping()
+            return True
+        self.log.warning("cycle_degraded", problems=",".join(problems) or "heartbeat_failed",
+                         positions=result.positions, latency_ms=round(latency_ms, 1))
+        return False
+
+    def run(self):
+        self.notifier.ready("guarding")
+        self.log.info("started", interval_s=self.cfg.interval_s, rules=self.cfg.rules,
+                      deadman_s=self.cfg.deadman_s, latency_budget_ms=self.cfg.latency_budget_ms)
+        if not self.cfg.rules.enabled:
+            self.log.warning("no_exit_rules", note="the brain heartbeats and counts positions but closes nothing")
+        while not self.stopping:
+            started = time.monotonic()
+            healthy = self.run_once()
+            pause = self.cfg.interval_s if healthy else self.cfg.degraded_beat_s
+            next_cycle = started + pause if healthy else time.monotonic() + pause
+            while not self.stopping and time.monotonic() < next_cycle:
+                time.sleep(min(0.05, max(0.0, next_cycle - time.monotonic())))
+        self.notifier.stopping()
+        self.log.info("stopped")
+
+
+def main():
+    log = Logger("brain")
+    from . import exchange   # ccxt: ~0.5 s; only the brain and the EEW pay for it
+    try:
+        cfg = Config.from_env()
+        exchange_cfg = exchange.ExchangeConfig.from_env()
+        client = bus.connect()
+    except ConfigError as exc:
+        log.critical("config_error", detail=str(exc))
+        return CONFIG_EXIT_CODE
+    brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, Notifier(), log)
+
+    def stop(_signum, _frame):
+        brain.stopping = True
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    brain.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

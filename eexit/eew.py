@@ -1,0 +1,912 @@
+"""The Emergency Exit Worker: `python -m eexit.eew`.
+
+Consumes `system:panic_close` in group `emergency_exit_worker` and, for each entry:
+
+    authorise -> claim the event_id -> halt trading -> read the account fresh
+    -> cancel all orders + close all positions (concurrent, paced, reduce-only)
+    -> re-read, repeat until flat or the deadline -> report -> acknowledge
+
+Reading order
+    Config                   every knob, from the environment (ConfigError -> exit 2)
+    authorise / event ids    pure decisions about one entry
+    Ledger                   the idempotency record `system:panic_close:processed` and the
+                             atomic "write report + mark done + XACK" script
+    Journal                  local append-only outbox for reports Redis could not take
+    Pacer, ExchangePool      order pacing and one ccxt client per worker thread
+    Closer                   one panic against the exchange -> CompletionReport
+    Worker                   the loop: iteration() does one pass, run() repeats it
+    main()
+
+Idempotency. The hash `system:panic_close:processed` maps each executed event_id to a JSON
+record {entry, consumer, stage, attempt, ts_started, initial, ...}. The record is created
+with HSETNX after authorisation, so exactly one stream entry owns an event_id: a redelivery
+of that entry (crash, restart, claim by another instance) resumes it; any other entry with
+the same event_id gets a DUPLICATE report naming the owner and no exchange action. The final
+report, the record's stage "done" and the XACK are written by one Lua script: a report is
+never written twice and an entry is never acknowledged without its report. Entries that do
+not execute (REJECTED, DUPLICATE) are recorded under the field "entry:<stream id>" with the
+same script, so their redelivery does not repeat the report either. A missing event_id is
+"entry-<stream id>": deterministic, never random. Unauthorised entries claim nothing, so a
+forger cannot pre-empt a real event_id.
+
+Where the group starts. A group created on a new (or group-less) stream starts at "0", the
+beginning of the stream: a panic published before the EEW ever ran, or while its group was
+lost, is still executed (fail-closed). Replaying history is cheap and harmless because every
+entry already handled finds its own "done" record and is only acknowledged.
+
+Threads. ccxt's sync client keeps per-request state (session, last response headers that
+hold Retry-After), so clients are not shared: the pool holds one client per worker thread,
+all sharing the markets loaded once at start-up. Binance signing is nonce-free (timestamp +
+HMAC), so parallel clients on one key are fine.
+
+Which symbols get a cancel. Every symbol on which the fresh read (both books) saw an open
+order gets cancel-all (both books). A symbol with a position but no order seen gets none: a
+blind cancel there finds nothing the read did not, while it costs two requests per position on
+the critical path (N = 50: +100 requests, several latencies). An order placed after the read
+(a bot ignoring the halt) is seen by the verifying read that follows every attempt, and the
+loop does not end while any order is open: the next attempt cancels it.
+
+Concurrency with cancels. Cancels and closes of one attempt run in parallel: closes are
+reduce-only (hedge mode: positionSide, which Binance never lets exceed the position), so a
+resting order filling meanwhile cannot make a close open exposure; the re-read after every
+attempt catches whatever the race left, and the next attempt cancels again.
+
+Bus loss. If Redis stays unreachable longer than EEXIT_BUS_LOSS_CLOSE_S the whole safety
+chain is blind: the EEW flattens on its own authority (event_id "busloss-<consumer>-<ms>"),
+journals the report, and on reconnect publishes it and writes the halt.
+
+systemd. READY=1 once Redis answers and the markets are loaded; WATCHDOG=1 only from the
+loop (and between close attempts, which are loop progress), blocking reads at most half of
+WatchdogSec. A unit's WatchdogSec must exceed one close attempt (the exchange timeout).
+"""
+
+import itertools
+import json
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import bus, exchange, flatten, schema, signing
+from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int, env_list, env_str
+from .heartbeat import Heartbeat, wall_ms
+from .log import Logger
+from .notify import Notifier
+
+log = Logger("eew")
+
+SERVICE_ID = "emergency_exit_worker"
+BUS_LOSS_ISSUER = "emergency_exit_worker"
+BUS_LOSS_REASON = "BUS_LOST"
+MAX_RATE_RETRIES = 8          # 429s for one order inside one attempt before the re-read decides
+READ_BACKOFF_S = (0.1, 0.2, 0.5)
+KEEPALIVE_S = 0.5           # while a close attempt runs: ping the watchdog, keep our entry fresh
+REDIS_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+# ------------------------------------------------------------------------------ config
+
+@dataclass(frozen=True)
+class Config:
+    redis_url: str
+    consumer: str
+    authorized_sources: tuple
+    close_deadline_s: float
+    claim_idle_ms: int
+    sweep_interval_s: float
+    bus_loss_close_s: float
+    journal_path: str
+    concurrency: int
+    block_ms: int
+    order_rate_per_s: float
+    order_burst: int
+    heartbeat_interval_s: float
+    exchange_config: exchange.ExchangeConfig = field(repr=False)
+    keyring: signing.KeyRing = field(repr=False)
+
+    @classmethod
+    def from_env(cls, env=None):
+        env = os.environ if env is None else env
+        journal_path = env_str("EEXIT_JOURNAL", "/var/lib/eexit/eew-journal.jsonl", env)
+        try:
+            with open(journal_path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"EEXIT_JOURNAL={journal_path!r} cannot be opened for append: "
+                              f"{exc.strerror}") from None
+        return cls(
+            redis_url=bus.redis_url(env),
+            consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
+            authorized_sources=env_list("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS, env),
+            close_deadline_s=env_float("EEXIT_CLOSE_DEADLINE_S", 30, minimum=1, maximum=3600, env=env),
+            claim_idle_ms=env_int("EEXIT_CLAIM_IDLE_MS", 15000, minimum=100, env=env),
+            sweep_interval_s=env_float("EEXIT_SWEEP_INTERVAL_S", 5, minimum=0.05, maximum=3600, env=env),
+            bus_loss_close_s=env_float("EEXIT_BUS_LOSS_CLOSE_S", 10, minimum=0, env=env),
+            journal_path=journal_path,
+            concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 32, minimum=1, maximum=256, env=env),
+            block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
+            order_rate_per_s=env_float("EEXIT_ORDER_RATE_PER_S", 18, minimum=0.1, env=env),
+            order_burst=env_int("EEXIT_ORDER_BURST", 120, minimum=1, env=env),
+            heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, env=env),
+            exchange_config=exchange.ExchangeConfig.from_env(env),
+            keyring=signing.load_keys(env),
+        )
+
+
+# ------------------------------------------------------------------------------ pure decisions
+
+def derive_event_id(entry_id):
+    """The event_id of an entry that has none: deterministic, so redelivery is recognised."""
+    return f"entry-{entry_id}"
+
+
+def _text(value):
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def decode_fields(raw):
+    """str -> str copy of an entry's fields for signature checks (undecodable bytes replaced;
+    such an entry then fails verification rather than crashing the loop)."""
+    return {_text(key): _text(value) for key, value in (raw or {}).items()}
+
+
+def authorise(event, fields, authorized_sources, keyring):
+    """(ok, reason). Checks the claimed issuer, then its signature when keys are configured."""
+    if event.issued_by not in authorized_sources:
+        return False, f"unauthorized_issuer:{event.issued_by or '(none)'}"
+    signed, why = signing.verify_fields(fields, keyring)
+    if not signed:
+        return False, f"bad_signature:{why}"
+    return True, why
+
+
+# ------------------------------------------------------------------------------ ledger (Redis)
+
+# KEYS: processed hash, completed stream, panic stream.
+# ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
+# Writes the report only if the field is not already "done"; always acknowledges the entry.
+FINISH_LUA = """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then
+  local ok, rec = pcall(cjson.decode, existing)
+  if ok and type(rec) == 'table' and rec['stage'] == 'done' then
+    if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
+    return {0, tostring(rec['report'] or '')}
+  end
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+local rec = cjson.decode(ARGV[2])
+rec['report'] = id
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
+if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
+return {1, id}
+"""
+
+# KEYS: processed hash. ARGV: field, record JSON. Progress updates never overwrite "done".
+UPDATE_LUA = """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then
+  local ok, rec = pcall(cjson.decode, existing)
+  if ok and type(rec) == 'table' and rec['stage'] == 'done' then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+class Ledger:
+    """The idempotency record and the report/ack script, on one Redis client."""
+
+    def __init__(self, client):
+        self.client = client
+        self._finish = client.register_script(FINISH_LUA)
+        self._update = client.register_script(UPDATE_LUA)
+
+    def claim(self, event_id, entry_id, consumer, now_ms):
+        """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id."""
+        record = {"entry": entry_id, "consumer": consumer, "stage": "claimed", "attempt": 0,
+                  "ts_started": now_ms}
+        if self.client.hsetnx(schema.PROCESSED_KEY, event_id, json.dumps(record)):
+            return "new", record
+        existing = self.record(event_id)
+        if existing.get("entry") != entry_id:
+            return "duplicate", existing
+        return ("done" if existing.get("stage") == "done" else "resume"), existing
+
+    def record(self, event_id):
+        raw = self.client.hget(schema.PROCESSED_KEY, event_id)
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:
+            # A corrupted record still proves the event_id was claimed: treat it as owned by
+            # nobody we know, which makes every entry a DUPLICATE (no second execution).
+            parsed = {"entry": "(unreadable record)"}
+        return parsed if isinstance(parsed, dict) else {"entry": "(unreadable record)"}
+
+    def update(self, event_id, record):
+        self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
+
+    def finish(self, ledger_field, done_record, entry_id, report_fields):
+        """Write the report unless already written, mark done, XACK. Returns (written, report id)."""
+        pairs = [item for name_value in report_fields.items() for item in name_value]
+        written, report_id = self._finish(
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
+            client=self.client)
+        return bool(written), _text(report_id)
+
+    def halt(self, state):
+        """Write the halt; a previous reset's cleared_by/cleared_at no longer apply."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(schema.TRADING_STATE_KEY, "cleared_by", "cleared_at")
+        pipe.hset(schema.TRADING_STATE_KEY, mapping=state.to_fields())
+        pipe.execute()
+
+
+# ------------------------------------------------------------------------------ journal (disk)
+
+class Journal:
+    """Append-only JSON lines, fsynced: {"type": "report", "key", "entry_id", "report", "halt"}
+    then, once Redis took it, {"type": "published", "key"}. Survives restarts."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def append(self, item):
+        line = json.dumps(item, separators=(",", ":"), sort_keys=True) + "\n"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def unpublished(self):
+        waiting = {}
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    # A torn last line is a write the crash interrupted; skip it. Its entry
+                    # (if any) is still pending in Redis and is resumed from there.
+                    log.warning("journal_line_unreadable", path=self.path)
+                    continue
+                if item.get("type") == "report":
+                    waiting[item["key"]] = item
+                elif item.get("type") == "published":
+                    waiting.pop(item.get("key"), None)
+        return list(waiting.values())
+
+
+# ------------------------------------------------------------------------------ exchange access
+
+class Pacer:
+    """Token bucket for order placement, shared by all worker threads, plus a pause that a
+    429/418 Retry-After imposes on every thread. Defaults (burst 120, 18/s) keep under
+    Binance USD-M's per-account order limits: 120 + 18 x 10 = 300 per 10 s, 120 + 18 x 60 =
+    1200 per minute."""
+
+    def __init__(self, rate_per_s, burst):
+        self.rate = rate_per_s
+        self.burst = burst
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+        self.paused_until = 0.0
+        self.lock = threading.Lock()
+
+    def pause(self, seconds):
+        with self.lock:
+            self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    def acquire(self, deadline, take_token=True):
+        """Wait for a token (and the pause to end); False if that would pass the deadline."""
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                wait = self.paused_until - now
+                if wait <= 0 and (not take_token or self.tokens >= 1):
+                    if take_token:
+                        self.tokens -= 1
+                    return True
+                if wait <= 0:
+                    wait = (1 - self.tokens) / self.rate
+            if now + wait > deadline:
+                return False
+            time.sleep(wait)
+
+
+class ExchangePool:
+    """N ccxt clients for N threads; markets loaded once and shared."""
+
+    def __init__(self, cfg, size):
+        self.cfg = cfg
+        self.size = size
+        self.rules = None
+        self.free = queue.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="eew-exchange")
+
+    @property
+    def ready(self):
+        return self.rules is not None
+
+    def load_markets(self):
+        """Raises on failure; the caller retries. Builds the clients on first success."""
+        primary = exchange.build_exchange(self.cfg)
+        rules = exchange.load_market_rules(primary)
+        if self.rules is None:
+            self.free.put(primary)
+            for _ in range(self.size - 1):
+                client = exchange.build_exchange(self.cfg)
+                client.set_markets(primary.markets, primary.currencies)
+                self.free.put(client)
+        self.rules = rules
+
+    def submit(self, fn, *args):
+        """Run fn(client, *args) on a worker thread with a client of its own."""
+        return self.executor.submit(self._with_client, fn, args)
+
+    def _with_client(self, fn, args):
+        client = self.free.get()
+        try:
+            return fn(client, *args)
+        finally:
+            self.free.put(client)
+
+
+def _read_positions(client):
+    return exchange.read_positions(client)
+
+
+# The two order books are read (and cancelled) as separate parallel requests when the exchange
+# module offers per-book calls (requested: read_open_orders_book, cancel_book); until then one
+# call does both books in sequence, costing one extra latency. Same result either way.
+if hasattr(exchange, "read_open_orders_book") and hasattr(exchange, "cancel_book"):
+    ORDER_BOOKS = (False, True)
+
+    def _read_orders(client, conditional):
+        return exchange.read_open_orders_book(client, conditional)
+
+    def _cancel_orders(client, symbol, conditional):
+        exchange.cancel_book(client, symbol, conditional)
+else:
+    ORDER_BOOKS = (None,)
+
+    def _read_orders(client, _conditional):
+        return exchange.read_open_orders(client)
+
+    def _cancel_orders(client, symbol, _conditional):
+        exchange.cancel_all_orders(client, symbol)
+
+
+def _error_text(exc):
+    """Short, secret-free description of an exchange failure for logs and reports."""
+    kind = exchange.classify_error(exc)
+    return f"{kind.kind}:{kind.code}" if kind.code is not None else f"{kind.kind}:{type(exc).__name__}"
+
+
+@dataclass
+class Account:
+    positions: list
+    orders: list
+
+
+@dataclass
+class RoundResult:
+    cancelled: int = 0
+    orders_sent: int = 0
+    errors: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ one panic
+
+class Closer:
+    """Executes one panic against the exchange. Exchange failures never raise out of here:
+    they are retried inside the deadline and end up in the report."""
+
+    def __init__(self, config, pool, pacer):
+        self.config = config
+        self.pool = pool
+        self.pacer = pacer
+
+    def read_account(self, deadline, event_id):
+        """Positions and open orders, fresh, retried until the deadline; None if never read."""
+        for attempt in itertools.count():
+            if not self.pacer.acquire(deadline, take_token=False):
+                return None
+            try:
+                if not self.pool.ready:
+                    self.pool.load_markets()
+                positions = self.pool.submit(_read_positions)
+                books = [self.pool.submit(_read_orders, conditional) for conditional in ORDER_BOOKS]
+                return Account(positions.result(), [o for book in books for o in book.result()])
+            except Exception as exc:  # noqa: BLE001 - any failure means "account unknown"
+                # Unknown is never empty: wait and read again until the deadline; the caller
+                # reports FAILED if no read ever succeeds.
+                kind = exchange.classify_error(exc)
+                wait = kind.retry_after_s if kind.retry_after_s is not None else \
+                    READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
+                if kind.kind == "rate_limited":
+                    self.pacer.pause(wait)
+                log.warning("account_read_failed", event_id=event_id, error=_error_text(exc),
+                            retry_in_s=wait)
+                if time.monotonic() + wait > deadline:
+                    return None
+                time.sleep(wait)
+
+    def run_round(self, account, attempt, event_id, deadline, keepalive):
+        """Cancel all orders on every symbol where the fresh read saw orders, and send every
+        close of the plan, concurrently. Waits for all of them, calling keepalive() about every
+        KEEPALIVE_S from this (the main) thread meanwhile."""
+        plan = flatten.plan_close(account.positions, self.pool.rules or {}, attempt, event_id)
+        symbols = sorted({o.symbol for o in account.orders})
+        cancels = {self.pool.submit(self._cancel, symbol, conditional): (symbol, conditional)
+                   for symbol in symbols for conditional in ORDER_BOOKS}
+        closes = {self.pool.submit(self._close, order, deadline): order for order in plan}
+        waiting = set(cancels) | set(closes)
+        while waiting:
+            _done, waiting = futures.wait(waiting, timeout=KEEPALIVE_S)
+            if waiting:
+                keepalive()
+        result = RoundResult()
+        for future, (symbol, conditional) in cancels.items():
+            error = future.result()
+            if error is None:
+                result.cancelled += sum(1 for o in account.orders if o.symbol == symbol and
+                                        conditional in (None, o.conditional))
+            else:
+                result.errors.append(f"cancel:{symbol}:{error}")
+        for future, order in closes.items():
+            error = future.result()
+            if error is None:
+                result.orders_sent += 1
+            else:
+                result.errors.append(f"close:{order.symbol}:{order.position_side}:{error}")
+        log.info("close_round", event_id=event_id, attempt=attempt, positions=len(account.positions),
+                 orders_seen=len(account.orders), planned=len(plan), sent=result.orders_sent,
+                 cancelled=result.cancelled, errors=len(result.errors))
+        return result
+
+    def _cancel(self, client, symbol, conditional):
+        """None on success, else a short error text. Runs on a pool thread."""
+        try:
+            _cancel_orders(client, symbol, conditional)
+            return None
+        except Exception as exc:  # noqa: BLE001 - one failed cancel is recorded, not raised
+            # The re-read shows whether orders are still resting; the next attempt cancels again.
+            return _error_text(exc)
+
+    def _close(self, client, order, deadline):
+        """None once the exchange accepted the order, else a short error text. A 429/418 is
+        retried with the SAME client order id after Retry-After (the request was refused, and a
+        duplicate id would be refused too); anything else ends this order's attempt and the
+        re-read decides, because the outcome may be unknown (timeout) or the position changed
+        (-2022)."""
+        for _ in range(MAX_RATE_RETRIES):
+            if not self.pacer.acquire(deadline):
+                return "deadline"
+            try:
+                exchange.place_close_order(client, order.symbol, order.side, order.amount,
+                                           order.position_side, order.client_order_id)
+                return None
+            except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+                kind = exchange.classify_error(exc, client)
+                if kind.kind != "rate_limited":
+                    # Not retried blind: the re-read shows what is left and re-plans it.
+                    return _error_text(exc)
+                # Everyone waits: the limit is per account/IP, not per thread.
+                self.pacer.pause(kind.retry_after_s or 1.0)
+        return "rate_limited:retries_exhausted"
+
+    def execute(self, event_id, record, on_progress, keepalive):
+        """Halt is the caller's job. Reads, closes and verifies until flat or the deadline;
+        returns the report fields that depend on the exchange (a dict for CompletionReport).
+        on_progress(record) runs before every attempt (persist the attempt number);
+        keepalive() runs while an attempt waits for the exchange."""
+        deadline = time.monotonic() + self.config.close_deadline_s
+        account = self.read_account(deadline, event_id)
+        if account is None:
+            return dict(status=flatten.FAILED, positions_total=None, positions_closed=None,
+                        positions_failed=None, detail="positions_unreadable_until_deadline",
+                        attempts=record.get("attempt", 0))
+        if record.get("initial") is None:
+            record["initial"] = sorted({"|".join(flatten.position_key(p)) for p in account.positions})
+        attempt = record.get("attempt", 0)
+        cancelled, errors, failed_rounds = 0, [], 0
+        while True:
+            rules = self.pool.rules or {}
+            if not flatten.closable(account.positions, rules) and not account.orders:
+                break
+            if time.monotonic() >= deadline:
+                break
+            attempt += 1
+            record["attempt"] = attempt
+            on_progress(record)
+            result = self.run_round(account, attempt, event_id, deadline, keepalive)
+            cancelled += result.cancelled
+            errors.extend(result.errors)
+            if result.errors:
+                # Progress stalls on errors: back off a little so a stuck position does not
+                # hammer the exchange, but keep trying until the deadline.
+                failed_rounds += 1
+                time.sleep(min(0.05 * 2 ** failed_rounds, 1.0, max(0.0, deadline - time.monotonic())))
+            verified = self.read_account(deadline, event_id)
+            if verified is None:
+                account = None
+                break
+            account = verified
+        return self._summary(record, account, attempt, cancelled, errors)
+
+    def _summary(self, record, account, attempts, cancelled, errors):
+        initial = set(record.get("initial") or [])
+        fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts)
+        if errors:
+            fields["extra"] = {"errors": json.dumps(errors[-50:])}
+        if account is None:
+            # Orders were sent but nothing confirms what happened: not FLAT, not RESIDUAL.
+            return dict(fields, status=flatten.FAILED, positions_closed=None, positions_failed=None,
+                        detail="verify_unreadable_until_deadline")
+        residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
+        left = {"|".join(flatten.position_key(p)) for p in account.positions}
+        detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
+        return dict(fields, status=flatten.decide_status(account.positions),
+                    positions_closed=len(initial - left), positions_failed=len(left),
+                    failed_symbols=sorted({p.symbol for p in account.positions}),
+                    residual_positions=residual, dust=dust, detail=detail)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+class Worker:
+    def __init__(self, config, notifier=None):
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.block_ms = int(min(config.block_ms, self.notifier.max_block_s(config.block_ms / 1000) * 1000))
+        self.pool = ExchangePool(config.exchange_config, config.concurrency)
+        self.closer = Closer(config, self.pool, Pacer(config.order_rate_per_s, config.order_burst))
+        self.journal = Journal(config.journal_path)
+        self.redis = None
+        self.ledger = None
+        self.heartbeat = None
+        self.stopping = False
+        self.ready_sent = False
+        self.status_text = ""
+        self.next_sweep = 0.0
+        self.next_beat = 0.0
+        self.next_markets_try = 0.0
+        self.next_reconnect = 0.0
+        self.journal_backlog = True       # a previous run may have left reports on disk
+        self.redis_failures = 0
+        self.redis_down_since = time.monotonic()   # until the first successful connect
+        self.next_bus_loss_close = None
+        self.current_event = "-"
+        self.last_positions = None
+
+    # -- lifecycle
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        log.info("starting", consumer=self.config.consumer, block_ms=self.block_ms,
+                 deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
+                 bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
+                 authorized=",".join(self.config.authorized_sources),
+                 signatures="required" if self.config.keyring.configured else "not_configured")
+        while not self.stopping:
+            self.iteration()
+        self.notifier.stopping()
+        log.info("stopped", consumer=self.config.consumer)
+
+    def _stop(self, _signum, _frame):
+        self.stopping = True
+
+    def iteration(self):
+        """One pass: liveness, Redis, markets, journal, then at most one batch of entries."""
+        try:
+            self.beat()
+            if not self.bus_ok():
+                self.on_bus_down()
+                return
+            self.ensure_markets()
+            self.publish_journal()
+            for entry_id, raw in self.next_entries():
+                self.handle_entry(entry_id, raw)
+        except bus.REDIS_ERRORS as exc:
+            # Redis went away mid-pass. The entry being handled stays pending (no XACK without
+            # a report) and is resumed after reconnecting; the bus-loss timer starts now.
+            self.lost_redis(exc)
+        except Exception as exc:  # noqa: BLE001 - the loop must never die
+            # A bug. The entry stays pending and is retried at the next sweep; sleeping keeps a
+            # poisonous entry from spinning the CPU. Dying instead would stop all panics.
+            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
+                      message=str(exc)[:300])
+            time.sleep(1.0)
+        finally:
+            self.current_event = "-"
+
+    # -- liveness
+
+    def beat(self):
+        """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
+        self.notifier.ping()
+        now = time.monotonic()
+        if self.heartbeat is None or now < self.next_beat:
+            return
+        self.next_beat = now + self.config.heartbeat_interval_s
+        healthy = self.pool.ready and not self.journal_backlog
+        self.heartbeat.publish("OK" if healthy else "DEGRADED", self.last_positions, wall_ms(),
+                               extra={"consumer": self.config.consumer})
+
+    def set_status(self, text):
+        if text != self.status_text:
+            self.status_text = text
+            self.notifier.status(text)
+
+    # -- Redis
+
+    def bus_ok(self):
+        if self.redis is not None:
+            return True
+        if time.monotonic() < self.next_reconnect:
+            return False
+        try:
+            client = bus.connect(self.config.redis_url)
+            client.ping()
+            bus.ensure_group(client, schema.PANIC_STREAM, schema.EEW_GROUP, start_id="0")
+        except bus.REDIS_ERRORS as exc:
+            # Still down: back off and let on_bus_down decide about a bus-loss close.
+            self.lost_redis(exc)
+            return False
+        down_s = time.monotonic() - self.redis_down_since
+        self.redis, self.ledger = client, Ledger(client)
+        self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
+        self.redis_failures, self.redis_down_since, self.next_bus_loss_close = 0, None, None
+        self.next_sweep = 0.0          # a restart may have left our entries pending
+        log.info("redis_connected", down_s=round(down_s, 3))
+        return True
+
+    def lost_redis(self, exc):
+        if self.redis_down_since is None:
+            self.redis_down_since = time.monotonic()
+            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__)
+        if self.redis is not None:
+            try:
+                self.redis.close()
+            except bus.REDIS_ERRORS:
+                # Closing a dead connection may fail; the client is dropped either way and
+                # a fresh one is built on reconnect.
+                pass
+        self.redis = self.ledger = self.heartbeat = None
+        wait = REDIS_BACKOFF_S[min(self.redis_failures, len(REDIS_BACKOFF_S) - 1)]
+        self.redis_failures += 1
+        self.next_reconnect = time.monotonic() + wait
+        self.set_status(f"redis unreachable for {time.monotonic() - self.redis_down_since:.0f}s")
+
+    def on_bus_down(self):
+        """Redis is unreachable: maybe flatten on our own authority, then wait a little."""
+        limit = self.config.bus_loss_close_s
+        down_s = time.monotonic() - self.redis_down_since
+        if limit > 0 and down_s > limit and (self.next_bus_loss_close is None
+                                             or time.monotonic() >= self.next_bus_loss_close):
+            status = self.bus_loss_close(down_s)
+            # FLAT: done for this outage. Otherwise try again after another interval.
+            self.next_bus_loss_close = float("inf") if status == flatten.FLAT else time.monotonic() + limit
+        time.sleep(max(0.0, min(self.next_reconnect - time.monotonic(), 0.5)))
+
+    def ensure_markets(self):
+        if self.pool.ready or time.monotonic() < self.next_markets_try:
+            return
+        try:
+            self.pool.load_markets()
+            log.info("markets_loaded", markets=len(self.pool.rules))
+        except Exception as exc:  # noqa: BLE001 - retried; events are still handled meanwhile
+            # Not ready: READY=1 is withheld and the heartbeat says DEGRADED; a panic arriving
+            # now still runs and retries the markets inside its own deadline.
+            self.next_markets_try = time.monotonic() + 2.0
+            log.error("markets_load_failed", error=_error_text(exc))
+            return
+        if not self.ready_sent:
+            self.notifier.ready("waiting for panic events")
+            self.ready_sent = True
+        self.set_status("waiting for panic events")
+
+    # -- reading entries
+
+    def next_entries(self):
+        """Own pending entries first, then idle entries of other consumers, then new ones."""
+        cfg = self.config
+        if time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + cfg.sweep_interval_s
+            own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                 block_ms=0, pending=True)
+            if own:
+                self.next_sweep = 0.0      # keep sweeping until our backlog is empty
+                return own
+            claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
+                                     cfg.consumer, cfg.claim_idle_ms)
+            if claimed:
+                log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
+                return claimed
+        return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                              block_ms=self.block_ms)
+
+    # -- one entry
+
+    def handle_entry(self, entry_id, raw):
+        event, problems = schema.PanicEvent.from_fields(raw)
+        event_id = event.event_id or derive_event_id(entry_id)
+        if not event.event_id:
+            problems = [*problems, "derived:event_id"]
+        self.current_event = event_id
+        received_ms = bus.server_time_ms(self.redis)
+        sent_ms = schema.entry_id_ms(entry_id)
+        age_ms = received_ms - sent_ms if sent_ms is not None else None
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
+                    event_age_ms=age_ms, problems=problems, ts_started=wall_ms())
+        log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
+                 reason=event.reason, age_ms=age_ms, problems=",".join(problems))
+
+        allowed, why = authorise(event, decode_fields(raw), self.config.authorized_sources,
+                                 self.config.keyring)
+        if not allowed:
+            log.warning("panic_rejected", event_id=event_id, entry_id=entry_id, why=why)
+            self.report_without_action(entry_id, dict(base, status="REJECTED", detail=why))
+            return
+
+        outcome, record = self.ledger.claim(event_id, entry_id, self.config.consumer, base["ts_started"])
+        if outcome == "duplicate":
+            original = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
+            log.info("panic_duplicate", event_id=event_id, entry_id=entry_id, original=record.get("entry"))
+            self.report_without_action(entry_id, dict(base, status="DUPLICATE", detail=original))
+            return
+        if outcome == "done":
+            # Report already written by the same atomic script that acknowledges; only the
+            # XACK can be missing (e.g. the group was recreated). Acknowledge, write nothing.
+            self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
+            return
+        log.info("panic_executing", event_id=event_id, entry_id=entry_id, resumed=outcome == "resume",
+                 attempt=record.get("attempt", 0))
+        self.set_status(f"closing event {event_id}")
+        self.execute_and_report(event, event_id, entry_id, record, base)
+        self.set_status("waiting for panic events")
+
+    def report_without_action(self, entry_id, fields):
+        now = wall_ms()
+        report = schema.CompletionReport(**dict(fields, ts_completed=now,
+                                                execution_time_ms=now - fields["ts_started"],
+                                                positions_total=None, positions_closed=None,
+                                                positions_failed=None))
+        report.extra["entry_id"] = entry_id
+        done = {"entry": entry_id, "stage": "done", "status": report.status}
+        self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
+
+    def execute_and_report(self, event, event_id, entry_id, record, base):
+        """Halt, close, report. Redis failures after the halt do not stop the close: the
+        report goes to the journal if Redis cannot take it."""
+        halt = schema.TradingState(halted=True, reason=event.reason or "UNSPECIFIED",
+                                   event_id=event_id, halted_at=wall_ms(),
+                                   halted_by=event.issued_by or "unknown", requires_manual_reset=True)
+        self.ledger.halt(halt)          # a Redis error here aborts before any exchange call
+        record.update(stage="halted", consumer=self.config.consumer)
+        self.save_progress(event_id, entry_id, record)
+
+        def keepalive():
+            self.touch_entry(event_id, entry_id)
+            self.notifier.ping()     # progress of the loop's own work, waiting on the exchange
+
+        def on_progress(progress):
+            self.save_progress(event_id, entry_id, progress)
+            keepalive()
+
+        fields = self.closer.execute(event_id, record, on_progress, keepalive)
+        self.finish_report(event_id, entry_id, record, dict(base, ts_started=record.get("ts_started") or base["ts_started"]),
+                           fields, halt)
+
+    def save_progress(self, event_id, entry_id, record):
+        """Persist the attempt counter, so a resumed close uses new client order ids. Best
+        effort: see the except clause."""
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.update(event_id, record)
+        except bus.REDIS_ERRORS as exc:
+            # Keep closing: the exchange work matters more than bookkeeping. Worst case a
+            # restart reuses attempt numbers: the exchange refuses ids still open, and the
+            # re-read re-plans from what is actually left.
+            log.warning("progress_not_saved", event_id=event_id, error=type(exc).__name__)
+
+    def touch_entry(self, event_id, entry_id):
+        """Reset our entry's idle time so other instances do not claim a close in progress."""
+        if self.redis is None:
+            return
+        try:
+            self.redis.xclaim(schema.PANIC_STREAM, schema.EEW_GROUP, self.config.consumer,
+                              min_idle_time=0, message_ids=[entry_id], justid=True)
+        except bus.REDIS_ERRORS as exc:
+            # Keep closing. Worst case another instance claims the entry and closes too: both
+            # act reduce-only on what the exchange says is left, and the report script writes
+            # exactly one final report.
+            log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
+
+    def finish_report(self, event_id, entry_id, record, base, fields, halt):
+        now = wall_ms()
+        extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.pop("extra", {})}
+        report = schema.CompletionReport(**dict(base, **fields, ts_completed=now,
+                                                execution_time_ms=now - base["ts_started"]))
+        report.extra.update(extra)
+        self.last_positions = report.positions_failed
+        log.info("panic_completed", event_id=event_id, status=report.status,
+                 positions_total=report.positions_total, positions_closed=report.positions_closed,
+                 positions_failed=report.positions_failed, orders_cancelled=report.orders_cancelled,
+                 attempts=report.attempts, execution_time_ms=report.execution_time_ms)
+        done = {"entry": entry_id, "consumer": self.config.consumer, "stage": "done",
+                "status": report.status, "attempt": record.get("attempt", 0),
+                "ts_started": base["ts_started"], "ts_completed": now}
+        item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
+                "report": report.to_fields(), "halt": halt.to_fields()}
+        if self.ledger is not None:
+            try:
+                self.ledger.finish(event_id, done, entry_id, item["report"])
+                return
+            except bus.REDIS_ERRORS as exc:
+                # Redis cannot take the report now: journal it below. The entry stays
+                # pending; after reconnecting the journal is published (report + done + XACK
+                # in one script) before any entry is read, so the redelivery finds "done".
+                self.lost_redis(exc)
+        self.journal.append(item)
+        self.journal_backlog = True
+        log.error("report_journaled", event_id=event_id, status=report.status,
+                  path=self.config.journal_path)
+
+    def publish_journal(self):
+        if not self.journal_backlog:
+            return
+        for item in self.journal.unpublished():
+            if item.get("halt"):
+                self.ledger.halt(schema.TradingState.from_fields(item["halt"])[0])
+            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"),
+                                                    item["report"])
+            self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
+            log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
+        self.journal_backlog = False
+
+    # -- bus loss
+
+    def bus_loss_close(self, down_s):
+        """Flatten without an event: Redis, hence the whole safety chain, is blind."""
+        event_id = f"busloss-{self.config.consumer}-{wall_ms()}"
+        self.current_event = event_id
+        log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1))
+        self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
+        event = schema.PanicEvent(event_id=event_id, reason=BUS_LOSS_REASON,
+                                  issued_by=BUS_LOSS_ISSUER, ts=wall_ms())
+        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": wall_ms()}
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
+                    event_age_ms=0, problems=[], ts_started=record["ts_started"])
+        halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
+                                   halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
+                                   requires_manual_reset=True)
+        fields = self.closer.execute(event_id, record, lambda _record: self.notifier.ping(),
+                                     self.notifier.ping)
+        self.finish_report(event_id, None, record, base, fields, halt)
+        return fields["status"]
+
+
+def main(argv=None):
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"eexit.eew: configuration error: {exc}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+    Worker(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""The watchdog: reads the Exit Brain's heartbeats and publishes exactly one panic per incident.
+
+    python -m eexit.watchdog
+
+Rules (SPEC §3), evaluated by the pure `evaluate(state, now, limits)`:
+
+    1 no heartbeat for > EEXIT_HEARTBEAT_LOST_S (5)                   EXIT_BRAIN_HEARTBEAT_LOST
+    2 status DEGRADED continuously for > EEXIT_DEGRADED_S (5)         EXIT_BRAIN_DEGRADED_TOO_LONG
+    3 positions open and last decision older than EEXIT_STAGNANT_S    EXIT_BRAIN_DECISION_STAGNANT
+    4 positions open and no heartbeat for > EEXIT_UNGUARDED_S (3)     POSITIONS_UNGUARDED
+
+Rule 4 is checked first, then 1, 2, 3: when several hold, the most specific reason is named.
+"> threshold" is strict: exactly at the threshold nothing fires.
+
+Clocks (SPEC §4.7). A heartbeat's age is measured on THIS process's monotonic clock from the
+moment the blocking XREAD returned it (loopback delivery is < 1 ms). Entries that were already
+in the stream when the watchdog (re)connected, or arrived while it waited for a deadline, are
+backdated by their age on the Redis server's clock (TIME minus the entry id's milliseconds:
+one clock, Redis's, on both sides).
+
+Timing. The loop blocks in XREAD (EEXIT_WATCHDOG_POLL_MS) while the next rule deadline
+(`next_deadline`) is further away than 0.25 s; nearer than that it sleeps on its monotonic
+clock until 1 ms past the deadline and reads without blocking, because Redis rounds a BLOCK
+timeout up to its hz tick (100 ms at hz 10). Detection therefore overshoots a threshold by
+a few ms (bench/detection.py), independent of Redis's hz. The
+producer's `ts` is never compared with any clock of ours, and no age is read from the wall
+clock: `time.time` is used only to stamp outgoing messages. Rule 3 compares the heartbeat's
+`last_decision_ts` with the same heartbeat's `ts` (both the producer's clock), plus the time
+since receipt on our monotonic clock.
+
+Fail-closed readings of a heartbeat: active_positions missing or unreadable counts as
+positions open; a status other than OK counts as DEGRADED; an unknown decision age (missing
+ts or last_decision_ts) with positions open counts as stagnant once it has been unknown for
+longer than the stagnant threshold.
+
+Start-up grace (EEXIT_STARTUP_GRACE_S, default = EEXIT_HEARTBEAT_LOST_S): after start, and
+after every Redis reconnect, no rule fires until either the grace has passed or a heartbeat
+sent after that moment has arrived (the brain is evidently up; rules apply from then on). So a
+brain starting together with the watchdog, or a Redis restart both saw, is not a false
+incident. After the grace the ages are real: a stale beat found in the stream fires at once,
+and no heartbeat at all fires EXIT_BRAIN_HEARTBEAT_LOST. The grace delays detection of a brain
+that died just before the watchdog (re)started by at most the grace; set it lower to trade
+that for false alarms at boot.
+
+Incidents. The first trigger opens an incident: a new event_id is written to the hash
+`eexit:watchdog:incident` BEFORE the panic is published, so a crash in between re-publishes
+the same id after restart. While the incident is open no new event_id is created. Without a
+completion report for the event_id on `system:panic_close:completed` the SAME event is
+re-published after EEXIT_REPUBLISH_S, then with doubling delays up to 60 s (the EEW
+de-duplicates by event_id; re-publishing covers a panic entry lost with a Redis restart). The
+incident closes, re-arming the watchdog, only when a completion report has been seen AND
+heartbeats have been healthy (status OK, fresh, no rule firing) continuously for
+EEXIT_REARM_S. A restarted watchdog recovers the open incident from the hash.
+
+Redis unreachable: reconnect with backoff (0.1 s doubling to 2 s), log CRITICAL each attempt,
+and stop WATCHDOG=1 pings once no evaluation succeeded for longer than the systemd watchdog
+interval, so systemd sees a watchdog that cannot watch. The watchdog publishes its own
+heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S.
+
+This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
+"""
+
+import json
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+from . import bus, schema, signing
+from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
+from .heartbeat import Heartbeat, wall_ms
+from .log import Logger
+from .notify import Notifier
+
+INCIDENT_KEY = "eexit:watchdog:incident"
+ISSUER = "watchdog"
+
+HEARTBEAT_LOST = "EXIT_BRAIN_HEARTBEAT_LOST"
+DEGRADED_TOO_LONG = "EXIT_BRAIN_DEGRADED_TOO_LONG"
+DECISION_STAGNANT = "EXIT_BRAIN_DECISION_STAGNANT"
+POSITIONS_UNGUARDED = "POSITIONS_UNGUARDED"
+
+BACKLOG_REPLAY = 50          # heartbeats replayed on (re)connect to rebuild degraded_since
+REPORT_SCAN = 1000           # completion reports / panics scanned when recovering an incident
+MAX_REPUBLISH_S = 60.0
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 2.0
+LOCAL_WAIT_S = 0.25          # nearer a rule deadline than this, wait on our clock, not in XREAD
+
+
+# ---------------------------------------------------------------------------- pure core
+
+@dataclass(frozen=True)
+class Limits:
+    heartbeat_lost_s: float = 5.0
+    unguarded_s: float = 3.0
+    degraded_s: float = 5.0
+    stagnant_s: float = 30.0
+    startup_grace_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class WatchState:
+    """What the watchdog knows, every instant on its own monotonic clock."""
+
+    observing_since: float                  # start, or the last Redis (re)connect
+    last_beat_at: float | None = None       # when the last heartbeat was sent
+    status: str | None = None               # "OK" or "DEGRADED" (anything unreadable: DEGRADED)
+    active_positions: int | None = None     # None: unknown, counted as open
+    degraded_since: float | None = None
+    decision_age_s: float | None = None     # producer's ts - last_decision_ts, at the beat
+    decision_unknown_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Trigger:
+    reason: str
+    detail: str
+
+
+def observe(state, beat, received_at):
+    """The state after heartbeat `beat` (a schema.Heartbeat) sent at monotonic `received_at`."""
+    status = "OK" if beat.status == "OK" else "DEGRADED"
+    degraded_since = None if status == "OK" else (state.degraded_since if state.degraded_since is not None else received_at)
+    decision_age_s = None
+    if beat.ts is not None and beat.last_decision_ts is not None and beat.last_decision_ts <= beat.ts:
+        decision_age_s = (beat.ts - beat.last_decision_ts) / 1000.0
+    if decision_age_s is None:
+        unknown_since = state.decision_unknown_since if state.decision_unknown_since is not None else received_at
+    else:
+        unknown_since = None
+    return replace(state, last_beat_at=received_at, status=status,
+                   active_positions=beat.active_positions, degraded_since=degraded_since,
+                   decision_age_s=decision_age_s, decision_unknown_since=unknown_since)
+
+
+def evaluate(state, now, limits=Limits()):
+    """The rule that fires at monotonic instant `now`, or None."""
+    observed_for = now - state.observing_since
+    heard_since_start = state.last_beat_at is not None and state.last_beat_at >= state.observing_since
+    if observed_for <= limits.startup_grace_s and not heard_since_start:
+        return None
+    if state.last_beat_at is None:
+        if observed_for > limits.heartbeat_lost_s:
+            return Trigger(HEARTBEAT_LOST, f"no heartbeat in {observed_for:.3f}s since start")
+        return None
+    positions_open = state.active_positions is None or state.active_positions > 0
+    positions = "unknown" if state.active_positions is None else state.active_positions
+    silence = now - state.last_beat_at
+    if positions_open and silence > limits.unguarded_s:
+        return Trigger(POSITIONS_UNGUARDED, f"no heartbeat for {silence:.3f}s with positions={positions}")
+    if silence > limits.heartbeat_lost_s:
+        return Trigger(HEARTBEAT_LOST, f"no heartbeat for {silence:.3f}s")
+    if state.degraded_since is not None and now - state.degraded_since > limits.degraded_s:
+        return Trigger(DEGRADED_TOO_LONG, f"DEGRADED for {now - state.degraded_since:.3f}s")
+    if positions_open:
+        if state.decision_age_s is not None:
+            decision_age = state.decision_age_s + silence
+            if decision_age > limits.stagnant_s:
+                return Trigger(DECISION_STAGNANT, f"last decision {decision_age:.3f}s old with positions={positions}")
+        elif state.decision_unknown_since is not None and now - state.decision_unknown_since > limits.stagnant_s:
+            return Trigger(DECISION_STAGNANT, f"decision age unknown for {now - state.decision_unknown_since:.3f}s "
+                                              f"with positions={positions}")
+    return None
+
+
+def next_deadline(state, now, limits=Limits()):
+    """The earliest monotonic instant after `now` at which a rule could start to fire without
+    a new heartbeat (rules fire just AFTER it), or None. Lets the loop wake exactly then
+    instead of polling blindly, so detection overshoots a threshold by ~1 ms, not a poll."""
+    candidates = []
+    if state.last_beat_at is None or state.last_beat_at < state.observing_since:
+        candidates.append(state.observing_since + limits.startup_grace_s)
+    if state.last_beat_at is None:
+        candidates.append(state.observing_since + max(limits.startup_grace_s, limits.heartbeat_lost_s))
+    else:
+        candidates.append(state.last_beat_at + limits.heartbeat_lost_s)
+        if state.active_positions is None or state.active_positions > 0:
+            candidates.append(state.last_beat_at + limits.unguarded_s)
+            if state.decision_age_s is not None:
+                candidates.append(state.last_beat_at + limits.stagnant_s - state.decision_age_s)
+            elif state.decision_unknown_since is not None:
+                candidates.append(state.decision_unknown_since + limits.stagnant_s)
+        if state.degraded_since is not None:
+            candidates.append(state.degraded_since + limits.degraded_s)
+    future = [at for at in candidates if at >= now]
+    return min(future) if future else None
+
+
+def healthy(state, now, limits=Limits()):
+    """Heartbeats fresh, status OK and no rule firing: what re-arming requires."""
+    return (state.last_beat_at is not None and state.status == "OK"
+            and now - state.last_beat_at <= limits.unguarded_s
+            and evaluate(state, now, limits) is None)
+
+
+# ---------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class Config:
+    limits: Limits
+    poll_ms: int
+    republish_s: float
+    rearm_s: float
+    heartbeat_s: float
+
+    @classmethod
+    def from_env(cls, env=None):
+        lost = env_float("EEXIT_HEARTBEAT_LOST_S", 5.0, minimum=0.01, env=env)
+        limits = Limits(
+            heartbeat_lost_s=lost,
+            unguarded_s=env_float("EEXIT_UNGUARDED_S", 3.0, minimum=0.01, env=env),
+            degraded_s=env_float("EEXIT_DEGRADED_S", 5.0, minimum=0.01, env=env),
+            stagnant_s=env_float("EEXIT_STAGNANT_S", 30.0, minimum=0.01, env=env),
+            startup_grace_s=env_float("EEXIT_STARTUP_GRACE_S", lost, minimum=0.0, env=env),
+        )
+        return cls(
+            limits=limits,
+            # The blocking XREAD's timeout (Redis rounds it up to its hz tick, 100 ms by
+            # default); near a rule deadline the loop waits on its own clock instead.
+            poll_ms=env_int("EEXIT_WATCHDOG_POLL_MS", 25, minimum=1, maximum=100, env=env),
+            republish_s=env_float("EEXIT_REPUBLISH_S", 5.0, minimum=0.1, env=env),
+            rearm_s=env_float("EEXIT_REARM_S", 5.0, minimum=0.0, env=env),
+            heartbeat_s=env_float("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, minimum=0.05, env=env),
+        )
+
+
+# ---------------------------------------------------------------------------- shell
+
+@dataclass
+class Incident:
+    event_id: str
+    reason: str
+    detail: str
+    opened_at_ms: int
+    publish_count: int = 0
+    completed_status: str = ""      # status of the first completion report seen
+    next_publish_at: float = 0.0    # monotonic
+    republish_delay_s: float = 0.0
+    healthy_since: float | None = None
+
+    def to_fields(self):
+        return {"event_id": self.event_id, "reason": self.reason, "detail": self.detail,
+                "opened_at_ms": str(self.opened_at_ms), "publish_count": str(self.publish_count),
+                "completed_status": self.completed_status}
+
+
+class Watchdog:
+    def __init__(self, cfg, client, keyring, notifier=None, log=None,
+                 monotonic=time.monotonic, clock_ms=wall_ms):
+        self.cfg = cfg
+        self.client = client
+        self.keyring = keyring
+        self.kid = keyring.kid_for(ISSUER) if keyring.configured else None
+        self.notifier = notifier or Notifier(env={})
+        self.log = log or Logger("watchdog")
+        self.monotonic = monotonic      # every age is measured on this clock
+        self.clock_ms = clock_ms        # wall clock, only to stamp outgoing messages
+        self.own_beat = Heartbeat(client, "watchdog", schema.WATCHDOG_HEARTBEAT_STREAM)
+        self.state = WatchState(observing_since=monotonic())
+        self.incident = None
+        self.last_trigger = None
+        self.last_problems = []
+        self.beat_id = "0-0"
+        self.report_id = "0-0"
+        self.last_evaluated = monotonic()
+        self.last_evaluated_ms = clock_ms()
+        self.next_own_beat = 0.0
+        self.last_ping = 0.0
+        self.stopping = False
+
+    # -- start-up and reconnect --------------------------------------------------------
+
+    def resync(self):
+        """Rebuild state from Redis after start or reconnect: the recent heartbeats (aged on
+        Redis's clock), the open incident, and the read positions of both streams."""
+        now = self.monotonic()
+        server_ms = bus.server_time_ms(self.client)
+        recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
+        state = WatchState(observing_since=now)
+        for entry_id, fields in reversed(recent):
+            entry_ms = schema.entry_id_ms(entry_id)
+            age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
+            state = self._observe(state, fields, now - age_s)
+        self.state = state
+        self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
+        latest_report = self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=1)
+        self.report_id = bus.as_text(latest_report[0][0]) if latest_report else "0-0"
+        self._recover_incident(now)
+
+    def _recover_incident(self, now):
+        stored = {bus.as_text(k): bus.as_text(v) for k, v in self.client.hgetall(INCIDENT_KEY).items()}
+        if self.incident is None and stored.get("event_id"):
+            try:
+                opened_at_ms = int(stored.get("opened_at_ms", "0"))
+            except ValueError:
+                opened_at_ms = 0
+            self.incident = Incident(stored["event_id"], stored.get("reason") or HEARTBEAT_LOST,
+                                     stored.get("detail", ""), opened_at_ms,
+                                     republish_delay_s=self.cfg.republish_s)
+            self.log.critical("incident_recovered", event_id=self.incident.event_id,
+                              reason=self.incident.reason)
+        if self.incident is None:
+            return
+        incident = self.incident
+        if not stored.get("event_id"):
+            # Redis lost the hash (restart without persistence): our memory is the record.
+            self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
+        if not incident.completed_status:
+            incident.completed_status = self._find_report(incident.event_id)
+        if incident.completed_status:
+            return
+        if self._panic_published(incident.event_id):
+            incident.next_publish_at = now + incident.republish_delay_s
+        else:
+            incident.next_publish_at = now   # crashed between the hash and the XADD, or Redis lost it
+
+    def _find_report(self, event_id):
+        for _entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
+            report, _problems = schema.CompletionReport.from_fields(fields)
+            if report.event_id == event_id:
+                return report.status or "UNKNOWN"
+        return ""
+
+    def _panic_published(self, event_id):
+        for _entry_id, fields in self.client.xrevrange(schema.PANIC_STREAM, "+", "-", count=REPORT_SCAN):
+            event, _problems = schema.PanicEvent.from_fields(fields)
+            if event.event_id == event_id:
+                return True
+        return False
+
+    # -- one iteration -------------------------------------------------------------------
+
+    def _observe(self, state, fields, sent_at):
+        beat, problems = schema.Heartbeat.from_fields(fields)
+        if problems != self.last_problems:
+            # Kept and read fail-closed (see observe); logged when the set changes, so the
+            # producer gets fixed without a line per beat.
+            self.last_problems = problems
+            self.log.warning("heartbeat_problems", problems=",".join(problems) or "none")
+        return observe(state, beat, sent_at)
+
+    def step(self):
+        """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
+        REDIS_ERRORS."""
+        streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id}
+        before = self.monotonic()
+        deadline = next_deadline(self.state, before, self.cfg.limits)
+        if deadline is not None and deadline - before <= LOCAL_WAIT_S:
+            # Redis times out a blocked XREAD only as finely as its `hz` (100 ms at the
+            # default 10), so near a deadline we sleep on our own clock and then read without
+            # blocking. Anything that arrived meanwhile is backdated by its age on Redis's
+            # clock, bounded by how long we slept (a Redis clock step cannot age it further).
+            time.sleep(max(0.0, deadline - before) + 0.001)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.xread(streams, count=100)
+            (seconds, micros), reply = pipe.execute()
+            server_ms = int(seconds) * 1000 + int(micros) // 1000
+            received_at = self.monotonic()
+            max_age_s = received_at - before
+        else:
+            reply = self.client.xread(streams, count=100, block=self.cfg.poll_ms)
+            server_ms = None
+            received_at = self.monotonic()
+        for stream, entries in reply or []:
+            stream = bus.as_text(stream)
+            for entry_id, fields in entries:
+                if stream == schema.HEARTBEAT_STREAM:
+                    self.beat_id = bus.as_text(entry_id)
+                    sent_at = received_at
+                    entry_ms = schema.entry_id_ms(entry_id)
+                    if server_ms is not None and entry_ms is not None:
+                        sent_at -= min(max(0, server_ms - entry_ms) / 1000.0, max_age_s)
+                    self.state = self._observe(self.state, fields, sent_at)
+                else:
+                    self.report_id = bus.as_text(entry_id)
+                    self._on_report(fields)
+        now = self.monotonic()
+        trigger = evaluate(self.state, now, self.cfg.limits)
+        self._act(trigger, now)
+        self.last_evaluated = now
+        self.last_evaluated_ms = self.clock_ms()
+        if now >= self.next_own_beat:
+            self.next_own_beat = now + self.cfg.heartbeat_s
+            self.own_beat.ok(0, self.last_evaluated_ms, latency_ms=(now - received_at) * 1000,
+                             extra={"incident": self.incident.event_id if self.incident else "",
+                                    "brain_status": self.state.status or "none"})
+
+    def _on_report(self, fields):
+        report, _problems = schema.CompletionReport.from_fields(fields)
+        incident = self.incident
+        if incident is None or report.event_id != incident.event_id or incident.completed_status:
+            return
+        incident.completed_status = report.status or "UNKNOWN"
+        level = self.log.info if report.status == "FLAT" else self.log.critical
+        level("incident_report_seen", event_id=incident.event_id, status=incident.completed_status)
+        self.client.hset(INCIDENT_KEY, "completed_status", incident.completed_status)
+
+    def _act(self, trigger, now):
+        if trigger is not None and (self.last_trigger is None or trigger.reason != self.last_trigger.reason):
+            self.log.critical("rule_fired", reason=trigger.reason, detail=trigger.detail,
+                              incident=self.incident.event_id if self.incident else "")
+        self.last_trigger = trigger
+        if self.incident is None:
+            if trigger is not None:
+                self._open_incident(trigger, now)
+            return
+        incident = self.incident
+        if not incident.completed_status and now >= incident.next_publish_at:
+            self._publish_panic(incident, now)
+        if healthy(self.state, now, self.cfg.limits):
+            if incident.healthy_since is None:
+                incident.healthy_since = now
+            if incident.completed_status and now - incident.healthy_since >= self.cfg.rearm_s:
+                self._close_incident(incident)
+        else:
+            incident.healthy_since = None
+
+    def _open_incident(self, trigger, now):
+        incident = Incident(str(uuid.uuid4()), trigger.reason, trigger.detail, self.clock_ms(),
+                            republish_delay_s=self.cfg.republish_s)
+        # The hash first: a crash before the XADD then re-publishes THIS id after restart.
+        self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
+        self.incident = incident
+        self.log.critical("incident_opened", event_id=incident.event_id, reason=trigger.reason,
+                          detail=trigger.detail)
+        self._publish_panic(incident, now)
+
+    def _publish_panic(self, incident, now):
+        context = {"detail": incident.detail, "publish_count": incident.publish_count + 1,
+                   "brain_status": self.state.status, "brain_positions": self.state.active_positions}
+        event = schema.PanicEvent(event_id=incident.event_id, reason=incident.reason,
+                                  issued_by=ISSUER, ts=self.clock_ms(),
+                                  extra={"context": json.dumps(context, sort_keys=True)})
+        fields = event.to_fields()
+        if self.kid is not None:
+            fields = signing.sign_fields(fields, self.kid, self.keyring)
+        entry_id = bus.as_text(self.client.xadd(schema.PANIC_STREAM, fields))
+        if incident.publish_count > 0:
+            incident.republish_delay_s = min(incident.republish_delay_s * 2, MAX_REPUBLISH_S)
+        incident.publish_count += 1
+        incident.next_publish_at = now + incident.republish_delay_s
+        self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
+        self.log.critical("panic_published", event_id=incident.event_id, reason=incident.reason,
+                          entry_id=entry_id, publish_count=incident.publish_count,
+                          signed=self.kid is not None)
+
+    def _close_incident(self, incident):
+        # Delete only our own incident: never a hash a concurrent tool rewrote.
+        stored = self.client.hget(INCIDENT_KEY, "event_id")
+        if stored is not None and bus.as_text(stored) == incident.event_id:
+            self.client.delete(INCIDENT_KEY)
+        self.log.info("incident_closed", event_id=incident.event_id,
+                      completed_status=incident.completed_status, rearmed=True)
+        self.incident = None
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _maybe_ping(self, now):
+        """WATCHDOG=1 while evaluations succeed; stops once none succeeded for longer than the
+        systemd interval, so systemd restarts a watchdog that cannot watch."""
+        interval = self.notifier.watchdog_interval_s
+        if interval is None or now - self.last_evaluated > interval:
+            return
+        if now - self.last_ping >= interval / 4:
+            self.notifier.ping()
+            self.last_ping = now
+
+    def run(self):
+        backoff = BACKOFF_START_S
+        synced = False
+        self.notifier.ready("watching")
+        self.log.info("started", limits=self.cfg.limits, poll_ms=self.cfg.poll_ms,
+                      signed=self.kid is not None)
+        while not self.stopping:
+            try:
+                if not synced:
+                    self.resync()
+                    synced = True
+                    backoff = BACKOFF_START_S
+                    self.log.info("synced", brain_status=self.state.status or "none",
+                                  incident=self.incident.event_id if self.incident else "")
+                    self.notifier.status("watching")
+                self.step()
+            except bus.REDIS_ERRORS as exc:
+                # Cannot read heartbeats or publish: reconnect with backoff and re-sync, which
+                # re-reads the stream on Redis's clock and re-applies the start-up grace. The
+                # pings stop once this lasts longer than the systemd interval (fail-closed:
+                # systemd then restarts us and shows the failure).
+                synced = False
+                self.log.critical("redis_unreachable", error=type(exc).__name__, detail=str(exc)[:200],
+                                  retry_in_s=backoff)
+                self.notifier.status(f"redis unreachable: {type(exc).__name__}")
+                self._sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            self._maybe_ping(self.monotonic())
+        self.notifier.stopping()
+        self.log.info("stopped")
+
+    def _sleep(self, seconds):
+        deadline = self.monotonic() + seconds
+        while not self.stopping and self.monotonic() < deadline:
+            self._maybe_ping(self.monotonic())
+            time.sleep(min(0.05, max(0.0, deadline - self.monotonic())))
+
+
+def main():
+    log = Logger("watchdog")
+    try:
+        cfg = Config.from_env()
+        keyring = signing.load_keys()
+        if keyring.configured and keyring.kid_for(ISSUER) is None:
+            raise ConfigError(f"{signing.ENV_VARIABLE} / {signing.CREDENTIAL_FILE} has keys but none for "
+                              f"issuer {ISSUER}: its panics would be rejected")
+        client = bus.connect()
+    except ConfigError as exc:
+        log.critical("config_error", detail=str(exc))
+        return CONFIG_EXIT_CODE
+    watchdog = Watchdog(cfg, client, keyring, Notifier(), log)
+
+    def stop(_signum, _frame):
+        watchdog.stopping = True
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    watchdog.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""eexit.exchange against the paper exchange through real ccxt."""
+
+import os
+import tempfile
+import unittest
+
+import ccxt
+
+from eexit.config import ConfigError
+from eexit.exchange import (ErrorClass, ExchangeConfig, MarketRules, Position, arm_deadman, build_exchange,
+                            cancel_all_orders, classify_error, load_market_rules, place_close_order,
+                            read_open_orders, read_positions)
+from tests.test_paper import PaperTestCase
+
+BTC = "BTC/USDT:USDT"
+ETH = "ETH/USDT:USDT"
+
+
+class ConfigTest(unittest.TestCase):
+    def test_defaults(self):
+        cfg = ExchangeConfig.from_env({})
+        self.assertEqual((cfg.exchange_id, cfg.api_key, cfg.api_secret, cfg.url, cfg.sandbox, cfg.timeout_ms),
+                         ("binanceusdm", None, None, None, False, 5000))
+
+    def test_primary_names_aliases_and_credentials_directory(self):
+        cfg = ExchangeConfig.from_env({"BINANCE_API_KEY": "k1", "BINANCE_API_SECRET": "s1",
+                                       "BINANCE_TESTNET": "true"})
+        self.assertEqual((cfg.api_key, cfg.api_secret, cfg.sandbox), ("k1", "s1", True))
+        cfg = ExchangeConfig.from_env({"EEXIT_API_KEY": "k2", "EEXIT_API_SECRET": "s2", "BINANCE_API_KEY": "k1",
+                                       "BINANCE_API_SECRET": "s1", "EEXIT_SANDBOX": "false",
+                                       "BINANCE_TESTNET": "true"})
+        self.assertEqual((cfg.api_key, cfg.api_secret, cfg.sandbox), ("k2", "s2", False))
+        with tempfile.TemporaryDirectory() as directory:
+            for name, value in (("api_key", "file-key\n"), ("api_secret", "file-secret\n")):
+                with open(os.path.join(directory, name), "w") as handle:
+                    handle.write(value)
+            cfg = ExchangeConfig.from_env({"CREDENTIALS_DIRECTORY": directory, "EEXIT_API_KEY": "env"})
+            self.assertEqual((cfg.api_key, cfg.api_secret), ("file-key", "file-secret"))
+
+    def test_bad_values_name_the_variable(self):
+        cases = [
+            ({"EEXIT_EXCHANGE": "nonesuch"}, "EEXIT_EXCHANGE"),
+            ({"EEXIT_EXCHANGE_TIMEOUT_MS": "soon"}, "EEXIT_EXCHANGE_TIMEOUT_MS"),
+            ({"EEXIT_EXCHANGE_TIMEOUT_MS": "0"}, "EEXIT_EXCHANGE_TIMEOUT_MS"),
+            ({"EEXIT_EXCHANGE_URL": "ftp://x"}, "EEXIT_EXCHANGE_URL"),
+            ({"EEXIT_SANDBOX": "perhaps"}, "EEXIT_SANDBOX"),
+            ({"EEXIT_API_KEY": "k"}, "EEXIT_API_SECRET"),
+            ({"EEXIT_SANDBOX": "true", "EEXIT_EXCHANGE_URL": "http://127.0.0.1:1"}, "EEXIT_EXCHANGE_URL"),
+        ]
+        for env, name in cases:
+            with self.assertRaises(ConfigError, msg=env) as caught:
+                ExchangeConfig.from_env(env)
+            self.assertIn(name, str(caught.exception))
+
+    def test_secrets_never_in_repr(self):
+        cfg = ExchangeConfig.from_env({"EEXIT_API_KEY": "KEY-123", "EEXIT_API_SECRET": "SECRET-456"})
+        self.assertNotIn("KEY-123", repr(cfg))
+        self.assertNotIn("SECRET-456", repr(cfg))
+        self.assertNotIn("SECRET-456", str(cfg))
+
+    def test_build_exchange_settings(self):
+        cfg = ExchangeConfig.from_env({"EEXIT_EXCHANGE_URL": "http://127.0.0.1:9/", "EEXIT_API_KEY": "k",
+                                       "EEXIT_API_SECRET": "s", "EEXIT_EXCHANGE_TIMEOUT_MS": "1234"})
+        ex = build_exchange(cfg)
+        self.assertFalse(ex.enableRateLimit)
+        self.assertEqual(ex.timeout, 1234)
+        self.assertFalse(ex.options["fetchCurrencies"])
+        self.assertFalse(ex.options["fetchOpenOrders"]["warnWithoutSymbol"])
+        self.assertTrue(all(url.startswith("http://127.0.0.1:9/") for url in ex.urls["api"].values()))
+        self.assertEqual(ex.urls["api"]["fapiPrivateV3"], "http://127.0.0.1:9/fapi/v3")
+        sandbox = build_exchange(ExchangeConfig.from_env({"EEXIT_SANDBOX": "true"}))
+        self.assertIn("testnet", sandbox.urls["api"]["fapiPublic"])
+
+
+class ExchangeTestCase(PaperTestCase):
+    timeout_ms = 1000
+
+    def raised(self, call, *args):
+        try:
+            call(*args)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return exc
+        self.fail(f"{call.__name__} did not raise")
+
+
+class OneWayTest(ExchangeTestCase):
+    def test_read_positions(self):
+        positions = sorted(read_positions(self.ex), key=lambda p: p.symbol)
+        self.assertEqual(positions, [
+            Position(BTC, "BTCUSDT", "long", 0.01, "BOTH", 65000.0, 65000.0),
+            Position(ETH, "ETHUSDT", "short", 0.5, "BOTH", 3200.0, 3200.0),
+        ])
+        self.assertEqual(self.paper.requests()[-1]["path"], "/fapi/v3/positionRisk")
+
+    def test_position_with_zero_entry_price_is_not_missed(self):
+        self.paper.set_position("SOLUSDT", "7", entry_price=0)
+        self.assertNotIn("SOL/USDT:USDT", [p["symbol"] for p in self.ex.fetch_positions()])  # ccxt drops it
+        self.assertIn(("SOL/USDT:USDT", 7.0), [(p.symbol, p.contracts) for p in read_positions(self.ex)])
+
+    def test_read_failures_raise_never_empty(self):
+        self.ex.load_markets()
+        self.paper.set_state({"clear_positions": True})
+        self.assertEqual(read_positions(self.ex), [])  # a real empty account
+        for fault in ({"kind": "error", "status": 503}, {"kind": "error", "status": 429},
+                      {"kind": "hang", "seconds": 3}, {"kind": "reset"}):
+            self.paper.add_fault(fault, path="positionRisk", count=1)
+            with self.assertRaises(ccxt.NetworkError, msg=fault):
+                read_positions(self.ex)
+        bad = build_exchange(ExchangeConfig(api_key="paper-key", api_secret="nope", url=self.paper.base_url))
+        with self.assertRaises(ccxt.AuthenticationError):
+            read_positions(bad)
+
+    def test_open_orders_both_books_and_cancel_all(self):
+        self.ex.load_markets()
+        self.ex.create_order(BTC, "limit", "buy", 0.01, 60000)
+        self.ex.create_order(BTC, "market", "sell", 0.01, None, {"stopLossPrice": 60000, "reduceOnly": True})
+        self.ex.create_order(ETH, "limit", "sell", 0.01, 3500)
+        orders = read_open_orders(self.ex)
+        self.assertEqual(sorted((o.market_id, o.conditional, o.reduce_only) for o in orders),
+                         [("BTCUSDT", False, False), ("BTCUSDT", True, True), ("ETHUSDT", False, False)])
+        cancel_all_orders(self.ex, BTC)
+        self.assertEqual([o.market_id for o in read_open_orders(self.ex)], ["ETHUSDT"])
+
+    def test_cancel_all_tries_the_algo_book_even_if_the_normal_cancel_fails(self):
+        self.ex.load_markets()
+        self.ex.create_order(BTC, "market", "sell", 0.01, None, {"stopLossPrice": 60000, "reduceOnly": True})
+        self.paper.add_fault(kind="error", status=503, path="allOpenOrders", count=1)
+        with self.assertRaises(ccxt.ExchangeNotAvailable):
+            cancel_all_orders(self.ex, BTC)
+        self.assertEqual(self.paper.state()["open_algo_orders"], [])
+
+    def test_place_close_order_one_way(self):
+        result = place_close_order(self.ex, BTC, "sell", 0.01, "BOTH", "eexit-1")
+        self.assertEqual((result["status"], result["filled"], result["amount"]), ("closed", 0.01, 0.01))
+        params = self.paper.requests(path="/fapi/v1/order")[-1]["params"]
+        self.assertEqual((params["reduceOnly"], params["newClientOrderId"], params["type"]),
+                         ("true", "eexit-1", "MARKET"))
+        exc = self.raised(place_close_order, self.ex, ETH, "sell", 0.5, "BOTH", "eexit-2")
+        self.assertEqual(classify_error(exc), ErrorClass("reduce_only_rejected", None, -2022))
+        with self.assertRaises(ValueError):
+            place_close_order(self.ex, ETH, "long", 0.5, "BOTH", "eexit-3")
+
+    def test_arm_deadman(self):
+        arm_deadman(self.ex, BTC, 5000)
+        self.assertEqual(self.paper.state()["countdowns"], {"BTCUSDT": 5000})
+        arm_deadman(self.ex, BTC, 0)
+        self.assertEqual(self.paper.state()["countdowns"], {})
+
+    def test_market_rules(self):
+        rules = load_market_rules(self.ex)
+        self.assertEqual(rules["ORDI/USDT:USDT"], MarketRules("ORDI/USDT:USDT", "ORDIUSDT", 0.1, 0.1, 100.0, 5.0,
+                                                              0.001, 1.0))
+        self.assertEqual(rules[BTC].max_market_qty, 120.0)
+        self.assertGreaterEqual(len(rules), 30)
+
+
+class HedgeTest(ExchangeTestCase):
+    hedge = True
+    seed = "BTCUSDT:0.02,ETHUSDT:-0.5"
+
+    def setUp(self):
+        super().setUp()
+        self.paper.set_position("BTCUSDT", "-0.01", "SHORT")
+
+    def test_read_positions_hedge(self):
+        positions = sorted((p.symbol, p.side, p.position_side, p.contracts) for p in read_positions(self.ex))
+        self.assertEqual(positions, [(BTC, "long", "LONG", 0.02), (BTC, "short", "SHORT", 0.01),
+                                     (ETH, "short", "SHORT", 0.5)])
+
+    def test_place_close_order_hedge(self):
+        for position in read_positions(self.ex):
+            side = "sell" if position.side == "long" else "buy"
+            result = place_close_order(self.ex, position.symbol, side, position.contracts, position.position_side,
+                                       f"c-{position.market_id}-{position.position_side}")
+            self.assertEqual(result["filled"], position.contracts)
+        self.assertEqual(read_positions(self.ex), [])
+        params = self.paper.requests(path="/fapi/v1/order")[-1]["params"]
+        self.assertNotIn("reduceOnly", params)
+        with self.assertRaises(ValueError):
+            place_close_order(self.ex, BTC, "buy", 0.01, "LONG", "wrong-way")
+
+    def test_position_side_errors_classified(self):
+        self.ex.load_markets()
+        exc = self.raised(self.ex.create_order, BTC, "market", "sell", 0.01, None, {"reduceOnly": True})
+        self.assertEqual(classify_error(exc).kind, "position_side")
+        exc = self.raised(self.ex.create_order, BTC, "market", "sell", 0.01)
+        self.assertEqual(classify_error(exc), ErrorClass("position_side", None, -4061))
+
+
+class ClassifyTest(ExchangeTestCase):
+    def test_real_exceptions(self):
+        self.ex.load_markets()
+        fetch = self.ex.fetch_balance
+        cases = [
+            ({"kind": "error", "status": 429, "retry_after": 3}, "rate_limited", 3.0),
+            ({"kind": "error", "status": 418, "retry_after": 90}, "rate_limited", 90.0),
+            ({"kind": "error", "status": 503}, "transient", None),
+            ({"kind": "error", "status": 500, "code": -1001, "msg": "Internal error."}, "transient", None),
+            ({"kind": "hang", "seconds": 3}, "transient", None),
+            ({"kind": "reset"}, "transient", None),
+        ]
+        for fault, kind, retry in cases:
+            self.paper.add_fault(fault, count=1)
+            exc = self.raised(fetch)
+            got = classify_error(exc, self.ex)
+            self.assertEqual((got.kind, got.retry_after_s), (kind, retry), (fault, exc))
+        bad = build_exchange(ExchangeConfig(api_key="paper-key", api_secret="nope", url=self.paper.base_url))
+        self.assertEqual(classify_error(self.raised(bad.fetch_balance)), ErrorClass("auth", None, -1022))
+
+    def test_order_rejections(self):
+        self.ex.load_markets()
+        order = self.ex.create_order
+        cases = [
+            ((BTC, "market", "buy", 0.001), -4164),                     # min notional when opening
+            (("ORDI/USDT:USDT", "market", "buy", 101), -4005),          # MARKET_LOT_SIZE
+        ]
+        for args, code in cases:
+            self.assertEqual(classify_error(self.raised(order, *args)), ErrorClass("rejected", None, code))
+        self.paper.add_fault(kind="reject", symbol="BTCUSDT", code=-1111, msg="Precision is over the maximum "
+                                                                              "defined for this asset.", count=1)
+        exc = self.raised(order, BTC, "market", "sell", 0.01, None, {"reduceOnly": True})
+        self.assertEqual(classify_error(exc), ErrorClass("rejected", None, -1111))
+        self.paper.add_fault(kind="order_limit", limit=0, count=1)
+        exc = self.raised(order, BTC, "market", "sell", 0.01, None, {"reduceOnly": True})
+        self.assertEqual(classify_error(exc, self.ex).kind, "rate_limited")
+
+    def test_non_exchange_errors(self):
+        self.assertEqual(classify_error(ValueError("x")).kind, "unknown")
+        self.assertEqual(classify_error(ccxt.DDoSProtection('binanceusdm {"code":-2015,"msg":"x"}')).kind, "auth")
+        self.assertEqual(classify_error(ccxt.RequestTimeout("t")).kind, "transient")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Automated chaos suite on the embedded stack (private redis-server, paper exchange, the three
+daemons as real subprocesses; see eexit/demo.py `Stack`).
+
+    python tools/chaos.py [--runs N] [--scenario NAME ...] [--ci] [--soak MINUTES]
+                          [--seed S] [--json] [--keep-logs] [--list]
+
+Every run starts a fresh stack with thresholds scaled down (unguarded 1 s), injects its fault
+at a random moment, and then asserts the END STATE, polling until it holds or a deadline:
+
+    flat             no position and no open order on the exchange
+    halted           system:state:trading halted=true
+    not lost         every authorised event_id has exactly one final report (FLAT)
+    not doubled      ... and never two; forged event_ids have only REJECTED reports
+    nothing pending  the EEW group has nothing pending and nothing unread
+
+Scenarios (kill -9 is SIGKILL; "random" is drawn from --seed):
+    kill_brain          SIGKILL the Exit Brain (baseline)
+    kill_eew_mid_close  orders slowed to 150 ms each; SIGKILL the EEW at a random moment
+                        during the close, restart it: the redelivery resumes, one report
+    kill_eew_before     EEW down when the panic is published; restarted after a random delay
+    kill_watchdog       SIGKILL the watchdog at a random moment around the detection and
+                        restart it: the open incident is recovered, no second event_id
+    redis_restart       Redis SIGKILLed and restarted (no persistence: every key lost) at a
+                        random moment around the panic; the chain recovers and goes flat
+    exchange_hang       positionRisk hangs (the client times out) on the EEW's first reads
+    exchange_5xx        the first order requests answer 503
+    exchange_429        the first order requests answer 429 -1003 with Retry-After: 1
+    duplicate_events    one signed ops panic XADDed three times: one FLAT, two DUPLICATE
+    forged_events       unsigned and badly signed "watchdog" panics change nothing
+                        (REJECTED, still not halted, positions intact); then the brain dies
+    clock_skew          a guard whose clock is an hour off (both ways) beats: no false
+                        panic; then it falls silent: the panic comes
+
+Exit code 0 when every run passed. --runs N prints a table (runs, passed, lost, doubled,
+kill-to-flat p50/max). --ci runs a short subset once (CI, tests/test_chaos.py); --soak M
+repeats every scenario for M minutes. Human-readable by default, --json for scripts.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from eexit import bus, ops, schema, signing  # noqa: E402
+from eexit.demo import Stack  # noqa: E402
+
+SEED_POSITIONS = "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:20"
+ORDERS = (
+    ("BTC/USDT:USDT", "limit", "buy", 0.01, 50000, {}),
+    ("ETH/USDT:USDT", "STOP_MARKET", "buy", 0.5, None, {"stopPrice": 3500, "reduceOnly": True}),
+)
+FAST = {
+    "EEXIT_UNGUARDED_S": "1", "EEXIT_HEARTBEAT_LOST_S": "1.5", "EEXIT_DEGRADED_S": "1.5",
+    "EEXIT_STARTUP_GRACE_S": "0.5", "EEXIT_BRAIN_INTERVAL_S": "0.2", "EEXIT_REPUBLISH_S": "1",
+    "EEXIT_REARM_S": "1", "EEXIT_WATCHDOG_HEARTBEAT_S": "0.2", "EEXIT_HEARTBEAT_INTERVAL_S": "0.2",
+    "EEXIT_CLAIM_IDLE_MS": "1000", "EEXIT_SWEEP_INTERVAL_S": "0.5", "EEXIT_EXCHANGE_TIMEOUT_MS": "1000",
+    "EEXIT_BLOCK_MS": "200", "EEXIT_CLOSE_DEADLINE_S": "15",
+}
+END_STATE_TIMEOUT_S = 30.0
+
+
+class ScenarioFailed(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- end state
+
+def end_state_problems(stack, client):
+    """[] when the end state holds, else what is wrong. Pure reading; no waiting."""
+    problems = []
+    positions = stack.paper.positions()
+    if positions:
+        problems.append(f"not flat: {sorted(positions)}")
+    if stack.open_order_count():
+        problems.append(f"{stack.open_order_count()} open orders")
+    state, _, _ = ops.read_state(client)
+    if state.halted is not True:
+        problems.append(f"not halted (halted={state.halted})")
+    problems += report_problems(stack, client)
+    group = ops.pending_summary(client).get(schema.PANIC_STREAM, {}).get(schema.EEW_GROUP)
+    if group is None:
+        problems.append("no EEW group")
+    elif group["pending"] or group["lag"]:
+        problems.append(f"EEW group pending={group['pending']} unread={group['lag']}")
+    return problems
+
+
+def classify_events(stack, client):
+    """{event_id: authorised?} for every panic entry, by the stack's key ring."""
+    ring = signing.parse_keys(stack.keyring_text(), "chaos")
+    events = {}
+    for _entry_id, fields in ops.iter_reverse(client, schema.PANIC_STREAM):
+        ok, _reason = signing.verify_fields(fields, ring)
+        event_id = fields.get("event_id", "")
+        events[event_id] = events.get(event_id, False) or ok
+    return events
+
+
+def count_reports(client):
+    """{event_id: {status: n}}"""
+    counts = {}
+    for _entry_id, fields in ops.iter_reverse(client, schema.COMPLETED_STREAM):
+        per = counts.setdefault(fields.get("event_id", ""), {})
+        per[fields.get("status", "?")] = per.get(fields.get("status", "?"), 0) + 1
+    return counts
+
+
+def report_problems(stack, client):
+    problems = []
+    counts = count_reports(client)
+    events = classify_events(stack, client)
+    if not any(events.values()):
+        problems.append("no authorised panic event")
+    for event_id, authorised in events.items():
+        statuses = counts.get(event_id, {})
+        final = sum(statuses.get(s, 0) for s in ops.FINAL_STATUSES)
+        if authorised and final == 0:
+            problems.append(f"lost: no final report for {event_id}")
+        elif authorised and final > 1:
+            problems.append(f"doubled: {final} final reports for {event_id}")
+        elif authorised and statuses.get("FLAT", 0) != 1:
+            problems.append(f"event {event_id} ended {statuses}")
+        elif not authorised and (final or not statuses.get("REJECTED")):
+            problems.append(f"forged event {event_id} got {statuses or 'no report'}")
+    return problems
+
+
+def lost_and_doubled(stack, client):
+    counts = count_reports(client)
+    lost = doubled = 0
+    for event_id, authorised in classify_events(stack, client).items():
+        if not authorised:
+            continue
+        final = sum(counts.get(event_id, {}).get(s, 0) for s in ops.FINAL_STATUSES)
+        lost += final == 0
+        doubled += final > 1
+    return lost, doubled
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def wait(stack, predicate, timeout_s, what):
+    return stack.wait_until(predicate, timeout_s, what, interval_s=0.01)
+
+
+def panic_published(client):
+    return ops.latest(client, schema.PANIC_STREAM)
+
+
+def ops_panic(stack, client, reason="CHAOS"):
+    ring = signing.parse_keys(stack.keyring_text(), "chaos")
+    event, fields = ops.build_panic(reason, "ops", ring, context={"tool": "chaos"})
+    client.xadd(schema.PANIC_STREAM, fields)
+    return event, fields
+
+
+def kill_brain(stack):
+    return stack.kill_daemon("brain")
+
+
+# ---------------------------------------------------------------------------- scenarios
+# Each returns the trigger time (epoch ms) from which kill-to-flat is measured.
+
+def sc_kill_brain(stack, client, rng):
+    return kill_brain(stack)
+
+
+def sc_kill_eew_mid_close(stack, client, rng):
+    stack.paper.add_fault(kind="latency", ms=150, path="/fapi/v1/order")
+    t0 = kill_brain(stack)
+    wait(stack, lambda: panic_published(client), 10, "the panic")
+    time.sleep(rng.uniform(0.0, 0.35))
+    stack.kill_daemon("eew")
+    time.sleep(rng.uniform(0.0, 0.5))
+    stack.start_daemon("eew")
+    return t0
+
+
+def sc_kill_eew_before(stack, client, rng):
+    stack.kill_daemon("eew")
+    t0 = kill_brain(stack)
+    wait(stack, lambda: panic_published(client), 10, "the panic")
+    time.sleep(rng.uniform(0.0, 1.5))
+    stack.start_daemon("eew")
+    return t0
+
+
+def sc_kill_watchdog(stack, client, rng):
+    t0 = kill_brain(stack)
+    time.sleep(rng.uniform(0.0, 1.6))        # before, around or after the 1 s detection
+    stack.kill_daemon("watchdog")
+    time.sleep(rng.uniform(0.0, 0.5))
+    stack.start_daemon("watchdog")
+    return t0
+
+
+def sc_redis_restart(stack, client, rng):
+    t0 = kill_brain(stack)
+    time.sleep(rng.uniform(0.0, 1.6))
+    stack.redis.restart()
+    return t0
+
+
+def sc_exchange_hang(stack, client, rng):
+    t0 = kill_brain(stack)
+    stack.paper.add_fault(kind="hang", seconds=5, path="positionRisk", count=rng.randint(1, 2))
+    return t0
+
+
+def sc_exchange_5xx(stack, client, rng):
+    t0 = kill_brain(stack)
+    stack.paper.add_fault(kind="error", status=503, path="/fapi/v1/order", count=rng.randint(1, 3))
+    return t0
+
+
+def sc_exchange_429(stack, client, rng):
+    t0 = kill_brain(stack)
+    stack.paper.add_fault(kind="error", status=429, code=-1003, retry_after=1, path="/fapi/v1/order",
+                          count=rng.randint(1, 3))
+    return t0
+
+
+def sc_duplicate_events(stack, client, rng):
+    t0 = int(time.time() * 1000)
+    _event, fields = ops_panic(stack, client)
+    for _ in range(2):
+        time.sleep(rng.uniform(0.0, 0.2))
+        client.xadd(schema.PANIC_STREAM, fields)
+    wait(stack, lambda: sum(count_reports(client).get(fields["event_id"], {}).values()) >= 3, 20,
+         "three reports for the duplicated event")
+    statuses = count_reports(client)[fields["event_id"]]
+    if statuses != {"FLAT": 1, "DUPLICATE": 2}:
+        raise ScenarioFailed(f"duplicated event got {statuses}")
+    return t0
+
+
+def sc_forged_events(stack, client, rng):
+    ring = signing.parse_keys(stack.keyring_text(), "chaos")
+    unsigned = schema.PanicEvent("forged-unsigned", "POSITIONS_UNGUARDED", "watchdog", int(time.time() * 1000))
+    client.xadd(schema.PANIC_STREAM, unsigned.to_fields())
+    fake = schema.PanicEvent("forged-badsig", "POSITIONS_UNGUARDED", "watchdog", int(time.time() * 1000))
+    forged = dict(fake.to_fields(), kid=ring.kid_for("watchdog"), sig="0" * 64)
+    client.xadd(schema.PANIC_STREAM, forged)
+    wait(stack, lambda: all(count_reports(client).get(e) for e in ("forged-unsigned", "forged-badsig")), 20,
+         "REJECTED reports for the forgeries")
+    state, _, _ = ops.read_state(client)
+    if state.halted is True or len(stack.paper.positions()) != 3:
+        raise ScenarioFailed(f"a forgery acted: halted={state.halted} positions={stack.paper.positions()}")
+    return kill_brain(stack)
+
+
+def sc_clock_skew(stack, client, rng):
+    """A guard whose wall clock is an hour off beats healthily: no panic. Then it stops."""
+    skew_ms = rng.choice((-1, 1)) * 3600 * 1000
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        ts = int(time.time() * 1000) + skew_ms
+        beat = schema.Heartbeat("skewed_brain", "OK", 3, ts - 50, 5.0, ts)
+        bus.publish(client, schema.HEARTBEAT_STREAM, beat, maxlen=schema.HEARTBEAT_MAXLEN)
+        time.sleep(0.2)
+    if client.xlen(schema.PANIC_STREAM):
+        raise ScenarioFailed(f"false panic with a guard clock skewed by {skew_ms // 1000:+d} s")
+    return int(time.time() * 1000)
+
+
+SCENARIOS = {
+    "kill_brain": (sc_kill_brain, ("eew", "watchdog", "brain")),
+    "kill_eew_mid_close": (sc_kill_eew_mid_close, ("eew", "watchdog", "brain")),
+    "kill_eew_before": (sc_kill_eew_before, ("eew", "watchdog", "brain")),
+    "kill_watchdog": (sc_kill_watchdog, ("eew", "watchdog", "brain")),
+    "redis_restart": (sc_redis_restart, ("eew", "watchdog", "brain")),
+    "exchange_hang": (sc_exchange_hang, ("eew", "watchdog", "brain")),
+    "exchange_5xx": (sc_exchange_5xx, ("eew", "watchdog", "brain")),
+    "exchange_429": (sc_exchange_429, ("eew", "watchdog", "brain")),
+    "duplicate_events": (sc_duplicate_events, ("eew", "watchdog", "brain")),
+    "forged_events": (sc_forged_events, ("eew", "watchdog", "brain")),
+    "clock_skew": (sc_clock_skew, ("eew", "watchdog")),
+}
+CI_SUBSET = ("kill_brain", "kill_eew_mid_close", "kill_watchdog", "redis_restart", "exchange_429",
+             "duplicate_events", "forged_events", "clock_skew")
+
+
+def run_one(name, rng, keep_logs=False):
+    """One run of one scenario on a fresh stack. Returns a result dict."""
+    action, daemons = SCENARIOS[name]
+    stack = Stack(seed=SEED_POSITIONS, env=FAST, keep_workdir=keep_logs)
+    result = {"scenario": name, "passed": False, "problems": [], "lost": 0, "doubled": 0, "flat_ms": None}
+    try:
+        stack.start(daemons=daemons, orders=ORDERS)
+        client = stack.client()
+        if "brain" in daemons:
+            wait(stack, lambda: stack.guarded(client, 3), 30, "the brain guarding")
+        else:
+            wait(stack, lambda: all(ops.latest(client, s) for s in (schema.EEW_HEARTBEAT_STREAM,
+                                                                   schema.WATCHDOG_HEARTBEAT_STREAM)), 30, "daemons")
+        wait(stack, lambda: stack.running_for("watchdog") > 0.7, 5, "the watchdog's grace")
+        t0 = action(stack, client, rng)
+        deadline = time.monotonic() + END_STATE_TIMEOUT_S
+        problems = ["not checked"]
+        while time.monotonic() < deadline:
+            try:
+                client = stack.client() if problems == ["redis"] else client
+                problems = end_state_problems(stack, client)
+            except bus.REDIS_ERRORS:
+                problems = ["redis"]   # Redis restarting: poll again with a fresh client
+            if not problems:
+                result["flat_ms"] = int(time.time() * 1000) - t0
+                break
+            time.sleep(0.02)
+        if not problems:
+            time.sleep(0.3)   # settle: a late second report or re-publish would show now
+            problems = end_state_problems(stack, client)
+        result["problems"] = problems
+        result["lost"], result["doubled"] = lost_and_doubled(stack, client)
+        result["passed"] = not problems
+    except (ScenarioFailed, TimeoutError) as exc:
+        result["problems"] = [str(exc)]
+    except Exception as exc:  # noqa: BLE001 - a broken run is a failed run, with its traceback
+        result["problems"] = [f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=3)]
+    finally:
+        if not result["passed"]:
+            result["logs"] = {n: [line.rstrip() for line in stack.log_tail(n, 8)] for n in stack.processes}
+        stack.stop()
+        if keep_logs:
+            result["workdir"] = stack.workdir
+    return result
+
+
+def summarise(results):
+    table = {}
+    for r in results:
+        row = table.setdefault(r["scenario"], {"runs": 0, "passed": 0, "lost": 0, "doubled": 0, "flat_ms": []})
+        row["runs"] += 1
+        row["passed"] += r["passed"]
+        row["lost"] += r["lost"]
+        row["doubled"] += r["doubled"]
+        if r["flat_ms"] is not None:
+            row["flat_ms"].append(r["flat_ms"])
+    for row in table.values():
+        times = row.pop("flat_ms")
+        row["flat_p50_ms"] = int(statistics.median(times)) if times else None
+        row["flat_max_ms"] = max(times) if times else None
+    return table
+
+
+def print_table(table):
+    print(f"{'scenario':<20} {'runs':>4} {'pass':>4} {'fail':>4} {'lost':>4} {'doubled':>7} "
+          f"{'flat p50':>9} {'flat max':>9}")
+    for name, row in table.items():
+        p50 = "-" if row["flat_p50_ms"] is None else f"{row['flat_p50_ms']} ms"
+        worst = "-" if row["flat_max_ms"] is None else f"{row['flat_max_ms']} ms"
+        print(f"{name:<20} {row['runs']:>4} {row['passed']:>4} {row['runs'] - row['passed']:>4} "
+              f"{row['lost']:>4} {row['doubled']:>7} {p50:>9} {worst:>9}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="chaos suite on the embedded stack")
+    parser.add_argument("--runs", type=int, default=1, help="runs per scenario")
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="only these (repeatable)")
+    parser.add_argument("--ci", action="store_true", help="the short CI subset, once each")
+    parser.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="repeat all scenarios for MINUTES")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(SCENARIOS))
+        return 0
+    names = list(args.scenario or (CI_SUBSET if args.ci else SCENARIOS))
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    results = []
+
+    def on_sigterm(_signo, _frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_sigterm)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else (lambda text: print(text, flush=True))
+    say(f"chaos: seed {seed}, scenarios {', '.join(names)}, "
+        + (f"soak {args.soak:g} min" if args.soak else f"{args.runs} run(s) each"))
+    soak_end = time.monotonic() + args.soak * 60 if args.soak else None
+    try:
+        run_index = 0
+        while True:
+            for name in names:
+                result = run_one(name, rng, args.keep_logs)
+                results.append(result)
+                flat = "-" if result["flat_ms"] is None else f"{result['flat_ms']} ms"
+                say(f"  {'PASS' if result['passed'] else 'FAIL'} {name:<20} flat after {flat}"
+                    + ("" if result["passed"] else f"  {result['problems']}"))
+                if not result["passed"]:
+                    for daemon, lines in result.get("logs", {}).items():
+                        for line in lines:
+                            say(f"      [{daemon}] {line}")
+            run_index += 1
+            if soak_end is not None:
+                if time.monotonic() >= soak_end:
+                    break
+            elif run_index >= args.runs:
+                break
+    except KeyboardInterrupt:
+        say("chaos: interrupted")
+    table = summarise(results)
+    passed = bool(results) and all(r["passed"] for r in results)
+    if args.json:
+        print(json.dumps({"seed": seed, "passed": passed, "table": table, "runs": results}, indent=2, default=str))
+    else:
+        print_table(table)
+        print("PASS" if passed else "FAIL")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
