@@ -272,13 +272,16 @@ def fsync_directory(path):
         os.close(fd)
 
 
-def write_atomic(path, data):
+def write_atomic(path, data, mode=0o600):
     """Replace `path` with `data` so that a reader sees the old or the new file, never a part:
-    write a temp file beside it, fsync, rename, fsync the directory. Raises OSError."""
+    write a temp file beside it, fsync, rename, fsync the directory. Raises OSError. The temp
+    name does not end in .prom, so node_exporter never reads a half-written file. `mode` is
+    set explicitly because the unit's UMask=0077 would hide the metrics from node_exporter."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            os.fchmod(fd, mode)
             write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -422,8 +425,10 @@ class Config:
         for name, path in (("EEXIT_AUDIT_FILE", audit_file), ("EEXIT_METRICS_FILE", metrics_file)):
             if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise ConfigError(f"{name}={path!r}: the directory does not exist")
-        if metrics_file and os.path.abspath(metrics_file) == os.path.abspath(audit_file):
-            raise ConfigError("EEXIT_METRICS_FILE must not be EEXIT_AUDIT_FILE")
+        if metrics_file and not metrics_file.endswith(".prom"):
+            # node_exporter's textfile collector reads only *.prom: any other name is a file
+            # nobody reads, and alerts that never fire.
+            raise ConfigError(f"EEXIT_METRICS_FILE={metrics_file!r} must end in .prom (or be off)")
         consumer = env_str("EEXIT_AUDIT_CONSUMER", "audit-1", env)
         return cls(
             redis_url=bus.redis_url(env),
@@ -473,8 +478,8 @@ class AuditLogger:
             self.client.xack(stream, schema.AUDIT_GROUP, *[entry_id for entry_id, _ in entries])
 
     def catch_up(self):
-        """After every (re)connect: own pending entries, entries orphaned by another consumer
-        name, and a completion stream that Redis lost (restart without persistence)."""
+        """After every (re)connect: own pending entries, then entries orphaned by another
+        consumer name."""
         bus.ensure_group(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP)
         while True:
             pending = bus.read_group(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP,
@@ -487,6 +492,15 @@ class AuditLogger:
         if claimed:
             self.log.warning("claimed_orphaned_entries", count=len(claimed))
             self.record(schema.PANIC_STREAM, claimed)
+
+    def poll_panics(self):
+        entries = bus.read_group(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP,
+                                 self.config.consumer, block_ms=1, count=READ_COUNT)
+        self.record(schema.PANIC_STREAM, entries)
+
+    def poll_completed(self, block_ms):
+        # Checked every round, not only after our own reconnect: redis-py retries a command
+        # over a fresh connection by itself, so a Redis restart may never reach our except.
         newest = self.client.xrevrange(schema.COMPLETED_STREAM, count=1)
         newest_id = text(newest[0][0]) if newest else "0-0"
         if id_key(newest_id) < id_key(self.completed_position):
@@ -495,13 +509,6 @@ class AuditLogger:
             self.log.warning("completed_stream_reset", logged_up_to=self.completed_position,
                              stream_newest=newest_id)
             self.completed_position = "0-0"
-
-    def poll_panics(self):
-        entries = bus.read_group(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP,
-                                 self.config.consumer, block_ms=1, count=READ_COUNT)
-        self.record(schema.PANIC_STREAM, entries)
-
-    def poll_completed(self, block_ms):
         reply = self.client.xread({schema.COMPLETED_STREAM: self.completed_position},
                                   count=READ_COUNT, block=block_ms)
         entries = [(text(entry_id), fields) for _stream, items in reply or [] for entry_id, fields in items]
@@ -530,14 +537,15 @@ class AuditLogger:
             # redis_up 0.
             snapshot = metrics.read_snapshot(self.client, snapshot)
         try:
-            write_atomic(self.config.metrics_file, metrics.render(snapshot, self.config.up_max_age_s).encode())
+            write_atomic(self.config.metrics_file, metrics.render(snapshot, self.config.up_max_age_s).encode(),
+                         mode=0o644)
         except OSError as exc:
             # Metrics are not the audit trail: keep auditing, say so each round. A stale file
             # is visible to Prometheus (node_textfile_mtime_seconds) and alerted on.
             self.log.error("metrics_write_failed", file=self.config.metrics_file, error=exc.strerror)
 
     def run(self, stop):
-        backoff = BACKOFF_START_S
+        backoff, reported_lines = BACKOFF_START_S, None
         block_ms = max(1, int(self.notifier.max_block_s(self.config.poll_s) * 1000))
         while not stop.is_set():
             self.notifier.ping()
@@ -552,18 +560,20 @@ class AuditLogger:
                 self.poll_completed(block_ms)
                 self.poll_trading_state()
                 self.write_metrics(redis_up=True)
-                self.notifier.status(f"lines={self.file.seq}")
+                if self.file.seq != reported_lines:
+                    reported_lines = self.file.seq
+                    self.notifier.status(f"lines={reported_lines}")
             except bus.REDIS_ERRORS as exc:
                 # Redis is gone, slow or lost its state. Nothing unacknowledged is lost (it stays
                 # pending or in the stream); reconnect with backoff and catch up from the file.
                 self.log.warning("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200],
                                  retry_in_s=backoff)
-                self._drop_client()
+                self.drop_client()
                 self.write_metrics(redis_up=False)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _drop_client(self):
+    def drop_client(self):
         if self.client is not None:
             try:
                 self.client.close()
@@ -606,7 +616,7 @@ def main():
         return IO_ERROR_EXIT_CODE
     finally:
         notifier.stopping()
-        daemon._drop_client()
+        daemon.drop_client()
         audit_file.close()
     log.info("stopped", lines=audit_file.seq)
     return 0

@@ -118,6 +118,7 @@ class Config:
             with open(journal_path, "a", encoding="utf-8"):
                 pass
         except OSError as exc:
+            # Refuse to start: without a journal a bus-loss report could not be kept.
             raise ConfigError(f"EEXIT_JOURNAL={journal_path!r} cannot be opened for append: "
                               f"{exc.strerror}") from None
         return cls(
@@ -215,19 +216,24 @@ class Ledger:
         if self.client.hsetnx(schema.PROCESSED_KEY, event_id, json.dumps(record)):
             return "new", record
         existing = self.record(event_id)
+        if existing is None:
+            # Someone overwrote the record with garbage. Executing is the fail-closed reading
+            # (a close acts only on what is left); the report script then writes a clean record.
+            log.error("processed_record_unreadable", event_id=event_id, entry_id=entry_id)
+            return "resume", record
         if existing.get("entry") != entry_id:
             return "duplicate", existing
         return ("done" if existing.get("stage") == "done" else "resume"), existing
 
     def record(self, event_id):
+        """The record of event_id as a dict, or None if it is not readable JSON."""
         raw = self.client.hget(schema.PROCESSED_KEY, event_id)
         try:
-            parsed = json.loads(raw) if raw else {}
-        except ValueError:
-            # A corrupted record still proves the event_id was claimed: treat it as owned by
-            # nobody we know, which makes every entry a DUPLICATE (no second execution).
-            parsed = {"entry": "(unreadable record)"}
-        return parsed if isinstance(parsed, dict) else {"entry": "(unreadable record)"}
+            parsed = json.loads(raw)
+        except (TypeError, ValueError):
+            # Absent or corrupted: the caller decides (claim() executes, fail-closed).
+            return None
+        return parsed if isinstance(parsed, dict) else None
 
     def update(self, event_id, record):
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
@@ -272,6 +278,8 @@ class Journal:
                 try:
                     item = json.loads(line)
                 except ValueError:
+                    item = None
+                if not isinstance(item, dict) or not isinstance(item.get("key"), str):
                     # A torn last line is a write the crash interrupted; skip it. Its entry
                     # (if any) is still pending in Redis and is resumed from there.
                     log.warning("journal_line_unreadable", path=self.path)
@@ -279,7 +287,7 @@ class Journal:
                 if item.get("type") == "report":
                     waiting[item["key"]] = item
                 elif item.get("type") == "published":
-                    waiting.pop(item.get("key"), None)
+                    waiting.pop(item["key"], None)
         return list(waiting.values())
 
 
@@ -902,6 +910,8 @@ def main(argv=None):
     try:
         config = Config.from_env()
     except ConfigError as exc:
+        # The only exit on our own: running a configuration nobody intended is worse than
+        # not running, and systemd shows the failed unit (exit code 2).
         print(f"eexit.eew: configuration error: {exc}", file=sys.stderr)
         return CONFIG_EXIT_CODE
     Worker(config).run()

@@ -286,45 +286,63 @@ def _read_unified_positions(ex):
     return positions
 
 
+def _book_params(ex, conditional):
+    """ccxt params selecting one order book, or None when the exchange has no separate
+    conditional book (only Binance keeps stops in an algo book since December 2025)."""
+    if not conditional:
+        return {}
+    return {"trigger": True} if is_binance(ex) else None
+
+
+def read_open_orders_book(ex, conditional):
+    """Open orders of one book: the normal one, or (conditional=True) the algo/conditional
+    one. Separate so that callers can read both books concurrently."""
+    ex.load_markets()
+    params = _book_params(ex, conditional)
+    if params is None:
+        return []
+    orders = []
+    for order in ex.fetch_open_orders(None, None, None, params):
+        symbol = order.get("symbol") or ""
+        market = ex.markets.get(symbol) or {}
+        info = order.get("info") or {}
+        orders.append(OpenOrder(
+            id=str(order.get("id")),
+            client_order_id=order.get("clientOrderId"),
+            symbol=symbol,
+            market_id=market.get("id") or str(info.get("symbol", symbol)),
+            side=order.get("side") or "",
+            type=order.get("type") or "",
+            amount=_opt_num(order.get("amount")),
+            reduce_only=bool(order.get("reduceOnly")),
+            conditional=conditional,
+        ))
+    return orders
+
+
 def read_open_orders(ex):
     """Open orders of the normal book and, on Binance, the algo/conditional book."""
-    ex.load_markets()
-    books = [(False, {})]
-    if is_binance(ex):
-        books.append((True, {"trigger": True}))
-    orders = []
-    for conditional, params in books:
-        for order in ex.fetch_open_orders(None, None, None, params):
-            symbol = order.get("symbol") or ""
-            market = ex.markets.get(symbol) or {}
-            info = order.get("info") or {}
-            orders.append(OpenOrder(
-                id=str(order.get("id")),
-                client_order_id=order.get("clientOrderId"),
-                symbol=symbol,
-                market_id=market.get("id") or str(info.get("symbol", symbol)),
-                side=order.get("side") or "",
-                type=order.get("type") or "",
-                amount=_opt_num(order.get("amount")),
-                reduce_only=bool(order.get("reduceOnly")),
-                conditional=conditional,
-            ))
-    return orders
+    return read_open_orders_book(ex, False) + read_open_orders_book(ex, True)
 
 
 # ---------------------------------------------------------------------------- writes
 
+def cancel_book(ex, symbol, conditional):
+    """Cancel one book for symbol (one request); raises on failure. A no-op for the
+    conditional book of an exchange that has none."""
+    ex.load_markets()
+    params = _book_params(ex, conditional)
+    if params is not None:
+        ex.cancel_all_orders(symbol, params)
+
+
 def cancel_all_orders(ex, symbol):
     """Cancel both books for symbol. Both cancels are always attempted; the first error is
     raised afterwards so the caller knows the symbol may still have resting orders."""
-    ex.load_markets()
-    calls = [{}]
-    if is_binance(ex):
-        calls.append({"trigger": True})
     first_error = None
-    for params in calls:
+    for conditional in (False, True):
         try:
-            ex.cancel_all_orders(symbol, params)
+            cancel_book(ex, symbol, conditional)
         except Exception as exc:  # noqa: BLE001 - re-raised below after the other book
             # Keep going: the other book must be cancelled even if this one failed.
             if first_error is None:

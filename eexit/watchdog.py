@@ -204,6 +204,8 @@ class Config:
     republish_s: float
     rearm_s: float
     heartbeat_s: float
+    redis_replicas: int
+    redis_wait_ms: int
 
     @classmethod
     def from_env(cls, env=None):
@@ -223,6 +225,9 @@ class Config:
             republish_s=env_float("EEXIT_REPUBLISH_S", 5.0, minimum=0.1, env=env),
             rearm_s=env_float("EEXIT_REARM_S", 5.0, minimum=0.0, env=env),
             heartbeat_s=env_float("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, minimum=0.05, env=env),
+            # With Sentinel: replicas that must hold a panic before it counts as published.
+            redis_replicas=env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, env=env),
+            redis_wait_ms=env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, env=env),
         )
 
 
@@ -419,14 +424,27 @@ class Watchdog:
             incident.healthy_since = None
 
     def _open_incident(self, trigger, now):
-        incident = Incident(str(uuid.uuid4()), trigger.reason, trigger.detail, self.clock_ms(),
-                            republish_delay_s=self.cfg.republish_s)
+        candidate = Incident(str(uuid.uuid4()), trigger.reason, trigger.detail, self.clock_ms(),
+                             republish_delay_s=self.cfg.republish_s)
         # The hash first: a crash before the XADD then re-publishes THIS id after restart.
-        self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
-        self.incident = incident
-        self.log.critical("incident_opened", event_id=incident.event_id, reason=trigger.reason,
-                          detail=trigger.detail)
-        self._publish_panic(incident, now)
+        # Watchdogs on several hosts share INCIDENT_KEY: the first claim (HSETNX event_id) wins
+        # and the others adopt its event_id, so one outage is one execution (docs/HA.md).
+        event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, candidate.to_fields())
+        if won:
+            self.incident = candidate
+            self.log.critical("incident_opened", event_id=event_id, reason=trigger.reason,
+                              detail=trigger.detail)
+            self._publish_panic(candidate, now)
+            return
+        adopted = Incident(event_id, trigger.reason, trigger.detail, self.clock_ms(),
+                           republish_delay_s=self.cfg.republish_s)
+        adopted.completed_status = self._find_report(event_id)
+        # The winner publishes; we re-publish the SAME id only if no report appears in time
+        # (covers a winner that died between its claim and its XADD): fail-closed, and never
+        # a second execution.
+        adopted.next_publish_at = now + self.cfg.republish_s
+        self.incident = adopted
+        self.log.critical("incident_adopted", event_id=event_id, reason=trigger.reason)
 
     def _publish_panic(self, incident, now):
         context = {"detail": incident.detail, "publish_count": incident.publish_count + 1,
@@ -437,7 +455,15 @@ class Watchdog:
         fields = event.to_fields()
         if self.kid is not None:
             fields = signing.sign_fields(fields, self.kid, self.keyring)
-        entry_id = bus.as_text(self.client.xadd(schema.PANIC_STREAM, fields))
+        published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields,
+                                        self.cfg.redis_replicas, self.cfg.redis_wait_ms,
+                                        give_up_after_s=2.0)
+        entry_id = published.entry_id
+        if not published.confirmed:
+            # Written, but a failover could still lose it: the republish schedule below keeps
+            # publishing the same event_id until a completion report appears.
+            self.log.critical("panic_replication_unconfirmed", event_id=incident.event_id,
+                              replicas_acked=published.replicas_acked)
         if incident.publish_count > 0:
             incident.republish_delay_s = min(incident.republish_delay_s * 2, MAX_REPUBLISH_S)
         incident.publish_count += 1

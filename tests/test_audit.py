@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -164,6 +166,19 @@ class ChainTests(TempDirMixin, unittest.TestCase):
         ok, _, reason = audit.verify_file(self.path)
         self.assertTrue(ok, reason)
 
+    def test_eexit_audit_verify_command(self):
+        def run():
+            return subprocess.run([sys.executable, "-m", "eexit.cli", "audit", "verify", self.path],
+                                  env=python_env(), capture_output=True, text=True, timeout=30)
+        result = run()
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        lines = list(self.original)
+        lines[2] = lines[2].replace(b"ev-", b"EV-", 1)
+        write_lines(self.path, lines)
+        result = run()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("line 3", result.stdout + result.stderr)
+
     def test_unreadable_file_fails(self):
         ok, line, reason = audit.verify_file(self.path + ".nope")
         self.assertFalse(ok)
@@ -225,7 +240,7 @@ class ConfigTests(unittest.TestCase):
         cases = [({}, "EEXIT_AUDIT_FILE"),
                  ({"EEXIT_AUDIT_FILE": "/nonexistent-dir/a.jsonl", "EEXIT_METRICS_FILE": "off"}, "EEXIT_AUDIT_FILE"),
                  ({"EEXIT_AUDIT_FILE": "/tmp/a.jsonl"}, "EEXIT_METRICS_FILE"),
-                 ({"EEXIT_AUDIT_FILE": "/tmp/a", "EEXIT_METRICS_FILE": "/tmp/a"}, "EEXIT_METRICS_FILE"),
+                 ({"EEXIT_AUDIT_FILE": "/tmp/a", "EEXIT_METRICS_FILE": "/tmp/a"}, "EEXIT_METRICS_FILE.*prom"),
                  ({"STATE_DIRECTORY": "/tmp", "EEXIT_AUDIT_POLL_S": "9"}, "EEXIT_AUDIT_POLL_S")]
         for env, name in cases:
             with self.subTest(env=env):
@@ -320,8 +335,8 @@ class AuditDaemonTests(TempDirMixin, RedisTestCase):
                  and len(self.logged_ids(schema.PANIC_STREAM)) >= events, 10,
                  message=f"every event in the file\n{self.log_text()}")
         final_state = {k.decode(): v.decode() for k, v in self.redis.hgetall(schema.TRADING_STATE_KEY).items()}
-        wait_for(lambda: [o for o in self.lines() if o["kind"] == "trading_state"][-1]["fields"] == final_state,
-                 5, message="the final trading state")
+        wait_for(lambda: (states := [o["fields"] for o in self.lines() if o["kind"] == "trading_state"])
+                 and states[-1] == final_state, 5, message="the final trading state")
         wait_for(lambda: self.audit_pending() == 0, 5, message="every panic acknowledged")
 
         for stream in (schema.PANIC_STREAM, schema.COMPLETED_STREAM):

@@ -91,7 +91,9 @@ class AuditDrillTest(RedisTestCase):
             logged = {(o["stream"], o["entry_id"]) for o in lines if "stream" in o}
             expected = {(stream, entry_id.decode()) for stream in (schema.PANIC_STREAM, schema.COMPLETED_STREAM)
                         for entry_id, _ in self.redis.xrange(stream)}
-            return expected <= logged and lines
+            state = {k.decode(): v.decode() for k, v in self.redis.hgetall(schema.TRADING_STATE_KEY).items()}
+            states = [o["fields"] for o in lines if o["kind"] == "trading_state"]
+            return expected <= logged and states and states[-1] == state and lines
         lines = wait_for(audited, 10, message=f"every event in the file\n{self.logs()}")
         for stream in (schema.PANIC_STREAM, schema.COMPLETED_STREAM):
             in_stream = [entry_id.decode() for entry_id, _ in self.redis.xrange(stream)]

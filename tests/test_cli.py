@@ -326,5 +326,35 @@ class StatusDecisionTest(unittest.TestCase):
         self.assertEqual(ops.status_exit_code(self.status([1, 5001, 3], True), 5000), 2)
 
 
+class AuditVerifyTest(unittest.TestCase):
+    def write_chain(self, path, bodies):
+        from eexit import audit
+        prev, lines = audit.GENESIS, []
+        for seq, body in enumerate(bodies, start=1):
+            line, prev = audit.seal(seq, prev, body)
+            lines.append(line + b"\n")
+        with open(path, "wb") as f:
+            f.writelines(lines)
+        with open(audit.head_path(path), "w", encoding="ascii") as f:
+            json.dump({"seq": len(bodies), "hash": prev}, f)
+
+    def test_intact_is_0_tampered_is_1_with_the_line(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/audit.jsonl"
+            self.write_chain(path, [{"kind": "panic", "n": i} for i in range(3)])
+            result = run_cli(python_env(), "audit", "verify", path)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertIn("OK", result.stdout)
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(path, "wb") as f:
+                f.write(data.replace(b'"n":1', b'"n":7'))
+            result = run_cli(python_env(), "audit", "verify", path)
+            self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+            self.assertIn("BROKEN", result.stdout)
+            self.assertIn("line 2", result.stdout)
+
+
 if __name__ == "__main__":
     unittest.main()

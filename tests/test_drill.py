@@ -4,7 +4,6 @@ real ccxt to the paper exchange. Exit codes are the contract."""
 import json
 import subprocess
 import sys
-import time
 import unittest
 
 from eexit import ops, schema

@@ -5,7 +5,6 @@ Each acceptance point of the EEW issue is one test here or in test_eew_recovery.
 Deadlines and idle times are scaled down through the environment.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import tempfile
 import time
 import uuid
 
-from eexit import schema
+from eexit import schema, signing
 from eexit.paper import PaperExchange
 from tests.harness import (ROOT, RedisTestCase, python_env, start_module, stop_process,
                            wait_for)
@@ -297,6 +296,32 @@ class ExecutionTest(EEWCase):
         self.assertEqual([50.0, 25.0, 13.0], sol, "partial fills re-planned from the re-read")
         self.assertTrue(all(r["params"].get("reduceOnly") == "true" for r in requests))
         self.assertGreaterEqual(report.attempts, 3)
+
+
+class SignatureTest(EEWCase):
+    KEYS = "wd1 watchdog " + "ab" * 32
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.start_eew("eew-signed", EEXIT_PANIC_HMAC_KEYS=cls.KEYS)
+
+    def test_with_keys_configured_only_a_valid_signature_executes(self):
+        self.paper.set_position("BTCUSDT", 0.01)
+        self.paper.clear_requests()
+        forged = str(uuid.uuid4())
+        self.publish(forged)                                    # claims watchdog, unsigned
+        [rejected] = self.wait_reports(forged)
+        self.assertEqual(("REJECTED", "bad_signature:missing_kid"), (rejected.status, rejected.detail))
+        self.assertEqual([], self.paper.requests())
+
+        signed = str(uuid.uuid4())
+        fields = {"event_id": signed, "reason": "TEST", "severity": "CRITICAL",
+                  "issued_by": "watchdog", "ts": str(int(time.time() * 1000))}
+        self.redis.xadd(schema.PANIC_STREAM, signing.sign_fields(fields, "wd1", signing.parse_keys(self.KEYS, "test")))
+        [report] = self.wait_reports(signed)
+        self.assertEqual("FLAT", report.status)
+        self.assertEqual({}, self.paper.positions())
 
 
 class ConfigTest(EEWCase):

@@ -6,6 +6,7 @@ HTTP to real ccxt. The watchdogs agree on one event_id through bus.claim_inciden
 on the shared incident hash), see docs/HA.md."""
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -34,6 +35,7 @@ class TwoWatchdogsOneExecution(unittest.TestCase):
         self.paper_url = self.paper.start()
         self.addCleanup(self.paper.stop)
         self.dir = tempfile.mkdtemp(prefix="eexit-ha-wd-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
         self.processes = []
         self.addCleanup(lambda: [stop_process(p) for p in self.processes])
 

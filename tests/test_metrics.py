@@ -371,6 +371,9 @@ class MetricsFileTests(RedisTestCase):
         ok, line, reason = audit.verify_file(self.audit_path)
         self.assertTrue(ok, reason)
         self.assertFalse([name for name in os.listdir(self.dir) if ".tmp." in name], "temp files left")
+        # node_exporter runs as another user; the audit trail stays private.
+        self.assertEqual(os.stat(self.metrics_path).st_mode & 0o777, 0o644)
+        self.assertEqual(os.stat(self.audit_path).st_mode & 0o777, 0o600)
 
 
 if __name__ == "__main__":

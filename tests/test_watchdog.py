@@ -264,6 +264,13 @@ class ClockIndependenceTest(RedisTestCase):
                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "time"]
         self.assertNotIn("time", calls)   # only time.monotonic and time.sleep are used
 
+    def test_watchdog_does_not_import_ccxt(self):
+        import subprocess
+        import sys
+        out = subprocess.run([sys.executable, "-c", "import sys, eexit.watchdog; print('ccxt' in sys.modules)"],
+                             env=python_env(), capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.stdout.strip(), "False", out.stderr)
+
     def test_backlog_is_aged_on_the_redis_clock(self):
         publisher = Heartbeat(self.redis, "exit_brain")
         server_ms = bus.server_time_ms(self.redis)
