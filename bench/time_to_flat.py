@@ -32,14 +32,11 @@ sys.path.insert(0, ROOT)
 
 import ccxt  # noqa: E402
 
-from eexit import paper as paper_module, schema  # noqa: E402
+from eexit import schema  # noqa: E402
 from eexit.localredis import RedisServer  # noqa: E402
 from eexit.paper import PaperExchange  # noqa: E402
 from tests.harness import python_env, start_module, stop_process, wait_for  # noqa: E402
 
-# Until the paper exchange sets TCP_NODELAY itself, every keep-alive answer waits ~40 ms for
-# the client's delayed ACK (headers and body are two writes): that is the paper, not the EEW.
-paper_module._Handler.disable_nagle_algorithm = True
 REFILL_S = 7.0          # EEW defaults: burst 120 at 18/s
 
 

@@ -59,8 +59,10 @@ class Stack:
     env: extra settings for every daemon (thresholds scaled down in tests). Each daemon's
     output goes to <workdir>/<name>.log."""
 
-    def __init__(self, seed=DEMO_SEED, hedge=False, env=None, keep_workdir=False, paper_latency_ms=0):
+    def __init__(self, seed=DEMO_SEED, hedge=False, env=None, keep_workdir=False, paper_latency_ms=0,
+                 redis_args=()):
         self.seed = seed
+        self.redis_args = tuple(redis_args)
         self.hedge = hedge
         self.extra_env = dict(env or {})
         self.keep_workdir = keep_workdir
@@ -78,7 +80,7 @@ class Stack:
 
     def start(self, daemons=tuple(DAEMON_MODULES), orders=DEMO_ORDERS):
         from .paper import PaperExchange   # noqa: PLC0415 - the paper exchange is for demo/tests only
-        self.redis = RedisServer(die_with_parent=True).start()
+        self.redis = RedisServer(self.redis_args, die_with_parent=True).start()
         self.paper = PaperExchange(seed=self.seed, hedge=self.hedge, latency_ms=self.paper_latency_ms)
         self.paper_url = self.paper.start()
         if orders:

@@ -169,9 +169,13 @@ def authorise(event, fields, authorized_sources, keyring):
 
 # ------------------------------------------------------------------------------ ledger (Redis)
 
-# KEYS: processed hash, completed stream, panic stream.
-# ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
-# Writes the report only if the field is not already "done"; always acknowledges the entry.
+# KEYS: processed hash, completed stream, panic stream, trading state hash.
+# ARGV: field, done-record JSON, group, entry id ("" for none), halt JSON ("" for none), then
+# the report's field/value pairs. Writes the report only if the field is not already "done";
+# always acknowledges the entry. If the trading state vanished (Redis restarted without
+# persistence between our halt and this report), the halt is written again first, so a final
+# report never exists without its halt. An existing state is left alone: it is either our
+# halt, a newer one, or an operator's deliberate reset.
 FINISH_LUA = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
@@ -181,7 +185,12 @@ if existing then
     return {0, tostring(rec['report'] or '')}
   end
 end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[4]) == 0 then
+  for name, value in pairs(cjson.decode(ARGV[5])) do
+    redis.call('HSET', KEYS[4], name, value)
+  end
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
 local rec = cjson.decode(ARGV[2])
 rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
@@ -238,12 +247,15 @@ class Ledger:
     def update(self, event_id, record):
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
 
-    def finish(self, ledger_field, done_record, entry_id, report_fields):
-        """Write the report unless already written, mark done, XACK. Returns (written, report id)."""
+    def finish(self, ledger_field, done_record, entry_id, report_fields, halt_fields=None):
+        """Write the report unless already written, mark done, XACK; re-halt if the trading
+        state is missing. Returns (written, report id)."""
         pairs = [item for name_value in report_fields.items() for item in name_value]
+        halt = json.dumps(halt_fields) if halt_fields else ""
         written, report_id = self._finish(
-            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM,
+                  schema.TRADING_STATE_KEY],
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", halt, *pairs],
             client=self.client)
         return bool(written), _text(report_id)
 
@@ -311,7 +323,11 @@ class Pacer:
         with self.lock:
             self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
-    def acquire(self, deadline, take_token=True):
+    def paused_for(self):
+        with self.lock:
+            return max(0.0, self.paused_until - time.monotonic())
+
+    def acquire(self, deadline):
         """Wait for a token (and the pause to end); False if that would pass the deadline."""
         while True:
             with self.lock:
@@ -319,9 +335,8 @@ class Pacer:
                 self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
                 self.last = now
                 wait = self.paused_until - now
-                if wait <= 0 and (not take_token or self.tokens >= 1):
-                    if take_token:
-                        self.tokens -= 1
+                if wait <= 0 and self.tokens >= 1:
+                    self.tokens -= 1
                     return True
                 if wait <= 0:
                     wait = (1 - self.tokens) / self.rate
@@ -372,25 +387,23 @@ def _read_positions(client):
     return exchange.read_positions(client)
 
 
-# The two order books are read (and cancelled) as separate parallel requests when the exchange
-# module offers per-book calls (requested: read_open_orders_book, cancel_book); until then one
-# call does both books in sequence, costing one extra latency. Same result either way.
-if hasattr(exchange, "read_open_orders_book") and hasattr(exchange, "cancel_book"):
-    ORDER_BOOKS = (False, True)
+def _read_orders(client, conditional):
+    return exchange.read_open_orders_book(client, conditional)
 
-    def _read_orders(client, conditional):
-        return exchange.read_open_orders_book(client, conditional)
 
-    def _cancel_orders(client, symbol, conditional):
-        exchange.cancel_book(client, symbol, conditional)
-else:
-    ORDER_BOOKS = (None,)
+def _cancel_orders(client, symbol, conditional):
+    exchange.cancel_book(client, symbol, conditional)
 
-    def _read_orders(client, _conditional):
-        return exchange.read_open_orders(client)
 
-    def _cancel_orders(client, symbol, _conditional):
-        exchange.cancel_all_orders(client, symbol)
+ORDER_BOOKS = (False, True)     # normal, conditional: read and cancelled as parallel requests
+
+
+def _sleep(seconds, keepalive):
+    """Sleep on the main thread in KEEPALIVE_S slices, calling keepalive() between them."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, KEEPALIVE_S))
+        keepalive()
 
 
 def _error_text(exc):
@@ -423,11 +436,14 @@ class Closer:
         self.pool = pool
         self.pacer = pacer
 
-    def read_account(self, deadline, event_id):
+    def read_account(self, deadline, event_id, keepalive):
         """Positions and open orders, fresh, retried until the deadline; None if never read."""
         for attempt in itertools.count():
-            if not self.pacer.acquire(deadline, take_token=False):
-                return None
+            paused = self.pacer.paused_for()
+            if paused > 0:
+                if time.monotonic() + paused > deadline:
+                    return None
+                _sleep(paused, keepalive)
             try:
                 if not self.pool.ready:
                     self.pool.load_markets()
@@ -446,7 +462,7 @@ class Closer:
                             retry_in_s=wait)
                 if time.monotonic() + wait > deadline:
                     return None
-                time.sleep(wait)
+                _sleep(wait, keepalive)
 
     def run_round(self, account, attempt, event_id, deadline, keepalive):
         """Cancel all orders on every symbol where the fresh read saw orders, and send every
@@ -466,8 +482,8 @@ class Closer:
         for future, (symbol, conditional) in cancels.items():
             error = future.result()
             if error is None:
-                result.cancelled += sum(1 for o in account.orders if o.symbol == symbol and
-                                        conditional in (None, o.conditional))
+                result.cancelled += sum(1 for o in account.orders
+                                        if o.symbol == symbol and o.conditional == conditional)
             else:
                 result.errors.append(f"cancel:{symbol}:{error}")
         for future, order in closes.items():
@@ -518,7 +534,7 @@ class Closer:
         on_progress(record) runs before every attempt (persist the attempt number);
         keepalive() runs while an attempt waits for the exchange."""
         deadline = time.monotonic() + self.config.close_deadline_s
-        account = self.read_account(deadline, event_id)
+        account = self.read_account(deadline, event_id, keepalive)
         if account is None:
             return dict(status=flatten.FAILED, positions_total=None, positions_closed=None,
                         positions_failed=None, detail="positions_unreadable_until_deadline",
@@ -543,8 +559,8 @@ class Closer:
                 # Progress stalls on errors: back off a little so a stuck position does not
                 # hammer the exchange, but keep trying until the deadline.
                 failed_rounds += 1
-                time.sleep(min(0.05 * 2 ** failed_rounds, 1.0, max(0.0, deadline - time.monotonic())))
-            verified = self.read_account(deadline, event_id)
+                _sleep(min(0.05 * 2 ** failed_rounds, 1.0, deadline - time.monotonic()), keepalive)
+            verified = self.read_account(deadline, event_id, keepalive)
             if verified is None:
                 account = None
                 break
@@ -857,10 +873,11 @@ class Worker:
                 "status": report.status, "attempt": record.get("attempt", 0),
                 "ts_started": base["ts_started"], "ts_completed": now}
         item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
-                "report": report.to_fields(), "halt": halt.to_fields()}
+                "report": report.to_fields(), "halt": halt.to_fields(),
+                "force_halt": entry_id is None}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                self.ledger.finish(event_id, done, entry_id, item["report"])
+                self.ledger.finish(event_id, done, entry_id, item["report"], item["halt"])
                 return
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
@@ -876,10 +893,10 @@ class Worker:
         if not self.journal_backlog:
             return
         for item in self.journal.unpublished():
-            if item.get("halt"):
+            if item.get("force_halt"):
                 self.ledger.halt(schema.TradingState.from_fields(item["halt"])[0])
             written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"),
-                                                    item["report"])
+                                                    item["report"], item.get("halt"))
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
         self.journal_backlog = False

@@ -222,6 +222,19 @@ class ExecutionTest(EEWCase):
             self.assertIn(problem, report.problems)
         self.assertEqual({}, self.paper.positions())
 
+    def test_halt_lost_during_the_close_is_written_again_with_the_report(self):
+        self.paper.set_position("BTCUSDT", 0.01)
+        self.paper.add_fault(kind="latency", ms=500, path="/fapi/v1/order")
+        event_id = str(uuid.uuid4())
+        self.publish(event_id)
+        wait_for(lambda: self.paper.requests(path="/fapi/v1/order"), 10, message="close sent")
+        self.redis.delete(schema.TRADING_STATE_KEY)        # as a Redis restart would
+        [report] = self.wait_reports(event_id)
+        self.assertEqual("FLAT", report.status)
+        state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
+        self.assertEqual((True, event_id, True), (state.halted, state.event_id,
+                                                  state.requires_manual_reset))
+
     def test_position_fetch_5xx_for_3s_then_recovers_is_flat(self):
         self.paper.set_position("BTCUSDT", -0.02)
         self.paper.add_fault(kind="error", status=503, path="positionRisk", duration_s=3)

@@ -22,8 +22,10 @@ Scenarios (kill -9 is SIGKILL; "random" is drawn from --seed):
     kill_eew_before     EEW down when the panic is published; restarted after a random delay
     kill_watchdog       SIGKILL the watchdog at a random moment around the detection and
                         restart it: the open incident is recovered, no second event_id
-    redis_restart       Redis SIGKILLed and restarted (no persistence: every key lost) at a
-                        random moment around the panic; the chain recovers and goes flat
+    redis_restart       Redis (AOF, appendfsync always) SIGKILLed and restarted at a random
+                        moment around the panic; the chain recovers and goes flat
+    redis_wipe          the same without persistence: every key is lost; if the wipe came
+                        after the report, only flat / not un-halted / nothing pending count
     exchange_hang       positionRisk hangs (the client times out) on the EEW's first reads
     exchange_5xx        the first order requests answer 503
     exchange_429        the first order requests answer 429 -1003 with Retry-After: 1
@@ -66,6 +68,7 @@ FAST = {
     "EEXIT_BLOCK_MS": "200", "EEXIT_CLOSE_DEADLINE_S": "15",
 }
 END_STATE_TIMEOUT_S = 30.0
+REDIS_AOF = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 class ScenarioFailed(Exception):
@@ -74,7 +77,7 @@ class ScenarioFailed(Exception):
 
 # ---------------------------------------------------------------------------- end state
 
-def end_state_problems(stack, client):
+def end_state_problems(stack, client, reports_wiped=False):
     """[] when the end state holds, else what is wrong. Pure reading; no waiting."""
     problems = []
     positions = stack.paper.positions()
@@ -87,7 +90,8 @@ def end_state_problems(stack, client):
     # garbage that still parses as false, would let trading resume.
     if state.halted is False:
         problems.append("not halted (halted=false)")
-    problems += report_problems(stack, client)
+    if not reports_wiped:
+        problems += report_problems(stack, client)
     group = ops.pending_summary(client).get(schema.PANIC_STREAM, {}).get(schema.EEW_GROUP)
     if group is None:
         problems.append("no EEW group")
@@ -213,10 +217,22 @@ def sc_kill_watchdog(stack, client, rng):
 
 
 def sc_redis_restart(stack, client, rng):
+    """Redis with an fsync-always AOF (the deployment's setting) killed and restarted."""
     t0 = kill_brain(stack)
     time.sleep(rng.uniform(0.0, 1.6))
     stack.redis.restart()
     return t0
+
+
+def sc_redis_wipe(stack, client, rng):
+    """Redis WITHOUT persistence killed and restarted: every stream and key is lost. If the
+    report already existed, the wipe erased the evidence too: then only the account and the
+    halt can be checked (a missing halt flag reads as halted)."""
+    t0 = kill_brain(stack)
+    time.sleep(rng.uniform(0.0, 1.1))     # mostly before the report (detection at 1 s)
+    reported = bool(final_counts(count_reports(client)))
+    stack.redis.restart()
+    return t0, {"reports_wiped": reported}
 
 
 def sc_exchange_hang(stack, client, rng):
@@ -287,6 +303,7 @@ SCENARIOS = {
     "kill_eew_before": (sc_kill_eew_before, ("eew", "watchdog", "brain")),
     "kill_watchdog": (sc_kill_watchdog, ("eew", "watchdog", "brain")),
     "redis_restart": (sc_redis_restart, ("eew", "watchdog", "brain")),
+    "redis_wipe": (sc_redis_wipe, ("eew", "watchdog", "brain")),
     "exchange_hang": (sc_exchange_hang, ("eew", "watchdog", "brain")),
     "exchange_5xx": (sc_exchange_5xx, ("eew", "watchdog", "brain")),
     "exchange_429": (sc_exchange_429, ("eew", "watchdog", "brain")),
@@ -294,15 +311,17 @@ SCENARIOS = {
     "forged_events": (sc_forged_events, ("eew", "watchdog", "brain")),
     "clock_skew": (sc_clock_skew, ("eew", "watchdog")),
 }
-CI_SUBSET = ("kill_brain", "kill_eew_mid_close", "kill_watchdog", "redis_restart", "exchange_429",
+CI_SUBSET = ("kill_brain", "kill_eew_mid_close", "kill_watchdog", "redis_restart", "redis_wipe", "exchange_429",
              "duplicate_events", "forged_events", "clock_skew")
 
 
 def run_one(name, rng, keep_logs=False):
     """One run of one scenario on a fresh stack. Returns a result dict."""
     action, daemons = SCENARIOS[name]
-    stack = Stack(seed=SEED_POSITIONS, env=FAST, keep_workdir=keep_logs)
+    redis_args = REDIS_AOF if name == "redis_restart" else ()
+    stack = Stack(seed=SEED_POSITIONS, env=FAST, keep_workdir=keep_logs, redis_args=redis_args)
     result = {"scenario": name, "passed": False, "problems": [], "lost": 0, "doubled": 0, "flat_ms": None}
+    notes = []
     try:
         stack.start(daemons=daemons, orders=ORDERS)
         client = stack.client()
@@ -312,13 +331,17 @@ def run_one(name, rng, keep_logs=False):
             wait(stack, lambda: all(ops.latest(client, s) for s in (schema.EEW_HEARTBEAT_STREAM,
                                                                    schema.WATCHDOG_HEARTBEAT_STREAM)), 30, "daemons")
         wait(stack, lambda: stack.running_for("watchdog") > 0.7, 5, "the watchdog's grace")
-        t0 = action(stack, client, rng)
+        outcome = action(stack, client, rng)
+        t0, flags = outcome if isinstance(outcome, tuple) else (outcome, {})
+        wiped = flags.get("reports_wiped", False)
+        if wiped:
+            notes.append("Redis wiped after the report: reports not checkable")
         deadline = time.monotonic() + END_STATE_TIMEOUT_S
         problems = ["not checked"]
         while time.monotonic() < deadline:
             try:
                 client = stack.client() if problems == ["redis"] else client
-                problems = end_state_problems(stack, client)
+                problems = end_state_problems(stack, client, wiped)
             except bus.REDIS_ERRORS:
                 problems = ["redis"]   # Redis restarting: poll again with a fresh client
             if not problems:
@@ -327,10 +350,11 @@ def run_one(name, rng, keep_logs=False):
             time.sleep(0.02)
         if not problems:
             time.sleep(0.3)   # settle: a late second report or re-publish would show now
-            problems = end_state_problems(stack, client)
+            problems = end_state_problems(stack, client, wiped)
         result["problems"] = problems
         if not client.hexists(schema.TRADING_STATE_KEY, "halted"):
-            result["note"] = "halt flag missing (read as halted)"
+            notes.append("halt flag missing (read as halted)")
+        result["note"] = "; ".join(notes)
         result["lost"], result["doubled"] = lost_and_doubled(stack, client)
         result["passed"] = not problems
     except (ScenarioFailed, TimeoutError) as exc:
@@ -391,6 +415,7 @@ def main(argv=None):
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     results = []
+    interrupted = False
 
     def on_sigterm(_signo, _frame):
         raise KeyboardInterrupt
@@ -420,14 +445,18 @@ def main(argv=None):
             elif run_index >= args.runs:
                 break
     except KeyboardInterrupt:
-        say("chaos: interrupted")
+        interrupted = True
+        say("chaos: interrupted; the table covers the finished runs")
     table = summarise(results)
     passed = bool(results) and all(r["passed"] for r in results)
     if args.json:
-        print(json.dumps({"seed": seed, "passed": passed, "table": table, "runs": results}, indent=2, default=str))
+        print(json.dumps({"seed": seed, "passed": passed, "interrupted": interrupted, "table": table,
+                          "runs": results}, indent=2, default=str))
     else:
         print_table(table)
-        print("PASS" if passed else "FAIL")
+        print(("INTERRUPTED, " if interrupted else "") + ("PASS" if passed else "FAIL"))
+    if interrupted:
+        return 130
     return 0 if passed else 1
 
 
