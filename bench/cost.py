@@ -10,7 +10,6 @@ heartbeats, no panic. Writes bench/results/cost.json.
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -20,35 +19,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from eexit.paper import PaperExchange  # noqa: E402
-from tests.harness import RedisServer, python_env, start_module, stop_process  # noqa: E402
+from tests.harness import NotifySocket, RedisServer, python_env, start_module, stop_process  # noqa: E402
 
 DAEMONS = ("eexit.watchdog", "eexit.eew", "eexit.brain")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class NotifySocket:
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="eexit-notify-")
-        self.path = os.path.join(self.dir, "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-
-    def wait_for(self, message, timeout_s):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
-            try:
-                data = self.sock.recv(4096).decode("utf-8", "replace")
-            except socket.timeout:
-                break
-            if message in data.split("\n"):
-                return time.monotonic()
-        return None
-
-    def close(self):
-        self.sock.close()
-        os.unlink(self.path)
-        os.rmdir(self.dir)
+def wait_for_ready(notify, process, timeout_s=30):
+    """Monotonic time of READY=1, or None if the daemon exited or never said it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        times = notify.times_of("READY=1")
+        if times:
+            return times[0]
+        time.sleep(0.002)
+    return None
 
 
 def cpu_seconds(pid):
@@ -65,35 +50,38 @@ def peak_rss_mb(pid):
     return float("nan")
 
 
-def daemon_env(redis_url, paper_url, notify_path):
+def daemon_env(redis_url, paper_url, notify, workdir):
     return python_env(
         REDIS_URL=redis_url, EEXIT_EXCHANGE_URL=paper_url, EEXIT_API_KEY="paper-key",
-        EEXIT_API_SECRET="paper-secret", NOTIFY_SOCKET=notify_path, EEXIT_CONSUMER="bench",
+        EEXIT_API_SECRET="paper-secret", EEXIT_CONSUMER="bench",
+        EEXIT_JOURNAL=os.path.join(workdir, "eew-journal.jsonl"), **notify.env(),
     )
 
 
-def measure_start(module, redis_url, paper_url):
+def measure_start(module, redis_url, paper_url, workdir):
     notify = NotifySocket()
     try:
         started = time.monotonic()
-        process = start_module(module, daemon_env(redis_url, paper_url, notify.path))
-        ready = notify.wait_for("READY=1", 30)
+        process = start_module(module, daemon_env(redis_url, paper_url, notify, workdir),
+                               os.path.join(workdir, f"{module}.log"))
+        ready = wait_for_ready(notify, process)
         stop_process(process)
         return None if ready is None else (ready - started) * 1000
     finally:
         notify.close()
 
 
-def measure_idle(redis_url, paper_url, idle_s):
+def measure_idle(redis_url, paper_url, idle_s, workdir):
     """All three daemons at once, as deployed; CPU and peak RSS of each over idle_s."""
     sockets, processes = {}, {}
     try:
         for module in DAEMONS:
             sockets[module] = NotifySocket()
-            processes[module] = start_module(module, daemon_env(redis_url, paper_url, sockets[module].path))
+            processes[module] = start_module(module, daemon_env(redis_url, paper_url, sockets[module], workdir),
+                                             os.path.join(workdir, f"{module}.idle.log"))
         for module in DAEMONS:
-            if sockets[module].wait_for("READY=1", 30) is None:
-                raise RuntimeError(f"{module} did not become ready")
+            if wait_for_ready(sockets[module], processes[module]) is None:
+                raise RuntimeError(f"{module} did not become ready; see {workdir}")
         time.sleep(2)  # settle: first cycles, market loading
         cpu_before = {m: cpu_seconds(p.pid) for m, p in processes.items()}
         begun = time.monotonic()
@@ -119,16 +107,19 @@ def run(idle_s=60, starts=5):
     redis_server = RedisServer().start()
     paper = PaperExchange(seed={"BTCUSDT": 0.01, "ETHUSDT": -0.5})
     paper_url = paper.start()
+    workdir = tempfile.mkdtemp(prefix="eexit-cost-")
     try:
         start_ms = {}
         for module in DAEMONS:
-            samples = [measure_start(module, redis_server.url, paper_url) for _ in range(starts)]
+            samples = [measure_start(module, redis_server.url, paper_url, workdir) for _ in range(starts)]
             ok = [s for s in samples if s is not None]
             start_ms[module] = {"median_ms": statistics.median(ok) if ok else None,
                                 "samples_ms": samples}
+            if not ok:
+                raise RuntimeError(f"{module} never sent READY=1; see {workdir}")
             print(f"start {module}: median {start_ms[module]['median_ms']:.0f} ms", flush=True)
         print(f"idle: measuring {idle_s}s with all three daemons running", flush=True)
-        idle = measure_idle(redis_server.url, paper_url, idle_s)
+        idle = measure_idle(redis_server.url, paper_url, idle_s, workdir)
         return {"ready_ms": start_ms, "idle": idle, "idle_s": idle_s}
     finally:
         paper.stop()

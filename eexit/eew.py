@@ -169,13 +169,9 @@ def authorise(event, fields, authorized_sources, keyring):
 
 # ------------------------------------------------------------------------------ ledger (Redis)
 
-# KEYS: processed hash, completed stream, panic stream, trading state hash.
-# ARGV: field, done-record JSON, group, entry id ("" for none), halt JSON ("" for none), then
-# the report's field/value pairs. Writes the report only if the field is not already "done";
-# always acknowledges the entry. If the trading state vanished (Redis restarted without
-# persistence between our halt and this report), the halt is written again first, so a final
-# report never exists without its halt. An existing state is left alone: it is either our
-# halt, a newer one, or an operator's deliberate reset.
+# KEYS: processed hash, completed stream, panic stream.
+# ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
+# Writes the report only if the field is not already "done"; always acknowledges the entry.
 FINISH_LUA = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
@@ -185,12 +181,7 @@ if existing then
     return {0, tostring(rec['report'] or '')}
   end
 end
-if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[4]) == 0 then
-  for name, value in pairs(cjson.decode(ARGV[5])) do
-    redis.call('HSET', KEYS[4], name, value)
-  end
-end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 local rec = cjson.decode(ARGV[2])
 rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
@@ -247,17 +238,22 @@ class Ledger:
     def update(self, event_id, record):
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
 
-    def finish(self, ledger_field, done_record, entry_id, report_fields, halt_fields=None):
-        """Write the report unless already written, mark done, XACK; re-halt if the trading
-        state is missing. Returns (written, report id)."""
+    def finish(self, ledger_field, done_record, entry_id, report_fields):
+        """Write the report unless already written, mark done, XACK. Returns (written, report id)."""
         pairs = [item for name_value in report_fields.items() for item in name_value]
-        halt = json.dumps(halt_fields) if halt_fields else ""
         written, report_id = self._finish(
-            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM,
-                  schema.TRADING_STATE_KEY],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", halt, *pairs],
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
             client=self.client)
         return bool(written), _text(report_id)
+
+    def ensure_halted(self, state):
+        """Write the halt again if the trading state vanished (Redis restarted without
+        persistence between our halt and our report), so a final report never exists without
+        its halt. An existing state is left alone: it is our halt, a newer one, or an
+        operator's deliberate reset."""
+        if not self.client.exists(schema.TRADING_STATE_KEY):
+            self.halt(state)
 
     def halt(self, state):
         """Write the halt; a previous reset's cleared_by/cleared_at no longer apply."""
@@ -877,7 +873,8 @@ class Worker:
                 "force_halt": entry_id is None}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                self.ledger.finish(event_id, done, entry_id, item["report"], item["halt"])
+                self.ledger.ensure_halted(halt)
+                self.ledger.finish(event_id, done, entry_id, item["report"])
                 return
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
@@ -893,10 +890,13 @@ class Worker:
         if not self.journal_backlog:
             return
         for item in self.journal.unpublished():
+            halt, _ = schema.TradingState.from_fields(item["halt"])
             if item.get("force_halt"):
-                self.ledger.halt(schema.TradingState.from_fields(item["halt"])[0])
+                self.ledger.halt(halt)
+            else:
+                self.ledger.ensure_halted(halt)
             written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"),
-                                                    item["report"], item.get("halt"))
+                                                    item["report"])
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
         self.journal_backlog = False

@@ -87,6 +87,7 @@ MAX_REPUBLISH_S = 60.0
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 2.0
 LOCAL_WAIT_S = 0.25          # nearer a rule deadline than this, wait on our clock, not in XREAD
+IDLE_BLOCK_S = 0.5           # longest blocking XREAD: bounds SIGTERM handling and ping spacing
 
 
 # ---------------------------------------------------------------------------- pure core
@@ -366,7 +367,13 @@ class Watchdog:
             received_at = self.monotonic()
             max_age_s = received_at - before
         else:
-            reply = self.client.xread(streams, count=100, block=self.cfg.poll_ms)
+            # A heartbeat wakes the XREAD at once, so blocking until just before the next rule
+            # deadline (or our own heartbeat, or a systemd ping) costs no detection time and
+            # keeps an idle watchdog from spinning.
+            wait_s = IDLE_BLOCK_S if deadline is None else deadline - before - LOCAL_WAIT_S
+            wait_s = min(wait_s, self.next_own_beat - before, self.notifier.max_block_s(IDLE_BLOCK_S))
+            block_ms = max(self.cfg.poll_ms, int(wait_s * 1000))
+            reply = self.client.xread(streams, count=100, block=block_ms)
             server_ms = None
             received_at = self.monotonic()
         for stream, entries in reply or []:
