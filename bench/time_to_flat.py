@@ -37,7 +37,12 @@ from eexit.localredis import RedisServer  # noqa: E402
 from eexit.paper import PaperExchange  # noqa: E402
 from tests.harness import python_env, start_module, stop_process, wait_for  # noqa: E402
 
-REFILL_S = 7.0          # EEW defaults: burst 120 at 18/s
+def quiet_period_s(n):
+    """Independent incidents: wait until the EEW's order windows (300 / 10 s, 1200 / 60 s by
+    default) hold none of the previous runs' orders, so each run starts as after calm."""
+    if n >= 300:
+        return 60.2
+    return 10.2 if n >= 50 else 0.2
 
 
 def seed_for(n):
@@ -63,7 +68,7 @@ def reset(paper, n, latency):
 
 def eew_run(client, paper, n, latency, timeout_s):
     reset(paper, n, latency)
-    time.sleep(min(REFILL_S, n / 18))        # independent incidents: the order bucket refills
+    time.sleep(quiet_period_s(n))
     last = client.xrevrange(schema.COMPLETED_STREAM, count=1)
     last_id = last[0][0] if last else b"0-0"
     event_id = str(uuid.uuid4())

@@ -60,6 +60,7 @@ loop (and between close attempts, which are loop progress), blocking reads at mo
 WatchdogSec. A unit's WatchdogSec must exceed one close attempt (the exchange timeout).
 """
 
+import collections
 import itertools
 import json
 import os
@@ -88,6 +89,10 @@ MAX_RATE_RETRIES = 8          # 429s for one order inside one attempt before the
 READ_BACKOFF_S = (0.1, 0.2, 0.5)
 KEEPALIVE_S = 0.5           # while a close attempt runs: ping the watchdog, keep our entry fresh
 REDIS_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+# Binance USD-M's per-account order limits. Sliding windows never exceed the exchange's fixed
+# windows, yet let a whole burst go at once: 300 closes leave in one round, not over 10 s.
+DEFAULT_ORDER_LIMITS = "300/10,1200/60"
+PACING_MARGIN_S = 0.1
 
 
 # ------------------------------------------------------------------------------ config
@@ -104,8 +109,7 @@ class Config:
     journal_path: str
     concurrency: int
     block_ms: int
-    order_rate_per_s: float
-    order_burst: int
+    order_limits: tuple           # ((orders, window_s), ...)
     heartbeat_interval_s: float
     exchange_config: exchange.ExchangeConfig = field(repr=False)
     keyring: signing.KeyRing = field(repr=False)
@@ -130,17 +134,42 @@ class Config:
             sweep_interval_s=env_float("EEXIT_SWEEP_INTERVAL_S", 5, minimum=0.05, maximum=3600, env=env),
             bus_loss_close_s=env_float("EEXIT_BUS_LOSS_CLOSE_S", 10, minimum=0, env=env),
             journal_path=journal_path,
-            concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 32, minimum=1, maximum=256, env=env),
+            concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 64, minimum=1, maximum=256, env=env),
             block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
-            order_rate_per_s=env_float("EEXIT_ORDER_RATE_PER_S", 18, minimum=0.1, env=env),
-            order_burst=env_int("EEXIT_ORDER_BURST", 120, minimum=1, env=env),
+            order_limits=parse_order_limits(env_str("EEXIT_ORDER_LIMITS", DEFAULT_ORDER_LIMITS, env)),
             heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, env=env),
             exchange_config=exchange.ExchangeConfig.from_env(env),
             keyring=signing.load_keys(env),
         )
 
 
+def parse_order_limits(text):
+    """"300/10,1200/60" -> ((300, 10.0), (1200, 60.0)): at most N orders in any S seconds."""
+    limits = []
+    for item in text.split(","):
+        count, _, window = item.strip().partition("/")
+        try:
+            limit = (int(count), float(window))
+        except ValueError:
+            raise ConfigError(f"EEXIT_ORDER_LIMITS item {item.strip()!r} is not orders/seconds") from None
+        if limit[0] < 1 or not 0 < limit[1] <= 3600:
+            raise ConfigError(f"EEXIT_ORDER_LIMITS item {item.strip()!r} is out of range")
+        limits.append(limit)
+    return tuple(limits)
+
+
 # ------------------------------------------------------------------------------ pure decisions
+
+def pacing_wait(sent, now, limits, margin_s=PACING_MARGIN_S):
+    """Seconds until one more order keeps every limit: for each (count, window), the count-th
+    most recent send must be older than the window (plus a margin for network jitter). `sent`
+    holds send times, oldest first."""
+    wait = 0.0
+    for count, window_s in limits:
+        if len(sent) >= count:
+            wait = max(wait, sent[-count] + window_s + margin_s - now)
+    return wait
+
 
 def derive_event_id(entry_id):
     """The event_id of an entry that has none: deterministic, so redelivery is recognised."""
@@ -302,16 +331,13 @@ class Journal:
 # ------------------------------------------------------------------------------ exchange access
 
 class Pacer:
-    """Token bucket for order placement, shared by all worker threads, plus a pause that a
-    429/418 Retry-After imposes on every thread. Defaults (burst 120, 18/s) keep under
-    Binance USD-M's per-account order limits: 120 + 18 x 10 = 300 per 10 s, 120 + 18 x 60 =
-    1200 per minute."""
+    """Order pacing shared by all worker threads: at most N orders in any S seconds for each
+    configured limit (pacing_wait), plus a pause that a 429/418 Retry-After imposes on every
+    thread."""
 
-    def __init__(self, rate_per_s, burst):
-        self.rate = rate_per_s
-        self.burst = burst
-        self.tokens = float(burst)
-        self.last = time.monotonic()
+    def __init__(self, limits):
+        self.limits = limits
+        self.sent = collections.deque(maxlen=max(count for count, _ in limits))
         self.paused_until = 0.0
         self.lock = threading.Lock()
 
@@ -324,18 +350,14 @@ class Pacer:
             return max(0.0, self.paused_until - time.monotonic())
 
     def acquire(self, deadline):
-        """Wait for a token (and the pause to end); False if that would pass the deadline."""
+        """Wait for a slot (and the pause to end); False if that would pass the deadline."""
         while True:
             with self.lock:
                 now = time.monotonic()
-                self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-                self.last = now
-                wait = self.paused_until - now
-                if wait <= 0 and self.tokens >= 1:
-                    self.tokens -= 1
-                    return True
+                wait = max(self.paused_until - now, pacing_wait(self.sent, now, self.limits))
                 if wait <= 0:
-                    wait = (1 - self.tokens) / self.rate
+                    self.sent.append(now)
+                    return True
             if now + wait > deadline:
                 return False
             time.sleep(wait)
@@ -589,7 +611,7 @@ class Worker:
         self.notifier = notifier or Notifier()
         self.block_ms = int(min(config.block_ms, self.notifier.max_block_s(config.block_ms / 1000) * 1000))
         self.pool = ExchangePool(config.exchange_config, config.concurrency)
-        self.closer = Closer(config, self.pool, Pacer(config.order_rate_per_s, config.order_burst))
+        self.closer = Closer(config, self.pool, Pacer(config.order_limits))
         self.journal = Journal(config.journal_path)
         self.redis = None
         self.ledger = None

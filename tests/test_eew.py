@@ -312,12 +312,26 @@ class ExecutionTest(EEWCase):
 
 
 class SignatureTest(EEWCase):
-    KEYS = "wd1 watchdog " + "ab" * 32
+    KEYS = "wd1 watchdog " + "ab" * 32 + ", ops1 ops " + "cd" * 32
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         cls.start_eew("eew-signed", EEXIT_PANIC_HMAC_KEYS=cls.KEYS)
+
+    def signed_fields(self, event_id, kid="wd1", issued_by="watchdog", keys=None):
+        fields = {"event_id": event_id, "reason": "TEST", "severity": "CRITICAL",
+                  "issued_by": issued_by, "ts": str(int(time.time() * 1000))}
+        return signing.sign_fields(fields, kid, signing.parse_keys(keys or self.KEYS, "test"))
+
+    def assert_rejected_without_exchange_request(self, fields, detail_prefix):
+        self.paper.clear_requests()
+        self.redis.xadd(schema.PANIC_STREAM, fields)
+        [rejected] = self.wait_reports(fields["event_id"])
+        self.assertEqual("REJECTED", rejected.status)
+        self.assertTrue(rejected.detail.startswith(detail_prefix), rejected.detail)
+        self.assertEqual([], self.paper.requests())
+        self.assertEqual({("BTCUSDT", "BOTH"): 0.01}, self.paper.positions())
 
     def test_with_keys_configured_only_a_valid_signature_executes(self):
         self.paper.set_position("BTCUSDT", 0.01)
@@ -329,12 +343,42 @@ class SignatureTest(EEWCase):
         self.assertEqual([], self.paper.requests())
 
         signed = str(uuid.uuid4())
-        fields = {"event_id": signed, "reason": "TEST", "severity": "CRITICAL",
-                  "issued_by": "watchdog", "ts": str(int(time.time() * 1000))}
-        self.redis.xadd(schema.PANIC_STREAM, signing.sign_fields(fields, "wd1", signing.parse_keys(self.KEYS, "test")))
+        fields = self.signed_fields(signed)
+        self.redis.xadd(schema.PANIC_STREAM, fields)
         [report] = self.wait_reports(signed)
         self.assertEqual("FLAT", report.status)
         self.assertEqual({}, self.paper.positions())
+
+        # A replay of the processed, validly signed event is a DUPLICATE and touches nothing.
+        self.paper.set_position("BTCUSDT", 0.01)
+        self.paper.clear_requests()
+        self.redis.xadd(schema.PANIC_STREAM, fields)
+        reports = self.wait_reports(signed, count=2)
+        self.assertEqual(["FLAT", "DUPLICATE"], [r.status for r in reports])
+        self.assertEqual([], self.paper.requests())
+
+    def test_forged_tampered_and_misattributed_events_are_rejected(self):
+        self.paper.set_position("BTCUSDT", 0.01)
+        wrong_key = "wd1 watchdog " + "ef" * 32
+        forged = self.signed_fields(str(uuid.uuid4()), keys=wrong_key)      # right kid, wrong key
+        self.assert_rejected_without_exchange_request(forged, "bad_signature")
+
+        for field_name, value in (("reason", "OTHER"), ("issued_by", "ops"), ("ts", "1"),
+                                  ("severity", "LOW")):
+            tampered = self.signed_fields(str(uuid.uuid4()))
+            tampered[field_name] = value
+            self.assert_rejected_without_exchange_request(tampered, "")
+
+        swapped_id = self.signed_fields(str(uuid.uuid4()))
+        swapped_id["event_id"] = str(uuid.uuid4())                        # signature of another event
+        self.assert_rejected_without_exchange_request(swapped_id, "bad_signature")
+
+        # The ops key cannot sign for the watchdog: a kid belongs to one issuer.
+        fields = {"event_id": str(uuid.uuid4()), "reason": "TEST", "severity": "CRITICAL",
+                  "issued_by": "ops", "ts": str(int(time.time() * 1000))}
+        misattributed = signing.sign_fields(fields, "ops1", signing.parse_keys(self.KEYS, "test"))
+        misattributed["issued_by"] = "watchdog"
+        self.assert_rejected_without_exchange_request(misattributed, "bad_signature")
 
 
 class ConfigTest(EEWCase):
