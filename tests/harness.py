@@ -68,6 +68,16 @@ def stop_process(process, timeout_s=5.0):
     return process.returncode
 
 
+def tail_logs(directory, chars=2500):
+    """The last `chars` of every *.log in directory, for a failing test's message."""
+    parts = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".log"):
+            with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as f:
+                parts.append(f"--- {name}\n{f.read()[-chars:]}")
+    return "\n".join(parts)
+
+
 def wait_for(predicate, timeout_s, interval_s=0.02, message="condition"):
     """Poll predicate until truthy; returns its value or fails the test with `message`."""
     deadline = time.monotonic() + timeout_s

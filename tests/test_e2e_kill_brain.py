@@ -11,7 +11,7 @@ import unittest
 
 from eexit import schema
 from eexit.paper import PaperExchange
-from tests.harness import RedisTestCase, python_env, start_module, stop_process, wait_for
+from tests.harness import RedisTestCase, python_env, start_module, stop_process, tail_logs, wait_for
 
 EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret", "EEXIT_EXCHANGE_TIMEOUT_MS": "2000"}
 WATCHDOG = {"EEXIT_UNGUARDED_S": "1.0", "EEXIT_HEARTBEAT_LOST_S": "2.0", "EEXIT_DEGRADED_S": "2.0",
@@ -37,12 +37,7 @@ class KillBrainEndToEnd(RedisTestCase):
         return process
 
     def logs(self):
-        parts = []
-        for name in sorted(os.listdir(self.dir)):
-            if name.endswith(".log"):
-                with open(os.path.join(self.dir, name), encoding="utf-8", errors="replace") as f:
-                    parts.append(f"--- {name}\n{f.read()[-2500:]}")
-        return "\n".join(parts)
+        return tail_logs(self.dir)
 
     def last_beat(self):
         entries = self.redis.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=1)

@@ -15,7 +15,7 @@ from collections import Counter
 
 from eexit import bus, schema
 from eexit.paper import PaperExchange
-from tests.harness import python_env, start_module, stop_process, wait_for
+from tests.harness import python_env, start_module, stop_process, tail_logs, wait_for
 from tests.sentinel_harness import SentinelTopology
 
 EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret",
@@ -48,12 +48,7 @@ class TwoWatchdogsOneExecution(unittest.TestCase):
         return process
 
     def logs(self):
-        parts = []
-        for name in sorted(os.listdir(self.dir)):
-            if name.endswith(".log"):
-                with open(os.path.join(self.dir, name), encoding="utf-8", errors="replace") as f:
-                    parts.append(f"--- {name}\n{f.read()[-2500:]}")
-        return "\n".join(parts)
+        return tail_logs(self.dir)
 
     def brain_guarding(self):
         entries = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=1)
