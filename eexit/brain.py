@@ -49,6 +49,8 @@ time), so a restart of the brain restarts that clock; entry-price based rules ar
 import signal
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -188,7 +190,16 @@ class Brain:
         self.tracked = {}                   # only touched by the cycle thread
         self.last_decision_ts = None
         self.halted = "unknown"
-        self.stopping = False
+        self.stop_requested = threading.Event()
+        # One long-lived cycle thread: a new thread per second is wasted work on a small VPS.
+        self.cycle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brain-cycle")
+
+    @property
+    def stopping(self):
+        return self.stop_requested.is_set()
+
+    def stop(self):
+        self.stop_requested.set()
 
     # -- one cycle, in the worker thread ---------------------------------------------------
 
@@ -239,25 +250,19 @@ class Brain:
     # -- the main thread: timing, heartbeats, pings ----------------------------------------
 
     def _run_cycle_in_worker(self, started):
-        """Runs cycle() in a worker thread; while it overruns its budget, publishes a DEGRADED
+        """Runs cycle() on the cycle thread; while it overruns its budget, publishes a DEGRADED
         heartbeat every degraded_beat_s. Returns (result or None, error or None)."""
-        box = {}
-
-        def work():
-            try:
-                box["result"] = self.cycle()
-            except Exception as exc:  # noqa: BLE001 - handed to the main thread as is
-                box["error"] = exc
-        worker = threading.Thread(target=work, name="brain-cycle", daemon=True)
-        worker.start()
-        wait_until = started + self.cfg.latency_budget_ms / 1000.0
+        future = self.cycle_thread.submit(self.cycle)
+        wait_s = max(0.0, started + self.cfg.latency_budget_ms / 1000.0 - time.monotonic())
         while True:
-            worker.join(max(0.0, wait_until - time.monotonic()))
-            if not worker.is_alive():
-                return box.get("result"), box.get("error")
-            # Over budget and still running (a hung exchange): DEGRADED, count unknown.
-            self._publish("DEGRADED", None, (time.monotonic() - started) * 1000, reason="cycle_overrun")
-            wait_until = time.monotonic() + self.cfg.degraded_beat_s
+            try:
+                return future.result(timeout=wait_s), None
+            except FuturesTimeout:
+                # Over budget and still running (a hung exchange): DEGRADED, count unknown.
+                self._publish("DEGRADED", None, (time.monotonic() - started) * 1000, reason="cycle_overrun")
+                wait_s = self.cfg.degraded_beat_s
+            except Exception as exc:  # noqa: BLE001 - cycle()'s own failure, handled by the caller
+                return None, exc
 
     def _publish(self, status, positions, latency_ms, reason=""):
         extra = {"halted": self.halted}
@@ -324,8 +329,7 @@ class Brain:
             healthy = self.run_once()
             pause = self.cfg.interval_s if healthy else self.cfg.degraded_beat_s
             next_cycle = started + pause if healthy else time.monotonic() + pause
-            while not self.stopping and time.monotonic() < next_cycle:
-                time.sleep(min(0.05, max(0.0, next_cycle - time.monotonic())))
+            self.stop_requested.wait(max(0.0, next_cycle - time.monotonic()))
         self.notifier.stopping()
         self.log.info("stopped")
 
@@ -343,7 +347,7 @@ def main():
     brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, Notifier(), log)
 
     def stop(_signum, _frame):
-        brain.stopping = True
+        brain.stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     brain.run()
