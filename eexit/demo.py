@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from . import bus, ops, schema
-from .localredis import RedisServer, die_with_parent
+from .localredis import RedisServer, die_with_parent, stop_process
 
 DAEMON_MODULES = {"eew": "eexit.eew", "watchdog": "eexit.watchdog", "brain": "eexit.brain"}
 DEMO_SEED = "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:20,XRPUSDT:-1000"
@@ -79,15 +79,21 @@ class Stack:
     # -- lifecycle
 
     def start(self, daemons=tuple(DAEMON_MODULES), orders=DEMO_ORDERS):
-        from .paper import PaperExchange   # noqa: PLC0415 - the paper exchange is for demo/tests only
-        self.redis = RedisServer(self.redis_args, die_with_parent=True).start()
-        self.paper = PaperExchange(seed=self.seed, hedge=self.hedge, latency_ms=self.paper_latency_ms)
+        self.redis = self.make_redis().start()
+        self.paper = self.make_paper()
         self.paper_url = self.paper.start()
         if orders:
             self.place_orders(orders)
         for name in daemons:
             self.start_daemon(name)
         return self
+
+    def make_redis(self):
+        return RedisServer(self.redis_args, die_with_parent=True)
+
+    def make_paper(self, **options):
+        from .paper import PaperExchange   # noqa: PLC0415 - the paper exchange is for demo/tests only
+        return PaperExchange(seed=self.seed, hedge=self.hedge, latency_ms=self.paper_latency_ms, **options)
 
     def stop(self):
         """Stop everything this stack started; safe to call twice and after partial starts."""
@@ -170,14 +176,7 @@ class Stack:
         process = self.processes.get(name)
         if process is None:
             return None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=timeout_s)
-        return process.returncode
+        return stop_process(process, timeout_s)
 
     def running_for(self, name):
         return time.monotonic() - self.started_mono[name]

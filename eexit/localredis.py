@@ -135,3 +135,15 @@ class RedisServer:
 
     def client(self, **options):
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2, **options)
+
+
+def stop_process(process, timeout_s=5.0):
+    """SIGTERM, then SIGKILL after timeout_s; returns the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_s)
+    return process.returncode

@@ -14,7 +14,7 @@ import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The redis-server helpers live in eexit/localredis.py (the demo and the chaos suite use them
 # too); re-exported here so tests keep importing them from the harness.
-from eexit.localredis import INSTALL_HINT, RedisServer, find_redis_server, free_port  # noqa: E402,F401
+from eexit.localredis import INSTALL_HINT, RedisServer, find_redis_server, free_port, stop_process  # noqa: E402,F401
 
 
 class RedisTestCase(unittest.TestCase):
@@ -55,17 +55,6 @@ def start_module(module, env, log_path=None):
     finally:
         if log_path:
             out.close()
-
-
-def stop_process(process, timeout_s=5.0):
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
-    return process.returncode
 
 
 def tail_logs(directory, chars=2500):

@@ -20,7 +20,6 @@ from pathlib import Path
 from eexit import ops, schema
 from eexit.demo import DAEMON_MODULES, DEMO_ORDERS, STARTUP_GRACE_S, Stack
 from eexit.localredis import RedisServer, die_with_parent
-from eexit.paper import PaperExchange
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("install_offline", ROOT / "tools/install_offline.py")
@@ -44,18 +43,17 @@ class AclStack(Stack):
         return [*self.passwords.values(), *self.api, *(key for _kid, key in self.keys.values())]
 
     def start(self, daemons=tuple(MODULES), orders=DEMO_ORDERS):
+        return super().start(daemons, orders)
+
+    def make_redis(self):
         users = {f"eexit-{name}": password for name, password in self.passwords.items()}
         acl = install_offline.render_acl((ROOT / "systemd/redis-acl.conf").read_text(), users)
         acl_path = Path(self.workdir) / "users.acl"
         acl_path.write_text(acl + f"user {ADMIN[0]} on >{ADMIN[1]} ~* &* +@all\n")
-        self.redis = RedisServer(["--aclfile", str(acl_path)], die_with_parent=True).start()
-        self.paper = PaperExchange(seed=self.seed, api_key=self.api[0], api_secret=self.api[1])
-        self.paper_url = self.paper.start()
-        if orders:
-            self.place_orders(orders)
-        for name in daemons:
-            self.start_daemon(name)
-        return self
+        return RedisServer(["--aclfile", str(acl_path)], die_with_parent=True)
+
+    def make_paper(self):
+        return super().make_paper(api_key=self.api[0], api_secret=self.api[1])
 
     def credentials(self, name):
         """The files systemd would put in $CREDENTIALS_DIRECTORY for this daemon's unit."""
