@@ -597,7 +597,7 @@ class Closer:
         residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
         left = {"|".join(flatten.position_key(p)) for p in account.positions}
         detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
-        return dict(fields, status=flatten.decide_status(account.positions),
+        return dict(fields, status=flatten.decide_status(account.positions, account.orders),
                     positions_closed=len(initial - left), positions_failed=len(left),
                     failed_symbols=sorted({p.symbol for p in account.positions}),
                     residual_positions=residual, dust=dust, detail=detail)

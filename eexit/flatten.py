@@ -173,11 +173,13 @@ def classify_residual(positions, markets):
     return residual, dust
 
 
-def decide_status(final_positions):
-    """FLAT | RESIDUAL | FAILED from the last re-read; None means that read failed."""
+def decide_status(final_positions, final_orders=()):
+    """FLAT | RESIDUAL | FAILED from the last re-read; None means that read failed. An open
+    order left at the deadline is RESIDUAL even with no position: it can re-open exposure
+    after the halt (SPEC §4.2), so the account is not safe to call flat."""
     if final_positions is None:
         return FAILED
-    return FLAT if not final_positions else RESIDUAL
+    return FLAT if not final_positions and not final_orders else RESIDUAL
 
 
 def closable(positions, markets):

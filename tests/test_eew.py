@@ -235,6 +235,22 @@ class ExecutionTest(EEWCase):
         self.assertEqual((True, event_id, True), (state.halted, state.event_id,
                                                   state.requires_manual_reset))
 
+    def test_an_order_that_cannot_be_cancelled_is_residual_not_flat(self):
+        self.paper.set_position("BTCUSDT", 0.01)
+        tick = self.paper.account.markets["ETHUSDT"].tick
+        below = (self.paper.account.marks["ETHUSDT"] * 90 / 100 // tick) * tick
+        self.paper.account.place_order({"symbol": "ETHUSDT", "side": "BUY", "type": "LIMIT",
+                                        "quantity": "0.1", "price": str(below), "timeInForce": "GTC"})
+        self.paper.add_fault(kind="error", status=503, path="allOpenOrders", method="DELETE", duration_s=600)
+        event_id = str(uuid.uuid4())
+        self.publish(event_id)
+        [report] = self.wait_reports(event_id)
+        self.paper.clear_faults()
+        self.assertEqual({}, self.paper.positions())
+        self.assertEqual(("RESIDUAL", "open_orders_remaining:1"), (report.status, report.detail),
+                         "a resting order can re-open exposure: never FLAT")
+        self.assertEqual(1, len(self.paper.state()["open_orders"]))
+
     def test_position_fetch_5xx_for_3s_then_recovers_is_flat(self):
         self.paper.set_position("BTCUSDT", -0.02)
         self.paper.add_fault(kind="error", status=503, path="positionRisk", duration_s=3)

@@ -170,6 +170,8 @@ class ResidualTest(unittest.TestCase):
         markets = {"BTC/USDT:USDT": rules(min_notional=5.0)}
         self.assertEqual(FAILED, decide_status(None))
         self.assertEqual(FLAT, decide_status([]))
+        self.assertEqual(FLAT, decide_status([], []))
+        self.assertEqual(RESIDUAL, decide_status([], ["a resting order"]))  # can re-open exposure
         self.assertEqual(RESIDUAL, decide_status([pos(contracts=1.0)]))
         dust_only = [pos(contracts=0.0004)]
         self.assertEqual([], closable(dust_only, markets))
