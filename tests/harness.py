@@ -6,15 +6,20 @@ with a message saying how to install one: nothing is skipped silently.
 """
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The redis-server helpers live in eexit/localredis.py (the demo and the chaos suite use them
 # too); re-exported here so tests keep importing them from the harness.
-from eexit.localredis import INSTALL_HINT, RedisServer, find_redis_server, free_port, stop_process  # noqa: E402,F401
+from eexit.localredis import INSTALL_HINT, RedisServer, find_redis_server, free_port, stop_process  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RedisTestCase(unittest.TestCase):
@@ -79,10 +84,6 @@ def wait_for(predicate, timeout_s, interval_s=0.02, message="condition"):
         time.sleep(interval_s)
 
 
-import shutil  # noqa: E402  (used by NotifySocket only)
-import socket  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
 
 
 class NotifySocket:
