@@ -478,6 +478,12 @@ def _read_positions(client):
     return exchange.read_positions(client)
 
 
+def _check_account(client):
+    """The account check's private read-only call: the balance, not the positions, so it
+    neither costs position-read weight nor shows in a panic's own reads."""
+    client.fetch_balance()
+
+
 def _read_orders(client, conditional):
     return exchange.read_open_orders_book(client, conditional)
 
@@ -949,7 +955,7 @@ class Worker:
             self.account_future = None
         if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
             self.next_account_check = time.monotonic() + self.config.account_check_s
-            self.account_future = self.pool.submit(_read_positions)
+            self.account_future = self.pool.submit(_check_account)
 
     # -- reading entries
 
