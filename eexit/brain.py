@@ -345,7 +345,6 @@ def main():
         cfg = Config.from_env()
         exchange_cfg = exchange.ExchangeConfig.from_env()
         notifier = Notifier()
-        daemon.check_exchange_timeout(exchange_cfg.timeout_ms, notifier)
         client = bus.connect()
         brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, notifier, log)
         daemon.on_stop_signal(brain.stop)
