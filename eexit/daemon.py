@@ -141,7 +141,7 @@ def preflight(client, probes, multi=False):
     except redis.AuthenticationError as exc:
         raise ConfigError(f"REDIS_URL / redis_password: Redis refused the credentials of ACL user "
                           f"{redis_user(client)!r} ({cause(exc)})") from None
-    except redis.NoPermissionError:
+    except redis.exceptions.NoPermissionError:
         raise _refused(client, ("HELLO",)) from None
     except redis.ResponseError as exc:
         if str(exc).startswith(("NOAUTH", "WRONPASS", "WRONGPASS")):
@@ -160,7 +160,7 @@ def preflight(client, probes, multi=False):
     for probe in probes:
         try:
             client.execute_command(*probe)
-        except redis.NoPermissionError:
+        except redis.exceptions.NoPermissionError:
             raise _refused(client, probe) from None
         except redis.ResponseError as exc:
             if bus.is_transport_error(exc):
@@ -178,7 +178,7 @@ def _probe_in_multi(client, probes):
             connection.send_command(*probe)
             try:
                 connection.read_response()
-            except redis.NoPermissionError:
+            except redis.exceptions.NoPermissionError:
                 refused = refused or probe
             except redis.ResponseError:
                 pass        # queued-time errors other than NOPERM: the ACL let it through

@@ -219,7 +219,7 @@ class EntryIsolation(EEWCase):
         wait_for(lambda: os.path.exists(quarantine), 20, message=f"quarantine file\n{self.logs()}")
         with open(quarantine, encoding="utf-8") as handle:
             self.assertEqual(handle.read(), poisoned)
-        self.assertTrue(self.log_lines("journal_lines_quarantined"))
+        wait_for(lambda: self.log_lines("journal_lines_quarantined"), 20, message=f"CRITICAL log\n{self.logs()}")
         self.panic("after-poison")
         self.assertEqual(self.report("after-poison").status, "FLAT")
         self.assertEqual(self.paper.positions(), {})
