@@ -51,13 +51,27 @@ reduce-only (hedge mode: positionSide, which Binance never lets exceed the posit
 resting order filling meanwhile cannot make a close open exposure; the re-read after every
 attempt catches whatever the race left, and the next attempt cancels again.
 
-Bus loss. If Redis stays unreachable longer than EEXIT_BUS_LOSS_CLOSE_S the whole safety
-chain is blind: the EEW flattens on its own authority (event_id "busloss-<consumer>-<ms>"),
-journals the report, and on reconnect publishes it and writes the halt.
+Bus loss and blindness. If the EEW cannot do its job continuously for longer than
+EEXIT_BUS_LOSS_CLOSE_S, whether Redis is unreachable (transport errors) or answers with
+command errors on reading, claiming, recording or reporting panics (NOPERM, WRONGTYPE: the
+EEW is "blind"), the whole safety chain is blind: the EEW flattens on its own authority
+(event_id "busloss-<consumer>-<ms>"), halts, journals the report, and publishes it once Redis
+takes it. The timer measures continuous inability; a reconnect alone does not restart it.
+Command errors are logged once (redis_command_error) and never cause a reconnect.
 
-systemd. READY=1 once Redis answers and the markets are loaded; WATCHDOG=1 only from the
-loop (and between close attempts, which are loop progress), blocking reads at most half of
-WatchdogSec. A unit's WatchdogSec must exceed one close attempt (the exchange timeout).
+Entry isolation. One entry's failure never blocks the others (handle_isolated); an entry
+failing EEXIT_MAX_DELIVERIES times gets a FAILED report with internal_error:<type>. A journal
+line that cannot be used is quarantined (<journal>.quarantine), never fatal.
+
+Exchange key. markets load from public endpoints, so a private read-only call (the balance)
+runs every EEXIT_ACCOUNT_CHECK_S; a refused key makes the heartbeat DEGRADED with
+degraded_reason=exchange_authentication. Panics are still halted and attempted.
+
+systemd. Before READY=1 the preflight (eexit/daemon.py) checks Redis's version and the ACL
+(exit 2 naming the command and user). READY=1 once Redis answers and the markets are loaded;
+WATCHDOG=1 only from the loop (and between close attempts, which are loop progress), blocking
+reads at most half of WatchdogSec; EEXIT_EXCHANGE_TIMEOUT_MS must be below half of it (exit 2).
+A blind EEW stops WATCHDOG=1 once its close on own authority has run (see Worker).
 """
 
 import collections
