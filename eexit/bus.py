@@ -8,7 +8,7 @@ block time well below the read timeout; `BLOCK_MS_MAX` enforces that.
 import os
 import time
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -102,7 +102,8 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
             unquote(parts.username) if parts.username else None)
         options["password"] = password if password is not None else (
             unquote(parts.password) if parts.password else None)
-        url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
+        url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{parts.query}" if parts.query else "")
     return redis.Redis.from_url(url, **options)
 
 
