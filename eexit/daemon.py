@@ -120,80 +120,65 @@ def redis_user(client):
     return kwargs.get("username") or "default"
 
 
-def server_version(client):
-    """(major, minor) from HELLO, which every ACL user of ours may call."""
-    reply = client.execute_command("HELLO")
-    if isinstance(reply, (list, tuple)):
-        reply = dict(zip(reply[::2], reply[1::2]))
-    text = bus.as_text({bus.as_text(k): v for k, v in reply.items()}.get("version", "0"))
-    try:
-        return tuple(int(piece) for piece in text.split(".")[:2]), text
-    except ValueError:
-        return (0, 0), text
-
-
 def preflight(client, probes, multi=False):
-    """Raise ConfigError if Redis is too old or refuses a probed command; transport errors
-    propagate (the caller retries). probes: command tuples whose harmless execution, or mere
-    queueing inside MULTI when multi=True, proves the ACL allows them."""
+    """Raise ConfigError if the credentials are refused, Redis is too old, or a probed command
+    is refused; transport errors propagate (the caller retries). probes: command tuples whose
+    harmless execution, or mere queueing inside MULTI when multi=True, proves the ACL allows
+    them."""
     try:
-        version, text = server_version(client)
-    except redis.AuthenticationError as exc:
-        raise ConfigError(f"REDIS_URL / redis_password: Redis refused the credentials of ACL user "
-                          f"{redis_user(client)!r} ({cause(exc)})") from None
-    except redis.exceptions.NoPermissionError:
-        raise _refused(client, ("HELLO",)) from None
+        reply = client.execute_command("HELLO")         # every ACL user of ours may call it
+        hello = dict(zip(reply[::2], reply[1::2])) if isinstance(reply, list) else reply
+    except redis.AuthenticationError:
+        raise _bad_credentials(client) from None
     except redis.ResponseError as exc:
-        if str(exc).startswith(("NOAUTH", "WRONPASS", "WRONGPASS")):
-            raise ConfigError(f"REDIS_URL / redis_password: Redis refused the credentials of ACL user "
-                              f"{redis_user(client)!r}") from None
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            raise _refused(client, ("HELLO",)) from None
         if bus.is_transport_error(exc):
             raise
-        # HELLO without arguments exists from 6.2 (6.0 wants a protocol version, 5 has none).
-        version, text = (0, 0), "older than 6.2"
-    if version < MIN_REDIS_VERSION:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
+            raise _bad_credentials(client) from None
+        hello = {}      # HELLO without arguments exists from 6.2 (6.0 wants a protocol version)
+    text = bus.as_text({bus.as_text(k): v for k, v in hello.items()}.get("version", "older than 6.2"))
+    if tuple(int(part) if part.isdigit() else 0 for part in text.split(".")[:2]) < MIN_REDIS_VERSION:
         raise ConfigError(f"Redis {text} is too old: eexit needs Redis "
                           f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer")
-    if multi:
-        _probe_in_multi(client, probes)
-        return
-    for probe in probes:
-        try:
-            client.execute_command(*probe)
-        except redis.exceptions.NoPermissionError:
-            raise _refused(client, probe) from None
-        except redis.ResponseError as exc:
-            if bus.is_transport_error(exc):
-                raise
-            # Any other error came after the ACL check: the command is permitted.
+    connection = client.connection_pool.get_connection() if multi else None
 
-
-def _probe_in_multi(client, probes):
-    connection = client.connection_pool.get_connection()
+    def run(*command):
+        if connection is None:
+            return client.execute_command(*command)
+        connection.send_command(*command)
+        return connection.read_response()
+    refused = None
     try:
-        connection.send_command("MULTI")
-        connection.read_response()
-        refused = None
-        for probe in probes:
-            connection.send_command(*probe)
+        for probe in ((("MULTI",),) if multi else ()) + tuple(probes):
             try:
-                connection.read_response()
+                run(*probe)
             except redis.exceptions.NoPermissionError:
                 refused = refused or probe
+            except redis.ResponseError as exc:
+                if bus.is_transport_error(exc):
+                    raise
+                # Any other error came after the ACL check: the command is permitted.
+        if multi:
+            try:
+                run("DISCARD")
             except redis.ResponseError:
-                pass        # queued-time errors other than NOPERM: the ACL let it through
-        connection.send_command("DISCARD")
-        try:
-            connection.read_response()
-        except redis.ResponseError:
-            pass            # EXECABORT state after a refusal; the transaction is gone either way
+                pass    # EXECABORT after a refusal: the transaction is gone either way
     except BaseException:
-        connection.disconnect()     # a half-read MULTI must never be reused
+        if connection is not None:
+            connection.disconnect()     # a half-read MULTI must never be reused
         raise
     finally:
-        client.connection_pool.release(connection)
+        if connection is not None:
+            client.connection_pool.release(connection)
     if refused is not None:
         raise _refused(client, refused)
+
+
+def _bad_credentials(client):
+    return ConfigError(f"REDIS_URL / redis_password: Redis refused the credentials of ACL user "
+                       f"{redis_user(client)!r}")
 
 
 def _refused(client, probe):

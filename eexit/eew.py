@@ -105,23 +105,14 @@ KEEPALIVE_S = 0.5           # while a close attempt runs: ping the watchdog, kee
 # Harmless probes for the preflight, queued inside MULTI and DISCARDed: Redis checks each
 # queued command against the ACL, so a NOPERM names what the EEW may not do. One per command
 # the EEW uses, on the key it uses it on.
+_PANIC, _GROUP, _STATE = schema.PANIC_STREAM, schema.EEW_GROUP, schema.TRADING_STATE_KEY
 PROBES = (
-    ("XREADGROUP", "GROUP", schema.EEW_GROUP, "preflight", "COUNT", "1", "STREAMS", schema.PANIC_STREAM, ">"),
-    ("XPENDING", schema.PANIC_STREAM, schema.EEW_GROUP, "IDLE", "1", "-", "+", "1"),
-    ("XCLAIM", schema.PANIC_STREAM, schema.EEW_GROUP, "preflight", "0", "0-1"),
-    ("XACK", schema.PANIC_STREAM, schema.EEW_GROUP, "0-1"),
-    ("XGROUP", "CREATE", schema.PANIC_STREAM, schema.EEW_GROUP, "0", "MKSTREAM"),
-    ("HSETNX", schema.PROCESSED_KEY, "preflight", "x"),
-    ("HGET", schema.PROCESSED_KEY, "preflight"),
-    ("EVALSHA", "0" * 40, "0"),
-    ("SCRIPT", "LOAD", "return 0"),
-    ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"),
-    ("HSET", schema.TRADING_STATE_KEY, "f", "v"),
-    ("HDEL", schema.TRADING_STATE_KEY, "f"),
-    ("EXISTS", schema.TRADING_STATE_KEY),
-    ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"),
-    ("TIME",),
-)
+    ("XREADGROUP", "GROUP", _GROUP, "preflight", "COUNT", "1", "STREAMS", _PANIC, ">"), ("XACK", _PANIC, _GROUP, "0-1"),
+    ("XPENDING", _PANIC, _GROUP, "IDLE", "1", "-", "+", "1"), ("XCLAIM", _PANIC, _GROUP, "preflight", "0", "0-1"),
+    ("XGROUP", "CREATE", _PANIC, _GROUP, "0", "MKSTREAM"), ("EVALSHA", "0" * 40, "0"), ("SCRIPT", "LOAD", "return 0"),
+    ("HSETNX", schema.PROCESSED_KEY, "preflight", "x"), ("HGET", schema.PROCESSED_KEY, "preflight"),
+    ("HSET", _STATE, "f", "v"), ("HDEL", _STATE, "f"), ("EXISTS", _STATE), ("TIME",),
+    ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"), ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"))
 # Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
 # so the entry-isolation path runs against real code. Unset (the default) it does nothing.
 FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
@@ -405,14 +396,10 @@ def _journal_item(line):
         return None
     if not isinstance(item, dict) or not isinstance(item.get("key"), str):
         return None
-    if item.get("type") == "published":
-        return item
-    if item.get("type") != "report" or not all(isinstance(item.get(name), dict) for name in ("done", "report", "halt")):
-        return None
-    if not isinstance(item.get("entry_id"), (str, type(None))) or \
-            not all(isinstance(value, str) for value in item["report"].values()):
-        return None
-    return item
+    usable_report = (item.get("type") == "report" and isinstance(item.get("entry_id"), (str, type(None)))
+                     and all(isinstance(item.get(name), dict) for name in ("done", "report", "halt"))
+                     and all(isinstance(value, str) for value in item["report"].values()))
+    return item if usable_report or item.get("type") == "published" else None
 
 
 # ------------------------------------------------------------------------------ exchange access
