@@ -186,6 +186,7 @@ class Brain:
         self.notifier = notifier or Notifier(env={})
         self.log = log or Logger("brain")
         self.beat = Heartbeat(client, cfg.service_id)
+        self.trouble = daemon.RedisTrouble(self.log)
         self.tracked = {}                   # only touched by the cycle thread
         self.last_decision_ts = None
         self.halted = "unknown"
@@ -272,8 +273,10 @@ class Brain:
             return True
         except bus.REDIS_ERRORS as exc:
             # The watchdog will see silence and act (fail-closed); we keep guarding positions,
-            # and withhold WATCHDOG=1 for this cycle.
-            self.log.critical("heartbeat_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            # and withhold WATCHDOG=1 for this cycle, saying why in STATUS=. A command error
+            # (NOPERM, WRONGTYPE) is logged once as redis_command_error, not reconnected.
+            kind = self.trouble.report(exc, "XADD", schema.HEARTBEAT_STREAM)
+            self.notifier.status(f"heartbeat not published ({kind} error: {daemon.cause(exc)})")
             return False
 
     def _read_halt(self):
