@@ -117,7 +117,9 @@ class Config:
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
-        journal_path = env_str("EEXIT_JOURNAL", "/var/lib/eexit/eew-journal.jsonl", env)
+        # systemd's StateDirectory=eexit sets STATE_DIRECTORY (/var/lib/eexit): the default lives there.
+        state_dir = (env.get("STATE_DIRECTORY") or "/var/lib/eexit").split(":")[0]
+        journal_path = env_str("EEXIT_JOURNAL", os.path.join(state_dir, "eew-journal.jsonl"), env)
         try:
             with open(journal_path, "a", encoding="utf-8"):
                 pass
