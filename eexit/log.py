@@ -37,7 +37,8 @@ class Logger:
     def __init__(self, daemon, stream=None, env=None):
         self.daemon = daemon
         self.stream = stream
-        self.journal = bool((os.environ if env is None else env).get("JOURNAL_STREAM"))
+        env = os.environ if env is None else env
+        self.journal = bool(env.get("JOURNAL_STREAM"))
         self.version_logged = False
 
     def _write(self, level, event, fields):
