@@ -134,7 +134,7 @@ def cmd_status(args, cfg, env):
         cleared = f" (cleared by {trading['cleared_by']} at {fmt_ts(trading['cleared_at'])})" if trading["cleared_by"] else ""
         print(f"trading: ALLOWED{cleared}")
     elif not trading["present"]:
-        print("trading: HALTED (no state written yet; trading code treats a missing flag as halted)")
+        print("trading: HALTED (no state written yet, read as halted; first start: `eexit init --operator NAME`)")
     else:
         print(f"trading: HALTED since {fmt_ts(trading['halted_at'])} by {trading['halted_by'] or '-'} "
               f"reason={trading['reason'] or '-'} event={trading['event_id'] or '-'}"
