@@ -79,6 +79,13 @@ class VersionAndAuditVerifyTest(unittest.TestCase):
         result = run_cli(python_env(), "--version")
         self.assertEqual((result.returncode, result.stdout.strip()), (0, f"eexit {__version__}"))
 
+    def test_drill_is_a_subcommand_and_refuses_a_venue_that_is_not_paper_or_sandbox(self):
+        from eexit.localredis import free_port   # noqa: PLC0415
+        env = python_env(EEXIT_EXCHANGE_URL=f"http://127.0.0.1:{free_port()}", REDIS_URL="redis://127.0.0.1:1/0")
+        result = run_cli(env, "drill", "--json")
+        self.assertEqual(result.returncode, 4, result.stdout + result.stderr)
+        self.assertIn("refused", json.loads(result.stdout)["result"])
+
     def test_audit_verify_cannot_read_is_not_broken(self):
         result = run_cli(python_env(), "audit", "verify", "/nonexistent/audit.jsonl")
         self.assertEqual(result.returncode, 2)
