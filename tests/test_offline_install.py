@@ -6,6 +6,7 @@ About 20-30 s (ccxt is large). Building the wheelhouse needs the package index; 
 without it the test fails, saying so, rather than skipping."""
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -22,6 +23,19 @@ from tests.staging import offline_env
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
 DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+
+
+class LockTest(unittest.TestCase):
+    def test_requirements_in_is_setup_py_install_requires_and_the_lock_pins_them_with_hashes(self):
+        wanted = [line.strip() for line in (ROOT / "requirements.in").read_text().splitlines()
+                  if line.strip() and not line.startswith("#")]
+        setup_py = (ROOT / "setup.py").read_text()
+        declared = re.findall(r'"([a-z][a-z0-9_.-]*>=[0-9.]+)"', setup_py[setup_py.index("install_requires"):])
+        self.assertEqual(sorted(wanted), sorted(declared))
+        lock = (ROOT / "requirements.lock").read_text()
+        for requirement in wanted:
+            name = requirement.split(">=")[0]
+            self.assertRegex(lock, rf"(?m)^{re.escape(name)}==\S+ \\\n    --hash=sha256:[0-9a-f]{{64}}")
 
 
 class OfflineInstallTest(unittest.TestCase):
