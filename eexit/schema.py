@@ -25,7 +25,6 @@ TRADING_STATE_KEY = "system:state:trading"
 PROCESSED_KEY = "system:panic_close:processed"
 
 EEW_GROUP = "emergency_exit_worker"
-AUDIT_GROUP = "audit_logger"
 
 HEARTBEAT_MAXLEN = 1000
 
