@@ -34,7 +34,9 @@ HEARTBEAT_STATUSES = ("OK", "DEGRADED")
 REPORT_STATUSES = ("FLAT", "RESIDUAL", "FAILED", "REJECTED", "DUPLICATE")
 
 # Bounds that make a value absurd rather than merely surprising.
-MAX_TEXT = 1024                       # chars kept of any text field; longer is truncated
+MAX_TEXT = 1024                       # longest text field or name; longer is the problem
+                                      # too_long:<name> (the EEW rejects such a panic) and is
+                                      # cut to this length for display only
 MAX_TS_MS = 32503680000000            # year 3000
 MAX_COUNT = 1_000_000                 # positions, orders, attempts
 MAX_DURATION_MS = 10 * 365 * 86400 * 1000
@@ -179,10 +181,9 @@ class _FieldReader:
         for name, value in self.values.items():
             if name in self.consumed:
                 continue
-            if len(value) > MAX_TEXT:
+            if len(name) > MAX_TEXT or len(value) > MAX_TEXT:
                 self.problems.append(f"too_long:{name[:64]}")
-                value = value[:MAX_TEXT]
-            kept[name[:MAX_TEXT]] = value
+            kept[name[:MAX_TEXT]] = value[:MAX_TEXT]
         return kept
 
 
