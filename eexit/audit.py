@@ -141,13 +141,13 @@ def split_lines(data):
 
 
 def check_chain(lines):
-    """Verify complete lines in order; returns the parsed lines or raises ChainBroken."""
-    parsed, prev = [], GENESIS
+    """Verify complete lines in order; returns their hashes or raises ChainBroken. Hashes, not
+    the parsed lines: a long file's parsed lines cost several times its size in memory."""
+    hashes, prev = [], GENESIS
     for number, raw in enumerate(lines, start=1):
-        obj = check_line(raw, number, prev)
-        parsed.append(obj)
-        prev = obj["hash"]
-    return parsed
+        prev = check_line(raw, number, prev)["hash"]
+        hashes.append(prev)
+    return hashes
 
 
 def head_record(seq, last_hash, base_seq, base_hash):
@@ -155,8 +155,8 @@ def head_record(seq, last_hash, base_seq, base_hash):
     return {"seq": seq, "hash": last_hash, "base_seq": base_seq, "base_hash": base_hash}
 
 
-def committed_lines(parsed, head):
-    """How many of the verified lines the head record vouches for, or raise ChainBroken.
+def committed_lines(hashes, head):
+    """How many of the verified lines (their hashes) the head vouches for, or raise ChainBroken.
 
     The head is written before the lines it records (see the module docstring), so:
       file == head.seq lines, the last one's hash == head.hash      all lines committed
@@ -166,27 +166,27 @@ def committed_lines(parsed, head):
       fewer lines than base, or a hash that does not match           cut off or rewritten
     A head without base_* (written by an older version) has nothing pending."""
     if head is None:
-        if parsed:
+        if hashes:
             raise ChainBroken(None, "the .head file is missing: cannot show that no lines were "
                                     "cut off the end")
         return 0
     if not isinstance(head, dict):
         raise ChainBroken(None, "the head file is malformed")
     seq, base = head.get("seq"), head.get("base_seq", head.get("seq"))
-    hashes = (head.get("hash"), head.get("base_hash", head.get("hash")))
+    recorded = (head.get("hash"), head.get("base_hash", head.get("hash")))
     if type(seq) is not int or type(base) is not int or not 0 <= base <= seq or \
-            not all(isinstance(value, str) for value in hashes):
+            not all(isinstance(value, str) for value in recorded):
         raise ChainBroken(None, "the head file is malformed")
-    count = len(parsed)
+    count = len(hashes)
     if count > seq:
         raise ChainBroken(seq + 1, f"not recorded in the head file (it records {seq} lines, the file "
                                    f"has {count}): lines appended by someone other than the audit "
                                    "daemon, with a recomputed chain")
-    committed, expected = (seq, hashes[0]) if count == seq else (base, hashes[1])
+    committed, expected = (seq, recorded[0]) if count == seq else (base, recorded[1])
     if count < committed:
         raise ChainBroken(count + 1, f"missing: the head file records {committed} lines, the file "
                                      f"has {count} (lines were cut off the end)")
-    if (parsed[committed - 1]["hash"] if committed else GENESIS) != expected:
+    if (hashes[committed - 1] if committed else GENESIS) != expected:
         raise ChainBroken(committed or None, "does not match the hash recorded in the head file "
                                              "(the line was rewritten)")
     return committed
@@ -212,10 +212,10 @@ def read_head(path):
 
 
 def verify_data(data, head):
-    """Verify file content against its head record; returns the parsed lines."""
+    """Verify file content against its head record; returns the lines' hashes."""
     lines, torn = split_lines(data)
-    parsed = check_chain(lines)
-    committed = committed_lines(parsed, head)
+    hashes = check_chain(lines)
+    committed = committed_lines(hashes, head)
     pending = head is not None and committed < head["seq"]
     if pending or torn:
         what = (f"the head records a write of lines {committed + 1}..{head['seq']} that did not "
@@ -223,7 +223,7 @@ def verify_data(data, head):
             "incomplete (no final newline): an interrupted write"
         raise ChainBroken(committed + 1, f"{what}; the audit daemon moves it aside when it starts "
                                          "and writes those entries again from Redis")
-    return parsed
+    return hashes
 
 
 def verify_file(path):
@@ -235,11 +235,10 @@ def verify_file(path):
     except OSError as exc:
         return False, None, f"cannot read {path}: {exc.strerror}"
     try:
-        parsed = verify_data(data, read_head(path))
+        hashes = verify_data(data, read_head(path))
     except ChainBroken as broken:
         return False, broken.line_number, str(broken)
-    last = parsed[-1]["hash"] if parsed else GENESIS
-    return True, None, f"{len(parsed)} lines, chain intact, head {last}"
+    return True, None, f"{len(hashes)} lines, chain intact, head {hashes[-1] if hashes else GENESIS}"
 
 
 # ------------------------------------------------------- what the file already holds ----
@@ -369,17 +368,17 @@ class AuditFile:
         try:
             data = self._read_all()
             lines, torn = split_lines(data)
-            parsed = check_chain(lines)
-            committed = committed_lines(parsed, read_head(self.path))
+            hashes = check_chain(lines)
+            committed = committed_lines(hashes, read_head(self.path))
             keep = sum(len(line) + 1 for line in lines[:committed])
             if keep < len(data):
                 # An interrupted write (see committed_lines): never acknowledged anywhere, the
                 # entries are still in Redis and are read again from the cursor below.
-                self._move_aside(data[keep:], keep, lines=len(parsed) - committed, torn=bool(torn))
-            for obj in parsed[:committed]:
-                self.written.add(obj)
+                self._move_aside(data[keep:], keep, lines=len(hashes) - committed, torn=bool(torn))
+            for raw in lines[:committed]:
+                self.written.add(json.loads(raw))       # verified above
             if committed:
-                self.seq, self.last_hash = parsed[committed - 1]["seq"], parsed[committed - 1]["hash"]
+                self.seq, self.last_hash = committed, hashes[committed - 1]
             self.size = keep
             self._write_head(self.seq, self.last_hash)
         except OSError as exc:
