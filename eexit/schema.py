@@ -4,7 +4,8 @@ Every message has `to_fields()` (str -> str, ready for XADD/HSET) and a classmet
 `from_fields(raw)` returning `(message, problems)`. `from_fields` never raises: a safety daemon
 that crashes on a malformed entry is a daemon an attacker (or a bug) can switch off with one
 XADD. Problems are short codes such as `missing:event_id` or `bad_int:ts`; the caller decides
-what a problem means (the EEW still executes an authorised but malformed panic).
+what a problem means (the EEW still executes an authorised but malformed panic, except one
+with a field over MAX_TEXT: that is REJECTED, see eew.authorise).
 
 Missing or unreadable numbers parse to None, never to 0: "0 positions" must only ever mean the
 producer said 0 (SPEC §4.1, §4.6).
