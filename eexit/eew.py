@@ -231,8 +231,13 @@ def decode_fields(raw):
     return {_text(key): _text(value) for key, value in (raw or {}).items()}
 
 
-def authorise(event, fields, authorized_sources, keyring):
-    """(ok, reason). Checks the claimed issuer, then its signature when keys are configured."""
+def authorise(event, fields, authorized_sources, keyring, problems=()):
+    """(ok, reason). Refuses a field over schema.MAX_TEXT (parsing cut it for display: a cut
+    event_id would share its ledger record with another event, which is then DUPLICATE and
+    never closes), then checks the claimed issuer, then its signature when keys are configured."""
+    too_long = next((problem for problem in problems if problem.startswith("too_long:")), None)
+    if too_long:
+        return False, too_long
     if event.issued_by not in authorized_sources:
         return False, f"unauthorized_issuer:{event.issued_by or '(none)'}"
     signed, why = signing.verify_fields(fields, keyring)
@@ -1042,7 +1047,7 @@ class Worker:
                  reason=event.reason, age_ms=age_ms, problems=",".join(problems))
 
         allowed, why = authorise(event, decode_fields(raw), self.config.authorized_sources,
-                                 self.config.keyring)
+                                 self.config.keyring, problems)
         if not allowed:
             log.warning("panic_rejected", event_id=event_id, entry_id=entry_id, why=why)
             self.report_without_action(entry_id, dict(base, status="REJECTED", detail=why))

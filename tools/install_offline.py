@@ -42,7 +42,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
-DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "ops", "bot")   # bot: the trading bot's read-only user
 PASSWORD_PLACEHOLDER = "@PASSWORD_HASH@"
 WHEELHOUSE_LOCK = "requirements.lock"   # inside the wheelhouse: every wheel with its own hash
 SUMS = "SHA256SUMS"
