@@ -329,6 +329,15 @@ class Watchdog:
                 return report.status or "UNKNOWN"
         return ""
 
+    def _outlived(self, event_id):
+        """True when event_id has a final report and an OK heartbeat came after it."""
+        for entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
+            report, _problems = schema.CompletionReport.from_fields(fields)
+            if report.event_id == event_id and report.status in ("FLAT", "RESIDUAL", "FAILED"):
+                later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
+                return any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later)
+        return False
+
     def _panic_published(self, event_id):
         for _entry_id, fields in self.client.xrevrange(schema.PANIC_STREAM, "+", "-", count=REPORT_SCAN):
             event, _problems = schema.PanicEvent.from_fields(fields)
@@ -388,6 +397,10 @@ class Watchdog:
                     self.state = self._observe(self.state, fields, sent_at)
                 else:
                     self.report_id = bus.as_text(entry_id)
+                    if self.incident is None:
+                        # Another opener's incident (the ExecStopPost hook, another watchdog)
+                        # is adopted when a report arrives, so it closes by our re-arm rule.
+                        self._recover_incident(received_at)
                     self._on_report(fields)
         now = self.monotonic()
         trigger = evaluate(self.state, now, self.cfg.limits)
@@ -436,7 +449,17 @@ class Watchdog:
         # The hash first: a crash before the XADD then re-publishes THIS id after restart.
         # Watchdogs on several hosts share INCIDENT_KEY: the first claim (HSETNX event_id) wins
         # and the others adopt its event_id, so one outage is one execution (docs/HA.md).
-        event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, candidate.to_fields())
+        claim = {**candidate.to_fields(), "opened_by": ISSUER}
+        event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
+        if not won and self._outlived(event_id):
+            # The open incident's event was handled and the brain sent a healthy heartbeat
+            # after that report: it belongs to an earlier outage (a hook's incident nobody
+            # adopted, or one planted with a used event id, which the EEW would only answer
+            # DUPLICATE). Close it and claim afresh. Two watchdogs doing this at once can
+            # open two incidents: a needless second flatten, never a missed one.
+            self.log.warning("incident_outlived", event_id=event_id)
+            self._close_incident(Incident(event_id, "", "", 0))
+            event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
         if won:
             self.incident = candidate
             self.log.critical("incident_opened", event_id=event_id, reason=trigger.reason,
@@ -449,9 +472,13 @@ class Watchdog:
         # The winner publishes; we re-publish the SAME id only if no report appears in time
         # (covers a winner that died between its claim and its XADD): fail-closed, and never
         # a second execution.
-        adopted.next_publish_at = now + self.cfg.republish_s
+        # No panic entry at all for it: its opener died (or was stopped) between claim and
+        # XADD; publish now rather than after the republish delay.
+        adopted.next_publish_at = now + (self.cfg.republish_s if self._panic_published(event_id) else 0.0)
         self.incident = adopted
-        self.log.critical("incident_adopted", event_id=event_id, reason=trigger.reason)
+        opened_by = bus.as_text(self.client.hget(INCIDENT_KEY, "opened_by") or b"")
+        self.log.critical("incident_adopted", event_id=event_id, reason=trigger.reason, opened_by=opened_by,
+                          completed_status=adopted.completed_status)
 
     def _publish_panic(self, incident, now):
         context = {"detail": incident.detail, "publish_count": incident.publish_count + 1,

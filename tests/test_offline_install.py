@@ -21,7 +21,7 @@ from tests.harness import RedisServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools/install_offline.py"
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
-DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "ops", "hook")
 
 
 def offline_env():
