@@ -163,6 +163,7 @@ def main():
     parser.add_argument("--latency-ms", type=float, default=25.0)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "hook.json"))
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     interpreter_ms, import_ms = import_costs()
     bench = Bench(args)
     try:
@@ -177,6 +178,7 @@ def main():
             "kill_to_flat_ms": summary([r["kill_to_flat_ms"] for r in rows]),
             "hook_wall_ms": summary([r["hook_wall_ms"] for r in rows]),
             "hook_elapsed_ms": summary([r["hook_elapsed_ms"] for r in rows if r["hook_elapsed_ms"] is not None]),
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "interpreter_start_ms": interpreter_ms, "import_ms": import_ms,
             "all_flat": all(r["status"] == "FLAT" and r["flat_on_exchange"] for r in rows),
             "all_from_hook": all(r["issued_by"] == "exit_brain" for r in rows), "rows": rows}
