@@ -24,6 +24,7 @@ from eexit.paper import PaperExchange
 from tests.harness import RedisServer, RedisTestCase, python_env, start_module, stop_process, tail_logs, wait_for
 from tests.test_redis_acl import install_offline, password
 from tests.test_systemd_units import read_unit
+from tests.test_watchdog import SCALED, Beater, panics
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_BIN = "/opt/eexit/venv/bin/"
@@ -193,6 +194,13 @@ class HookRedisTest(RedisTestCase):
         self.assertEqual(code, hook.EXIT_REDIS, err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
 
+    def test_unconfirmed_replication_exits_5(self):
+        code, err = self.hook.run(self.redis_server.url, KILLED, EEXIT_REDIS_REPLICAS="1",
+                                  EEXIT_REDIS_WAIT_MS="50", EEXIT_HOOK_TIMEOUT_S="1")
+        self.assertEqual(code, hook.EXIT_UNCONFIRMED, err)
+        self.assertEqual(len(self.panics()), 1)      # written, only not confirmed on a replica
+        self.assertIn("event=panic_replication_unconfirmed", err)
+
     def test_configuration_errors_exit_2(self):
         for env, needle in (({"EEXIT_HOOK_TIMEOUT_S": "60"}, "EEXIT_HOOK_TIMEOUT_S"),
                             ({"EEXIT_REDIS_REPLICAS": "x"}, "EEXIT_REDIS_REPLICAS")):
@@ -278,6 +286,49 @@ class HookAclTest(unittest.TestCase):
                 with self.assertRaises(redis.exceptions.NoPermissionError):
                     call(*args)
         self.assertEqual(admin.hget(hook.INCIDENT_KEY, "event_id"), "e-wd")
+
+
+class WatchdogAdoptionTest(RedisTestCase):
+    """What the watchdog does with an incident someone else opened (the hook's claim, or one
+    planted with the hook's Redis user): heartbeats from the test, thresholds scaled down."""
+
+    def setUp(self):
+        super().setUp()
+        self.logdir = tempfile.mkdtemp(prefix="eexit-hook-wd-")
+        self.beaters, self.processes = [], []
+        self.addCleanup(lambda: [b.stop() for b in self.beaters] + [stop_process(p) for p in self.processes])
+
+    def start(self, **fields):
+        self.beaters.append(Beater(self.redis_server.client(), **fields).start())
+        self.processes.append(start_module("eexit.watchdog", python_env(**{**SCALED, "REDIS_URL": self.redis_server.url}),
+                                           os.path.join(self.logdir, "watchdog.log")))
+        wait_for(lambda: self.redis.xlen(schema.WATCHDOG_HEARTBEAT_STREAM) >= 3, 20, message="watchdog up")
+
+    def log(self):
+        return Path(self.logdir, "watchdog.log").read_text()
+
+    def test_an_incident_of_an_earlier_outage_is_replaced(self):
+        used = "aaaaaaaa-1111-4111-8111-111111111111"
+        self.redis.xadd(schema.PANIC_STREAM, {"event_id": used, "reason": "EXIT_BRAIN_DIED", "issued_by": "exit_brain"})
+        self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": used, "status": "FLAT"})
+        self.start(active_positions=2)          # healthy heartbeats after that report
+        self.redis.hsetnx(hook.INCIDENT_KEY, "event_id", used)
+        self.redis.hsetnx(hook.INCIDENT_KEY, "opened_by", "hook")
+        self.beaters[0].stop()
+        new = wait_for(lambda: [e for e in panics(self.redis) if e.event_id != used], 20,
+                       message=f"a new panic\n{self.log()}")
+        self.assertEqual([(e.issued_by, e.reason) for e in new], [("watchdog", "POSITIONS_UNGUARDED")])
+        self.assertIn("incident_outlived", self.log())
+        self.assertEqual(self.redis.hget(hook.INCIDENT_KEY, "event_id").decode(), new[0].event_id)
+
+    def test_a_claim_without_a_panic_is_published_at_once(self):
+        claimed = "bbbbbbbb-2222-4222-8222-222222222222"
+        self.start(active_positions=2)
+        self.redis.hsetnx(hook.INCIDENT_KEY, "event_id", claimed)     # the hook died after its claim
+        self.beaters[0].stop()
+        # SCALED re-publishes only after 30 s: a panic well before that is the at-once path.
+        event = wait_for(lambda: panics(self.redis), 20, message=f"panic\n{self.log()}")[0]
+        self.assertEqual((event.event_id, event.issued_by), (claimed, "watchdog"))
 
 
 class KillBrainThroughHook(RedisTestCase):
