@@ -179,6 +179,7 @@ def main():
             "hook_wall_ms": summary([r["hook_wall_ms"] for r in rows]),
             "hook_elapsed_ms": summary([r["hook_elapsed_ms"] for r in rows if r["hook_elapsed_ms"] is not None]),
             "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "interpreter_start_ms": interpreter_ms, "import_ms": import_ms,
             "all_flat": all(r["status"] == "FLAT" and r["flat_on_exchange"] for r in rows),
             "all_from_hook": all(r["issued_by"] == "exit_brain" for r in rows), "rows": rows}

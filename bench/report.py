@@ -93,7 +93,8 @@ def hook_section(data, summary):
              f"EEXIT_HOOK_TIMEOUT_S={data['hook_timeout_s']:g}) right after reaping the brain; paper "
              f"latency L = {data['latency_ms']:g} ms on every request; no watchdog (its rules fire seconds "
              "later: section 1). Kill and entry times on Redis's clock. 1-minute load average at start "
-             f"and end: {data.get('load_avg_1m', '-')} on {os.cpu_count()} CPUs (the machine is shared).", "",
+             f"and end: {data.get('load_avg_1m', '-')} on {os.cpu_count()} CPUs (the machine is shared); "
+             f"measured {data.get('measured_at', '-')}.", "",
              "| figure | p50 | p99 | max | target | verdict |", "|---|---|---|---|---|---|",
              f"| kill → panic (ms) | {data['kill_to_panic_ms']['p50']} | {data['kill_to_panic_ms']['p99']} | "
              f"{data['kill_to_panic_ms']['max']} | - | - |",
