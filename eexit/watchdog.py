@@ -60,9 +60,10 @@ heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S.
 Other openers of the incident (opened_by=hook: the brain unit's ExecStopPost= hook, eexit/hook.py,
 which publishes the moment the brain's process dies): the watchdog adopts such an incident
 when its rules fire or when a report arrives, and closes it by the same re-arm rule, so one
-death is one event id. An open incident it would adopt is replaced by a new one when the brain
-sent an OK heartbeat after that event's final report (it belongs to an earlier outage), and
-an adopted id that has no panic entry yet is published at once.
+death is one event id. An open incident it would adopt (on a rule, a report or a restart) is
+closed instead, and a new one opened when a rule fires, when the brain sent an OK heartbeat
+after that event's final report (it belongs to an earlier outage); an adopted id that has no
+panic entry yet is published at once.
 
 This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
@@ -305,6 +306,8 @@ class Watchdog:
     def _recover_incident(self, now):
         stored = {bus.as_text(k): bus.as_text(v) for k, v in self.client.hgetall(INCIDENT_KEY).items()}
         if self.incident is None and stored.get("event_id"):
+            if self._drop_if_outlived(stored["event_id"]):
+                return
             try:
                 opened_at_ms = int(stored.get("opened_at_ms", "0"))
             except ValueError:
@@ -336,13 +339,22 @@ class Watchdog:
                 return report.status or "UNKNOWN"
         return ""
 
-    def _outlived(self, event_id):
-        """True when event_id has a final report and an OK heartbeat came after it."""
+    def _drop_if_outlived(self, event_id):
+        """Close the shared incident event_id, and return True, when that event has a final
+        report and the brain sent an OK heartbeat after it: the incident belongs to an earlier
+        outage (a hook's incident nobody adopted, or one planted with a used event id, which
+        the EEW would only answer DUPLICATE), so adopting it would suppress this outage's
+        panic. Two watchdogs doing this at once can open two incidents: a needless second
+        flatten, never a missed one."""
         for entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
             report, _problems = schema.CompletionReport.from_fields(fields)
             if report.event_id == event_id and report.status in ("FLAT", "RESIDUAL", "FAILED"):
                 later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
-                return any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later)
+                if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
+                    self.log.warning("incident_outlived", event_id=event_id)
+                    self._close_incident(Incident(event_id, "", "", 0))
+                    return True
+                return False
         return False
 
     def _panic_published(self, event_id):
@@ -458,14 +470,7 @@ class Watchdog:
         # and the others adopt its event_id, so one outage is one execution (docs/HA.md).
         claim = {**candidate.to_fields(), "opened_by": ISSUER}
         event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
-        if not won and self._outlived(event_id):
-            # The open incident's event was handled and the brain sent a healthy heartbeat
-            # after that report: it belongs to an earlier outage (a hook's incident nobody
-            # adopted, or one planted with a used event id, which the EEW would only answer
-            # DUPLICATE). Close it and claim afresh. Two watchdogs doing this at once can
-            # open two incidents: a needless second flatten, never a missed one.
-            self.log.warning("incident_outlived", event_id=event_id)
-            self._close_incident(Incident(event_id, "", "", 0))
+        if not won and self._drop_if_outlived(event_id):
             event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
         if won:
             self.incident = candidate

@@ -308,12 +308,21 @@ class WatchdogAdoptionTest(RedisTestCase):
         return Path(self.logdir, "watchdog.log").read_text()
 
     def test_an_incident_of_an_earlier_outage_is_replaced(self):
+        self.check_replaced(replay=False)
+
+    def test_an_incident_of_an_earlier_outage_is_not_adopted_on_a_replayed_report(self):
+        self.check_replaced(replay=True)
+
+    def check_replaced(self, replay):
         used = "aaaaaaaa-1111-4111-8111-111111111111"
         self.redis.xadd(schema.PANIC_STREAM, {"event_id": used, "reason": "EXIT_BRAIN_DIED", "issued_by": "exit_brain"})
         self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": used, "status": "FLAT"})
         self.start(active_positions=2)          # healthy heartbeats after that report
         self.redis.hsetnx(hook.INCIDENT_KEY, "event_id", used)
         self.redis.hsetnx(hook.INCIDENT_KEY, "opened_by", "hook")
+        if replay:      # a replay of the used id: the EEW answers DUPLICATE, the watchdog sees a report
+            self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": used, "status": "DUPLICATE"})
+            wait_for(lambda: "incident_outlived" in self.log(), 20, message=f"dropped\n{self.log()}")
         self.beaters[0].stop()
         new = wait_for(lambda: [e for e in panics(self.redis) if e.event_id != used], 20,
                        message=f"a new panic\n{self.log()}")
