@@ -60,10 +60,10 @@ heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S.
 Other openers of the incident (opened_by=hook: the brain unit's ExecStopPost= hook, eexit/hook.py,
 which publishes the moment the brain's process dies): the watchdog adopts such an incident
 when its rules fire or when a report arrives, and closes it by the same re-arm rule, so one
-death is one event id. An open incident it would adopt (on a rule, a report or a restart) is
-closed instead, and a new one opened when a rule fires, when the brain sent an OK heartbeat
-after that event's final report (it belongs to an earlier outage); an adopted id that has no
-panic entry yet is published at once.
+death is one event id. An incident it would adopt (on a rule, a report or a restart) is
+closed instead when the brain sent an OK heartbeat after that event's final report: it
+belongs to an earlier outage, and a rule that fires opens a new one. An adopted id that has
+no panic entry yet is published at once.
 
 This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
