@@ -7,6 +7,8 @@
         3 no report before the timeout; 2 configuration or Redis unreachable
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual] [--json]
         exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
+    eexit panic --on-service-failure
+        systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
     eexit audit verify FILE [--json]
         exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
     eexit init --operator NAME [--json]
@@ -397,6 +399,11 @@ def build_parser():
 
 
 def main(argv=None):
+    if list(sys.argv[1:] if argv is None else argv) == ["panic", "--on-service-failure"]:
+        # systemd's ExecStopPost= hook: dispatched before argparse, and it takes no other
+        # argument; its settings come from the environment systemd sets.
+        from . import hook   # noqa: PLC0415 - only the hook needs it
+        return hook.run()
     args = build_parser().parse_args(argv)
     env = os.environ
     try:
