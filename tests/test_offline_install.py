@@ -20,8 +20,9 @@ from tests.harness import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools/install_offline.py"
-UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
-DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
+         "eexit-alert.service")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops")
 
 
 def offline_env():

@@ -18,7 +18,7 @@ _spec = importlib.util.spec_from_file_location("install_offline", ROOT / "tools/
 install_offline = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(install_offline)
 
-USERS = ("eexit-brain", "eexit-watchdog", "eexit-eew", "eexit-audit", "eexit-ops")
+USERS = ("eexit-brain", "eexit-watchdog", "eexit-eew", "eexit-audit", "eexit-alert", "eexit-ops")
 ADMIN = "test-admin"  # exists only in this test, to seed and inspect
 WATCHDOG_INCIDENT = "eexit:watchdog:incident"
 EEW_JOURNAL = "eexit:eew:progress:7c9e6679"

@@ -34,8 +34,12 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
-DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
+         "eexit-alert.service")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops")
+# Optional secrets created empty (an empty file means "not used"), so that the unit's
+# LoadCredential= finds a file: fill them in to enable the sink or the signature.
+EMPTY_CREDENTIALS = {"alert": ("telegram_bot_token", "alert_webhook_key")}
 PASSWORD_PLACEHOLDER = "@PASSWORD_HASH@"
 
 
@@ -116,6 +120,8 @@ def install(args):
         directory.chmod(0o700)
         write_new(directory / "redis_password", secrets.token_urlsafe(32) + "\n", 0o600)
         passwords[redis_user(daemon)] = (directory / "redis_password").read_text().strip()
+        for name in EMPTY_CREDENTIALS.get(daemon, ()):
+            write_new(directory / name, "", 0o600)
     # The daemons get their Redis user from their unit (SetCredential=); ops tools run by a
     # person read it from here, with CREDENTIALS_DIRECTORY=/etc/eexit/credentials/ops.
     write_new(etc / "credentials/ops/redis_username", redis_user("ops") + "\n", 0o600)
@@ -157,6 +163,8 @@ eexit installed. Next steps (details: docs/DEPLOY.md):
     and restart redis-server. Check: redis-cli --user eexit-ops --askpass PING
  5. systemctl daemon-reload && systemctl enable --now eexit-eew eexit-watchdog eexit-brain
     (eexit-audit once `python -m eexit.audit` exists)
+    Alerts (docs/ALERTS.md): EEXIT_ALERT_* in eexit.env, the Telegram bot token in
+      {etc}/credentials/alert/telegram_bot_token, then systemctl enable --now eexit-alert
  6. Run a drill against the exchange testnet before going live (docs/DEPLOY.md).""")
 
 
