@@ -349,12 +349,21 @@ class Sink:
         return self.url, body, headers
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None     # a 3xx surfaces as HTTPError: urllib would re-send a POST as a bodiless GET
+
+
+# No proxies from the environment (the tests talk only to 127.0.0.1), no redirects.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+
 def send(sink, msg, timeout_s):
     """(ok, http status or None, short error). Never raises; the error text never holds the URL."""
     url, body, headers = sink.request(msg)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with OPENER.open(request, timeout=timeout_s) as response:
             answer = response.read(65536)
             if sink.kind == "telegram" and not json.loads(answer or b"{}").get("ok"):
                 return False, response.status, "telegram answered ok=false"

@@ -377,7 +377,7 @@ class AlertDaemonTest(RedisTestCase):
         self.webhook.start()
         self.telegram.start()
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "event_id": "ev-1"})
-        self.start()
+        self.start(EEXIT_ALERT_SILENT_S="3600")
         wait_for(lambda: self.redis.xlen(alert.ALERT_HEARTBEAT_STREAM) > 0, 20, message="the first heartbeat")
         panic = self.publish_panic(1)
         report = self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": "ev-1", "status": "FLAT"}).decode()
@@ -388,7 +388,10 @@ class AlertDaemonTest(RedisTestCase):
                                                            "cleared_at": "1700000000123"})
         self.redis.xadd(alert.OPS_AUDIT_STREAM, {"action": "resume", "operator": "ann", "event_id": "ev-1",
                                                  "ts": "1700000000123"})
-        expected = [f"panic:{panic}", f"report:{report}", f"halt_violation:{violation}", "resume:1700000000123"]
+        auth = self.redis.xadd(schema.EEW_HEARTBEAT_STREAM, {"service_id": "eew-1", "status": "DEGRADED",
+                                                             "reason": "exchange_authentication"}).decode()
+        expected = [f"panic:{panic}", f"report:{report}", f"halt_violation:{violation}", "resume:1700000000123",
+                    f"exchange_auth:{auth}"]
         for receiver in (self.webhook, self.telegram):
             self.wait_for_ids(receiver, expected, "every kind delivered")
         wait_for(lambda: all((mid, sink) in self.delivered() for mid in expected for sink in ("webhook", "telegram")),
@@ -418,8 +421,9 @@ class AlertDaemonTest(RedisTestCase):
         for path, _headers, body in self.telegram.requests:
             self.assertEqual(path, f"/bot{TOKEN}/sendMessage")
             self.assertEqual(json.loads(body)["chat_id"], "42")
-        # No daemon heartbeats in this test: each daemon is reported silent, once.
-        self.assertEqual(len([m for m in self.webhook.ids_of("daemon_silent")]), 3)
+        # No heartbeats but the EEW's one: each daemon reported silent once, the EEW back once.
+        self.assertEqual(sorted(m.rsplit(":", 1)[-1] for m in self.webhook.ids_of("daemon_silent")),
+                         ["back", "eew", "exit_brain", "watchdog"])
         for secret in (TOKEN, WEBHOOK_KEY):
             self.assertNotIn(secret, self.log_text())
             with open(self.outbox, encoding="utf-8") as f:
