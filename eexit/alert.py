@@ -269,18 +269,27 @@ class Outbox:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             raise OutboxError(f"cannot open or lock {self.path} (a second notifier?): {exc.strerror}") from None
-        with open(self.path, "rb") as f:
-            data = f.read()
-        head, newline, torn = data.rpartition(b"\n")
-        if torn:
-            # A kill mid-write: never fsynced as a whole, never acted upon. Cut it off.
-            self.log.warning("torn_outbox_line_cut", bytes=len(torn))
-            os.ftruncate(self.fd, len(head) + len(newline))
-            os.fsync(self.fd)
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+            head, newline, torn = data.rpartition(b"\n")
+            if torn:
+                # A kill mid-write: never fsynced as a whole, never acted upon. Cut it off.
+                self.log.warning("torn_outbox_line_cut", bytes=len(torn))
+                os.ftruncate(self.fd, len(head) + len(newline))
+                os.fsync(self.fd)
+        except OSError as exc:
+            # main exits 1; systemd restarts us and we try again.
+            raise OutboxError(f"cannot read or repair {self.path}: {exc.strerror}") from None
         for number, raw in enumerate(head.split(b"\n") if newline else [], start=1):
             try:
-                self.state = apply(self.state, json.loads(raw))
+                record = json.loads(raw)
+                if record.get("op") not in ("read", "done", "snapshot"):
+                    raise ValueError("unknown op")
+                self.state = apply(self.state, record)
             except (ValueError, KeyError, TypeError, AttributeError):
+                # Not a torn tail but a damaged middle: guessing what it said could drop or
+                # repeat alerts. main exits 3 for an operator to look.
                 raise OutboxCorrupt(f"{self.path} line {number} is not an outbox record") from None
             self.lines += 1
         return self

@@ -257,6 +257,28 @@ class OutboxStateTest(unittest.TestCase):
             alert.Outbox(path, log).open()
 
 
+    def test_compaction_keeps_the_state(self):
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "outbox.jsonl")
+        log = alert.Logger("test", stream=open(os.devnull, "w"))
+        saved = alert.COMPACT_AFTER_LINES
+        alert.COMPACT_AFTER_LINES = 3
+        self.addCleanup(setattr, alert, "COMPACT_AFTER_LINES", saved)
+        box = alert.Outbox(path, log).open()
+        for number in range(7):
+            box.append({"op": "read", "cursors": {"s": f"{number}-0"}, "msgs": [self.msg(f"m{number}")],
+                        "sinks": ["w"], "at": number})
+        box.append({"op": "done", "id": "m0", "sink": "w", "at": 9, "result": "delivered"})
+        state = json.loads(json.dumps(box.state))
+        os.close(box.fd)
+        with open(path, encoding="utf-8") as f:
+            self.assertLess(len(f.read().splitlines()), 4)
+        reopened = alert.Outbox(path, log).open()
+        self.addCleanup(os.close, reopened.fd)
+        self.assertEqual(reopened.state, state)
+        self.assertEqual(alert.pending_for(reopened.state, "w"), [f"m{n}" for n in range(1, 7)])
+
+
 class SinkAndConfigTest(unittest.TestCase):
     def test_webhook_hmac_signs_the_exact_body(self):
         sink = alert.Sink("webhook", "http://127.0.0.1:1/hook", "webhook", hmac_key=WEBHOOK_KEY)
