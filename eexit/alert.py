@@ -569,8 +569,8 @@ class AlertDaemon:
         self.beat = None
 
     def cursors(self):
-        """Where to read each stream from. First start: from the newest entry (history before
-        installation is not announced)."""
+        """Where to read each stream from. First start: from the newest entry when Redis first
+        answers, before READY (history before installation is not announced)."""
         cursors = dict(self.outbox.state["cursors"])
         for stream in FOLLOWED:
             newest = self.client.xrevrange(stream, count=1)
@@ -585,7 +585,7 @@ class AlertDaemon:
         return cursors
 
     def poll_streams(self, block_ms):
-        cursors = self.cursors()
+        cursors = dict(self.outbox.state["cursors"])      # fixed by connect() this round
         reply = self.client.xread(cursors, count=READ_COUNT, block=block_ms)
         msgs, moved = [], {}
         for stream, items in reply or []:
@@ -594,10 +594,9 @@ class AlertDaemon:
                 entry_id = bus.as_text(entry_id)
                 msgs.extend(alerts_for_entry(stream, entry_id, decoded(fields)))
                 moved[stream] = entry_id
-        cursors.update(moved)
-        if moved or cursors != self.outbox.state["cursors"]:
+        if moved:
             # The messages and the cursor past their entries: one fsynced line, never apart.
-            self.queue(msgs, cursors=cursors)
+            self.queue(msgs, cursors=dict(cursors, **moved))
 
     def poll_state(self):
         now_ms = bus.server_time_ms(self.client)
@@ -637,15 +636,22 @@ class AlertDaemon:
         status = "DEGRADED" if any(worker.last_error for worker in self.workers) else "OK"
         self.beat.publish(status, None, None, extra=extra)
 
+    def connect(self):
+        """Connect and fix the cursors (on a first start: here). Raises bus.REDIS_ERRORS."""
+        if self.client is None:
+            self.client = bus.connect(url=self.config.redis_url)
+            self.beat = Heartbeat(self.client, "eexit-alert", ALERT_HEARTBEAT_STREAM)
+        cursors = self.cursors()
+        if cursors != self.outbox.state["cursors"]:
+            self.queue([], cursors=cursors)
+
     def run(self, stop):
         backoff = BACKOFF_START_S
         block_ms = max(1, int(self.notifier.max_block_s(self.config.poll_s) * 1000))
         while not stop.is_set():
             self.notifier.ping()
             try:
-                if self.client is None:
-                    self.client = bus.connect(url=self.config.redis_url)
-                    self.beat = Heartbeat(self.client, "eexit-alert", ALERT_HEARTBEAT_STREAM)
+                self.connect()
                 self.poll_streams(block_ms)
                 self.poll_state()
                 self.heartbeat()
@@ -690,9 +696,19 @@ def main():
     for worker in workers:
         worker.start()
     notifier = Notifier()
+    daemon = AlertDaemon(config, outbox, workers, log, notifier)
+    try:
+        # Before READY, so that READY means "following from here" on a first start too.
+        daemon.connect()
+    except bus.REDIS_ERRORS as exc:
+        # Not fatal: the loop retries; a first start then follows from when Redis answers.
+        log.warning("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
+        daemon.client = None
+    except OutboxError as exc:
+        log.critical("outbox_error", error=str(exc))
+        return IO_ERROR_EXIT_CODE
     notifier.ready(status=f"pending={len(outbox.state['messages'])}")
     log.info("ready", outbox=config.outbox, sinks=",".join(names), pending=len(outbox.state["messages"]))
-    daemon = AlertDaemon(config, outbox, workers, log, notifier)
     try:
         daemon.run(stop)
     except OutboxError as exc:

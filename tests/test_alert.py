@@ -510,6 +510,36 @@ class AlertDaemonTest(RedisTestCase):
         self.webhook.hold_after = None
         self.wait_for_ids(self.webhook, ids, "the webhook catches up once it answers")
 
+    def test_ntfy_sink_end_to_end(self):
+        ntfy = Receiver().start()
+        self.addCleanup(ntfy.stop)
+        self.start(EEXIT_ALERT_WEBHOOK_URL="", EEXIT_ALERT_TELEGRAM_CHAT_ID="",
+                   EEXIT_ALERT_NTFY_URL=ntfy.url() + "/eexit-topic")
+        report = self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": "ev-9", "status": "RESIDUAL"}).decode()
+        mid = f"report:{report}"
+        self.wait_for_ids(ntfy, [mid], "the ntfy topic")
+        (path, headers, body), = [r for r in ntfy.requests if r[1].get(alert.ID_HEADER) == mid]
+        self.assertEqual(path, "/eexit-topic")
+        self.assertEqual((headers["Priority"], headers["Tags"]), ("5", "report"))
+        self.assertTrue(body.decode().startswith("[eexit] NEEDS A HUMAN: report RESIDUAL event=ev-9"))
+
+    def test_a_sink_refusing_a_message_gives_it_up_and_goes_on(self):
+        with open(os.path.join(self.creds, "telegram_bot_token"), "w") as f:
+            f.write("999:revoked-token\n")            # the fake answers 404 to any other token
+        self.webhook.start()
+        self.telegram.start()
+        self.start()
+        ids = [f"panic:{self.publish_panic(n)}" for n in range(3)]
+        self.wait_for_ids(self.webhook, ids, "the webhook is not affected")
+
+        def rejected():
+            return {r["id"] for r in self.records() if r["op"] == "done" and r["sink"] == "telegram"
+                    and r["result"] == "rejected"}
+        wait_for(lambda: set(ids) <= rejected(), 30, message=f"each refused message given up\n{self.log_text()}")
+        self.assertIn("event=alert_given_up sink=telegram", self.log_text())
+        self.assertEqual(len(self.telegram.ids()), len(set(self.telegram.ids())), "a 4xx is never retried")
+        self.assertNotIn("revoked-token", self.log_text())
+
     def test_bad_configuration_exits_2(self):
         env = python_env(REDIS_URL=self.redis_server.url, EEXIT_ALERT_OUTBOX=self.outbox)
         result = subprocess.run([sys.executable, "-m", "eexit.alert"], env=env, cwd=ROOT,
