@@ -398,8 +398,10 @@ class SinkWorker(threading.Thread):
     def run(self):
         try:
             self._loop()
-        except OutboxError as exc:
-            # The outbox state on disk is unknown: the main loop exits 1, systemd restarts us.
+        except Exception as exc:  # noqa: BLE001 - see below
+            # OutboxError: the outbox state on disk is unknown. Anything else is a bug. Either
+            # way this sink delivers nothing more: stop the daemon (exit 1, systemd restarts
+            # us) rather than keep pinging the watchdog with a dead sink.
             self.failure = exc
             self.stop.set()
 
@@ -716,9 +718,11 @@ def main():
         return IO_ERROR_EXIT_CODE
     finally:
         notifier.stopping()
-    failed = [worker.failure for worker in workers if worker.failure]
+    failed = [worker for worker in workers if worker.failure]
     if failed:
-        log.critical("outbox_error", error=str(failed[0]))
+        log.critical("sink_worker_failed", sink=failed[0].sink.name, error=type(failed[0].failure).__name__,
+                     # Only the outbox's own message: another exception's text could hold a URL.
+                     detail=str(failed[0].failure)[:200] if isinstance(failed[0].failure, OutboxError) else "")
         return IO_ERROR_EXIT_CODE
     log.info("stopped", pending=len(outbox.state["messages"]))
     return 0
