@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from eexit import alert, ops, schema
 from eexit.config import ConfigError
-from tests.harness import ROOT, RedisTestCase, free_port, python_env, start_module, stop_process, wait_for
+from tests.harness import (ROOT, NotifySocket, RedisTestCase, free_port, python_env, start_module, stop_process,
+                           wait_for)
 
 TOKEN = "123456:not-a-real-token"
 WEBHOOK_KEY = "not-a-real-webhook-key"
@@ -539,6 +540,15 @@ class AlertDaemonTest(RedisTestCase):
         self.assertIn("event=alert_given_up sink=telegram", self.log_text())
         self.assertEqual(len(self.telegram.ids()), len(set(self.telegram.ids())), "a 4xx is never retried")
         self.assertNotIn("revoked-token", self.log_text())
+
+    def test_ready_and_watchdog_pings_to_systemd(self):
+        sock = NotifySocket()
+        self.addCleanup(sock.close)
+        self.webhook.start()
+        self.start(**sock.env(watchdog_usec=2_000_000))
+        wait_for(lambda: sock.times_of("READY=1") and len(sock.times_of("WATCHDOG=1")) >= 3, 20,
+                 message="READY and watchdog pings")
+        self.assertLess(sock.times_of("READY=1")[0], sock.times_of("WATCHDOG=1")[0])
 
     def test_bad_configuration_exits_2(self):
         env = python_env(REDIS_URL=self.redis_server.url, EEXIT_ALERT_OUTBOX=self.outbox)
