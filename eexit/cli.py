@@ -162,8 +162,22 @@ def cmd_status(args, cfg, env):
             consumers = ", ".join(f"{name}={count}" for name, count in info["consumers"].items()) or "-"
             lag = "" if info["lag"] is None else f" unread={info['lag']}"
             print(f"  {stream} / {group}: pending={info['pending']}{lag} ({consumers})")
+    print_alerts(status["alerts"])
     print({0: "HEALTHY", 1: "HALTED", 2: "UNHEALTHY: a daemon is silent"}[code])
     return code
+
+
+def print_alerts(alerts):
+    """The alert outbox, as the notifier last reported it (eexit.alert heartbeat)."""
+    if alerts["age_ms"] is None:
+        print("alerts: no notifier heartbeat (eexit-alert not running?)")
+        return
+    print(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
+    for name, sink in sorted(alerts["sinks"].items()):
+        last_at = int(sink["last_at"]) if sink.get("last_at", "").isdigit() else None
+        error = f" error={sink['error']}" if sink.get("error") else ""
+        print(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
+              f"{sink.get('last_id') or '-'} at {fmt_ts(last_at)}{error}")
 
 
 # ---------------------------------------------------------------------------- panic

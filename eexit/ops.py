@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import bus, schema, signing
+from . import alert, bus, schema, signing
 
 OPS_AUDIT_STREAM = "eexit:ops:audit"
 OPS_AUDIT_MAXLEN = None          # never trimmed: it is the record of who resumed trading
@@ -155,6 +155,7 @@ def gather_status(client, events=5):
         "daemons": daemons,
         "panics": recent,
         "pending": pending_summary(client),
+        "alerts": alert.read_outbox_status(client, now_ms),
     }
 
 
