@@ -217,13 +217,13 @@ class Brain:
 
     def _close(self, exit_, result):
         position = exit_.position
-        client_order_id = "eexit-brain-" + uuid.uuid4().hex[:20]
+        client_order_id = "eexitbrain" + uuid.uuid4().hex[:22]   # 32 letters/digits: every venue
         self.log.info("exit_rule_hit", symbol=position.symbol, side=position.side, rule=exit_.rule,
                       detail=exit_.detail, contracts=position.contracts, client_order_id=client_order_id)
         try:
             order = self.exchange.place_close_order(self.ex, position.symbol, exit_.order_side,
                                                     position.contracts, position.position_side,
-                                                    client_order_id)
+                                                    client_order_id, position.margin_mode)
         except Exception as exc:  # noqa: BLE001 - any failure of one close
             # The other exits still go out; this cycle is DEGRADED and the next one re-reads
             # the account and tries again (the rule still holds if the position is still there).

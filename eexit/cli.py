@@ -132,7 +132,7 @@ def cmd_status(args, cfg, env):
         reports = event["reports"]
         outcome = " / ".join(
             f"{r['status']} {r['positions_closed']}/{r['positions_total']} closed in {r['execution_time_ms']} ms"
-            for r in reports) or "NO REPORT"
+            + (f" scope={r['scope']}" if r.get("scope") else "") for r in reports) or "NO REPORT"
         print(f"  {fmt_ts(event['ts'])} {event['event_id']} {event['reason']} by {event['issued_by']}: {outcome}")
     print("pending:")
     if not status["pending"]:
@@ -185,7 +185,8 @@ def cmd_panic(args, cfg, env):
     else:
         print(f"report: status={report.status} positions {report.positions_closed}/{report.positions_total} closed, "
               f"{report.positions_failed} failed {report.failed_symbols or ''} orders_cancelled={report.orders_cancelled} "
-              f"execution_time_ms={report.execution_time_ms}" + (f" detail={report.detail}" if report.detail else ""))
+              f"execution_time_ms={report.execution_time_ms}" + (f" scope={report.scope}" if report.scope else "")
+              + (f" detail={report.detail}" if report.detail else ""))
         for residual in report.residual_positions:
             print(f"  residual: {residual}")
         print("FLAT" if code == EXIT_OK else f"NOT FLAT ({report.status})")

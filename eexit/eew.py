@@ -89,9 +89,6 @@ MAX_RATE_RETRIES = 8          # 429s for one order inside one attempt before the
 READ_BACKOFF_S = (0.1, 0.2, 0.5)
 KEEPALIVE_S = 0.5           # while a close attempt runs: ping the watchdog, keep our entry fresh
 REDIS_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
-# Binance USD-M's per-account order limits. Sliding windows never exceed the exchange's fixed
-# windows, yet let a whole burst go at once: 300 closes leave in one round, not over 10 s.
-DEFAULT_ORDER_LIMITS = "300/10,1200/60"
 PACING_MARGIN_S = 0.1
 
 
@@ -125,6 +122,7 @@ class Config:
             # Refuse to start: without a journal a bus-loss report could not be kept.
             raise ConfigError(f"EEXIT_JOURNAL={journal_path!r} cannot be opened for append: "
                               f"{exc.strerror}") from None
+        exchange_config = exchange.ExchangeConfig.from_env(env)
         return cls(
             redis_url=bus.redis_url(env),
             consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
@@ -136,9 +134,10 @@ class Config:
             journal_path=journal_path,
             concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 64, minimum=1, maximum=256, env=env),
             block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
-            order_limits=parse_order_limits(env_str("EEXIT_ORDER_LIMITS", DEFAULT_ORDER_LIMITS, env)),
+            order_limits=parse_order_limits(env_str(
+                "EEXIT_ORDER_LIMITS", exchange.default_order_limits(exchange_config.exchange_id), env)),
             heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, env=env),
-            exchange_config=exchange.ExchangeConfig.from_env(env),
+            exchange_config=exchange_config,
             keyring=signing.load_keys(env),
         )
 
@@ -368,6 +367,7 @@ class ExchangePool:
 
     def __init__(self, cfg, size):
         self.cfg = cfg
+        self.exchange_id = cfg.exchange_id
         self.size = size
         self.rules = None
         self.free = queue.Queue()
@@ -409,8 +409,8 @@ def _read_orders(client, conditional):
     return exchange.read_open_orders_book(client, conditional)
 
 
-def _cancel_orders(client, symbol, conditional):
-    exchange.cancel_book(client, symbol, conditional)
+def _cancel_orders(client, symbol, conditional, orders):
+    exchange.cancel_book(client, symbol, conditional, orders)
 
 
 ORDER_BOOKS = (False, True)     # normal, conditional: read and cancelled as parallel requests
@@ -424,10 +424,13 @@ def _sleep(seconds, keepalive):
         keepalive()
 
 
-def _error_text(exc):
-    """Short, secret-free description of an exchange failure for logs and reports."""
-    kind = exchange.classify_error(exc)
-    return f"{kind.kind}:{kind.code}" if kind.code is not None else f"{kind.kind}:{type(exc).__name__}"
+def _error_text(exc, exchange_id):
+    """Short, secret-free description of an exchange failure for logs and reports, naming the
+    account segment when the failure concerns one."""
+    kind = exchange.classify_error(exc, exchange_id=exchange_id)
+    text = f"{kind.kind}:{kind.code}" if kind.code is not None else f"{kind.kind}:{type(exc).__name__}"
+    segment = getattr(exc, "eexit_segment", None)
+    return f"{text}:segment={segment}" if segment else text
 
 
 @dataclass
@@ -453,9 +456,12 @@ class Closer:
         self.config = config
         self.pool = pool
         self.pacer = pacer
+        self.last_read_error = ""
+        self.scope = exchange.venue(pool.exchange_id).SCOPE
 
     def read_account(self, deadline, event_id, keepalive):
-        """Positions and open orders, fresh, retried until the deadline; None if never read."""
+        """Positions and open orders, fresh, retried until the deadline; None if never read
+        (self.last_read_error then says why, naming the segment that failed)."""
         for attempt in itertools.count():
             paused = self.pacer.paused_for()
             if paused > 0:
@@ -471,12 +477,13 @@ class Closer:
             except Exception as exc:  # noqa: BLE001 - any failure means "account unknown"
                 # Unknown is never empty: wait and read again until the deadline; the caller
                 # reports FAILED if no read ever succeeds.
-                kind = exchange.classify_error(exc)
+                kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
+                self.last_read_error = _error_text(exc, self.pool.exchange_id)
                 wait = kind.retry_after_s if kind.retry_after_s is not None else \
                     READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
                 if kind.kind == "rate_limited":
                     self.pacer.pause(wait)
-                log.warning("account_read_failed", event_id=event_id, error=_error_text(exc),
+                log.warning("account_read_failed", event_id=event_id, error=self.last_read_error,
                             retry_in_s=wait)
                 if time.monotonic() + wait > deadline:
                     return None
@@ -488,7 +495,9 @@ class Closer:
         KEEPALIVE_S from this (the main) thread meanwhile."""
         plan = flatten.plan_close(account.positions, self.pool.rules or {}, attempt, event_id)
         symbols = sorted({o.symbol for o in account.orders})
-        cancels = {self.pool.submit(self._cancel, symbol, conditional): (symbol, conditional)
+        cancels = {self.pool.submit(self._cancel, symbol, conditional,
+                                    [o for o in account.orders
+                                     if o.symbol == symbol and o.conditional == conditional]): (symbol, conditional)
                    for symbol in symbols for conditional in ORDER_BOOKS}
         closes = {self.pool.submit(self._close, order, deadline): order for order in plan}
         waiting = set(cancels) | set(closes)
@@ -515,14 +524,14 @@ class Closer:
                  cancelled=result.cancelled, errors=len(result.errors))
         return result
 
-    def _cancel(self, client, symbol, conditional):
+    def _cancel(self, client, symbol, conditional, orders):
         """None on success, else a short error text. Runs on a pool thread."""
         try:
-            _cancel_orders(client, symbol, conditional)
+            _cancel_orders(client, symbol, conditional, orders)
             return None
         except Exception as exc:  # noqa: BLE001 - one failed cancel is recorded, not raised
             # The re-read shows whether orders are still resting; the next attempt cancels again.
-            return _error_text(exc)
+            return _error_text(exc, self.pool.exchange_id)
 
     def _close(self, client, order, deadline):
         """None once the exchange accepted the order, else a short error text. A 429/418 is
@@ -535,13 +544,13 @@ class Closer:
                 return "deadline"
             try:
                 exchange.place_close_order(client, order.symbol, order.side, order.amount,
-                                           order.position_side, order.client_order_id)
+                                           order.position_side, order.client_order_id, order.margin_mode)
                 return None
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
                 kind = exchange.classify_error(exc, client)
                 if kind.kind != "rate_limited":
                     # Not retried blind: the re-read shows what is left and re-plans it.
-                    return _error_text(exc)
+                    return _error_text(exc, self.pool.exchange_id)
                 # Everyone waits: the limit is per account/IP, not per thread.
                 self.pacer.pause(kind.retry_after_s or 1.0)
         return "rate_limited:retries_exhausted"
@@ -555,8 +564,8 @@ class Closer:
         account = self.read_account(deadline, event_id, keepalive)
         if account is None:
             return dict(status=flatten.FAILED, positions_total=None, positions_closed=None,
-                        positions_failed=None, detail="positions_unreadable_until_deadline",
-                        attempts=record.get("attempt", 0))
+                        positions_failed=None, scope=self.scope, attempts=record.get("attempt", 0),
+                        detail=f"positions_unreadable_until_deadline:{self.last_read_error}")
         if record.get("initial") is None:
             record["initial"] = sorted({"|".join(flatten.position_key(p)) for p in account.positions})
         attempt = record.get("attempt", 0)
@@ -587,13 +596,14 @@ class Closer:
 
     def _summary(self, record, account, attempts, cancelled, errors):
         initial = set(record.get("initial") or [])
-        fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts)
+        fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts,
+                      scope=self.scope)
         if errors:
             fields["extra"] = {"errors": json.dumps(errors[-50:])}
         if account is None:
             # Orders were sent but nothing confirms what happened: not FLAT, not RESIDUAL.
             return dict(fields, status=flatten.FAILED, positions_closed=None, positions_failed=None,
-                        detail="verify_unreadable_until_deadline")
+                        detail=f"verify_unreadable_until_deadline:{self.last_read_error}")
         residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
         left = {"|".join(flatten.position_key(p)) for p in account.positions}
         detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
@@ -751,7 +761,7 @@ class Worker:
             # Not ready: READY=1 is withheld and the heartbeat says DEGRADED; a panic arriving
             # now still runs and retries the markets inside its own deadline.
             self.next_markets_try = time.monotonic() + 2.0
-            log.error("markets_load_failed", error=_error_text(exc))
+            log.error("markets_load_failed", error=_error_text(exc, self.pool.exchange_id))
             return
         if not self.ready_sent:
             self.notifier.ready("waiting for panic events")
