@@ -401,12 +401,12 @@ class ExchangePool:
             self.free.put(client)
 
 
-def _read_positions(client):
-    return exchange.read_positions(client)
+def _read_positions(client, segment):
+    return exchange.read_segment_positions(client, segment)
 
 
-def _read_orders(client, conditional):
-    return exchange.read_open_orders_book(client, conditional)
+def _read_orders(client, segment, conditional):
+    return exchange.read_segment_orders(client, segment, conditional)
 
 
 def _cancel_orders(client, symbol, conditional, orders):
@@ -457,7 +457,7 @@ class Closer:
         self.pool = pool
         self.pacer = pacer
         self.last_read_error = ""
-        self.scope = exchange.venue(pool.exchange_id).SCOPE
+        self.scope = exchange.scope(pool.exchange_id)
 
     def read_account(self, deadline, event_id, keepalive):
         """Positions and open orders, fresh, retried until the deadline; None if never read
@@ -471,9 +471,13 @@ class Closer:
             try:
                 if not self.pool.ready:
                     self.pool.load_markets()
-                positions = self.pool.submit(_read_positions)
-                books = [self.pool.submit(_read_orders, conditional) for conditional in ORDER_BOOKS]
-                return Account(positions.result(), [o for book in books for o in book.result()])
+                # Every segment and book at once: one latency, not one per segment.
+                segments = exchange.venue(self.pool.exchange_id).SEGMENTS
+                positions = [self.pool.submit(_read_positions, segment) for segment in segments]
+                books = [self.pool.submit(_read_orders, segment, conditional)
+                         for segment in segments for conditional in ORDER_BOOKS]
+                return Account([p for part in positions for p in part.result()],
+                               [o for book in books for o in book.result()])
             except Exception as exc:  # noqa: BLE001 - any failure means "account unknown"
                 # Unknown is never empty: wait and read again until the deadline; the caller
                 # reports FAILED if no read ever succeeds.

@@ -18,7 +18,8 @@ import ccxt
 
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
-from eexit.venues.base import ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position  # noqa: F401
+from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
+                               in_segment)
 
 DEFAULT_EXCHANGE = "binanceusdm"
 DEFAULT_TIMEOUT_MS = 5000
@@ -110,9 +111,23 @@ def venue_of(ex):
     return venue(ex.id)
 
 
-def scope(ex):
+def scope(exchange_id):
     """The account segments a read covers, e.g. "bybit:linear/USDT,linear/USDC,inverse"."""
-    return venue_of(ex).SCOPE
+    return f"{exchange_id}:{','.join(venue(exchange_id).SEGMENTS)}"
+
+
+def segments(ex):
+    return venue_of(ex).SEGMENTS
+
+
+def read_segment_positions(ex, segment):
+    """The positions of one segment; a failure carries the segment (exc.eexit_segment)."""
+    return in_segment(segment, lambda: venue_of(ex).read_positions(ex, segment))
+
+
+def read_segment_orders(ex, segment, conditional):
+    book = "conditional" if conditional else "regular"
+    return in_segment(f"{segment}:{book}", lambda: venue_of(ex).read_orders(ex, segment, conditional))
 
 
 def default_order_limits(exchange_id):
@@ -125,14 +140,14 @@ def load_market_rules(ex):
 
 
 def read_positions(ex):
-    """Every non-zero position of every segment in scope(ex). Raises; never [] for an error."""
-    return venue_of(ex).read_positions(ex)
+    """Every non-zero position of every segment. Raises; never [] for an error."""
+    return [p for segment in segments(ex) for p in read_segment_positions(ex, segment)]
 
 
 def read_open_orders_book(ex, conditional):
     """Open orders of one book: the normal one, or (conditional=True) the conditional/algo
-    one. Separate so that callers can read both books concurrently."""
-    return venue_of(ex).read_orders(ex, conditional)
+    one, of every segment. Separate so that callers can read both books concurrently."""
+    return [o for segment in segments(ex) for o in read_segment_orders(ex, segment, conditional)]
 
 
 def read_open_orders(ex):

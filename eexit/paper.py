@@ -51,6 +51,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_API_KEY = "paper-key"
 DEFAULT_API_SECRET = "paper-secret"
+DEFAULT_API_PASSWORD = "paper-pass"
+DIALECTS = ("binanceusdm", "bybit")
+
+
+def _dialect(venue):
+    """The module that speaks venue's wire format over the shared Account (None: Binance)."""
+    if venue == "binanceusdm":
+        return None
+    from importlib import import_module   # noqa: PLC0415 - dialect modules import this one
+    return import_module(f"eexit.paper_{venue}")
 DEFAULT_BALANCE = "1000000"
 MAX_BODY_BYTES = 64 * 1024
 MAX_DRAIN_BYTES = 16 * 1024 * 1024
@@ -154,12 +164,15 @@ def parse_seed(spec):
 
 
 class Market:
-    __slots__ = ("id", "base", "tick", "step", "min_qty", "max_qty", "market_max", "min_notional",
-                 "price_precision", "qty_precision", "info")
+    __slots__ = ("id", "base", "quote", "category", "tick", "step", "min_qty", "max_qty", "market_max",
+                 "min_notional", "price_precision", "qty_precision", "info")
 
-    def __init__(self, market_id, tick, step, min_qty, max_qty, market_max, min_notional):
+    def __init__(self, market_id, tick, step, min_qty, max_qty, market_max, min_notional,
+                 base=None, quote="USDT", category="linear"):
         self.id = market_id
-        self.base = market_id[:-4]
+        self.base = base or market_id[:-len(quote)]
+        self.quote = quote          # = the settle coin for linear; inverse settles in base
+        self.category = category    # "linear" | "inverse" (dialects other than Binance)
         self.tick = Decimal(tick)
         self.step = Decimal(step)
         self.min_qty = Decimal(min_qty)
@@ -192,11 +205,26 @@ class Market:
         }
 
 
-def default_markets(synthetic=0):
+# Extra segments of dialects that have them: id, mark, tick, step, min, max, market max,
+# min notional, base, quote, category. Inverse quantities are USD contracts.
+EXTRA_MARKETS = {
+    "bybit": [
+        ("BTCPERP", "65000", "0.5", "0.001", "0.001", "500", "50", "5", "BTC", "USDC", "linear"),
+        ("ETHPERP", "3200", "0.05", "0.01", "0.01", "5000", "500", "5", "ETH", "USDC", "linear"),
+        ("BTCUSD", "65000", "0.5", "1", "1", "1000000", "100000", "0", "BTC", "USD", "inverse"),
+        ("ETHUSD", "3200", "0.05", "1", "1", "1000000", "100000", "0", "ETH", "USD", "inverse"),
+    ],
+}
+
+
+def default_markets(synthetic=0, venue="binanceusdm"):
     """The realistic table plus `synthetic` generated symbols P0001USDT... (mark 10, step 0.1)
-    for benchmarks that need hundreds of distinct positions."""
+    for benchmarks that need hundreds of distinct positions, plus the venue's extra segments."""
     markets = {}
     marks = {}
+    for market_id, mark, *rest in EXTRA_MARKETS.get(venue, []):
+        markets[market_id] = Market(market_id, *rest)
+        marks[market_id] = Decimal(mark)
     for market_id, mark, tick, step, min_qty, max_qty, market_max, notional in _MARKETS:
         markets[market_id] = Market(market_id, tick, step, min_qty, max_qty, market_max, notional)
         marks[market_id] = Decimal(mark)
@@ -836,8 +864,14 @@ class PaperExchange:
     """The paper exchange, in-process. start() returns the base URL; stop() ends it."""
 
     def __init__(self, seed=None, hedge=False, latency_ms=0, jitter_ms=0, api_key=DEFAULT_API_KEY,
-                 api_secret=DEFAULT_API_SECRET, port=0, synthetic=0, balance=DEFAULT_BALANCE, faults=()):
-        markets, marks = default_markets(synthetic)
+                 api_secret=DEFAULT_API_SECRET, port=0, synthetic=0, balance=DEFAULT_BALANCE, faults=(),
+                 venue="binanceusdm", api_password=DEFAULT_API_PASSWORD):
+        if venue not in DIALECTS:
+            raise ValueError(f"unknown venue {venue!r}; one of {sorted(DIALECTS)}")
+        self.venue = venue
+        self.dialect = _dialect(venue)
+        self.api_password = api_password
+        markets, marks = default_markets(synthetic, venue)
         self.account = Account(markets, marks, hedge=hedge, balance=balance)
         self.account.seed(seed)
         self.api_key = api_key
@@ -933,11 +967,25 @@ class PaperExchange:
     def market_ids(self):
         return list(self.account.markets)
 
+    def add_order(self, market_id, side, qty, price=None, trigger=None, position_side=None,
+                  reduce_only=False):
+        """Seed one resting order: a limit order (price) in the regular book, or a
+        conditional stop-market order (trigger) in the conditional book; any dialect."""
+        account = self.account
+        position_side = position_side or ("BOTH" if not account.hedge else
+                                          ("LONG" if (side.upper() == "BUY") != reduce_only else "SHORT"))
+        p = {"symbol": market_id, "side": side.upper(), "quantity": str(qty), "positionSide": position_side}
+        if reduce_only and not account.hedge:
+            p["reduceOnly"] = "true"
+        if trigger is not None:
+            return account.place_algo(dict(p, type="STOP_MARKET", triggerPrice=str(trigger)))
+        return account.place_order(dict(p, type="LIMIT", price=str(price), timeInForce="GTC"))
+
     def reset(self, seed=None, hedge=None):
         """Back to the start-up state (or a new seed), faults and request log cleared."""
         seed0, hedge0, balance0 = self._initial
         markets = self.account.markets
-        _, marks = default_markets(0)
+        _, marks = default_markets(0, self.venue)
         fresh = Account(markets, {m: marks.get(m, Decimal("10.000")) for m in markets},
                         hedge=hedge0 if hedge is None else hedge, balance=balance0)
         fresh.seed(seed0 if seed is None else seed)
@@ -1090,6 +1138,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = split.path
         if path.startswith("/_paper/"):
             self._admin(method, path, split.query)
+            return
+        if paper.dialect is not None:
+            paper.dialect.handle(self, method, path, split.query)
             return
         entry = {"method": method, "path": path, "params": {}, "ts": _now_ms(), "status": None}
         paper.request_log.append(entry)
@@ -1421,6 +1472,8 @@ def _fault_error(fault):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m eexit.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--venue", default="binanceusdm", choices=DIALECTS, help="wire dialect")
+    parser.add_argument("--api-password", default=DEFAULT_API_PASSWORD, help="passphrase (okx)")
     parser.add_argument("--seed", default="", help="SYMBOL:QTY,... (negative QTY = short)")
     parser.add_argument("--seed-all", default=None, help="open QTY on every symbol (benchmarks)")
     parser.add_argument("--synthetic", type=int, default=0, help="add N generated symbols P0001USDT...")
@@ -1435,7 +1488,8 @@ def main(argv=None):
         faults = [json.loads(text) for text in args.fault]
         paper = PaperExchange(seed=args.seed, hedge=args.hedge, latency_ms=args.latency_ms,
                               jitter_ms=args.jitter_ms, api_key=args.api_key, api_secret=args.api_secret,
-                              port=args.port, synthetic=args.synthetic, faults=faults)
+                              port=args.port, synthetic=args.synthetic, faults=faults, venue=args.venue,
+                              api_password=args.api_password)
         if args.seed_all is not None:
             amount = Decimal(args.seed_all)
             for market_id in paper.market_ids():

@@ -8,8 +8,9 @@ generate_position_status_reports, generate_order_status_reports, _cancel_all_ord
 _submit_order; here synchronous and limited to what an emergency close needs):
 
   ID               the ccxt exchange id
-  SCOPE            the account segments read_positions/read_orders cover, "venue:seg,seg";
-                   every report states it, so a FLAT says what it covers
+  SEGMENTS         the account segments (category/settle coin...) that together are every
+                   position and order the key can hold; reports state "ID:seg,seg" as scope,
+                   so a FLAT says what it covers
   NEEDS_PASSWORD   whether the key needs a passphrase (EEXIT_API_PASSWORD / api_password)
   ORDER_LIMITS     default EEXIT_ORDER_LIMITS: "orders/seconds,..." per account
   DEADMAN          name of the venue's dead-man switch, or None
@@ -17,11 +18,10 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        at load_markets beyond trading permission)
   load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the
                                        venue's maximum MARKET order size
-  read_positions(ex)                   [base.Position]: every non-zero position of every
-                                       segment in SCOPE, paginated; raises on any failure
-                                       (the exception tagged with the segment, base.in_segment)
-  read_orders(ex, conditional)         [base.OpenOrder] of one book (regular or
-                                       conditional/algo), every segment, paginated; raises
+  read_positions(ex, segment)          [base.Position]: every non-zero position of one
+                                       segment, all pages; raises on any failure
+  read_orders(ex, segment, conditional) [base.OpenOrder] of one book (regular or
+                                       conditional/algo) of one segment, all pages; raises
   cancel_book(ex, symbol, conditional, orders)
                                        cancel one book of symbol; `orders` are the ones the
                                        read saw there (for venues that cancel by id); raises
@@ -42,7 +42,7 @@ from eexit.config import ConfigError
 
 from . import binanceusdm, bybit
 
-VENUES = {module.ID: module for module in (binanceusdm,)}
+VENUES = {module.ID: module for module in (binanceusdm, bybit)}
 
 # ccxt ids that look right but would trade the wrong product or none: refused by name.
 _REFUSED = {"binance": "ccxt's 'binance' reads spot open orders; use 'binanceusdm' for USD-M futures"}

@@ -197,7 +197,7 @@ def classify(exc, table, retry_after):
                         (table.transient, "transient")):
         if code in codes:
             return ErrorClass(kind, retry_after() if kind == "rate_limited" else None, code)
-    if isinstance(exc, ccxt.DDoSProtection) or " 418 " in text or " 429 " in text:
+    if isinstance(exc, (ccxt.DDoSProtection, ccxt.RateLimitExceeded)) or " 418 " in text or " 429 " in text:
         return ErrorClass("rate_limited", retry_after(), code)
     if isinstance(exc, (ccxt.AuthenticationError, ccxt.PermissionDenied, ccxt.AccountSuspended)):
         return ErrorClass("auth", None, code)

@@ -14,7 +14,7 @@ import re
 from . import base
 
 ID = "binanceusdm"
-SCOPE = "binanceusdm:usdm"
+SEGMENTS = ("usdm",)
 NEEDS_PASSWORD = False
 # Per-account order limits. Sliding windows never exceed the exchange's fixed windows, yet let
 # a whole burst go at once: 300 closes leave in one round, not over 10 s.
@@ -45,7 +45,7 @@ def load_market_rules(ex):
     return base.load_market_rules(ex)
 
 
-def read_positions(ex):
+def read_positions(ex, segment):
     ex.load_markets()
     rows = base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk")
     if any(row.get("symbol") not in ex.markets_by_id for row in rows):
@@ -68,7 +68,7 @@ def read_positions(ex):
     return positions
 
 
-def read_orders(ex, conditional):
+def read_orders(ex, segment, conditional):
     ex.load_markets()
     orders = []
     for order in ex.fetch_open_orders(None, None, None, {"trigger": True} if conditional else {}):
