@@ -9,7 +9,8 @@ X-BAPI-SIGN = hex HMAC-SHA256(timestamp + key + recvWindow + query|body). Envelo
 {"retCode","retMsg","result","retExtInfo","time"}; errors are HTTP 200 with a retCode.
 Faults: "error" 429 -> retCode 10006 with X-Bapi-Limit-Reset-Timestamp (now + retry_after);
 418 -> HTTP 403 "access too frequent"; 5xx -> HTML; a positive "code" is sent as the retCode.
-order_limit: more than `limit` orders in 10 s -> 10006.
+order_limit: more than `limit` orders in 10 s -> 10006. A fault's "path" is matched against
+the path plus "?k=v&..." of the parameters, so "settleCoin=USDC" scopes one segment.
 """
 
 import hashlib
@@ -62,7 +63,9 @@ def handle(h, method, path, query):
             params = core._parse_params(query, "") if method == "GET" else _json_body(body)
             entry["params"] = params
             symbol = str(params.get("symbol") or "").upper() or None
-            _faults(h, entry, path, method, symbol)
+            # Faults match path and parameters ("settleCoin=USDC" scopes one segment).
+            fault_path = path + "?" + "&".join(f"{k}={v}" for k, v in params.items())
+            _faults(h, entry, fault_path, method, symbol)
             if entry["status"] is not None:
                 return
             route = ROUTES.get((method, path))
