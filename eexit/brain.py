@@ -340,6 +340,10 @@ def main():
     try:
         cfg = Config.from_env()
         exchange_cfg = exchange.ExchangeConfig.from_env()
+        if cfg.deadman_s > 0 and exchange.venue(exchange_cfg.exchange_id).DEADMAN is None:
+            # A switch that can never fire must not look armed: refuse rather than degrade.
+            raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id} has no "
+                              f"dead-man switch eexit can arm; set it to 0")
         client = bus.connect()
     except ConfigError as exc:
         log.critical("config_error", detail=str(exc))

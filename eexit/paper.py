@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl, urlsplit
 DEFAULT_API_KEY = "paper-key"
 DEFAULT_API_SECRET = "paper-secret"
 DEFAULT_API_PASSWORD = "paper-pass"
-DIALECTS = ("binanceusdm", "bybit")
+DIALECTS = ("binanceusdm", "bybit", "okx")
 
 
 def _dialect(venue):
@@ -322,6 +322,7 @@ class Account:
         self.open_algo = {}          # algoId -> algo order dict
         self.client_ids = {}         # clientOrderId -> orderId
         self.countdowns = {}         # market_id -> (deadline monotonic, countdown ms)
+        self.margin_modes = {}       # (market_id, positionSide) -> "isolated" (dialects with tdMode)
         self._order_ids = itertools.count(8000000)
         self._algo_ids = itertools.count(3000000)
 
@@ -964,6 +965,10 @@ class PaperExchange:
     def position_amount(self, market_id, position_side="BOTH"):
         return float(self.account.position_amount(market_id, position_side))
 
+    def set_margin_mode(self, market_id, position_side, mode):
+        """"cross" | "isolated" for one position (dialects whose orders carry a margin mode)."""
+        self.account.margin_modes[(market_id.upper(), position_side.upper())] = mode
+
     def market_ids(self):
         return list(self.account.markets)
 
@@ -1140,7 +1145,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._admin(method, path, split.query)
             return
         if paper.dialect is not None:
-            paper.dialect.handle(self, method, path, split.query)
+            serve_dialect(self, method, path, split.query, paper.dialect)
             return
         entry = {"method": method, "path": path, "params": {}, "ts": _now_ms(), "status": None}
         paper.request_log.append(entry)
@@ -1431,6 +1436,85 @@ class _Handler(BaseHTTPRequestHandler):
             raise _bad_param("countdownTime")
         self.paper.account.arm_countdown(market_id, countdown)
         return {"symbol": market_id, "countdownTime": str(countdown)}
+
+
+# ------------------------------------------------------------------------------- other dialects
+
+class DialectError(Exception):
+    """An answer in a dialect's own format: JSON `payload`, or `raw` text (HTML pages)."""
+
+    def __init__(self, status, payload=None, headers=None, raw=None, code=None):
+        super().__init__(code)
+        self.status, self.payload, self.headers, self.raw, self.code = status, payload, headers or {}, raw, code
+
+
+def serve_dialect(h, method, path, query, d):
+    """One request in dialect module d (paper_bybit, paper_okx): the same request log, fault
+    engine and Account as the Binance dialect, with d's routes, signatures and envelopes.
+    d provides ROUTES, parse(method, query, body), authenticate(h, method, path, query, body),
+    envelope(result), translate(BinanceError), rate_limited(retry_s), fault_error(fault),
+    and one ep_<name>(paper, params, path, method) per route. A fault's "path" is matched
+    against the path plus "?k=v&..." of the parameters, so "settleCoin=USDC" scopes one
+    segment; the log's "status" of a refused request is d's error code."""
+    paper = h.paper
+    entry = {"method": method, "path": path, "params": {}, "ts": _now_ms(), "status": None}
+    paper.request_log.append(entry)
+    try:
+        try:
+            body = h._read_body()
+            params = d.parse(method, query, body)
+            entry["params"] = params
+            items = params if isinstance(params, list) else [params]
+            symbol = d.symbol_of(items[0]) if items and isinstance(items[0], dict) else None
+            fault_path = path + "?" + "&".join(f"{k}={v}" for item in items if isinstance(item, dict)
+                                               for k, v in item.items())
+            for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+                delay = float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))
+                time.sleep(delay / 1000.0)
+            for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
+                if fault["kind"] == "hang":
+                    entry["status"] = "hang"
+                    paper._stopping.wait(float(fault.get("seconds", 30)))
+                    h.close_connection = True
+                    return
+                if fault["kind"] == "reset":
+                    entry["status"] = "reset"
+                    h._reset()
+                    return
+                raise d.fault_error(fault)
+            route = d.ROUTES.get((method, path))
+            if route is None:
+                raise d.translate(BinanceError(404, -5000, f"Path {path} not found."))
+            name, signed, is_order = route
+            _, orders10s, _ = paper._use_weight(1, is_order)
+            if is_order:
+                for fault in paper.faults.take({"order_limit"}, fault_path, method, symbol):
+                    if orders10s > float(fault["limit"]):
+                        raise d.rate_limited(10 - time.time() % 10)
+            if signed:
+                d.authenticate(h, method, path, query, body)
+            paper.account.expire_countdowns()
+            result = getattr(d, "ep_" + name)(paper, params, fault_path, method)
+        except BinanceError as exc:
+            raise d.translate(exc) from None
+    except DialectError as exc:
+        entry["status"] = exc.code if exc.code is not None else exc.status
+        if exc.raw is not None:
+            h._send_raw(exc.status, exc.raw.encode(), exc.headers)
+        else:
+            h._send(exc.status, exc.payload, exc.headers)
+        return
+    except Exception as exc:  # noqa: BLE001 - the server must keep serving whatever arrives
+        entry["status"] = 500
+        h._send(500, d.envelope(None, error=f"System error ({type(exc).__name__})"))
+        return
+    entry["status"] = 200
+    h._send(200, d.envelope(result))
+
+
+def html_page(status):
+    return DialectError(status, raw=f"<html><body><h1>{status}</h1></body></html>",
+                        headers={"Content-Type": "text/html"})
 
 
 def _parse_params(query, body):

@@ -7,16 +7,14 @@ position mode"); lotSizeFilter.maxMktOrderQty enforced on MARKET orders; conditi
 (triggerPrice) in their own book (orderFilter=StopOrder); cursor pagination; signatures
 X-BAPI-SIGN = hex HMAC-SHA256(timestamp + key + recvWindow + query|body). Envelope:
 {"retCode","retMsg","result","retExtInfo","time"}; errors are HTTP 200 with a retCode.
-Faults: "error" 429 -> retCode 10006 with X-Bapi-Limit-Reset-Timestamp (now + retry_after);
+Faults (eexit.paper.serve_dialect): "error" 429 -> retCode 10006 with X-Bapi-Limit-Reset-Timestamp (now + retry_after);
 418 -> HTTP 403 "access too frequent"; 5xx -> HTML; a positive "code" is sent as the retCode.
-order_limit: more than `limit` orders in 10 s -> 10006. A fault's "path" is matched against
-the path plus "?k=v&..." of the parameters, so "settleCoin=USDC" scopes one segment.
+order_limit: more than `limit` orders in 10 s -> 10006.
 """
 
 import hashlib
 import hmac
 import json
-import random
 import time
 from decimal import Decimal
 
@@ -27,131 +25,78 @@ _CODES = {-2022: 110017, -4116: 110072, -2019: 110007, -2011: 110001, -2013: 110
 _RECV_WINDOW_MS = 5000
 
 
-class BybitError(Exception):
-    def __init__(self, code, msg, status=200, headers=None, raw=None):
-        super().__init__(msg)
-        self.code, self.msg, self.status, self.headers, self.raw = code, msg, status, headers or {}, raw
+def _error(code, msg, status=200, headers=None):
+    return core.DialectError(status, envelope(None, code=code, msg=msg), headers, code=code)
 
 
-def _translate(exc):
+def envelope(result, code=0, msg="OK", error=None):
+    if error is not None:
+        code, msg = 10016, error
+    return {"retCode": code, "retMsg": msg, "result": {} if result is None else result,
+            "retExtInfo": {}, "time": core._now_ms()}
+
+
+def translate(exc):
     if exc.code is None:            # an HTML 5xx page from the fault engine
-        return BybitError(None, "", exc.status, exc.headers, raw=exc.msg)
+        return core.DialectError(exc.status, raw=exc.msg, headers=exc.headers)
     if exc.status in (418, 429):
-        return _rate_limited(exc.headers.get("Retry-After", 1))
-    code = exc.code if exc.code > 0 else _CODES.get(exc.code, 10001)
-    return BybitError(code, exc.msg)
+        return rate_limited(exc.headers.get("Retry-After", 1))
+    return _error(exc.code if exc.code > 0 else _CODES.get(exc.code, 10001), exc.msg)
 
 
-def _rate_limited(retry_s):
+def rate_limited(retry_s):
     reset = int(time.time() * 1000 + float(retry_s) * 1000)
-    return BybitError(10006, "Too many visits. Exceeded the API Rate Limit.",
-                      headers={"X-Bapi-Limit-Status": 0, "X-Bapi-Limit": 10,
-                               "X-Bapi-Limit-Reset-Timestamp": reset})
+    return _error(10006, "Too many visits. Exceeded the API Rate Limit.",
+                  headers={"X-Bapi-Limit-Status": 0, "X-Bapi-Limit": 10, "X-Bapi-Limit-Reset-Timestamp": reset})
 
 
-def _envelope(result, code=0, msg="OK"):
-    return {"retCode": code, "retMsg": msg, "result": result, "retExtInfo": {}, "time": core._now_ms()}
+def fault_error(fault):
+    status = int(fault.get("status", 503))
+    if status == 429:
+        return rate_limited(fault.get("retry_after", 1))
+    if status == 418:
+        return core.DialectError(403, raw="access too frequent", headers={"Content-Type": "text/plain"})
+    if status >= 500 and "code" not in fault:
+        return core.html_page(status)
+    code = int(fault.get("code", 10016))
+    return _error(code if code > 0 else _CODES.get(code, 10016), fault.get("msg", "System error."), status)
 
 
-def handle(h, method, path, query):
-    paper = h.paper
-    entry = {"method": method, "path": path, "params": {}, "ts": core._now_ms(), "status": None}
-    paper.request_log.append(entry)
-    try:
-        try:
-            body = h._read_body()
-            params = core._parse_params(query, "") if method == "GET" else _json_body(body)
-            entry["params"] = params
-            symbol = str(params.get("symbol") or "").upper() or None
-            # Faults match path and parameters ("settleCoin=USDC" scopes one segment).
-            fault_path = path + "?" + "&".join(f"{k}={v}" for k, v in params.items())
-            _faults(h, entry, fault_path, method, symbol)
-            if entry["status"] is not None:
-                return
-            route = ROUTES.get((method, path))
-            if route is None:
-                raise BybitError(10001, f"Path {path} not found.", status=404)
-            name, signed, is_order = route
-            _, orders10s, _ = paper._use_weight(1, is_order)
-            if is_order:
-                for fault in paper.faults.take({"order_limit"}, path, method, symbol):
-                    if orders10s > float(fault["limit"]):
-                        raise _rate_limited(10 - time.time() % 10)
-            if signed:
-                _authenticate(h, query if method == "GET" else body)
-            paper.account.expire_countdowns()
-            result = globals()["_ep_" + name](paper, params, path, method)
-        except core.BinanceError as exc:
-            raise _translate(exc) from None
-    except BybitError as exc:
-        entry["status"] = exc.status if exc.code is None else exc.code
-        if exc.raw is not None:
-            h._send_raw(exc.status, exc.raw.encode(), dict(exc.headers))
-        else:
-            h._send(exc.status, _envelope({}, exc.code, exc.msg), exc.headers)
-        return
-    except Exception as exc:  # noqa: BLE001 - the server must keep serving whatever arrives
-        entry["status"] = 500
-        h._send(200, _envelope({}, 10016, f"System error ({type(exc).__name__})"))
-        return
-    entry["status"] = 200
-    h._send(200, _envelope(result))
-
-
-def _json_body(body):
+def parse(method, query, body):
+    if method == "GET":
+        return core._parse_params(query, "")
     if not body.strip():
         return {}
     try:
         data = json.loads(body)
     except ValueError:
-        raise BybitError(10001, "request body is not JSON") from None
+        raise _error(10001, "request body is not JSON") from None
     if not isinstance(data, dict):
-        raise BybitError(10001, "request body is not an object")
+        raise _error(10001, "request body is not an object")
     return {str(k): v for k, v in data.items()}
 
 
-def _faults(h, entry, path, method, symbol):
-    paper = h.paper
-    for fault in paper.faults.take({"latency"}, path, method, symbol):
-        time.sleep((float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0)
-    for fault in paper.faults.take({"hang", "reset", "error"}, path, method, symbol):
-        if fault["kind"] == "hang":
-            entry["status"] = "hang"
-            paper._stopping.wait(float(fault.get("seconds", 30)))
-            h.close_connection = True
-            return
-        if fault["kind"] == "reset":
-            entry["status"] = "reset"
-            h._reset()
-            return
-        status = int(fault.get("status", 503))
-        if status == 429:
-            raise _rate_limited(fault.get("retry_after", 1))
-        if status == 418:
-            raise BybitError(None, "", 403, {"Content-Type": "text/plain"}, raw="access too frequent")
-        if status >= 500 and "code" not in fault:
-            raise BybitError(None, "", status, {"Content-Type": "text/html"},
-                             raw=f"<html><body><h1>{status}</h1></body></html>")
-        code = int(fault.get("code", 10016))
-        raise BybitError(code if code > 0 else _CODES.get(code, 10016), fault.get("msg", "System error."), status)
+def symbol_of(params):
+    return str(params.get("symbol") or "").upper() or None
 
 
-def _authenticate(h, payload):
+def authenticate(h, method, path, query, body):
     paper = h.paper
+    payload = query if method == "GET" else body
     key = h.headers.get("X-BAPI-API-KEY")
     if not key or not hmac.compare_digest(key, paper.api_key):
-        raise BybitError(10003, "API key is invalid.")
+        raise _error(10003, "API key is invalid.")
     timestamp, recv = h.headers.get("X-BAPI-TIMESTAMP", ""), h.headers.get("X-BAPI-RECV-WINDOW", str(_RECV_WINDOW_MS))
     expected = hmac.new(paper.api_secret, (timestamp + key + recv + payload).encode(), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, (h.headers.get("X-BAPI-SIGN") or "").lower()):
-        raise BybitError(10004, "error sign! origin_string[...]")
+        raise _error(10004, "error sign! origin_string[...]")
     try:
         skew = core._now_ms() - int(timestamp)
         window = int(recv)
     except ValueError:
-        raise BybitError(10002, "invalid request, please check your server timestamp or recv_window param") from None
+        raise _error(10002, "invalid request, please check your server timestamp or recv_window param") from None
     if skew < -1000 or skew > window:
-        raise BybitError(10002, "invalid request, please check your server timestamp or recv_window param")
+        raise _error(10002, "invalid request, please check your server timestamp or recv_window param")
 
 
 # ------------------------------------------------------------------------------- views
@@ -160,10 +105,10 @@ def _segment(paper, p, need_scope):
     """Markets selected by category (+ settleCoin / symbol). Linear lists need one of them."""
     category = p.get("category")
     if category not in ("linear", "inverse"):
-        raise BybitError(10001, "params error: category is invalid")
+        raise _error(10001, "params error: category is invalid")
     symbol, settle = str(p.get("symbol") or "").upper(), p.get("settleCoin")
     if need_scope and category == "linear" and not symbol and not settle:
-        raise BybitError(10001, "Missing some parameters that must be filled in: symbol or settleCoin")
+        raise _error(10001, "Missing some parameters that must be filled in: symbol or settleCoin")
     markets = [m for m in paper.account.markets.values() if m.category == category
                and (not symbol or m.id == symbol) and (not settle or m.quote == settle)]
     return category, {m.id for m in markets}
@@ -174,7 +119,7 @@ def _page(rows, p, default, maximum):
         limit = min(max(int(p.get("limit", default)), 1), maximum)
         start = int(p.get("cursor") or 0)
     except ValueError:
-        raise BybitError(10001, "params error: limit or cursor") from None
+        raise _error(10001, "params error: limit or cursor") from None
     rest = rows[start + limit:]
     return {"list": rows[start:start + limit], "nextPageCursor": str(start + limit) if rest else ""}
 
@@ -198,12 +143,12 @@ def _instrument(m):
     }
 
 
-def _ep_time(paper, p, path, method):
+def ep_time(paper, p, path, method):
     now = time.time_ns()
     return {"timeSecond": str(now // 10**9), "timeNano": str(now)}
 
 
-def _ep_instruments(paper, p, path, method):
+def ep_instruments(paper, p, path, method):
     if p.get("status") == "PreLaunch":
         return {"category": p.get("category"), "list": [], "nextPageCursor": ""}
     category, ids = _segment(paper, p, need_scope=False)
@@ -211,7 +156,7 @@ def _ep_instruments(paper, p, path, method):
     return dict(_page(rows, p, 500, 1000), category=category)
 
 
-def _ep_tickers(paper, p, path, method):
+def ep_tickers(paper, p, path, method):
     category, ids = _segment(paper, p, need_scope=False)
     marks = paper.account.marks
     rows = [{"symbol": i, "lastPrice": core._fmt(marks[i]), "markPrice": core._fmt(marks[i]),
@@ -219,7 +164,7 @@ def _ep_tickers(paper, p, path, method):
     return {"category": category, "list": rows}
 
 
-def _ep_positions(paper, p, path, method):
+def ep_positions(paper, p, path, method):
     category, ids = _segment(paper, p, need_scope=True)
     account = paper.account
     with account.lock:
@@ -260,11 +205,11 @@ def _order_row(o, conditional):
 def _books(p):
     wanted = p.get("orderFilter")
     if wanted not in (None, "", "Order", "StopOrder"):
-        raise BybitError(10001, "params error: orderFilter")
+        raise _error(10001, "params error: orderFilter")
     return [c for c, name in ((False, "Order"), (True, "StopOrder")) if wanted in (None, "", name)]
 
 
-def _ep_open_orders(paper, p, path, method):
+def ep_open_orders(paper, p, path, method):
     category, ids = _segment(paper, p, need_scope=True)
     rows = []
     for conditional in _books(p):
@@ -273,7 +218,7 @@ def _ep_open_orders(paper, p, path, method):
     return dict(_page(rows, p, 20, 50), category=category)
 
 
-def _ep_cancel_all(paper, p, path, method):
+def ep_cancel_all(paper, p, path, method):
     _, ids = _segment(paper, p, need_scope=True)
     cancelled = []
     for market_id in sorted(ids):
@@ -285,28 +230,28 @@ def _ep_cancel_all(paper, p, path, method):
     return {"list": cancelled, "success": "1"}
 
 
-def _ep_create(paper, p, path, method):
+def ep_create(paper, p, path, method):
     account = paper.account
     category, ids = _segment(paper, p, need_scope=False)
     symbol = str(p.get("symbol") or "").upper()
     if symbol not in ids:
-        raise BybitError(10001, "params error: symbol invalid")
+        raise _error(10001, "params error: symbol invalid")
     side = str(p.get("side") or "")
     if side not in ("Buy", "Sell"):
-        raise BybitError(10001, "params error: side invalid")
+        raise _error(10001, "params error: side invalid")
     link_id = p.get("orderLinkId")
     if link_id is not None and not (isinstance(link_id, str) and 0 < len(link_id) <= 36):
-        raise BybitError(10001, "params error: orderLinkId invalid")
+        raise _error(10001, "params error: orderLinkId invalid")
     try:
         idx = int(p.get("positionIdx", 0))
     except (TypeError, ValueError):
-        raise BybitError(10001, "params error: positionIdx") from None
+        raise _error(10001, "params error: positionIdx") from None
     if (idx in (1, 2)) != account.hedge or idx not in (0, 1, 2):
-        raise BybitError(10001, "position idx not match position mode")
+        raise _error(10001, "position idx not match position mode")
     position_side = ("BOTH", "LONG", "SHORT")[idx]
     reduce_only = p.get("reduceOnly") in (True, "true")
     if reduce_only and account.hedge and (position_side == "LONG") != (side == "Sell"):
-        raise BybitError(110017, "Reduce-only rule not satisfied")
+        raise _error(110017, "Reduce-only rule not satisfied")
     order = {"symbol": symbol, "side": side.upper(), "quantity": str(p.get("qty", "")),
              "positionSide": position_side, "newOrderRespType": "RESULT"}
     if reduce_only and not account.hedge:
@@ -316,7 +261,7 @@ def _ep_create(paper, p, path, method):
     with account.lock:
         if reduce_only and account.hedge and not account._reduce_only_ok(
                 symbol, side.upper(), position_side, _qty(p.get("qty"))):
-            raise BybitError(110017, "Reduce-only rule not satisfied")
+            raise _error(110017, "Reduce-only rule not satisfied")
         if p.get("triggerPrice") not in (None, ""):
             placed = account.place_algo(dict(order, type="STOP_MARKET", triggerPrice=str(p["triggerPrice"])))
             return {"orderId": str(placed["algoId"]), "orderLinkId": placed["clientAlgoId"]}
@@ -326,10 +271,10 @@ def _ep_create(paper, p, path, method):
         elif kind == "Market":
             order["type"] = "MARKET"
         else:
-            raise BybitError(10001, "params error: orderType invalid")
+            raise _error(10001, "params error: orderType invalid")
         ratio = None
         for fault in paper.faults.take({"reject"}, path, method, symbol):
-            raise BybitError(int(fault.get("code", 110007)), fault.get("msg", "ab not enough for new order"))
+            raise _error(int(fault.get("code", 110007)), fault.get("msg", "ab not enough for new order"))
         for fault in paper.faults.take({"partial_fill"}, path, method, symbol):
             ratio = float(fault.get("ratio", 0.5))
         placed = account.place_order(order, ratio)
@@ -340,7 +285,7 @@ def _qty(raw):
     try:
         return Decimal(str(raw))
     except ArithmeticError:
-        raise BybitError(10001, "params error: qty invalid") from None
+        raise _error(10001, "params error: qty invalid") from None
 
 
 # (method, path) -> (endpoint, signed, counts as an order)

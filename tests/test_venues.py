@@ -8,8 +8,10 @@ import uuid
 from collections import defaultdict
 from decimal import Decimal
 
+import os
+
 from eexit import ops, schema, venues
-from tests.harness import ROOT, python_env, wait_for
+from tests.harness import ROOT, python_env, start_module, stop_process, wait_for
 from tests.test_eew import EEWCase
 
 DIALECTS = {
@@ -23,7 +25,23 @@ DIALECTS = {
         rate_fault=dict(kind="error", status=429, retry_after=1, path="/v5/order/create"),
         segment_fault=dict(kind="error", status=200, code=10005, path="settleCoin=USDC"),
         segment="linear/USDC", scope="bybit:linear/USDT,linear/USDC,inverse"),
+    "okx": dict(
+        order_path="/api/v5/trade/order", client_id="clOrdId", qty="sz", limited=50011,
+        rate_fault=dict(kind="error", status=429, path="/api/v5/trade/order?"), order_fault="/api/v5/trade/order?",
+        segment_fault=dict(kind="error", status=200, code=50120, path="instType=FUTURES"),
+        segment="FUTURES", scope="okx:SWAP,FUTURES"),
 }
+REDUCE_ONLY = {"binanceusdm": ("reduceOnly", "true"), "bybit": ("reduceOnly", True), "okx": ("reduceOnly", True)}
+
+
+def account_id(params):
+    """The paper Account's market id of an order request in any dialect."""
+    symbol = params.get("symbol") or params.get("instId")
+    return "".join(symbol.split("-")[:2]) if "-" in symbol else symbol
+
+
+def venue_env(venue):
+    return {"EEXIT_EXCHANGE": venue, **({"EEXIT_API_PASSWORD": "paper-pass"} if venues.VENUES[venue].NEEDS_PASSWORD else {})}
 QUANTITIES = {"BTCUSDT": "0.01", "ETHUSDT": "0.2", "MKRUSDT": "0.3", "BCHUSDT": "1.5", "LTCUSDT": "4",
               "BNBUSDT": "1", "AAVEUSDT": "5", "COMPUSDT": "10", "BTCPERP": "0.01", "ETHPERP": "0.2",
               "BTCUSD": "100", "ETHUSD": "100"}
@@ -35,7 +53,7 @@ class VenueCase(EEWCase):
     @classmethod
     def setUpClass(cls):
         cls.paper_kwargs = {"venue": cls.venue}
-        cls.eew_env = {"EEXIT_EXCHANGE": cls.venue, "EEXIT_ORDER_LIMITS": "1000/1"}
+        cls.eew_env = {**venue_env(cls.venue), "EEXIT_ORDER_LIMITS": "1000/1"}
         cls.dialect = DIALECTS[cls.venue]
         super().setUpClass()
         cls.start_eew("eew-v")
@@ -116,15 +134,32 @@ class VenueCase(EEWCase):
             self.assertIn("supported: " + ", ".join(sorted(venues.VENUES)), result.stderr)
 
     def test_resume_flat_check_reads_this_venue(self):
-        env = python_env(EEXIT_EXCHANGE=self.venue, EEXIT_EXCHANGE_URL=self.paper_url,
-                         EEXIT_API_KEY="paper-key", EEXIT_API_SECRET="paper-secret")
-        market_id = self.paper.market_ids()[0]
-        self.paper.set_position(market_id, self.quantity(market_id))
+        env = python_env(EEXIT_EXCHANGE_URL=self.paper_url, EEXIT_API_KEY="paper-key",
+                         EEXIT_API_SECRET="paper-secret", **venue_env(self.venue))
+        self.paper.set_position("SOLUSDT", "-3")
         self.paper.add_order("ETHUSDT", "SELL", "0.2", trigger="3000")
         positions, orders, error = ops.read_account(env)
         self.assertIsNone(error)
-        self.assertEqual([market_id], [p.market_id for p in positions])
-        self.assertEqual([(True, "ETHUSDT")], [(o.conditional, o.market_id) for o in orders])
+        self.assertEqual([("SOL/USDT:USDT", "short", 3.0)], [(p.symbol, p.side, p.contracts) for p in positions])
+        self.assertEqual([(True, "ETH/USDT:USDT")], [(o.conditional, o.symbol) for o in orders])
+
+    def test_brain_stop_loss_closes_reduce_only_on_this_venue(self):
+        self.paper.set_position("BTCUSDT", "0.01")
+        env = python_env(REDIS_URL=self.redis_server.url, EEXIT_EXCHANGE_URL=self.paper_url,
+                         EEXIT_API_KEY="paper-key", EEXIT_API_SECRET="paper-secret", EEXIT_STOP_LOSS_PCT="2",
+                         EEXIT_BRAIN_INTERVAL_S="0.2", EEXIT_EXCHANGE_TIMEOUT_MS="1000", **venue_env(self.venue))
+        process = start_module("eexit.brain", env, os.path.join(self.tmp, f"brain-{self.venue}.log"))
+        self.addCleanup(stop_process, process)
+
+        def guarding():
+            beats = [schema.Heartbeat.from_fields(f)[0] for _id, f in self.redis.xrange(schema.HEARTBEAT_STREAM)]
+            return any(b.status == "OK" and b.active_positions == 1 for b in beats)
+        wait_for(guarding, 20, message="brain guarding one position")
+        self.paper.set_mark("BTCUSDT", 65000 * 0.97)       # long BTC down 3 %
+        wait_for(lambda: self.paper.position_amount("BTCUSDT") == 0, 15, message="brain closed BTC")
+        [order] = [r for r in self.orders() if r["status"] == 200]
+        key, value = REDUCE_ONLY[self.venue]
+        self.assertEqual(value, order["params"][key])
 
 
 class KillRestartCase(EEWCase):
@@ -134,7 +169,7 @@ class KillRestartCase(EEWCase):
     @classmethod
     def setUpClass(cls):
         cls.paper_kwargs = {"venue": cls.venue}
-        cls.eew_env = {"EEXIT_EXCHANGE": cls.venue}
+        cls.eew_env = venue_env(cls.venue)
         cls.dialect = DIALECTS[cls.venue]
         super().setUpClass()
 
@@ -142,7 +177,7 @@ class KillRestartCase(EEWCase):
         import signal   # noqa: PLC0415
         seed = {"BTCUSDT": Decimal("0.02"), "ETHUSDT": Decimal("-0.5"), "SOLUSDT": Decimal("30")}
         self.paper.set_state({"seed": {k: str(v) for k, v in seed.items()}})
-        self.paper.add_fault(kind="latency", ms=700, path=self.dialect["order_path"])
+        self.paper.add_fault(kind="latency", ms=700, path=self.dialect.get("order_fault", self.dialect["order_path"]))
         process = self.start_eew("eew-k", EEXIT_CLOSE_CONCURRENCY=1)
         event_id = str(uuid.uuid4())
         self.publish(event_id)
@@ -158,7 +193,7 @@ class KillRestartCase(EEWCase):
         filled = defaultdict(Decimal)
         for request in self.paper.requests(path=self.dialect["order_path"], method="POST"):
             if request["status"] == 200:
-                filled[request["params"]["symbol"]] += Decimal(str(request["params"][self.dialect["qty"]]))
+                filled[account_id(request["params"])] += Decimal(str(request["params"][self.dialect["qty"]]))
         self.assertEqual({k: abs(v) for k, v in seed.items()}, dict(filled), "nothing doubled")
         self.assertEqual(1, len(self.reports(event_id)))
 
@@ -194,6 +229,21 @@ class BybitVenueTest(VenueCase):
         self.assertFalse(self.paper.requests(path="/v5/account"))
 
 
+class OkxVenueTest(VenueCase):
+    venue = "okx"
+
+    def test_hedge_posside_lower_case_and_isolated_tdmode(self):
+        self.paper.reset(seed="", hedge=True)
+        self.paper.set_position("ETHUSDT", "0.2", "LONG")
+        self.paper.set_position("ETHUSDT", "0.3", "SHORT")
+        self.paper.set_margin_mode("ETHUSDT", "SHORT", "isolated")
+        self.assert_flat(self.run_panic(), 2)
+        sent = {(r["params"]["posSide"], r["params"]["tdMode"]) for r in self.orders() if r["status"] == 200}
+        self.assertEqual({("long", "cross"), ("short", "isolated")}, sent)
+        for request in self.orders():
+            self.assertRegex(request["params"]["clOrdId"], r"^[A-Za-z0-9]{1,32}$")
+
+
 class BinanceKillRestartTest(KillRestartCase):
     venue = "binanceusdm"
 
@@ -203,6 +253,13 @@ class BinanceKillRestartTest(KillRestartCase):
 
 class BybitKillRestartTest(KillRestartCase):
     venue = "bybit"
+
+    def test_kill_9_mid_close_then_restart_is_one_flat(self):
+        self.run_kill_restart()
+
+
+class OkxKillRestartTest(KillRestartCase):
+    venue = "okx"
 
     def test_kill_9_mid_close_then_restart_is_one_flat(self):
         self.run_kill_restart()

@@ -40,9 +40,9 @@ Adding a venue: one module here, one registry line below, one paper dialect
 
 from eexit.config import ConfigError
 
-from . import binanceusdm, bybit
+from . import binanceusdm, bybit, okx
 
-VENUES = {module.ID: module for module in (binanceusdm, bybit)}
+VENUES = {module.ID: module for module in (binanceusdm, bybit, okx)}
 
 # ccxt ids that look right but would trade the wrong product or none: refused by name.
 _REFUSED = {"binance": "ccxt's 'binance' reads spot open orders; use 'binanceusdm' for USD-M futures"}
