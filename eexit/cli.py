@@ -9,7 +9,7 @@
         exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
     eexit audit verify FILE
         exit 0 the audit file's hash chain holds; 1 it is broken
-    eexit demo [--json] [--keep-logs]
+    eexit demo [--json] [--keep-logs] [--venue binanceusdm|bybit|okx]
         the embedded stack end to end; exit 0 PASS, 1 FAIL
 
 Environment: REDIS_URL (and the Redis credentials of eexit.bus), EEXIT_PANIC_HMAC_KEYS or the
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from . import bus, ops, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
+from .paper import DIALECTS as PAPER_DIALECTS
 
 EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -252,7 +253,7 @@ def cmd_audit_verify(args, cfg, env):
 
 def cmd_demo(args, cfg, env):
     from . import demo   # noqa: PLC0415 - starts processes; only this command needs it
-    return demo.run(json_output=args.json, keep_logs=args.keep_logs)
+    return demo.run(json_output=args.json, keep_logs=args.keep_logs, venue=args.venue)
 
 
 def build_parser():
@@ -288,6 +289,8 @@ def build_parser():
     p = sub.add_parser("demo", help="private Redis + paper exchange + the three daemons; kill the Exit Brain; timeline")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and print where")
+    p.add_argument("--venue", default="binanceusdm", choices=PAPER_DIALECTS,
+                   help="the paper exchange's dialect and EEXIT_EXCHANGE of the daemons")
     p.set_defaults(handler=cmd_demo)
     return parser
 
