@@ -4,6 +4,7 @@ venue below; the state checks read the paper exchange's own books."""
 
 import subprocess
 import sys
+import unittest
 import uuid
 from collections import defaultdict
 from decimal import Decimal
@@ -265,9 +266,29 @@ class OkxKillRestartTest(KillRestartCase):
         self.run_kill_restart()
 
 
+class PaperCommandLineTest(unittest.TestCase):
+    def test_python_m_eexit_paper_speaks_each_venue(self):
+        from eexit import exchange   # noqa: PLC0415
+        for venue in venues.VENUES:
+            with self.subTest(venue=venue):
+                process = subprocess.Popen([sys.executable, "-m", "eexit.paper", "--venue", venue, "--seed",
+                                            "SOLUSDT:-3"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                           env=python_env())
+                try:
+                    url = process.stdout.readline().strip()
+                    env = {"EEXIT_EXCHANGE_URL": url, "EEXIT_API_KEY": "paper-key",
+                           "EEXIT_API_SECRET": "paper-secret", **venue_env(venue)}
+                    ex = exchange.build_exchange(exchange.ExchangeConfig.from_env(env))
+                    self.assertEqual([("SOL/USDT:USDT", "short", 3.0)],
+                                     [(p.symbol, p.side, p.contracts) for p in exchange.read_positions(ex)])
+                finally:
+                    process.terminate()
+                    process.wait(timeout=10)
+                    process.stdout.close()
+
+
 del VenueCase, KillRestartCase   # only the per-venue subclasses run
 
 
 if __name__ == "__main__":
-    import unittest
     unittest.main()
