@@ -31,10 +31,10 @@ Halt. `system:state:trading` halted=true (written by the EEW) forbids OPENING ex
 Brain never opens anything: every order it sends is reduce-only. So it keeps enforcing its exits
 while halted (closing is what a halt wants), and reports the flag in its heartbeat (`halted`).
 
-Dead-man switch (EEXIT_DEADMAN_S, default 0 = off). When set, every cycle re-arms Binance's
-countdownCancelAll for each symbol with open orders, with countdown EEXIT_DEADMAN_S. If the
-brain stops re-arming (dead, hung, cut off), the exchange itself cancels ALL open orders of
-those symbols, which protects against resting entry orders re-opening exposure while nobody
+Dead-man switch (EEXIT_DEADMAN_S, default 0 = off). When set, every cycle re-arms the venue's
+switch (docs/VENUES.md; refused at start where the venue has none) for each symbol with open
+orders, with countdown EEXIT_DEADMAN_S. If the brain stops re-arming (dead, hung, cut off),
+the exchange itself cancels ALL open orders of those symbols (OKX: of the account), which protects against resting entry orders re-opening exposure while nobody
 guards. The trade-off: it also cancels protective stop-loss/take-profit orders placed by the
 bot, so after a brain outage longer than the countdown the positions sit on the exchange with
 no resting protection until the watchdog's panic closes them. Use it when the watchdog + EEW

@@ -36,8 +36,8 @@ entry already handled finds its own "done" record and is only acknowledged.
 
 Threads. ccxt's sync client keeps per-request state (session, last response headers that
 hold Retry-After), so clients are not shared: the pool holds one client per worker thread,
-all sharing the markets loaded once at start-up. Binance signing is nonce-free (timestamp +
-HMAC), so parallel clients on one key are fine.
+all sharing the markets loaded once at start-up. Every supported venue signs with a timestamp
++ HMAC, no nonce sequence, so parallel clients on one key are fine.
 
 Which symbols get a cancel. Every symbol on which the fresh read (both books) saw an open
 order gets cancel-all (both books). A symbol with a position but no order seen gets none: a
@@ -47,7 +47,7 @@ the critical path (N = 50: +100 requests, several latencies). An order placed af
 loop does not end while any order is open: the next attempt cancels it.
 
 Concurrency with cancels. Cancels and closes of one attempt run in parallel: closes are
-reduce-only (hedge mode: positionSide, which Binance never lets exceed the position), so a
+reduce-only (hedge mode: the venue's position side, which never lets them exceed it), so a
 resting order filling meanwhile cannot make a close open exposure; the re-read after every
 attempt catches whatever the race left, and the next attempt cancels again.
 

@@ -17,8 +17,8 @@ Decisions made here, and why:
   an order the exchange may reject is better than not trying (fail-closed).
 - Dust = a position a market order cannot close. Below the minimum quantity after rounding it
   cannot even be expressed: it is never planned. Below the minimum notional it is STILL
-  planned: Binance exempts reduce-only closes from MIN_NOTIONAL (-4164 "unless you choose
-  reduce only"), and trying costs one request (fail-closed). If such a position survives to the
+  planned: venues exempt reduce-only closes from their minimum notional (e.g. "unless you
+  choose reduce only"), and trying costs one request (fail-closed). If such a position survives to the
   final read it is reported as dust ("below_min_notional") rather than residual.
 - Status: FLAT only when the final successful re-read shows no position at all. Dust-only is
   RESIDUAL with the dust listed (conservative: the account is not flat, an operator must look).

@@ -95,6 +95,10 @@ class VenueCase(EEWCase):
         report = self.run_panic()
         self.assert_flat(report, 50)
         self.assertEqual(20, report.orders_cancelled)
+        status = subprocess.run([sys.executable, "-m", "eexit.cli", "status"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60, env=python_env(REDIS_URL=self.redis_server.url))
+        self.assertIn(f"FLAT 50/50 closed", status.stdout)
+        self.assertIn(f"scope={self.dialect['scope']}", status.stdout)
 
     def test_close_over_the_market_maximum_is_split(self):
         self.paper.set_position("BTCUSDT", "300")          # MARKET maximum 120 (Bybit: maxOrderQty 1000)
