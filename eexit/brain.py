@@ -34,8 +34,9 @@ while halted (closing is what a halt wants), and reports the flag in its heartbe
 Dead-man switch (EEXIT_DEADMAN_S, default 0 = off). When set, every cycle re-arms the venue's
 switch (docs/VENUES.md; refused at start where the venue has none) for each symbol with open
 orders, with countdown EEXIT_DEADMAN_S. If the brain stops re-arming (dead, hung, cut off),
-the exchange itself cancels ALL open orders of those symbols (OKX: of the account), which protects against resting entry orders re-opening exposure while nobody
-guards. The trade-off: it also cancels protective stop-loss/take-profit orders placed by the
+the exchange itself cancels ALL open orders of those symbols (or of the whole account, where
+the switch is account-wide), which protects against resting entry orders re-opening
+exposure while nobody guards. The trade-off: it also cancels protective stop-loss/take-profit orders placed by the
 bot, so after a brain outage longer than the countdown the positions sit on the exchange with
 no resting protection until the watchdog's panic closes them. Use it when the watchdog + EEW
 path is deployed (it is the backstop); keep it off if resting stops are your only protection.

@@ -405,15 +405,15 @@ def _read_positions(client, segment):
     return exchange.read_segment_positions(client, segment)
 
 
-def _read_orders(client, segment, conditional):
-    return exchange.read_segment_orders(client, segment, conditional)
+def _read_orders(client, segment, book):
+    return exchange.read_segment_orders(client, segment, book)
 
 
 def _cancel_orders(client, symbol, conditional, orders):
     exchange.cancel_book(client, symbol, conditional, orders)
 
 
-ORDER_BOOKS = (False, True)     # normal, conditional: read and cancelled as parallel requests
+ORDER_BOOKS = (False, True)     # normal, conditional: cancelled as parallel requests
 
 
 def _sleep(seconds, keepalive):
@@ -472,10 +472,10 @@ class Closer:
                 if not self.pool.ready:
                     self.pool.load_markets()
                 # Every segment and book at once: one latency, not one per segment.
-                segments = exchange.venue(self.pool.exchange_id).SEGMENTS
-                positions = [self.pool.submit(_read_positions, segment) for segment in segments]
-                books = [self.pool.submit(_read_orders, segment, conditional)
-                         for segment in segments for conditional in ORDER_BOOKS]
+                venue = exchange.venue(self.pool.exchange_id)
+                positions = [self.pool.submit(_read_positions, segment) for segment in venue.SEGMENTS]
+                books = [self.pool.submit(_read_orders, segment, book)
+                         for segment in venue.SEGMENTS for book in venue.BOOKS]
                 return Account([p for part in positions for p in part.result()],
                                [o for book in books for o in book.result()])
             except Exception as exc:  # noqa: BLE001 - any failure means "account unknown"

@@ -125,9 +125,9 @@ def read_segment_positions(ex, segment):
     return in_segment(segment, lambda: venue_of(ex).read_positions(ex, segment))
 
 
-def read_segment_orders(ex, segment, conditional):
-    book = "conditional" if conditional else "regular"
-    return in_segment(f"{segment}:{book}", lambda: venue_of(ex).read_orders(ex, segment, conditional))
+def read_segment_orders(ex, segment, book):
+    """One book (a name from the venue's BOOKS) of one segment; failures carry both."""
+    return in_segment(f"{segment}:{book}", lambda: venue_of(ex).read_orders(ex, segment, book))
 
 
 def default_order_limits(exchange_id):
@@ -147,7 +147,8 @@ def read_positions(ex):
 def read_open_orders_book(ex, conditional):
     """Open orders of one book: the normal one, or (conditional=True) the conditional/algo
     one, of every segment. Separate so that callers can read both books concurrently."""
-    return [o for segment in segments(ex) for o in read_segment_orders(ex, segment, conditional)]
+    return [o for segment in segments(ex) for book in venue_of(ex).BOOKS if (book != "regular") == conditional
+            for o in read_segment_orders(ex, segment, book)]
 
 
 def read_open_orders(ex):

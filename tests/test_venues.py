@@ -249,6 +249,20 @@ class OkxVenueTest(VenueCase):
             self.assertRegex(request["params"]["clOrdId"], r"^[A-Za-z0-9]{1,32}$")
 
 
+    def test_markets_load_without_asset_permission_calls(self):
+        self.assertFalse(self.paper.requests(path="/api/v5/asset"))
+        self.assertFalse(self.paper.requests(path="/api/v5/account/config"))
+
+    def test_a_wrong_passphrase_is_an_auth_error_never_an_empty_account(self):
+        self.paper.set_position("BTCUSDT", "0.01")
+        env = python_env(EEXIT_EXCHANGE_URL=self.paper_url, EEXIT_API_KEY="paper-key",
+                         EEXIT_API_SECRET="paper-secret", EEXIT_EXCHANGE="okx", EEXIT_API_PASSWORD="not-the-pass")
+        positions, orders, error = ops.read_account(env)
+        self.assertEqual((None, None), (positions, orders))
+        self.assertIn("50105", error)
+        self.assertNotIn("not-the-pass", error)
+
+
 class BinanceKillRestartTest(KillRestartCase):
     venue = "binanceusdm"
 

@@ -20,8 +20,10 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        venue's maximum MARKET order size
   read_positions(ex, segment)          [base.Position]: every non-zero position of one
                                        segment, all pages; raises on any failure
-  read_orders(ex, segment, conditional) [base.OpenOrder] of one book (regular or
-                                       conditional/algo) of one segment, all pages; raises
+  BOOKS            the order reads of a segment: "regular" plus the conditional/algo ones
+                   (one name per request the venue needs; read in parallel)
+  read_orders(ex, segment, book)       [base.OpenOrder] of one book of one segment, all
+                                       pages (conditional = book != "regular"); raises
   cancel_book(ex, symbol, conditional, orders)
                                        cancel one book of symbol; `orders` are the ones the
                                        read saw there (for venues that cancel by id); raises

@@ -15,6 +15,7 @@ from . import base
 
 ID = "binanceusdm"
 SEGMENTS = ("usdm",)
+BOOKS = ("regular", "conditional")
 NEEDS_PASSWORD = False
 # Per-account order limits. Sliding windows never exceed the exchange's fixed windows, yet let
 # a whole burst go at once: 300 closes leave in one round, not over 10 s.
@@ -68,7 +69,8 @@ def read_positions(ex, segment):
     return positions
 
 
-def read_orders(ex, segment, conditional):
+def read_orders(ex, segment, book):
+    conditional = book == "conditional"
     ex.load_markets()
     orders = []
     for order in ex.fetch_open_orders(None, None, None, {"trigger": True} if conditional else {}):

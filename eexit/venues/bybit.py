@@ -24,6 +24,7 @@ from . import base
 
 ID = "bybit"
 SEGMENTS = ("linear/USDT", "linear/USDC", "inverse")
+BOOKS = ("regular", "conditional")
 NEEDS_PASSWORD = False
 ORDER_LIMITS = "10/1"        # /v5/order/create default per UID for linear and inverse: 10/s
 DEADMAN = None
@@ -91,7 +92,8 @@ def read_positions(ex, segment):
     return positions
 
 
-def read_orders(ex, segment, conditional):
+def read_orders(ex, segment, book):
+    conditional = book == "conditional"
     ex.load_markets()
     category = _request(segment)["category"]
     params = dict(_request(segment), openOnly=0, orderFilter=_BOOK[conditional])

@@ -22,11 +22,13 @@ from . import base
 
 ID = "okx"
 SEGMENTS = ("SWAP", "FUTURES")
+# The algo book answers one ordType per request (conditional and oco together): one "book"
+# per request, so the EEW reads them all in parallel.
+BOOKS = ("regular", "conditional,oco", "trigger", "move_order_stop")
 NEEDS_PASSWORD = True
 ORDER_LIMITS = "60/2"        # /trade/order: 60 per 2 s (per instrument; applied account-wide)
 DEADMAN = "cancel-all-after"
 _ORDER_PAGE = 100
-_ALGO_TYPES = ("conditional,oco", "trigger", "move_order_stop")
 _GONE = {"51400", "51401", "51402", "51403"}    # cancel: already filled, cancelled or unknown
 _BATCH = {False: 20, True: 10}
 
@@ -79,11 +81,12 @@ def _pages(call, params, id_key, what):
             return rows
 
 
-def read_orders(ex, segment, conditional):
+def read_orders(ex, segment, book):
     ex.load_markets()
+    conditional = book != "regular"
     if conditional:
-        rows = [row for kind in _ALGO_TYPES for row in _pages(
-            ex.privateGetTradeOrdersAlgoPending, {"instType": segment, "ordType": kind}, "algoId", "algo-pending")]
+        rows = _pages(ex.privateGetTradeOrdersAlgoPending, {"instType": segment, "ordType": book},
+                      "algoId", "algo-pending")
     else:
         rows = _pages(ex.privateGetTradeOrdersPending, {"instType": segment}, "ordId", "orders-pending")
     return [base.OpenOrder(
