@@ -1,8 +1,11 @@
 """Paper exchange: a local Binance USDⓈ-M futures REST dialect that real ccxt `binanceusdm`
-talks to, with an account model and fault injection. Every test, the demo and the drills use
-it; nothing here is used against a real exchange.
+talks to, with an account model and fault injection; the same account also speaks Bybit v5
+(eexit/paper_bybit.py) and OKX v5 (eexit/paper_okx.py) through serve_dialect (--venue /
+venue=). Every test, the demo and the drills use it; nothing here is used against a real
+exchange.
 
-    python -m eexit.paper --port 0 [--seed BTCUSDT:0.01,ETHUSDT:-0.5] [--hedge]
+    python -m eexit.paper --port 0 [--venue binanceusdm|bybit|okx] [--api-password P]
+                          [--seed BTCUSDT:0.01,ETHUSDT:-0.5] [--hedge]
                           [--latency-ms N] [--jitter-ms N] [--api-key K --api-secret S]
                           [--synthetic N] [--seed-all QTY] [--fault JSON]...
 
