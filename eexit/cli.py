@@ -18,7 +18,7 @@
         the panic drill (eexit/drill.py): exit 0 PASS, 1 FAIL, 3 timeout/EEW not running,
         4 refused (not paper or sandbox), 2 configuration
     eexit --version
-    eexit demo [--json] [--keep-logs]
+    eexit demo [--json] [--keep-logs] [--venue binanceusdm|bybit|okx]
         the embedded stack end to end; exit 0 PASS, 1 FAIL
 
 Environment: REDIS_URL (and the Redis credentials of eexit.bus), EEXIT_PANIC_HMAC_KEYS or the
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from . import __version__, bus, ops, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
+from .paper import DIALECTS as PAPER_DIALECTS
 
 EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -78,7 +79,7 @@ def report_line(r):
     """One line for a report dict (ops.report_dict): status, positions closed, duration."""
     took = "unknown time" if r.get("execution_time_ms") is None else f"{r['execution_time_ms']} ms"
     return (f"{r['status']} {known(r.get('positions_closed'))}/{known(r.get('positions_total'))} "
-            f"closed in {took}")
+            f"closed in {took}" + (f" scope={r['scope']}" if r.get("scope") else ""))
 
 
 def print_json(data):
@@ -220,7 +221,8 @@ def cmd_panic(args, cfg, env):
         print(f"report: status={report.status} positions {known(report.positions_closed)}/"
               f"{known(report.positions_total)} closed, {known(report.positions_failed)} failed "
               f"{report.failed_symbols or ''} orders_cancelled={known(report.orders_cancelled)} "
-              f"execution_time_ms={report.execution_time_ms}" + (f" detail={report.detail}" if report.detail else ""))
+              f"execution_time_ms={report.execution_time_ms}" + (f" scope={report.scope}" if report.scope else "")
+              + (f" detail={report.detail}" if report.detail else ""))
         for residual in report.residual_positions:
             print(f"  residual: {residual}")
         print("FLAT" if code == EXIT_OK else f"NOT FLAT ({report.status})")
@@ -360,7 +362,7 @@ def cmd_drill(args, cfg, env):
 
 def cmd_demo(args, cfg, env):
     from . import demo   # noqa: PLC0415 - starts processes; only this command needs it
-    return demo.run(json_output=args.json, keep_logs=args.keep_logs)
+    return demo.run(json_output=args.json, keep_logs=args.keep_logs, venue=args.venue)
 
 
 def build_parser():
@@ -408,6 +410,8 @@ def build_parser():
     p = sub.add_parser("demo", help="private Redis + paper exchange + the three daemons; kill the Exit Brain; timeline")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and print where")
+    p.add_argument("--venue", default="binanceusdm", choices=PAPER_DIALECTS,
+                   help="the paper exchange's dialect and EEXIT_EXCHANGE of the daemons")
     p.set_defaults(handler=cmd_demo)
     return parser
 

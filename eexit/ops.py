@@ -166,7 +166,7 @@ def report_dict(entry_id, report):
             "residual_positions": report.residual_positions, "orders_cancelled": report.orders_cancelled,
             "ts_started": report.ts_started, "ts_completed": report.ts_completed,
             "execution_time_ms": report.execution_time_ms, "detail": report.detail,
-            "issued_by": report.issued_by, "reason": report.reason}
+            "issued_by": report.issued_by, "reason": report.reason, "scope": report.scope}
 
 
 # ---------------------------------------------------------------------------- panic
