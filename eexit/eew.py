@@ -487,9 +487,9 @@ def _read_positions(client, segment):
 
 
 def _check_account(client):
-    """The account check's private read-only call: the balance, not the positions, so it
-    neither costs position-read weight nor shows in a panic's own reads."""
-    client.fetch_balance()
+    """The account check's private read-only call (the venue's cheapest signed read): it
+    neither costs position-read weight on Binance nor shows in a panic's own reads."""
+    exchange.check_key(client)
 
 
 def _read_orders(client, segment, book):

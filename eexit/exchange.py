@@ -120,6 +120,11 @@ def segments(ex):
     return venue_of(ex).SEGMENTS
 
 
+def check_key(ex):
+    """One cheap private read-only call; raises when the key is refused."""
+    venue_of(ex).check_key(ex)
+
+
 def read_segment_positions(ex, segment):
     """The positions of one segment; a failure carries the segment (exc.eexit_segment)."""
     return in_segment(segment, lambda: venue_of(ex).read_positions(ex, segment))

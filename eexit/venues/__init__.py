@@ -31,6 +31,8 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        one reduce-only MARKET order closing (part of) a
                                        position: the venue's hedge parameters, margin mode,
                                        client-id rules (ours: 32 letters/digits, every venue)
+  check_key(ex)                        one cheap private read-only call: raises (auth) when the
+                                       key is wrong or revoked (the EEW's account check)
   arm_deadman(ex, symbol, countdown_ms) the venue's dead-man switch; ccxt.NotSupported if none
   classify_error(exc, ex)              base.ErrorClass by the venue's own codes: rate_limited
                                        (with the venue's retry hint), transient, auth,

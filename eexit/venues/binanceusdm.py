@@ -46,6 +46,10 @@ def load_market_rules(ex):
     return base.load_market_rules(ex)
 
 
+def check_key(ex):
+    ex.fetch_balance()       # GET /fapi/v3/account: signed, read-only, no position weight
+
+
 def read_positions(ex, segment):
     ex.load_markets()
     rows = base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk")

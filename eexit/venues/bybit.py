@@ -70,6 +70,10 @@ def _pages(call, params, limit, what):
             return rows
 
 
+def check_key(ex):
+    ex.privateGetV5PositionList({"category": "linear", "settleCoin": "USDT", "limit": 1})
+
+
 def read_positions(ex, segment):
     ex.load_markets()
     category = _request(segment)["category"]

@@ -54,6 +54,10 @@ def _data(response, what):
     return base.rows_of((response or {}).get("data"), what)
 
 
+def check_key(ex):
+    _data(ex.privateGetAccountPositions({"instType": "SWAP"}), "account/positions")
+
+
 def read_positions(ex, segment):
     ex.load_markets()
     positions = []
