@@ -10,11 +10,15 @@ this module holds no venue-specific decision.
 Every read RAISES on failure: an exchange error is never an empty account (SPEC §4.1).
 """
 
+import functools
 import os
+import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import ccxt
+import certifi
+from requests.adapters import HTTPAdapter
 
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
@@ -34,6 +38,7 @@ class ExchangeConfig:
     url: str | None = None
     sandbox: bool = False
     timeout_ms: int = DEFAULT_TIMEOUT_MS
+    ca_file: str | None = None
 
     @classmethod
     def from_env(cls, env=None):
@@ -64,9 +69,17 @@ class ExchangeConfig:
             # Two different destinations for real orders: refuse rather than guess which one.
             raise ConfigError("EEXIT_SANDBOX and EEXIT_EXCHANGE_URL are both set; choose one")
         timeout_ms = env_int("EEXIT_EXCHANGE_TIMEOUT_MS", DEFAULT_TIMEOUT_MS, minimum=100, maximum=120000, env=env)
+        ca_file = _env_optional("EEXIT_EXCHANGE_CA_FILE", env)
+        if ca_file is not None:
+            try:
+                tls_context(ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                # Refused at start: a trust store we cannot load would fail every panic's TLS.
+                raise ConfigError(f"EEXIT_EXCHANGE_CA_FILE={ca_file!r} is not a readable PEM CA bundle: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
         return cls(exchange_id=exchange_id, api_key=api_key, api_secret=api_secret,
                    api_password=api_password, url=url,
-                   sandbox=sandbox, timeout_ms=timeout_ms)
+                   sandbox=sandbox, timeout_ms=timeout_ms, ca_file=ca_file)
 
 
 def _env_optional(name, env):
@@ -75,9 +88,41 @@ def _env_optional(name, env):
     return value.strip() if value is not None and value.strip() else None
 
 
+@functools.lru_cache(maxsize=4)
+def tls_context(ca_file=None):
+    """The one verifying TLS context every client of a process shares: built once, from
+    EEXIT_EXCHANGE_CA_FILE when set (the COMPLETE trust store then, certifi not added: behind
+    a TLS-intercepting proxy give its CA, or a bundle with both), else certifi's bundle. Left
+    to itself, requests hands urllib3 the bundle's path and every new connection builds a
+    context and re-reads ~150 KB of PEM (30+ ms CPU each, 60 of them in a cold panic)."""
+    return ssl.create_default_context(cafile=ca_file or certifi.where())
+
+
+class SharedTLSAdapter(HTTPAdapter):
+    """requests adapter verifying with tls_context() instead of a per-connection bundle."""
+
+    def __init__(self, context):
+        self.context = context
+        super().__init__(pool_connections=1, pool_maxsize=4)
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, ssl_context=self.context, **kwargs)
+
+    def cert_verify(self, conn, url, verify, cert):
+        # ccxt always asks for verification; the shared context holds the trust store and
+        # checks hostnames, so nothing is re-read per connection. verify=False is refused
+        # rather than honoured: eexit never talks to an exchange unverified.
+        if not verify:
+            raise ValueError("eexit never disables TLS verification")
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = conn.ca_cert_dir = None
+
+
 def build_exchange(cfg):
     """A synchronous ccxt exchange. ccxt's rate limiter is off: it sleeps ~200 ms between
-    orders, which an emergency close cannot afford; callers pace themselves."""
+    orders, which an emergency close cannot afford; callers pace themselves. HTTPS verifies
+    with the process-wide tls_context (ccxt's session has trust_env=False, so
+    REQUESTS_CA_BUNDLE is ignored: EEXIT_EXCHANGE_CA_FILE is the setting)."""
     klass = getattr(ccxt, cfg.exchange_id)
     settings = {"enableRateLimit": False, "timeout": int(cfg.timeout_ms)}
     if cfg.api_key is not None:
@@ -86,6 +131,7 @@ def build_exchange(cfg):
     if cfg.api_password is not None:
         settings["password"] = cfg.api_password
     ex = klass(settings)
+    ex.session.mount("https://", SharedTLSAdapter(tls_context(cfg.ca_file)))
     # A signed currency listing before the markets costs a request and needs wallet rights.
     ex.options["fetchCurrencies"] = False
     ex.has["fetchCurrencies"] = False

@@ -9,7 +9,12 @@ exchange.
                           [--latency-ms N] [--jitter-ms N] [--api-key K --api-secret S]
                           [--synthetic N] [--seed-all QTY] [--fault JSON]...
 
-prints its base URL as the first stdout line and serves until SIGTERM. In-process:
+                          [--cert PEM --key PEM] [--idle-timeout-s S]
+
+prints its base URL as the first stdout line and serves until SIGTERM. --cert/--key serve
+HTTPS (make_test_cert() writes a self-signed pair for 127.0.0.1; clients trust it through
+EEXIT_EXCHANGE_CA_FILE); --idle-timeout-s closes a kept-alive connection idle that long, as
+real venues do. In-process:
 
     paper = PaperExchange(seed="BTCUSDT:0.01", hedge=False)
     base_url = paper.start()      # point ccxt at it with EEXIT_EXCHANGE_URL=base_url
@@ -41,9 +46,12 @@ import itertools
 import json
 import math
 import random
+import os
 import signal
 import socket
+import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -869,7 +877,10 @@ class PaperExchange:
 
     def __init__(self, seed=None, hedge=False, latency_ms=0, jitter_ms=0, api_key=DEFAULT_API_KEY,
                  api_secret=DEFAULT_API_SECRET, port=0, synthetic=0, balance=DEFAULT_BALANCE, faults=(),
-                 venue="binanceusdm", api_password=DEFAULT_API_PASSWORD):
+                 venue="binanceusdm", api_password=DEFAULT_API_PASSWORD, tls=None, idle_timeout_s=None):
+        """tls: (cert_file, key_file) to serve HTTPS; idle_timeout_s: drop idle connections."""
+        self.tls = tls
+        self.idle_timeout_s = idle_timeout_s
         if venue not in DIALECTS:
             raise ValueError(f"unknown venue {venue!r}; one of {sorted(DIALECTS)}")
         self.venue = venue
@@ -901,10 +912,18 @@ class PaperExchange:
     # -- lifecycle
 
     def start(self):
-        handler = type("Handler", (_Handler,), {"paper": self})
+        # StreamRequestHandler.timeout: a connection idle that long gets closed after its
+        # last answer, the way a venue's load balancer drops idle keep-alive connections.
+        handler = type("Handler", (_Handler,), {"paper": self, "timeout": self.idle_timeout_s})
         self._server = _Server(("127.0.0.1", self.port), handler)
+        if self.tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.tls)
+            # The handshake runs on the connection's own thread (first read), not in accept().
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
+                                                      do_handshake_on_connect=False)
         self.port = self._server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         serve = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                  name="paper-http", daemon=True)
         tick = threading.Thread(target=self._ticker, name="paper-countdown", daemon=True)
@@ -1034,6 +1053,18 @@ class PaperExchange:
                 "symbols": [m.info for m in self.account.markets.values()],
             }
         return dict(self._exchange_info_cache, serverTime=_now_ms())
+
+
+def make_test_cert(directory):
+    """(cert_file, key_file): a fresh self-signed certificate for 127.0.0.1/localhost, valid
+    one day, written into directory by the openssl CLI. The cert is its own CA: pass
+    cert_file as EEXIT_EXCHANGE_CA_FILE. Tests and benchmarks only."""
+    cert, key = os.path.join(directory, "paper-cert.pem"), os.path.join(directory, "paper-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 class _Server(ThreadingHTTPServer):
@@ -1570,13 +1601,17 @@ def main(argv=None):
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
     parser.add_argument("--api-secret", default=DEFAULT_API_SECRET)
     parser.add_argument("--fault", action="append", default=[], help="fault as JSON, repeatable")
+    parser.add_argument("--cert", default=None, help="PEM certificate: serve HTTPS (with --key)")
+    parser.add_argument("--key", default=None, help="PEM private key of --cert")
+    parser.add_argument("--idle-timeout-s", type=float, default=None, help="drop idle connections")
     args = parser.parse_args(argv)
     try:
         faults = [json.loads(text) for text in args.fault]
         paper = PaperExchange(seed=args.seed, hedge=args.hedge, latency_ms=args.latency_ms,
                               jitter_ms=args.jitter_ms, api_key=args.api_key, api_secret=args.api_secret,
                               port=args.port, synthetic=args.synthetic, faults=faults, venue=args.venue,
-                              api_password=args.api_password)
+                              api_password=args.api_password, idle_timeout_s=args.idle_timeout_s,
+                              tls=(args.cert, args.key) if args.cert else None)
         if args.seed_all is not None:
             amount = Decimal(args.seed_all)
             for market_id in paper.market_ids():
