@@ -78,7 +78,6 @@ import collections
 import itertools
 import json
 import os
-import queue
 import socket
 import sys
 import threading
@@ -117,6 +116,9 @@ PROBES = (
 # so the entry-isolation path runs against real code. Unset (the default) it does nothing.
 FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
 PACING_MARGIN_S = 0.1
+# Venues and their load balancers drop kept-alive connections idle for about a minute or
+# more; a ping every 20 s keeps the warm ones well inside that (0 disables it).
+DEFAULT_KEEPALIVE_S = 20
 
 
 # ------------------------------------------------------------------------------ config
@@ -136,6 +138,7 @@ class Config:
     order_limits: tuple           # ((orders, window_s), ...)
     heartbeat_interval_s: float
     account_check_s: float
+    keepalive_s: float
     max_deliveries: int
     fault_reason: str
     exchange_config: exchange.ExchangeConfig = field(repr=False)
@@ -170,6 +173,8 @@ class Config:
                 "EEXIT_ORDER_LIMITS", exchange.default_order_limits(exchange_config.exchange_id), env)),
             heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, maximum=60, env=env),
             account_check_s=env_float("EEXIT_ACCOUNT_CHECK_S", 60, minimum=1, maximum=3600, env=env),
+            keepalive_s=env_float("EEXIT_EXCHANGE_KEEPALIVE_S", DEFAULT_KEEPALIVE_S, minimum=0, maximum=3600,
+                                  env=env),
             max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
             fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
             exchange_config=exchange_config,
@@ -213,6 +218,28 @@ def pacing_wait(sent, now, limits, margin_s=PACING_MARGIN_S):
         if len(sent) >= count:
             wait = max(wait, sent[-count] + window_s + margin_s - now)
     return wait
+
+
+def rate_floor_s(orders, limits, margin_s=PACING_MARGIN_S):
+    """The least time the limits need to let `orders` orders out (a burst of `count` per window
+    at once, sliding): the last order waits (orders-1)//count whole windows."""
+    if orders <= 0:
+        return 0.0
+    return max(((orders - 1) // count) * (window_s + margin_s) for count, window_s in limits)
+
+
+def close_deadline_s(base_s, positions, limits):
+    """A panic's deadline: EEXIT_CLOSE_DEADLINE_S for the work itself plus the time the order
+    limits force on `positions` closes. A fixed deadline below the floor (30 s holds 900
+    closes at 300 / 10 s) would end a large account RESIDUAL with the exchange still willing."""
+    return base_s + rate_floor_s(positions, limits)
+
+
+def warm_connections(segments, books, batch, limits, concurrency):
+    """Connections one close round uses at once: every read of the account (positions per
+    segment, each book per segment) and the batches the first order window lets out."""
+    first_window = min(count for count, _ in limits)
+    return min(concurrency, max(len(segments) * (1 + len(books)), -(-first_window // batch)))
 
 
 def derive_event_id(entry_id):
@@ -429,14 +456,16 @@ class Pacer:
         with self.lock:
             return max(0.0, self.paused_until - time.monotonic())
 
-    def acquire(self, deadline):
-        """Wait for a slot (and the pause to end); False if that would pass the deadline."""
+    def acquire(self, deadline, orders=1):
+        """Wait for `orders` slots (and the pause to end); False if that would pass the
+        deadline. A batch takes one slot per order in it: venues count each order."""
         while True:
             with self.lock:
                 now = time.monotonic()
-                wait = max(self.paused_until - now, pacing_wait(self.sent, now, self.limits))
+                wait = max(self.paused_until - now, pacing_wait(list(self.sent) + [now] * (orders - 1), now,
+                                                                self.limits))
                 if wait <= 0:
-                    self.sent.append(now)
+                    self.sent.extend([now] * orders)
                     return True
             if now + wait > deadline:
                 return False
@@ -444,14 +473,20 @@ class Pacer:
 
 
 class ExchangePool:
-    """N ccxt clients for N threads; markets loaded once and shared."""
+    """Up to `size` ccxt clients for `size` threads; markets loaded once and shared. Clients
+    are handed out last-in first-out: a panic gets the connections used (or kept warm) most
+    recently, which the venue has not dropped; the ones at the bottom only serve bursts wider
+    than the warm set. Clients are built on demand, so an idle EEW holds only those it uses."""
 
     def __init__(self, cfg, size):
         self.cfg = cfg
         self.exchange_id = cfg.exchange_id
         self.size = size
         self.rules = None
-        self.free = queue.Queue()
+        self.markets = None
+        self.idle = []                 # most recently used last
+        self.built = 0
+        self.lock = threading.Condition()
         self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="eew-exchange")
 
     @property
@@ -459,27 +494,63 @@ class ExchangePool:
         return self.rules is not None
 
     def load_markets(self):
-        """Raises on failure; the caller retries. Builds the clients on first success."""
+        """Raises on failure; the caller retries. Keeps the loading client."""
         primary = exchange.build_exchange(self.cfg)
         rules = exchange.load_market_rules(primary)
-        if self.rules is None:
-            self.free.put(primary)
-            for _ in range(self.size - 1):
-                client = exchange.build_exchange(self.cfg)
-                client.set_markets(primary.markets, primary.currencies)
-                self.free.put(client)
+        with self.lock:
+            self.markets = (primary.markets, primary.currencies)
+            if self.built < self.size:
+                self.built += 1
+                self.idle.append(primary)
+                self.lock.notify()
         self.rules = rules
+
+    def _take(self):
+        with self.lock:
+            while not self.idle and self.built >= self.size:
+                self.lock.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.built += 1
+        try:
+            client = exchange.build_exchange(self.cfg)
+        except Exception:
+            with self.lock:
+                self.built -= 1
+            raise
+        client.set_markets(*self.markets)
+        return client
+
+    def _give(self, client):
+        with self.lock:
+            self.idle.append(client)
+            self.lock.notify()
 
     def submit(self, fn, *args):
         """Run fn(client, *args) on a worker thread with a client of its own."""
         return self.executor.submit(self._with_client, fn, args)
 
     def _with_client(self, fn, args):
-        client = self.free.get()
+        client = self._take()
         try:
             return fn(client, *args)
         finally:
-            self.free.put(client)
+            self._give(client)
+
+    def keep_warm(self, count):
+        """One cheap request on each of the `count` most recently used connections at once
+        (opening the missing ones), so they are alive when a panic comes. Returns the futures;
+        never blocks the caller."""
+        barrier = threading.Barrier(count, timeout=5)
+
+        def ping(client):
+            try:
+                # Every ping holds its client until all started: `count` distinct connections.
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass  # a slow start only means fewer distinct connections this time
+            exchange.ping(client)
+        return [self.submit(ping) for _ in range(count)]
 
 
 def _read_positions(client, segment):
@@ -590,7 +661,9 @@ class Closer:
                                     [o for o in account.orders
                                      if o.symbol == symbol and o.conditional == conditional]): (symbol, conditional)
                    for symbol in symbols for conditional in ORDER_BOOKS}
-        closes = {self.pool.submit(self._close, order, deadline): order for order in plan}
+        size = exchange.batch_size(self.pool.exchange_id)
+        closes = {self.pool.submit(self._close, plan[i:i + size], deadline): plan[i:i + size]
+                  for i in range(0, len(plan), size)}
         waiting = set(cancels) | set(closes)
         while waiting:
             _done, waiting = futures.wait(waiting, timeout=KEEPALIVE_S)
@@ -604,12 +677,12 @@ class Closer:
                                         if o.symbol == symbol and o.conditional == conditional)
             else:
                 result.errors.append(f"cancel:{symbol}:{error}")
-        for future, order in closes.items():
-            error = future.result()
-            if error is None:
-                result.orders_sent += 1
-            else:
-                result.errors.append(f"close:{order.symbol}:{order.position_side}:{error}")
+        for future, batch in closes.items():
+            for order, error in zip(batch, future.result()):
+                if error is None:
+                    result.orders_sent += 1
+                else:
+                    result.errors.append(f"close:{order.symbol}:{order.position_side}:{error}")
         log.info("close_round", event_id=event_id, attempt=attempt, positions=len(account.positions),
                  orders_seen=len(account.orders), planned=len(plan), sent=result.orders_sent,
                  cancelled=result.cancelled, errors=len(result.errors))
@@ -624,35 +697,57 @@ class Closer:
             # The re-read shows whether orders are still resting; the next attempt cancels again.
             return _error_text(exc, self.pool.exchange_id)
 
-    def _close(self, client, order, deadline):
-        """None once the exchange accepted the order, else a short error text. A 429/418 is
-        retried with the SAME client order id after Retry-After (the request was refused, and a
-        duplicate id would be refused too); anything else ends this order's attempt and the
-        re-read decides, because the outcome may be unknown (timeout) or the position changed
-        (-2022)."""
+    def _close(self, client, orders, deadline):
+        """One batch (the venue's batch endpoint; one order alone goes to the single one):
+        per order None once the exchange accepted it, else a short error text. An order
+        refused with 429/418, alone or inside a batch, is retried with the SAME client order id
+        after Retry-After (the request was refused, and a duplicate id would be refused too);
+        anything else ends that order's attempt and the re-read decides, because the outcome
+        may be unknown (timeout) or the position changed (-2022). A rejected order in a batch
+        is treated exactly like a rejected single order; the others of the batch stand."""
+        errors = ["rate_limited:retries_exhausted"] * len(orders)
+        pending = list(range(len(orders)))
         for _ in range(MAX_RATE_RETRIES):
-            if not self.pacer.acquire(deadline):
-                return "deadline"
+            if not pending:
+                break
+            if not self.pacer.acquire(deadline, len(pending)):
+                for i in pending:
+                    errors[i] = "deadline"
+                break
             try:
-                exchange.place_close_order(client, order.symbol, order.side, order.amount,
-                                           order.position_side, order.client_order_id, order.margin_mode)
-                return None
+                results = exchange.place_close_orders(client, [orders[i] for i in pending])
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
-                kind = exchange.classify_error(exc, client)
-                if kind.kind != "rate_limited":
+                # The request itself failed: the same outcome for every order in it.
+                results = [exc] * len(pending)
+            limited, wait = [], None
+            for i, result in zip(pending, results):
+                kind = exchange.classify_error(result, client) if isinstance(result, Exception) else None
+                if kind is None:
+                    errors[i] = None
+                elif kind.kind == "rate_limited":
+                    limited.append(i)
+                    wait = max(wait or 0.0, kind.retry_after_s or 1.0)
+                else:
                     # Not retried blind: the re-read shows what is left and re-plans it.
-                    return _error_text(exc, self.pool.exchange_id)
+                    errors[i] = _error_text(result, self.pool.exchange_id)
+            if wait is not None:
                 # Everyone waits: the limit is per account/IP, not per thread.
-                self.pacer.pause(kind.retry_after_s or 1.0)
-        return "rate_limited:retries_exhausted"
+                self.pacer.pause(wait)
+            pending = limited
+        return errors
 
     def execute(self, event_id, record, on_progress, keepalive):
         """Halt is the caller's job. Reads, closes and verifies until flat or the deadline;
         returns the report fields that depend on the exchange (a dict for CompletionReport).
         on_progress(record) runs before every attempt (persist the attempt number);
         keepalive() runs while an attempt waits for the exchange."""
-        deadline = time.monotonic() + self.config.close_deadline_s
+        started = time.monotonic()
+        deadline = started + self.config.close_deadline_s
         account = self.read_account(deadline, event_id, keepalive)
+        if account is not None:
+            # The work is known now: the deadline grows with the closes the limits must pace.
+            deadline = started + close_deadline_s(self.config.close_deadline_s, len(account.positions),
+                                                  self.pacer.limits)
         if account is None:
             return dict(status=flatten.FAILED, positions_total=None, positions_closed=None,
                         positions_failed=None, scope=self.scope, attempts=record.get("attempt", 0),

@@ -232,6 +232,28 @@ def place_close_order(ex, symbol, side, amount, position_side, client_order_id, 
     return venue_of(ex).place_close(ex, symbol, side, amount, position_side, client_order_id, margin_mode)
 
 
+def batch_size(exchange_id):
+    """Close orders one request can carry (the venue's batch endpoint)."""
+    return venue(exchange_id).BATCH_ORDERS
+
+
+def place_close_orders(ex, orders):
+    """flatten.CloseOrder items, at most batch_size: [order id | exception] in order. An
+    exception in the list is that order's rejection (classify_error sorts it like a single
+    order's); a failure of the request itself raises and concerns every order of it."""
+    module = venue_of(ex)
+    if len(orders) == 1:      # the single endpoint: same weight, and its answer is simpler
+        o = orders[0]
+        return [module.place_close(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id,
+                                   o.margin_mode)["id"]]
+    return module.place_closes(ex, orders)
+
+
+def ping(ex):
+    """The venue's cheapest public request (server time): keeps a connection from idling out."""
+    venue_of(ex).ping(ex)
+
+
 def arm_deadman(ex, symbol, countdown_ms):
     """The venue's dead-man switch for symbol (0 disarms); ccxt.NotSupported where none."""
     module = venue_of(ex)

@@ -869,7 +869,36 @@ ROUTES = {
     ("DELETE", "/fapi/v1/algoOpenOrders"): ("cancel_all_algo", 1, True),
     ("POST", "/fapi/v1/countdownCancelAll"): ("countdown", 10, True),
 }
-ORDER_PATHS = {"/fapi/v1/order", "/fapi/v1/algoOrder", "/fapi/v1/batchOrders"}
+ORDER_PATHS = {"/fapi/v1/order", "/fapi/v1/algoOrder"}     # a batch counts its orders (batch_item)
+
+
+def batch_item(paper, single_path, method, params, symbol, place, errors):
+    """One order of a batch request, handled as the single-order endpoint would handle it:
+    its own request-log entry at single_path ("in_batch": True), its own latency, error and
+    order_limit faults scoped to single_path, and one order counted against the limits.
+    Returns place(); raises what a single request would have answered (the caller maps it
+    into the batch's per-order result). errors = (fault_error(fault), rate_limited(retry_s),
+    status_of(exc)) of the dialect. A batch is thus tested and faulted like its orders."""
+    fault_error, rate_limited, status_of = errors
+    entry = {"method": method, "path": single_path, "params": params, "ts": _now_ms(), "status": None,
+             "in_batch": True}
+    paper.request_log.append(entry)
+    fault_path = single_path + "?" + "&".join(f"{k}={v}" for k, v in params.items())
+    try:
+        for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+            time.sleep((float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0)
+        for fault in paper.faults.take({"error"}, fault_path, method, symbol):
+            raise fault_error(fault)
+        _, orders10s, _ = paper._use_weight(0, True)
+        for fault in paper.faults.take({"order_limit"}, fault_path, method, symbol):
+            if orders10s > float(fault["limit"]):
+                raise rate_limited(10 - time.time() % 10)
+        result = place()
+    except (BinanceError, DialectError) as exc:
+        entry["status"] = status_of(exc)
+        raise
+    entry["status"] = 200
+    return result
 
 
 class PaperExchange:
@@ -960,9 +989,12 @@ class PaperExchange:
     def clear_faults(self):
         self.faults.clear()
 
-    def requests(self, path=None, method=None):
+    def requests(self, path=None, method=None, batches=False):
+        """Logged requests; a batch order request appears as its orders (batch_item), each
+        at the single-order path, unless batches=True also lists the batch requests."""
         return [r for r in list(self.request_log)
-                if (path is None or path in r["path"]) and (method is None or r["method"] == method)]
+                if (path is None or path in r["path"]) and (method is None or r["method"] == method)
+                and (batches or not r.get("batch"))]
 
     def clear_requests(self):
         self.request_log.clear()
@@ -1181,7 +1213,7 @@ class _Handler(BaseHTTPRequestHandler):
         if paper.dialect is not None:
             serve_dialect(self, method, path, split.query, paper.dialect)
             return
-        entry = {"method": method, "path": path, "params": {}, "ts": _now_ms(), "status": None}
+        entry = self.entry = {"method": method, "path": path, "params": {}, "ts": _now_ms(), "status": None}
         paper.request_log.append(entry)
         try:
             body = self._read_body()
@@ -1418,12 +1450,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise _bad_param("batchOrders")
         if len(orders) > 5:
             raise BinanceError(400, -4000, "Invalid number of batch place orders.")
+        self.entry["batch"] = True
         results = []
         for order in orders:
             params = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in order.items()}
             try:
-                ratio = self._order_faults(params, path, method)
-                results.append(self.paper.account.place_order(params, ratio))
+                results.append(batch_item(
+                    self.paper, "/fapi/v1/order", method, params, (params.get("symbol") or "").upper() or None,
+                    lambda p=params: self.paper.account.place_order(p, self._order_faults(p, "/fapi/v1/order", method)),
+                    (_fault_error, _binance_rate_limited, lambda exc: exc.status)))
             except BinanceError as exc:
                 results.append({"code": exc.code, "msg": exc.msg})
         return results
@@ -1528,6 +1563,8 @@ def serve_dialect(h, method, path, query, d):
             if signed:
                 d.authenticate(h, method, path, query, body)
             paper.account.expire_countdowns()
+            if name in getattr(d, "BATCHES", ()):
+                entry["batch"] = True         # logged as its orders (batch_item)
             result = getattr(d, "ep_" + name)(paper, params, fault_path, method)
         except BinanceError as exc:
             raise d.translate(exc) from None
@@ -1565,6 +1602,11 @@ def _parse_params(query, body):
                 raise BinanceError(400, -1101, "Duplicate values for a parameter detected.")
             params[key] = value
     return params
+
+
+def _binance_rate_limited(retry_s):
+    return BinanceError(429, -1015, "Too many new orders; current limit is reached.",
+                        {"Retry-After": int(math.ceil(retry_s))})
 
 
 def _fault_error(fault):

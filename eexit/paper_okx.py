@@ -40,6 +40,13 @@ def _item_error(code, msg):
 def envelope(result, error=None):
     if error is not None:
         return {"code": "50001", "msg": error, "data": []}
+    # A batch with refused items: "1" when all were refused, "2" when some were (OKX's codes).
+    refused = [row for row in result if isinstance(row, dict) and row.get("sCode") not in (None, "0")] \
+        if isinstance(result, list) else []
+    if refused:
+        code = "1" if len(refused) == len(result) else "2"
+        return {"code": code, "msg": "All operations failed" if code == "1" else "Bulk operation partially succeeded",
+                "data": result}
     return {"code": "0", "msg": "", "data": result}
 
 
@@ -265,6 +272,32 @@ def ep_create(paper, p, path, method):
              "ts": str(core._now_ms()), "sCode": "0", "sMsg": "Order placed"}]
 
 
+def ep_batch_orders(paper, p, path, method):
+    """Up to 20 orders, each as /trade/order would place it; a refused one keeps its sCode."""
+    if not isinstance(p, list) or not 0 < len(p) <= 20:
+        raise _error(51000, "Parameter error")
+    rows = []
+    for item in p:
+        try:
+            rows.extend(core.batch_item(paper, "/api/v5/trade/order", method, item if isinstance(item, dict) else {},
+                                        symbol_of(item) if isinstance(item, dict) else None,
+                                        lambda i=item: ep_create(paper, i, "/api/v5/trade/order", method), _ERRORS))
+        except (core.BinanceError, core.DialectError) as exc:
+            refused = translate(exc) if isinstance(exc, core.BinanceError) else exc
+            data = (refused.payload or {}).get("data") or [{"sCode": str(refused.code), "sMsg": ""}]
+            rows.append(dict(data[0], ordId="", clOrdId=(item or {}).get("clOrdId") or ""))
+    return rows
+
+
+def _logged_status(exc):
+    exc = translate(exc) if isinstance(exc, core.BinanceError) else exc
+    return exc.code if exc.code is not None else exc.status
+
+
+_ERRORS = (fault_error, rate_limited, _logged_status)
+BATCHES = {"batch_orders"}
+
+
 def ep_cancel_all_after(paper, p, path, method):
     try:
         seconds = int(str((p or {}).get("timeOut", "")))
@@ -288,5 +321,6 @@ ROUTES = {
     ("POST", "/api/v5/trade/cancel-batch-orders"): ("cancel_batch", True, False),
     ("POST", "/api/v5/trade/cancel-algos"): ("cancel_algos", True, False),
     ("POST", "/api/v5/trade/order"): ("create", True, True),
+    ("POST", "/api/v5/trade/batch-orders"): ("batch_orders", True, False),   # counts its orders
     ("POST", "/api/v5/trade/cancel-all-after"): ("cancel_all_after", True, False),
 }

@@ -208,6 +208,21 @@ def classify(exc, table, retry_after):
     return ErrorClass("unknown", None, code)
 
 
+def item_error(venue_id, body):
+    """A rejected order of a batch as the exception a single order would have raised: the
+    venue's per-order code in the text, so classify() sorts it the same way."""
+    return ccxt.ExchangeError(f"{venue_id} {body}")
+
+
+def batch_results(rows, count, what, accepted):
+    """Per-order results of one batch answer, in request order: the venue's order id, or an
+    exception (item_error). A row count other than the request's is unreadable: raise."""
+    rows = rows_of(rows, what)
+    if len(rows) != count:
+        raise ExchangeDataError(f"{what} answered {len(rows)} results for {count} orders")
+    return [accepted(row) for row in rows]
+
+
 def header(ex, name):
     headers = getattr(ex, "last_response_headers", None) or {}
     for key, value in headers.items():

@@ -21,6 +21,7 @@ NEEDS_PASSWORD = False
 # a whole burst go at once: 300 closes leave in one round, not over 10 s.
 ORDER_LIMITS = "300/10,1200/60"
 DEADMAN = "countdownCancelAll"
+BATCH_ORDERS = 5             # POST /fapi/v1/batchOrders
 
 ERRORS = base.ErrorTable(
     code_re=re.compile(r'"code"\s*:\s*"?(-\d+)'),
@@ -85,6 +86,33 @@ def read_orders(ex, segment, book):
             type=order.get("type") or "", amount=base.opt_num(order.get("amount")),
             reduce_only=bool(order.get("reduceOnly")), conditional=conditional))
     return orders
+
+
+def ping(ex):
+    ex.fapiPublicGetTime()   # GET /fapi/v1/time, weight 1: keeps a connection warm
+
+
+def _order_params(ex, order):
+    position_side = base.closing_side_ok(order.side, order.position_side)
+    params = {"symbol": ex.market(order.symbol)["id"], "side": order.side.upper(), "type": "MARKET",
+              "quantity": ex.amount_to_precision(order.symbol, order.amount)}
+    if order.client_order_id:
+        params["newClientOrderId"] = order.client_order_id
+    if position_side == "BOTH":
+        params["reduceOnly"] = "true"
+    else:
+        params["positionSide"] = position_side
+    return params
+
+
+def place_closes(ex, orders):
+    """Up to BATCH_ORDERS closes (same rules as place_close) in one request; per order the
+    order id or the exception its own rejection would be (`{"code":-2022,...}`)."""
+    ex.load_markets()
+    items = [_order_params(ex, order) for order in orders]
+    rows = ex.fapiPrivatePostBatchOrders({"batchOrders": items})
+    return base.batch_results(rows, len(items), "batchOrders", lambda row: str(row["orderId"]) if "orderId" in row
+                              else base.item_error(ID, f'{{"code":{row.get("code")},"msg":{row.get("msg")!r}}}'))
 
 
 def cancel_book(ex, symbol, conditional, orders=()):

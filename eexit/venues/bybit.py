@@ -28,6 +28,7 @@ BOOKS = ("regular", "conditional")
 NEEDS_PASSWORD = False
 ORDER_LIMITS = "10/1"        # /v5/order/create default per UID for linear and inverse: 10/s
 DEADMAN = None
+BATCH_ORDERS = 10            # /v5/order/create-batch, linear and inverse: 10 a request
 _POSITION_PAGE, _ORDER_PAGE = 200, 50
 _BOOK = {False: "Order", True: "StopOrder"}
 _IDX = {"BOTH": 0, "LONG": 1, "SHORT": 2}
@@ -128,17 +129,47 @@ def cancel_book(ex, symbol, conditional, orders=()):
 def place_close(ex, symbol, side, amount, position_side, client_order_id, margin_mode=None):
     """reduceOnly in both modes (Bybit accepts it with positionIdx), so the order can never
     open or flip exposure; positionIdx names the hedge side."""
-    position_side = base.closing_side_ok(side, position_side)
     ex.load_markets()
+    body = _close_body(ex, symbol, side, amount, position_side, client_order_id)
+    result = (ex.privatePostV5OrderCreate(body) or {}).get("result") or {}
+    return {"id": None if result.get("orderId") is None else str(result["orderId"]),
+            "status": "open", "filled": 0.0, "amount": float(amount)}
+
+
+def ping(ex):
+    ex.publicGetV5MarketTime()
+
+
+def _close_body(ex, symbol, side, amount, position_side, client_order_id):
+    position_side = base.closing_side_ok(side, position_side)
     market, category = _category(ex, symbol)
     body = {"category": category, "symbol": market["id"], "side": side.capitalize(),
             "orderType": "Market", "qty": ex.amount_to_precision(symbol, amount),
             "positionIdx": _IDX[position_side], "reduceOnly": True}
     if client_order_id:
         body["orderLinkId"] = client_order_id
-    result = (ex.privatePostV5OrderCreate(body) or {}).get("result") or {}
-    return {"id": None if result.get("orderId") is None else str(result["orderId"]),
-            "status": "open", "filled": 0.0, "amount": float(amount)}
+    return body
+
+
+def place_closes(ex, orders):
+    """Up to BATCH_ORDERS closes; one create-batch per category (a batch holds one). Per
+    order: its id, or the exception its retCode (retExtInfo.list) means."""
+    ex.load_markets()
+    bodies = [_close_body(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id) for o in orders]
+    results = [None] * len(bodies)
+    for category in sorted({body["category"] for body in bodies}):
+        indexes = [i for i, body in enumerate(bodies) if body["category"] == category]
+        response = ex.privatePostV5OrderCreateBatch(
+            {"category": category, "request": [{k: v for k, v in bodies[i].items() if k != "category"}
+                                               for i in indexes]}) or {}
+        rows = ((response.get("result") or {}).get("list"))
+        codes = base.rows_of(((response.get("retExtInfo") or {}).get("list")) or [{}] * len(indexes), "retExtInfo")
+        merged = [dict(row, **code) for row, code in zip(base.rows_of(rows, "create-batch"), codes)]
+        for i, result in zip(indexes, base.batch_results(merged, len(indexes), "create-batch", lambda row: (
+                str(row.get("orderId")) if str(row.get("code", 0)) == "0" and row.get("orderId") else
+                base.item_error(ID, f'{{"retCode":{row.get("code")},"retMsg":{row.get("msg")!r}}}')))):
+            results[i] = result
+    return results
 
 
 def arm_deadman(ex, symbol, countdown_ms):

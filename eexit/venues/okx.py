@@ -28,6 +28,7 @@ BOOKS = ("regular", "conditional,oco", "trigger", "move_order_stop")
 NEEDS_PASSWORD = True
 ORDER_LIMITS = "60/2"        # /trade/order: 60 per 2 s (per instrument; applied account-wide)
 DEADMAN = "cancel-all-after"
+BATCH_ORDERS = 20            # /trade/batch-orders
 _ORDER_PAGE = 100
 _GONE = {"51400", "51401", "51402", "51403"}    # cancel: already filled, cancelled or unknown
 _BATCH = {False: 20, True: 10}
@@ -119,17 +120,38 @@ def cancel_book(ex, symbol, conditional, orders=()):
         _check_items(call(items[start:start + _BATCH[conditional]]), "cancel")
 
 
-def place_close(ex, symbol, side, amount, position_side, client_order_id, margin_mode=None):
-    """reduceOnly in both modes, tdMode = the position's margin mode; posSide only in hedge."""
-    position_side = base.closing_side_ok(side, position_side)
+def ping(ex):
+    ex.publicGetPublicTime()
+
+
+def place_closes(ex, orders):
+    """Up to BATCH_ORDERS closes in one request; per order its ordId or the exception its
+    sCode means. A batch failing as a whole (envelope code "1": every item refused) raises
+    from ccxt, and then every order of it counts as refused with that answer."""
     ex.load_markets()
+    bodies = [_close_body(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id, o.margin_mode)
+              for o in orders]
+    return base.batch_results(_data(ex.privatePostTradeBatchOrders(bodies), "batch-orders"), len(bodies),
+                              "batch-orders", lambda row: str(row.get("ordId")) if str(row.get("sCode")) == "0"
+                              else base.item_error(ID, f'{{"sCode": "{row.get("sCode")}", "sMsg": {row.get("sMsg")!r}}}'))
+
+
+def _close_body(ex, symbol, side, amount, position_side, client_order_id, margin_mode):
+    position_side = base.closing_side_ok(side, position_side)
     body = {"instId": ex.market(symbol)["id"], "tdMode": margin_mode or "cross", "side": side,
             "ordType": "market", "sz": ex.amount_to_precision(symbol, amount), "reduceOnly": True}
     if position_side != "BOTH":
         body["posSide"] = position_side.lower()
     if client_order_id:
         body["clOrdId"] = client_order_id
-    response = ex.privatePostTradeOrder(body)
+    return body
+
+
+def place_close(ex, symbol, side, amount, position_side, client_order_id, margin_mode=None):
+    """reduceOnly in both modes, tdMode = the position's margin mode; posSide only in hedge."""
+    ex.load_markets()
+    response = ex.privatePostTradeOrder(_close_body(ex, symbol, side, amount, position_side,
+                                                    client_order_id, margin_mode))
     _check_items(response, "order")
     [row] = _data(response, "order")[:1] or [{}]
     return {"id": None if row.get("ordId") is None else str(row["ordId"]), "status": "open",
