@@ -286,8 +286,10 @@ class Faults:
         with self._lock:
             return [dict(f) for f in self._faults]
 
-    def take(self, kinds, path, method, symbol=None):
-        """Matching faults of the given kinds, consuming one unit of each one's count."""
+    def take(self, kinds, path, method, symbol=None, scoped_only=False):
+        """Matching faults of the given kinds, consuming one unit of each one's count. path
+        None: only faults without a "path" match (a batch request as a whole: one latency,
+        one 503); scoped_only: only faults with one (the orders of a batch, see batch_item)."""
         if not self._faults:
             return []
         now = time.monotonic()
@@ -300,7 +302,8 @@ class Faults:
                 keep.append(fault)
                 if fault["kind"] not in kinds:
                     continue
-                if fault.get("path") and fault["path"] not in path:
+                if fault.get("path") and (path is None or fault["path"] not in path) or \
+                        scoped_only and not fault.get("path"):
                     continue
                 if fault.get("method") and fault["method"].upper() != method:
                     continue
@@ -869,6 +872,7 @@ ROUTES = {
     ("DELETE", "/fapi/v1/algoOpenOrders"): ("cancel_all_algo", 1, True),
     ("POST", "/fapi/v1/countdownCancelAll"): ("countdown", 10, True),
 }
+BATCH_PATH = "/fapi/v1/batchOrders"
 ORDER_PATHS = {"/fapi/v1/order", "/fapi/v1/algoOrder"}     # a batch counts its orders (batch_item)
 
 
@@ -885,9 +889,9 @@ def batch_item(paper, single_path, method, params, symbol, place, errors):
     paper.request_log.append(entry)
     fault_path = single_path + "?" + "&".join(f"{k}={v}" for k, v in params.items())
     try:
-        for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+        for fault in paper.faults.take({"latency"}, fault_path, method, symbol, scoped_only=True):
             time.sleep((float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0)
-        for fault in paper.faults.take({"error"}, fault_path, method, symbol):
+        for fault in paper.faults.take({"error"}, fault_path, method, symbol, scoped_only=True):
             raise fault_error(fault)
         _, orders10s, _ = paper._use_weight(0, True)
         for fault in paper.faults.take({"order_limit"}, fault_path, method, symbol):
@@ -1220,10 +1224,11 @@ class _Handler(BaseHTTPRequestHandler):
             params = _parse_params(split.query, body)
             entry["params"] = {k: v for k, v in params.items() if k != "signature"}
             symbol = (params.get("symbol") or "").upper() or None
-            for fault in paper.faults.take({"latency"}, path, method, symbol):
+            fault_path = None if path == BATCH_PATH else path  # a batch is faulted as its orders
+            for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
                 delay = float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))
                 time.sleep(delay / 1000.0)
-            for fault in paper.faults.take({"hang", "reset", "error"}, path, method, symbol):
+            for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
                 if fault["kind"] == "hang":
                     entry["status"] = "hang"
                     paper._stopping.wait(float(fault.get("seconds", 30)))
@@ -1537,6 +1542,10 @@ def serve_dialect(h, method, path, query, d):
             symbol = d.symbol_of(items[0]) if items and isinstance(items[0], dict) else None
             fault_path = path + "?" + "&".join(f"{k}={v}" for item in items if isinstance(item, dict)
                                                for k, v in item.items())
+            if d.ROUTES.get((method, path), ("",))[0] in getattr(d, "BATCHES", ()):
+                # Logged and faulted as its orders (batch_item), not as one request.
+                entry["batch"] = True
+                fault_path = None
             for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
                 delay = float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))
                 time.sleep(delay / 1000.0)
@@ -1563,8 +1572,6 @@ def serve_dialect(h, method, path, query, d):
             if signed:
                 d.authenticate(h, method, path, query, body)
             paper.account.expire_countdowns()
-            if name in getattr(d, "BATCHES", ()):
-                entry["batch"] = True         # logged as its orders (batch_item)
             result = getattr(d, "ep_" + name)(paper, params, fault_path, method)
         except BinanceError as exc:
             raise d.translate(exc) from None
