@@ -683,7 +683,9 @@ class Worker:
         self.next_beat = now + self.config.heartbeat_interval_s
         healthy = self.pool.ready and not self.journal_backlog
         self.heartbeat.publish("OK" if healthy else "DEGRADED", self.last_positions, wall_ms(),
-                               extra={"consumer": self.config.consumer})
+                               extra={"consumer": self.config.consumer,   # what we accept: watchdogs check it
+                                      "authorized": ",".join(self.config.authorized_sources),
+                                      **signing.advertise(self.config.keyring)})
 
     def set_status(self, text):
         if text != self.status_text:

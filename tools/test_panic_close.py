@@ -16,7 +16,10 @@ the newest one); check the report is FLAT, trading is halted by this event, and 
 exchange, read by this tool, holds no position and no open order. Prints the timeline.
 
 Exit codes: 0 PASS; 1 FAIL (report not FLAT, not halted, account not flat); 3 timeout or the
-EEW not running; 4 refused (not paper/sandbox); 2 configuration or Redis unreachable.
+EEW not running; 4 refused (not paper/sandbox); 2 configuration or Redis unreachable; 5 an
+unexpected error (traceback on stderr): the outcome is unknown, never read as PASS or FAIL.
+The progress line is rewritten in place only on a terminal; a closed stdout (`| head`) does
+not stop the drill.
 """
 
 import argparse
@@ -24,15 +27,19 @@ import json
 import os
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eexit import bus, ops, schema, signing  # noqa: E402
+from eexit.cli import Progress, emit  # noqa: E402
 from eexit.config import CONFIG_EXIT_CODE, ConfigError, env_float  # noqa: E402
 
-EXIT_PASS, EXIT_FAIL, EXIT_TIMEOUT, EXIT_REFUSED = 0, 1, 3, 4
+EXIT_PASS, EXIT_FAIL, EXIT_TIMEOUT, EXIT_REFUSED, EXIT_INTERNAL = 0, 1, 3, 4, 5
+EPILOG = ("exit codes: 0 PASS, 1 FAIL, 2 configuration or Redis unreachable, 3 timeout or EEW not running, "
+          "4 refused (not paper/sandbox), 5 unexpected error (outcome unknown)")
 
 
 def is_paper_exchange(url, timeout_s=2.0):
@@ -72,7 +79,8 @@ def eew_alive(client, silent_ms):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="panic drill: publish, wait for this event's report, verify flat")
+    parser = argparse.ArgumentParser(description="panic drill: publish, wait for this event's report, verify flat",
+                                     epilog=EPILOG)
     parser.add_argument("--reason", default="DRILL")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the report")
     parser.add_argument("--json", action="store_true")
@@ -80,21 +88,31 @@ def main(argv=None):
     parser.add_argument("--yes-close-real-positions", action="store_true",
                         help="second confirmation required with --live")
     args = parser.parse_args(argv)
-    env = os.environ
     out = {"passed": False, "steps": []}
 
     def say(text):
         if not args.json:
-            print(text, flush=True)
+            emit(text)
 
     def finish(code, why):
         out.update(passed=code == EXIT_PASS, exit_code=code, result=why)
         if args.json:
-            print(json.dumps(out, indent=2, default=str))
+            emit(json.dumps(out, indent=2, default=str))
         else:
-            print(("PASS: " if code == EXIT_PASS else "FAIL: ") + why)
+            emit(("PASS: " if code == EXIT_PASS else "FAIL: ") + why)
         return code
 
+    try:
+        return drill(args, os.environ, out, say, finish)
+    except Exception as exc:  # noqa: BLE001 - the exit code must keep its meaning
+        # A bug or an unanticipated environment: the traceback is for the report; 5 says
+        # "outcome unknown" (the panic may have been published: check `eexit status`).
+        traceback.print_exc()
+        return finish(EXIT_INTERNAL, f"unexpected error {type(exc).__name__}: {str(exc)[:300]}; "
+                                     f"the outcome is unknown, check `eexit status`")
+
+
+def drill(args, env, out, say, finish):
     try:
         silent_ms = env_float("EEXIT_STATUS_SILENT_S", 5.0, minimum=0.1, env=env) * 1000
         kind, _cfg = exchange_kind(env)
@@ -107,8 +125,10 @@ def main(argv=None):
                                     "CLOSES EVERY POSITION. Pass --live --yes-close-real-positions to run it anyway")
     say(f"exchange: {kind}")
     try:
-        client = bus.connect(env=env)
+        client = ops.connect(env)
         alive, why = eew_alive(client, silent_ms)
+    except ConfigError as exc:
+        return finish(CONFIG_EXIT_CODE, f"configuration error: {exc}")
     except bus.REDIS_ERRORS as exc:
         return finish(CONFIG_EXIT_CODE, f"Redis unreachable: {type(exc).__name__}: {exc}")
     if not alive:
@@ -131,14 +151,10 @@ def main(argv=None):
     out["event_id"] = event.event_id
     say(f"published event_id={event.event_id} entry={published.entry_id} signed={'sig' in fields}")
 
-    def progress(elapsed_s, note):
-        if not args.json:
-            sys.stderr.write(f"\rwaiting for the report of {event.event_id}: {note} {elapsed_s:5.1f} s ")
-            sys.stderr.flush()
-
-    found = ops.wait_for_report(lambda: bus.connect(env=env), published, args.timeout, progress)
-    if not args.json:
-        sys.stderr.write("\n")
+    progress = Progress(f"waiting for the report of {event.event_id}")
+    found = ops.wait_for_report(lambda: ops.connect(env), published, args.timeout,
+                                None if args.json else progress)
+    progress.done()
     received_ms = int(time.time() * 1000)
     if found is None:
         return finish(EXIT_TIMEOUT, f"no report for event {event.event_id} within {args.timeout:g} s")
@@ -149,8 +165,9 @@ def main(argv=None):
     verified_ms = int(time.time() * 1000)
 
     t0 = event.ts
+    finished = "EEW verified flat" if report.status == "FLAT" else f"EEW finished: {report.status}, NOT flat"
     timeline = [("published", event.ts), ("EEW started", report.ts_started), ("halted", state.halted_at),
-                ("EEW verified flat", report.ts_completed), ("report received", received_ms),
+                (finished, report.ts_completed), ("report received", received_ms),
                 ("drill re-read the account", verified_ms)]
     out["timeline"] = {name: None if at is None else at - t0 for name, at in timeline}
     say("timeline (ms after publishing)")
