@@ -367,8 +367,8 @@ class Watchdog:
         """Rebuild state from Redis after start or reconnect: the recent heartbeats (aged on
         Redis's clock), the open incident, what the EEWs accept, and the read positions of
         the streams. The start-up grace starts at the first sync only (see after_outage)."""
-        now = self.monotonic()
         server_ms = bus.server_time_ms(self.client)
+        now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
         state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
         for entry_id, fields in reversed(recent):
