@@ -29,8 +29,8 @@ API
     sign_fields(fields, kid, keyring)     -> new dict with `kid` and `sig`; ValueError if the
                                              kid is unknown, belongs to another issuer, or a
                                              core field is missing (a caller bug, not input)
-    key_check(keyring, kid)               -> 8 hex digits identifying the key (see below)
-    advertise(keyring) / parse_advertised(text)   what the EEW's heartbeat says about its keys
+    key_check(keyring, kid)               -> "kid:issuer:check" identifying the key (see below)
+    advertise(keyring)                    -> what the EEW's heartbeat says about its keys
     verify_fields(fields, keyring)        -> (ok, reason); never raises, whatever `fields` is
         empty ring            -> (True,  "unsigned_allowed")   verification not configured
         good signature        -> (True,  "signature_ok")
@@ -257,22 +257,12 @@ def verify_fields(fields, keyring):
 
 
 def key_check(keyring, kid):
-    """The first 8 hex digits of HMAC-SHA256(kid's key, "eexit-key-check")."""
-    return hmac.new(keyring._secret(kid), _KEY_CHECK_DOMAIN, hashlib.sha256).hexdigest()[:8]
+    """"kid:issuer:check", check = the first 8 hex digits of HMAC-SHA256(key, "eexit-key-check")."""
+    check = hmac.new(keyring._secret(kid), _KEY_CHECK_DOMAIN, hashlib.sha256).hexdigest()[:8]
+    return f"{kid}:{keyring.issuer_of(kid)}:{check}"
 
 
 def advertise(keyring):
     """The heartbeat fields by which the EEW says which signatures it accepts."""
-    checks = ",".join(f"{kid}:{keyring.issuer_of(kid)}:{key_check(keyring, kid)}" for kid in keyring.kids())
-    return {"signatures": "required" if keyring.configured else "not_configured", "key_checks": checks}
-
-
-def parse_advertised(text):
-    """{kid: (issuer, check)} from a `key_checks` value; malformed items are skipped (the
-    kid then reads as unknown to the EEW, which is what a watchdog should report)."""
-    found = {}
-    for item in (text or "").split(","):
-        parts = item.split(":")
-        if len(parts) == 3 and all(parts):
-            found[parts[0]] = (parts[1], parts[2])
-    return found
+    return {"signatures": "required" if keyring.configured else "not_configured",
+            "key_checks": ",".join(key_check(keyring, kid) for kid in keyring.kids())}

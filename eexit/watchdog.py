@@ -100,7 +100,6 @@ POSITIONS_UNGUARDED = "POSITIONS_UNGUARDED"
 
 BACKLOG_REPLAY = 50          # heartbeats replayed on (re)connect to rebuild degraded_since
 REPORT_SCAN = 1000           # completion reports / panics scanned when recovering an incident
-EEW_SCAN = 20                # newest EEW heartbeats checked at (re)sync: one per EEW instance
 MAX_REPUBLISH_S = 30.0       # cap of the doubling republish delay
 ENTRIES_KEPT = 100           # our own panic entry ids remembered per incident
 BACKOFF_START_S = 0.1
@@ -223,11 +222,9 @@ def after_outage(prior, replayed, lost_at, now):
     credited with the outage, since nobody could beat to a Redis that did not answer. So a
     guard that died during the outage is detected within its threshold of Redis answering
     again, and one that is alive has that threshold to beat again."""
-    base = prior
-    if replayed.last_beat_at is not None and (prior.last_beat_at is None
-                                              or replayed.last_beat_at >= prior.last_beat_at):
-        base = replayed
-    outage = max(0.0, now - lost_at)
+    newer = replayed.last_beat_at is not None and (prior.last_beat_at is None
+                                                   or replayed.last_beat_at >= prior.last_beat_at)
+    base, outage = (replayed if newer else prior), max(0.0, now - lost_at)
 
     def credited(at):
         return at if at is None or at >= lost_at else min(now, at + outage)
@@ -265,14 +262,11 @@ def rejection_risk(eew_beat, keyring, issuer=ISSUER):
     kid = keyring.kid_for(issuer) if keyring.configured else None
     if kid is None:
         return "unsigned", "the EEW requires signatures; this watchdog has no key"
-    advertised = signing.parse_advertised(eew_beat.get("key_checks", ""))
-    if kid not in advertised:
+    theirs = {item.partition(":")[0]: item for item in eew_beat.get("key_checks", "").split(",")}
+    if kid not in theirs:
         return "unknown_kid", f"kid {kid} is not in the EEW's key ring"
-    their_issuer, their_check = advertised[kid]
-    if their_issuer != issuer:
-        return "kid_issuer_mismatch", f"the EEW binds kid {kid} to issuer {their_issuer}"
-    if their_check != signing.key_check(keyring, kid):
-        return "key_mismatch", f"kid {kid}: our key differs from the EEW's (key check)"
+    if theirs[kid] != signing.key_check(keyring, kid):
+        return "key_mismatch", f"the EEW holds {theirs[kid]}, we hold {signing.key_check(keyring, kid)}"
     return None
 
 
@@ -381,12 +375,11 @@ class Watchdog:
         self.synced_before = True
         self.state = state
         self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
-        eews = self.client.xrevrange(schema.EEW_HEARTBEAT_STREAM, "+", "-", count=EEW_SCAN)
-        self.eew_beat_id = bus.as_text(eews[0][0]) if eews else "0-0"
-        seen = set()
-        for _entry_id, fields in eews:      # newest first: one check per EEW instance
-            consumer = self._check_eew(fields, skip=seen)
-            seen.add(consumer)
+        # The newest EEW heartbeat now; the other EEW instances' within their next beat.
+        newest_eew = self.client.xrevrange(schema.EEW_HEARTBEAT_STREAM, "+", "-", count=1)
+        self.eew_beat_id = bus.as_text(newest_eew[0][0]) if newest_eew else "0-0"
+        if newest_eew:
+            self._check_eew(newest_eew[0][1])
         latest_report = self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=1)
         self.report_id = bus.as_text(latest_report[0][0]) if latest_report else "0-0"
         self._recover_incident(now)
@@ -413,25 +406,24 @@ class Watchdog:
             incident.completed_status = self._find_report(incident.event_id)
         if incident.completed_status:
             return
-        if self._panic_published(incident.event_id):
+        if self._find(schema.PANIC_STREAM, schema.PanicEvent, incident.event_id) is not None:
             incident.next_publish_at = now + incident.republish_delay_s
         else:
             incident.next_publish_at = now   # crashed between the hash and the XADD, or Redis lost it
 
-    def _find_report(self, event_id):
-        """The status of a report that completes the incident (report_outcome), or ""."""
-        for _entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
-            report, _problems = schema.CompletionReport.from_fields(fields)
-            if report.event_id == event_id and report_outcome(report.status) == "complete":
-                return report.status
-        return ""
+    def _find(self, stream, message, event_id):
+        """The newest `message` (schema class) on `stream` with this event_id: for a report,
+        only one that completes the incident (report_outcome). None if there is none."""
+        for _entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
+            found, _problems = message.from_fields(fields)
+            if found.event_id == event_id and (message is schema.PanicEvent
+                                               or report_outcome(found.status) == "complete"):
+                return found
+        return None
 
-    def _panic_published(self, event_id):
-        for _entry_id, fields in self.client.xrevrange(schema.PANIC_STREAM, "+", "-", count=REPORT_SCAN):
-            event, _problems = schema.PanicEvent.from_fields(fields)
-            if event.event_id == event_id:
-                return True
-        return False
+    def _find_report(self, event_id):
+        report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
+        return "" if report is None else report.status
 
     # -- one iteration -------------------------------------------------------------------
 
@@ -513,23 +505,17 @@ class Watchdog:
             return "DEGRADED", {"reason": "eew_would_reject", "detail": f"{consumer}: {code}: {detail}"}
         return "OK", {}
 
-    def _check_eew(self, fields, skip=()):
+    def _check_eew(self, fields):
         """Compare one EEW heartbeat's advertised keys with ours (rejection_risk); log when
-        the answer for that EEW changes. Returns the EEW's consumer name."""
+        the answer for that EEW instance changes."""
         beat, _problems = schema.Heartbeat.from_fields(fields)
         consumer = beat.extra.get("consumer") or beat.service_id or "unknown"
-        if consumer in skip:
-            return consumer
         risk = rejection_risk(beat.extra, self.keyring)
         if risk is not None and self.eew_risks.get(consumer) != risk:
             self.log.critical("eew_would_reject_our_panics", consumer=consumer, why=risk[0], detail=risk[1])
-        elif risk is None and consumer in self.eew_risks:
-            self.log.info("eew_accepts_our_panics", consumer=consumer)
-        if risk is None:
-            self.eew_risks.pop(consumer, None)
-        else:
             self.eew_risks[consumer] = risk
-        return consumer
+        elif risk is None and self.eew_risks.pop(consumer, None):
+            self.log.info("eew_accepts_our_panics", consumer=consumer)
 
     def _on_report(self, fields):
         """Only the owner's FLAT / RESIDUAL / FAILED completes the incident (report_outcome).
