@@ -43,7 +43,9 @@ the grace; set it lower to trade that for false alarms at boot. The grace applie
 process start: a resync after Redis did not answer is not a start (`after_outage`). There,
 the time Redis did not answer is not counted as the brain's silence (nobody could beat), and
 beats found in the stream keep their real ages; so a brain killed during a Redis stall is
-detected within its threshold (3 s unguarded) of Redis answering again.
+detected within its threshold (3 s unguarded) of Redis answering again. "Did not answer" is
+what the watchdog saw: from its last successful evaluation to its last failed call, or to the
+end of a call Redis held (a stalled Redis answers it only when the stall ends).
 
 Incidents. The first trigger opens an incident: a new event_id is written to the hash
 `eexit:watchdog:incident` BEFORE the panic is published, so a crash in between re-publishes
@@ -214,20 +216,21 @@ def healthy(state, now, limits=Limits()):
             and evaluate(state, now, limits) is None)
 
 
-def after_outage(prior, replayed, lost_at, now):
+def after_outage(prior, replayed, lost_at, answered_at):
     """The state to evaluate from when Redis did not answer the watchdog from monotonic
-    `lost_at` (its last successful evaluation) to `now`. A resync is not a start: the start-up
-    grace is not applied again. Beats found in the stream keep their real ages (Redis's
+    `lost_at` (its last successful evaluation) until `answered_at` (its last failed call, or
+    the end of a call Redis held). A resync is not a start: the start-up grace is not applied
+    again. Beats found in the stream keep their real ages (Redis's
     clock); what was known from before the outage (a wiped stream keeps only our memory) is
     credited with the outage, since nobody could beat to a Redis that did not answer. So a
     guard that died during the outage is detected within its threshold of Redis answering
     again, and one that is alive has that threshold to beat again."""
     newer = replayed.last_beat_at is not None and (prior.last_beat_at is None
                                                    or replayed.last_beat_at >= prior.last_beat_at)
-    base, outage = (replayed if newer else prior), max(0.0, now - lost_at)
+    base, outage = (replayed if newer else prior), max(0.0, answered_at - lost_at)
 
     def credited(at):
-        return at if at is None or at >= lost_at else min(now, at + outage)
+        return at if at is None or at >= lost_at else at + outage
     return replace(base, observing_since=prior.observing_since, last_beat_at=credited(base.last_beat_at),
                    degraded_since=credited(base.degraded_since),
                    decision_unknown_since=credited(base.decision_unknown_since))
@@ -349,6 +352,7 @@ class Watchdog:
         self.eew_beat_id = "0-0"
         self.eew_risks = {}             # EEW consumer -> (code, detail): it would reject our panics
         self.synced_before = False
+        self.failed_at = 0.0            # monotonic: our last Redis call that failed
         self.last_evaluated = monotonic()
         self.last_evaluated_ms = clock_ms()
         self.next_own_beat = 0.0
@@ -361,6 +365,14 @@ class Watchdog:
         """Rebuild state from Redis after start or reconnect: the recent heartbeats (aged on
         Redis's clock), the open incident, what the EEWs accept, and the read positions of
         the streams. The start-up grace starts at the first sync only (see after_outage)."""
+        try:
+            self._resync()
+        except bus.REDIS_ERRORS:
+            self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
+            raise
+
+    def _resync(self):
+        asked_at = self.monotonic()
         server_ms = bus.server_time_ms(self.client)
         now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
@@ -370,8 +382,11 @@ class Watchdog:
             age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
             state = self._observe(state, fields, now - age_s)
         if self.synced_before:
-            state = after_outage(self.state, state, self.last_evaluated, now)
-            self.log.info("resynced", outage_s=round(now - self.last_evaluated, 3), startup_grace="not_reapplied")
+            # Credited: up to our last failed call, or to now if Redis held this one (stalled).
+            answered_at = now if now - asked_at > LOCAL_WAIT_S else max(self.failed_at, self.last_evaluated)
+            state = after_outage(self.state, state, self.last_evaluated, answered_at)
+            self.log.info("resynced", outage_s=round(answered_at - self.last_evaluated, 3),
+                          startup_grace="not_reapplied")
         self.synced_before = True
         self.state = state
         self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
@@ -439,6 +454,13 @@ class Watchdog:
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
         REDIS_ERRORS."""
+        try:
+            self._step()
+        except bus.REDIS_ERRORS:
+            self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
+            raise
+
+    def _step(self):
         streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id,
                    schema.EEW_HEARTBEAT_STREAM: self.eew_beat_id}
         before = self.monotonic()

@@ -234,7 +234,7 @@ class ResyncIsNotAStart(unittest.TestCase):
 
     def resumed(self, prior, replayed=None):
         replayed = replayed if replayed is not None else WatchState(observing_since=START)
-        return after_outage(prior, replayed, self.LOST_AT, self.NOW)
+        return after_outage(prior, replayed, self.LOST_AT, self.NOW)   # Redis answers at NOW
 
     def test_brain_killed_during_the_stall_fires_within_the_threshold_of_redis_answering(self):
         prior = state_after(beat(positions=2))
@@ -269,6 +269,13 @@ class ResyncIsNotAStart(unittest.TestCase):
         self.assertEqual(state.degraded_since, T0 - 4.0 + 10.0)
         self.assertIsNone(reason(state, self.NOW + 0.5))
         self.assertEqual(reason(state, self.NOW + 0.8 + EPS), DEGRADED_TOO_LONG)
+
+    def test_time_after_the_last_failed_call_counts_as_silence(self):
+        # Our last failed call was at NOW - 2 (then backoff): Redis may have answered since,
+        # so detection is never later than the threshold after Redis answered again.
+        state = after_outage(state_after(beat(positions=2)), WatchState(observing_since=START),
+                             self.LOST_AT, self.NOW - 2.0)
+        self.assertEqual(reason(state, self.NOW + 1.0 - 0.2 + EPS), POSITIONS_UNGUARDED)
 
     def test_never_heard_keeps_the_since_start_rule(self):
         prior = WatchState(observing_since=START)
