@@ -24,12 +24,7 @@ _spec.loader.exec_module(install_offline)
 
 EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret", "EEXIT_EXCHANGE_TIMEOUT_MS": "2000"}
 DAEMONS = ("eexit.eew", "eexit.watchdog", "eexit.brain", "eexit.audit")
-ACL_USERS = ("eexit-brain", "eexit-watchdog", "eexit-eew", "eexit-audit", "eexit-ops")
-ADMIN = "test-admin"
-
-
-def password(user):
-    return f"pw-{user}-not-a-real-secret"
+from tests.acl_harness import ADMIN, USERS as ACL_USERS, password  # noqa: E402 - every shipped user
 
 
 def write_acl(directory, edit=lambda line: line):
