@@ -250,6 +250,22 @@ class Blindness(EEWCase):
                  message="pings resume once the EEW can do its job")
 
 
+    def test_a_command_error_off_the_job_path_is_logged_and_panics_are_still_served(self):
+        # The EEW's own heartbeat stream turned into a string: XADD there is WRONGTYPE, a
+        # command error on a path the job does not need. One redis_command_error line, no
+        # reconnect storm, no blindness, and every panic is still executed.
+        self.start_eew()
+        self.wait_ready()
+        self.redis.delete(schema.EEW_HEARTBEAT_STREAM)
+        self.redis.set(schema.EEW_HEARTBEAT_STREAM, "not a stream")
+        wait_for(lambda: self.log_lines("redis_command_error"), 20, message=f"redis_command_error\n{self.logs()}")
+        for number in range(3):
+            self.panic(f"served-{number}")
+            self.assertEqual(self.report(f"served-{number}").status, "FLAT")
+        self.assertEqual(self.paper.positions(), {})
+        self.assertEqual(self.log_lines("blind") + self.log_lines("bus_loss_close"), [], self.logs())
+
+
 class ExchangeKey(EEWCase):
     def test_wrong_secret_at_start_is_a_degraded_heartbeat_naming_exchange_authentication(self):
         self.start_eew(EEXIT_API_SECRET="wrong-secret", EEXIT_ACCOUNT_CHECK_S="1")
