@@ -483,9 +483,11 @@ class ExchangePool:
         self.exchange_id = cfg.exchange_id
         self.size = size
         self.rules = None
-        self.markets = None
+        self.primary = None            # the client that loaded the markets; others share them
         self.idle = []                 # most recently used last
         self.built = 0
+        self.warming = []
+        self.next_warm = 0.0
         self.lock = threading.Condition()
         self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="eew-exchange")
 
@@ -498,7 +500,7 @@ class ExchangePool:
         primary = exchange.build_exchange(self.cfg)
         rules = exchange.load_market_rules(primary)
         with self.lock:
-            self.markets = (primary.markets, primary.currencies)
+            self.primary = primary
             if self.built < self.size:
                 self.built += 1
                 self.idle.append(primary)
@@ -518,7 +520,9 @@ class ExchangePool:
             with self.lock:
                 self.built -= 1
             raise
-        client.set_markets(*self.markets)
+        # By reference (ccxt's set_markets would deep-copy every market into every client: 64
+        # copies of 600 markets). ccxt only reads them; a reload replaces, never mutates.
+        client.set_markets_from_exchange(self.primary)
         return client
 
     def _give(self, client):
@@ -536,6 +540,20 @@ class ExchangePool:
             return fn(client, *args)
         finally:
             self._give(client)
+
+    def maintain(self, now, warm, interval_s):
+        """Keep `warm` connections alive: every interval_s (0: never) one ping on each, and
+        right after the markets loaded, so a panic finds them open. Returns the failures of
+        the previous round (texts): a failed ping says nothing about the account, and the
+        panic that needs the connection opens a new one."""
+        failures = []
+        if self.warming and all(f.done() for f in self.warming):
+            failures = [_error_text(f.exception(), self.exchange_id) for f in self.warming if f.exception()]
+            self.warming = []
+        if self.ready and not self.warming and interval_s > 0 and now >= self.next_warm:
+            self.next_warm = now + interval_s
+            self.warming = self.keep_warm(warm)
+        return failures
 
     def keep_warm(self, count):
         """One cheap request on each of the `count` most recently used connections at once
@@ -823,6 +841,9 @@ class Worker:
         self.notifier = notifier or Notifier()
         self.block_ms = int(min(config.block_ms, self.notifier.max_block_s(config.block_ms / 1000) * 1000))
         self.pool = ExchangePool(config.exchange_config, config.concurrency)
+        venue = exchange.venue(config.exchange_config.exchange_id)
+        self.warm = warm_connections(venue.SEGMENTS, venue.BOOKS, venue.BATCH_ORDERS, config.order_limits,
+                                     config.concurrency)
         self.closer = Closer(config, self.pool, Pacer(config.order_limits))
         self.journal = Journal(config.journal_path)
         self.trouble = daemon.RedisTrouble(log)
@@ -1077,6 +1098,9 @@ class Worker:
                 else:
                     log.warning("account_check_failed", error=_error_text(exc, self.pool.exchange_id))
             self.account_future = None
+        failures = self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s)
+        if failures:
+            log.warning("keepalive_failed", failed=len(failures), of=self.warm, error=failures[0])
         if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
             self.next_account_check = time.monotonic() + self.config.account_check_s
             self.account_future = self.pool.submit(_check_account)
