@@ -36,13 +36,26 @@ entry already handled finds its own "done" record and is only acknowledged.
 
 Threads. ccxt's sync client keeps per-request state (session, last response headers that
 hold Retry-After), so clients are not shared: the pool holds one client per worker thread,
-all sharing the markets loaded once at start-up. Every supported venue signs with a timestamp
+built on demand and handed out most-recently-used first, all sharing (by reference) the
+markets loaded once at start-up and one TLS context (exchange.tls_context).
+
+Warm connections (issue 18). Right after the markets load, and every
+EEXIT_EXCHANGE_KEEPALIVE_S (20 s) after that, the pool sends one public server-time request on
+each of as many connections as one close round uses (warm_connections: every account read at
+once, or the batches of the first order window: 60 on Binance, 9 on Bybit, 10 on OKX), so a
+panic meets open TLS connections instead of 60 handshakes. Closes go out in the venue's batch
+endpoint (5 / 10 / 20 orders a request), each order paced as one order; a refused order in a
+batch is handled exactly like a refused single order. The deadline grows with the work:
+EEXIT_CLOSE_DEADLINE_S plus the time the order limits need for the positions found
+(close_deadline_s). The account read is NOT started concurrently with the halt write: the
+Worker writes the halt first and the Closer starts after it, which keeps "halt before any
+cancel or close" without an ordering argument about two concurrent requests. Every supported venue signs with a timestamp
 + HMAC, no nonce sequence, so parallel clients on one key are fine.
 
-Which symbols get a cancel. Every symbol on which the fresh read (both books) saw an open
-order gets cancel-all (both books). A symbol with a position but no order seen gets none: a
-blind cancel there finds nothing the read did not, while it costs two requests per position on
-the critical path (N = 50: +100 requests, several latencies). An order placed after the read
+Which books get a cancel. Every (symbol, book) in which the fresh read (both books) saw an
+open order gets that book's cancel-all; a symbol's other, empty book and a symbol with a
+position but no order seen get none: a blind cancel there finds nothing the read did not, while
+it costs up to two requests per position on the critical path (N = 50: +100 requests, several latencies). An order placed after the read
 (a bot ignoring the halt) is seen by the verifying read that follows every attempt, and the
 loop does not end while any order is open: the next attempt cancels it.
 
@@ -559,7 +572,9 @@ class ExchangePool:
         """One cheap request on each of the `count` most recently used connections at once
         (opening the missing ones), so they are alive when a panic comes. Returns the futures;
         never blocks the caller."""
-        barrier = threading.Barrier(count, timeout=5)
+        # Bounded: a thread busy elsewhere (the account check) must not hold the pings, and a
+        # panic arriving meanwhile, for long.
+        barrier = threading.Barrier(count, timeout=1)
 
         def ping(client):
             try:
@@ -587,9 +602,6 @@ def _read_orders(client, segment, book):
 
 def _cancel_orders(client, symbol, conditional, orders):
     exchange.cancel_book(client, symbol, conditional, orders)
-
-
-ORDER_BOOKS = (False, True)     # normal, conditional: cancelled as parallel requests
 
 
 def _sleep(seconds, keepalive):
@@ -674,11 +686,12 @@ class Closer:
         close of the plan, concurrently. Waits for all of them, calling keepalive() about every
         KEEPALIVE_S from this (the main) thread meanwhile."""
         plan = flatten.plan_close(account.positions, self.pool.rules or {}, attempt, event_id)
-        symbols = sorted({o.symbol for o in account.orders})
+        # Only the books that had orders: an empty book's cancel finds nothing the read did not.
+        books = sorted({(o.symbol, o.conditional) for o in account.orders})
         cancels = {self.pool.submit(self._cancel, symbol, conditional,
                                     [o for o in account.orders
                                      if o.symbol == symbol and o.conditional == conditional]): (symbol, conditional)
-                   for symbol in symbols for conditional in ORDER_BOOKS}
+                   for symbol, conditional in books}
         size = exchange.batch_size(self.pool.exchange_id)
         closes = {self.pool.submit(self._close, plan[i:i + size], deadline): plan[i:i + size]
                   for i in range(0, len(plan), size)}

@@ -31,6 +31,12 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        one reduce-only MARKET order closing (part of) a
                                        position: the venue's hedge parameters, margin mode,
                                        client-id rules (ours: 32 letters/digits, every venue)
+  BATCH_ORDERS     close orders one batch request carries
+  place_closes(ex, orders)             2..BATCH_ORDERS flatten.CloseOrder closes (each as
+                                       place_close would send it) in one request: per order
+                                       its id, or the exception its rejection is (classified
+                                       like a single order's); the request failing raises
+  ping(ex)                             the cheapest public request (server time): keep-alive
   check_key(ex)                        one cheap private read-only call: raises (auth) when the
                                        key is wrong or revoked (the EEW's account check)
   arm_deadman(ex, symbol, countdown_ms) the venue's dead-man switch; ccxt.NotSupported if none
