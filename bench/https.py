@@ -10,7 +10,9 @@ except the ones printed beside each figure (EEXIT_BUS_LOSS_CLOSE_S=0 and EEXIT_J
 everywhere: no bus-loss close in a benchmark, a journal in the temp dir). Figures (XADD ->
 report as this process sees it, wall clock):
 
-  cold fresh   the first panic right after READY=1 (the warm-up pings may still be running)
+  cold fresh   the first panic right after READY=1: the connections are the ones the start-up
+               warm-up opened (still opening, maybe); with EEXIT_EXCHANGE_KEEPALIVE_S=0 there is
+               no warm-up and every connection is opened by the panic itself
   warm         later panics, the server keeping idle connections 60 s, the EEW's keep-alive
                at its default 20 s
   idle drop    the server drops connections idle 5 s; the panic comes after 8 s idle, with the
@@ -176,6 +178,15 @@ def main(argv=None):
 
         paper = bench.paper(200, idle_timeout_s=5)
         try:
+            runs = []
+            for start in range(max(3, args.repeats // 2)):
+                process, _ = bench.start_eew(paper, f"https-nowarm-{start}", {"EEXIT_EXCHANGE_KEEPALIVE_S": 0})
+                try:
+                    runs.append(bench.panic(paper, process, 50, 0))
+                finally:
+                    stop_process(process)
+            rows.append(row(f"cold fresh start, no warm-up, N=50 L={L}", runs, {"EEXIT_EXCHANGE_KEEPALIVE_S": 0},
+                            3 * L + 150))
             for keepalive in (None, 4):
                 settings = {} if keepalive is None else {"EEXIT_EXCHANGE_KEEPALIVE_S": keepalive}
                 process, _ = bench.start_eew(paper, f"https-drop-{keepalive}", settings)

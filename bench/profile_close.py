@@ -36,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--positions", type=int, default=200)
     parser.add_argument("--batch", type=int, default=0, help="orders per request; 0: the venue's batch size")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", default="cumulative", help="pstats order: cumulative, tottime")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="eexit-profile-")
@@ -50,7 +51,7 @@ def main(argv=None):
         rules = exchange.load_market_rules(ex)
         size = args.batch or exchange.batch_size(ex.id)
         seed = ",".join(f"P{i:04d}USDT:{10 if i % 2 else -10}" for i in range(1, args.positions + 1))
-        profile, cpu = cProfile.Profile(), 0.0
+        profile, cpu = cProfile.Profile(time.process_time), 0.0   # CPU, not waiting
         for run in range(args.repeats):
             requests.post(f"{url}/_paper/state", data=json.dumps({"seed": seed}), verify=cert, timeout=10)
             exchange.ping(ex)
@@ -66,9 +67,34 @@ def main(argv=None):
             profile.disable()
             cpu += time.process_time() - start
             assert not left, f"{len(left)} positions left"
-        print(f"batch={size}: CPU {1000 * cpu / (args.repeats * args.positions):.3f} ms per position "
+        per_position = 1000 * cpu / (args.repeats * args.positions)
+        print(f"batch={size}: CPU {per_position:.3f} ms per position "
               f"({args.repeats} x {args.positions} positions, reads included)")
-        pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+        stats = pstats.Stats(profile)
+        # Self time by layer ({built-in} calls such as the socket read are "other").
+        layers = (("ccxt (request building, signing, parsing)", "ccxt/"), ("requests", "/requests/"),
+                  ("urllib3 + http.client", ("/urllib3/", "http/client")), ("ssl", "ssl.py"),
+                  ("json", "/json/"), ("eexit", "/eexit/"))
+        shares, everything = {}, 0.0
+        for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
+            everything += tottime
+            label = next((label for label, where in layers
+                          if any(w in filename for w in ((where,) if isinstance(where, str) else where))), "other")
+            shares[label] = shares.get(label, 0.0) + tottime
+        results = os.path.join(ROOT, "bench", "results", "profile.json")
+        os.makedirs(os.path.dirname(results), exist_ok=True)
+        previous = {}
+        if os.path.exists(results):
+            with open(results, encoding="utf-8") as handle:
+                previous = json.load(handle)
+        previous[str(size)] = {"positions": args.positions, "repeats": args.repeats,
+                               "cpu_ms_per_position": round(per_position, 3),
+                               "self_time_share": {k: round(v / everything, 3) for k, v in sorted(shares.items())}}
+        with open(results, "w", encoding="utf-8") as handle:
+            json.dump(previous, handle, indent=2)
+        stats.sort_stats(args.sort).print_stats(args.top)
+        if os.environ.get("PROFILE_DUMP"):
+            stats.dump_stats(os.environ["PROFILE_DUMP"])
     finally:
         paper.terminate()
         paper.wait(timeout=10)
