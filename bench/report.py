@@ -262,7 +262,31 @@ def https_section(data, summary):
                         "≤ 1500 ms / 120 MB / 0.7 ms",
                         " ".join(verdict(v, t) for v, t in ((f["ready_ms"], 1500), (f["peak_rss_mb"], 120),
                                                            (f["cpu_ms_per_position"], 0.7)))))
-    lines += ["", keepalive_tradeoff()]
+    lines += ["", keepalive_tradeoff(), "", "EEW CPU per position is utime+stime of the EEW process "
+              "from XADD to report, summed over the warm N=200 runs (/proc counts 10 ms ticks: a few "
+              "per run, so the figure is coarse)."]
+    profile = load("profile")
+    if profile:
+        lines += ["", "Where the CPU goes (`python bench/profile_close.py [--batch 1]`: one warm close of "
+                  "200 positions over HTTPS on one thread, reads included, cProfile on CPU time, whose "
+                  "own overhead inflates the absolute figures about 1.8x; the paper exchange in its own "
+                  "process). Self time by layer:", "",
+                  "| orders per request | CPU per position (ms, profiled) | " +
+                  " | ".join(sorted(next(iter(profile.values()))["self_time_share"])) + " |",
+                  "|---|---|" + "---|" * len(next(iter(profile.values()))["self_time_share"])]
+        for size, p in sorted(profile.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {size}{' (before: one request per order)' if size == '1' else ' (batch)'} | "
+                         f"{p['cpu_ms_per_position']:.3f} | " +
+                         " | ".join(f"{100 * p['self_time_share'].get(k, 0):.0f} %"
+                                    for k in sorted(next(iter(profile.values()))["self_time_share"])) + " |")
+        lines += ["", "Removed from the emergency path: one request per order (batches: 5 orders a "
+                  "request on Binance), ccxt's unified create_order layer (the batch is sent raw), a TLS "
+                  "context and a certifi bundle read per new connection (one shared context), two cancel "
+                  "requests per symbol where only one book had orders. What is left is requests/urllib3 "
+                  "per request and ccxt's signing (its urlencode + unquote of the batch body is the "
+                  "largest single Python cost, \"other\" is C: hmac, json, socket and str built-ins); "
+                  "going below needs an HTTP client other than ccxt's requests session, which the "
+                  "dependency rule excludes."]
     if naive and warm50:
         lines += ["", f"Naive baseline, N=50, L={L} (same HTTPS server): with ccxt's throttle "
                   f"{naive.get(True, 0):.0f} ms = {naive.get(True, 0) / warm50:.1f}x the EEW's warm N=50; "

@@ -37,7 +37,8 @@ entry already handled finds its own "done" record and is only acknowledged.
 Threads. ccxt's sync client keeps per-request state (session, last response headers that
 hold Retry-After), so clients are not shared: the pool holds one client per worker thread,
 built on demand and handed out most-recently-used first, all sharing (by reference) the
-markets loaded once at start-up and one TLS context (exchange.tls_context).
+markets loaded once at start-up and one TLS context (exchange.tls_context). Every supported
+venue signs with a timestamp + HMAC, no nonce sequence, so parallel clients on one key are fine.
 
 Warm connections (issue 18). Right after the markets load, and every
 EEXIT_EXCHANGE_KEEPALIVE_S (20 s) after that, the pool sends one public server-time request on
@@ -49,15 +50,15 @@ batch is handled exactly like a refused single order. The deadline grows with th
 EEXIT_CLOSE_DEADLINE_S plus the time the order limits need for the positions found
 (close_deadline_s). The account read is NOT started concurrently with the halt write: the
 Worker writes the halt first and the Closer starts after it, which keeps "halt before any
-cancel or close" without an ordering argument about two concurrent requests. Every supported venue signs with a timestamp
-+ HMAC, no nonce sequence, so parallel clients on one key are fine.
+cancel or close" without an ordering argument about two concurrent requests.
 
 Which books get a cancel. Every (symbol, book) in which the fresh read (both books) saw an
 open order gets that book's cancel-all; a symbol's other, empty book and a symbol with a
 position but no order seen get none: a blind cancel there finds nothing the read did not, while
-it costs up to two requests per position on the critical path (N = 50: +100 requests, several latencies). An order placed after the read
-(a bot ignoring the halt) is seen by the verifying read that follows every attempt, and the
-loop does not end while any order is open: the next attempt cancels it.
+it costs up to two requests per position on the critical path (N = 50: +100 requests, several
+latencies). An order placed after the read (a bot ignoring the halt) is seen by the verifying
+read that follows every attempt, and the loop does not end while any order is open: the next
+attempt cancels it.
 
 Concurrency with cancels. Cancels and closes of one attempt run in parallel: closes are
 reduce-only (hedge mode: the venue's position side, which never lets them exceed it), so a
@@ -692,7 +693,8 @@ class Closer:
                                     [o for o in account.orders
                                      if o.symbol == symbol and o.conditional == conditional]): (symbol, conditional)
                    for symbol, conditional in books}
-        size = exchange.batch_size(self.pool.exchange_id)
+        # A batch never holds more orders than the tightest limit lets out at once.
+        size = min(exchange.batch_size(self.pool.exchange_id), min(count for count, _ in self.pacer.limits))
         closes = {self.pool.submit(self._close, plan[i:i + size], deadline): plan[i:i + size]
                   for i in range(0, len(plan), size)}
         waiting = set(cancels) | set(closes)

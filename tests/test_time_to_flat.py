@@ -145,6 +145,25 @@ class HTTPSPanic(EEWCase):
         self.assertEqual(2, len(batches), "7 closes: a batch of 5 and one of 2")
 
 
+    def test_at_start_the_connections_of_one_close_round_are_opened(self):
+        warm = eew.warm_connections(("usdm",), ("regular", "conditional"), 5, BINANCE, 64)
+        wait_for(lambda: len(self.paper.requests(path="/fapi/v1/time")) >= warm, 30,
+                 message=f"{warm} warm-up pings")
+
+    def test_only_the_books_that_had_orders_are_cancelled(self):
+        self.paper.set_state({"seed": "BTCUSDT:0.01,ETHUSDT:-0.5"})
+        self.paper.add_order("BTCUSDT", "BUY", "0.01", price="60000")
+        self.paper.add_order("ETHUSDT", "BUY", "0.5", trigger="3500", reduce_only=True)
+        self.paper.clear_requests()
+        event_id = str(uuid.uuid4())
+        self.publish(event_id)
+        [report] = self.wait_reports(event_id)
+        self.assertEqual(("FLAT", 2), (report.status, report.orders_cancelled), report)
+        self.assert_flat_on_exchange()
+        cancels = sorted((r["path"], r["params"].get("symbol")) for r in self.paper.requests(method="DELETE"))
+        self.assertEqual([("/fapi/v1/algoOpenOrders", "ETHUSDT"), ("/fapi/v1/allOpenOrders", "BTCUSDT")], cancels)
+
+
 class Pool(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
