@@ -6,16 +6,18 @@
         exit 0 only when the report for THIS event says FLAT; 1 any other report;
         3 no report before the timeout; 2 configuration or Redis unreachable
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual] [--json]
+        asks the EEW (signed request, eexit/resume.py), which checks and clears the halt;
         exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
+        or Redis unreachable; 3 no verdict from the EEW before EEXIT_RESUME_TIMEOUT_S
     eexit audit verify FILE
         exit 0 the audit file's hash chain holds; 1 it is broken
     eexit demo [--json] [--keep-logs]
         the embedded stack end to end; exit 0 PASS, 1 FAIL
 
 Environment: REDIS_URL (and the Redis credentials of eexit.bus), EEXIT_PANIC_HMAC_KEYS or the
-credential panic_hmac_keys (panic signs with the issuer's key when keys are configured), the
-exchange settings of eexit.exchange (resume reads the account), EEXIT_RESUME_COOLDOWN_S
-(300), EEXIT_STATUS_SILENT_S (5: a daemon whose last heartbeat is older is silent),
+credential panic_hmac_keys (panic signs with the issuer's key, resume with the ops key, when
+keys are configured), EEXIT_RESUME_TIMEOUT_S (30; the cooldown EEXIT_RESUME_COOLDOWN_S and the
+account read are the EEW's), EEXIT_STATUS_SILENT_S (5: a daemon whose last heartbeat is older is silent),
 EEXIT_PANIC_TIMEOUT_S (60).
 """
 
@@ -26,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import bus, ops, schema, signing
+from . import bus, ops, resume, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
 
 EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -35,7 +37,7 @@ EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT = 0, 1, 2, 3
 @dataclass(frozen=True)
 class Config:
     silent_s: float
-    resume_cooldown_s: float
+    resume_timeout_s: float
     panic_timeout_s: float
     status_events: int
 
@@ -43,7 +45,7 @@ class Config:
     def from_env(cls, env=None):
         return cls(
             silent_s=env_float("EEXIT_STATUS_SILENT_S", 5.0, minimum=0.1, env=env),
-            resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300.0, minimum=0.0, env=env),
+            resume_timeout_s=env_float("EEXIT_RESUME_TIMEOUT_S", 30.0, minimum=1.0, maximum=600.0, env=env),
             panic_timeout_s=env_float("EEXIT_PANIC_TIMEOUT_S", 60.0, minimum=0.1, env=env),
             status_events=env_int("EEXIT_STATUS_EVENTS", 5, minimum=0, maximum=1000, env=env),
         )
@@ -195,6 +197,12 @@ def cmd_panic(args, cfg, env):
 # ---------------------------------------------------------------------------- resume
 
 def cmd_resume(args, cfg, env):
+    """Ask the EEW (the only writer of the halt) and print its verdict; the checks are its."""
+    try:
+        keyring = signing.load_keys(env)
+        fields = resume.build_request(args.operator.strip(), args.ack, args.accept_residual, keyring)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         client = bus.connect(env=env)
         # Already cleared for this very event: saying so (exit 0) makes the command safe to re-run.
@@ -206,22 +214,23 @@ def cmd_resume(args, cfg, env):
             else:
                 print(message)
             return EXIT_OK
-        facts = ops.gather_resume_facts(client, args.ack, cfg.resume_cooldown_s, env)
-        reasons = ops.resume_refusals(facts, args.accept_residual)
-        audit_id = None
-        if not reasons:
-            try:
-                audit_id = ops.clear_halt(client, facts, args.operator, args.accept_residual)
-            except ops.StateChanged as exc:
-                reasons = [str(exc)]
+        asked = ops.ask_resume(client, fields)
     except bus.REDIS_ERRORS as exc:
         print(f"eexit resume: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", file=sys.stderr)
         return EXIT_UNHEALTHY
-    residual = [f"{p.symbol} {p.side} {p.contracts:g}" for p in facts.positions or []]
+    verdict = ops.wait_for_verdict(lambda: bus.connect(env=env), asked, cfg.resume_timeout_s)
+    if verdict is None:
+        print(f"eexit resume: no verdict from the EEW within {cfg.resume_timeout_s:g} s "
+              f"(EEXIT_RESUME_TIMEOUT_S); trading stays halted. Is eexit-eew running? (eexit status)",
+              file=sys.stderr)
+        return EXIT_TIMEOUT
+    reasons = json.loads(verdict.get("refusals") or "[]")
+    residual = json.loads(verdict.get("residual_positions") or "[]")
+    audit_id = verdict.get("audit_entry") or None
     if args.json:
         print_json({"resumed": not reasons, "refusals": reasons, "event_id": args.ack,
                     "operator": args.operator, "audit_entry": audit_id, "residual_positions": residual,
-                    "audit_stream": ops.OPS_AUDIT_STREAM})
+                    "audit_stream": ops.OPS_AUDIT_STREAM, "request_id": asked.request_id})
     elif reasons:
         print("REFUSED: trading stays halted")
         for reason in reasons:
