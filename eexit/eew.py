@@ -74,7 +74,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import bus, exchange, flatten, schema, signing
+from . import bus, exchange, flatten, resume, schema, signing, tamper
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int, env_list, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -93,6 +93,10 @@ REDIS_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 # windows, yet let a whole burst go at once: 300 closes leave in one round, not over 10 s.
 DEFAULT_ORDER_LIMITS = "300/10,1200/60"
 PACING_MARGIN_S = 0.1
+INFLIGHT_KEY = "eexit:eew:inflight"   # event ids claimed and not yet final (the ledger sweep)
+READ_BATCH = 256                      # entries per read: a flood costs O(1) round trips per batch
+REJECTED_IDS_SHOWN = 20               # entry ids a rejection summary names
+RESUME_READ_S = 5.0                   # the account read behind a resume verdict
 
 
 # ------------------------------------------------------------------------------ config
@@ -111,6 +115,7 @@ class Config:
     block_ms: int
     order_limits: tuple           # ((orders, window_s), ...)
     heartbeat_interval_s: float
+    resume_cooldown_s: float
     exchange_config: exchange.ExchangeConfig = field(repr=False)
     keyring: signing.KeyRing = field(repr=False)
 
@@ -138,6 +143,7 @@ class Config:
             block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
             order_limits=parse_order_limits(env_str("EEXIT_ORDER_LIMITS", DEFAULT_ORDER_LIMITS, env)),
             heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, env=env),
+            resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
             exchange_config=exchange.ExchangeConfig.from_env(env),
             keyring=signing.load_keys(env),
         )
@@ -198,10 +204,12 @@ def authorise(event, fields, authorized_sources, keyring):
 
 # ------------------------------------------------------------------------------ ledger (Redis)
 
-# KEYS: processed hash, completed stream, panic stream.
+# KEYS: processed hash, completed stream, panic stream, in-flight set.
 # ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
-# Writes the report only if the field is not already "done"; always acknowledges the entry.
+# Writes the report only if the field is not already "done"; always acknowledges the entry
+# and takes the field out of the in-flight set.
 FINISH_LUA = """
+redis.call('SREM', KEYS[4], ARGV[1])
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
   local ok, rec = pcall(cjson.decode, existing)
@@ -216,6 +224,20 @@ rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
 if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
 return {1, id}
+"""
+
+# KEYS: completed stream, panic stream. ARGV: group, number of report pairs N, N*2 report
+# field/values, then the entry ids. One summary report for a batch of rejected entries and
+# their XACK, atomically: a forged entry costs no round trip and leaves no ledger field.
+REJECT_LUA = """
+local pairs = tonumber(ARGV[2])
+local report = {}
+for i = 3, 2 + pairs * 2 do report[#report + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[1], '*', unpack(report))
+local ids = {}
+for i = 3 + pairs * 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+redis.call('XACK', KEYS[2], ARGV[1], unpack(ids))
+return id
 """
 
 # KEYS: processed hash. ARGV: field, record JSON. Progress updates never overwrite "done".
@@ -237,12 +259,21 @@ class Ledger:
         self.client = client
         self._finish = client.register_script(FINISH_LUA)
         self._update = client.register_script(UPDATE_LUA)
+        self._reject = client.register_script(REJECT_LUA)
 
-    def claim(self, event_id, entry_id, consumer, now_ms):
-        """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id."""
+    def claim(self, event_id, entry_id, consumer, now_ms, event=None):
+        """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id.
+        The record keeps the event's reason and issuer, so a close can be resumed from the
+        ledger alone (its entry acknowledged or deleted by someone else), and the event id
+        joins the in-flight set that the ledger sweep reads (FINISH_LUA takes it out)."""
         record = {"entry": entry_id, "consumer": consumer, "stage": "claimed", "attempt": 0,
                   "ts_started": now_ms}
-        if self.client.hsetnx(schema.PROCESSED_KEY, event_id, json.dumps(record)):
+        if event is not None:
+            record.update(reason=event.reason, issued_by=event.issued_by)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(schema.PROCESSED_KEY, event_id, json.dumps(record))
+        pipe.sadd(INFLIGHT_KEY, event_id)    # harmless for a done record: the sweep drops it
+        if pipe.execute()[0]:
             return "new", record
         existing = self.record(event_id)
         if existing is None:
@@ -255,14 +286,9 @@ class Ledger:
         return ("done" if existing.get("stage") == "done" else "resume"), existing
 
     def record(self, event_id):
-        """The record of event_id as a dict, or None if it is not readable JSON."""
-        raw = self.client.hget(schema.PROCESSED_KEY, event_id)
-        try:
-            parsed = json.loads(raw)
-        except (TypeError, ValueError):
-            # Absent or corrupted: the caller decides (claim() executes, fail-closed).
-            return None
-        return parsed if isinstance(parsed, dict) else None
+        """The record of event_id as a dict, or None if absent or not readable JSON (the
+        caller decides: claim() executes, fail-closed)."""
+        return tamper.parse_record(self.client.hget(schema.PROCESSED_KEY, event_id))
 
     def update(self, event_id, record):
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
@@ -271,10 +297,23 @@ class Ledger:
         """Write the report unless already written, mark done, XACK. Returns (written, report id)."""
         pairs = [item for name_value in report_fields.items() for item in name_value]
         written, report_id = self._finish(
-            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY],
             args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
             client=self.client)
         return bool(written), _text(report_id)
+
+    def reject(self, entry_ids, report_fields):
+        """One summary report for the rejected entries and their XACK; returns the report id."""
+        pairs = [item for name_value in report_fields.items() for item in name_value]
+        return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+                                  args=[schema.EEW_GROUP, len(report_fields), *pairs, *entry_ids],
+                                  client=self.client))
+
+    def in_flight(self):
+        """{event_id: record or None} for every event id in the in-flight set."""
+        ids = [_text(event_id) for event_id in self.client.smembers(INFLIGHT_KEY)]
+        raws = self.client.hmget(schema.PROCESSED_KEY, ids) if ids else []
+        return {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
 
     def ensure_halted(self, state):
         """Write the halt again if the trading state vanished (Redis restarted without
@@ -629,6 +668,12 @@ class Worker:
         self.next_bus_loss_close = None
         self.current_event = "-"
         self.last_positions = None
+        self.tamper_seen = set()          # tamper findings already closed for (keys)
+        self.stream_broken = None         # the panic stream cannot take entries (reason)
+        self.group_info = None            # the EEW group, as the last tamper check saw it
+        self.audit_cursor = "0-0"         # the stream audit checked entries up to here
+        self.resume_cursor = "0-0"
+        self.next_guard_sweep = 0.0
 
     # -- lifecycle
 
@@ -657,8 +702,8 @@ class Worker:
                 return
             self.ensure_markets()
             self.publish_journal()
-            for entry_id, raw in self.next_entries():
-                self.handle_entry(entry_id, raw)
+            self.guard()
+            self.handle_batch(self.next_entries())
         except bus.REDIS_ERRORS as exc:
             # Redis went away mid-pass. The entry being handled stays pending (no XACK without
             # a report) and is resumed after reconnecting; the bus-loss timer starts now.
@@ -681,7 +726,7 @@ class Worker:
         if self.heartbeat is None or now < self.next_beat:
             return
         self.next_beat = now + self.config.heartbeat_interval_s
-        healthy = self.pool.ready and not self.journal_backlog
+        healthy = self.pool.ready and not self.journal_backlog and not self.stream_broken
         self.heartbeat.publish("OK" if healthy else "DEGRADED", self.last_positions, wall_ms(),
                                extra={"consumer": self.config.consumer})
 
@@ -710,6 +755,9 @@ class Worker:
         self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
         self.redis_failures, self.redis_down_since, self.next_bus_loss_close = 0, None, None
         self.next_sweep = 0.0          # a restart may have left our entries pending
+        self.audit_cursor = "0-0"      # check the whole stream against the group once more
+        self.next_guard_sweep = 0.0
+        self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
         log.info("redis_connected", down_s=round(down_s, 3))
         return True
 
@@ -766,7 +814,7 @@ class Worker:
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + cfg.sweep_interval_s
             own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                 block_ms=0, pending=True)
+                                 block_ms=0, pending=True, count=READ_BATCH)
             if own:
                 self.next_sweep = 0.0      # keep sweeping until our backlog is empty
                 return own
@@ -776,15 +824,56 @@ class Worker:
                 log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
                 return claimed
         return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                              block_ms=self.block_ms)
+                              block_ms=self.block_ms, count=READ_BATCH)
 
     # -- one entry
 
-    def handle_entry(self, entry_id, raw):
+    def screen(self, entry_id, raw):
+        """(event, event_id, problems, allowed, why) for one entry; local work, no Redis."""
         event, problems = schema.PanicEvent.from_fields(raw)
         event_id = event.event_id or derive_event_id(entry_id)
         if not event.event_id:
             problems = [*problems, "derived:event_id"]
+        allowed, why = authorise(event, decode_fields(raw), self.config.authorized_sources,
+                                 self.config.keyring)
+        return event, event_id, problems, allowed, why
+
+    def handle_batch(self, entries):
+        """Authorised entries first, in stream order; then every rejected entry of the batch
+        in one script (one summary report + XACK): forged entries cannot delay a real panic
+        by more than their local signature check, nor leave more than one report per batch."""
+        rejected = []
+        for entry_id, raw in entries:
+            screened = self.screen(entry_id, raw)
+            if screened[3]:
+                self.handle_entry(entry_id, raw, screened)
+            else:
+                rejected.append((entry_id, screened))
+        if rejected:
+            self.report_rejected(rejected)
+
+    def report_rejected(self, rejected):
+        ids = [entry_id for entry_id, _ in rejected]
+        why = collections.Counter(screened[4] for _, screened in rejected)
+        shown = rejected[:REJECTED_IDS_SHOWN]
+        now = wall_ms()
+        event, event_id, _problems, _allowed, reason = rejected[0][1]
+        if len(rejected) > 1:     # a summary: its event_ids field names the first ones
+            event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
+            reason = ",".join(f"{why_text}={count}" for why_text, count in sorted(why.items()))
+        report = schema.CompletionReport(
+            event_id=event_id, status="REJECTED", issued_by=event.issued_by, reason=event.reason,
+            detail=reason,
+            ts_started=now, ts_completed=now, execution_time_ms=0,
+            positions_total=None, positions_closed=None, positions_failed=None)
+        report.extra.update(rejected_count=str(len(ids)), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
+                            event_ids=json.dumps([screened[1][:128] for _, screened in shown]))
+        report_id = self.ledger.reject(ids, report.to_fields())
+        log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id,
+                    why=report.detail)
+
+    def handle_entry(self, entry_id, raw, screened=None):
+        event, event_id, problems, allowed, why = screened or self.screen(entry_id, raw)
         self.current_event = event_id
         received_ms = bus.server_time_ms(self.redis)
         sent_ms = schema.entry_id_ms(entry_id)
@@ -793,19 +882,17 @@ class Worker:
                     event_age_ms=age_ms, problems=problems, ts_started=wall_ms())
         log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
                  reason=event.reason, age_ms=age_ms, problems=",".join(problems))
-
-        allowed, why = authorise(event, decode_fields(raw), self.config.authorized_sources,
-                                 self.config.keyring)
         if not allowed:
-            log.warning("panic_rejected", event_id=event_id, entry_id=entry_id, why=why)
-            self.report_without_action(entry_id, dict(base, status="REJECTED", detail=why))
+            self.report_rejected([(entry_id, (event, event_id, problems, allowed, why))])
             return
 
-        outcome, record = self.ledger.claim(event_id, entry_id, self.config.consumer, base["ts_started"])
+        outcome, record = self.ledger.claim(event_id, entry_id, self.config.consumer, base["ts_started"], event)
         if outcome == "duplicate":
             original = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
             log.info("panic_duplicate", event_id=event_id, entry_id=entry_id, original=record.get("entry"))
             self.report_without_action(entry_id, dict(base, status="DUPLICATE", detail=original))
+            if record.get("stage") != tamper.FINAL_STAGE:
+                self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
             return
         if outcome == "done":
             # Report already written by the same atomic script that acknowledges; only the
@@ -840,6 +927,8 @@ class Worker:
 
         def keepalive():
             self.touch_entry(event_id, entry_id)
+            if wall_ms() - record.get("ts_updated", 0) > 1000:
+                self.save_progress(event_id, entry_id, record)   # the record is not stranded
             self.notifier.ping()     # progress of the loop's own work, waiting on the exchange
 
         def on_progress(progress):
@@ -853,6 +942,7 @@ class Worker:
     def save_progress(self, event_id, entry_id, record):
         """Persist the attempt counter, so a resumed close uses new client order ids. Best
         effort: see the except clause."""
+        record["ts_updated"] = wall_ms()
         if self.ledger is None:
             return
         try:
@@ -922,6 +1012,112 @@ class Worker:
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
         self.journal_backlog = False
+
+    # -- lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
+
+    def guard(self):
+        """Every pass: the tamper check and resume requests (one round trip each when idle).
+        Every sweep interval: stranded ledger records and entries the group skipped."""
+        stream_info, self.group_info = tamper.read_stream_state(self.redis)
+        finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
+        self.stream_broken = "panic_stream_exhausted" if \
+            stream_info.get("last-generated-id") == tamper.MAX_ID else None
+        if finding is not None:
+            self.tamper_close(finding)
+        self.serve_resume_requests()
+        if time.monotonic() >= self.next_guard_sweep and self.group_info is not None:
+            self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
+            self.sweep_ledger()
+            self.audit_stream()
+
+    def tamper_close(self, finding):
+        """A lost panic of unknown content: close on our own authority, once per finding."""
+        event = schema.PanicEvent(event_id=finding.event_id, reason=tamper.TAMPER_REASON,
+                                  issued_by=tamper.TAMPER_ISSUER, ts=wall_ms())
+        outcome, record = self.ledger.claim(event.event_id, None, self.config.consumer, wall_ms(), event)
+        self.tamper_seen.add(finding.key)
+        if outcome == "done":
+            return
+        log.critical("panic_stream_tampered", event_id=event.event_id, finding=finding.reason,
+                     detail=finding.detail, action="closing_on_own_authority")
+        self.set_status(f"panic stream tampered ({finding.reason}): flattening on own authority")
+        self.run_recorded(event, record, [finding.reason])
+
+    def run_recorded(self, event, record, problems):
+        """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
+        self.current_event = event.event_id
+        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason, event_age_ms=None,
+                    problems=problems, ts_started=record.get("ts_started") or wall_ms())
+        self.execute_and_report(event, event.event_id, record.get("entry"), record, base)
+        self.set_status("waiting for panic events")
+
+    def sweep_ledger(self):
+        """Resume records that are not final while no group entry carries them."""
+        records = self.ledger.in_flight()
+        entries = [r["entry"] for r in records.values() if r and r.get("entry")]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entries:
+            pipe.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id, entry_id, 1)
+        pending = {entry_id for entry_id, found in zip(entries, pipe.execute() if entries else []) if found}
+        stranded, finished = tamper.stranded_records(records, pending, self.config.consumer,
+                                                     bus.server_time_ms(self.redis), self.config.claim_idle_ms)
+        if finished:
+            self.redis.srem(INFLIGHT_KEY, *finished)
+        for event_id in stranded:
+            record = records[event_id]
+            log.critical("panic_stranded_resumed", event_id=event_id, entry_id=record.get("entry"),
+                         stage=record.get("stage"), owner=record.get("consumer"))
+            record["consumer"] = self.config.consumer
+            event = schema.PanicEvent(event_id=event_id, reason=record.get("reason") or "UNSPECIFIED",
+                                      issued_by=record.get("issued_by") or "unknown", ts=record.get("ts_started"))
+            self.run_recorded(event, record, ["resumed_from_ledger"])
+
+    def audit_stream(self):
+        """Authorised entries up to the group's last-delivered-id that are neither pending nor
+        recorded were taken past us (NOACK read, group created at `$`): execute them."""
+        last = self.group_info.get("last-delivered-id") or "0-0"
+        if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
+            return
+        batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
+        candidates = []
+        for entry_id, raw in batch:
+            screened = self.screen(_text(entry_id), raw)
+            if screened[3]:
+                candidates.append((_text(entry_id), raw, screened[1]))
+        if candidates:
+            pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
+                schema.PANIC_STREAM, schema.EEW_GROUP, candidates[0][0], candidates[-1][0], len(candidates))}
+            raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
+            records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
+            for entry_id, raw in tamper.skipped_entries(candidates, pending, records):
+                log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
+                             action="executing_from_stream")
+                self.handle_entry(entry_id, raw)
+        self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
+        if len(batch) == READ_BATCH:
+            self.next_guard_sweep = 0.0    # more to check: next pass
+
+    def serve_resume_requests(self):
+        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=16)
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                self.resume_cursor = _text(entry_id)
+                verdict, why = resume.serve_request(
+                    self.redis, fields, self.config.keyring, self.config.resume_cooldown_s,
+                    self.account_for_resume, self.stream_broken, self.config.consumer)
+                if verdict is None:
+                    log.warning("resume_request_ignored", entry_id=self.resume_cursor, why=why)
+                else:
+                    log.info("resume_verdict", request_id=verdict["request_id"], status=verdict["status"],
+                             event_id=verdict["event_id"], operator=verdict["operator"],
+                             refusals=len(json.loads(verdict["refusals"])))
+
+    def account_for_resume(self):
+        """(positions, open_orders, error) from a fresh read of the whole account."""
+        account = self.closer.read_account(time.monotonic() + RESUME_READ_S, "resume", self.notifier.ping)
+        if account is None:
+            return None, None, f"positions_unreadable_for_{RESUME_READ_S:g}s"
+        return account.positions, account.orders, None
 
     # -- bus loss
 

@@ -83,6 +83,19 @@ def find_reports(client, event_id):
     return found
 
 
+def report_event_ids(fields):
+    """The event ids a report is about: its event_id, or for the EEW's summary of a batch of
+    rejected entries, the (first REJECTED_IDS_SHOWN) event ids it lists in event_ids."""
+    if fields.get("status") == "REJECTED" and fields.get("event_ids"):
+        try:
+            listed = json.loads(fields["event_ids"])
+        except ValueError:
+            listed = None
+        if isinstance(listed, list) and listed:
+            return [str(event_id) for event_id in listed]
+    return [fields.get("event_id", "")]
+
+
 def final_report(reports):
     """The first FLAT/RESIDUAL/FAILED report, or None."""
     for entry_id, report in reports:
