@@ -955,7 +955,7 @@ class Worker:
 
     def touch_entry(self, event_id, entry_id):
         """Reset our entry's idle time so other instances do not claim a close in progress."""
-        if self.redis is None:
+        if self.redis is None or entry_id is None:     # a close on own authority has no entry
             return
         try:
             self.redis.xclaim(schema.PANIC_STREAM, schema.EEW_GROUP, self.config.consumer,
