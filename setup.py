@@ -11,7 +11,6 @@ setup(
     install_requires=[
         "redis>=5.0",
         "ccxt>=4.5.0",
-        "sdnotify>=0.3.2",
     ],
     # The tests need nothing beyond the stdlib and the runtime dependencies: a real
     # redis-server binary comes from the OS (see README), not from pip.

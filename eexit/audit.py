@@ -40,14 +40,13 @@ import fcntl
 import hashlib
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
-from . import bus, metrics, schema
-from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_str
+from . import bus, daemon, metrics, schema
+from .config import ConfigError, env_float, env_str
 from .log import Logger
 from .notify import Notifier
 
@@ -60,8 +59,13 @@ IO_ERROR_EXIT_CODE = 1
 CHAIN_BROKEN_EXIT_CODE = 3
 
 READ_COUNT = 64
-BACKOFF_START_S = 0.2
-BACKOFF_MAX_S = 5.0
+# Harmless preflight probes (daemon.preflight): a read of a group that does not exist fails
+# after the ACL check; XACK of an id never delivered changes nothing.
+PROBES = (("XREADGROUP", "GROUP", "eexit-preflight", "preflight", "COUNT", "1", "STREAMS", schema.PANIC_STREAM, ">"),
+          ("XACK", schema.PANIC_STREAM, schema.AUDIT_GROUP, "0-1"),
+          ("XPENDING", schema.PANIC_STREAM, schema.AUDIT_GROUP),
+          ("XREVRANGE", schema.COMPLETED_STREAM, "+", "-", "COUNT", "1"),
+          ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
 
 
 class AuditFileError(Exception):
@@ -545,7 +549,7 @@ class AuditLogger:
             self.log.error("metrics_write_failed", file=self.config.metrics_file, error=exc.strerror)
 
     def run(self, stop):
-        backoff, reported_lines = BACKOFF_START_S, None
+        backoff, reported_lines = daemon.Backoff(0.2, 5.0), None
         block_ms = max(1, int(self.notifier.max_block_s(self.config.poll_s) * 1000))
         while not stop.is_set():
             self.notifier.ping()
@@ -555,7 +559,7 @@ class AuditLogger:
                     self.catch_up()
                     self.log.info("connected", consumer=self.config.consumer, lines=self.file.seq,
                                   completed_from=self.completed_position)
-                    backoff = BACKOFF_START_S
+                    backoff.reset()
                 self.poll_panics()
                 self.poll_completed(block_ms)
                 self.poll_trading_state()
@@ -566,12 +570,12 @@ class AuditLogger:
             except bus.REDIS_ERRORS as exc:
                 # Redis is gone, slow or lost its state. Nothing unacknowledged is lost (it stays
                 # pending or in the stream); reconnect with backoff and catch up from the file.
-                self.log.warning("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200],
-                                 retry_in_s=backoff)
+                wait = backoff.next()
+                self.log.warning("redis_unavailable", error=type(exc).__name__, cause=daemon.cause(exc),
+                                 detail=str(exc)[:200], retry_in_s=wait)
                 self.drop_client()
                 self.write_metrics(redis_up=False)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                stop.wait(wait)
 
     def drop_client(self):
         if self.client is not None:
@@ -584,14 +588,19 @@ class AuditLogger:
 
 def main():
     log = Logger("audit")
-    try:
-        config = Config.from_env()
-    except ConfigError as exc:
-        log.critical("config_error", error=str(exc))
-        return CONFIG_EXIT_CODE
+    return daemon.main(log, lambda: _start(log))
+
+
+def _start(log):
+    config = Config.from_env()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    daemon.on_stop_signal(stop.set)
+    probe_client = bus.connect(url=config.redis_url)
+    try:
+        if not daemon.wait_for_redis(probe_client, PROBES, log, stop.is_set, stop.wait):
+            return 0
+    finally:
+        probe_client.close()
     audit_file = AuditFile(config.audit_file, log)
     try:
         audit_file.open()
@@ -606,9 +615,9 @@ def main():
     notifier = Notifier()
     notifier.ready(status=f"lines={audit_file.seq}")
     log.info("ready", file=config.audit_file, lines=audit_file.seq, metrics_file=config.metrics_file or "off")
-    daemon = AuditLogger(config, audit_file, log, notifier)
+    logger = AuditLogger(config, audit_file, log, notifier)
     try:
-        daemon.run(stop)
+        logger.run(stop)
     except AuditFileError as exc:
         # After a failed write or fsync the file's state is unknown: stop, let systemd restart
         # us, and let the start-up check verify the file and move a torn line aside.
@@ -616,7 +625,7 @@ def main():
         return IO_ERROR_EXIT_CODE
     finally:
         notifier.stopping()
-        daemon.drop_client()
+        logger.drop_client()
         audit_file.close()
     log.info("stopped", lines=audit_file.seq)
     return 0

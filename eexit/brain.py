@@ -46,7 +46,6 @@ from when this brain first saw the position (the exchange's position row carries
 time), so a restart of the brain restarts that clock; entry-price based rules are unaffected.
 """
 
-import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -55,8 +54,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import bus, schema
-from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_str
+from . import bus, daemon, schema
+from .config import env_float, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -156,13 +155,13 @@ class Config:
         return cls(
             service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
             interval_s=interval_s,
-            latency_budget_ms=env_float("EEXIT_BRAIN_LATENCY_BUDGET_MS", 1000.0, minimum=10, env=env),
+            latency_budget_ms=env_float("EEXIT_BRAIN_LATENCY_BUDGET_MS", 1000.0, minimum=10, maximum=60000, env=env),
             degraded_beat_s=env_float("EEXIT_BRAIN_DEGRADED_BEAT_S", 0.5, minimum=0.05, maximum=5, env=env),
             rules=ExitRules(
                 stop_loss_pct=env_float("EEXIT_STOP_LOSS_PCT", 0.0, minimum=0, maximum=100, env=env),
-                take_profit_pct=env_float("EEXIT_TAKE_PROFIT_PCT", 0.0, minimum=0, env=env),
+                take_profit_pct=env_float("EEXIT_TAKE_PROFIT_PCT", 0.0, minimum=0, maximum=10000, env=env),
                 trailing_stop_pct=env_float("EEXIT_TRAILING_STOP_PCT", 0.0, minimum=0, maximum=100, env=env),
-                max_holding_s=env_float("EEXIT_MAX_HOLDING_S", 0.0, minimum=0, env=env),
+                max_holding_s=env_float("EEXIT_MAX_HOLDING_S", 0.0, minimum=0, maximum=366 * 86400, env=env),
             ),
             deadman_s=env_float("EEXIT_DEADMAN_S", 0.0, minimum=0, maximum=3600, env=env),
         )
@@ -187,6 +186,7 @@ class Brain:
         self.notifier = notifier or Notifier(env={})
         self.log = log or Logger("brain")
         self.beat = Heartbeat(client, cfg.service_id)
+        self.trouble = daemon.RedisTrouble(self.log)
         self.tracked = {}                   # only touched by the cycle thread
         self.last_decision_ts = None
         self.halted = "unknown"
@@ -273,8 +273,10 @@ class Brain:
             return True
         except bus.REDIS_ERRORS as exc:
             # The watchdog will see silence and act (fail-closed); we keep guarding positions,
-            # and withhold WATCHDOG=1 for this cycle.
-            self.log.critical("heartbeat_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            # and withhold WATCHDOG=1 for this cycle, saying why in STATUS=. A command error
+            # (NOPERM, WRONGTYPE) is logged once as redis_command_error, not reconnected.
+            kind = self.trouble.report(exc, "XADD", schema.HEARTBEAT_STREAM)
+            self.notifier.status(f"heartbeat not published ({kind} error: {daemon.cause(exc)})")
             return False
 
     def _read_halt(self):
@@ -334,24 +336,24 @@ class Brain:
         self.log.info("stopped")
 
 
+# Harmless preflight probes (daemon.preflight): XADD with id 0-0 always fails after the ACL check.
+PROBES = (("XADD", schema.HEARTBEAT_STREAM, "0-0", "f", "v"), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
+
+
 def main():
     log = Logger("brain")
-    from . import exchange   # ccxt: ~0.5 s; only the brain and the EEW pay for it
-    try:
+
+    def start():
+        from . import exchange   # ccxt: ~0.5 s; only the brain and the EEW pay for it
         cfg = Config.from_env()
         exchange_cfg = exchange.ExchangeConfig.from_env()
+        notifier = Notifier()
         client = bus.connect()
-    except ConfigError as exc:
-        log.critical("config_error", detail=str(exc))
-        return CONFIG_EXIT_CODE
-    brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, Notifier(), log)
-
-    def stop(_signum, _frame):
-        brain.stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    brain.run()
-    return 0
+        brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, notifier, log)
+        daemon.on_stop_signal(brain.stop)
+        if daemon.wait_for_redis(client, PROBES, log, lambda: brain.stopping, brain.stop_requested.wait, notifier):
+            brain.run()
+    return daemon.main(log, start)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ block time well below the read timeout; `BLOCK_MS_MAX` enforces that.
 import os
 import time
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -25,21 +25,51 @@ READ_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 10
 BLOCK_MS_MAX = int(READ_TIMEOUT_S * 1000 / 2)
 
-# What a daemon sees when Redis is gone, slow, restarting or lost its state. Callers catch
-# exactly these, back off and reconnect; anything else is a bug and is logged as such.
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                redis.ResponseError, OSError)
+# Every error a Redis call can raise. Two kinds, handled differently (eexit/daemon.py):
+# TRANSPORT errors (Redis gone, slow, restarting, loading, or a demoted master after a
+# failover) -> drop the connection, reconnect with backoff, count toward bus loss. Everything
+# else is a COMMAND error (NOPERM, WRONGTYPE, unknown command, OOM, BUSY): reconnecting cannot
+# fix it, so it is logged once as redis_command_error and the daemon is blind on that path.
+# An AuthenticationError is a ConnectionError: a transport error at run time (a password
+# rotated under us heals with a reconnect); at start-up the preflight refuses it (exit 2).
+REDIS_ERRORS = (redis.RedisError, OSError)
+TRANSPORT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError)
+# Replies that mean "this server cannot serve now", not "this command is wrong".
+_TRANSPORT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def is_transport_error(exc):
+    return isinstance(exc, TRANSPORT_ERRORS) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSPORT_REPLIES))
 
 
 def redis_url(env=None):
+    """REDIS_URL, checked: scheme, port 1..65535, db a whole number. ConfigError names it."""
     env = os.environ if env is None else env
     url = (env.get("REDIS_URL") or DEFAULT_URL).strip()
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
-        raise ConfigError(f"REDIS_URL has scheme {scheme!r}; use redis://, rediss://, unix:// "
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
+        raise ConfigError(f"REDIS_URL has scheme {parts.scheme!r}; use redis://, rediss://, unix:// "
                           f"or {SENTINEL_SCHEME}://")
-    if scheme == SENTINEL_SCHEME:
+    if parts.scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url)   # a malformed Sentinel URL is a start-up error, not a runtime one
+        return url
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError("REDIS_URL: a unix:// URL needs the socket path (unix:///run/redis/redis.sock)")
+        db_text = dict(parse_qsl(parts.query)).get("db", "0")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError("REDIS_URL: the port must be a number from 1 to 65535")
+        if not parts.hostname:
+            raise ConfigError("REDIS_URL names no host")
+        db_text = parts.path.strip("/") or dict(parse_qsl(parts.query)).get("db", "0")
+    if not db_text.isdigit():
+        raise ConfigError(f"REDIS_URL: database {db_text!r} is not a whole number")
     return url
 
 
@@ -58,10 +88,13 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
     options = dict(
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=read_timeout_s,
-        socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_S,
         decode_responses=False,
     )
+    if parts.scheme != "unix":
+        # TCP only: redis-py's unix-socket connection refuses socket_keepalive (TypeError at
+        # the first command), and a local socket has no half-open peer to detect anyway.
+        options["socket_keepalive"] = True
     if password is not None or username is not None:
         # redis-py lets a password in the URL override keyword arguments, so the URL's
         # credentials are removed before the credential files' values are applied.
@@ -69,7 +102,8 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
             unquote(parts.username) if parts.username else None)
         options["password"] = password if password is not None else (
             unquote(parts.password) if parts.password else None)
-        url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
+        url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{parts.query}" if parts.query else "")
     return redis.Redis.from_url(url, **options)
 
 

@@ -51,13 +51,27 @@ reduce-only (hedge mode: positionSide, which Binance never lets exceed the posit
 resting order filling meanwhile cannot make a close open exposure; the re-read after every
 attempt catches whatever the race left, and the next attempt cancels again.
 
-Bus loss. If Redis stays unreachable longer than EEXIT_BUS_LOSS_CLOSE_S the whole safety
-chain is blind: the EEW flattens on its own authority (event_id "busloss-<consumer>-<ms>"),
-journals the report, and on reconnect publishes it and writes the halt.
+Bus loss and blindness. If the EEW cannot do its job continuously for longer than
+EEXIT_BUS_LOSS_CLOSE_S, whether Redis is unreachable (transport errors) or answers with
+command errors on reading, claiming, recording or reporting panics (NOPERM, WRONGTYPE: the
+EEW is "blind"), the whole safety chain is blind: the EEW flattens on its own authority
+(event_id "busloss-<consumer>-<ms>"), halts, journals the report, and publishes it once Redis
+takes it. The timer measures continuous inability; a reconnect alone does not restart it.
+Command errors are logged once (redis_command_error) and never cause a reconnect.
 
-systemd. READY=1 once Redis answers and the markets are loaded; WATCHDOG=1 only from the
-loop (and between close attempts, which are loop progress), blocking reads at most half of
-WatchdogSec. A unit's WatchdogSec must exceed one close attempt (the exchange timeout).
+Entry isolation. One entry's failure never blocks the others (handle_isolated); an entry
+failing EEXIT_MAX_DELIVERIES times gets a FAILED report with internal_error:<type>. A journal
+line that cannot be used is quarantined (<journal>.quarantine), never fatal.
+
+Exchange key. markets load from public endpoints, so a private read-only call (the balance)
+runs every EEXIT_ACCOUNT_CHECK_S; a refused key makes the heartbeat DEGRADED with
+degraded_reason=exchange_authentication. Panics are still halted and attempted.
+
+systemd. Before READY=1 the preflight (eexit/daemon.py) checks Redis's version and the ACL
+(exit 2 naming the command and user). READY=1 once Redis answers and the markets are loaded;
+WATCHDOG=1 only from the loop (and between close attempts, which are loop progress), blocking
+reads at most half of WatchdogSec; EEXIT_EXCHANGE_TIMEOUT_MS must be below half of it (exit 2).
+A blind EEW stops WATCHDOG=1 once its close on own authority has run (see Worker).
 """
 
 import collections
@@ -65,17 +79,17 @@ import itertools
 import json
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import bus, exchange, flatten, resume, schema, signing, tamper
-from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int, env_list, env_str
+from . import bus, daemon, exchange, flatten, resume, schema, signing, tamper
+from .config import ConfigError, env_float, env_int, env_list, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -88,7 +102,25 @@ BUS_LOSS_REASON = "BUS_LOST"
 MAX_RATE_RETRIES = 8          # 429s for one order inside one attempt before the re-read decides
 READ_BACKOFF_S = (0.1, 0.2, 0.5)
 KEEPALIVE_S = 0.5           # while a close attempt runs: ping the watchdog, keep our entry fresh
-REDIS_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+# Harmless probes for the preflight, queued inside MULTI and DISCARDed: Redis checks each
+# queued command against the ACL, so a NOPERM names what the EEW may not do. One per command
+# the EEW uses, on the key it uses it on.
+_PANIC, _GROUP, _STATE = schema.PANIC_STREAM, schema.EEW_GROUP, schema.TRADING_STATE_KEY
+PROBES = (
+    ("XREADGROUP", "GROUP", _GROUP, "preflight", "COUNT", "1", "STREAMS", _PANIC, ">"), ("XACK", _PANIC, _GROUP, "0-1"),
+    ("XPENDING", _PANIC, _GROUP, "IDLE", "1", "-", "+", "1"), ("XCLAIM", _PANIC, _GROUP, "preflight", "0", "0-1"),
+    ("XGROUP", "CREATE", _PANIC, _GROUP, "0", "MKSTREAM"), ("EVALSHA", "0" * 40, "0"), ("SCRIPT", "LOAD", "return 0"),
+    ("HSETNX", schema.PROCESSED_KEY, "preflight", "x"), ("HGET", schema.PROCESSED_KEY, "preflight"),
+    ("HSET", _STATE, "f", "v"), ("HDEL", _STATE, "f"), ("EXISTS", _STATE), ("TIME",),
+    ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"), ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"),
+    # lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
+    ("XINFO", "STREAM", _PANIC), ("XINFO", "GROUPS", _PANIC), ("XRANGE", _PANIC, "-", "+", "COUNT", "1"),
+    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("HMGET", schema.PROCESSED_KEY, "x"),
+    ("XREAD", "COUNT", "1", "STREAMS", resume.REQUEST_STREAM, "0"),
+    ("XADD", resume.VERDICT_STREAM, "*", "f", "v"), ("XADD", resume.OPS_AUDIT_STREAM, "*", "f", "v"))
+# Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
+# so the entry-isolation path runs against real code. Unset (the default) it does nothing.
+FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
 # Binance USD-M's per-account order limits. Sliding windows never exceed the exchange's fixed
 # windows, yet let a whole burst go at once: 300 closes leave in one round, not over 10 s.
 DEFAULT_ORDER_LIMITS = "300/10,1200/60"
@@ -115,6 +147,9 @@ class Config:
     block_ms: int
     order_limits: tuple           # ((orders, window_s), ...)
     heartbeat_interval_s: float
+    account_check_s: float
+    max_deliveries: int
+    fault_reason: str
     resume_cooldown_s: float
     exchange_config: exchange.ExchangeConfig = field(repr=False)
     keyring: signing.KeyRing = field(repr=False)
@@ -133,20 +168,33 @@ class Config:
         return cls(
             redis_url=bus.redis_url(env),
             consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
-            authorized_sources=env_list("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS, env),
+            authorized_sources=known_issuers(env_list("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS, env)),
             close_deadline_s=env_float("EEXIT_CLOSE_DEADLINE_S", 30, minimum=1, maximum=3600, env=env),
-            claim_idle_ms=env_int("EEXIT_CLAIM_IDLE_MS", 15000, minimum=100, env=env),
+            claim_idle_ms=env_int("EEXIT_CLAIM_IDLE_MS", 15000, minimum=100, maximum=3_600_000, env=env),
             sweep_interval_s=env_float("EEXIT_SWEEP_INTERVAL_S", 5, minimum=0.05, maximum=3600, env=env),
-            bus_loss_close_s=env_float("EEXIT_BUS_LOSS_CLOSE_S", 10, minimum=0, env=env),
+            bus_loss_close_s=env_float("EEXIT_BUS_LOSS_CLOSE_S", 10, minimum=0, maximum=3600, env=env),
             journal_path=journal_path,
             concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 64, minimum=1, maximum=256, env=env),
             block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
             order_limits=parse_order_limits(env_str("EEXIT_ORDER_LIMITS", DEFAULT_ORDER_LIMITS, env)),
-            heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, env=env),
+            heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, maximum=60, env=env),
+            account_check_s=env_float("EEXIT_ACCOUNT_CHECK_S", 60, minimum=1, maximum=3600, env=env),
+            max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
+            fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
             resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
             exchange_config=exchange.ExchangeConfig.from_env(env),
             keyring=signing.load_keys(env),
         )
+
+
+def known_issuers(sources):
+    """EEXIT_AUTHORIZED_SOURCES may name only issuers that exist: a typo ("watchdgo") would
+    otherwise reject the real watchdog's panics."""
+    unknown = [source for source in sources if source not in schema.KNOWN_ISSUERS]
+    if unknown:
+        raise ConfigError(f"EEXIT_AUTHORIZED_SOURCES names unknown issuers {','.join(unknown)}; "
+                          f"known: {','.join(schema.KNOWN_ISSUERS)}")
+    return sources
 
 
 def parse_order_limits(text):
@@ -348,23 +396,54 @@ class Journal:
             os.fsync(handle.fileno())
 
     def unpublished(self):
-        waiting = {}
-        with open(self.path, encoding="utf-8") as handle:
+        """Reports not yet marked published. A line that cannot be used (torn by a crash,
+        or valid JSON missing a field) is moved to <journal>.quarantine with a CRITICAL log:
+        one bad line must never stop the rest of the journal (or any later panic). Its
+        entry, if any, is still pending in Redis and is resumed from there."""
+        waiting, keep, bad = {}, [], []
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
-                try:
-                    item = json.loads(line)
-                except ValueError:
-                    item = None
-                if not isinstance(item, dict) or not isinstance(item.get("key"), str):
-                    # A torn last line is a write the crash interrupted; skip it. Its entry
-                    # (if any) is still pending in Redis and is resumed from there.
-                    log.warning("journal_line_unreadable", path=self.path)
+                item = _journal_item(line)
+                if item is None:
+                    bad.append(line if line.endswith("\n") else line + "\n")
                     continue
-                if item.get("type") == "report":
+                keep.append(line)
+                if item["type"] == "report":
                     waiting[item["key"]] = item
-                elif item.get("type") == "published":
+                else:
                     waiting.pop(item["key"], None)
+        if bad:
+            self._quarantine(bad, keep)
         return list(waiting.values())
+
+    def _quarantine(self, bad, keep):
+        quarantine = self.path + ".quarantine"
+        with open(quarantine, "a", encoding="utf-8") as handle:
+            handle.writelines(bad)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary = self.path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.writelines(keep)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+        log.critical("journal_lines_quarantined", lines=len(bad), path=self.path, quarantine=quarantine,
+                     note="look at them: a report there never reached Redis")
+
+
+def _journal_item(line):
+    """The journal item on this line, or None if it is not one we can publish."""
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+        return None
+    usable_report = (item.get("type") == "report" and isinstance(item.get("entry_id"), (str, type(None)))
+                     and all(isinstance(item.get(name), dict) for name in ("done", "report", "halt"))
+                     and all(isinstance(value, str) for value in item["report"].values()))
+    return item if usable_report or item.get("type") == "published" else None
 
 
 # ------------------------------------------------------------------------------ exchange access
@@ -442,6 +521,12 @@ class ExchangePool:
 
 def _read_positions(client):
     return exchange.read_positions(client)
+
+
+def _check_account(client):
+    """The account check's private read-only call: the balance, not the positions, so it
+    neither costs position-read weight nor shows in a panic's own reads."""
+    client.fetch_balance()
 
 
 def _read_orders(client, conditional):
@@ -645,6 +730,18 @@ class Closer:
 # ------------------------------------------------------------------------------ the loop
 
 class Worker:
+    """The loop. Blindness: the EEW is "unable" from the first moment it cannot do its job
+    (Redis unreachable, or a command error on reading, claiming, recording or reporting
+    panics) until a pass reads entries cleanly again; a reconnect alone does not end it. Once
+    unable for longer than EEXIT_BUS_LOSS_CLOSE_S it closes on its own authority, either way.
+
+    WATCHDOG=1 while blind by a command error: pings continue until that close has run (it is
+    loop progress; stopping earlier would let systemd kill us before the close, and the units
+    never retry exit 2), then stop, with the reason in STATUS= and the heartbeat, so systemd
+    restarts the EEW and the restarted one runs its preflight again. With the close disabled
+    (EEXIT_BUS_LOSS_CLOSE_S=0) the pings stop at once. Redis merely unreachable is not
+    blindness of the EEW itself: pings continue and reconnecting is the job."""
+
     def __init__(self, config, notifier=None):
         self.config = config
         self.notifier = notifier or Notifier()
@@ -652,20 +749,30 @@ class Worker:
         self.pool = ExchangePool(config.exchange_config, config.concurrency)
         self.closer = Closer(config, self.pool, Pacer(config.order_limits))
         self.journal = Journal(config.journal_path)
+        self.trouble = daemon.RedisTrouble(log)
+        self.backoff = daemon.Backoff(0.1, 2.0)
         self.redis = None
         self.ledger = None
         self.heartbeat = None
         self.stopping = False
+        self.preflighted = False
         self.ready_sent = False
         self.status_text = ""
         self.next_sweep = 0.0
         self.next_beat = 0.0
         self.next_markets_try = 0.0
         self.next_reconnect = 0.0
+        self.next_account_check = 0.0
+        self.account_future = None
+        self.account_problem = None       # "exchange_authentication" while the key is refused
         self.journal_backlog = True       # a previous run may have left reports on disk
-        self.redis_failures = 0
         self.redis_down_since = time.monotonic()   # until the first successful connect
+        self.unable_since = time.monotonic()       # until the first clean pass
+        self.blind = None                 # why the last pass could not do the job (command error)
+        self.pass_blind = None
+        self.blind_closed = False         # the close on own authority ran during this blindness
         self.next_bus_loss_close = None
+        self.entry_tracebacks = set()     # entries whose handling failure was logged
         self.current_event = "-"
         self.last_positions = None
         self.tamper_seen = set()          # tamper findings already closed for (keys)
@@ -678,8 +785,7 @@ class Worker:
     # -- lifecycle
 
     def run(self):
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
+        daemon.on_stop_signal(self._stop)
         log.info("starting", consumer=self.config.consumer, block_ms=self.block_ms,
                  deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
                  bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
@@ -690,45 +796,100 @@ class Worker:
         self.notifier.stopping()
         log.info("stopped", consumer=self.config.consumer)
 
-    def _stop(self, _signum, _frame):
+    def _stop(self):
         self.stopping = True
 
     def iteration(self):
         """One pass: liveness, Redis, markets, journal, then at most one batch of entries."""
+        self.pass_blind = None
         try:
             self.beat()
             if not self.bus_ok():
-                self.on_bus_down()
+                self.on_unable()
                 return
             self.ensure_markets()
-            self.publish_journal()
-            self.guard()
-            self.handle_batch(self.next_entries())
+            self.check_account()
+            self.job_step("publish_journal", schema.PROCESSED_KEY, self.publish_journal)
+            self.job_step("guard", schema.PANIC_STREAM, self.guard)
+            entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
+            self.handle_batch(entries or [])
+            if self.pass_blind is None and entries is not None:
+                if self.blind is not None:
+                    log.info("blind_ended", was=self.blind)
+                self.unable_since = self.next_bus_loss_close = self.blind = None
+                self.blind_closed = False
+                self.backoff.reset()
+            else:
+                self.went_blind(self.pass_blind or "read_entries")
+                self.on_unable()
+        except ConfigError:
+            raise
         except bus.REDIS_ERRORS as exc:
+            if not bus.is_transport_error(exc):
+                # A command error outside the steps above (e.g. the heartbeat): the job may
+                # still be possible; the next pass tells.
+                self.trouble.report(exc, "iteration")
+                return
             # Redis went away mid-pass. The entry being handled stays pending (no XACK without
-            # a report) and is resumed after reconnecting; the bus-loss timer starts now.
+            # a report) and is resumed after reconnecting.
             self.lost_redis(exc)
         except Exception as exc:  # noqa: BLE001 - the loop must never die
-            # A bug. The entry stays pending and is retried at the next sweep; sleeping keeps a
-            # poisonous entry from spinning the CPU. Dying instead would stop all panics.
+            # A bug outside entry handling. Sleeping keeps it from spinning the CPU; dying
+            # instead would stop all panics.
             log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
-                      message=str(exc)[:300])
+                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
             time.sleep(1.0)
         finally:
             self.current_event = "-"
+
+    def job_step(self, step, key, fn):
+        """fn() with command errors logged and turned into blindness (None); transport errors
+        propagate to iteration()."""
+        try:
+            return fn()
+        except bus.REDIS_ERRORS as exc:
+            if self.trouble.report(exc, step, key) == "transport":
+                raise
+            # No reconnect: the same command would fail the same way. The EEW is blind on
+            # this path; on_unable() closes on own authority once that lasts too long.
+            self.pass_blind = f"{step}:{daemon.cause(exc)}"
+            return None
+
+    def went_blind(self, why):
+        if self.unable_since is None:
+            self.unable_since = time.monotonic()
+        if why != self.blind:
+            log.critical("blind", why=why, close_in_s=self.config.bus_loss_close_s)
+            self.blind = why
 
     # -- liveness
 
     def beat(self):
         """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
-        self.notifier.ping()
+        if self.pings_allowed():
+            self.notifier.ping()
         now = time.monotonic()
         if self.heartbeat is None or now < self.next_beat:
             return
         self.next_beat = now + self.config.heartbeat_interval_s
-        healthy = self.pool.ready and not self.journal_backlog and not self.stream_broken
-        self.heartbeat.publish("OK" if healthy else "DEGRADED", self.last_positions, wall_ms(),
-                               extra={"consumer": self.config.consumer})
+        reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
+                                        ("journal_backlog", self.journal_backlog),
+                                        (self.account_problem, self.account_problem),
+                                        (f"blind:{self.blind}", self.blind),
+                                        (self.stream_broken, self.stream_broken)) if bad]
+        extra = {"consumer": self.config.consumer}
+        if reasons:
+            extra["degraded_reason"] = ",".join(reasons)
+        try:
+            self.heartbeat.publish("DEGRADED" if reasons else "OK", self.last_positions, wall_ms(), extra=extra)
+        except bus.REDIS_ERRORS as exc:
+            if self.trouble.report(exc, "XADD", schema.EEW_HEARTBEAT_STREAM) == "transport":
+                raise
+            # Our heartbeat refused (NOPERM, WRONGTYPE): `eexit status` sees it go stale; the
+            # panic path is separate and still served.
+
+    def pings_allowed(self):
+        return self.blind is None or not (self.blind_closed or self.config.bus_loss_close_s <= 0)
 
     def set_status(self, text):
         if text != self.status_text:
@@ -744,16 +905,27 @@ class Worker:
             return False
         try:
             client = bus.connect(self.config.redis_url)
+            if not self.preflighted:
+                # Before READY=1, once: version, ACL. Refusals are ConfigError (exit 2).
+                daemon.preflight(client, PROBES, multi=True)
+                self.preflighted = True
             client.ping()
             bus.ensure_group(client, schema.PANIC_STREAM, schema.EEW_GROUP, start_id="0")
         except bus.REDIS_ERRORS as exc:
-            # Still down: back off and let on_bus_down decide about a bus-loss close.
+            if not bus.is_transport_error(exc):
+                # Reachable but refusing our group (NOPERM, WRONGTYPE): blind, not down.
+                self.trouble.report(exc, "XGROUP CREATE", schema.PANIC_STREAM)
+                self.next_reconnect = time.monotonic() + self.backoff.next()
+                self.went_blind(f"connect:{daemon.cause(exc)}")
+                client.close()
+                return False
+            # Still down: back off and let on_unable decide about a bus-loss close.
             self.lost_redis(exc)
             return False
         down_s = time.monotonic() - self.redis_down_since
         self.redis, self.ledger = client, Ledger(client)
         self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
-        self.redis_failures, self.redis_down_since, self.next_bus_loss_close = 0, None, None
+        self.redis_down_since = None
         self.next_sweep = 0.0          # a restart may have left our entries pending
         self.audit_cursor = "0-0"      # check the whole stream against the group once more
         self.next_guard_sweep = 0.0
@@ -762,9 +934,13 @@ class Worker:
         return True
 
     def lost_redis(self, exc):
+        self.trouble.report(exc, "connect")
         if self.redis_down_since is None:
             self.redis_down_since = time.monotonic()
-            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__)
+            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__,
+                      cause=daemon.cause(exc))
+        if self.unable_since is None:
+            self.unable_since = time.monotonic()
         if self.redis is not None:
             try:
                 self.redis.close()
@@ -773,21 +949,25 @@ class Worker:
                 # a fresh one is built on reconnect.
                 pass
         self.redis = self.ledger = self.heartbeat = None
-        wait = REDIS_BACKOFF_S[min(self.redis_failures, len(REDIS_BACKOFF_S) - 1)]
-        self.redis_failures += 1
-        self.next_reconnect = time.monotonic() + wait
-        self.set_status(f"redis unreachable for {time.monotonic() - self.redis_down_since:.0f}s")
+        self.next_reconnect = time.monotonic() + self.backoff.next()
+        self.set_status(f"redis unreachable for {time.monotonic() - self.redis_down_since:.0f}s: "
+                        f"{daemon.cause(exc)}")
 
-    def on_bus_down(self):
-        """Redis is unreachable: maybe flatten on our own authority, then wait a little."""
+    def on_unable(self):
+        """Unable to do the job: maybe flatten on our own authority, then wait a little."""
         limit = self.config.bus_loss_close_s
-        down_s = time.monotonic() - self.redis_down_since
-        if limit > 0 and down_s > limit and (self.next_bus_loss_close is None
-                                             or time.monotonic() >= self.next_bus_loss_close):
-            status = self.bus_loss_close(down_s)
+        unable_s = time.monotonic() - self.unable_since
+        if limit > 0 and unable_s > limit and (self.next_bus_loss_close is None
+                                               or time.monotonic() >= self.next_bus_loss_close):
+            status = self.bus_loss_close(unable_s)
+            self.blind_closed = self.blind is not None
             # FLAT: done for this outage. Otherwise try again after another interval.
             self.next_bus_loss_close = float("inf") if status == flatten.FLAT else time.monotonic() + limit
-        time.sleep(max(0.0, min(self.next_reconnect - time.monotonic(), 0.5)))
+        if self.blind is not None and not self.pings_allowed():
+            self.set_status(f"blind ({self.blind}): watchdog pings stopped"
+                            + (", closed on own authority" if self.blind_closed else ""))
+        wait = self.next_reconnect - time.monotonic() if self.redis is None else self.backoff.next()
+        time.sleep(max(0.0, min(wait, 0.5)))
 
     def ensure_markets(self):
         if self.pool.ready or time.monotonic() < self.next_markets_try:
@@ -805,6 +985,32 @@ class Worker:
             self.notifier.ready("waiting for panic events")
             self.ready_sent = True
         self.set_status("waiting for panic events")
+
+    def check_account(self):
+        """One private read-only call every EEXIT_ACCOUNT_CHECK_S, on a pool thread (never
+        blocking the loop): markets load from a public endpoint, so only this shows a wrong
+        or revoked key before a panic needs it. A refused key makes the heartbeat DEGRADED
+        (degraded_reason=exchange_authentication); panics are still halted and attempted."""
+        if self.account_future is not None and self.account_future.done():
+            try:
+                self.account_future.result()
+                if self.account_problem:
+                    log.info("exchange_account_ok", was=self.account_problem)
+                self.account_problem = None
+            except Exception as exc:  # noqa: BLE001 - classified: only a refused key degrades
+                # A transient failure says nothing about the key: keep the last verdict.
+                kind = exchange.classify_error(exc)
+                if kind.kind == "auth":
+                    if self.account_problem is None:
+                        log.critical("exchange_authentication_failed", error=_error_text(exc),
+                                     note="panics will halt trading but cannot close positions")
+                    self.account_problem = "exchange_authentication"
+                else:
+                    log.warning("account_check_failed", error=_error_text(exc))
+            self.account_future = None
+        if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
+            self.next_account_check = time.monotonic() + self.config.account_check_s
+            self.account_future = self.pool.submit(_check_account)
 
     # -- reading entries
 
@@ -828,6 +1034,45 @@ class Worker:
 
     # -- one entry
 
+    def handle_isolated(self, entry_id, raw, screened=None):
+        """handle_entry(), with one entry's failure kept from blocking the others. A transport
+        error propagates (the pass ends, Redis is reconnected). A command error makes this
+        pass blind and leaves the entry pending for the next sweep. Any other exception is a
+        bug on this entry: logged once with its traceback, retried at the next sweep, and
+        after EEXIT_MAX_DELIVERIES deliveries reported FAILED with internal_error:<type>. No
+        halt is written for it (the entry may be an unauthenticated forgery that crashes
+        us); a halt already written stays."""
+        try:
+            self.handle_entry(entry_id, raw, screened)
+            return
+        except bus.REDIS_ERRORS as exc:
+            if self.trouble.report(exc, "handle_entry", f"{schema.PANIC_STREAM}/{entry_id}") == "transport":
+                raise
+            self.pass_blind = f"handle_entry:{daemon.cause(exc)}"
+            return
+        except Exception as exc:  # noqa: BLE001 - isolate this entry; classified below
+            error = exc
+        if entry_id not in self.entry_tracebacks:
+            self.entry_tracebacks.add(entry_id)
+            log.error("entry_failed", event_id=self.current_event, entry_id=entry_id,
+                      error=type(error).__name__, message=str(error)[:300],
+                      traceback=traceback.format_exc()[-2000:])
+        self.next_sweep = min(self.next_sweep, time.monotonic() + 1.0)
+        pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
+                                            max=entry_id, count=1)
+        deliveries = int(pending[0]["times_delivered"]) if pending else 0
+        if deliveries < self.config.max_deliveries:
+            return
+        event, problems = schema.PanicEvent.from_fields(raw)
+        event_id = event.event_id or derive_event_id(entry_id)
+        log.critical("entry_given_up", event_id=event_id, entry_id=entry_id, deliveries=deliveries,
+                     error=type(error).__name__)
+        self.report_without_action(entry_id, dict(
+            event_id=event_id, issued_by=event.issued_by, reason=event.reason, event_age_ms=None,
+            problems=[*problems, f"internal_error:{type(error).__name__}"], ts_started=wall_ms(),
+            status=flatten.FAILED, detail=f"handling failed {deliveries} times; see the EEW log"))
+        self.entry_tracebacks.discard(entry_id)
+
     def screen(self, entry_id, raw):
         """(event, event_id, problems, allowed, why) for one entry; local work, no Redis."""
         event, problems = schema.PanicEvent.from_fields(raw)
@@ -846,11 +1091,11 @@ class Worker:
         for entry_id, raw in entries:
             screened = self.screen(entry_id, raw)
             if screened[3]:
-                self.handle_entry(entry_id, raw, screened)
+                self.handle_isolated(entry_id, raw, screened)
             else:
                 rejected.append((entry_id, screened))
         if rejected:
-            self.report_rejected(rejected)
+            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.report_rejected(rejected))
 
     def report_rejected(self, rejected):
         ids = [entry_id for entry_id, _ in rejected]
@@ -874,6 +1119,8 @@ class Worker:
 
     def handle_entry(self, entry_id, raw, screened=None):
         event, event_id, problems, allowed, why = screened or self.screen(entry_id, raw)
+        if self.config.fault_reason and event.reason == self.config.fault_reason:
+            raise RuntimeError(f"test fault: {FAULT_REASON_ENV} matches the reason")
         self.current_event = event_id
         received_ms = bus.server_time_ms(self.redis)
         sent_ms = schema.entry_id_ms(entry_id)
@@ -985,14 +1232,19 @@ class Worker:
                 "force_halt": entry_id is None}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                self.ledger.ensure_halted(halt)
+                if entry_id is None:
+                    self.ledger.halt(halt)      # our own authority: nobody has halted yet
+                else:
+                    self.ledger.ensure_halted(halt)
                 self.ledger.finish(event_id, done, entry_id, item["report"])
                 return
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
                 # pending; after reconnecting the journal is published (report + done + XACK
                 # in one script) before any entry is read, so the redelivery finds "done".
-                self.lost_redis(exc)
+                # A command error (blind) keeps the connection: reconnecting fixes nothing.
+                if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
+                    self.lost_redis(exc)
         self.journal.append(item)
         self.journal_backlog = True
         log.error("report_journaled", event_id=event_id, status=report.status,
@@ -1122,7 +1374,8 @@ class Worker:
     # -- bus loss
 
     def bus_loss_close(self, down_s):
-        """Flatten without an event: Redis, hence the whole safety chain, is blind."""
+        """Flatten without an event: Redis unreachable or refusing our commands, hence the
+        whole safety chain, is blind."""
         event_id = f"busloss-{self.config.consumer}-{wall_ms()}"
         self.current_event = event_id
         log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1))
@@ -1142,15 +1395,12 @@ class Worker:
 
 
 def main(argv=None):
-    try:
+    def start():
         config = Config.from_env()
-    except ConfigError as exc:
-        # The only exit on our own: running a configuration nobody intended is worse than
-        # not running, and systemd shows the failed unit (exit code 2).
-        print(f"eexit.eew: configuration error: {exc}", file=sys.stderr)
-        return CONFIG_EXIT_CODE
-    Worker(config).run()
-    return 0
+        notifier = Notifier()
+        daemon.check_exchange_timeout(config.exchange_config.timeout_ms, notifier)
+        Worker(config, notifier).run()
+    return daemon.main(log, start)
 
 
 if __name__ == "__main__":

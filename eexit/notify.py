@@ -1,19 +1,28 @@
 """sd_notify for the daemons: READY, WATCHDOG, STOPPING, STATUS.
 
-Without NOTIFY_SOCKET (run by hand, in tests without a socket) every call does nothing, which
-is what sdnotify does too; under systemd a failed send is invisible to us but not to systemd,
-which then restarts the unit for missing watchdog pings: the fail-closed outcome.
+The datagram goes out on a NON-BLOCKING socket: a supervisor that does not drain
+NOTIFY_SOCKET (the queue holds ~10 datagrams) must never stall a safety loop. A send that
+would block, or a missing socket, drops the datagram and is logged once per kind of failure;
+under systemd the dropped pings are visible to systemd (it restarts the unit for missing
+watchdog pings: the fail-closed outcome). Without NOTIFY_SOCKET every call does nothing.
+(sdnotify's blocking sendall() stalled the EEW's loop for 200 s in a test harness.)
 """
 
 import os
+import socket
 
-import sdnotify
+from .log import Logger
 
 
 class Notifier:
-    def __init__(self, env=None):
+    def __init__(self, env=None, log=None):
         env = os.environ if env is None else env
-        self._notifier = sdnotify.SystemdNotifier()
+        path = env.get("NOTIFY_SOCKET", "")
+        # "@name" is Linux's abstract namespace: a leading NUL byte.
+        self._address = "\0" + path[1:] if path.startswith("@") else path
+        self._socket = None
+        self._log = log or Logger("notify")
+        self._failures_logged = set()
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         owned = pid == "" or pid == str(os.getpid())
@@ -38,4 +47,17 @@ class Notifier:
         self._send("STOPPING=1")
 
     def _send(self, message):
-        self._notifier.notify(message)
+        if not self._address:
+            return
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket.setblocking(False)
+            self._socket.sendto(message.encode("utf-8", errors="replace"), self._address)
+        except OSError as exc:
+            # Full queue (BlockingIOError), socket gone, or refused: drop this datagram and go
+            # on with the loop; systemd notices missing pings on its own. Logged once per kind.
+            kind = type(exc).__name__
+            if kind not in self._failures_logged:
+                self._failures_logged.add(kind)
+                self._log.error("sd_notify_dropped", error=kind, note="datagram dropped; logged once")

