@@ -126,7 +126,7 @@ FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
 DEFAULT_ORDER_LIMITS = "300/10,1200/60"
 PACING_MARGIN_S = 0.1
 INFLIGHT_KEY = "eexit:eew:inflight"   # event ids claimed and not yet final (the ledger sweep)
-READ_BATCH = 256                      # entries per read: a flood costs O(1) round trips per batch
+READ_BATCH = 512                      # entries per read: a flood costs O(1) round trips per batch
 REJECTED_IDS_SHOWN = 20               # entry ids a rejection summary names
 RESUME_READ_S = 5.0                   # the account read behind a resume verdict
 
@@ -240,10 +240,12 @@ def decode_fields(raw):
     return {_text(key): _text(value) for key, value in (raw or {}).items()}
 
 
-def authorise(event, fields, authorized_sources, keyring):
-    """(ok, reason). Checks the claimed issuer, then its signature when keys are configured."""
-    if event.issued_by not in authorized_sources:
-        return False, f"unauthorized_issuer:{event.issued_by or '(none)'}"
+def authorise(fields, authorized_sources, keyring):
+    """(ok, reason) for an entry's decoded fields: the claimed issuer, then its signature
+    when keys are configured. Cheap (no schema parse): a forgery costs one HMAC at most."""
+    issuer = fields.get("issued_by") or fields.get("source") or ""
+    if issuer not in authorized_sources:
+        return False, f"unauthorized_issuer:{issuer or '(none)'}"
     signed, why = signing.verify_fields(fields, keyring)
     if not signed:
         return False, f"bad_signature:{why}"
@@ -781,6 +783,7 @@ class Worker:
         self.audit_cursor = "0-0"         # the stream audit checked entries up to here
         self.resume_cursor = "0-0"
         self.next_guard_sweep = 0.0
+        self.peek_cursor = "0-0"          # newest entry screened ahead of a backlog
 
     # -- lifecycle
 
@@ -1074,13 +1077,18 @@ class Worker:
         self.entry_tracebacks.discard(entry_id)
 
     def screen(self, entry_id, raw):
-        """(event, event_id, problems, allowed, why) for one entry; local work, no Redis."""
+        """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
+        schema parse only for authorised entries: a flood of forgeries costs their HMAC."""
+        fields = decode_fields(raw)
+        allowed, why = authorise(fields, self.config.authorized_sources, self.config.keyring)
+        if not allowed:
+            event = schema.PanicEvent(fields.get("event_id", ""), fields.get("reason", ""),
+                                      fields.get("issued_by") or fields.get("source", ""), None)
+            return event, event.event_id or derive_event_id(entry_id), [], False, why
         event, problems = schema.PanicEvent.from_fields(raw)
         event_id = event.event_id or derive_event_id(entry_id)
         if not event.event_id:
             problems = [*problems, "derived:event_id"]
-        allowed, why = authorise(event, decode_fields(raw), self.config.authorized_sources,
-                                 self.config.keyring)
         return event, event_id, problems, allowed, why
 
     def handle_batch(self, entries):
@@ -1276,11 +1284,29 @@ class Worker:
             stream_info.get("last-generated-id") == tamper.MAX_ID else None
         if finding is not None:
             self.tamper_close(finding)
+        undelivered = int(stream_info.get("entries-added") or 0) - int((self.group_info or {}).get("entries-read") or 0)
+        if undelivered > READ_BATCH:
+            self.peek_tail()
         self.serve_resume_requests()
         if time.monotonic() >= self.next_guard_sweep and self.group_info is not None:
             self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
             self.sweep_ledger()
             self.audit_stream()
+
+    def peek_tail(self):
+        """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
+        the newest batch too, and execute an authorised entry found there now, so the real
+        panic does not wait for the whole backlog; its turn in the group later finds its ledger
+        record done and only acknowledges it. Each entry is peeked at most once."""
+        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(self.group_info.get("last-delivered-id")))
+        batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
+        if batch:
+            self.peek_cursor = _text(batch[0][0])
+        for entry_id, raw in reversed(batch):
+            screened = self.screen(_text(entry_id), raw)
+            if screened[3] and self.ledger.record(screened[1]) is None:
+                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
+                self.handle_isolated(_text(entry_id), raw, screened)
 
     def tamper_close(self, finding):
         """A lost panic of unknown content: close on our own authority, once per finding."""
