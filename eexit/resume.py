@@ -17,6 +17,10 @@ the trading state; `eexit resume` asks, the EEW decides:
       -> XADD system:resume_verdict {request_id, status RESUMED | RESUME_REFUSED, refusals, ...}
     eexit resume prints the verdict (exit 0 resumed, 1 refused, 3 no verdict in time).
 
+`eexit init` (the explicit first start) asks the same way, action "init": the EEW writes
+halted=false (who, when, audit entry) only where no trading state exists; verdict INITIALISED
+or INIT_REFUSED.
+
 Why a verdict stream of its own and not the completed stream: the completed stream holds
 panic reports, read by the watchdog and the audit logger as such; a verdict is not one.
 Unsigned requests pass only where panics pass unsigned too (no key ring configured); then
@@ -44,16 +48,19 @@ REQUEST_CORE = ("kid", "request_id", "action", "ack", "operator", "accept_residu
 REQUEST_DOMAIN = b"eexit-resume-v1\n"
 REQUEST_ISSUER = "ops"
 RESUMED, REFUSED = "RESUMED", "RESUME_REFUSED"
+INITIALISED, INIT_REFUSED = "INITIALISED", "INIT_REFUSED"
+ACTIONS = ("resume", "init")
 FINAL_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 LEDGER_PREFIX = "resume:"              # ledger field claiming one request id
 
 
 # ---------------------------------------------------------------------------- the request
 
-def build_request(operator, ack, accept_residual, keyring, now_ms=None, request_id=None):
+def build_request(operator, ack, accept_residual, keyring, now_ms=None, request_id=None, action="resume"):
     """The request's fields, signed with the ops key when a key ring is configured. Raises
-    ValueError if keys are configured but none belongs to ops (the EEW would refuse)."""
-    fields = {"request_id": request_id or str(uuid.uuid4()), "action": "resume", "ack": ack,
+    ValueError if keys are configured but none belongs to ops (the EEW would refuse).
+    action "init" (`eexit init`, ack "-") asks for halted=false where no trading state exists."""
+    fields = {"request_id": request_id or str(uuid.uuid4()), "action": action, "ack": ack,
               "operator": operator, "accept_residual": "true" if accept_residual else "false",
               "issued_by": REQUEST_ISSUER, "ts": str(int(time.time() * 1000) if now_ms is None else now_ms)}
     if not keyring.configured:
@@ -71,6 +78,7 @@ class Request:
     ack: str
     operator: str
     accept_residual: bool
+    action: str = "resume"
 
 
 def check_request(fields, keyring, now_ms, max_age_s=REQUEST_MAX_AGE_S):
@@ -79,7 +87,7 @@ def check_request(fields, keyring, now_ms, max_age_s=REQUEST_MAX_AGE_S):
     if not ok:
         return None, f"bad_signature:{why}"
     get = fields.get
-    if get("action") != "resume" or get("issued_by") != REQUEST_ISSUER:
+    if get("action") not in ACTIONS or get("issued_by") != REQUEST_ISSUER:
         return None, "not_a_resume_request_by_ops"
     if not get("request_id") or not get("ack") or not (get("operator") or "").strip() \
             or get("accept_residual") not in ("true", "false"):
@@ -90,7 +98,8 @@ def check_request(fields, keyring, now_ms, max_age_s=REQUEST_MAX_AGE_S):
         return None, "malformed:ts"
     if not -max_age_s <= age_s <= max_age_s:
         return None, f"stale:{age_s:.0f}s"
-    return Request(get("request_id"), get("ack"), get("operator").strip(), get("accept_residual") == "true"), None
+    return Request(get("request_id"), get("ack"), get("operator").strip(), get("accept_residual") == "true",
+                   get("action")), None
 
 
 # ---------------------------------------------------------------------------- the decision
@@ -167,8 +176,9 @@ def audit_fields(facts, request, state, now_ms, consumer):
             "request_id": request.request_id, "cleared_by_consumer": consumer}
 
 
-def verdict_fields(request_id, ack, operator, refusals, audit_id=None, positions=None):
-    return {"request_id": request_id, "status": REFUSED if refusals else RESUMED, "event_id": ack,
+def verdict_fields(request_id, ack, operator, refusals, audit_id=None, positions=None, action="resume"):
+    statuses = (INIT_REFUSED, INITIALISED) if action == "init" else (REFUSED, RESUMED)
+    return {"request_id": request_id, "status": statuses[0] if refusals else statuses[1], "event_id": ack,
             "operator": operator, "refusals": json.dumps(refusals),
             "audit_entry": audit_id or "", "audit_stream": OPS_AUDIT_STREAM,
             "residual_positions": json.dumps([f"{p.symbol} {p.side} {p.contracts:g}" for p in positions or []])}
@@ -200,6 +210,12 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
         return None, why
     if not client.hsetnx(schema.PROCESSED_KEY, LEDGER_PREFIX + request.request_id, str(server_ms(client))):
         return None, "already_answered"
+    if request.action == "init":
+        audit_id, refusal = _init(client, request, consumer)
+        verdict = verdict_fields(request.request_id, request.ack, request.operator, [refusal] if refusal else [],
+                                 audit_id, action="init")
+        client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
+        return verdict, None
     state_raw = _decoded(client.hgetall(schema.TRADING_STATE_KEY))
     state, _problems = schema.TradingState.from_fields(state_raw)
     record = _record(client.hget(schema.PROCESSED_KEY, request.ack)) \
@@ -232,6 +248,31 @@ def _record(raw):
     except (TypeError, ValueError):
         return None
     return parsed if isinstance(parsed, dict) else None
+
+
+def _init(client, request, consumer):
+    """halted=false with who/when and an audit entry, only where no trading state exists (the
+    first start). (audit id, None) or (None, refusal)."""
+    from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
+    refused = "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)"
+    with client.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(schema.TRADING_STATE_KEY)
+            if pipe.exists(schema.TRADING_STATE_KEY):
+                return None, refused
+            now_ms = server_ms(pipe)
+            pipe.multi()
+            pipe.hset(schema.TRADING_STATE_KEY, mapping={
+                "halted": "false", "requires_manual_reset": "false",
+                "cleared_by": request.operator, "cleared_at": str(now_ms)})
+            pipe.xadd(OPS_AUDIT_STREAM, {"action": "init", "operator": request.operator, "ts": str(now_ms),
+                                         "version": __version__, "request_id": request.request_id,
+                                         "cleared_by_consumer": consumer})
+            _hset, audit_id = pipe.execute()
+            return _text(audit_id), None
+        except redis.WatchError:
+            # A halt was written between our check and write: refuse, never overwrite it.
+            return None, refused
 
 
 def _clear(client, facts, request, consumer):
