@@ -9,6 +9,8 @@
         asks the EEW (signed request, eexit/resume.py), which checks and clears the halt;
         exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
         or Redis unreachable; 3 no verdict from the EEW before EEXIT_RESUME_TIMEOUT_S
+    eexit panic --on-service-failure
+        systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
     eexit audit verify FILE [--json]
         exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
     eexit init --operator NAME [--json]
@@ -392,6 +394,11 @@ def build_parser():
 
 
 def main(argv=None):
+    if list(sys.argv[1:] if argv is None else argv) == ["panic", "--on-service-failure"]:
+        # systemd's ExecStopPost= hook: dispatched before argparse, and it takes no other
+        # argument; its settings come from the environment systemd sets.
+        from . import hook   # noqa: PLC0415 - only the hook needs it
+        return hook.run()
     args = build_parser().parse_args(argv)
     env = os.environ
     try:

@@ -243,8 +243,14 @@ def decode_fields(raw):
 
 
 def authorise(fields, authorized_sources, keyring):
-    """(ok, reason) for an entry's decoded fields: the claimed issuer, then its signature
-    when keys are configured. Cheap (no schema parse): a forgery costs one HMAC at most."""
+    """(ok, reason) for an entry's decoded fields. Cheap (no schema parse: a forgery costs one
+    HMAC at most). Refuses a field or name over schema.MAX_TEXT (a cut event_id would share
+    its ledger record with another event, which is then DUPLICATE and never closes), then
+    checks the claimed issuer, then its signature when keys are configured."""
+    too_long = next((name for name, value in fields.items()
+                     if len(name) > schema.MAX_TEXT or len(value) > schema.MAX_TEXT), None)
+    if too_long is not None:
+        return False, f"too_long:{too_long[:64]}"
     issuer = fields.get("issued_by") or fields.get("source") or ""
     if issuer not in authorized_sources:
         return False, f"unauthorized_issuer:{issuer or '(none)'}"
@@ -1112,24 +1118,23 @@ class Worker:
             self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.report_rejected(rejected))
 
     def report_rejected(self, rejected):
+        """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
+        to schema.MAX_TEXT) for one, a summary naming the first REJECTED_IDS_SHOWN for more."""
         ids = [entry_id for entry_id, _ in rejected]
-        why = collections.Counter(screened[4] for _, screened in rejected)
-        shown = rejected[:REJECTED_IDS_SHOWN]
-        now = wall_ms()
-        event, event_id, _problems, _allowed, reason = rejected[0][1]
-        if len(rejected) > 1:     # a summary: its event_ids field names the first ones
+        event, event_id, _problems, _allowed, detail = rejected[0][1]
+        if len(rejected) > 1:
             event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
-            reason = ",".join(f"{why_text}={count}" for why_text, count in sorted(why.items()))
+            why = collections.Counter(screened[4] for _, screened in rejected)
+            detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
+        now = wall_ms()
         report = schema.CompletionReport(
-            event_id=event_id, status="REJECTED", issued_by=event.issued_by, reason=event.reason,
-            detail=reason,
-            ts_started=now, ts_completed=now, execution_time_ms=0,
-            positions_total=None, positions_closed=None, positions_failed=None)
-        report.extra.update(rejected_count=str(len(ids)), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
-                            event_ids=json.dumps([screened[1][:128] for _, screened in shown]))
+            event_id=event_id[:schema.MAX_TEXT], status="REJECTED", issued_by=event.issued_by[:schema.MAX_TEXT],
+            reason=event.reason[:schema.MAX_TEXT], detail=detail, ts_started=now, ts_completed=now,
+            execution_time_ms=0, positions_total=None, positions_closed=None, positions_failed=None)
+        report.extra.update(entry_id=ids[0], rejected_count=str(len(ids)), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
+                            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))
         report_id = self.ledger.reject(ids, report.to_fields())
-        log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id,
-                    why=report.detail)
+        log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
 
     def handle_entry(self, entry_id, raw, screened=None):
         event, event_id, problems, allowed, why = screened or self.screen(entry_id, raw)

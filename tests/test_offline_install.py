@@ -22,7 +22,7 @@ from tests.staging import offline_env
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
-DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "ops", "hook")
 
 
 class LockTest(unittest.TestCase):
