@@ -14,7 +14,9 @@ Reading order
     Journal                  local append-only outbox for reports Redis could not take
     Pacer, ExchangePool      order pacing and one ccxt client per worker thread
     Closer                   one panic against the exchange -> CompletionReport
-    Worker                   the loop: iteration() does one pass, run() repeats it
+    Worker                   the loop: iteration() does one pass, run() repeats it; its
+                             guard() runs the lost-panic checks (eexit/tamper.py) and serves
+                             resume/init requests (eexit/resume.py)
     main()
 
 Idempotency. The hash `system:panic_close:processed` maps each executed event_id to a JSON
@@ -23,11 +25,24 @@ with HSETNX after authorisation, so exactly one stream entry owns an event_id: a
 of that entry (crash, restart, claim by another instance) resumes it; any other entry with
 the same event_id gets a DUPLICATE report naming the owner and no exchange action. The final
 report, the record's stage "done" and the XACK are written by one Lua script: a report is
-never written twice and an entry is never acknowledged without its report. Entries that do
-not execute (REJECTED, DUPLICATE) are recorded under the field "entry:<stream id>" with the
-same script, so their redelivery does not repeat the report either. A missing event_id is
-"entry-<stream id>": deterministic, never random. Unauthorised entries claim nothing, so a
-forger cannot pre-empt a real event_id.
+never written twice and an entry is never acknowledged without its report. DUPLICATE entries
+are recorded under the field "entry:<stream id>" with the same script, so their redelivery
+does not repeat the report either. A missing event_id is "entry-<stream id>": deterministic,
+never random. Unauthorised entries claim nothing, so a forger cannot pre-empt a real event_id.
+
+Not relying on the group (issue 14: ACLs cannot scope consumer groups or XADD's options).
+Every claimed event_id is also in the set eexit:eew:inflight until its final report; the
+ledger sweep resumes a record there that is not final while its entry is not pending (an
+XACK mid-close, a deletion, a restart). The stream audit executes authorised entries the
+group passed by without a record (a NOACK read, a group pre-created at `$`). The tamper
+check closes on own authority when panics were removed before delivery or the stream can take
+no entry. A DUPLICATE of a record that is not final triggers the sweep at once.
+
+Floods. A batch (READ_BATCH entries) is screened locally first (signature before any schema
+parse); authorised entries run, then all rejected ones get ONE report and their XACK in one
+script, and leave no ledger field. Behind a backlog longer than a batch the newest batch is
+screened too, so a real panic does not wait for thousands of forgeries ahead of it; its turn
+in the group later finds its record done.
 
 Where the group starts. A group created on a new (or group-less) stream starts at "0", the
 beginning of the stream: a panic published before the EEW ever ran, or while its group was
@@ -1288,18 +1303,30 @@ class Worker:
 
     def guard(self):
         """Every pass: the tamper check and resume requests (one round trip each when idle).
-        Every sweep interval: stranded ledger records and entries the group skipped."""
+        Every sweep interval: stranded ledger records and entries the group skipped. A bug
+        here is logged and the pass goes on to read entries: these checks are a second line;
+        dying or skipping the read would stop the first."""
+        try:
+            self._guard()
+        except bus.REDIS_ERRORS:
+            raise                      # job_step tells transport from command errors
+        except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
+            log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
+                      traceback=traceback.format_exc()[-1500:])
+
+    def _guard(self):
         stream_info, self.group_info = tamper.read_stream_state(self.redis)
+        if self.group_info is None:
+            return                     # no group (yet): the next read recreates it
         finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
         self.stream_broken = "panic_stream_exhausted" if \
             stream_info.get("last-generated-id") == tamper.MAX_ID else None
         if finding is not None:
             self.tamper_close(finding)
-        undelivered = int(stream_info.get("entries-added") or 0) - int((self.group_info or {}).get("entries-read") or 0)
-        if undelivered > READ_BATCH:
+        if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
             self.peek_tail()
         self.serve_resume_requests()
-        if time.monotonic() >= self.next_guard_sweep and self.group_info is not None:
+        if time.monotonic() >= self.next_guard_sweep:
             self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
             self.sweep_ledger()
             self.audit_stream()

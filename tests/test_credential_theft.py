@@ -15,7 +15,7 @@ import redis
 from eexit import schema, tamper
 from eexit.paper import PaperExchange
 from tests.harness import RedisServer, python_env, start_module, stop_process, tail_logs, wait_for
-from tests.test_redis_acl import ADMIN, USERS, install_offline, password
+from tests.acl_harness import ADMIN, USERS, password, write_acl_file
 
 SEED = "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:3"
 EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret", "EEXIT_EXCHANGE_TIMEOUT_MS": "2000"}
@@ -31,12 +31,10 @@ USER_OF = {"eexit.brain": "eexit-brain", "eexit.watchdog": "eexit-watchdog", "ee
 class TheftCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        template = (Path(install_offline.__file__).parent.parent / "systemd/redis-acl.conf").read_text()
-        rendered = install_offline.render_acl(template, {user: password(user) for user in USERS})
         cls.directory = tempfile.TemporaryDirectory()
         cls.addClassCleanup(cls.directory.cleanup)
         acl_path = Path(cls.directory.name) / "users.acl"
-        acl_path.write_text(rendered + f"user {ADMIN} on >{password(ADMIN)} ~* &* +@all\n")
+        write_acl_file(acl_path)
         cls.server = RedisServer(["--aclfile", str(acl_path)]).start()
         cls.addClassCleanup(cls.server.stop)
         cls.paper = PaperExchange(seed=SEED)
