@@ -187,6 +187,27 @@ def scale_section(data, summary):
             f"{data['status']} | {data.get('rejected_429', '-')} |"]
 
 
+def venues_section(data, summary):
+    if data is None:
+        return ["_not run (`python bench/venues.py`)_"]
+    lines = ["Panic XADD → FLAT report per venue: the paper exchange in that venue's dialect, the EEW "
+             "with `EEXIT_EXCHANGE=<venue>` and its DEFAULT order limits (no `EEXIT_ORDER_LIMITS`), "
+             f"N positions on N symbols, one-way, median of {data.get('repeats', '?')} runs after "
+             "empty order windows. Limit floor: the full order windows N orders need under the "
+             "venue's limits, plus 3L.", "",
+             "| venue | scope | N | L (ms) | order limits | limit floor (ms) | p50 (ms) | runs (ms) | target (ms) | verdict | all FLAT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['venue']} | `{row['scope']}` | {row['positions']} | {row['latency_ms']} | "
+                     f"`{row['order_limits']}` | {row['limit_floor_ms']:.0f} | {row['median_ms']:.1f} | "
+                     f"{', '.join(f'{r:.0f}' for r in row['runs_ms'])} | {row['target_ms']} | "
+                     f"{verdict(row['median_ms'], row['target_ms'])} | {row['all_flat']} |")
+        summary.append((f"flat {row['venue']} N={row['positions']} L={row['latency_ms']}",
+                        f"{row['median_ms']:.0f} ms", f"≤ {row['target_ms']} ms",
+                        verdict(row["median_ms"], row["target_ms"])))
+    return lines
+
+
 def flood_section(data, summary):
     if data is None:
         return ["_not run (`python bench/flood.py`)_"]
@@ -220,7 +241,8 @@ def render():
         ("2. Time to flat", flat_section(load("time_to_flat"), summary)),
         ("3. Cost: start-up, memory, idle CPU", cost_section(load("cost"), summary)),
         ("4. Scale under exchange rate limits", scale_section(load("scale"), summary)),
-        ("5. Flood: a signed panic behind forged entries", flood_section(load("flood"), summary)),
+        ("5. Time to flat per venue", venues_section(load("venues"), summary)),
+        ("6. Flood: a signed panic behind forged entries", flood_section(load("flood"), summary)),
     ]
     out = ["# Benchmarks", "",
            "Written by `bench/run` (do not edit by hand). Each figure is measured next to its floor "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import bus, resume, schema, signing
+from . import alert, bus, resume, schema, signing
 
 OPS_AUDIT_STREAM = resume.OPS_AUDIT_STREAM   # written by the EEW on each resume; never trimmed
 DAEMON_STREAMS = (("exit_brain", schema.HEARTBEAT_STREAM),
@@ -167,6 +167,7 @@ def gather_status(client, events=5):
         "daemons": daemons,
         "panics": recent,
         "pending": pending_summary(client),
+        "alerts": alert.read_outbox_status(client, now_ms),
     }
 
 
@@ -177,7 +178,7 @@ def report_dict(entry_id, report):
             "residual_positions": report.residual_positions, "orders_cancelled": report.orders_cancelled,
             "ts_started": report.ts_started, "ts_completed": report.ts_completed,
             "execution_time_ms": report.execution_time_ms, "detail": report.detail,
-            "issued_by": report.issued_by, "reason": report.reason}
+            "issued_by": report.issued_by, "reason": report.reason, "scope": report.scope}
 
 
 # ---------------------------------------------------------------------------- panic

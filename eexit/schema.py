@@ -257,6 +257,7 @@ class CompletionReport:
     event_age_ms: int | None = None
     detail: str = ""              # why REJECTED / FAILED, or the original of a DUPLICATE
     problems: list = field(default_factory=list)   # schema problems of the panic event
+    scope: str = ""               # venue:segments the account read covered (what FLAT means)
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
@@ -272,7 +273,7 @@ class CompletionReport:
             ("residual_positions", self.residual_positions), ("dust", self.dust),
             ("orders_cancelled", self.orders_cancelled), ("attempts", self.attempts),
             ("event_age_ms", self.event_age_ms), ("detail", self.detail),
-            ("problems", self.problems),
+            ("problems", self.problems), ("scope", self.scope),
         ], self.extra)
 
     @classmethod
@@ -297,6 +298,7 @@ class CompletionReport:
             event_age_ms=r.integer("event_age_ms", MAX_TS_MS, required=False),
             detail=r.text("detail", required=False),
             problems=r.json_list("problems", required=False),
+            scope=r.text("scope", required=False),
         )
         report.extra = r.extra()
         return report, r.problems

@@ -94,6 +94,34 @@ class RedisAclTest(unittest.TestCase):
         ]
         self.check_forbidden(forbidden)
 
+    def test_alert_notifier_only_reads(self):
+        notifier = self.client("eexit-alert")
+        followed = [schema.PANIC_STREAM, schema.COMPLETED_STREAM, "eexit:ops:audit", schema.HEARTBEAT_STREAM,
+                    schema.EEW_HEARTBEAT_STREAM, schema.WATCHDOG_HEARTBEAT_STREAM]
+        self.assertIsNotNone(notifier.xread({stream: "0" for stream in followed}, count=10, block=10))
+        for stream in followed:
+            notifier.xrange(stream, count=1)
+            notifier.xrevrange(stream, count=1)
+        notifier.xinfo_stream(schema.PANIC_STREAM)
+        self.assertEqual(notifier.hgetall(schema.TRADING_STATE_KEY)["halted"], "true")
+        notifier.xadd("eexit:alert:heartbeat", {"status": "OK"}, maxlen=schema.HEARTBEAT_MAXLEN)
+        forbidden = [
+            (notifier.xreadgroup, schema.EEW_GROUP, "alert", {schema.PANIC_STREAM: ">"}),
+            (notifier.xgroup_create, schema.PANIC_STREAM, "alert_group", "0"),
+            (notifier.xack, schema.PANIC_STREAM, schema.EEW_GROUP, "0-1"),
+            (notifier.xclaim, schema.PANIC_STREAM, schema.EEW_GROUP, "alert", 0, ["0-1"]),
+            (notifier.xinfo_groups, schema.PANIC_STREAM),
+            (notifier.xadd, schema.PANIC_STREAM, {"event_id": "forged"}),
+            (notifier.xadd, schema.COMPLETED_STREAM, {"event_id": "forged"}),
+            (notifier.xadd, schema.HEARTBEAT_STREAM, {"status": "OK"}),
+            (notifier.hset, schema.TRADING_STATE_KEY, "halted", "false"),
+            (notifier.xtrim, schema.PANIC_STREAM, 0),
+            (notifier.delete, "eexit:alert:heartbeat"),
+            (notifier.xread, {"system:panic_close:processed": "0"}),
+            (notifier.keys, "*"),
+        ]
+        self.check_forbidden(forbidden)
+
     def test_watchdog(self):
         watchdog = self.client("eexit-watchdog")
         self.assertEqual(len(watchdog.xrevrange(schema.HEARTBEAT_STREAM, count=1)), 1)
