@@ -254,46 +254,40 @@ def _init(client, request, consumer):
     """halted=false with who/when and an audit entry, only where no trading state exists (the
     first start). (audit id, None) or (None, refusal)."""
     from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
-    refused = "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)"
-    with client.pipeline(transaction=True) as pipe:
-        try:
-            pipe.watch(schema.TRADING_STATE_KEY)
-            if pipe.exists(schema.TRADING_STATE_KEY):
-                return None, refused
-            now_ms = server_ms(pipe)
-            pipe.multi()
-            pipe.hset(schema.TRADING_STATE_KEY, mapping={
-                "halted": "false", "requires_manual_reset": "false",
-                "cleared_by": request.operator, "cleared_at": str(now_ms)})
-            pipe.xadd(OPS_AUDIT_STREAM, {"action": "init", "operator": request.operator, "ts": str(now_ms),
-                                         "version": __version__, "request_id": request.request_id,
-                                         "cleared_by_consumer": consumer})
-            _hset, audit_id = pipe.execute()
-            return _text(audit_id), None
-        except redis.WatchError:
-            # A halt was written between our check and write: refuse, never overwrite it.
-            return None, refused
+    audit_id = _lift(client, request, lambda raw, _state: not raw, lambda now_ms, _state: {
+        "action": "init", "operator": request.operator, "ts": str(now_ms), "version": __version__,
+        "request_id": request.request_id, "cleared_by_consumer": consumer})
+    return (audit_id, None) if audit_id else \
+        (None, "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)")
 
 
 def _clear(client, facts, request, consumer):
-    """Clear the halt and write the audit entry in one transaction, only if the halt is still
-    what the checks saw. (audit id, None) or (None, refusal)."""
-    changed = "the halt changed meanwhile (a new panic?); run `eexit status` and try again"
+    """Clear the halt, only if it is still what the checks saw. (audit id, None) or (None, refusal)."""
+    audit_id = _lift(client, request,
+                     lambda _raw, state: (state.event_id, state.halted) == (facts.state.event_id, facts.state.halted),
+                     lambda now_ms, state: audit_fields(facts, request, state, now_ms, consumer))
+    return (audit_id, None) if audit_id else \
+        (None, "the halt changed meanwhile (a new panic?); run `eexit status` and try again")
+
+
+def _lift(client, request, still_as_checked, audit):
+    """halted=false (cleared_by/at) and the eexit:ops:audit entry in one MULTI under WATCH of
+    the halt, if still_as_checked(raw, state); the audit entry id, or None if not written."""
     with client.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(schema.TRADING_STATE_KEY)
-            current, _ = schema.TradingState.from_fields(_decoded(pipe.hgetall(schema.TRADING_STATE_KEY)))
-            if current.event_id != facts.state.event_id or current.halted != facts.state.halted:
-                return None, changed
+            raw = _decoded(pipe.hgetall(schema.TRADING_STATE_KEY))
+            state, _ = schema.TradingState.from_fields(raw)
+            if not still_as_checked(raw, state):
+                return None
             now_ms = server_ms(pipe)
             pipe.multi()
             pipe.hset(schema.TRADING_STATE_KEY, mapping={
                 "halted": "false", "requires_manual_reset": "false",
                 "cleared_by": request.operator, "cleared_at": str(now_ms)})
-            pipe.xadd(OPS_AUDIT_STREAM, audit_fields(facts, request, current, now_ms, consumer))
-            _hset, audit_id = pipe.execute()
-            return _text(audit_id), None
+            pipe.xadd(OPS_AUDIT_STREAM, audit(now_ms, state))
+            return _text(pipe.execute()[1])
         except redis.WatchError:
-            # Someone wrote the halt between the checks and the write (a new panic's halt):
-            # refuse; the operator looks again. Never clear a halt the checks did not see.
-            return None, changed
+            # Someone wrote the halt between the check and the write (a new panic's halt):
+            # write nothing; the operator looks again. Never lift a halt the checks did not see.
+            return None
