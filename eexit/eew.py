@@ -921,9 +921,12 @@ class Worker:
                                         (self.account_problem, self.account_problem),
                                         (f"blind:{self.blind}", self.blind),
                                         (self.stream_broken, self.stream_broken)) if bad]
-        extra = {"consumer": self.config.consumer}
+        extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
+                 "authorized": ",".join(self.config.authorized_sources),
+                 **signing.advertise(self.config.keyring)}
         if reasons:
-            extra["degraded_reason"] = ",".join(reasons)
+            # `reason` is what `eexit status` and the alert notifier read from any heartbeat.
+            extra["reason"] = extra["degraded_reason"] = ",".join(reasons)
         try:
             self.heartbeat.publish("DEGRADED" if reasons else "OK", self.last_positions, wall_ms(), extra=extra)
         except bus.REDIS_ERRORS as exc:
@@ -1043,14 +1046,14 @@ class Worker:
                 self.account_problem = None
             except Exception as exc:  # noqa: BLE001 - classified: only a refused key degrades
                 # A transient failure says nothing about the key: keep the last verdict.
-                kind = exchange.classify_error(exc)
+                kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
                 if kind.kind == "auth":
                     if self.account_problem is None:
-                        log.critical("exchange_authentication_failed", error=_error_text(exc),
+                        log.critical("exchange_authentication_failed", error=_error_text(exc, self.pool.exchange_id),
                                      note="panics will halt trading but cannot close positions")
                     self.account_problem = "exchange_authentication"
                 else:
-                    log.warning("account_check_failed", error=_error_text(exc))
+                    log.warning("account_check_failed", error=_error_text(exc, self.pool.exchange_id))
             self.account_future = None
         if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
             self.next_account_check = time.monotonic() + self.config.account_check_s
