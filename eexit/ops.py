@@ -290,7 +290,20 @@ def wait_on_stream(client_factory, stream, after, started_mono, timeout_s, match
             progress(time.monotonic() - started_mono, note)
 
 
-# ---------------------------------------------------------------------------- resume
+# ---------------------------------------------------------------------------- account, resume
+
+def read_account(env=None):
+    """(positions, open_orders, error_text) from the configured exchange (the drill's before/
+    after reads; resume's flat check is the EEW's own). ccxt is imported here, not at module
+    load: status and panic must work on a host without exchange access."""
+    from . import exchange   # noqa: PLC0415 - ccxt costs ~0.5 s; only the drill needs it
+    try:
+        cfg = exchange.ExchangeConfig.from_env(env)
+        ex = exchange.build_exchange(cfg)
+        return exchange.read_positions(ex), exchange.read_open_orders(ex), None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not verified", reported as such
+        return None, None, f"{type(exc).__name__}: {str(exc)[:300]}"
+
 
 @dataclass
 class ResumeAsked:
