@@ -22,6 +22,7 @@ NEEDS_PASSWORD = False
 ORDER_LIMITS = "300/10,1200/60"
 DEADMAN = "countdownCancelAll"
 BATCH_ORDERS = 5             # POST /fapi/v1/batchOrders
+DEADMAN_RANGE_S = None   # no bound beyond EEXIT_DEADMAN_S's own
 
 ERRORS = base.ErrorTable(
     code_re=re.compile(r'"code"\s*:\s*"?(-\d+)'),
