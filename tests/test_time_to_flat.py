@@ -123,7 +123,7 @@ class HTTPSPanic(EEWCase):
         cls.dir = tempfile.mkdtemp(prefix="eexit-tls-")
         cert, key = make_test_cert(cls.dir)
         cls.paper_kwargs = {"tls": (cert, key), "idle_timeout_s": 2}
-        cls.eew_env = {"EEXIT_EXCHANGE_CA_FILE": cert}
+        cls.eew_env = {"EEXIT_EXCHANGE_CA_FILE": cert, "EEXIT_EXCHANGE_KEEPALIVE_S": "2"}
         super().setUpClass()
         cls.start_eew("eew-tls")
 
@@ -146,9 +146,14 @@ class HTTPSPanic(EEWCase):
 
 
     def test_at_start_the_connections_of_one_close_round_are_opened(self):
-        warm = eew.warm_connections(("usdm",), ("regular", "conditional"), 5, BINANCE, 64)
+        """Every keep-alive round pings as many connections as one close round uses (here
+        capped by the suite's EEXIT_CLOSE_CONCURRENCY=8); setUp cleared the log, so this waits
+        for the next round (EEXIT_EXCHANGE_KEEPALIVE_S=2 in this class)."""
+        concurrency = int(self.env_for("x")["EEXIT_CLOSE_CONCURRENCY"])
+        warm = eew.warm_connections(("usdm",), ("regular", "conditional"), 5, BINANCE, concurrency)
+        self.assertEqual(8, warm)
         wait_for(lambda: len(self.paper.requests(path="/fapi/v1/time")) >= warm, 30,
-                 message=f"{warm} warm-up pings")
+                 message=f"{warm} keep-alive pings")
 
     def test_only_the_books_that_had_orders_are_cancelled(self):
         self.paper.set_state({"seed": "BTCUSDT:0.01,ETHUSDT:-0.5"})
