@@ -876,10 +876,15 @@ BATCH_PATH = "/fapi/v1/batchOrders"
 ORDER_PATHS = {"/fapi/v1/order", "/fapi/v1/algoOrder"}     # a batch counts its orders (batch_item)
 
 
+class HangUp(Exception):
+    """A "hang" fault hit an order of a batch: the whole batch request goes unanswered (the
+    orders after it are not placed), as a hung single order request would."""
+
+
 def batch_item(paper, single_path, method, params, symbol, place, errors):
     """One order of a batch request, handled as the single-order endpoint would handle it:
-    its own request-log entry at single_path ("in_batch": True), its own latency, error and
-    order_limit faults scoped to single_path, and one order counted against the limits.
+    its own request-log entry at single_path ("in_batch": True), its own latency, hang (the
+    whole batch then goes unanswered: HangUp), error and order_limit faults scoped to single_path, and one order counted against the limits.
     Returns place(); raises what a single request would have answered (the caller maps it
     into the batch's per-order result). errors = (fault_error(fault), rate_limited(retry_s),
     status_of(exc)) of the dialect. A batch is thus tested and faulted like its orders."""
@@ -891,7 +896,11 @@ def batch_item(paper, single_path, method, params, symbol, place, errors):
     try:
         for fault in paper.faults.take({"latency"}, fault_path, method, symbol, scoped_only=True):
             time.sleep((float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0)
-        for fault in paper.faults.take({"error"}, fault_path, method, symbol, scoped_only=True):
+        for fault in paper.faults.take({"hang", "error"}, fault_path, method, symbol, scoped_only=True):
+            if fault["kind"] == "hang":
+                entry["status"] = "hang"
+                paper._stopping.wait(float(fault.get("seconds", 30)))
+                raise HangUp()
             raise fault_error(fault)
         _, orders10s, _ = paper._use_weight(0, True)
         for fault in paper.faults.take({"order_limit"}, fault_path, method, symbol):
@@ -1268,6 +1277,9 @@ class _Handler(BaseHTTPRequestHandler):
             result = getattr(self, "_ep_" + name)(params, path, method)
             entry["status"] = 200
             self._send(200, result, headers)
+        except HangUp:
+            entry["status"] = "hang"          # an order of a batch hung: the batch never answers
+            self.close_connection = True
         except BinanceError as exc:
             entry["status"] = exc.status
             if exc.code is None:
@@ -1581,6 +1593,10 @@ def serve_dialect(h, method, path, query, d):
             h._send_raw(exc.status, exc.raw.encode(), exc.headers)
         else:
             h._send(exc.status, exc.payload, exc.headers)
+        return
+    except HangUp:
+        entry["status"] = "hang"              # an order of a batch hung: the batch never answers
+        h.close_connection = True
         return
     except Exception as exc:  # noqa: BLE001 - the server must keep serving whatever arrives
         entry["status"] = 500
