@@ -649,23 +649,6 @@ class ExchangePool:
         return [self.submit(ping) for _ in range(count)]
 
 
-def _read_positions(client, segment):
-    return exchange.read_segment_positions(client, segment)
-
-
-def _check_account(client):
-    """The account check's private read-only call (the venue's cheapest signed read): it
-    neither costs position-read weight on Binance nor shows in a panic's own reads."""
-    exchange.check_key(client)
-
-
-def _read_orders(client, segment, book):
-    return exchange.read_segment_orders(client, segment, book)
-
-
-def _cancel_orders(client, symbol, conditional, orders):
-    exchange.cancel_book(client, symbol, conditional, orders)
-
 
 def _sleep(seconds, keepalive):
     """Sleep on the main thread in KEEPALIVE_S slices, calling keepalive() between them."""
@@ -724,8 +707,8 @@ class Closer:
                     self.pool.load_markets()
                 # Every segment and book at once: one latency, not one per segment.
                 venue = exchange.venue(self.pool.exchange_id)
-                positions = [self.pool.submit(_read_positions, segment) for segment in venue.SEGMENTS]
-                books = [self.pool.submit(_read_orders, segment, book)
+                positions = [self.pool.submit(exchange.read_segment_positions, segment) for segment in venue.SEGMENTS]
+                books = [self.pool.submit(exchange.read_segment_orders, segment, book)
                          for segment in venue.SEGMENTS for book in venue.BOOKS]
                 return Account([p for part in positions for p in part.result()],
                                [o for book in books for o in book.result()])
@@ -786,7 +769,7 @@ class Closer:
     def _cancel(self, client, symbol, conditional, orders):
         """None on success, else a short error text. Runs on a pool thread."""
         try:
-            _cancel_orders(client, symbol, conditional, orders)
+            exchange.cancel_book(client, symbol, conditional, orders)
             return None
         except Exception as exc:  # noqa: BLE001 - one failed cancel is recorded, not raised
             # The re-read shows whether orders are still resting; the next attempt cancels again.
@@ -1191,7 +1174,9 @@ class Worker:
             log.warning("keepalive_failed", failed=len(failures), of=self.warm, error=failures[0])
         if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
             self.next_account_check = time.monotonic() + self.config.account_check_s
-            self.account_future = self.pool.submit(_check_account)
+            # The venue's cheapest signed read: no position-read weight on Binance, and it does
+            # not show in a panic's own reads.
+            self.account_future = self.pool.submit(exchange.check_key)
 
     # -- reading entries
 
