@@ -283,8 +283,10 @@ def https_section(data, summary):
                   "request on Binance), ccxt's unified create_order layer (the batch is sent raw), a TLS "
                   "context and a certifi bundle read per new connection (one shared context), two cancel "
                   "requests per symbol where only one book had orders. What is left is requests/urllib3 "
-                  "per request and ccxt's signing (its urlencode + unquote of the batch body is the "
-                  "largest single Python cost, \"other\" is C: hmac, json, socket and str built-ins); "
+                  "per request and ccxt's signing; \"other\" is the standard library and built-ins "
+                  "they call (the largest single item: urllib.parse quoting and unquoting the batch body "
+                  "inside ccxt's Binance signing, then typing's protocol isinstance checks, dict and str "
+                  "built-ins, hmac, json, the socket); "
                   "going below needs an HTTP client other than ccxt's requests session, which the "
                   "dependency rule excludes."]
     if naive and warm50:
