@@ -88,7 +88,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import bus, daemon, exchange, flatten, schema, signing
+from . import bus, daemon, exchange, flatten, guard_policy, schema, signing
 from .config import ConfigError, env_float, env_int, env_list, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -112,7 +112,9 @@ PROBES = (
     ("XGROUP", "CREATE", _PANIC, _GROUP, "0", "MKSTREAM"), ("EVALSHA", "0" * 40, "0"), ("SCRIPT", "LOAD", "return 0"),
     ("HSETNX", schema.PROCESSED_KEY, "preflight", "x"), ("HGET", schema.PROCESSED_KEY, "preflight"),
     ("HSET", _STATE, "f", "v"), ("HDEL", _STATE, "f"), ("EXISTS", _STATE), ("TIME",),
-    ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"), ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"))
+    ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"), ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"),
+    ("EVALSHA", "0" * 40, "1", schema.GUARD_LEASE_KEY), ("HSET", schema.GUARD_KEY, "f", "v"),
+    ("HGETALL", schema.GUARD_KEY))
 # Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
 # so the entry-isolation path runs against real code. Unset (the default) it does nothing.
 FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
@@ -141,6 +143,8 @@ class Config:
     account_check_s: float
     max_deliveries: int
     fault_reason: str
+    halt_guard_s: float
+    halt_guard_policy: str
     exchange_config: exchange.ExchangeConfig = field(repr=False)
     keyring: signing.KeyRing = field(repr=False)
 
@@ -171,6 +175,8 @@ class Config:
             account_check_s=env_float("EEXIT_ACCOUNT_CHECK_S", 60, minimum=1, maximum=3600, env=env),
             max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
             fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
+            halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
+            halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
             exchange_config=exchange.ExchangeConfig.from_env(env),
             keyring=signing.load_keys(env),
         )
@@ -184,6 +190,22 @@ def known_issuers(sources):
         raise ConfigError(f"EEXIT_AUTHORIZED_SOURCES names unknown issuers {','.join(unknown)}; "
                           f"known: {','.join(schema.KNOWN_ISSUERS)}")
     return sources
+
+
+def guard_interval(seconds):
+    """0 disables the halt guard; otherwise at least MIN_INTERVAL_S (each check is a full
+    account read against the venue's request-weight budget)."""
+    if 0 < seconds < guard_policy.MIN_INTERVAL_S:
+        raise ConfigError(f"EEXIT_HALT_GUARD_S={seconds:g} is below {guard_policy.MIN_INTERVAL_S:g} "
+                          "(0 disables the guard)")
+    return seconds
+
+
+def env_choice(name, default, choices, env):
+    value = env_str(name, default, env)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {','.join(choices)}")
+    return value
 
 
 def parse_order_limits(text):
@@ -272,6 +294,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# KEYS: guard lease. ARGV: consumer, lease ms. Take the lease if free, renew it if ours; never
+# touch another holder's (fencing): 1 if we hold it afterwards.
+LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 
 class Ledger:
     """The idempotency record and the report/ack script, on one Redis client."""
@@ -280,6 +311,10 @@ class Ledger:
         self.client = client
         self._finish = client.register_script(FINISH_LUA)
         self._update = client.register_script(UPDATE_LUA)
+        self._lease = client.register_script(LEASE_LUA)
+
+    def hold_lease(self, consumer, lease_ms):
+        return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
 
     def claim(self, event_id, entry_id, consumer, now_ms):
         """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id."""
@@ -728,6 +763,8 @@ class Worker:
         self.pass_blind = None
         self.blind_closed = False         # the close on own authority ran during this blindness
         self.next_bus_loss_close = None
+        self.next_guard = self.next_guard_check = 0.0   # halt guard: lease step, account check
+        self.guard_alerted = None         # exposure_key of the last alert-policy report
         self.entry_tracebacks = set()     # entries whose handling failure was logged
         self.current_event = "-"
         self.last_positions = None
@@ -763,6 +800,8 @@ class Worker:
             entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
             for entry_id, raw in entries or []:
                 self.handle_isolated(entry_id, raw)
+            if self.pass_blind is None and entries is not None:
+                self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
             if self.pass_blind is None and entries is not None:
                 if self.blind is not None:
                     log.info("blind_ended", was=self.blind)
@@ -905,10 +944,10 @@ class Worker:
         unable_s = time.monotonic() - self.unable_since
         if limit > 0 and unable_s > limit and (self.next_bus_loss_close is None
                                                or time.monotonic() >= self.next_bus_loss_close):
-            status = self.bus_loss_close(unable_s)
+            status = self.bus_loss_close(unable_s, repeat=self.next_bus_loss_close is not None)
             self.blind_closed = self.blind is not None
-            # FLAT: done for this outage. Otherwise try again after another interval.
-            self.next_bus_loss_close = float("inf") if status == flatten.FLAT else time.monotonic() + limit
+            self.next_bus_loss_close = time.monotonic() + guard_policy.repeat_close_s(
+                self.config.halt_guard_s, limit, status)
         if self.blind is not None and not self.pings_allowed():
             self.set_status(f"blind ({self.blind}): watchdog pings stopped"
                             + (", closed on own authority" if self.blind_closed else ""))
@@ -1117,8 +1156,12 @@ class Worker:
             # exactly one final report.
             log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
 
-    def finish_report(self, event_id, entry_id, record, base, fields, halt):
+    def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
+        """Report, done record, XACK (none without an entry); journaled if Redis cannot take
+        it. force_halt (default: no entry, i.e. our own authority) writes the halt; otherwise
+        it is only restored if it vanished."""
         now = wall_ms()
+        force_halt = entry_id is None if force_halt is None else force_halt
         extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.pop("extra", {})}
         report = schema.CompletionReport(**dict(base, **fields, ts_completed=now,
                                                 execution_time_ms=now - base["ts_started"]))
@@ -1133,10 +1176,10 @@ class Worker:
                 "ts_started": base["ts_started"], "ts_completed": now}
         item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
                 "report": report.to_fields(), "halt": halt.to_fields(),
-                "force_halt": entry_id is None}     # bus loss: nobody has halted yet
+                "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                if entry_id is None:
+                if force_halt:
                     self.ledger.halt(halt)      # our own authority: nobody has halted yet
                 else:
                     self.ledger.ensure_halted(halt)
@@ -1171,25 +1214,117 @@ class Worker:
 
     # -- bus loss
 
-    def bus_loss_close(self, down_s):
+    def own_event(self, prefix, reason):
+        """event_id, ledger record and report base of a close on the EEW's own authority."""
+        now = wall_ms()
+        event_id = self.current_event = f"{prefix}-{self.config.consumer}-{now}"
+        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
+        return event_id, record, dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason,
+                                      event_age_ms=0, problems=[], ts_started=now)
+
+    def bus_loss_close(self, down_s, repeat=False):
         """Flatten without an event: Redis unreachable or refusing our commands, hence the
-        whole safety chain, is blind."""
-        event_id = f"busloss-{self.config.consumer}-{wall_ms()}"
-        self.current_event = event_id
-        log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1))
+        whole safety chain, is blind. Repeated every guard interval while that lasts; a repeat
+        that found nothing to do writes no report (the first one stands)."""
+        event_id, record, base = self.own_event("busloss", BUS_LOSS_REASON)
+        log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
         self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
-        event = schema.PanicEvent(event_id=event_id, reason=BUS_LOSS_REASON,
-                                  issued_by=BUS_LOSS_ISSUER, ts=wall_ms())
-        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": wall_ms()}
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    event_age_ms=0, problems=[], ts_started=record["ts_started"])
         halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
                                    halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
                                    requires_manual_reset=True)
         fields = self.closer.execute(event_id, record, lambda _record: self.notifier.ping(),
                                      self.notifier.ping)
-        self.finish_report(event_id, None, record, base, fields, halt)
+        if not (repeat and guard_policy.quiet_repeat(fields)):
+            self.finish_report(event_id, None, record, base, fields, halt)
         return fields["status"]
+
+    # -- halt guard (decisions: eexit/guard_policy.py)
+
+    def halt_guard(self):
+        """While trading is halted, one EEW (the holder of GUARD_LEASE_KEY) reads the whole
+        account every EEXIT_HALT_GUARD_S and acts as guard_policy.decide() says: a close as
+        for a panic, with a report of its own (event_id guard-<consumer>-<ms>). Runs from the
+        loop between entries, so never during this EEW's own panic; reads and closes go
+        through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
+        cfg, now = self.config, time.monotonic()
+        if cfg.halt_guard_s <= 0 or now < self.next_guard:
+            return
+        self.next_guard = now + guard_policy.step_s(cfg.halt_guard_s)
+        state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
+        if state.halted is not True or not self.ledger.hold_lease(cfg.consumer, guard_policy.lease_ms(cfg.halt_guard_s)):
+            self.guard_alerted = None
+            return
+        if now < self.next_guard_check:
+            return
+        self.next_guard_check = now + cfg.halt_guard_s
+        last = self.last_final_status(state.event_id)
+        account = None if last is None else self.closer.read_account(now + cfg.halt_guard_s, "halt-guard",
+                                                                     self.guard_keepalive)
+        status = {"holder": cfg.consumer, "policy": cfg.halt_guard_policy, "halt_event_id": state.event_id,
+                  "last_check_ms": wall_ms(), "last_check": "waiting_for_report" if last is None else "unreadable"}
+        if account is not None:
+            key = guard_policy.exposure_key(account.positions, account.orders)
+            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions,
+                                                 flatten.closable(account.positions, self.pool.rules or {}),
+                                                 account.orders, key == self.guard_alerted)
+            status["last_check"] = (f"positions={len(account.positions)} orders={len(account.orders)}"
+                                    if account.positions or account.orders else "flat")
+            if action in ("enforce", "alert"):
+                self.guard_alerted = key
+                status.update(self.guard_close(state, action, reason, account))
+        if self.redis is not None:      # None: Redis went away during the close (report journaled)
+            self.redis.hset(schema.GUARD_KEY, mapping=status)
+
+    def last_final_status(self, halt_event_id):
+        """The status of the last final report for this halt: the guard's own latest if it
+        reported on this halt, else the halt event's report; "" if the halt has none (an
+        operator's halt: any exposure is new); None while that report is not written."""
+        guard = decode_fields(self.redis.hgetall(schema.GUARD_KEY))
+        if guard.get("last_status_for") == halt_event_id and guard.get("last_status"):
+            return guard["last_status"]
+        record = self.ledger.record(halt_event_id) if halt_event_id else None
+        if record is None:
+            return ""
+        return record.get("status", "") if record.get("stage") == "done" else None
+
+    def guard_close(self, state, action, reason, account):
+        """One enforcement (or, policy alert, a report and no orders); the guard status fields."""
+        event_id, record, base = self.own_event("guard", reason)
+        log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
+                     positions=len(account.positions), orders=len(account.orders))
+        if action == "alert":
+            residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
+            fields = dict(status=flatten.RESIDUAL, positions_total=len(account.positions), positions_closed=0,
+                          positions_failed=len(account.positions), residual_positions=residual, dust=dust,
+                          failed_symbols=sorted({p.symbol for p in account.positions}), orders_cancelled=0,
+                          attempts=0, detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
+        else:
+            self.set_status(f"halt guard: closing ({reason})")
+            fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),
+                                         self.guard_keepalive)
+            self.set_status("waiting for panic events")
+        fields.setdefault("extra", {})["halt_event_id"] = state.event_id
+        self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
+        done = {"last_enforcement_ms": wall_ms(), "last_enforcement_event_id": event_id,
+                "last_enforcement": f"{reason} {fields['status']}"}
+        if action == "enforce":
+            done.update(last_status=fields["status"], last_status_for=state.event_id)
+        return done
+
+    def guard_keepalive(self):
+        """While the guard reads or closes: watchdog pings, and the lease renewed every step
+        so that no other EEW starts guarding meanwhile."""
+        self.notifier.ping()
+        if time.monotonic() < self.next_guard or self.ledger is None:
+            return
+        self.next_guard = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
+        try:
+            if not self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s)):
+                log.warning("guard_lease_lost", event_id=self.current_event)
+        except bus.REDIS_ERRORS as exc:
+            # Keep closing: the close is reduce-only and re-reads before it ends. If the lease
+            # lapses meanwhile another EEW's guard may act too, reduce-only on what is left.
+            log.warning("guard_lease_not_renewed", event_id=self.current_event, error=type(exc).__name__)
 
 
 def main(argv=None):

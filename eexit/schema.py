@@ -23,6 +23,8 @@ EEW_HEARTBEAT_STREAM = "eexit:eew:heartbeat"
 WATCHDOG_HEARTBEAT_STREAM = "eexit:watchdog:heartbeat"
 TRADING_STATE_KEY = "system:state:trading"
 PROCESSED_KEY = "system:panic_close:processed"
+GUARD_KEY = "eexit:eew:guard"              # the halt guard's status (hash), see eexit/eew.py
+GUARD_LEASE_KEY = "eexit:eew:guard:lease"   # which EEW guards: its consumer name, PX lease
 
 EEW_GROUP = "emergency_exit_worker"
 AUDIT_GROUP = "audit_logger"
