@@ -247,11 +247,13 @@ class Written:
         self.seen = {}                      # (stream, entry_id) -> digest of its fields
         self.completed_position = "0-0"     # newest completion entry id in the file
         self.trading_state = {}             # last logged contents of the hash ({} = absent)
+        self.counters = metrics.Counters()  # the _total counters of the metrics file
 
     def add(self, body):
         if body["kind"] == "trading_state":
             self.trading_state = body["fields"]
             return
+        self.counters.add(body["stream"], body["fields"])
         key = (body["stream"], body["entry_id"])
         self.seen[key] = fields_digest(body["fields"])
         if body["stream"] == schema.COMPLETED_STREAM and \
@@ -535,7 +537,7 @@ class AuditLogger:
             return
         self.next_metrics = time.monotonic() + self.config.metrics_interval_s
         snapshot = metrics.Snapshot(redis_up=False, audit_lines=self.file.seq,
-                                    audit_last_append_ms=self.last_append_ms)
+                                    audit_last_append_ms=self.last_append_ms, counters=self.file.written.counters)
         if redis_up:
             # A Redis error here propagates: the loop reconnects and the next round reports
             # redis_up 0.

@@ -7,8 +7,15 @@
         3 no report before the timeout; 2 configuration or Redis unreachable
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual] [--json]
         exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
-    eexit audit verify FILE
-        exit 0 the audit file's hash chain holds; 1 it is broken
+    eexit audit verify FILE [--json]
+        exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
+    eexit init --operator NAME [--json]
+        first start: halted=false (who, when, eexit:ops:audit) only if no trading state exists;
+        exit 0 written or already halted=false; 1 refused (a halt exists); 2 Redis unreachable
+    eexit drill [--reason DRILL] [--timeout S] [--json] [--live --yes-close-real-positions]
+        the panic drill (eexit/drill.py): exit 0 PASS, 1 FAIL, 3 timeout/EEW not running,
+        4 refused (not paper or sandbox), 2 configuration
+    eexit --version
     eexit demo [--json] [--keep-logs]
         the embedded stack end to end; exit 0 PASS, 1 FAIL
 
@@ -22,11 +29,12 @@ EEXIT_PANIC_TIMEOUT_S (60).
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 
-from . import bus, ops, schema, signing
+from . import __version__, bus, ops, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
 
 EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -57,6 +65,18 @@ def fmt_ts(ms):
 
 def fmt_age(ms):
     return "never" if ms is None else f"{ms / 1000:.1f} s ago"
+
+
+def known(value):
+    """A count the report did not carry is "unknown", never None and never 0."""
+    return "unknown" if value is None else value
+
+
+def report_line(r):
+    """One line for a report dict (ops.report_dict): status, positions closed, duration."""
+    took = "unknown time" if r.get("execution_time_ms") is None else f"{r['execution_time_ms']} ms"
+    return (f"{r['status']} {known(r.get('positions_closed'))}/{known(r.get('positions_total'))} "
+            f"closed in {took}")
 
 
 def print_json(data):
@@ -114,7 +134,7 @@ def cmd_status(args, cfg, env):
         cleared = f" (cleared by {trading['cleared_by']} at {fmt_ts(trading['cleared_at'])})" if trading["cleared_by"] else ""
         print(f"trading: ALLOWED{cleared}")
     elif not trading["present"]:
-        print("trading: HALTED (no state written yet; trading code treats a missing flag as halted)")
+        print("trading: HALTED (no state written yet, read as halted; first start: `eexit init --operator NAME`)")
     else:
         print(f"trading: HALTED since {fmt_ts(trading['halted_at'])} by {trading['halted_by'] or '-'} "
               f"reason={trading['reason'] or '-'} event={trading['event_id'] or '-'}"
@@ -130,9 +150,7 @@ def cmd_status(args, cfg, env):
     print(f"panic events (newest {len(status['panics'])}):")
     for event in status["panics"]:
         reports = event["reports"]
-        outcome = " / ".join(
-            f"{r['status']} {r['positions_closed']}/{r['positions_total']} closed in {r['execution_time_ms']} ms"
-            for r in reports) or "NO REPORT"
+        outcome = " / ".join(report_line(r) for r in reports) or "NO REPORT"
         print(f"  {fmt_ts(event['ts'])} {event['event_id']} {event['reason']} by {event['issued_by']}: {outcome}")
     print("pending:")
     if not status["pending"]:
@@ -183,8 +201,9 @@ def cmd_panic(args, cfg, env):
         print_json({"event_id": event.event_id, "entry_id": published.entry_id,
                     "report": ops.report_dict(entry_id, report), "exit_code": code})
     else:
-        print(f"report: status={report.status} positions {report.positions_closed}/{report.positions_total} closed, "
-              f"{report.positions_failed} failed {report.failed_symbols or ''} orders_cancelled={report.orders_cancelled} "
+        print(f"report: status={report.status} positions {known(report.positions_closed)}/"
+              f"{known(report.positions_total)} closed, {known(report.positions_failed)} failed "
+              f"{report.failed_symbols or ''} orders_cancelled={known(report.orders_cancelled)} "
               f"execution_time_ms={report.execution_time_ms}" + (f" detail={report.detail}" if report.detail else ""))
         for residual in report.residual_positions:
             print(f"  residual: {residual}")
@@ -235,18 +254,92 @@ def cmd_resume(args, cfg, env):
 # ---------------------------------------------------------------------------- audit, demo
 
 def cmd_audit_verify(args, cfg, env):
+    """exit 0 the chain holds; 1 it is broken (a line named); 2 the file cannot be read (that
+    proves nothing either way, so it is not called BROKEN)."""
     try:
         from . import audit   # noqa: PLC0415 - the audit daemon is optional for the other commands
     except ImportError as exc:
         print(f"eexit audit verify: the audit module is not available ({exc})", file=sys.stderr)
         return CONFIG_EXIT_CODE
-    ok, line, reason = audit.verify_file(args.file)
-    if ok:
-        print(f"OK: {args.file}: {reason or 'hash chain intact'}")
-        return EXIT_OK
-    where = f" at line {line}" if line is not None else ""
-    print(f"BROKEN: {args.file}{where}: {reason}")
-    return EXIT_FAIL
+    try:
+        with open(args.file, "rb"):
+            pass
+    except OSError as exc:
+        verdict, code, line, reason = "CANNOT READ", CONFIG_EXIT_CODE, None, exc.strerror or type(exc).__name__
+    else:
+        ok, line, reason = audit.verify_file(args.file)
+        verdict, code = ("OK", EXIT_OK) if ok else ("BROKEN", EXIT_FAIL)
+    if args.json:
+        print_json({"file": args.file, "verdict": verdict, "ok": code == EXIT_OK, "broken_line": line,
+                    "reason": reason, "exit_code": code})
+    else:
+        where = f" at line {line}" if line is not None else ""
+        print(f"{verdict}: {args.file}{where}: {reason or 'hash chain intact'}")
+    return code
+
+
+# ---------------------------------------------------------------------------- init, drill
+
+def cmd_init(args, cfg, env):
+    """The explicit first start: writes halted=false (who, when) and an eexit:ops:audit entry
+    when NO trading state exists. It never touches an existing state: a halt, even one from
+    a panic this host never saw, is lifted only by `eexit resume`. exit 0 written (or already
+    halted=false: nothing to do), 1 refused (a halt exists), 2 Redis unreachable."""
+    try:
+        client = bus.connect(env=env)
+        written, state = ops_init(client, args.operator)
+    except bus.REDIS_ERRORS as exc:
+        print(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    if written:
+        code, message = EXIT_OK, f"INITIALISED: trading allowed; halted=false by {args.operator} (audit {written})"
+    elif state.halted is False:
+        code, message = EXIT_OK, (f"already initialised: halted=false (cleared by {state.cleared_by or '-'} "
+                                  f"at {fmt_ts(state.cleared_at)}); nothing written")
+    else:
+        code, message = EXIT_FAIL, (f"REFUSED: a trading state exists and says halted "
+                                    f"(event {state.event_id or '-'}, reason {state.reason or '-'}); "
+                                    f"init never clears a halt: use `eexit status` and `eexit resume`")
+    if args.json:
+        print_json({"initialised": bool(written), "audit_entry": written or None, "halted": state.halted,
+                    "message": message, "exit_code": code})
+    else:
+        print(message)
+    return code
+
+
+def ops_init(client, operator):
+    """(audit entry id or "", state now). Atomic: WATCH the key, write only if it is absent."""
+    import redis   # noqa: PLC0415 - WatchError only; redis is loaded already by bus
+
+    from . import __version__   # noqa: PLC0415
+    with client.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(schema.TRADING_STATE_KEY)
+            state, _problems, present = ops.read_state(pipe)
+            if present:
+                return "", state
+            seconds, micros = pipe.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            pipe.multi()
+            pipe.hset(schema.TRADING_STATE_KEY, mapping={
+                "halted": "false", "requires_manual_reset": "false",
+                "cleared_by": operator, "cleared_at": str(now_ms)})
+            pipe.xadd(ops.OPS_AUDIT_STREAM, {"action": "init", "operator": operator, "ts": str(now_ms),
+                                             "host": socket.gethostname(), "version": __version__})
+            _hset, audit_id = pipe.execute()
+        except redis.WatchError:
+            # Someone wrote the state between our read and write (a panic's halt, most likely):
+            # report what is there now and write nothing.
+            state, _problems, _present = ops.read_state(client)
+            return "", state
+    state, _problems, _present = ops.read_state(client)
+    return ops.text(audit_id), state
+
+
+def cmd_drill(args, cfg, env):
+    from . import drill   # noqa: PLC0415 - ccxt and the exchange only for this command
+    return drill.run(args, env)
 
 
 def cmd_demo(args, cfg, env):
@@ -256,6 +349,7 @@ def cmd_demo(args, cfg, env):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="eexit", description="eexit operator tools")
+    parser.add_argument("--version", action="version", version=f"eexit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("status", help="trading state, daemon heartbeats, recent panics, pending entries")
@@ -282,7 +376,18 @@ def build_parser():
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
     v = audit_sub.add_parser("verify", help="check the hash chain of an audit file")
     v.add_argument("file")
+    v.add_argument("--json", action="store_true")
     v.set_defaults(handler=cmd_audit_verify)
+
+    p = sub.add_parser("init", help="first start: write halted=false if no trading state exists (never clears a halt)")
+    p.add_argument("--operator", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_init)
+
+    from . import drill   # noqa: PLC0415 - only its argument list; the drill's imports are light
+    drill.add_arguments(sub.add_parser("drill", help="publish a signed panic on a paper/sandbox account "
+                                                     "and verify it ends flat and halted"))
+    sub.choices["drill"].set_defaults(handler=cmd_drill)
 
     p = sub.add_parser("demo", help="private Redis + paper exchange + the three daemons; kill the Exit Brain; timeline")
     p.add_argument("--json", action="store_true")
@@ -296,7 +401,7 @@ def main(argv=None):
     env = os.environ
     try:
         cfg = Config.from_env(env)
-        if args.command == "resume" and not args.operator.strip():
+        if args.command in ("resume", "init") and not args.operator.strip():
             raise ConfigError("--operator must name a person")
         return args.handler(args, cfg, env)
     except ConfigError as exc:

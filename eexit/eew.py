@@ -151,7 +151,9 @@ class Config:
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
-        journal_path = env_str("EEXIT_JOURNAL", "/var/lib/eexit/eew-journal.jsonl", env)
+        # systemd's StateDirectory=eexit sets STATE_DIRECTORY (/var/lib/eexit): the default lives there.
+        state_dir = (env.get("STATE_DIRECTORY") or "/var/lib/eexit").split(":")[0]
+        journal_path = env_str("EEXIT_JOURNAL", os.path.join(state_dir, "eew-journal.jsonl"), env)
         try:
             with open(journal_path, "a", encoding="utf-8"):
                 pass
@@ -675,7 +677,7 @@ class Closer:
         if record.get("initial") is None:
             record["initial"] = sorted({"|".join(flatten.position_key(p)) for p in account.positions})
         attempt = record.get("attempt", 0)
-        cancelled, errors, failed_rounds = 0, [], 0
+        cancelled, errors, failed_rounds, sent = 0, [], 0, 0
         while True:
             rules = self.pool.rules or {}
             if not flatten.closable(account.positions, rules) and not account.orders:
@@ -686,7 +688,7 @@ class Closer:
             record["attempt"] = attempt
             on_progress(record)
             result = self.run_round(account, attempt, event_id, deadline, keepalive)
-            cancelled += result.cancelled
+            cancelled, sent = cancelled + result.cancelled, sent + result.orders_sent
             errors.extend(result.errors)
             if result.errors:
                 # Progress stalls on errors: back off a little so a stuck position does not
@@ -698,13 +700,17 @@ class Closer:
                 account = None
                 break
             account = verified
-        return self._summary(record, account, attempt, cancelled, errors)
+        return self._summary(record, account, attempt, cancelled, errors, sent)
 
-    def _summary(self, record, account, attempts, cancelled, errors):
+    def _summary(self, record, account, attempts, cancelled, errors, sent=0):
         initial = set(record.get("initial") or [])
         fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts)
+        # orders_sent/orders_rejected (close orders accepted / refused or failed, this run of
+        # the close) feed the metrics counters (eexit/metrics.py).
+        fields["extra"] = {"orders_sent": str(sent),
+                           "orders_rejected": str(sum(1 for e in errors if e.startswith("close:")))}
         if errors:
-            fields["extra"] = {"errors": json.dumps(errors[-50:])}
+            fields["extra"]["errors"] = json.dumps(errors[-50:])
         if account is None:
             # Orders were sent but nothing confirms what happened: not FLAT, not RESIDUAL.
             return dict(fields, status=flatten.FAILED, positions_closed=None, positions_failed=None,

@@ -1,9 +1,19 @@
-"""One event per line, key=value, for the journal. Never pass a secret to these functions."""
+"""One event per line, key=value, for the journal. Never pass a secret to these functions.
 
+Under systemd (JOURNAL_STREAM set: stderr is the journal) each line starts with the
+sd-daemon priority prefix of its level (`<2>` CRITICAL, `<3>` ERROR, `<4>` WARNING, `<6>`
+INFO), so `journalctl -p err` shows exactly the ERROR and CRITICAL lines; journald strips the
+prefix. Elsewhere (a terminal, a test, a file) lines carry no prefix. The first line every
+Logger writes names the package version (`version=`), so the journal shows which code ran."""
+
+import os
 import sys
 import time
 
+from . import __version__
+
 _NEEDS_QUOTES = set(' "=\t\n\r')
+PRIORITIES = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6}
 
 
 def _format_value(value):
@@ -24,12 +34,19 @@ class Logger:
     """Writes `ts=... level=... event=... key=value ...` lines to stderr (journald adds its own
     timestamp; ours is epoch ms so lines can be matched with stream entries)."""
 
-    def __init__(self, daemon, stream=None):
+    def __init__(self, daemon, stream=None, env=None):
         self.daemon = daemon
         self.stream = stream
+        env = os.environ if env is None else env
+        self.journal = bool(env.get("JOURNAL_STREAM"))
+        self.version_logged = False
 
     def _write(self, level, event, fields):
-        line = f"ts={int(time.time() * 1000)} daemon={self.daemon} " + format_line(level, event, fields)
+        if not self.version_logged:
+            fields = {"version": __version__, **fields}
+            self.version_logged = True
+        prefix = f"<{PRIORITIES[level]}>" if self.journal else ""
+        line = f"{prefix}ts={int(time.time() * 1000)} daemon={self.daemon} " + format_line(level, event, fields)
         out = self.stream or sys.stderr
         try:
             out.write(line + "\n")

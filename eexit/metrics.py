@@ -15,7 +15,7 @@ NaN, never 0.
 import math
 from dataclasses import dataclass, field, replace
 
-from . import schema
+from . import __version__, schema
 
 HEARTBEATS = (("exit_brain", schema.HEARTBEAT_STREAM),
               ("eew", schema.EEW_HEARTBEAT_STREAM),
@@ -27,6 +27,45 @@ PANIC_STATES = (*schema.REPORT_STATUSES, "UNKNOWN", "NONE")
 REPORT_SCAN = 100      # newest completion reports searched for the last non-DUPLICATE one
 PANIC_SCAN = 1000      # newest panic entries searched for the first publication of its event
 UNDELIVERED_CAP = 1000  # undelivered entries are counted up to this many
+
+
+@dataclass
+class Counters:
+    """The `_total` counters: sums over every panic entry and completion report in the audit
+    file, counted as the audit daemon reads its file at start and as it appends. They survive
+    restarts and grow only while the file does (a new file is a counter reset, which
+    Prometheus's rate() handles). Labels are bounded: an issuer or status outside the schema
+    counts as "other" / "UNKNOWN"."""
+
+    panics: dict = field(default_factory=lambda: dict.fromkeys((*schema.KNOWN_ISSUERS, "other"), 0))
+    reports: dict = field(default_factory=lambda: dict.fromkeys((*schema.REPORT_STATUSES, "UNKNOWN"), 0))
+    orders_sent: int = 0
+    orders_rejected: int = 0
+    halt_violations: int = 0
+
+    def add(self, stream, fields):
+        if stream == schema.PANIC_STREAM:
+            issuer = fields.get("issued_by", "")
+            self.panics[issuer if issuer in schema.KNOWN_ISSUERS else "other"] += 1
+        elif stream == schema.COMPLETED_STREAM:
+            status = fields.get("status", "")
+            self.reports[status if status in schema.REPORT_STATUSES else "UNKNOWN"] += 1
+            self.orders_sent += _count(fields.get("orders_sent"))
+            self.orders_rejected += _count(fields.get("orders_rejected"))
+            if fields.get("reason") == HALT_VIOLATION and status != "DUPLICATE":
+                self.halt_violations += 1
+
+
+HALT_VIOLATION = "HALT_VIOLATION"
+
+
+def _count(text):
+    """A report's count field; absent or malformed adds nothing (the report itself is still
+    counted by status)."""
+    try:
+        return max(0, int(text)) if text is not None else 0
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +81,7 @@ class Snapshot:
     panic_entries: int = 0
     completed_entries: int = 0
     groups: tuple = ()                           # ({name, pending, consumers, undelivered}, ...)
+    counters: Counters | None = None             # from the audit file; None: not known
 
 
 def _text(value):
@@ -175,6 +215,10 @@ def render(snapshot, up_max_age_s=5.0):
     out.add("eexit_audit_last_append_timestamp_seconds", "gauge",
             "When the audit daemon last appended a line (its wall clock); NaN if not since start.",
             [({}, _seconds(snapshot.audit_last_append_ms))])
+    out.add("eexit_build_info", "gauge", "Always 1; the label names the eexit version writing this file.",
+            [({"version": __version__}, 1)])
+    if snapshot.counters is not None:
+        _render_counters(out, snapshot.counters)
     if not snapshot.redis_up:
         return out.text()
 
@@ -215,6 +259,19 @@ def render(snapshot, up_max_age_s=5.0):
     out.add("eexit_metrics_timestamp_seconds", "gauge", "Redis server time of this snapshot.",
             [({}, _seconds(snapshot.server_ms))])
     return out.text()
+
+
+def _render_counters(out, counters):
+    out.add("eexit_panics_total", "counter", "Panic entries in the audit trail, by issued_by.",
+            [({"issuer": issuer}, n) for issuer, n in counters.panics.items()])
+    out.add("eexit_reports_total", "counter", "Completion reports in the audit trail, by status.",
+            [({"status": status}, n) for status, n in counters.reports.items()])
+    out.add("eexit_orders_sent_total", "counter", "Close orders the EEW sent and the exchange accepted "
+            "(report field orders_sent).", [({}, counters.orders_sent)])
+    out.add("eexit_orders_rejected_total", "counter", "Close orders refused or failed "
+            "(report field orders_rejected).", [({}, counters.orders_rejected)])
+    out.add("eexit_halt_violations_total", "counter",
+            f"Reports (not DUPLICATE) of panics with reason {HALT_VIOLATION}.", [({}, counters.halt_violations)])
 
 
 def _render_last_panic(out, snapshot):

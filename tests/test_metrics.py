@@ -204,7 +204,7 @@ class RenderTests(unittest.TestCase):
 
     def test_redis_down_says_only_that(self):
         families = parse_exposition(metrics.render(metrics.Snapshot(redis_up=False, audit_lines=3)))
-        self.assertEqual(set(families), {"eexit_redis_up", "eexit_audit_lines",
+        self.assertEqual(set(families), {"eexit_redis_up", "eexit_audit_lines", "eexit_build_info",
                                          "eexit_audit_last_append_timestamp_seconds"})
         self.assertEqual(value_of(families, "eexit_redis_up"), 0)
         self.assertEqual(value_of(families, "eexit_audit_lines"), 3)
@@ -213,7 +213,7 @@ class RenderTests(unittest.TestCase):
     def test_every_family_is_typed_and_documented(self):
         families = self.render()
         for name, family in families.items():
-            self.assertEqual(family["type"], "gauge", name)
+            self.assertEqual(family["type"], "counter" if name.endswith("_total") else "gauge", name)
             self.assertTrue(family["help"], name)
 
     def test_heartbeats(self):

@@ -6,32 +6,36 @@ About 20-30 s (ccxt is large). Building the wheelhouse needs the package index; 
 without it the test fails, saying so, rather than skipping."""
 
 import os
+import re
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import unittest
 from pathlib import Path
 
 import redis
 
-from tests.harness import RedisServer, free_port
+from tests import staging
+from tests.harness import RedisServer
+from tests.staging import offline_env
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tools/install_offline.py"
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
 DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
 
 
-def offline_env():
-    """pip sees an index and proxies on a closed local port, no config file, no retries."""
-    closed = f"http://127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
-    env.update(PIP_INDEX_URL=f"{closed}/simple", PIP_EXTRA_INDEX_URL="", PIP_CONFIG_FILE=os.devnull,
-               HTTP_PROXY=closed, HTTPS_PROXY=closed, http_proxy=closed, https_proxy=closed,
-               PIP_RETRIES="0", PIP_TIMEOUT="3")
-    return env
+class LockTest(unittest.TestCase):
+    def test_requirements_in_is_setup_py_install_requires_and_the_lock_pins_them_with_hashes(self):
+        wanted = [line.strip() for line in (ROOT / "requirements.in").read_text().splitlines()
+                  if line.strip() and not line.startswith("#")]
+        setup_py = (ROOT / "setup.py").read_text()
+        declared = re.findall(r'"([a-z][a-z0-9_.-]*>=[0-9.]+)"', setup_py[setup_py.index("install_requires"):])
+        self.assertEqual(sorted(wanted), sorted(declared))
+        lock = (ROOT / "requirements.lock").read_text()
+        for requirement in wanted:
+            name = requirement.split(">=")[0]
+            self.assertRegex(lock, rf"(?m)^{re.escape(name)}==\S+ \\\n    --hash=sha256:[0-9a-f]{{64}}")
 
 
 class OfflineInstallTest(unittest.TestCase):
@@ -39,24 +43,13 @@ class OfflineInstallTest(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp(prefix="eexit-offline-"))
         cls.addClassCleanup(shutil.rmtree, cls.tmp, ignore_errors=True)
-        # Build from a copy so the wheel build leaves no build/ or egg-info in the checkout.
-        source = cls.tmp / "source"
-        shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "bench"))
-        cls.wheelhouse = cls.tmp / "wheelhouse"
-        built = subprocess.run([sys.executable, str(SCRIPT), "wheelhouse", "--out", str(cls.wheelhouse),
-                                "--project", str(source)], capture_output=True, text=True, timeout=600)
-        if built.returncode != 0:
-            raise AssertionError("building the wheelhouse failed (it needs the package index, like "
-                                 f"the connected machine it stands for):\n{built.stdout[-1500:]}\n{built.stderr[-1500:]}")
+        cls.wheelhouse = staging.wheelhouse()
         cls.root = cls.tmp / "root"
         cls.install = cls.run_install()
 
     @classmethod
-    def run_install(cls):
-        return subprocess.run([sys.executable, str(SCRIPT), "install", "--wheelhouse", str(cls.wheelhouse),
-                               "--root", str(cls.root)], capture_output=True, text=True, timeout=600,
-                              env=offline_env(), cwd=cls.tmp)
+    def run_install(cls, wheelhouse=None):
+        return staging.install(wheelhouse or cls.wheelhouse, cls.root, cwd=cls.tmp)
 
     def test_install_succeeded_and_printed_next_steps(self):
         self.assertEqual(self.install.returncode, 0, self.install.stdout[-2000:] + self.install.stderr[-2000:])
@@ -108,17 +101,52 @@ class OfflineInstallTest(unittest.TestCase):
         with self.assertRaises(redis.exceptions.AuthenticationError):
             server.client(username="eexit-ops", password="guess").ping()
 
-    def test_rerun_keeps_secrets_and_settings(self):
+    def test_wheelhouse_is_locked_and_summed(self):
+        lock = (self.wheelhouse / "requirements.lock").read_text().splitlines()
+        wheels = sorted(path.name for path in self.wheelhouse.glob("*.whl"))
+        self.assertEqual(len(lock), len(wheels))
+        self.assertTrue(all(" --hash=sha256:" in line for line in lock), lock)
+        listed = [line.split("  ", 1)[1] for line in (self.wheelhouse / "SHA256SUMS").read_text().splitlines()]
+        self.assertEqual(sorted(listed), sorted([*wheels, "requirements.lock"]))
+        # Every dependency wheel comes from a file the committed lock names (by version).
+        committed = {line.split(" ")[0].lower().replace("-", "_") for line in
+                     (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+        for line in lock:
+            pin = line.split(" ")[0].lower()
+            if not pin.startswith("eexit=="):
+                self.assertIn(pin, committed)
+        self.assertIn("--require-hashes", self.install.stdout)
+        self.assertIn(f"match SHA256SUMS", self.install.stdout)
+
+    def test_altered_or_extra_files_are_refused_before_anything_is_installed(self):
+        for name, alter in (("changed", lambda wh: open(next(wh.glob("redis-*.whl")), "ab").write(b"x")),
+                            ("extra", lambda wh: (wh / "evil-1.0-py3-none-any.whl").write_bytes(b"PK"))):
+            copy = self.tmp / f"wheelhouse-{name}"
+            shutil.copytree(self.wheelhouse, copy)
+            alter(copy)
+            result = staging.install(copy, self.tmp / f"root-{name}", cwd=self.tmp)
+            self.assertNotEqual(result.returncode, 0, result.stdout)
+            self.assertIn("SHA256SUMS", result.stderr)
+            self.assertFalse((self.tmp / f"root-{name}/opt/eexit/venv").exists())
+
+    def test_rerun_with_a_newer_wheelhouse_upgrades_and_keeps_secrets_and_settings(self):
         etc = self.root / "etc/eexit"
         before = {d: (etc / "credentials" / d / "redis_password").read_text() for d in DAEMONS}
         self.addCleanup((etc / "eexit.env").write_text, (etc / "eexit.env").read_text())
         (etc / "eexit.env").write_text("REDIS_URL=redis://127.0.0.1:6380/0\n")
         acl_before = (etc / "redis-acl.conf").read_text()
-        again = self.run_install()
-        self.assertEqual(again.returncode, 0, again.stderr[-2000:])
+        again = self.run_install(staging.bumped("99.0.1"))
+        self.assertEqual(again.returncode, 0, again.stdout[-2000:] + again.stderr[-2000:])
         self.assertEqual({d: (etc / "credentials" / d / "redis_password").read_text() for d in DAEMONS}, before)
         self.assertEqual((etc / "eexit.env").read_text(), "REDIS_URL=redis://127.0.0.1:6380/0\n")
+        self.assertEqual((etc / "eexit.env.new").read_text(), (ROOT / "systemd/eexit.env.example").read_text())
+        self.assertIn(f"config: {etc / 'eexit.env'} kept", again.stdout)
         self.assertEqual((etc / "redis-acl.conf").read_text(), acl_before)
+        self.assertIn("code: eexit 0.", again.stdout)
+        self.assertIn("-> 99.0.1", again.stdout)
+        version = subprocess.run([str(self.root / "opt/eexit/venv/bin/eexit"), "--version"],
+                                 capture_output=True, text=True, timeout=60, env=offline_env())
+        self.assertEqual(version.stdout.strip(), "eexit 99.0.1", version.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""A staged install shared by the install tests: the wheelhouse is built once per test run
+(it is the slow part, ~10-30 s: it downloads the locked files from the package index, as the
+connected machine does) and removed at exit. Not a test module.
+
+wheelhouse()          the wheelhouse of this source tree (tools/install_offline.py wheelhouse)
+bumped(version)       a copy of it whose eexit wheel says `version` (an upgrade release)
+install(wh, root)     tools/install_offline.py install into root, pip cut off from any index
+unit_process(...)     start a daemon the way its systemd unit would, from the staged tree
+"""
+
+import atexit
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.harness import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tools/install_offline.py"
+_CACHE = {}
+
+
+def installer():
+    """tools/install_offline.py as a module (its hashing helpers)."""
+    if "module" not in _CACHE:
+        spec = importlib.util.spec_from_file_location("install_offline", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _CACHE["module"] = module
+    return _CACHE["module"]
+
+
+def workspace():
+    if "tmp" not in _CACHE:
+        _CACHE["tmp"] = Path(tempfile.mkdtemp(prefix="eexit-staging-"))
+        atexit.register(shutil.rmtree, _CACHE["tmp"], ignore_errors=True)
+    return _CACHE["tmp"]
+
+
+def source_copy(name, version=None):
+    """This tree without .git and build litter (the wheel build leaves egg-info behind)."""
+    source = workspace() / name
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "bench"))
+    if version is not None:
+        init = source / "eexit/__init__.py"
+        init.write_text(re.sub(r'__version__ = "[^"]+"', f'__version__ = "{version}"', init.read_text()))
+    return source
+
+
+def wheelhouse():
+    if "wheelhouse" not in _CACHE:
+        out = workspace() / "wheelhouse"
+        built = subprocess.run([sys.executable, str(SCRIPT), "wheelhouse", "--out", str(out),
+                                "--project", str(source_copy("source"))],
+                               capture_output=True, text=True, timeout=900)
+        if built.returncode != 0:
+            raise AssertionError("building the wheelhouse failed (it needs the package index, like "
+                                 f"the connected machine it stands for):\n{built.stdout[-1500:]}\n"
+                                 f"{built.stderr[-1500:]}")
+        _CACHE["wheelhouse"] = (out, built.stdout)
+    return _CACHE["wheelhouse"][0]
+
+
+def bumped(version):
+    """The same dependency wheels, a rebuilt eexit wheel with `version`, a new lock and sums."""
+    module = installer()
+    out = workspace() / f"wheelhouse-{version}"
+    shutil.copytree(wheelhouse(), out)
+    for old in out.glob("eexit-*.whl"):
+        old.unlink()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out),
+                    str(source_copy(f"source-{version}", version))],
+                   check=True, capture_output=True, timeout=600)
+    (out / module.WHEELHOUSE_LOCK).write_text("".join(
+        f"{module.wheel_requirement(w.name)} --hash=sha256:{module.sha256_file(w)}\n"
+        for w in sorted(out.glob("*.whl"))))
+    module.write_sums(out)
+    return out
+
+
+def offline_env():
+    """pip sees an index and proxies on a closed local port, no config file, no retries."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
+    env.update(PIP_INDEX_URL=f"{closed}/simple", PIP_EXTRA_INDEX_URL="", PIP_CONFIG_FILE=os.devnull,
+               HTTP_PROXY=closed, HTTPS_PROXY=closed, http_proxy=closed, https_proxy=closed,
+               PIP_RETRIES="0", PIP_TIMEOUT="3")
+    return env
+
+
+def install(wheelhouse_dir, root, cwd=None):
+    return subprocess.run([sys.executable, str(SCRIPT), "install", "--wheelhouse", str(wheelhouse_dir),
+                           "--root", str(root)], capture_output=True, text=True, timeout=600,
+                          env=offline_env(), cwd=cwd or workspace())
+
+
+def staged(root, path):
+    """An absolute host path inside the staged root."""
+    return Path(root) / str(path).lstrip("/")
+
+
+def read_unit(path):
+    """[(key, value)] of a unit file's settings, in order (keys repeat)."""
+    settings = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.append((key.strip(), value.strip()))
+    return settings
+
+
+def read_env_file(path):
+    """An EnvironmentFile= (KEY=VALUE lines, comments, no quoting used by eexit's)."""
+    env = {}
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    return env
+
+
+def unit_process(root, unit, run_dir, log_path, extra_env=None):
+    """Start the unit's ExecStart from the staged tree as systemd would, minus PID 1: its
+    EnvironmentFile=, a private credentials directory holding exactly its LoadCredential= files
+    and SetCredential= values, STATE_DIRECTORY for StateDirectory=, JOURNAL_STREAM as for a
+    journal stderr. Returns the Popen."""
+    settings = read_unit(staged(root, f"/etc/systemd/system/{unit}"))
+    credentials = Path(run_dir) / "credentials"
+    credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "JOURNAL_STREAM": "8:424242",
+           "CREDENTIALS_DIRECTORY": str(credentials), "PYTHONUNBUFFERED": "1"}
+    command = None
+    for key, value in settings:
+        if key == "EnvironmentFile":
+            env.update(read_env_file(staged(root, value.lstrip("-"))))
+        elif key == "LoadCredential":
+            name, _, source = value.partition(":")
+            shutil.copy(staged(root, source), credentials / name)
+        elif key == "SetCredential":
+            name, _, text = value.partition(":")
+            (credentials / name).write_text(text)
+        elif key == "StateDirectory":
+            state = staged(root, f"/var/lib/{value}")
+            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            env["STATE_DIRECTORY"] = str(state)
+        elif key == "ExecStart":
+            command = [str(staged(root, part)) if part.startswith("/opt/eexit/") else part
+                       for part in value.split()]
+    env.update(extra_env or {})
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
+                                start_new_session=True)
