@@ -152,6 +152,11 @@ def cmd_status(args, cfg, env):
         reports = event["reports"]
         outcome = " / ".join(report_line(r) for r in reports) or "NO REPORT"
         print(f"  {fmt_ts(event['ts'])} {event['event_id']} {event['reason']} by {event['issued_by']}: {outcome}")
+    guard = status["guard"]
+    print(f"halt guard: holder={guard['lease_holder'] or '-'} policy={guard['policy'] or '-'} "
+          f"last check {fmt_age(guard['last_check_age_ms'])}: {guard['last_check'] or '-'}; "
+          f"last enforcement {fmt_age(guard['last_enforcement_age_ms'])}: {guard['last_enforcement'] or '-'}"
+          + (f" ({guard['last_enforcement_event_id']})" if guard["last_enforcement_event_id"] else ""))
     print("pending:")
     if not status["pending"]:
         print("  (no consumer groups yet)")
