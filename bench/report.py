@@ -157,6 +157,27 @@ def scale_section(data, summary):
             f"{data['status']} | {data.get('rejected_429', '-')} |"]
 
 
+def guard_section(data, summary):
+    if data is None:
+        return ["_not run (`python bench/halt_guard.py`)_"]
+    flat, target = data["to_flat_ms"], data["target_ms"]
+    summary.append(("halt violation → flat (max)", f"{flat['max']:.0f} ms", f"≤ {target} ms", verdict(flat["max"], target)))
+    period = data["lease_period_ms"]
+    summary.append(("guard takeover after kill -9", f"{data['takeover_ms']:.0f} ms", f"≤ {period} ms",
+                    verdict(data["takeover_ms"], period)))
+    return [f"After a FLAT report, a position opened at a random moment ({data['repeats']} times), "
+            f"EEXIT_HALT_GUARD_S={data['interval_s']:g}, paper latency {data['latency_ms']} ms, "
+            f"EEXIT_BLOCK_MS={data['settings']['EEXIT_BLOCK_MS']}, two EEWs. Target: the interval + 3 "
+            "round trips (the guard's check read comes before the close's read, close and verify).", "",
+            "| figure | p50 | max | target | verdict |", "|---|---|---|---|---|",
+            f"| position opened → paper flat (ms) | {flat['p50']} | {flat['max']} | ≤ {target} | {verdict(flat['max'], target)} |",
+            f"| position opened → HALT_VIOLATION report (ms) | {data['to_report_ms']['p50']} | "
+            f"{data['to_report_ms']['max']} | - | - |",
+            f"| holder killed -9 → other EEW holds the lease (ms) | {data['takeover_ms']} | {data['takeover_ms']} | "
+            f"≤ {period} | {verdict(data['takeover_ms'], period)} |", "",
+            f"One report per violation: {data['one_report_each']} ({data['violation_reports']} reports)."]
+
+
 def render():
     summary = []
     sections = [
@@ -164,6 +185,7 @@ def render():
         ("2. Time to flat", flat_section(load("time_to_flat"), summary)),
         ("3. Cost: start-up, memory, idle CPU", cost_section(load("cost"), summary)),
         ("4. Scale under exchange rate limits", scale_section(load("scale"), summary)),
+        ("5. Halt guard", guard_section(load("halt_guard"), summary)),
     ]
     out = ["# Benchmarks", "",
            "Written by `bench/run` (do not edit by hand). Each figure is measured next to its floor "

@@ -1275,7 +1275,9 @@ class Worker:
                                                  account.orders, key == self.guard_alerted)
             status["last_check"] = (f"positions={len(account.positions)} orders={len(account.orders)}"
                                     if account.positions or account.orders else "flat")
-            if action in ("enforce", "alert"):
+            # Still the holder after the read (renewed): a holder cut off during a long read
+            # may have lost the lease, and then its successor acts, not both.
+            if action in ("enforce", "alert") and self.ledger.hold_lease(cfg.consumer, guard_policy.lease_ms(cfg.halt_guard_s)):
                 self.guard_alerted = key
                 status.update(self.guard_close(state, action, reason, account))
         if self.redis is not None:      # None: Redis went away during the close (report journaled)

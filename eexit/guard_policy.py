@@ -45,14 +45,15 @@ def exposure_key(positions, orders):
 
 
 def lease_ms(interval_s):
-    """The lease lives three check intervals: a holder renews every half interval (and while
-    it closes), so only a dead or cut-off holder loses it."""
-    return int(3000 * interval_s)
+    """The lease key's TTL, 2.5 check intervals: the holder renews every step (half an
+    interval, and while it closes), so only a dead or cut-off holder loses it. The lease
+    period is TTL + step = 3 intervals: another EEW, trying every step, holds the lease at
+    most that long (plus one loop pass, EEXIT_BLOCK_MS) after the holder died."""
+    return int(2500 * interval_s)
 
 
 def step_s(interval_s):
-    """How often a holder renews and a non-holder tries to take the lease: a dead holder is
-    replaced at most one lease plus one step after its last renewal."""
+    """How often a holder renews and a non-holder tries to take the lease."""
     return interval_s / 2
 
 
