@@ -57,7 +57,15 @@ command errors on reading, claiming, recording or reporting panics (NOPERM, WRON
 EEW is "blind"), the whole safety chain is blind: the EEW flattens on its own authority
 (event_id "busloss-<consumer>-<ms>"), halts, journals the report, and publishes it once Redis
 takes it. The timer measures continuous inability; a reconnect alone does not restart it.
-Command errors are logged once (redis_command_error) and never cause a reconnect.
+While the inability lasts the close repeats every EEXIT_HALT_GUARD_S (a bot may reopen while
+nobody watches); a repeat that found nothing to do writes no report. Command errors are
+logged once (redis_command_error) and never cause a reconnect.
+
+Halt guard. While system:state:trading says halted, the EEW holding the lease
+eexit:eew:guard:lease reads the whole account every EEXIT_HALT_GUARD_S and takes any exposure
+flat through the same Closer, reporting it as its own event (guard-<consumer>-<ms>, reason
+HALT_VIOLATION or RESIDUAL_RETRY); EEXIT_HALT_GUARD_POLICY=alert reports and sends nothing.
+Decisions: eexit/guard_policy.py; shell: Worker.halt_guard; status: the hash eexit:eew:guard.
 
 Entry isolation. One entry's failure never blocks the others (handle_isolated); an entry
 failing EEXIT_MAX_DELIVERIES times gets a FAILED report with internal_error:<type>. A journal
