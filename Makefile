@@ -1,9 +1,10 @@
 # Two entry points, each doing its own set-up on a fresh Debian 12 machine (as root):
-#   make demo   run the main job on embedded defaults
+#   make demo   run the main job on embedded defaults (VENUE=bybit|okx make demo: that dialect)
 #   make test   run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+VENUE  ?= binanceusdm
 
 .PHONY: setup demo test bench clean
 
@@ -19,7 +20,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: setup
-	$(PY) -m eexit.cli demo
+	$(PY) -m eexit.cli demo --venue $(VENUE)
 
 test: setup
 	$(PY) -m tests

@@ -84,6 +84,36 @@ def detection_section(data, summary):
     return lines
 
 
+def hook_section(data, summary):
+    if data is None:
+        return ["_not run (`python bench/hook.py`)_"]
+    flat, target = data["kill_to_flat_ms"], data["target_ms"]
+    lines = [f"{data['kills']} SIGKILLs of the Exit Brain with {data['positions']} positions open; the bench "
+             f"plays systemd and runs the unit's ExecStopPost= line (`{data['command']}`, "
+             f"EEXIT_HOOK_TIMEOUT_S={data['hook_timeout_s']:g}) right after reaping the brain; paper "
+             f"latency L = {data['latency_ms']:g} ms on every request; no watchdog (its rules fire seconds "
+             "later: section 1). Kill and entry times on Redis's clock. 1-minute load average at start "
+             f"and end: {data.get('load_avg_1m', '-')} on {os.cpu_count()} CPUs (the machine is shared); "
+             f"measured {data.get('measured_at', '-')}.", "",
+             "| figure | p50 | p99 | max | target | verdict |", "|---|---|---|---|---|---|",
+             f"| kill → panic (ms) | {data['kill_to_panic_ms']['p50']} | {data['kill_to_panic_ms']['p99']} | "
+             f"{data['kill_to_panic_ms']['max']} | - | - |",
+             f"| kill → verified FLAT (ms) | {flat['p50']} | {flat['p99']} | {flat['max']} | ≤ 3L + 300 = "
+             f"{target:g} (heartbeat path: section 1) | p50 {verdict(flat['p50'], target)}, p99 {verdict(flat['p99'], target)} |",
+             f"| hook process wall time (ms) | {data['hook_wall_ms']['p50']} | {data['hook_wall_ms']['p99']} | "
+             f"{data['hook_wall_ms']['max']} | - | - |",
+             f"| hook's own run after imports (ms) | {data['hook_elapsed_ms']['p50']} | "
+             f"{data['hook_elapsed_ms']['p99']} | {data['hook_elapsed_ms']['max']} | - | - |", "",
+             f"Interpreter start (`python -c pass`, median) {data['interpreter_start_ms']} ms; imports of the "
+             f"hook's path (`python -X importtime`, eexit.cli + eexit.hook, cumulative, median) "
+             f"{data['import_ms']} ms, no ccxt. All runs FLAT on the exchange: {data['all_flat']}; every "
+             f"panic from the hook (issued_by=exit_brain): {data['all_from_hook']}."]
+    for pct in ("p50", "p99"):
+        summary.append((f"kill → verified flat via hook {pct} L={data['latency_ms']:g}", f"{flat[pct]} ms",
+                        f"≤ {target:g} ms", verdict(flat[pct], target)))
+    return lines
+
+
 def order_window_floor_ms(positions, limit=300, window_ms=10_000):
     """What the exchange's order limit (Binance USD-M: 300 per 10 s), which the EEW keeps by
     default, adds to the floor: the orders need the fewest windows they fit in."""
@@ -157,6 +187,27 @@ def scale_section(data, summary):
             f"{data['status']} | {data.get('rejected_429', '-')} |"]
 
 
+def venues_section(data, summary):
+    if data is None:
+        return ["_not run (`python bench/venues.py`)_"]
+    lines = ["Panic XADD → FLAT report per venue: the paper exchange in that venue's dialect, the EEW "
+             "with `EEXIT_EXCHANGE=<venue>` and its DEFAULT order limits (no `EEXIT_ORDER_LIMITS`), "
+             f"N positions on N symbols, one-way, median of {data.get('repeats', '?')} runs after "
+             "empty order windows. Limit floor: the full order windows N orders need under the "
+             "venue's limits, plus 3L.", "",
+             "| venue | scope | N | L (ms) | order limits | limit floor (ms) | p50 (ms) | runs (ms) | target (ms) | verdict | all FLAT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['venue']} | `{row['scope']}` | {row['positions']} | {row['latency_ms']} | "
+                     f"`{row['order_limits']}` | {row['limit_floor_ms']:.0f} | {row['median_ms']:.1f} | "
+                     f"{', '.join(f'{r:.0f}' for r in row['runs_ms'])} | {row['target_ms']} | "
+                     f"{verdict(row['median_ms'], row['target_ms'])} | {row['all_flat']} |")
+        summary.append((f"flat {row['venue']} N={row['positions']} L={row['latency_ms']}",
+                        f"{row['median_ms']:.0f} ms", f"≤ {row['target_ms']} ms",
+                        verdict(row["median_ms"], row["target_ms"])))
+    return lines
+
+
 def guard_section(data, summary):
     if data is None:
         return ["_not run (`python bench/halt_guard.py`)_"]
@@ -182,10 +233,12 @@ def render():
     summary = []
     sections = [
         ("1. Detection", detection_section(load("detection"), summary)),
+        ("1b. Crash through the ExecStopPost= hook", hook_section(load("hook"), summary)),
         ("2. Time to flat", flat_section(load("time_to_flat"), summary)),
         ("3. Cost: start-up, memory, idle CPU", cost_section(load("cost"), summary)),
         ("4. Scale under exchange rate limits", scale_section(load("scale"), summary)),
-        ("5. Halt guard", guard_section(load("halt_guard"), summary)),
+        ("5. Time to flat per venue", venues_section(load("venues"), summary)),
+        ("6. Halt guard", guard_section(load("halt_guard"), summary)),
     ]
     out = ["# Benchmarks", "",
            "Written by `bench/run` (do not edit by hand). Each figure is measured next to its floor "

@@ -5,32 +5,46 @@
 Redis may run without persistence, so the streams alone are not an audit trail. This daemon
 copies three sources into one file (EEXIT_AUDIT_FILE), one JSON line per event:
 
-    panic          system:panic_close, consumed in group `audit_logger` (own pending first,
-                   then new; a stable consumer name, EEXIT_AUDIT_CONSUMER)
-    completed      system:panic_close:completed, followed with a plain XREAD
+    panic          system:panic_close             followed with a plain XREAD (no consumer group)
+    completed      system:panic_close:completed   followed with a plain XREAD, in the same call
     trading_state  system:state:trading, polled every EEXIT_AUDIT_POLL_S; a line when it changes
+
+The audit logger reads, never consumes: it has no consumer group, and its Redis user may not
+run XREADGROUP, XACK, XGROUP or XCLAIM at all (systemd/redis-acl.conf), so its password can
+neither take, acknowledge, skip nor reposition the EEW's panics (issue 14).
 
 Every line is canonical JSON (sorted keys, no spaces, ASCII) carrying `seq` (1, 2, ...), `prev`
 (the previous line's `hash`; 64 zeros for line 1) and `hash`, the SHA-256 of the line's own
 canonical JSON without `hash`. An edit breaks the line's hash, a deletion, insertion or swap
-breaks `seq` and `prev`. A chain cannot show that its LAST lines were cut off, so after every
-append the daemon also writes `<file>.head` (atomically: temp, fsync, rename) with the seq and
-hash of the last line; `verify_file` checks the file against it. Both files together can still
-be rewritten by whoever can write them: ship the Prometheus metric `eexit_audit_lines` (or
-copies of the file) off the host to anchor them (docs/OPERATIONS.md).
+breaks `seq` and `prev`. A chain cannot show that its LAST lines were cut off, nor that lines
+were added with a recomputed chain, so the daemon also keeps `<file>.head` (written atomically:
+temp, fsync, rename) with the seq and hash of the last line it wrote.
 
-Exactly once. Lines are written and fsynced BEFORE the panic entries are acknowledged. The
-resume point comes from the file itself, never from a separate cursor: every stream line names
-its stream and entry id, so on start the daemon knows every entry it has written. A crash
-between fsync and XACK leaves the entry pending; it is redelivered, recognised as written, and
-only acknowledged (no duplicate). The completion stream is read from the newest completion
-entry id in the file (no gap). A line torn by a crash mid-write (no final newline) was never
-acknowledged: it is moved aside to `<file>.torn-<ms>` and the entry is written again.
+The head is written BEFORE the lines it records (a write-ahead record: `seq`/`hash` of the batch
+about to be appended, `base_seq`/`base_hash` of the file before it), then the lines are appended
+and fsynced. So the only states a crash can leave are: file == head, or file == base (plus
+possibly part of the batch, complete lines or a torn one). A file holding lines the head does
+not record (more lines than `seq`) is never a crash of ours: it is a forgery, `verify_file`
+names its first such line, and the daemon refuses to start on it (exit 3) instead of sealing
+it. On start the daemon moves an interrupted batch (lines after `base`, torn or not) aside to
+`<file>.torn-<ms>` and writes those entries again from Redis. Verification also fails on an
+interrupted batch (an operator cannot tell it from the batch being cut off); starting the
+daemon repairs it. Both files together can still be rewritten by whoever can write them: ship
+the Prometheus metric `eexit_audit_lines` (or copies of the file) off the host to anchor them
+(docs/OPERATIONS.md).
 
-Exit codes: 2 bad configuration; 3 the audit file fails verification on start (an operator
-must look: appending to a broken chain would bury the break); 1 the audit file cannot be
-locked, read, written or fsynced (systemd restarts us; entries not yet acknowledged stay in
-Redis). Redis being unreachable is not an exit: back off, reconnect, catch up.
+Exactly once. The resume point comes from the file itself, never from a separate cursor: every
+stream line names its stream and entry id, so on start the daemon reads each stream from the
+newest entry id the file holds for it. Stream ids only grow, so nothing after that id is
+skipped, and nothing at or before it is read again: a crash between fsync and the next read
+neither loses nor duplicates a line. A stream found behind that id (Redis lost it) is read
+again from the start; lines already held (same id, same fields) are not written twice.
+
+Exit codes: 2 bad configuration; 3 the audit file fails verification on start, including
+lines the head does not record (an operator must look: appending to a broken or forged chain
+would bury the break); 1 the audit file cannot be locked, read, written or fsynced (systemd
+restarts us; entries not yet written are still in Redis). Redis being unreachable is not an
+exit: back off, reconnect, catch up.
 
 The same loop writes Prometheus metrics (eexit/metrics.py) to EEXIT_METRICS_FILE every
 EEXIT_METRICS_INTERVAL_S for node_exporter's textfile collector.
@@ -59,13 +73,12 @@ IO_ERROR_EXIT_CODE = 1
 CHAIN_BROKEN_EXIT_CODE = 3
 
 READ_COUNT = 64
-# Harmless preflight probes (daemon.preflight): a read of a group that does not exist fails
-# after the ACL check; XACK of an id never delivered changes nothing.
-PROBES = (("XREADGROUP", "GROUP", "eexit-preflight", "preflight", "COUNT", "1", "STREAMS", schema.PANIC_STREAM, ">"),
-          ("XACK", schema.PANIC_STREAM, schema.AUDIT_GROUP, "0-1"),
-          ("XPENDING", schema.PANIC_STREAM, schema.AUDIT_GROUP),
+# Harmless preflight probes (daemon.preflight): all reads. The audit user is read-only (it
+# may not touch any consumer group: SECURITY.md), so it probes exactly what it reads.
+PROBES = (("XREAD", "COUNT", "1", "STREAMS", schema.PANIC_STREAM, schema.COMPLETED_STREAM, "0-0", "0-0"),
           ("XREVRANGE", schema.COMPLETED_STREAM, "+", "-", "COUNT", "1"),
           ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
+REMOVED_SETTINGS = ("EEXIT_AUDIT_CONSUMER", "EEXIT_AUDIT_CLAIM_IDLE_S")   # the group is gone
 
 
 class AuditFileError(Exception):
@@ -130,34 +143,55 @@ def split_lines(data):
 
 
 def check_chain(lines):
-    """Verify complete lines in order; returns the parsed lines or raises ChainBroken."""
-    parsed, prev = [], GENESIS
+    """Verify complete lines in order; returns their hashes or raises ChainBroken. Hashes, not
+    the parsed lines: a long file's parsed lines cost several times its size in memory."""
+    hashes, prev = [], GENESIS
     for number, raw in enumerate(lines, start=1):
-        obj = check_line(raw, number, prev)
-        parsed.append(obj)
-        prev = obj["hash"]
-    return parsed
+        prev = check_line(raw, number, prev)["hash"]
+        hashes.append(prev)
+    return hashes
 
 
-def check_head(parsed, head):
-    """Compare the verified lines with the head record {seq, hash} (None: no head file);
-    raise ChainBroken. The head may lag the file (a crash between the file's fsync and the
-    head's rename), never lead it."""
+def head_record(seq, last_hash, base_seq, base_hash):
+    """The head written before appending lines base_seq+1..seq (base == seq: nothing pending)."""
+    return {"seq": seq, "hash": last_hash, "base_seq": base_seq, "base_hash": base_hash}
+
+
+def committed_lines(hashes, head):
+    """How many of the verified lines (their hashes) the head vouches for, or raise ChainBroken.
+
+    The head is written before the lines it records (see the module docstring), so:
+      file == head.seq lines, the last one's hash == head.hash      all lines committed
+      head.base_seq <= file < head.seq, line base matches base_hash  an interrupted write:
+                                                                     the first base lines
+      more lines than head.seq                                       forged: never ours
+      fewer lines than base, or a hash that does not match           cut off or rewritten
+    A head without base_* (written by an older version) has nothing pending."""
     if head is None:
-        if parsed:
+        if hashes:
             raise ChainBroken(None, "the .head file is missing: cannot show that no lines were "
                                     "cut off the end")
-        return
-    seq = head.get("seq") if isinstance(head, dict) else None
-    if type(seq) is not int or seq < 0 or not isinstance(head.get("hash"), str):
+        return 0
+    if not isinstance(head, dict):
         raise ChainBroken(None, "the head file is malformed")
-    if seq > len(parsed):
-        raise ChainBroken(len(parsed) + 1, f"missing: the head file records {seq} lines, the file "
-                                           f"has {len(parsed)} (lines were cut off the end)")
-    recorded = parsed[seq - 1]["hash"] if seq else GENESIS
-    if recorded != head["hash"]:
-        raise ChainBroken(seq or None, "does not match the hash recorded in the head file "
-                                       "(the line was rewritten)")
+    seq, base = head.get("seq"), head.get("base_seq", head.get("seq"))
+    recorded = (head.get("hash"), head.get("base_hash", head.get("hash")))
+    if type(seq) is not int or type(base) is not int or not 0 <= base <= seq or \
+            not all(isinstance(value, str) for value in recorded):
+        raise ChainBroken(None, "the head file is malformed")
+    count = len(hashes)
+    if count > seq:
+        raise ChainBroken(seq + 1, f"not recorded in the head file (it records {seq} lines, the file "
+                                   f"has {count}): lines appended by someone other than the audit "
+                                   "daemon, with a recomputed chain")
+    committed, expected = (seq, recorded[0]) if count == seq else (base, recorded[1])
+    if count < committed:
+        raise ChainBroken(count + 1, f"missing: the head file records {committed} lines, the file "
+                                     f"has {count} (lines were cut off the end)")
+    if (hashes[committed - 1] if committed else GENESIS) != expected:
+        raise ChainBroken(committed or None, "does not match the hash recorded in the head file "
+                                             "(the line was rewritten)")
+    return committed
 
 
 def head_path(path):
@@ -180,14 +214,18 @@ def read_head(path):
 
 
 def verify_data(data, head):
-    """Verify file content against its head record; returns the parsed lines."""
+    """Verify file content against its head record; returns the lines' hashes."""
     lines, torn = split_lines(data)
-    parsed = check_chain(lines)
-    if torn:
-        raise ChainBroken(len(lines) + 1, "incomplete (no final newline): an interrupted write; "
-                                          "the daemon moves it aside when it starts")
-    check_head(parsed, head)
-    return parsed
+    hashes = check_chain(lines)
+    committed = committed_lines(hashes, head)
+    pending = head is not None and committed < head["seq"]
+    if pending or torn:
+        what = (f"the head records a write of lines {committed + 1}..{head['seq']} that did not "
+                "finish (a crash mid-write, or those lines were cut off)") if pending else \
+            "incomplete (no final newline): an interrupted write"
+        raise ChainBroken(committed + 1, f"{what}; the audit daemon moves it aside when it starts "
+                                         "and writes those entries again from Redis")
+    return hashes
 
 
 def verify_file(path):
@@ -199,11 +237,10 @@ def verify_file(path):
     except OSError as exc:
         return False, None, f"cannot read {path}: {exc.strerror}"
     try:
-        parsed = verify_data(data, read_head(path))
+        hashes = verify_data(data, read_head(path))
     except ChainBroken as broken:
         return False, broken.line_number, str(broken)
-    last = parsed[-1]["hash"] if parsed else GENESIS
-    return True, None, f"{len(parsed)} lines, chain intact, head {last}"
+    return True, None, f"{len(hashes)} lines, chain intact, head {hashes[-1] if hashes else GENESIS}"
 
 
 # ------------------------------------------------------- what the file already holds ----
@@ -245,7 +282,7 @@ class Written:
 
     def __init__(self):
         self.seen = {}                      # (stream, entry_id) -> digest of its fields
-        self.completed_position = "0-0"     # newest completion entry id in the file
+        self.positions = {stream: "0-0" for stream in KIND_BY_STREAM}   # newest entry id per stream
         self.trading_state = {}             # last logged contents of the hash ({} = absent)
         self.counters = metrics.Counters()  # the _total counters of the metrics file
 
@@ -256,16 +293,14 @@ class Written:
         self.counters.add(body["stream"], body["fields"])
         key = (body["stream"], body["entry_id"])
         self.seen[key] = fields_digest(body["fields"])
-        if body["stream"] == schema.COMPLETED_STREAM and \
-                id_key(body["entry_id"]) > id_key(self.completed_position):
-            self.completed_position = body["entry_id"]
+        if id_key(body["entry_id"]) > id_key(self.positions[body["stream"]]):
+            self.positions[body["stream"]] = body["entry_id"]
 
     def has(self, stream, entry_id, fields):
-        """True when this entry is already in the file. A pending entry deleted from the stream
-        comes back with no fields: its id alone identifies it. An id with different fields is a
+        """True when this entry is already in the file. An id with different fields is a
         different event (a stream recreated after a Redis restart reused the id): not written."""
         digest = self.seen.get((stream, entry_id))
-        return digest is not None and (not fields or digest == fields_digest(fields))
+        return digest is not None and digest == fields_digest(fields)
 
 
 # ------------------------------------------------------------------- file I/O ----
@@ -322,7 +357,7 @@ class AuditFile:
         self.fd = None
 
     def open(self):
-        """Lock, verify, repair a torn tail, and load the resume point.
+        """Lock, verify, move an interrupted write aside, and load the resume point.
         Raises AuditFileError or ChainBroken."""
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -337,16 +372,19 @@ class AuditFile:
         try:
             data = self._read_all()
             lines, torn = split_lines(data)
-            if torn:
-                self._move_torn_tail(torn, len(data) - len(torn))
-            parsed = check_chain(lines)
-            check_head(parsed, read_head(self.path))
-            for obj in parsed:
-                self.written.add(obj)
-            if parsed:
-                self.seq, self.last_hash = parsed[-1]["seq"], parsed[-1]["hash"]
-            self.size = len(data) - len(torn)
-            self._write_head()
+            hashes = check_chain(lines)
+            committed = committed_lines(hashes, read_head(self.path))
+            keep = sum(len(line) + 1 for line in lines[:committed])
+            if keep < len(data):
+                # An interrupted write (see committed_lines): never acknowledged anywhere, the
+                # entries are still in Redis and are read again from the cursor below.
+                self._move_aside(data[keep:], keep, lines=len(hashes) - committed, torn=bool(torn))
+            for raw in lines[:committed]:
+                self.written.add(json.loads(raw))       # verified above
+            if committed:
+                self.seq, self.last_hash = committed, hashes[committed - 1]
+            self.size = keep
+            self._write_head(self.seq, self.last_hash)
         except OSError as exc:
             raise AuditFileError(f"cannot read or repair {self.path}: {exc.strerror}") from None
         return self
@@ -360,21 +398,24 @@ class AuditFile:
             chunks.append(chunk)
             offset += len(chunk)
 
-    def _move_torn_tail(self, torn, keep):
+    def _move_aside(self, tail, keep, lines, torn):
         aside = f"{self.path}.torn-{int(time.time() * 1000)}"
-        write_atomic(aside, torn)
+        write_atomic(aside, tail)
         os.ftruncate(self.fd, keep)
         os.fsync(self.fd)
-        self.log.error("torn_line_moved_aside", file=self.path, bytes=len(torn), moved_to=aside,
-                       note="an interrupted write, never acknowledged; the entry is written again")
+        self.log.error("interrupted_write_moved_aside", file=self.path, bytes=len(tail), lines=lines,
+                       torn=torn, moved_to=aside, note="a write the head had not committed; the "
+                       "entries are written again from Redis")
 
-    def _write_head(self):
-        write_atomic(head_path(self.path), canonical({"seq": self.seq, "hash": self.last_hash}) + b"\n")
+    def _write_head(self, seq, last_hash):
+        record = head_record(seq, last_hash, self.seq, self.last_hash)
+        write_atomic(head_path(self.path), canonical(record) + b"\n")
 
     def append(self, bodies):
-        """Append one line per body, fsync, then update the head. Returns when the lines are on
-        disk; raises AuditFileError (the caller exits: after a failed write or fsync the file's
-        state is unknown, and the unacknowledged entries stay in Redis for the next start)."""
+        """Record the batch in the head, then append one line per body and fsync. Returns when
+        the lines are on disk; raises AuditFileError (the caller exits: after a failed write or
+        fsync the file's state is unknown; the start-up check moves an interrupted batch aside
+        and the entries are read again from Redis)."""
         if not bodies:
             return
         chunks, seq, prev = [], self.seq, self.last_hash
@@ -387,6 +428,7 @@ class AuditFile:
             if os.fstat(self.fd).st_size != self.size:
                 raise AuditFileError(f"{self.path} changed size behind our back "
                                      f"({os.fstat(self.fd).st_size} bytes, expected {self.size})")
+            self._write_head(seq, prev)
             write_all(self.fd, data)
             os.fsync(self.fd)
         except OSError as exc:
@@ -395,10 +437,6 @@ class AuditFile:
         self.seq, self.last_hash = seq, prev
         for body in bodies:
             self.written.add(body)
-        try:
-            self._write_head()
-        except OSError as exc:
-            raise AuditFileError(f"cannot write {head_path(self.path)}: {exc.strerror}") from None
 
     def close(self):
         if self.fd is not None:
@@ -413,10 +451,8 @@ class Config:
     redis_url: str
     audit_file: str
     metrics_file: str          # "" when metrics are off
-    consumer: str
     poll_s: float
     metrics_interval_s: float
-    claim_idle_s: float
     up_max_age_s: float
 
     @classmethod
@@ -435,15 +471,16 @@ class Config:
             # node_exporter's textfile collector reads only *.prom: any other name is a file
             # nobody reads, and alerts that never fire.
             raise ConfigError(f"EEXIT_METRICS_FILE={metrics_file!r} must end in .prom (or be off)")
-        consumer = env_str("EEXIT_AUDIT_CONSUMER", "audit-1", env)
+        for name in REMOVED_SETTINGS:
+            if env.get(name):
+                raise ConfigError(f"{name} is no longer used: the audit logger follows the streams "
+                                  "with XREAD and has no consumer group; remove it")
         return cls(
             redis_url=bus.redis_url(env),
             audit_file=audit_file,
             metrics_file=metrics_file,
-            consumer=consumer,
             poll_s=env_float("EEXIT_AUDIT_POLL_S", 1.0, minimum=0.01, maximum=bus.BLOCK_MS_MAX / 1000, env=env),
             metrics_interval_s=env_float("EEXIT_METRICS_INTERVAL_S", 5.0, minimum=0.05, maximum=300, env=env),
-            claim_idle_s=env_float("EEXIT_AUDIT_CLAIM_IDLE_S", 60.0, minimum=0.1, maximum=86400, env=env),
             up_max_age_s=env_float("EEXIT_METRICS_UP_MAX_AGE_S", 5.0, minimum=0.1, maximum=3600, env=env),
         )
 
@@ -455,14 +492,14 @@ class AuditLogger:
         self.log = log
         self.notifier = notifier
         self.client = None
-        self.completed_position = audit_file.written.completed_position
+        self.positions = dict(audit_file.written.positions)
         self.last_append_ms = None
         self.next_metrics = 0.0
 
     # One source each; every method raises the Redis error to the loop.
 
     def record(self, stream, entries):
-        """Write the entries not yet in the file (one fsync), then acknowledge panic entries."""
+        """Write the entries not yet in the file (one fsync)."""
         now = int(time.time() * 1000)
         bodies = []
         for entry_id, raw in entries:
@@ -480,47 +517,26 @@ class AuditLogger:
             for body in bodies:
                 self.log.info("written", seq=self.file.seq, kind=body["kind"], entry_id=body["entry_id"],
                               event_id=body["fields"].get("event_id", ""))
-        if stream == schema.PANIC_STREAM and entries:
-            self.client.xack(stream, schema.AUDIT_GROUP, *[entry_id for entry_id, _ in entries])
 
-    def catch_up(self):
-        """After every (re)connect: own pending entries, then entries orphaned by another
-        consumer name."""
-        bus.ensure_group(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP)
-        while True:
-            pending = bus.read_group(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP,
-                                     self.config.consumer, block_ms=0, count=READ_COUNT, pending=True)
-            if not pending:
-                break
-            self.record(schema.PANIC_STREAM, pending)
-        claimed = bus.claim_idle(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP, self.config.consumer,
-                                 int(self.config.claim_idle_s * 1000), count=READ_COUNT)
-        if claimed:
-            self.log.warning("claimed_orphaned_entries", count=len(claimed))
-            self.record(schema.PANIC_STREAM, claimed)
-
-    def poll_panics(self):
-        entries = bus.read_group(self.client, schema.PANIC_STREAM, schema.AUDIT_GROUP,
-                                 self.config.consumer, block_ms=1, count=READ_COUNT)
-        self.record(schema.PANIC_STREAM, entries)
-
-    def poll_completed(self, block_ms):
-        # Checked every round, not only after our own reconnect: redis-py retries a command
-        # over a fresh connection by itself, so a Redis restart may never reach our except.
-        newest = self.client.xrevrange(schema.COMPLETED_STREAM, count=1)
-        newest_id = text(newest[0][0]) if newest else "0-0"
-        if id_key(newest_id) < id_key(self.completed_position):
-            # The stream is behind what we logged: Redis lost it. Read it again from the start;
-            # Written.has() keeps entries we already hold from being written twice.
-            self.log.warning("completed_stream_reset", logged_up_to=self.completed_position,
-                             stream_newest=newest_id)
-            self.completed_position = "0-0"
-        reply = self.client.xread({schema.COMPLETED_STREAM: self.completed_position},
-                                  count=READ_COUNT, block=block_ms)
-        entries = [(text(entry_id), fields) for _stream, items in reply or [] for entry_id, fields in items]
-        self.record(schema.COMPLETED_STREAM, entries)
-        if entries:
-            self.completed_position = entries[-1][0]
+    def poll_streams(self, block_ms):
+        """Both streams in one XREAD from the newest id the file holds for each."""
+        for stream, position in self.positions.items():
+            # Checked every round, not only after our own reconnect: redis-py retries a command
+            # over a fresh connection by itself, so a Redis restart may never reach our except.
+            newest = self.client.xrevrange(stream, count=1)
+            newest_id = text(newest[0][0]) if newest else "0-0"
+            if id_key(newest_id) < id_key(position):
+                # The stream is behind what we logged: Redis lost it. Read it again from the
+                # start; Written.has() keeps entries we already hold from being written twice.
+                self.log.warning("stream_reset", stream=stream, logged_up_to=position, stream_newest=newest_id)
+                self.positions[stream] = "0-0"
+        reply = self.client.xread(self.positions, count=READ_COUNT, block=block_ms)
+        for stream_name, items in reply or []:
+            stream = text(stream_name)
+            entries = [(text(entry_id), fields) for entry_id, fields in items]
+            self.record(stream, entries)
+            if entries:
+                self.positions[stream] = entries[-1][0]
 
     def poll_trading_state(self):
         fields = decode_fields(self.client.hgetall(schema.TRADING_STATE_KEY))
@@ -558,20 +574,19 @@ class AuditLogger:
             try:
                 if self.client is None:
                     self.client = bus.connect(url=self.config.redis_url)
-                    self.catch_up()
-                    self.log.info("connected", consumer=self.config.consumer, lines=self.file.seq,
-                                  completed_from=self.completed_position)
+                    self.log.info("connected", lines=self.file.seq,
+                                  panic_from=self.positions[schema.PANIC_STREAM],
+                                  completed_from=self.positions[schema.COMPLETED_STREAM])
                     backoff.reset()
-                self.poll_panics()
-                self.poll_completed(block_ms)
+                self.poll_streams(block_ms)
                 self.poll_trading_state()
                 self.write_metrics(redis_up=True)
                 if self.file.seq != reported_lines:
                     reported_lines = self.file.seq
                     self.notifier.status(f"lines={reported_lines}")
             except bus.REDIS_ERRORS as exc:
-                # Redis is gone, slow or lost its state. Nothing unacknowledged is lost (it stays
-                # pending or in the stream); reconnect with backoff and catch up from the file.
+                # Redis is gone, slow or lost its state. Nothing not yet written is lost (it is
+                # still in the stream); reconnect with backoff and read on from the file's cursor.
                 wait = backoff.next()
                 self.log.warning("redis_unavailable", error=type(exc).__name__, cause=daemon.cause(exc),
                                  detail=str(exc)[:200], retry_in_s=wait)

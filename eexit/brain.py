@@ -31,11 +31,12 @@ Halt. `system:state:trading` halted=true (written by the EEW) forbids OPENING ex
 Brain never opens anything: every order it sends is reduce-only. So it keeps enforcing its exits
 while halted (closing is what a halt wants), and reports the flag in its heartbeat (`halted`).
 
-Dead-man switch (EEXIT_DEADMAN_S, default 0 = off). When set, every cycle re-arms Binance's
-countdownCancelAll for each symbol with open orders, with countdown EEXIT_DEADMAN_S. If the
-brain stops re-arming (dead, hung, cut off), the exchange itself cancels ALL open orders of
-those symbols, which protects against resting entry orders re-opening exposure while nobody
-guards. The trade-off: it also cancels protective stop-loss/take-profit orders placed by the
+Dead-man switch (EEXIT_DEADMAN_S, default 0 = off). When set, every cycle re-arms the venue's
+switch (docs/VENUES.md; refused at start where the venue has none) for each symbol with open
+orders, with countdown EEXIT_DEADMAN_S. If the brain stops re-arming (dead, hung, cut off),
+the exchange itself cancels ALL open orders of those symbols (or of the whole account, where
+the switch is account-wide), which protects against resting entry orders re-opening
+exposure while nobody guards. The trade-off: it also cancels protective stop-loss/take-profit orders placed by the
 bot, so after a brain outage longer than the countdown the positions sit on the exchange with
 no resting protection until the watchdog's panic closes them. Use it when the watchdog + EEW
 path is deployed (it is the backstop); keep it off if resting stops are your only protection.
@@ -217,13 +218,13 @@ class Brain:
 
     def _close(self, exit_, result):
         position = exit_.position
-        client_order_id = "eexit-brain-" + uuid.uuid4().hex[:20]
+        client_order_id = "eexitbrain" + uuid.uuid4().hex[:22]   # 32 letters/digits: every venue
         self.log.info("exit_rule_hit", symbol=position.symbol, side=position.side, rule=exit_.rule,
                       detail=exit_.detail, contracts=position.contracts, client_order_id=client_order_id)
         try:
             order = self.exchange.place_close_order(self.ex, position.symbol, exit_.order_side,
                                                     position.contracts, position.position_side,
-                                                    client_order_id)
+                                                    client_order_id, position.margin_mode)
         except Exception as exc:  # noqa: BLE001 - any failure of one close
             # The other exits still go out; this cycle is DEGRADED and the next one re-reads
             # the account and tries again (the rule still holds if the position is still there).
@@ -347,6 +348,10 @@ def main():
         from . import exchange   # ccxt: ~0.5 s; only the brain and the EEW pay for it
         cfg = Config.from_env()
         exchange_cfg = exchange.ExchangeConfig.from_env()
+        if cfg.deadman_s > 0 and exchange.venue(exchange_cfg.exchange_id).DEADMAN is None:
+            # A switch that can never fire must not look armed: refuse rather than degrade.
+            raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id} has no "
+                              f"dead-man switch eexit can arm; set it to 0")
         notifier = Notifier()
         client = bus.connect()
         brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, notifier, log)

@@ -348,7 +348,13 @@ def claim_incident(client, key, fields, id_field="event_id"):
     candidate = str(fields[id_field])
     for _attempt in range(3):
         if client.hsetnx(key, id_field, candidate):
-            client.hset(key, mapping={k: str(v) for k, v in fields.items()})
+            # HSETNX for the rest too: a just-won claim has no other field, and a claimer
+            # allowed only HSETNX (the ExecStopPost hook's Redis user) can never rewrite an
+            # incident someone else holds.
+            pipe = client.pipeline(transaction=False)
+            for name, value in fields.items():
+                pipe.hsetnx(key, name, str(value))
+            pipe.execute()
             return candidate, True
         stored = client.hget(key, id_field)
         if stored is not None:

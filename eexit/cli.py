@@ -7,6 +7,8 @@
         3 no report before the timeout; 2 configuration or Redis unreachable
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual] [--json]
         exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
+    eexit panic --on-service-failure
+        systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
     eexit audit verify FILE [--json]
         exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
     eexit init --operator NAME [--json]
@@ -16,7 +18,7 @@
         the panic drill (eexit/drill.py): exit 0 PASS, 1 FAIL, 3 timeout/EEW not running,
         4 refused (not paper or sandbox), 2 configuration
     eexit --version
-    eexit demo [--json] [--keep-logs]
+    eexit demo [--json] [--keep-logs] [--venue binanceusdm|bybit|okx]
         the embedded stack end to end; exit 0 PASS, 1 FAIL
 
 Environment: REDIS_URL (and the Redis credentials of eexit.bus), EEXIT_PANIC_HMAC_KEYS or the
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 
 from . import __version__, bus, ops, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
+from .paper import DIALECTS as PAPER_DIALECTS
 
 EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -76,7 +79,7 @@ def report_line(r):
     """One line for a report dict (ops.report_dict): status, positions closed, duration."""
     took = "unknown time" if r.get("execution_time_ms") is None else f"{r['execution_time_ms']} ms"
     return (f"{r['status']} {known(r.get('positions_closed'))}/{known(r.get('positions_total'))} "
-            f"closed in {took}")
+            f"closed in {took}" + (f" scope={r['scope']}" if r.get("scope") else ""))
 
 
 def print_json(data):
@@ -165,8 +168,22 @@ def cmd_status(args, cfg, env):
             consumers = ", ".join(f"{name}={count}" for name, count in info["consumers"].items()) or "-"
             lag = "" if info["lag"] is None else f" unread={info['lag']}"
             print(f"  {stream} / {group}: pending={info['pending']}{lag} ({consumers})")
+    print_alerts(status["alerts"])
     print({0: "HEALTHY", 1: "HALTED", 2: "UNHEALTHY: a daemon is silent"}[code])
     return code
+
+
+def print_alerts(alerts):
+    """The alert outbox, as the notifier last reported it (eexit.alert heartbeat)."""
+    if alerts["age_ms"] is None:
+        print("alerts: no notifier heartbeat (eexit-alert not running?)")
+        return
+    print(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
+    for name, sink in sorted(alerts["sinks"].items()):
+        last_at = int(sink["last_at"]) if sink.get("last_at", "").isdigit() else None
+        error = f" error={sink['error']}" if sink.get("error") else ""
+        print(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
+              f"{sink.get('last_id') or '-'} at {fmt_ts(last_at)}{error}")
 
 
 # ---------------------------------------------------------------------------- panic
@@ -209,7 +226,8 @@ def cmd_panic(args, cfg, env):
         print(f"report: status={report.status} positions {known(report.positions_closed)}/"
               f"{known(report.positions_total)} closed, {known(report.positions_failed)} failed "
               f"{report.failed_symbols or ''} orders_cancelled={known(report.orders_cancelled)} "
-              f"execution_time_ms={report.execution_time_ms}" + (f" detail={report.detail}" if report.detail else ""))
+              f"execution_time_ms={report.execution_time_ms}" + (f" scope={report.scope}" if report.scope else "")
+              + (f" detail={report.detail}" if report.detail else ""))
         for residual in report.residual_positions:
             print(f"  residual: {residual}")
         print("FLAT" if code == EXIT_OK else f"NOT FLAT ({report.status})")
@@ -349,7 +367,7 @@ def cmd_drill(args, cfg, env):
 
 def cmd_demo(args, cfg, env):
     from . import demo   # noqa: PLC0415 - starts processes; only this command needs it
-    return demo.run(json_output=args.json, keep_logs=args.keep_logs)
+    return demo.run(json_output=args.json, keep_logs=args.keep_logs, venue=args.venue)
 
 
 def build_parser():
@@ -397,11 +415,18 @@ def build_parser():
     p = sub.add_parser("demo", help="private Redis + paper exchange + the three daemons; kill the Exit Brain; timeline")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and print where")
+    p.add_argument("--venue", default="binanceusdm", choices=PAPER_DIALECTS,
+                   help="the paper exchange's dialect and EEXIT_EXCHANGE of the daemons")
     p.set_defaults(handler=cmd_demo)
     return parser
 
 
 def main(argv=None):
+    if list(sys.argv[1:] if argv is None else argv) == ["panic", "--on-service-failure"]:
+        # systemd's ExecStopPost= hook: dispatched before argparse, and it takes no other
+        # argument; its settings come from the environment systemd sets.
+        from . import hook   # noqa: PLC0415 - only the hook needs it
+        return hook.run()
     args = build_parser().parse_args(argv)
     env = os.environ
     try:

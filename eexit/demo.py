@@ -33,15 +33,16 @@ from .localredis import RedisServer, die_with_parent, stop_process
 
 DAEMON_MODULES = {"eew": "eexit.eew", "watchdog": "eexit.watchdog", "brain": "eexit.brain"}
 DEMO_SEED = "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:20,XRPUSDT:-1000"
-# (symbol, ccxt type, side, amount, price, params): resting entries that could re-open
-# exposure after the halt, and the bot's protective conditional orders (algo book).
+# (market id, side, quantity, limit price, trigger price, reduce-only): resting entries that
+# could re-open exposure after the halt, and the bot's protective conditional orders (the
+# conditional book). Seeded into the paper exchange directly, so any venue's dialect has them.
 DEMO_ORDERS = (
-    ("BTC/USDT:USDT", "limit", "buy", 0.01, 50000, {}),
-    ("ETH/USDT:USDT", "limit", "sell", 0.5, 4000, {}),
-    ("SOL/USDT:USDT", "limit", "buy", 10, 100, {}),
-    ("BTC/USDT:USDT", "STOP_MARKET", "sell", 0.01, None, {"stopPrice": 60000, "reduceOnly": True}),
-    ("ETH/USDT:USDT", "STOP_MARKET", "buy", 0.5, None, {"stopPrice": 3500, "reduceOnly": True}),
-    ("SOL/USDT:USDT", "TAKE_PROFIT_MARKET", "sell", 20, None, {"stopPrice": 200, "reduceOnly": True}),
+    ("BTCUSDT", "buy", 0.01, 50000, None, False),
+    ("ETHUSDT", "sell", 0.5, 4000, None, False),
+    ("SOLUSDT", "buy", 10, 100, None, False),
+    ("BTCUSDT", "sell", 0.01, None, 60000, True),
+    ("ETHUSDT", "buy", 0.5, None, 3500, True),
+    ("SOLUSDT", "sell", 20, None, 100, True),
 )
 SEED_CRITERIA_MS = {"detect": 5500, "close": 10000, "total": 15000}
 TARGET_END_TO_END_MS = 3500
@@ -60,8 +61,9 @@ class Stack:
     output goes to <workdir>/<name>.log."""
 
     def __init__(self, seed=DEMO_SEED, hedge=False, env=None, keep_workdir=False, paper_latency_ms=0,
-                 redis_args=()):
+                 redis_args=(), venue="binanceusdm"):
         self.seed = seed
+        self.venue = venue
         self.redis_args = tuple(redis_args)
         self.hedge = hedge
         self.extra_env = dict(env or {})
@@ -93,7 +95,8 @@ class Stack:
 
     def make_paper(self, **options):
         from .paper import PaperExchange   # noqa: PLC0415 - the paper exchange is for demo/tests only
-        return PaperExchange(seed=self.seed, hedge=self.hedge, latency_ms=self.paper_latency_ms, **options)
+        return PaperExchange(seed=self.seed, hedge=self.hedge, latency_ms=self.paper_latency_ms,
+                             venue=self.venue, **options)
 
     def stop(self):
         """Stop everything this stack started; safe to call twice and after partial starts."""
@@ -134,9 +137,7 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         env.update({
             "REDIS_URL": self.redis.url,
-            "EEXIT_EXCHANGE_URL": self.paper_url,
-            "EEXIT_API_KEY": self.paper.api_key,
-            "EEXIT_API_SECRET": self.paper.api_secret.decode(),
+            **self.exchange_env(),
             "EEXIT_PANIC_HMAC_KEYS": self.keyring_text(),
             "EEXIT_JOURNAL": os.path.join(self.workdir, "eew-journal.jsonl"),
             "EEXIT_CONSUMER": "eew-stack",
@@ -194,19 +195,22 @@ class Stack:
 
     # -- exchange
 
+    def exchange_env(self):
+        env = {"EEXIT_EXCHANGE": self.venue, "EEXIT_EXCHANGE_URL": self.paper_url,
+               "EEXIT_API_KEY": self.paper.api_key, "EEXIT_API_SECRET": self.paper.api_secret.decode()}
+        if self.venue == "okx":
+            env["EEXIT_API_PASSWORD"] = self.paper.api_password
+        return env
+
     def exchange(self):
         from . import exchange   # noqa: PLC0415 - ccxt only where orders are placed
-        cfg = exchange.ExchangeConfig.from_env({"EEXIT_EXCHANGE_URL": self.paper_url,
-                                                "EEXIT_API_KEY": self.paper.api_key,
-                                                "EEXIT_API_SECRET": self.paper.api_secret.decode()})
-        ex = exchange.build_exchange(cfg)
+        ex = exchange.build_exchange(exchange.ExchangeConfig.from_env(self.exchange_env()))
         ex.load_markets()
         return ex
 
     def place_orders(self, orders):
-        ex = self.exchange()
-        for symbol, kind, side, amount, price, params in orders:
-            ex.create_order(symbol, kind, side, amount, price, dict(params))
+        for market_id, side, amount, price, trigger, reduce_only in orders:
+            self.paper.add_order(market_id, side, amount, price=price, trigger=trigger, reduce_only=reduce_only)
 
     def open_order_count(self):
         state = self.paper.state()
@@ -325,19 +329,19 @@ def judge(seen, stack, client):
     return timeline, criteria, all(ok for _, _, ok in criteria)
 
 
-def run(json_output=False, keep_logs=False):
+def run(json_output=False, keep_logs=False, venue="binanceusdm"):
     """The demo. Returns the exit code: 0 PASS, 1 FAIL (including any error)."""
     def on_sigterm(_signo, _frame):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if json_output else (lambda *a: print(*a, flush=True))
-    stack = Stack(keep_workdir=keep_logs)
+    stack = Stack(keep_workdir=keep_logs, venue=venue)
     result = {"passed": False}
     try:
         say("eexit demo: starting a private redis-server, the paper exchange and the three daemons ...")
         stack.start()
         positions = len(stack.paper.positions())
-        say(f"  redis-server {stack.redis.url}   paper exchange {stack.paper_url}")
+        say(f"  redis-server {stack.redis.url}   paper exchange ({venue} dialect) {stack.paper_url}")
         say(f"  {positions} positions ({stack.seed}), {len(DEMO_ORDERS)} open orders "
             f"(3 resting limit, 3 conditional in the algo book)")
         say("  daemons: " + ", ".join(f"{n} pid {p.pid}" for n, p in stack.processes.items())

@@ -4,8 +4,11 @@
 
 (installed with the package; tools/test_panic_close.py is a wrapper kept for old scripts.)
 
-Uses the same environment as the daemons (REDIS_URL, EEXIT_EXCHANGE_URL / EEXIT_SANDBOX,
-EEXIT_API_KEY/SECRET or credentials, EEXIT_PANIC_HMAC_KEYS for signing as `ops`).
+Uses the same environment as the daemons (REDIS_URL, EEXIT_EXCHANGE (the venue; the paper
+exchange must speak its dialect: python -m eexit.paper --venue ...), EEXIT_EXCHANGE_URL /
+EEXIT_SANDBOX, EEXIT_API_KEY/SECRET(/PASSWORD) or credentials, EEXIT_PANIC_HMAC_KEYS for
+signing as `ops`). It reads the account through the same venue seam as the EEW and fails
+unless the report's scope is the configured venue's.
 
 Steps: refuse unless the exchange is the paper exchange or a ccxt sandbox (a real account only
 with BOTH --live and --yes-close-real-positions); check that the EEW is alive (its heartbeat
@@ -103,15 +106,17 @@ def run(args, env):
 
     try:
         silent_ms = env_float("EEXIT_STATUS_SILENT_S", 5.0, minimum=0.1, env=env) * 1000
-        kind, _cfg = exchange_kind(env)
+        kind, cfg = exchange_kind(env)
         keyring = signing.load_keys(env)
+        from eexit import exchange   # noqa: PLC0415 - imported by exchange_kind already
+        scope = exchange.scope(cfg.exchange_id)
     except ConfigError as exc:
         return finish(CONFIG_EXIT_CODE, f"configuration error: {exc}")
-    out["exchange"] = kind
+    out["exchange"], out["scope"] = kind, scope
     if kind == "live" and not (args.live and args.yes_close_real_positions):
         return finish(EXIT_REFUSED, "refused: the exchange is neither the paper exchange nor a sandbox; this drill "
                                     "CLOSES EVERY POSITION. Pass --live --yes-close-real-positions to run it anyway")
-    say(f"exchange: {kind}")
+    say(f"exchange: {kind}, scope {scope} (the drill and the EEW read these segments)")
     try:
         client = bus.connect(env=env)
         alive, why = eew_alive(client, silent_ms)
@@ -167,6 +172,9 @@ def run(args, env):
     failures = []
     if report.status != "FLAT":
         failures.append(f"report status {report.status} {report.detail}".strip())
+    if report.scope != scope:
+        # A FLAT covering other segments than this drill reads proves nothing about them.
+        failures.append(f"report scope {report.scope or '-'} is not the configured {scope}")
     if not (state.halted is True and state.event_id == event.event_id):
         failures.append(f"trading not halted by this event (halted={state.halted}, event_id={state.event_id or '-'})")
     if error is not None:

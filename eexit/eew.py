@@ -36,8 +36,8 @@ entry already handled finds its own "done" record and is only acknowledged.
 
 Threads. ccxt's sync client keeps per-request state (session, last response headers that
 hold Retry-After), so clients are not shared: the pool holds one client per worker thread,
-all sharing the markets loaded once at start-up. Binance signing is nonce-free (timestamp +
-HMAC), so parallel clients on one key are fine.
+all sharing the markets loaded once at start-up. Every supported venue signs with a timestamp
++ HMAC, no nonce sequence, so parallel clients on one key are fine.
 
 Which symbols get a cancel. Every symbol on which the fresh read (both books) saw an open
 order gets cancel-all (both books). A symbol with a position but no order seen gets none: a
@@ -47,7 +47,7 @@ the critical path (N = 50: +100 requests, several latencies). An order placed af
 loop does not end while any order is open: the next attempt cancels it.
 
 Concurrency with cancels. Cancels and closes of one attempt run in parallel: closes are
-reduce-only (hedge mode: positionSide, which Binance never lets exceed the position), so a
+reduce-only (hedge mode: the venue's position side, which never lets them exceed it), so a
 resting order filling meanwhile cannot make a close open exposure; the re-read after every
 attempt catches whatever the race left, and the next attempt cancels again.
 
@@ -126,9 +126,6 @@ PROBES = (
 # Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
 # so the entry-isolation path runs against real code. Unset (the default) it does nothing.
 FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
-# Binance USD-M's per-account order limits. Sliding windows never exceed the exchange's fixed
-# windows, yet let a whole burst go at once: 300 closes leave in one round, not over 10 s.
-DEFAULT_ORDER_LIMITS = "300/10,1200/60"
 PACING_MARGIN_S = 0.1
 
 
@@ -169,6 +166,7 @@ class Config:
             # Refuse to start: without a journal a bus-loss report could not be kept.
             raise ConfigError(f"EEXIT_JOURNAL={journal_path!r} cannot be opened for append: "
                               f"{exc.strerror}") from None
+        exchange_config = exchange.ExchangeConfig.from_env(env)
         return cls(
             redis_url=bus.redis_url(env),
             consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
@@ -180,14 +178,15 @@ class Config:
             journal_path=journal_path,
             concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 64, minimum=1, maximum=256, env=env),
             block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
-            order_limits=parse_order_limits(env_str("EEXIT_ORDER_LIMITS", DEFAULT_ORDER_LIMITS, env)),
+            order_limits=parse_order_limits(env_str(
+                "EEXIT_ORDER_LIMITS", exchange.default_order_limits(exchange_config.exchange_id), env)),
             heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, maximum=60, env=env),
             account_check_s=env_float("EEXIT_ACCOUNT_CHECK_S", 60, minimum=1, maximum=3600, env=env),
             max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
             fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
             halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
             halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
-            exchange_config=exchange.ExchangeConfig.from_env(env),
+            exchange_config=exchange_config,
             keyring=signing.load_keys(env),
         )
 
@@ -261,8 +260,13 @@ def decode_fields(raw):
     return {_text(key): _text(value) for key, value in (raw or {}).items()}
 
 
-def authorise(event, fields, authorized_sources, keyring):
-    """(ok, reason). Checks the claimed issuer, then its signature when keys are configured."""
+def authorise(event, fields, authorized_sources, keyring, problems=()):
+    """(ok, reason). Refuses a field over schema.MAX_TEXT (parsing cut it for display: a cut
+    event_id would share its ledger record with another event, which is then DUPLICATE and
+    never closes), then checks the claimed issuer, then its signature when keys are configured."""
+    too_long = next((problem for problem in problems if problem.startswith("too_long:")), None)
+    if too_long:
+        return False, too_long
     if event.issued_by not in authorized_sources:
         return False, f"unauthorized_issuer:{event.issued_by or '(none)'}"
     signed, why = signing.verify_fields(fields, keyring)
@@ -487,6 +491,7 @@ class ExchangePool:
 
     def __init__(self, cfg, size):
         self.cfg = cfg
+        self.exchange_id = cfg.exchange_id
         self.size = size
         self.rules = None
         self.free = queue.Queue()
@@ -520,25 +525,25 @@ class ExchangePool:
             self.free.put(client)
 
 
-def _read_positions(client):
-    return exchange.read_positions(client)
+def _read_positions(client, segment):
+    return exchange.read_segment_positions(client, segment)
 
 
 def _check_account(client):
-    """The account check's private read-only call: the balance, not the positions, so it
-    neither costs position-read weight nor shows in a panic's own reads."""
-    client.fetch_balance()
+    """The account check's private read-only call (the venue's cheapest signed read): it
+    neither costs position-read weight on Binance nor shows in a panic's own reads."""
+    exchange.check_key(client)
 
 
-def _read_orders(client, conditional):
-    return exchange.read_open_orders_book(client, conditional)
+def _read_orders(client, segment, book):
+    return exchange.read_segment_orders(client, segment, book)
 
 
-def _cancel_orders(client, symbol, conditional):
-    exchange.cancel_book(client, symbol, conditional)
+def _cancel_orders(client, symbol, conditional, orders):
+    exchange.cancel_book(client, symbol, conditional, orders)
 
 
-ORDER_BOOKS = (False, True)     # normal, conditional: read and cancelled as parallel requests
+ORDER_BOOKS = (False, True)     # normal, conditional: cancelled as parallel requests
 
 
 def _sleep(seconds, keepalive):
@@ -549,10 +554,13 @@ def _sleep(seconds, keepalive):
         keepalive()
 
 
-def _error_text(exc):
-    """Short, secret-free description of an exchange failure for logs and reports."""
-    kind = exchange.classify_error(exc)
-    return f"{kind.kind}:{kind.code}" if kind.code is not None else f"{kind.kind}:{type(exc).__name__}"
+def _error_text(exc, exchange_id):
+    """Short, secret-free description of an exchange failure for logs and reports, naming the
+    account segment when the failure concerns one."""
+    kind = exchange.classify_error(exc, exchange_id=exchange_id)
+    text = f"{kind.kind}:{kind.code}" if kind.code is not None else f"{kind.kind}:{type(exc).__name__}"
+    segment = getattr(exc, "eexit_segment", None)
+    return f"{text}:segment={segment}" if segment else text
 
 
 @dataclass
@@ -578,9 +586,12 @@ class Closer:
         self.config = config
         self.pool = pool
         self.pacer = pacer
+        self.last_read_error = ""
+        self.scope = exchange.scope(pool.exchange_id)
 
     def read_account(self, deadline, event_id, keepalive):
-        """Positions and open orders, fresh, retried until the deadline; None if never read."""
+        """Positions and open orders, fresh, retried until the deadline; None if never read
+        (self.last_read_error then says why, naming the segment that failed)."""
         for attempt in itertools.count():
             paused = self.pacer.paused_for()
             if paused > 0:
@@ -590,18 +601,23 @@ class Closer:
             try:
                 if not self.pool.ready:
                     self.pool.load_markets()
-                positions = self.pool.submit(_read_positions)
-                books = [self.pool.submit(_read_orders, conditional) for conditional in ORDER_BOOKS]
-                return Account(positions.result(), [o for book in books for o in book.result()])
+                # Every segment and book at once: one latency, not one per segment.
+                venue = exchange.venue(self.pool.exchange_id)
+                positions = [self.pool.submit(_read_positions, segment) for segment in venue.SEGMENTS]
+                books = [self.pool.submit(_read_orders, segment, book)
+                         for segment in venue.SEGMENTS for book in venue.BOOKS]
+                return Account([p for part in positions for p in part.result()],
+                               [o for book in books for o in book.result()])
             except Exception as exc:  # noqa: BLE001 - any failure means "account unknown"
                 # Unknown is never empty: wait and read again until the deadline; the caller
                 # reports FAILED if no read ever succeeds.
-                kind = exchange.classify_error(exc)
+                kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
+                self.last_read_error = _error_text(exc, self.pool.exchange_id)
                 wait = kind.retry_after_s if kind.retry_after_s is not None else \
                     READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
                 if kind.kind == "rate_limited":
                     self.pacer.pause(wait)
-                log.warning("account_read_failed", event_id=event_id, error=_error_text(exc),
+                log.warning("account_read_failed", event_id=event_id, error=self.last_read_error,
                             retry_in_s=wait)
                 if time.monotonic() + wait > deadline:
                     return None
@@ -613,7 +629,9 @@ class Closer:
         KEEPALIVE_S from this (the main) thread meanwhile."""
         plan = flatten.plan_close(account.positions, self.pool.rules or {}, attempt, event_id)
         symbols = sorted({o.symbol for o in account.orders})
-        cancels = {self.pool.submit(self._cancel, symbol, conditional): (symbol, conditional)
+        cancels = {self.pool.submit(self._cancel, symbol, conditional,
+                                    [o for o in account.orders
+                                     if o.symbol == symbol and o.conditional == conditional]): (symbol, conditional)
                    for symbol in symbols for conditional in ORDER_BOOKS}
         closes = {self.pool.submit(self._close, order, deadline): order for order in plan}
         waiting = set(cancels) | set(closes)
@@ -640,14 +658,14 @@ class Closer:
                  cancelled=result.cancelled, errors=len(result.errors))
         return result
 
-    def _cancel(self, client, symbol, conditional):
+    def _cancel(self, client, symbol, conditional, orders):
         """None on success, else a short error text. Runs on a pool thread."""
         try:
-            _cancel_orders(client, symbol, conditional)
+            _cancel_orders(client, symbol, conditional, orders)
             return None
         except Exception as exc:  # noqa: BLE001 - one failed cancel is recorded, not raised
             # The re-read shows whether orders are still resting; the next attempt cancels again.
-            return _error_text(exc)
+            return _error_text(exc, self.pool.exchange_id)
 
     def _close(self, client, order, deadline):
         """None once the exchange accepted the order, else a short error text. A 429/418 is
@@ -660,13 +678,13 @@ class Closer:
                 return "deadline"
             try:
                 exchange.place_close_order(client, order.symbol, order.side, order.amount,
-                                           order.position_side, order.client_order_id)
+                                           order.position_side, order.client_order_id, order.margin_mode)
                 return None
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
                 kind = exchange.classify_error(exc, client)
                 if kind.kind != "rate_limited":
                     # Not retried blind: the re-read shows what is left and re-plans it.
-                    return _error_text(exc)
+                    return _error_text(exc, self.pool.exchange_id)
                 # Everyone waits: the limit is per account/IP, not per thread.
                 self.pacer.pause(kind.retry_after_s or 1.0)
         return "rate_limited:retries_exhausted"
@@ -680,8 +698,8 @@ class Closer:
         account = self.read_account(deadline, event_id, keepalive)
         if account is None:
             return dict(status=flatten.FAILED, positions_total=None, positions_closed=None,
-                        positions_failed=None, detail="positions_unreadable_until_deadline",
-                        attempts=record.get("attempt", 0))
+                        positions_failed=None, scope=self.scope, attempts=record.get("attempt", 0),
+                        detail=f"positions_unreadable_until_deadline:{self.last_read_error}")
         if record.get("initial") is None:
             record["initial"] = sorted({"|".join(flatten.position_key(p)) for p in account.positions})
         attempt = record.get("attempt", 0)
@@ -712,7 +730,8 @@ class Closer:
 
     def _summary(self, record, account, attempts, cancelled, errors, sent=0):
         initial = set(record.get("initial") or [])
-        fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts)
+        fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts,
+                      scope=self.scope)
         # orders_sent/orders_rejected (close orders accepted / refused or failed, this run of
         # the close) feed the metrics counters (eexit/metrics.py).
         fields["extra"] = {"orders_sent": str(sent),
@@ -722,7 +741,7 @@ class Closer:
         if account is None:
             # Orders were sent but nothing confirms what happened: not FLAT, not RESIDUAL.
             return dict(fields, status=flatten.FAILED, positions_closed=None, positions_failed=None,
-                        detail="verify_unreadable_until_deadline")
+                        detail=f"verify_unreadable_until_deadline:{self.last_read_error}")
         residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
         left = {"|".join(flatten.position_key(p)) for p in account.positions}
         detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
@@ -978,7 +997,7 @@ class Worker:
             # Not ready: READY=1 is withheld and the heartbeat says DEGRADED; a panic arriving
             # now still runs and retries the markets inside its own deadline.
             self.next_markets_try = time.monotonic() + 2.0
-            log.error("markets_load_failed", error=_error_text(exc))
+            log.error("markets_load_failed", error=_error_text(exc, self.pool.exchange_id))
             return
         if not self.ready_sent:
             self.notifier.ready("waiting for panic events")
@@ -1089,7 +1108,7 @@ class Worker:
                  reason=event.reason, age_ms=age_ms, problems=",".join(problems))
 
         allowed, why = authorise(event, decode_fields(raw), self.config.authorized_sources,
-                                 self.config.keyring)
+                                 self.config.keyring, problems)
         if not allowed:
             log.warning("panic_rejected", event_id=event_id, entry_id=entry_id, why=why)
             self.report_without_action(entry_id, dict(base, status="REJECTED", detail=why))
@@ -1313,7 +1332,8 @@ class Worker:
             fields = dict(status=flatten.RESIDUAL, positions_total=len(account.positions), positions_closed=0,
                           positions_failed=len(account.positions), residual_positions=residual, dust=dust,
                           failed_symbols=sorted({p.symbol for p in account.positions}), orders_cancelled=0,
-                          attempts=0, detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
+                          attempts=0, scope=self.closer.scope,
+                          detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
             fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),

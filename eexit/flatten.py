@@ -17,16 +17,17 @@ Decisions made here, and why:
   an order the exchange may reject is better than not trying (fail-closed).
 - Dust = a position a market order cannot close. Below the minimum quantity after rounding it
   cannot even be expressed: it is never planned. Below the minimum notional it is STILL
-  planned: Binance exempts reduce-only closes from MIN_NOTIONAL (-4164 "unless you choose
-  reduce only"), and trying costs one request (fail-closed). If such a position survives to the
+  planned: venues exempt reduce-only closes from their minimum notional (e.g. "unless you
+  choose reduce only"), and trying costs one request (fail-closed). If such a position survives to the
   final read it is reported as dust ("below_min_notional") rather than residual.
 - Status: FLAT only when the final successful re-read shows no position at all. Dust-only is
   RESIDUAL with the dust listed (conservative: the account is not flat, an operator must look).
   No successful final read is FAILED, never FLAT and never "0 positions".
 - Client order ids are derived from (event_id, attempt, symbol, position_side, chunk index) by
   SHA-256: the same request retried inside one attempt carries the same id, so the exchange
-  refuses a double; a new attempt (after a re-read) gets new ids. Binance allows 36 characters
-  of [.A-Z:/a-z0-9_-]; ours are "eexit-" + 30 hex digits.
+  refuses a double; a new attempt (after a re-read) gets new ids. Ours are "eexit" + 27 hex
+  digits: 32 letters and digits, the strictest rule of the supported venues (one format for
+  all, so no venue name is needed here).
 """
 
 import hashlib
@@ -37,8 +38,8 @@ FLAT = "FLAT"
 RESIDUAL = "RESIDUAL"
 FAILED = "FAILED"
 
-CLIENT_ID_PREFIX = "eexit-"
-CLIENT_ID_LENGTH = 36
+CLIENT_ID_PREFIX = "eexit"
+CLIENT_ID_LENGTH = 32
 MAX_CHUNKS_PER_POSITION = 100
 
 
@@ -49,6 +50,7 @@ class CloseOrder:
     amount: float
     position_side: str     # "BOTH" | "LONG" | "SHORT"
     client_order_id: str
+    margin_mode: str | None = None   # the position's, where the venue wants it on the close
 
 
 def _dec(value):
@@ -147,7 +149,8 @@ def plan_close(positions, markets, attempt, event_id):
                 symbol=position.symbol, side=closing_side(position), amount=float(amount),
                 position_side=position.position_side,
                 client_order_id=client_order_id(event_id, attempt, position.symbol,
-                                                position.position_side, index)))
+                                                position.position_side, index),
+                margin_mode=getattr(position, "margin_mode", None)))
     return orders
 
 

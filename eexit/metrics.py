@@ -20,7 +20,7 @@ from . import __version__, schema
 HEARTBEATS = (("exit_brain", schema.HEARTBEAT_STREAM),
               ("eew", schema.EEW_HEARTBEAT_STREAM),
               ("watchdog", schema.WATCHDOG_HEARTBEAT_STREAM))
-EXPECTED_GROUPS = (schema.EEW_GROUP, schema.AUDIT_GROUP)
+EXPECTED_GROUPS = (schema.EEW_GROUP,)   # the audit logger reads with XREAD: no group of its own
 HEARTBEAT_STATES = ("OK", "DEGRADED", "UNKNOWN")
 PANIC_STATES = (*schema.REPORT_STATUSES, "UNKNOWN", "NONE")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import bus, schema, signing
+from . import alert, bus, schema, signing
 
 OPS_AUDIT_STREAM = "eexit:ops:audit"
 OPS_AUDIT_MAXLEN = None          # never trimmed: it is the record of who resumed trading
@@ -156,6 +156,7 @@ def gather_status(client, events=5):
         "panics": recent,
         "pending": pending_summary(client),
         "guard": guard_summary(client, now_ms),
+        "alerts": alert.read_outbox_status(client, now_ms),
     }
 
 
@@ -182,7 +183,7 @@ def report_dict(entry_id, report):
             "residual_positions": report.residual_positions, "orders_cancelled": report.orders_cancelled,
             "ts_started": report.ts_started, "ts_completed": report.ts_completed,
             "execution_time_ms": report.execution_time_ms, "detail": report.detail,
-            "issued_by": report.issued_by, "reason": report.reason}
+            "issued_by": report.issued_by, "reason": report.reason, "scope": report.scope}
 
 
 # ---------------------------------------------------------------------------- panic

@@ -1,8 +1,11 @@
 """Paper exchange: a local Binance USDⓈ-M futures REST dialect that real ccxt `binanceusdm`
-talks to, with an account model and fault injection. Every test, the demo and the drills use
-it; nothing here is used against a real exchange.
+talks to, with an account model and fault injection; the same account also speaks Bybit v5
+(eexit/paper_bybit.py) and OKX v5 (eexit/paper_okx.py) through serve_dialect (--venue /
+venue=). Every test, the demo and the drills use it; nothing here is used against a real
+exchange.
 
-    python -m eexit.paper --port 0 [--seed BTCUSDT:0.01,ETHUSDT:-0.5] [--hedge]
+    python -m eexit.paper --port 0 [--venue binanceusdm|bybit|okx] [--api-password P]
+                          [--seed BTCUSDT:0.01,ETHUSDT:-0.5] [--hedge]
                           [--latency-ms N] [--jitter-ms N] [--api-key K --api-secret S]
                           [--synthetic N] [--seed-all QTY] [--fault JSON]...
 
@@ -51,6 +54,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_API_KEY = "paper-key"
 DEFAULT_API_SECRET = "paper-secret"
+DEFAULT_API_PASSWORD = "paper-pass"
+DIALECTS = ("binanceusdm", "bybit", "okx")
+
+
+def _dialect(venue):
+    """The module that speaks venue's wire format over the shared Account (None: Binance)."""
+    if venue == "binanceusdm":
+        return None
+    from importlib import import_module   # noqa: PLC0415 - dialect modules import this one
+    return import_module(f"eexit.paper_{venue}")
 DEFAULT_BALANCE = "1000000"
 MAX_BODY_BYTES = 64 * 1024
 MAX_DRAIN_BYTES = 16 * 1024 * 1024
@@ -154,12 +167,15 @@ def parse_seed(spec):
 
 
 class Market:
-    __slots__ = ("id", "base", "tick", "step", "min_qty", "max_qty", "market_max", "min_notional",
-                 "price_precision", "qty_precision", "info")
+    __slots__ = ("id", "base", "quote", "category", "tick", "step", "min_qty", "max_qty", "market_max",
+                 "min_notional", "price_precision", "qty_precision", "info")
 
-    def __init__(self, market_id, tick, step, min_qty, max_qty, market_max, min_notional):
+    def __init__(self, market_id, tick, step, min_qty, max_qty, market_max, min_notional,
+                 base=None, quote="USDT", category="linear"):
         self.id = market_id
-        self.base = market_id[:-4]
+        self.base = base or market_id[:-len(quote)]
+        self.quote = quote          # = the settle coin for linear; inverse settles in base
+        self.category = category    # "linear" | "inverse" (dialects other than Binance)
         self.tick = Decimal(tick)
         self.step = Decimal(step)
         self.min_qty = Decimal(min_qty)
@@ -192,11 +208,26 @@ class Market:
         }
 
 
-def default_markets(synthetic=0):
+# Extra segments of dialects that have them: id, mark, tick, step, min, max, market max,
+# min notional, base, quote, category. Inverse quantities are USD contracts.
+EXTRA_MARKETS = {
+    "bybit": [
+        ("BTCPERP", "65000", "0.5", "0.001", "0.001", "500", "50", "5", "BTC", "USDC", "linear"),
+        ("ETHPERP", "3200", "0.05", "0.01", "0.01", "5000", "500", "5", "ETH", "USDC", "linear"),
+        ("BTCUSD", "65000", "0.5", "1", "1", "1000000", "100000", "0", "BTC", "USD", "inverse"),
+        ("ETHUSD", "3200", "0.05", "1", "1", "1000000", "100000", "0", "ETH", "USD", "inverse"),
+    ],
+}
+
+
+def default_markets(synthetic=0, venue="binanceusdm"):
     """The realistic table plus `synthetic` generated symbols P0001USDT... (mark 10, step 0.1)
-    for benchmarks that need hundreds of distinct positions."""
+    for benchmarks that need hundreds of distinct positions, plus the venue's extra segments."""
     markets = {}
     marks = {}
+    for market_id, mark, *rest in EXTRA_MARKETS.get(venue, []):
+        markets[market_id] = Market(market_id, *rest)
+        marks[market_id] = Decimal(mark)
     for market_id, mark, tick, step, min_qty, max_qty, market_max, notional in _MARKETS:
         markets[market_id] = Market(market_id, tick, step, min_qty, max_qty, market_max, notional)
         marks[market_id] = Decimal(mark)
@@ -294,6 +325,7 @@ class Account:
         self.open_algo = {}          # algoId -> algo order dict
         self.client_ids = {}         # clientOrderId -> orderId
         self.countdowns = {}         # market_id -> (deadline monotonic, countdown ms)
+        self.margin_modes = {}       # (market_id, positionSide) -> "isolated" (dialects with tdMode)
         self._order_ids = itertools.count(8000000)
         self._algo_ids = itertools.count(3000000)
 
@@ -836,8 +868,14 @@ class PaperExchange:
     """The paper exchange, in-process. start() returns the base URL; stop() ends it."""
 
     def __init__(self, seed=None, hedge=False, latency_ms=0, jitter_ms=0, api_key=DEFAULT_API_KEY,
-                 api_secret=DEFAULT_API_SECRET, port=0, synthetic=0, balance=DEFAULT_BALANCE, faults=()):
-        markets, marks = default_markets(synthetic)
+                 api_secret=DEFAULT_API_SECRET, port=0, synthetic=0, balance=DEFAULT_BALANCE, faults=(),
+                 venue="binanceusdm", api_password=DEFAULT_API_PASSWORD):
+        if venue not in DIALECTS:
+            raise ValueError(f"unknown venue {venue!r}; one of {sorted(DIALECTS)}")
+        self.venue = venue
+        self.dialect = _dialect(venue)
+        self.api_password = api_password
+        markets, marks = default_markets(synthetic, venue)
         self.account = Account(markets, marks, hedge=hedge, balance=balance)
         self.account.seed(seed)
         self.api_key = api_key
@@ -930,14 +968,32 @@ class PaperExchange:
     def position_amount(self, market_id, position_side="BOTH"):
         return float(self.account.position_amount(market_id, position_side))
 
+    def set_margin_mode(self, market_id, position_side, mode):
+        """"cross" | "isolated" for one position (dialects whose orders carry a margin mode)."""
+        self.account.margin_modes[(market_id.upper(), position_side.upper())] = mode
+
     def market_ids(self):
         return list(self.account.markets)
+
+    def add_order(self, market_id, side, qty, price=None, trigger=None, position_side=None,
+                  reduce_only=False):
+        """Seed one resting order: a limit order (price) in the regular book, or a
+        conditional stop-market order (trigger) in the conditional book; any dialect."""
+        account = self.account
+        position_side = position_side or ("BOTH" if not account.hedge else
+                                          ("LONG" if (side.upper() == "BUY") != reduce_only else "SHORT"))
+        p = {"symbol": market_id, "side": side.upper(), "quantity": str(qty), "positionSide": position_side}
+        if reduce_only and not account.hedge:
+            p["reduceOnly"] = "true"
+        if trigger is not None:
+            return account.place_algo(dict(p, type="STOP_MARKET", triggerPrice=str(trigger)))
+        return account.place_order(dict(p, type="LIMIT", price=str(price), timeInForce="GTC"))
 
     def reset(self, seed=None, hedge=None):
         """Back to the start-up state (or a new seed), faults and request log cleared."""
         seed0, hedge0, balance0 = self._initial
         markets = self.account.markets
-        _, marks = default_markets(0)
+        _, marks = default_markets(0, self.venue)
         fresh = Account(markets, {m: marks.get(m, Decimal("10.000")) for m in markets},
                         hedge=hedge0 if hedge is None else hedge, balance=balance0)
         fresh.seed(seed0 if seed is None else seed)
@@ -1090,6 +1146,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = split.path
         if path.startswith("/_paper/"):
             self._admin(method, path, split.query)
+            return
+        if paper.dialect is not None:
+            serve_dialect(self, method, path, split.query, paper.dialect)
             return
         entry = {"method": method, "path": path, "params": {}, "ts": _now_ms(), "status": None}
         paper.request_log.append(entry)
@@ -1382,6 +1441,85 @@ class _Handler(BaseHTTPRequestHandler):
         return {"symbol": market_id, "countdownTime": str(countdown)}
 
 
+# ------------------------------------------------------------------------------- other dialects
+
+class DialectError(Exception):
+    """An answer in a dialect's own format: JSON `payload`, or `raw` text (HTML pages)."""
+
+    def __init__(self, status, payload=None, headers=None, raw=None, code=None):
+        super().__init__(code)
+        self.status, self.payload, self.headers, self.raw, self.code = status, payload, headers or {}, raw, code
+
+
+def serve_dialect(h, method, path, query, d):
+    """One request in dialect module d (paper_bybit, paper_okx): the same request log, fault
+    engine and Account as the Binance dialect, with d's routes, signatures and envelopes.
+    d provides ROUTES, parse(method, query, body), authenticate(h, method, path, query, body),
+    envelope(result), translate(BinanceError), rate_limited(retry_s), fault_error(fault),
+    and one ep_<name>(paper, params, path, method) per route. A fault's "path" is matched
+    against the path plus "?k=v&..." of the parameters, so "settleCoin=USDC" scopes one
+    segment; the log's "status" of a refused request is d's error code."""
+    paper = h.paper
+    entry = {"method": method, "path": path, "params": {}, "ts": _now_ms(), "status": None}
+    paper.request_log.append(entry)
+    try:
+        try:
+            body = h._read_body()
+            params = d.parse(method, query, body)
+            entry["params"] = params
+            items = params if isinstance(params, list) else [params]
+            symbol = d.symbol_of(items[0]) if items and isinstance(items[0], dict) else None
+            fault_path = path + "?" + "&".join(f"{k}={v}" for item in items if isinstance(item, dict)
+                                               for k, v in item.items())
+            for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+                delay = float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))
+                time.sleep(delay / 1000.0)
+            for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
+                if fault["kind"] == "hang":
+                    entry["status"] = "hang"
+                    paper._stopping.wait(float(fault.get("seconds", 30)))
+                    h.close_connection = True
+                    return
+                if fault["kind"] == "reset":
+                    entry["status"] = "reset"
+                    h._reset()
+                    return
+                raise d.fault_error(fault)
+            route = d.ROUTES.get((method, path))
+            if route is None:
+                raise d.translate(BinanceError(404, -5000, f"Path {path} not found."))
+            name, signed, is_order = route
+            _, orders10s, _ = paper._use_weight(1, is_order)
+            if is_order:
+                for fault in paper.faults.take({"order_limit"}, fault_path, method, symbol):
+                    if orders10s > float(fault["limit"]):
+                        raise d.rate_limited(10 - time.time() % 10)
+            if signed:
+                d.authenticate(h, method, path, query, body)
+            paper.account.expire_countdowns()
+            result = getattr(d, "ep_" + name)(paper, params, fault_path, method)
+        except BinanceError as exc:
+            raise d.translate(exc) from None
+    except DialectError as exc:
+        entry["status"] = exc.code if exc.code is not None else exc.status
+        if exc.raw is not None:
+            h._send_raw(exc.status, exc.raw.encode(), exc.headers)
+        else:
+            h._send(exc.status, exc.payload, exc.headers)
+        return
+    except Exception as exc:  # noqa: BLE001 - the server must keep serving whatever arrives
+        entry["status"] = 500
+        h._send(500, d.envelope(None, error=f"System error ({type(exc).__name__})"))
+        return
+    entry["status"] = 200
+    h._send(200, d.envelope(result))
+
+
+def html_page(status):
+    return DialectError(status, raw=f"<html><body><h1>{status}</h1></body></html>",
+                        headers={"Content-Type": "text/html"})
+
+
 def _parse_params(query, body):
     params = {}
     for source in (query, body):
@@ -1421,6 +1559,8 @@ def _fault_error(fault):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m eexit.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--venue", default="binanceusdm", choices=DIALECTS, help="wire dialect")
+    parser.add_argument("--api-password", default=DEFAULT_API_PASSWORD, help="passphrase (okx)")
     parser.add_argument("--seed", default="", help="SYMBOL:QTY,... (negative QTY = short)")
     parser.add_argument("--seed-all", default=None, help="open QTY on every symbol (benchmarks)")
     parser.add_argument("--synthetic", type=int, default=0, help="add N generated symbols P0001USDT...")
@@ -1435,7 +1575,8 @@ def main(argv=None):
         faults = [json.loads(text) for text in args.fault]
         paper = PaperExchange(seed=args.seed, hedge=args.hedge, latency_ms=args.latency_ms,
                               jitter_ms=args.jitter_ms, api_key=args.api_key, api_secret=args.api_secret,
-                              port=args.port, synthetic=args.synthetic, faults=faults)
+                              port=args.port, synthetic=args.synthetic, faults=faults, venue=args.venue,
+                              api_password=args.api_password)
         if args.seed_all is not None:
             amount = Decimal(args.seed_all)
             for market_id in paper.market_ids():

@@ -4,7 +4,8 @@ Every message has `to_fields()` (str -> str, ready for XADD/HSET) and a classmet
 `from_fields(raw)` returning `(message, problems)`. `from_fields` never raises: a safety daemon
 that crashes on a malformed entry is a daemon an attacker (or a bug) can switch off with one
 XADD. Problems are short codes such as `missing:event_id` or `bad_int:ts`; the caller decides
-what a problem means (the EEW still executes an authorised but malformed panic).
+what a problem means (the EEW still executes an authorised but malformed panic, except one
+with a field over MAX_TEXT: that is REJECTED, see eew.authorise).
 
 Missing or unreadable numbers parse to None, never to 0: "0 positions" must only ever mean the
 producer said 0 (SPEC §4.1, §4.6).
@@ -27,7 +28,6 @@ GUARD_KEY = "eexit:eew:guard"              # the halt guard's status (hash), see
 GUARD_LEASE_KEY = "eexit:eew:guard:lease"   # which EEW guards: its consumer name, PX lease
 
 EEW_GROUP = "emergency_exit_worker"
-AUDIT_GROUP = "audit_logger"
 
 HEARTBEAT_MAXLEN = 1000
 
@@ -37,7 +37,9 @@ HEARTBEAT_STATUSES = ("OK", "DEGRADED")
 REPORT_STATUSES = ("FLAT", "RESIDUAL", "FAILED", "REJECTED", "DUPLICATE")
 
 # Bounds that make a value absurd rather than merely surprising.
-MAX_TEXT = 1024                       # chars kept of any text field; longer is truncated
+MAX_TEXT = 1024                       # longest text field or name; longer is the problem
+                                      # too_long:<name> (the EEW rejects such a panic) and is
+                                      # cut to this length for display only
 MAX_TS_MS = 32503680000000            # year 3000
 MAX_COUNT = 1_000_000                 # positions, orders, attempts
 MAX_DURATION_MS = 10 * 365 * 86400 * 1000
@@ -182,10 +184,9 @@ class _FieldReader:
         for name, value in self.values.items():
             if name in self.consumed:
                 continue
-            if len(value) > MAX_TEXT:
+            if len(name) > MAX_TEXT or len(value) > MAX_TEXT:
                 self.problems.append(f"too_long:{name[:64]}")
-                value = value[:MAX_TEXT]
-            kept[name[:MAX_TEXT]] = value
+            kept[name[:MAX_TEXT]] = value[:MAX_TEXT]
         return kept
 
 
@@ -258,6 +259,7 @@ class CompletionReport:
     event_age_ms: int | None = None
     detail: str = ""              # why REJECTED / FAILED, or the original of a DUPLICATE
     problems: list = field(default_factory=list)   # schema problems of the panic event
+    scope: str = ""               # venue:segments the account read covered (what FLAT means)
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
@@ -273,7 +275,7 @@ class CompletionReport:
             ("residual_positions", self.residual_positions), ("dust", self.dust),
             ("orders_cancelled", self.orders_cancelled), ("attempts", self.attempts),
             ("event_age_ms", self.event_age_ms), ("detail", self.detail),
-            ("problems", self.problems),
+            ("problems", self.problems), ("scope", self.scope),
         ], self.extra)
 
     @classmethod
@@ -298,6 +300,7 @@ class CompletionReport:
             event_age_ms=r.integer("event_age_ms", MAX_TS_MS, required=False),
             detail=r.text("detail", required=False),
             problems=r.json_list("problems", required=False),
+            scope=r.text("scope", required=False),
         )
         report.extra = r.extra()
         return report, r.problems

@@ -57,6 +57,14 @@ and stop WATCHDOG=1 pings once no evaluation succeeded for longer than the syste
 interval, so systemd sees a watchdog that cannot watch. The watchdog publishes its own
 heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S.
 
+Other openers of the incident (opened_by=hook: the brain unit's ExecStopPost= hook, eexit/hook.py,
+which publishes the moment the brain's process dies): the watchdog adopts such an incident
+when its rules fire or when a report arrives, and closes it by the same re-arm rule, so one
+death is one event id. An incident it would adopt (on a rule, a report or a restart) is
+closed instead when the brain sent an OK heartbeat after that event's final report: it
+belongs to an earlier outage, and a rule that fires opens a new one. An adopted id that has
+no panic entry yet is published at once.
+
 This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
 
@@ -298,6 +306,8 @@ class Watchdog:
     def _recover_incident(self, now):
         stored = {bus.as_text(k): bus.as_text(v) for k, v in self.client.hgetall(INCIDENT_KEY).items()}
         if self.incident is None and stored.get("event_id"):
+            if self._drop_if_outlived(stored["event_id"]):
+                return
             try:
                 opened_at_ms = int(stored.get("opened_at_ms", "0"))
             except ValueError:
@@ -328,6 +338,24 @@ class Watchdog:
             if report.event_id == event_id:
                 return report.status or "UNKNOWN"
         return ""
+
+    def _drop_if_outlived(self, event_id):
+        """Close the shared incident event_id, and return True, when that event has a final
+        report and the brain sent an OK heartbeat after it: the incident belongs to an earlier
+        outage (a hook's incident nobody adopted, or one planted with a used event id, which
+        the EEW would only answer DUPLICATE), so adopting it would suppress this outage's
+        panic. Two watchdogs doing this at once can open two incidents: a needless second
+        flatten, never a missed one."""
+        for entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
+            report, _problems = schema.CompletionReport.from_fields(fields)
+            if report.event_id == event_id and report.status in ("FLAT", "RESIDUAL", "FAILED"):
+                later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
+                if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
+                    self.log.warning("incident_outlived", event_id=event_id)
+                    self._close_incident(Incident(event_id, "", "", 0))
+                    return True
+                return False
+        return False
 
     def _panic_published(self, event_id):
         for _entry_id, fields in self.client.xrevrange(schema.PANIC_STREAM, "+", "-", count=REPORT_SCAN):
@@ -388,6 +416,10 @@ class Watchdog:
                     self.state = self._observe(self.state, fields, sent_at)
                 else:
                     self.report_id = bus.as_text(entry_id)
+                    if self.incident is None:
+                        # Another opener's incident (the ExecStopPost hook, another watchdog)
+                        # is adopted when a report arrives, so it closes by our re-arm rule.
+                        self._recover_incident(received_at)
                     self._on_report(fields)
         now = self.monotonic()
         trigger = evaluate(self.state, now, self.cfg.limits)
@@ -436,7 +468,10 @@ class Watchdog:
         # The hash first: a crash before the XADD then re-publishes THIS id after restart.
         # Watchdogs on several hosts share INCIDENT_KEY: the first claim (HSETNX event_id) wins
         # and the others adopt its event_id, so one outage is one execution (docs/HA.md).
-        event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, candidate.to_fields())
+        claim = {**candidate.to_fields(), "opened_by": ISSUER}
+        event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
+        if not won and self._drop_if_outlived(event_id):
+            event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
         if won:
             self.incident = candidate
             self.log.critical("incident_opened", event_id=event_id, reason=trigger.reason,
@@ -449,9 +484,13 @@ class Watchdog:
         # The winner publishes; we re-publish the SAME id only if no report appears in time
         # (covers a winner that died between its claim and its XADD): fail-closed, and never
         # a second execution.
-        adopted.next_publish_at = now + self.cfg.republish_s
+        # No panic entry at all for it: its opener died (or was stopped) between claim and
+        # XADD; publish now rather than after the republish delay.
+        adopted.next_publish_at = now + (self.cfg.republish_s if self._panic_published(event_id) else 0.0)
         self.incident = adopted
-        self.log.critical("incident_adopted", event_id=event_id, reason=trigger.reason)
+        opened_by = bus.as_text(self.client.hget(INCIDENT_KEY, "opened_by") or b"")
+        self.log.critical("incident_adopted", event_id=event_id, reason=trigger.reason, opened_by=opened_by,
+                          completed_status=adopted.completed_status)
 
     def _publish_panic(self, incident, now):
         context = {"detail": incident.detail, "publish_count": incident.publish_count + 1,

@@ -1,6 +1,7 @@
 """The audit logger: the hash chain (pure, on files) and the daemon as a real process against a
-real redis-server: kill -9 mid-stream, the crash window between fsync and XACK, torn lines,
-a broken chain, a second instance, and Redis losing its streams."""
+real redis-server under the shipped ACL as the read-only eexit-audit user: kill -9 mid-stream,
+the crash window between fsync and the next read, interrupted writes, a broken or forged
+chain, a second instance, and Redis losing its streams."""
 
 import io
 import json
@@ -16,7 +17,8 @@ import unittest
 
 from eexit import audit, schema
 from eexit.log import Logger
-from tests.harness import RedisTestCase, python_env, start_module, stop_process, wait_for
+from tests.acl_harness import AclRedisTestCase, user_url
+from tests.harness import python_env, start_module, stop_process, wait_for
 
 
 def quiet_log():
@@ -70,7 +72,7 @@ class ChainTests(TempDirMixin, unittest.TestCase):
             else:
                 stream = schema.PANIC_STREAM if number % 2 else schema.COMPLETED_STREAM
                 bodies.append(audit.stream_body(stream, f"{number}-0", {"event_id": f"ev-{number}"}, number))
-        chain.append(bodies[:2])       # two batches: the head follows each append
+        chain.append(bodies[:2])       # two batches: the head is written ahead of each
         chain.append(bodies[2:])
         chain.close()
         self.original = read_lines(self.path)
@@ -124,7 +126,16 @@ class ChainTests(TempDirMixin, unittest.TestCase):
         for index in range(self.LINES):
             with self.subTest(line=index + 1):
                 write_lines(self.path, self.original[:index] + self.original[index + 1:])
-                self.assert_broken_at(index + 1, "missing" if index + 1 == self.LINES else "deleted")
+                if index + 1 < self.LINES:
+                    self.assert_broken_at(index + 1, "deleted")
+                else:
+                    # Cutting the end of the last batch looks like that write being interrupted
+                    # (the head is written first): it fails from the batch's first line.
+                    self.assert_broken_at(3, "did not finish")
+
+    def test_cutting_whole_batches_off_the_end_is_missing(self):
+        write_lines(self.path, self.original[:1])
+        self.assert_broken_at(2, "missing")
 
     def test_swapping_any_two_adjacent_lines_names_the_first(self):
         for index in range(self.LINES - 1):
@@ -158,13 +169,61 @@ class ChainTests(TempDirMixin, unittest.TestCase):
             f.write("{}")
         self.assert_broken_at(None, "malformed")
 
-    def test_head_may_lag_but_never_lead(self):
-        # A crash between the file's fsync and the head's rename leaves the head one batch behind.
-        lines = parsed(self.path)
+    def forge_appended_line(self):
+        """A line appended by someone else, with a correctly recomputed chain."""
+        last = parsed(self.path)[-1]
+        body = audit.stream_body(schema.COMPLETED_STREAM, "99-0", {"event_id": "ev-1", "status": "FLAT"}, 9)
+        line, _ = audit.seal(last["seq"] + 1, last["hash"], body)
+        with open(self.path, "ab") as f:
+            f.write(line + b"\n")
+
+    def test_an_appended_forged_line_fails_naming_it(self):
+        """Issue 14, behaviour 7: a head that lags the file is never accepted."""
+        self.forge_appended_line()
+        self.assert_broken_at(self.LINES + 1, "not recorded in the head file")
+        # The old-format head (no base) of the same length is refused the same way.
+        last = parsed(self.path)[self.LINES - 1]
         with open(audit.head_path(self.path), "wb") as f:
-            f.write(audit.canonical({"seq": 2, "hash": lines[1]["hash"]}))
+            f.write(audit.canonical({"seq": self.LINES, "hash": last["hash"]}))
+        self.assert_broken_at(self.LINES + 1, "not recorded in the head file")
+
+    def test_head_written_ahead_of_an_interrupted_write_fails_until_repaired(self):
+        # The head is written before the batch: a crash mid-batch leaves it ahead of the file.
+        chain = audit.AuditFile(self.path, quiet_log()).open()
+        bodies = [audit.stream_body(schema.PANIC_STREAM, f"{n}-1", {"event_id": f"late-{n}"}, n) for n in (7, 8, 9)]
+        seq, prev, lines = chain.seq, chain.last_hash, []
+        for body in bodies:
+            seq += 1
+            line, prev = audit.seal(seq, prev, body)
+            lines.append(line)
+        chain._write_head(seq, prev)
+        chain.close()
+        for landed in (0, 1, 2):
+            with self.subTest(lines_landed=landed):
+                write_lines(self.path, self.original + lines[:landed])
+                self.assert_broken_at(self.LINES + 1, "did not finish")
+        with open(self.path, "ab") as f:
+            f.write(lines[2][:30])                                    # and a torn third
+        self.assert_broken_at(self.LINES + 1, "did not finish")
+        # Starting repairs it: what landed is moved aside, the file is what the head's base says.
+        chain = audit.AuditFile(self.path, quiet_log()).open()
+        self.addCleanup(chain.close)
+        self.assertEqual(chain.seq, self.LINES)
+        self.assertEqual(read_lines(self.path), self.original)
         ok, _, reason = audit.verify_file(self.path)
         self.assertTrue(ok, reason)
+        [aside] = [name for name in os.listdir(os.path.dirname(self.path)) if ".torn-" in name]
+        with open(os.path.join(os.path.dirname(self.path), aside), "rb") as f:
+            self.assertEqual(f.read(), lines[0] + b"\n" + lines[1] + b"\n" + lines[2][:30])
+
+    def test_the_daemon_refuses_a_forged_line_and_does_not_reseal_it(self):
+        self.forge_appended_line()
+        forged, head = read_lines(self.path), open(audit.head_path(self.path), "rb").read()
+        with self.assertRaises(audit.ChainBroken) as broken:
+            audit.AuditFile(self.path, quiet_log()).open()
+        self.assertEqual(broken.exception.line_number, self.LINES + 1)
+        self.assertEqual(read_lines(self.path), forged)
+        self.assertEqual(open(audit.head_path(self.path), "rb").read(), head, "the head was re-sealed")
 
     def test_eexit_audit_verify_command(self):
         def run():
@@ -204,9 +263,8 @@ class ChainTests(TempDirMixin, unittest.TestCase):
         chain = audit.AuditFile(self.path, quiet_log()).open()
         self.addCleanup(chain.close)
         written = chain.written
-        self.assertEqual(written.completed_position, "4-0")
+        self.assertEqual(written.positions, {schema.COMPLETED_STREAM: "4-0", schema.PANIC_STREAM: "5-0"})
         self.assertTrue(written.has(schema.PANIC_STREAM, "1-0", {"event_id": "ev-1"}))
-        self.assertTrue(written.has(schema.PANIC_STREAM, "1-0", {}))      # deleted entry: id alone
         self.assertFalse(written.has(schema.PANIC_STREAM, "1-0", {"event_id": "other"}))
         self.assertFalse(written.has(schema.PANIC_STREAM, "7-0", {"event_id": "ev-7"}))
         self.assertEqual(written.trading_state, {"halted": "true", "event_id": "ev-6"})
@@ -232,7 +290,6 @@ class ConfigTests(unittest.TestCase):
         config = audit.Config.from_env({"STATE_DIRECTORY": directory})
         self.assertEqual(config.audit_file, os.path.join(directory, "audit.jsonl"))
         self.assertEqual(config.metrics_file, os.path.join(directory, "eexit.prom"))
-        self.assertEqual(config.consumer, "audit-1")
         self.assertEqual(audit.Config.from_env({"STATE_DIRECTORY": directory,
                                                 "EEXIT_METRICS_FILE": "off"}).metrics_file, "")
 
@@ -241,14 +298,19 @@ class ConfigTests(unittest.TestCase):
                  ({"EEXIT_AUDIT_FILE": "/nonexistent-dir/a.jsonl", "EEXIT_METRICS_FILE": "off"}, "EEXIT_AUDIT_FILE"),
                  ({"EEXIT_AUDIT_FILE": "/tmp/a.jsonl"}, "EEXIT_METRICS_FILE"),
                  ({"EEXIT_AUDIT_FILE": "/tmp/a", "EEXIT_METRICS_FILE": "/tmp/a"}, "EEXIT_METRICS_FILE.*prom"),
-                 ({"STATE_DIRECTORY": "/tmp", "EEXIT_AUDIT_POLL_S": "9"}, "EEXIT_AUDIT_POLL_S")]
+                 ({"STATE_DIRECTORY": "/tmp", "EEXIT_AUDIT_POLL_S": "9"}, "EEXIT_AUDIT_POLL_S"),
+                 # The consumer group is gone: its settings are refused, not silently ignored.
+                 ({"STATE_DIRECTORY": "/tmp", "EEXIT_AUDIT_CONSUMER": "audit-1"}, "EEXIT_AUDIT_CONSUMER.*no longer"),
+                 ({"STATE_DIRECTORY": "/tmp", "EEXIT_AUDIT_CLAIM_IDLE_S": "60"}, "EEXIT_AUDIT_CLAIM_IDLE_S")]
         for env, name in cases:
             with self.subTest(env=env):
                 with self.assertRaisesRegex(audit.ConfigError, name):
                     audit.Config.from_env(env)
 
 
-class AuditDaemonTests(TempDirMixin, RedisTestCase):
+class AuditDaemonTests(TempDirMixin, AclRedisTestCase):
+    """The daemon runs as eexit-audit: read-only, no consumer group."""
+
     def setUp(self):
         super().setUp()
         self.dir = self.make_dir()
@@ -263,7 +325,7 @@ class AuditDaemonTests(TempDirMixin, RedisTestCase):
         super().tearDown()
 
     def start(self, **more):
-        settings = dict(REDIS_URL=self.redis_server.url, EEXIT_AUDIT_FILE=self.path,
+        settings = dict(REDIS_URL=user_url(self.redis_server, "eexit-audit"), EEXIT_AUDIT_FILE=self.path,
                         EEXIT_METRICS_FILE=self.metrics_path, EEXIT_AUDIT_POLL_S="0.05",
                         EEXIT_METRICS_INTERVAL_S="0.1")
         settings.update(more)
@@ -295,8 +357,10 @@ class AuditDaemonTests(TempDirMixin, RedisTestCase):
     def logged_ids(self, stream):
         return [obj["entry_id"] for obj in self.lines() if obj.get("stream") == stream]
 
-    def audit_pending(self):
-        return self.redis.xpending(schema.PANIC_STREAM, schema.AUDIT_GROUP)["pending"]
+    def assert_no_group(self):
+        for stream in (schema.PANIC_STREAM, schema.COMPLETED_STREAM):
+            if self.redis.exists(stream):
+                self.assertEqual([], self.redis.xinfo_groups(stream), "the audit logger made a group")
 
     def assert_verifies(self):
         ok, line, reason = audit.verify_file(self.path)
@@ -304,8 +368,7 @@ class AuditDaemonTests(TempDirMixin, RedisTestCase):
 
     def test_drill_with_kill_9_mid_stream_has_every_event_exactly_once(self):
         events, stop = 120, threading.Event()
-        publisher = self.redis_server.client()
-        self.addCleanup(publisher.close)
+        publisher = self.client("test-admin")
 
         def publish():
             # A drill's traffic: panics, their reports and halt/resume flips, back to back.
@@ -337,7 +400,6 @@ class AuditDaemonTests(TempDirMixin, RedisTestCase):
         final_state = {k.decode(): v.decode() for k, v in self.redis.hgetall(schema.TRADING_STATE_KEY).items()}
         wait_for(lambda: (states := [o["fields"] for o in self.lines() if o["kind"] == "trading_state"])
                  and states[-1] == final_state, 5, message="the final trading state")
-        wait_for(lambda: self.audit_pending() == 0, 5, message="every panic acknowledged")
 
         for stream in (schema.PANIC_STREAM, schema.COMPLETED_STREAM):
             self.assertEqual(self.logged_ids(stream), self.stream_ids(stream), stream)
@@ -349,44 +411,67 @@ class AuditDaemonTests(TempDirMixin, RedisTestCase):
                 self.assertEqual(obj["fields"], {k.decode(): v.decode() for k, v in
                                                  self.redis.xrange(schema.PANIC_STREAM, obj["entry_id"],
                                                                    obj["entry_id"])[0][1].items()})
+        self.assert_no_group()
         self.assert_verifies()
 
-    def test_crash_between_fsync_and_ack_is_acknowledged_not_written_again(self):
+    def test_crash_between_fsync_and_the_next_read_neither_loses_nor_duplicates(self):
         written_id = self.redis.xadd(schema.PANIC_STREAM, panic_fields(1)).decode()
         later_id = self.redis.xadd(schema.PANIC_STREAM, panic_fields(2)).decode()
         logged_report = self.redis.xadd(schema.COMPLETED_STREAM, report_fields(1)).decode()
         self.redis.xadd(schema.COMPLETED_STREAM, report_fields(2))
-        # The state a crash leaves: both panics delivered to our consumer, the first one (and
-        # the first report) written and fsynced, nothing acknowledged.
-        self.redis.xgroup_create(schema.PANIC_STREAM, schema.AUDIT_GROUP, id="0")
-        self.redis.xreadgroup(schema.AUDIT_GROUP, "audit-1", {schema.PANIC_STREAM: ">"})
+        # The state a crash leaves: the first panic and the first report written and fsynced,
+        # the rest not yet read. The file is the only cursor.
         chain = audit.AuditFile(self.path, quiet_log()).open()
         chain.append([audit.stream_body(schema.PANIC_STREAM, written_id, panic_fields(1), 1),
                       audit.stream_body(schema.COMPLETED_STREAM, logged_report, report_fields(1), 1)])
         chain.close()
 
         self.start()
-        wait_for(lambda: len(self.lines()) >= 4 and self.audit_pending() == 0, 10,
-                 message=f"the backlog handled\n{self.log_text()}")
+        wait_for(lambda: len(self.lines()) >= 4, 10, message=f"the backlog handled\n{self.log_text()}")
         self.assertEqual(self.logged_ids(schema.PANIC_STREAM), [written_id, later_id])
         self.assertEqual(self.logged_ids(schema.COMPLETED_STREAM), self.stream_ids(schema.COMPLETED_STREAM))
-        self.assertIn("event=already_written", self.log_text())
+        self.assertIn(f"panic_from={written_id}", self.log_text())
+        self.assertNotIn("already_written", self.log_text())
+        self.assert_no_group()
         self.assert_verifies()
 
-    def test_torn_line_is_moved_aside_and_the_entry_written_again(self):
-        entry_id = self.redis.xadd(schema.PANIC_STREAM, panic_fields(1)).decode()
-        self.redis.xgroup_create(schema.PANIC_STREAM, schema.AUDIT_GROUP, id="0")
-        self.redis.xreadgroup(schema.AUDIT_GROUP, "audit-1", {schema.PANIC_STREAM: ">"})
+    def test_interrupted_write_is_moved_aside_and_the_entries_written_again(self):
+        first = self.redis.xadd(schema.PANIC_STREAM, panic_fields(1)).decode()
+        second = self.redis.xadd(schema.PANIC_STREAM, panic_fields(2)).decode()
         chain = audit.AuditFile(self.path, quiet_log()).open()
+        one, hash_one = audit.seal(1, audit.GENESIS, audit.stream_body(schema.PANIC_STREAM, first, panic_fields(1), 1))
+        two, hash_two = audit.seal(2, hash_one, audit.stream_body(schema.PANIC_STREAM, second, panic_fields(2), 1))
+        chain._write_head(2, hash_two)          # the head goes first ...
         chain.close()
-        line, _ = audit.seal(1, audit.GENESIS, audit.stream_body(schema.PANIC_STREAM, entry_id, panic_fields(1), 1))
         with open(self.path, "ab") as f:
-            f.write(line[:len(line) // 2])      # power lost mid-write, before the fsync
+            f.write(one + b"\n" + two[:len(two) // 2])   # ... then power is lost mid-batch
         self.start()
-        wait_for(lambda: self.audit_pending() == 0, 10, message=f"the entry acknowledged\n{self.log_text()}")
-        self.assertEqual(self.logged_ids(schema.PANIC_STREAM), [entry_id])
-        self.assertIn("event=torn_line_moved_aside", self.log_text())
+        wait_for(lambda: len(self.logged_ids(schema.PANIC_STREAM)) >= 2, 10,
+                 message=f"the entries written again\n{self.log_text()}")
+        self.assertEqual(self.logged_ids(schema.PANIC_STREAM), [first, second])
+        self.assertIn("event=interrupted_write_moved_aside", self.log_text())
         self.assert_verifies()
+
+    def test_a_forged_appended_line_refuses_to_start_and_is_not_resealed(self):
+        """Issue 14, behaviour 7: the daemon never seals lines it did not write."""
+        entry_id = self.redis.xadd(schema.PANIC_STREAM, panic_fields(1)).decode()
+        self.start()
+        wait_for(lambda: len(self.lines()) == 1, 10, message=f"the first line\n{self.log_text()}")
+        stop_process(self.processes.pop())
+        last = self.lines()[-1]
+        forged, _ = audit.seal(2, last["hash"], audit.stream_body(
+            schema.COMPLETED_STREAM, "9-0", {"event_id": "ev-1", "status": "FLAT"}, 9))
+        with open(self.path, "ab") as f:
+            f.write(forged + b"\n")
+        before = (read_lines(self.path), open(audit.head_path(self.path), "rb").read())
+        process = self.start()
+        self.assertEqual(process.wait(timeout=10), audit.CHAIN_BROKEN_EXIT_CODE)
+        self.assertIn("event=audit_chain_broken", self.log_text())
+        self.assertIn("line=2", self.log_text())
+        self.assertEqual((read_lines(self.path), open(audit.head_path(self.path), "rb").read()), before)
+        ok, line, reason = audit.verify_file(self.path)
+        self.assertEqual((False, 2), (ok, line), reason)
+        self.assertEqual(self.logged_ids(schema.PANIC_STREAM), [entry_id])
 
     def test_a_broken_chain_refuses_to_start(self):
         chain = audit.AuditFile(self.path, quiet_log()).open()
@@ -423,13 +508,12 @@ class AuditDaemonTests(TempDirMixin, RedisTestCase):
         wait_for(lambda: b"eexit_redis_up 0" in self.metrics(), 10,
                  message=f"metrics saying Redis is down\n{self.log_text()}")
         self.redis_server.start()
-        self.redis = self.redis_server.client()
-        self.addCleanup(self.redis.close)
+        self.redis = self.client("test-admin")
         self.redis.xadd(schema.PANIC_STREAM, panic_fields(2))
         self.redis.xadd(schema.COMPLETED_STREAM, report_fields(2))
         wait_for(lambda: len(self.lines()) == 4, 15, message=f"the new events\n{self.log_text()}")
         self.assertEqual([obj["fields"]["event_id"] for obj in self.lines()], ["ev-1", "ev-1", "ev-2", "ev-2"])
-        self.assertIn("completed_stream_reset", self.log_text())
+        self.assertIn("event=stream_reset stream=system:panic_close:completed", self.log_text())
         self.assert_verifies()
 
 

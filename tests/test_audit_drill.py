@@ -1,7 +1,8 @@
 """A drill through the real chain: the real EEW (`python -m eexit.eew`) closes positions on the
 paper exchange through real ccxt, the audit logger is killed -9 mid-drill and restarted; the
 file then holds every panic, report and halt exactly once, verifies, and the metrics file
-agrees with Redis."""
+agrees with Redis. Redis runs the shipped ACL and each daemon its own user: the audit logger
+does all of this read-only, without a consumer group."""
 
 import json
 import os
@@ -12,11 +13,12 @@ import time
 
 from eexit import audit, schema
 from eexit.paper import PaperExchange
-from tests.harness import RedisTestCase, python_env, start_module, stop_process, wait_for
+from tests.acl_harness import AclRedisTestCase, user_url
+from tests.harness import python_env, start_module, stop_process, wait_for
 from tests.test_metrics import parse_exposition, value_of
 
 
-class AuditDrillTest(RedisTestCase):
+class AuditDrillTest(AclRedisTestCase):
     def setUp(self):
         super().setUp()
         self.dir = tempfile.mkdtemp(prefix="eexit-audit-drill-")
@@ -27,14 +29,14 @@ class AuditDrillTest(RedisTestCase):
         self.audit_path = os.path.join(self.dir, "audit.jsonl")
         self.metrics_path = os.path.join(self.dir, "eexit.prom")
 
-    def spawn(self, module, name, **settings):
-        env = python_env(REDIS_URL=self.redis_server.url, **settings)
+    def spawn(self, module, name, user, **settings):
+        env = python_env(REDIS_URL=user_url(self.redis_server, user), **settings)
         process = start_module(module, env, os.path.join(self.dir, f"{name}.log"))
         self.addCleanup(stop_process, process)
         return process
 
     def start_audit(self):
-        return self.spawn("eexit.audit", "audit", EEXIT_AUDIT_FILE=self.audit_path,
+        return self.spawn("eexit.audit", "audit", "eexit-audit", EEXIT_AUDIT_FILE=self.audit_path,
                           EEXIT_METRICS_FILE=self.metrics_path, EEXIT_AUDIT_POLL_S="0.05",
                           EEXIT_METRICS_INTERVAL_S="0.1", EEXIT_METRICS_UP_MAX_AGE_S="3600")
 
@@ -65,7 +67,7 @@ class AuditDrillTest(RedisTestCase):
             return []
 
     def test_drill_kill_9_and_restart(self):
-        self.spawn("eexit.eew", "eew", EEXIT_CONSUMER="eew-a", EEXIT_EXCHANGE_URL=self.paper_url,
+        self.spawn("eexit.eew", "eew", "eexit-eew", EEXIT_CONSUMER="eew-a", EEXIT_EXCHANGE_URL=self.paper_url,
                    EEXIT_API_KEY="paper-key", EEXIT_API_SECRET="paper-secret",
                    EEXIT_JOURNAL=os.path.join(self.dir, "journal.jsonl"), EEXIT_CLOSE_DEADLINE_S="5",
                    EEXIT_BLOCK_MS="100", EEXIT_SWEEP_INTERVAL_S="0.2", EEXIT_BUS_LOSS_CLOSE_S="0",
@@ -120,4 +122,5 @@ class AuditDrillTest(RedisTestCase):
         self.assertEqual(value_of(families, "eexit_up", daemon="eew"), 1)
         self.assertEqual(value_of(families, "eexit_last_panic_residual_positions"), 0)
         self.assertEqual(value_of(families, "eexit_panic_stream_entries"), 3)
+        self.assertEqual([schema.EEW_GROUP], [g["name"].decode() for g in self.redis.xinfo_groups(schema.PANIC_STREAM)])
         self.assertFalse(self.paper.positions())

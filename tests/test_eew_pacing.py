@@ -2,7 +2,7 @@
 
 import unittest
 
-from eexit import eew
+from eexit import eew, exchange
 from eexit.config import ConfigError
 
 BINANCE = ((300, 10.0), (1200, 60.0))
@@ -50,7 +50,7 @@ class PacingWait(unittest.TestCase):
 
 class ParseOrderLimits(unittest.TestCase):
     def test_default_and_custom(self):
-        self.assertEqual(eew.parse_order_limits(eew.DEFAULT_ORDER_LIMITS), BINANCE)
+        self.assertEqual(eew.parse_order_limits(exchange.default_order_limits("binanceusdm")), BINANCE)
         self.assertEqual(eew.parse_order_limits(" 5/1 "), ((5, 1.0),))
 
     def test_bad_values_name_the_variable(self):

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import time
 import unittest
 
 import ccxt
@@ -232,3 +233,66 @@ class ClassifyTest(ExchangeTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class VenueSeamTest(unittest.TestCase):
+    """Configuration and error classification per venue (no network)."""
+
+    def test_only_supported_venues_start_and_binance_spot_is_refused(self):
+        for exchange_id in ("gate", "okex", "bybitt", "binance", "kucoinfutures"):
+            with self.assertRaises(ConfigError) as caught:
+                ExchangeConfig.from_env({"EEXIT_EXCHANGE": exchange_id})
+            self.assertIn("supported: binanceusdm, bybit, okx", str(caught.exception))
+        self.assertIn("spot", str(self.config_error({"EEXIT_EXCHANGE": "binance"})))
+
+    def config_error(self, env):
+        with self.assertRaises(ConfigError) as caught:
+            ExchangeConfig.from_env(env)
+        return caught.exception
+
+    def test_passphrase_where_the_venue_needs_one_and_nowhere_else(self):
+        keys = {"EEXIT_API_KEY": "k", "EEXIT_API_SECRET": "s"}
+        self.assertIn("EEXIT_API_PASSWORD", str(self.config_error({"EEXIT_EXCHANGE": "okx", **keys})))
+        self.assertIn("EEXIT_API_PASSWORD", str(self.config_error({**keys, "EEXIT_API_PASSWORD": "p"})))
+        cfg = ExchangeConfig.from_env({"EEXIT_EXCHANGE": "okx", **keys, "EEXIT_API_PASSWORD": "PASS-789"})
+        self.assertNotIn("PASS-789", repr(cfg))
+        self.assertEqual("PASS-789", build_exchange(cfg).password)
+        with tempfile.TemporaryDirectory() as directory:
+            with open(os.path.join(directory, "api_password"), "w") as handle:
+                handle.write("file-pass\n")
+            cfg = ExchangeConfig.from_env({"EEXIT_EXCHANGE": "okx", **keys, "CREDENTIALS_DIRECTORY": directory})
+            self.assertEqual("file-pass", cfg.api_password)
+
+    def test_scope_names_every_segment(self):
+        from eexit.exchange import default_order_limits, scope
+        self.assertEqual("bybit:linear/USDT,linear/USDC,inverse", scope("bybit"))
+        self.assertEqual("okx:SWAP,FUTURES", scope("okx"))
+        self.assertEqual("binanceusdm:usdm", scope("binanceusdm"))
+        self.assertEqual(("300/10,1200/60", "10/1", "60/2"),
+                         tuple(default_order_limits(v) for v in ("binanceusdm", "bybit", "okx")))
+
+    def test_each_venue_classifies_by_its_own_codes(self):
+        bybit = build_exchange(ExchangeConfig.from_env({"EEXIT_EXCHANGE": "bybit"}))
+        bybit.last_response_headers = {"X-Bapi-Limit-Reset-Timestamp": str(int(time.time() * 1000) + 3000)}
+        kind = classify_error(ccxt.RateLimitExceeded('bybit {"retCode":10006,"retMsg":"Too many visits"}'), bybit)
+        self.assertEqual(("rate_limited", 10006), (kind.kind, kind.code))
+        self.assertTrue(2.0 < kind.retry_after_s <= 3.0, kind)
+        cases = [
+            ("bybit", ccxt.BadRequest('bybit {"retCode":10001,"retMsg":"position idx not match position mode"}'),
+             ("rejected", 10001)),
+            ("bybit", ccxt.InvalidOrder('bybit {"retCode":110017,"retMsg":"Reduce-only rule not satisfied"}'),
+             ("reduce_only_rejected", 110017)),
+            ("bybit", ccxt.AuthenticationError('bybit {"retCode":10004,"retMsg":"error sign!"}'), ("auth", 10004)),
+            ("okx", ccxt.BadRequest('okx {"code":"1","msg":"","data":[{"sCode":"51000","sMsg":"Parameter clOrdId error"}]}'),
+             ("rejected", 51000)),
+            ("okx", ccxt.RateLimitExceeded('okx {"code":"50011","msg":"Too Many Requests","data":[]}'),
+             ("rate_limited", 50011)),
+            ("okx", ccxt.ExchangeError('okx {"code":"1","data":[{"sCode":"51169","sMsg":"no position"}]}'),
+             ("reduce_only_rejected", 51169)),
+            ("okx", ccxt.AuthenticationError('okx {"code":"50113","msg":"Invalid Sign","data":[]}'), ("auth", 50113)),
+            ("binanceusdm", ccxt.ExchangeError('binanceusdm {"code":-2022,"msg":"ReduceOnly Order is rejected."}'),
+             ("reduce_only_rejected", -2022)),
+        ]
+        for exchange_id, exc, expected in cases:
+            kind = classify_error(exc, exchange_id=exchange_id)
+            self.assertEqual(expected, (kind.kind, kind.code), (exchange_id, exc))

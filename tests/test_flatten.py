@@ -10,6 +10,8 @@ from eexit.flatten import (FAILED, FLAT, MAX_CHUNKS_PER_POSITION, RESIDUAL, clas
                            split_amount)
 
 BINANCE_CLIENT_ID = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
+BYBIT_CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
+OKX_CLIENT_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
 def rules(symbol="BTC/USDT:USDT", step=0.001, min_qty=0.001, max_qty=None, min_notional=None,
@@ -105,12 +107,13 @@ class PlanCloseTest(unittest.TestCase):
         self.assertNotEqual(first[0].client_order_id,
                             plan_close(positions, markets, attempt=1, event_id="e2")[0].client_order_id)
 
-    def test_client_ids_fit_binance(self):
+    def test_client_ids_fit_every_venue(self):
         for args in [("e", 1, "BTC/USDT:USDT", "BOTH", 0),
                      ("x" * 500, 10**9, "WEIRD/SYM:USDT", "SHORT", 99)]:
             with self.subTest(args=args[:2]):
-                self.assertRegex(client_order_id(*args), BINANCE_CLIENT_ID)
-                self.assertEqual(36, len(client_order_id(*args)))
+                for rule in (BINANCE_CLIENT_ID, BYBIT_CLIENT_ID, OKX_CLIENT_ID):
+                    self.assertRegex(client_order_id(*args), rule)
+                self.assertEqual(32, len(client_order_id(*args)))
 
     def test_id_components_all_matter(self):
         base = ("e", 1, "BTC/USDT:USDT", "LONG", 0)

@@ -21,8 +21,10 @@ from tests.harness import RedisServer
 from tests.staging import offline_env
 
 ROOT = Path(__file__).resolve().parent.parent
-UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
-DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+SCRIPT = ROOT / "tools/install_offline.py"
+UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
+         "eexit-alert.service")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "hook")
 
 
 class LockTest(unittest.TestCase):

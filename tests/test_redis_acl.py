@@ -1,44 +1,31 @@
 """The shipped Redis ACL (systemd/redis-acl.conf, rendered as tools/install_offline.py does)
 on a real redis-server, through real redis-py clients: every daemon can do its job on its
-keys, and every forbidden command gets NOPERM."""
+keys, and every forbidden command gets NOPERM. Also eexit's own Redis instance
+(systemd/redis-eexit.conf) with the trading bot's user."""
 
-import importlib.util
-import tempfile
 import unittest
 from pathlib import Path
 
 import redis
 
-from eexit import bus, schema
+from eexit import schema
 from eexit.eew import Ledger
+from tests.acl_harness import ADMIN, ROOT, USERS, password, write_acl_file
 from tests.harness import RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("install_offline", ROOT / "tools/install_offline.py")
-install_offline = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(install_offline)
-
-USERS = ("eexit-brain", "eexit-watchdog", "eexit-eew", "eexit-audit", "eexit-ops")
-ADMIN = "test-admin"  # exists only in this test, to seed and inspect
 WATCHDOG_INCIDENT = "eexit:watchdog:incident"
 EEW_JOURNAL = "eexit:eew:progress:7c9e6679"
-
-
-def password(user):
-    return f"pw-{user}-not-a-real-secret"
+BUSY_FUNCTION = "#!lua name=busy\nredis.register_function('spin', function() while true do end end)"
 
 
 class RedisAclTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        template = (ROOT / "systemd/redis-acl.conf").read_text()
-        rendered = install_offline.render_acl(template, {user: password(user) for user in USERS})
-        cls.rendered = rendered
-        cls.directory = tempfile.TemporaryDirectory()
-        cls.addClassCleanup(cls.directory.cleanup)
-        acl_path = Path(cls.directory.name) / "users.acl"
-        acl_path.write_text(rendered + f"user {ADMIN} on >{password(ADMIN)} ~* &* +@all\n")
-        cls.server = RedisServer(["--aclfile", str(acl_path)]).start()
+        server = RedisServer()
+        acl_path = Path(server.dir) / "users.acl"
+        cls.rendered = write_acl_file(acl_path)
+        server.extra_args = ["--aclfile", str(acl_path)]
+        cls.server = server.start()
         cls.addClassCleanup(cls.server.stop)
 
     def client(self, user):
@@ -76,7 +63,8 @@ class RedisAclTest(unittest.TestCase):
             with self.subTest(user=user):
                 client = self.client(user)
                 self.assertTrue(client.ping())
-                self.assertEqual(len(client.time()), 2)
+                if user != "eexit-bot":          # PING and the halt, nothing else
+                    self.assertEqual(len(client.time()), 2)
                 # A pooled client reconnects after Redis drops it; the handshake must pass again.
                 client.connection_pool.disconnect()
                 self.assertTrue(client.ping())
@@ -102,6 +90,34 @@ class RedisAclTest(unittest.TestCase):
             (brain.flushall,),
             (brain.config_get, "requirepass"),
             (brain.keys, "*"),
+        ]
+        self.check_forbidden(forbidden)
+
+    def test_alert_notifier_only_reads(self):
+        notifier = self.client("eexit-alert")
+        followed = [schema.PANIC_STREAM, schema.COMPLETED_STREAM, "eexit:ops:audit", schema.HEARTBEAT_STREAM,
+                    schema.EEW_HEARTBEAT_STREAM, schema.WATCHDOG_HEARTBEAT_STREAM]
+        self.assertIsNotNone(notifier.xread({stream: "0" for stream in followed}, count=10, block=10))
+        for stream in followed:
+            notifier.xrange(stream, count=1)
+            notifier.xrevrange(stream, count=1)
+        notifier.xinfo_stream(schema.PANIC_STREAM)
+        self.assertEqual(notifier.hgetall(schema.TRADING_STATE_KEY)["halted"], "true")
+        notifier.xadd("eexit:alert:heartbeat", {"status": "OK"}, maxlen=schema.HEARTBEAT_MAXLEN)
+        forbidden = [
+            (notifier.xreadgroup, schema.EEW_GROUP, "alert", {schema.PANIC_STREAM: ">"}),
+            (notifier.xgroup_create, schema.PANIC_STREAM, "alert_group", "0"),
+            (notifier.xack, schema.PANIC_STREAM, schema.EEW_GROUP, "0-1"),
+            (notifier.xclaim, schema.PANIC_STREAM, schema.EEW_GROUP, "alert", 0, ["0-1"]),
+            (notifier.xinfo_groups, schema.PANIC_STREAM),
+            (notifier.xadd, schema.PANIC_STREAM, {"event_id": "forged"}),
+            (notifier.xadd, schema.COMPLETED_STREAM, {"event_id": "forged"}),
+            (notifier.xadd, schema.HEARTBEAT_STREAM, {"status": "OK"}),
+            (notifier.hset, schema.TRADING_STATE_KEY, "halted", "false"),
+            (notifier.xtrim, schema.PANIC_STREAM, 0),
+            (notifier.delete, "eexit:alert:heartbeat"),
+            (notifier.xread, {"system:panic_close:processed": "0"}),
+            (notifier.keys, "*"),
         ]
         self.check_forbidden(forbidden)
 
@@ -168,26 +184,57 @@ class RedisAclTest(unittest.TestCase):
 
     def test_audit(self):
         audit = self.client("eexit-audit")
+        # How eexit.audit follows the streams: one XREAD from its file's cursors.
         self.assertEqual(len(audit.xread({schema.PANIC_STREAM: "0", schema.COMPLETED_STREAM: "0"}, count=10)), 1)
+        audit.xrevrange(schema.COMPLETED_STREAM, count=1)
         audit.xrange(schema.HEARTBEAT_STREAM)
         audit.xinfo_groups(schema.PANIC_STREAM)
+        audit.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)
         audit.hgetall(schema.TRADING_STATE_KEY)
-        audit.set("eexit:audit:cursor", "0-1")
-        audit.xadd("eexit:audit:log", {"entry": "x"})
-        # Its own group on the panic stream, as eexit.audit consumes it.
-        self.assertTrue(bus.ensure_group(audit, schema.PANIC_STREAM, schema.AUDIT_GROUP))
-        entries = bus.read_group(audit, schema.PANIC_STREAM, schema.AUDIT_GROUP, "audit-1", block_ms=10)
-        bus.claim_idle(audit, schema.PANIC_STREAM, schema.AUDIT_GROUP, "audit-2", 0)
-        self.assertEqual(audit.xack(schema.PANIC_STREAM, schema.AUDIT_GROUP, entries[0][0]), 1)
+        audit.time()
         forbidden = [
+            (audit.xreadgroup, "audit_logger", "audit-1", {schema.PANIC_STREAM: ">"}),
+            (audit.xgroup_create, schema.PANIC_STREAM, "audit_logger", "0"),
             (audit.xgroup_destroy, schema.PANIC_STREAM, schema.EEW_GROUP),
             (audit.xtrim, schema.PANIC_STREAM, 0),
             (audit.xadd, schema.PANIC_STREAM, {"event_id": "x"}),
             (audit.hset, schema.TRADING_STATE_KEY, "halted", "false"),
             (audit.set, "eexit:eew:lock", "stolen"),
+            (audit.set, "eexit:audit:cursor", "0-1"),
+            (audit.xadd, "eexit:audit:log", {"entry": "x"}),
             (audit.delete, schema.COMPLETED_STREAM),
         ]
         self.check_forbidden(forbidden)
+
+    def test_audit_password_cannot_take_skip_reposition_or_ack_a_panic(self):
+        """Issue 14, measured attack 2: with the audit password, NOACK reads, XGROUP CREATE ... $
+        before the EEW's first start, and XACK mid-close are all NOPERM, and nothing changed."""
+        audit = self.client("eexit-audit")
+        eew = self.client("eexit-eew")
+        [[_stream, [(entry_id, _fields)]]] = eew.xreadgroup(schema.EEW_GROUP, "eew-1", {schema.PANIC_STREAM: ">"})
+        before = self.admin.xinfo_groups(schema.PANIC_STREAM)
+        self.check_forbidden([
+            # NOACK read in the EEW's group (takes the entry without leaving it pending)
+            (audit.xreadgroup, schema.EEW_GROUP, "thief", {schema.PANIC_STREAM: ">"}, 20, None, True),
+            (audit.xreadgroup, schema.EEW_GROUP, "thief", {schema.PANIC_STREAM: "0"}),
+            # XACK of the entry the EEW is closing
+            (audit.xack, schema.PANIC_STREAM, schema.EEW_GROUP, entry_id),
+            # repositioning the group
+            (audit.xgroup_setid, schema.PANIC_STREAM, schema.EEW_GROUP, "$"),
+            (audit.xgroup_createconsumer, schema.PANIC_STREAM, schema.EEW_GROUP, "thief"),
+            (audit.xclaim, schema.PANIC_STREAM, schema.EEW_GROUP, "thief", 0, [entry_id]),
+            (audit.xautoclaim, schema.PANIC_STREAM, schema.EEW_GROUP, "thief", 0),
+        ])
+        self.assertEqual(before, self.admin.xinfo_groups(schema.PANIC_STREAM))
+        self.assertEqual(1, self.admin.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"])
+        # Before the EEW ever ran: no group yet; creating it at $ would skip this panic.
+        self.admin.xgroup_destroy(schema.PANIC_STREAM, schema.EEW_GROUP)
+        self.check_forbidden([
+            (audit.xgroup_create, schema.PANIC_STREAM, schema.EEW_GROUP, "$", True),
+            (audit.xgroup_create, "system:panic_close:new", schema.EEW_GROUP, "$", True),
+        ], group_must_exist=False)
+        self.assertEqual([], self.admin.xinfo_groups(schema.PANIC_STREAM))
+        self.assertEqual(0, self.admin.exists("system:panic_close:new"))
 
     def test_ops(self):
         ops = self.client("eexit-ops")
@@ -225,7 +272,7 @@ class RedisAclTest(unittest.TestCase):
         ]
         self.check_forbidden(forbidden)
 
-    def test_only_ops_can_clear_the_halt(self):
+    def test_only_ops_can_clear_the_halt(self):  # open (issue 14, EEW side): the halt gets one writer
         for user in USERS:
             client = self.client(user)
             with self.subTest(user=user):
@@ -238,25 +285,128 @@ class RedisAclTest(unittest.TestCase):
                     self.check_forbidden([(client.hset, schema.TRADING_STATE_KEY, "halted", "false"),
                                           (client.hdel, schema.TRADING_STATE_KEY, "halted")])
 
-    def test_only_the_eew_and_audit_consume_the_panic_stream(self):
+    def test_only_the_eew_consumes_the_panic_stream(self):
         for user in USERS:
             client = self.client(user)
             with self.subTest(user=user):
-                if user in ("eexit-eew", "eexit-audit"):
+                if user == "eexit-eew":
                     client.xreadgroup(schema.EEW_GROUP, "eew-1", {schema.PANIC_STREAM: ">"}, count=1)
                 else:
                     self.check_forbidden([
                         (client.xreadgroup, schema.EEW_GROUP, "rogue", {schema.PANIC_STREAM: ">"}),
                         (client.xack, schema.PANIC_STREAM, schema.EEW_GROUP, "0-1"),
+                        (client.xgroup_create, schema.PANIC_STREAM, "rogue", "$"),
+                        (client.xgroup_setid, schema.PANIC_STREAM, schema.EEW_GROUP, "$"),
+                        (client.xclaim, schema.PANIC_STREAM, schema.EEW_GROUP, "rogue", 0, ["0-1"]),
                         (client.xgroup_destroy, schema.PANIC_STREAM, schema.EEW_GROUP)])
 
-    def check_forbidden(self, calls):
+    def test_bot(self):
+        """The trading bot's user: PING and read the halt; FUNCTION, EVAL, SCAN and every write
+        are NOPERM (issue 14, measured attack 5)."""
+        bot = self.client("eexit-bot")
+        self.assertTrue(bot.ping())
+        self.assertEqual("true", bot.hget(schema.TRADING_STATE_KEY, "halted"))
+        self.assertEqual("test", bot.hgetall(schema.TRADING_STATE_KEY)["reason"])
+        self.check_forbidden(bot_forbidden(bot))
+
+    def check_forbidden(self, calls, group_must_exist=True):
         for call, *args in calls:
             with self.subTest(command=call.__name__, args=repr(args)[:60]):
                 self.assertNoPerm(call, *args)
-        # State the forbidden calls could have changed is unchanged.
-        groups = [group["name"] for group in self.admin.xinfo_groups(schema.PANIC_STREAM)]
-        self.assertIn(schema.EEW_GROUP, groups)
+        if group_must_exist:
+            # State the forbidden calls could have changed is unchanged.
+            groups = [group["name"] for group in self.admin.xinfo_groups(schema.PANIC_STREAM)]
+            self.assertIn(schema.EEW_GROUP, groups)
+
+
+def bot_forbidden(bot):
+    return [
+        (bot.function_load, BUSY_FUNCTION),
+        (bot.function_list,),
+        (bot.fcall, "spin", 0),
+        (bot.eval, "while true do end", 0),
+        (bot.eval, "return 1", 0),
+        (bot.script_load, "return 1"),
+        (bot.scan,),
+        (bot.keys, "*"),
+        (bot.set, "bot:fill", "x" * 1000),
+        (bot.xadd, "bot:stream", {"x": "y"}),
+        (bot.xadd, schema.PANIC_STREAM, {"event_id": "bot"}),
+        (bot.hset, schema.TRADING_STATE_KEY, "halted", "false"),
+        (bot.hset, "bot:hash", "a", "b"),
+        (bot.delete, schema.TRADING_STATE_KEY),
+        (bot.xrange, schema.PANIC_STREAM),
+        (bot.hget, schema.PROCESSED_KEY, "e0"),
+        (bot.get, "eexit:eew:lock"),
+        (bot.publish, "channel", "x"),
+        (bot.config_get, "maxmemory"),
+        (bot.time,),
+        (bot.info,),
+        (bot.client_list,),
+        (bot.object, "encoding", schema.TRADING_STATE_KEY),
+    ]
+
+
+class EexitRedisInstanceTest(unittest.TestCase):
+    """systemd/redis-eexit.conf as shipped, only its paths and port moved into a temp dir, with
+    the rendered ACL: durable, bounded, noeviction, and the bot can read the halt and nothing
+    that harms eexit, on TCP and on the unix socket."""
+
+    MOVED = ("bind", "port", "unixsocket", "aclfile", "dir", "logfile", "pidfile", "supervised")
+
+    @classmethod
+    def setUpClass(cls):
+        server = RedisServer()
+        directory = Path(server.dir)
+        write_acl_file(directory / "users.acl")
+        cls.socket = directory / "eexit.sock"
+        shipped = (ROOT / "systemd/redis-eexit.conf").read_text().splitlines()
+        kept = [line for line in shipped if line.split(" ")[0] not in cls.MOVED]
+        moved = [f"bind 127.0.0.1", f"port {server.port}", f"unixsocket {cls.socket}",
+                 f"aclfile {directory / 'users.acl'}", f"dir {directory}",
+                 f"logfile {directory / 'redis.log'}", f"pidfile {directory / 'redis.pid'}"]
+        (directory / "redis-eexit.conf").write_text("\n".join(kept + moved) + "\n")
+        # The harness passes its own --port/--dir first; the included file overrides them.
+        server.extra_args = ["--include", str(directory / "redis-eexit.conf")]
+        cls.server = server.start()
+        cls.addClassCleanup(cls.server.stop)
+
+    def client(self, user, **options):
+        client = self.server.client(username=user, password=password(user), decode_responses=True, **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_durable_bounded_noeviction(self):
+        admin = self.client(ADMIN)
+        config = admin.config_get("*")
+        self.assertEqual("yes", config["appendonly"])
+        self.assertEqual("everysec", config["appendfsync"])
+        self.assertEqual(str(256 * 1024 * 1024), config["maxmemory"])
+        self.assertEqual("noeviction", config["maxmemory-policy"])
+        self.assertEqual("770", config["unixsocketperm"])
+        with self.assertRaises(redis.exceptions.AuthenticationError):
+            self.server.client().ping()                  # the default user is off
+
+    def test_bot_reads_the_halt_and_nothing_else(self):
+        admin = self.client(ADMIN)
+        admin.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "reason": "test"})
+        admin.xadd(schema.PANIC_STREAM, {"event_id": "e0"})
+        over_tcp = self.client("eexit-bot")
+        over_socket = redis.Redis(unix_socket_path=str(self.socket), username="eexit-bot",
+                                  password=password("eexit-bot"), decode_responses=True, socket_timeout=5)
+        self.addCleanup(over_socket.close)
+        for bot in (over_tcp, over_socket):
+            with self.subTest(connection=bot.connection_pool.connection_class.__name__):
+                self.assertTrue(bot.ping())
+                self.assertEqual("true", bot.hget(schema.TRADING_STATE_KEY, "halted"))
+                self.assertEqual({"halted": "true", "reason": "test"}, bot.hgetall(schema.TRADING_STATE_KEY))
+                for call, *args in bot_forbidden(bot):
+                    with self.subTest(command=call.__name__, args=repr(args)[:60]):
+                        with self.assertRaises(redis.exceptions.NoPermissionError):
+                            call(*args)
+        self.assertEqual([], admin.function_list())
+        self.assertEqual(["system:panic_close", "system:state:trading"], sorted(admin.keys("*")))
+        self.assertEqual("true", admin.hget(schema.TRADING_STATE_KEY, "halted"))
 
 
 if __name__ == "__main__":

@@ -56,9 +56,9 @@ from eexit import bus, ops, schema, signing  # noqa: E402
 from eexit.demo import Stack  # noqa: E402
 
 SEED_POSITIONS = "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:20"
-ORDERS = (
-    ("BTC/USDT:USDT", "limit", "buy", 0.01, 50000, {}),
-    ("ETH/USDT:USDT", "STOP_MARKET", "buy", 0.5, None, {"stopPrice": 3500, "reduceOnly": True}),
+ORDERS = (   # demo.DEMO_ORDERS format: market id, side, quantity, price, trigger, reduce-only
+    ("BTCUSDT", "buy", 0.01, 50000, None, False),
+    ("ETHUSDT", "buy", 0.5, None, 3500, True),
 )
 FAST = {
     "EEXIT_UNGUARDED_S": "1", "EEXIT_HEARTBEAT_LOST_S": "1.5", "EEXIT_DEGRADED_S": "1.5",

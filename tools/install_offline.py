@@ -15,7 +15,7 @@ writes the wheelhouse's own requirements.lock (each wheel with its hash) and SHA
   - creates the venv /opt/eexit/venv and installs the wheelhouse's lock into it with
     --require-hashes: a wheelhouse with a newer eexit version upgrades eexit;
   - creates /etc/eexit (0755), /etc/eexit/eexit.env from the example if absent (0640),
-    /etc/eexit/credentials/<daemon>/ (0700) for brain, watchdog, eew, audit, ops;
+    /etc/eexit/credentials/<daemon>/ (0700) for brain, watchdog, eew, audit, ops, hook;
   - generates a random Redis password per ACL user into credentials/<daemon>/redis_password
     unless one exists (0600), writes credentials/ops/redis_username, and renders
     /etc/eexit/redis-acl.conf from the template with their SHA-256 hashes (0640, group
@@ -41,8 +41,13 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service")
-DAEMONS = ("brain", "watchdog", "eew", "audit", "ops")
+UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
+         "eexit-alert.service")
+# bot: the trading bot's read-only user; hook: the brain unit's ExecStopPost=
+DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook")
+# Optional secrets created empty (an empty file means "not used"), so that the unit's
+# LoadCredential= finds a file: fill them in to enable the sink or the signature.
+EMPTY_CREDENTIALS = {"alert": ("telegram_bot_token", "alert_webhook_key")}
 PASSWORD_PLACEHOLDER = "@PASSWORD_HASH@"
 WHEELHOUSE_LOCK = "requirements.lock"   # inside the wheelhouse: every wheel with its own hash
 SUMS = "SHA256SUMS"
@@ -213,6 +218,8 @@ def install(args):
         if write_new(directory / "redis_password", secrets.token_urlsafe(32) + "\n", 0o600):
             changes.append(f"credential: new Redis password {directory / 'redis_password'}")
         passwords[redis_user(daemon)] = (directory / "redis_password").read_text().strip()
+        for name in EMPTY_CREDENTIALS.get(daemon, ()):
+            write_new(directory / name, "", 0o600)
     # The daemons get their Redis user from their unit (SetCredential=); ops tools run by a
     # person read it from here, with CREDENTIALS_DIRECTORY=/etc/eexit/credentials/ops.
     write_new(etc / "credentials/ops/redis_username", redis_user("ops") + "\n", 0o600)
@@ -270,13 +277,16 @@ eexit installed. Next steps (details: docs/DEPLOY.md; every setting: docs/CONFIG
                                                               and `eexit drill` read the account)
  3. Panic signing keys (generate: python3 -c "import secrets; print(secrets.token_hex(32))"):
       {etc}/credentials/watchdog/panic_hmac_keys   one line: wd1 watchdog <hexkey>
-      {etc}/credentials/eew/panic_hmac_keys        every issuer's line (watchdog, ops, risk_kernel)
+      {etc}/credentials/eew/panic_hmac_keys        every issuer's line (watchdog, ops, exit_brain, risk_kernel)
       {etc}/credentials/ops/panic_hmac_keys        one line: ops1 ops <hexkey>
+      {etc}/credentials/hook/hook_hmac_key         one line: hook1 exit_brain <hexkey> (the brain unit's crash hook)
  4. Redis: add users for your other clients (see docs/DEPLOY.md), then in redis.conf
       aclfile {acl_path}
     and restart redis-server. Check: REDISCLI_AUTH="$(cat {etc}/credentials/ops/redis_password)" \\
       redis-cli --user eexit-ops PING
  5. systemctl daemon-reload && systemctl enable --now eexit-eew eexit-audit eexit-watchdog eexit-brain
+    Alerts (docs/ALERTS.md): EEXIT_ALERT_* in eexit.env, the Telegram bot token in
+      {etc}/credentials/alert/telegram_bot_token, then systemctl enable --now eexit-alert
  6. First start (ops tools read {etc}/credentials/ops):
       set -a; . {etc}/eexit.env; set +a; export CREDENTIALS_DIRECTORY={etc}/credentials/ops
       /opt/eexit/venv/bin/eexit init --operator "$USER"    # halted=false, audited; never clears a halt

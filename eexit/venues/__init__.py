@@ -1,0 +1,61 @@
+"""The venue seam: one small module per supported derivatives venue, all with one interface.
+
+eexit talks to exchanges only through eexit.exchange, which picks the module for the
+configured EEXIT_EXCHANGE from VENUES below. Nothing outside this package names a venue.
+
+A venue module provides exactly (compare NautilusTrader's adapters/_template/execution.py:
+generate_position_status_reports, generate_order_status_reports, _cancel_all_orders,
+_submit_order; here synchronous and limited to what an emergency close needs):
+
+  ID               the ccxt exchange id
+  SEGMENTS         the account segments (category/settle coin...) that together are every
+                   position and order the key can hold; reports state "ID:seg,seg" as scope,
+                   so a FLAT says what it covers
+  NEEDS_PASSWORD   whether the key needs a passphrase (EEXIT_API_PASSWORD / api_password)
+  ORDER_LIMITS     default EEXIT_ORDER_LIMITS: "orders/seconds,..." per account
+  DEADMAN          name of the venue's dead-man switch, or None
+  configure(ex)                        ccxt options set once at build time (no private calls
+                                       at load_markets beyond trading permission)
+  load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the
+                                       venue's maximum MARKET order size
+  read_positions(ex, segment)          [base.Position]: every non-zero position of one
+                                       segment, all pages; raises on any failure
+  BOOKS            the order reads of a segment: "regular" plus the conditional/algo ones
+                   (one name per request the venue needs; read in parallel)
+  read_orders(ex, segment, book)       [base.OpenOrder] of one book of one segment, all
+                                       pages (conditional = book != "regular"); raises
+  cancel_book(ex, symbol, conditional, orders)
+                                       cancel one book of symbol; `orders` are the ones the
+                                       read saw there (for venues that cancel by id); raises
+  place_close(ex, symbol, side, amount, position_side, client_order_id, margin_mode)
+                                       one reduce-only MARKET order closing (part of) a
+                                       position: the venue's hedge parameters, margin mode,
+                                       client-id rules (ours: 32 letters/digits, every venue)
+  check_key(ex)                        one cheap private read-only call: raises (auth) when the
+                                       key is wrong or revoked (the EEW's account check)
+  arm_deadman(ex, symbol, countdown_ms) the venue's dead-man switch; ccxt.NotSupported if none
+  classify_error(exc, ex)              base.ErrorClass by the venue's own codes: rate_limited
+                                       (with the venue's retry hint), transient, auth,
+                                       position_side, reduce_only_rejected, rejected, unknown
+
+Adding a venue: one module here, one registry line below, one paper dialect
+(eexit/paper_<id>.py) and the parametrised tests; docs/VENUES.md has the checklist.
+"""
+
+from eexit.config import ConfigError
+
+from . import binanceusdm, bybit, okx
+
+VENUES = {module.ID: module for module in (binanceusdm, bybit, okx)}
+
+# ccxt ids that look right but would trade the wrong product or none: refused by name.
+_REFUSED = {"binance": "ccxt's 'binance' reads spot open orders; use 'binanceusdm' for USD-M futures"}
+
+
+def venue(exchange_id):
+    """The module for exchange_id; ConfigError (exit 2) naming the supported list otherwise."""
+    module = VENUES.get(exchange_id)
+    if module is None:
+        why = _REFUSED.get(exchange_id, "not a supported venue")
+        raise ConfigError(f"EEXIT_EXCHANGE={exchange_id!r}: {why}; supported: {', '.join(sorted(VENUES))}")
+    return module
