@@ -17,6 +17,7 @@ import uuid
 
 from eexit import guard_policy, ops, schema
 from tests.harness import python_env, start_module, stop_process, wait_for
+from tests.test_cli import run_cli
 from tests.test_eew import EEWCase
 
 GUARD = dict(EEXIT_HALT_GUARD_S=1)
@@ -94,6 +95,9 @@ class ViolationTest(GuardCase):
         guard = ops.gather_status(self.redis)["guard"]
         self.assertEqual("eew-a", guard["lease_holder"])
         self.assertEqual("HALT_VIOLATION FLAT", guard["last_enforcement"])
+        shown = run_cli(python_env(REDIS_URL=self.redis_server.url), "status").stdout
+        self.assertRegex(shown, r"halt guard: holder=eew-a policy=enforce last check [0-9.]+ s ago: flat; "
+                                rf"last enforcement [0-9.]+ s ago: HALT_VIOLATION FLAT \({report.event_id}\)")
 
         def audited():
             try:
