@@ -56,7 +56,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import bus, daemon, schema
-from .config import env_float, env_str
+from .config import ConfigError, env_float, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier

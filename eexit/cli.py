@@ -1,7 +1,9 @@
 """`eexit`: the operator's command line.
 
     eexit status [--events N] [--json]
-        exit 0 healthy, 1 trading halted, 2 a daemon silent or Redis unreachable
+        exit 0 healthy, 1 trading halted, 2 cannot vouch: a daemon silent or naming a reason
+        it cannot do its job (heartbeat `reason`), Redis unreachable, a configuration error,
+        or any unexpected error (status never exits 1 unless it read a halt)
     eexit panic --reason TEXT [--issued-by ops] [--timeout S] [--json]
         exit 0 only when the report for THIS event says FLAT; 1 any other report;
         3 no report before the timeout; 2 configuration or Redis unreachable
@@ -20,6 +22,9 @@
     eexit --version
     eexit demo [--json] [--keep-logs] [--venue binanceusdm|bybit|okx]
         the embedded stack end to end; exit 0 PASS, 1 FAIL
+    Every command but status: 5 an unexpected error (traceback on stderr): the outcome is
+    unknown, never read as success or as a refusal. Output to a closed pipe (`| head`) is
+    dropped silently; the exit code stays the command's answer.
 
 Environment: REDIS_URL (and the Redis credentials of eexit.bus), EEXIT_PANIC_HMAC_KEYS or the
 credential panic_hmac_keys (panic signs with the issuer's key when keys are configured), the
@@ -34,13 +39,18 @@ import os
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 from . import __version__, bus, ops, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
 from .paper import DIALECTS as PAPER_DIALECTS
 
-EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT, EXIT_INTERNAL = 0, 1, 2, 3, 5
+EPILOG = ("exit codes: status 0 healthy, 1 halted, 2 cannot vouch (silent or degraded daemon, Redis, "
+          "configuration, unexpected error); panic 0 FLAT, 1 other report, 2 configuration or Redis, "
+          "3 timeout; resume 0 cleared, 1 refused, 2 configuration or Redis; every command but status: "
+          "5 unexpected error (outcome unknown)")
 
 
 @dataclass(frozen=True)
@@ -77,13 +87,31 @@ def known(value):
 
 def report_line(r):
     """One line for a report dict (ops.report_dict): status, positions closed, duration."""
+    if r["status"] in ("REJECTED", "DUPLICATE"):
+        return f"{r['status']} ({r.get('detail') or '-'})"
     took = "unknown time" if r.get("execution_time_ms") is None else f"{r['execution_time_ms']} ms"
     return (f"{r['status']} {known(r.get('positions_closed'))}/{known(r.get('positions_total'))} "
-            f"closed in {took}" + (f" scope={r['scope']}" if r.get("scope") else ""))
+            f"closed in {took}" + (f" scope={r['scope']}" if r.get("scope") else "")
+            + (f" ({r['detail']})" if r.get("detail") else ""))
+
+
+def emit(text="", err=False):
+    """print() that survives a reader that went away (`eexit status | head -1`): the rest of
+    the output goes to /dev/null and the command still ends with its own exit code, without
+    a BrokenPipeError traceback."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        # Nobody reads any more: nothing to tell them. Point the descriptor at /dev/null so
+        # the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def print_json(data):
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    emit(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 class Progress:
@@ -99,35 +127,42 @@ class Progress:
     def __call__(self, elapsed_s, note):
         line = f"{self.label}: {note} {elapsed_s:5.1f} s"
         if self.tty:
-            self.stream.write("\r" + line + " " * 8)
+            self._write("\r" + line + " " * 8)
         elif elapsed_s - self.last_line >= 5.0:
-            self.stream.write(line + "\n")
+            self._write(line + "\n")
             self.last_line = elapsed_s
-        else:
-            return
-        self.stream.flush()
 
     def done(self):
         if self.tty:
-            self.stream.write("\n")
+            self._write("\n")
+
+    def _write(self, text):
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            # The progress line is a courtesy: a closed stream must not stop the wait for
+            # the report, whose outcome is the exit code.
+            self.tty = False
+            self.last_line = float("inf")
 
 
 # ---------------------------------------------------------------------------- status
 
 def cmd_status(args, cfg, env):
     try:
-        client = bus.connect(env=env)
+        client = ops.connect(env)
         status = ops.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
     except bus.REDIS_ERRORS as exc:
         # Nothing can be known without Redis: that is the "unhealthy" answer, not a crash.
         if args.json:
             print_json({"redis": "unreachable", "error": f"{type(exc).__name__}: {exc}", "exit_code": 2})
         else:
-            print(f"redis: UNREACHABLE ({type(exc).__name__}: {exc})")
+            emit(f"redis: UNREACHABLE ({type(exc).__name__}: {exc})")
         return EXIT_UNHEALTHY
     code = ops.status_exit_code(status, cfg.silent_s * 1000)
     status["silent_after_ms"] = int(cfg.silent_s * 1000)
+    status["problems"] = ops.daemon_problems(status, cfg.silent_s * 1000)
     status["exit_code"] = code
     if args.json:
         print_json(status)
@@ -135,41 +170,42 @@ def cmd_status(args, cfg, env):
     trading = status["trading"]
     if trading["halted"] is False:
         cleared = f" (cleared by {trading['cleared_by']} at {fmt_ts(trading['cleared_at'])})" if trading["cleared_by"] else ""
-        print(f"trading: ALLOWED{cleared}")
+        emit(f"trading: ALLOWED{cleared}")
     elif not trading["present"]:
-        print("trading: HALTED (no state written yet, read as halted; first start: `eexit init --operator NAME`)")
+        emit("trading: HALTED (no state written yet, read as halted; first start: `eexit init --operator NAME`)")
     else:
-        print(f"trading: HALTED since {fmt_ts(trading['halted_at'])} by {trading['halted_by'] or '-'} "
+        emit(f"trading: HALTED since {fmt_ts(trading['halted_at'])} by {trading['halted_by'] or '-'} "
               f"reason={trading['reason'] or '-'} event={trading['event_id'] or '-'}"
               + (" requires manual reset" if trading["requires_manual_reset"] else ""))
-    print("daemons:")
+    emit("daemons:")
     for name, daemon in status["daemons"].items():
         silent = daemon["age_ms"] is None or daemon["age_ms"] > cfg.silent_s * 1000
         state = "SILENT" if silent else (daemon["status"] or "?")
         extra = ""
         if daemon.get("active_positions") is not None:
             extra = f" active_positions={daemon['active_positions']}"
-        print(f"  {name:<11} {state:<8} last heartbeat {fmt_age(daemon['age_ms'])}{extra}")
-    print(f"panic events (newest {len(status['panics'])}):")
+        if daemon.get("reason"):
+            extra += f" reason: {ops.describe_reason(daemon['reason'], daemon.get('detail'))}"
+        emit(f"  {name:<11} {state:<8} last heartbeat {fmt_age(daemon['age_ms'])}{extra}")
+    emit(f"panic events (newest {len(status['panics'])}):")
     for event in status["panics"]:
-        reports = event["reports"]
-        outcome = " / ".join(report_line(r) for r in reports) or "NO REPORT"
-        print(f"  {fmt_ts(event['ts'])} {event['event_id']} {event['reason']} by {event['issued_by']}: {outcome}")
+        outcome = " / ".join(report_line(r) for r in event["reports"]) or "NO REPORT"
+        emit(f"  {fmt_ts(event['ts'])} {event['event_id']} {event['reason']} by {event['issued_by']}: {outcome}")
     guard = status["guard"]
-    print(f"halt guard: holder={guard['lease_holder'] or '-'} policy={guard['policy'] or '-'} "
-          f"last check {fmt_age(guard['last_check_age_ms'])}: {guard['last_check'] or '-'}; "
-          f"last enforcement {fmt_age(guard['last_enforcement_age_ms'])}: {guard['last_enforcement'] or '-'}"
-          + (f" ({guard['last_enforcement_event_id']})" if guard["last_enforcement_event_id"] else ""))
-    print("pending:")
+    emit(f"halt guard: holder={guard['lease_holder'] or '-'} policy={guard['policy'] or '-'} "
+         f"last check {fmt_age(guard['last_check_age_ms'])}: {guard['last_check'] or '-'}; "
+         f"last enforcement {fmt_age(guard['last_enforcement_age_ms'])}: {guard['last_enforcement'] or '-'}"
+         + (f" ({guard['last_enforcement_event_id']})" if guard["last_enforcement_event_id"] else ""))
+    emit("pending:")
     if not status["pending"]:
-        print("  (no consumer groups yet)")
+        emit("  (no consumer groups yet)")
     for stream, groups in status["pending"].items():
         for group, info in groups.items():
             consumers = ", ".join(f"{name}={count}" for name, count in info["consumers"].items()) or "-"
             lag = "" if info["lag"] is None else f" unread={info['lag']}"
-            print(f"  {stream} / {group}: pending={info['pending']}{lag} ({consumers})")
+            emit(f"  {stream} / {group}: pending={info['pending']}{lag} ({consumers})")
     print_alerts(status["alerts"])
-    print({0: "HEALTHY", 1: "HALTED", 2: "UNHEALTHY: a daemon is silent"}[code])
+    emit({0: "HEALTHY", 1: "HALTED"}.get(code) or "UNHEALTHY: " + "; ".join(status["problems"]))
     return code
 
 
@@ -195,19 +231,19 @@ def cmd_panic(args, cfg, env):
         event, fields = ops.build_panic(args.reason, args.issued_by, keyring,
                                         context=ops.operator_context(tool="eexit panic"))
     except ValueError as exc:
-        print(f"eexit panic: {exc}", file=sys.stderr)
+        emit(f"eexit panic: {exc}", err=True)
         return CONFIG_EXIT_CODE
     try:
-        client = bus.connect(env=env)
+        client = ops.connect(env)
         published = ops.publish_panic(client, event, fields)
     except bus.REDIS_ERRORS as exc:
-        print(f"eexit panic: could not publish, Redis unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        emit(f"eexit panic: could not publish, Redis unreachable ({type(exc).__name__}: {exc})", err=True)
         return EXIT_UNHEALTHY
     if not args.json:
-        print(f"published event_id={event.event_id} entry={published.entry_id} "
+        emit(f"published event_id={event.event_id} entry={published.entry_id} "
               f"reason={event.reason} issued_by={event.issued_by} signed={'yes' if 'sig' in fields else 'no'}")
     progress = Progress(f"waiting for the report of {event.event_id}")
-    found = ops.wait_for_report(lambda: bus.connect(env=env), published, timeout_s, progress)
+    found = ops.wait_for_report(lambda: ops.connect(env), published, timeout_s, progress)
     progress.done()
     if found is None:
         message = f"no report for event {event.event_id} within {timeout_s:g} s: is the EEW running? (`eexit status`)"
@@ -215,7 +251,7 @@ def cmd_panic(args, cfg, env):
             print_json({"event_id": event.event_id, "entry_id": published.entry_id, "report": None,
                         "error": message, "exit_code": EXIT_TIMEOUT})
         else:
-            print(f"TIMEOUT: {message}")
+            emit(f"TIMEOUT: {message}")
         return EXIT_TIMEOUT
     entry_id, report = found
     code = EXIT_OK if report.status == "FLAT" else EXIT_FAIL
@@ -223,14 +259,14 @@ def cmd_panic(args, cfg, env):
         print_json({"event_id": event.event_id, "entry_id": published.entry_id,
                     "report": ops.report_dict(entry_id, report), "exit_code": code})
     else:
-        print(f"report: status={report.status} positions {known(report.positions_closed)}/"
+        emit(f"report: status={report.status} positions {known(report.positions_closed)}/"
               f"{known(report.positions_total)} closed, {known(report.positions_failed)} failed "
               f"{report.failed_symbols or ''} orders_cancelled={known(report.orders_cancelled)} "
               f"execution_time_ms={report.execution_time_ms}" + (f" scope={report.scope}" if report.scope else "")
               + (f" detail={report.detail}" if report.detail else ""))
         for residual in report.residual_positions:
-            print(f"  residual: {residual}")
-        print("FLAT" if code == EXIT_OK else f"NOT FLAT ({report.status})")
+            emit(f"  residual: {residual}")
+        emit("FLAT" if code == EXIT_OK else f"NOT FLAT ({report.status})")
     return code
 
 
@@ -238,7 +274,7 @@ def cmd_panic(args, cfg, env):
 
 def cmd_resume(args, cfg, env):
     try:
-        client = bus.connect(env=env)
+        client = ops.connect(env)
         # Already cleared for this very event: saying so (exit 0) makes the command safe to re-run.
         state, _, _ = ops.read_state(client)
         if state.halted is False and state.event_id == args.ack and state.cleared_by:
@@ -246,7 +282,7 @@ def cmd_resume(args, cfg, env):
             if args.json:
                 print_json({"resumed": True, "already": True, "message": message})
             else:
-                print(message)
+                emit(message)
             return EXIT_OK
         facts = ops.gather_resume_facts(client, args.ack, cfg.resume_cooldown_s, env)
         reasons = ops.resume_refusals(facts, args.accept_residual)
@@ -257,7 +293,7 @@ def cmd_resume(args, cfg, env):
             except ops.StateChanged as exc:
                 reasons = [str(exc)]
     except bus.REDIS_ERRORS as exc:
-        print(f"eexit resume: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", file=sys.stderr)
+        emit(f"eexit resume: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
         return EXIT_UNHEALTHY
     residual = [f"{p.symbol} {p.side} {p.contracts:g}" for p in facts.positions or []]
     if args.json:
@@ -265,11 +301,11 @@ def cmd_resume(args, cfg, env):
                     "operator": args.operator, "audit_entry": audit_id, "residual_positions": residual,
                     "audit_stream": ops.OPS_AUDIT_STREAM})
     elif reasons:
-        print("REFUSED: trading stays halted")
+        emit("REFUSED: trading stays halted")
         for reason in reasons:
-            print(f"  - {reason}")
+            emit(f"  - {reason}")
     else:
-        print(f"RESUMED: trading allowed again; cleared_by={args.operator} event={args.ack} "
+        emit(f"RESUMED: trading allowed again; cleared_by={args.operator} event={args.ack} "
               f"audit={ops.OPS_AUDIT_STREAM} {audit_id}" + (f" accepted residual: {residual}" if residual else ""))
     return EXIT_FAIL if reasons else EXIT_OK
 
@@ -282,7 +318,7 @@ def cmd_audit_verify(args, cfg, env):
     try:
         from . import audit   # noqa: PLC0415 - the audit daemon is optional for the other commands
     except ImportError as exc:
-        print(f"eexit audit verify: the audit module is not available ({exc})", file=sys.stderr)
+        emit(f"eexit audit verify: the audit module is not available ({exc})", err=True)
         return CONFIG_EXIT_CODE
     try:
         with open(args.file, "rb"):
@@ -371,7 +407,7 @@ def cmd_demo(args, cfg, env):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="eexit", description="eexit operator tools")
+    parser = argparse.ArgumentParser(prog="eexit", description="eexit operator tools", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"eexit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -435,11 +471,22 @@ def main(argv=None):
             raise ConfigError("--operator must name a person")
         return args.handler(args, cfg, env)
     except ConfigError as exc:
-        print(f"eexit {args.command}: configuration error: {exc}", file=sys.stderr)
+        emit(f"eexit {args.command}: configuration error: {exc}", err=True)
         return CONFIG_EXIT_CODE
     except KeyboardInterrupt:
-        print(f"\neexit {args.command}: interrupted", file=sys.stderr)
+        emit(f"\neexit {args.command}: interrupted", err=True)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the exit code must keep its meaning
+        # A bug, or an environment nobody anticipated. The traceback goes to stderr for the
+        # report; the exit code must not read as an answer: status cannot vouch (2, never
+        # "halted"), the others' outcome is unknown (5, never "FLAT" or "refused").
+        code = EXIT_UNHEALTHY if args.command == "status" else EXIT_INTERNAL
+        try:
+            traceback.print_exc()
+        except BrokenPipeError:
+            pass   # stderr is gone too: the exit code is all that is left to say it
+        emit(f"eexit {args.command}: unexpected error {type(exc).__name__}: {str(exc)[:300]} (exit {code})", err=True)
+        return code
 
 
 if __name__ == "__main__":

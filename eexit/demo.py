@@ -282,6 +282,15 @@ def observe(stack, client, kill_ms, timeout_s=20.0):
     return seen
 
 
+def verified_text(report):
+    """The last timeline row: only a FLAT report is ever called "verified flat"."""
+    if report is None:
+        return "EEW report MISSING"
+    if report["status"] == "FLAT":
+        return "verified flat: EEW re-read the account, report FLAT"
+    return f"EEW finished, report {report['status']}: NOT flat"
+
+
 def judge(seen, stack, client):
     """(timeline rows, criteria rows, passed). Offsets are ms after the kill."""
     kill = seen["kill"]
@@ -297,13 +306,12 @@ def judge(seen, stack, client):
         ("halted", offset("halted"), "trading halted (system:state:trading)"),
         ("orders_cancelled", offset("orders_cancelled"), "all resting and conditional orders cancelled (exchange)"),
         ("positions_closed", offset("positions_closed"), "all positions closed (exchange)"),
-        ("verified_flat", offset("verified"), "verified flat: EEW re-read the account, report "
-                                              + (seen["report"]["status"] if "report" in seen else "MISSING")),
+        ("verified_flat", offset("verified"), verified_text(seen.get("report"))),
     ]
     report = seen.get("report") or {}
     reports = ops.find_reports(client, seen["event_id"]) if seen.get("event_id") else []
     pending = ops.pending_summary(client).get(schema.PANIC_STREAM, {}).get(schema.EEW_GROUP, {})
-    end_to_end = offset("verified")
+    end_to_end = offset("verified") if report.get("status") == "FLAT" else None   # only FLAT is "flat"
     close = offset("positions_closed")
     total = max((v for v in (offset("verified"), offset("halted"), close) if v is not None), default=None)
     end_state = {

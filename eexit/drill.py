@@ -19,7 +19,10 @@ the newest one); check the report is FLAT, trading is halted by this event, and 
 exchange, read by this tool, holds no position and no open order. Prints the timeline.
 
 Exit codes: 0 PASS; 1 FAIL (report not FLAT, not halted, account not flat); 3 timeout or the
-EEW not running; 4 refused (not paper/sandbox); 2 configuration or Redis unreachable.
+EEW not running; 4 refused (not paper/sandbox); 2 configuration or Redis unreachable; 5 an
+unexpected error (traceback on stderr): the outcome is unknown, never read as PASS or FAIL.
+The progress line is rewritten in place only on a terminal; a closed stdout (`| head`) does
+not stop the drill.
 """
 
 import argparse
@@ -27,14 +30,15 @@ import json
 import os
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 
 from . import bus, ops, schema, signing
-from .cli import report_line
+from .cli import Progress, emit, report_line
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float
 
-EXIT_PASS, EXIT_FAIL, EXIT_TIMEOUT, EXIT_REFUSED = 0, 1, 3, 4
+EXIT_PASS, EXIT_FAIL, EXIT_TIMEOUT, EXIT_REFUSED, EXIT_INTERNAL = 0, 1, 3, 4, 5
 
 
 def is_paper_exchange(url, timeout_s=2.0):
@@ -84,8 +88,20 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="panic drill: publish, wait for this event's report, verify flat")
-    return run(add_arguments(parser).parse_args(argv), os.environ)
+    parser = argparse.ArgumentParser(description="panic drill: publish, wait for this event's report, verify flat",
+                                     epilog="exit codes: 0 PASS, 1 FAIL, 2 configuration or Redis unreachable, "
+                                            "3 timeout or EEW not running, 4 refused (not paper/sandbox), "
+                                            "5 unexpected error (outcome unknown)")
+    args = add_arguments(parser).parse_args(argv)
+    try:
+        return run(args, os.environ)
+    except Exception as exc:  # noqa: BLE001 - the exit code must keep its meaning
+        # A bug or an unanticipated environment: the traceback is for the report; 5 says
+        # "outcome unknown" (the panic may have been published: check `eexit status`).
+        traceback.print_exc()
+        emit(f"FAIL: unexpected error {type(exc).__name__}: {str(exc)[:300]}; the outcome is unknown, "
+             f"check `eexit status` (exit {EXIT_INTERNAL})")
+        return EXIT_INTERNAL
 
 
 def run(args, env):
@@ -94,14 +110,14 @@ def run(args, env):
 
     def say(text):
         if not args.json:
-            print(text, flush=True)
+            emit(text)
 
     def finish(code, why):
         out.update(passed=code == EXIT_PASS, exit_code=code, result=why)
         if args.json:
-            print(json.dumps(out, indent=2, default=str))
+            emit(json.dumps(out, indent=2, default=str))
         else:
-            print(("PASS: " if code == EXIT_PASS else "FAIL: ") + why)
+            emit(("PASS: " if code == EXIT_PASS else "FAIL: ") + why)
         return code
 
     try:
@@ -118,8 +134,10 @@ def run(args, env):
                                     "CLOSES EVERY POSITION. Pass --live --yes-close-real-positions to run it anyway")
     say(f"exchange: {kind}, scope {scope} (the drill and the EEW read these segments)")
     try:
-        client = bus.connect(env=env)
+        client = ops.connect(env)
         alive, why = eew_alive(client, silent_ms)
+    except ConfigError as exc:
+        return finish(CONFIG_EXIT_CODE, f"configuration error: {exc}")
     except bus.REDIS_ERRORS as exc:
         return finish(CONFIG_EXIT_CODE, f"Redis unreachable: {type(exc).__name__}: {exc}")
     if not alive:
@@ -142,14 +160,10 @@ def run(args, env):
     out["event_id"] = event.event_id
     say(f"published event_id={event.event_id} entry={published.entry_id} signed={'sig' in fields}")
 
-    def progress(elapsed_s, note):
-        if not args.json:
-            sys.stderr.write(f"\rwaiting for the report of {event.event_id}: {note} {elapsed_s:5.1f} s ")
-            sys.stderr.flush()
-
-    found = ops.wait_for_report(lambda: bus.connect(env=env), published, args.timeout, progress)
-    if not args.json:
-        sys.stderr.write("\n")
+    progress = Progress(f"waiting for the report of {event.event_id}")
+    found = ops.wait_for_report(lambda: ops.connect(env), published, args.timeout,
+                                None if args.json else progress)
+    progress.done()
     received_ms = int(time.time() * 1000)
     if found is None:
         return finish(EXIT_TIMEOUT, f"no report for event {event.event_id} within {args.timeout:g} s")
@@ -160,8 +174,9 @@ def run(args, env):
     verified_ms = int(time.time() * 1000)
 
     t0 = event.ts
+    finished = "EEW verified flat" if report.status == "FLAT" else f"EEW finished: {report.status}, NOT flat"
     timeline = [("published", event.ts), ("EEW started", report.ts_started), ("halted", state.halted_at),
-                ("EEW verified flat", report.ts_completed), ("report received", received_ms),
+                (finished, report.ts_completed), ("report received", received_ms),
                 ("drill re-read the account", verified_ms)]
     out["timeline"] = {name: None if at is None else at - t0 for name, at in timeline}
     say("timeline (ms after publishing)")

@@ -898,9 +898,12 @@ class Worker:
                                         ("journal_backlog", self.journal_backlog),
                                         (self.account_problem, self.account_problem),
                                         (f"blind:{self.blind}", self.blind)) if bad]
-        extra = {"consumer": self.config.consumer}
+        extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
+                 "authorized": ",".join(self.config.authorized_sources),
+                 **signing.advertise(self.config.keyring)}
         if reasons:
-            extra["degraded_reason"] = ",".join(reasons)
+            # `reason` is what `eexit status` and the alert notifier read from any heartbeat.
+            extra["reason"] = extra["degraded_reason"] = ",".join(reasons)
         try:
             self.heartbeat.publish("DEGRADED" if reasons else "OK", self.last_positions, wall_ms(), extra=extra)
         except bus.REDIS_ERRORS as exc:

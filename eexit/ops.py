@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import redis
 
 from . import alert, bus, schema, signing
+from .config import ConfigError
 
 OPS_AUDIT_STREAM = "eexit:ops:audit"
 OPS_AUDIT_MAXLEN = None          # never trimmed: it is the record of who resumed trading
@@ -38,6 +39,17 @@ def text(value):
 
 def decoded(fields):
     return {text(k): text(v) for k, v in (fields or {}).items()}
+
+
+def connect(env=None):
+    """bus.connect for the operator tools; a REDIS_URL that redis-py cannot parse (port out of
+    range, not a number) is the configuration error it is, naming the variable (exit 2)."""
+    try:
+        return bus.connect(env=env)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL cannot be used: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- reading
@@ -135,7 +147,10 @@ def gather_status(client, events=5):
         sent_ms = schema.entry_id_ms(entry_id)
         daemons[name] = {"stream": stream, "age_ms": None if sent_ms is None else max(0, now_ms - sent_ms),
                          "status": beat.status or None, "service_id": beat.service_id,
-                         "active_positions": beat.active_positions}
+                         "active_positions": beat.active_positions,
+                         # Why a daemon says it cannot do its job (blind, exchange
+                         # authentication, panics rejected): a generic pair any daemon sets.
+                         "reason": beat.extra.get("reason") or None, "detail": beat.extra.get("detail") or None}
     recent = []
     for entry_id, fields in client.xrevrange(schema.PANIC_STREAM, count=events) or []:
         fields = decoded(fields)
@@ -392,11 +407,30 @@ def clear_halt(client, facts, operator, accept_residual):
 
 # ---------------------------------------------------------------------------- health
 
-def status_exit_code(status, silent_ms):
-    """2 if a daemon is silent (no heartbeat younger than silent_ms), else 1 if trading is
-    halted (a missing or unreadable flag counts as halted, as trading code reads it), else 0.
-    A silent guard outranks a halt: it means protection is missing right now."""
-    for daemon in status["daemons"].values():
+def describe_reason(reason, detail=None):
+    """A heartbeat's `reason` code in words: exchange_authentication -> "exchange
+    authentication"; the daemon's `detail`, if any, follows."""
+    words = reason.replace("_", " ")
+    return f"{words} ({detail})" if detail else words
+
+
+def daemon_problems(status, silent_ms):
+    """["eew: exchange authentication (...)", "brain: SILENT ..."]: each daemon that is silent
+    (no heartbeat younger than silent_ms) or whose latest heartbeat names a reason why it
+    cannot do its job."""
+    problems = []
+    for name, daemon in status["daemons"].items():
         if daemon["age_ms"] is None or daemon["age_ms"] > silent_ms:
-            return 2
+            problems.append(f"{name}: SILENT (no heartbeat for {silent_ms / 1000:g} s)")
+        elif daemon.get("reason"):
+            problems.append(f"{name}: {daemon['status'] or '?'}: {describe_reason(daemon['reason'], daemon.get('detail'))}")
+    return problems
+
+
+def status_exit_code(status, silent_ms):
+    """2 if a daemon is silent or says why it cannot do its job (daemon_problems), else 1 if
+    trading is halted (a missing or unreadable flag counts as halted, as trading code reads
+    it), else 0. A missing guard outranks a halt: protection is missing right now."""
+    if daemon_problems(status, silent_ms):
+        return 2
     return 0 if status["trading"]["halted"] is False else 1

@@ -29,12 +29,19 @@ API
     sign_fields(fields, kid, keyring)     -> new dict with `kid` and `sig`; ValueError if the
                                              kid is unknown, belongs to another issuer, or a
                                              core field is missing (a caller bug, not input)
+    key_check(keyring, kid)               -> "kid:issuer:check" identifying the key (see below)
+    advertise(keyring)                    -> what the EEW's heartbeat says about its keys
     verify_fields(fields, keyring)        -> (ok, reason); never raises, whatever `fields` is
         empty ring            -> (True,  "unsigned_allowed")   verification not configured
         good signature        -> (True,  "signature_ok")
         otherwise (False, one of): "malformed", "missing_field", "issuer_ambiguous",
             "missing_kid", "missing_sig", "unknown_kid", "kid_issuer_mismatch",
             "bad_sig_format", "sig_mismatch"
+Key check. The EEW's heartbeat carries `signatures` (required / not_configured) and
+`key_checks` = "kid:issuer:check,..." with check = the first 8 hex digits of
+HMAC-SHA256(key, "eexit-key-check"), so a watchdog (or a tool) can tell BEFORE any incident
+whether the EEW would reject its signatures. 32 bits of a MAC over a fixed string reveal
+nothing usable about a 256-bit key (the usual key check value of key ceremonies).
 Pure: no I/O except load_keys reading the credential; no logging. Nothing here puts key
 material in a repr, an exception message or a return value.
 """
@@ -55,6 +62,7 @@ _KID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ISSUER_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX_RE = re.compile(r"[0-9a-fA-F]+")
 _SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
+_KEY_CHECK_DOMAIN = b"eexit-key-check"
 _MAX_VALUE_CHARS = 64 * 1024  # an event field larger than this is hostile, not a panic
 
 
@@ -246,3 +254,15 @@ def verify_fields(fields, keyring):
     if not hmac.compare_digest(expected, bytes.fromhex(sig)):
         return False, "sig_mismatch"
     return True, "signature_ok"
+
+
+def key_check(keyring, kid):
+    """"kid:issuer:check", check = the first 8 hex digits of HMAC-SHA256(key, "eexit-key-check")."""
+    check = hmac.new(keyring._secret(kid), _KEY_CHECK_DOMAIN, hashlib.sha256).hexdigest()[:8]
+    return f"{kid}:{keyring.issuer_of(kid)}:{check}"
+
+
+def advertise(keyring):
+    """The heartbeat fields by which the EEW says which signatures it accepts."""
+    return {"signatures": "required" if keyring.configured else "not_configured",
+            "key_checks": ",".join(key_check(keyring, kid) for kid in keyring.kids())}

@@ -33,29 +33,48 @@ positions open; a status other than OK counts as DEGRADED; an unknown decision a
 ts or last_decision_ts) with positions open counts as stagnant once it has been unknown for
 longer than the stagnant threshold.
 
-Start-up grace (EEXIT_STARTUP_GRACE_S, default = EEXIT_HEARTBEAT_LOST_S): after start, and
-after every Redis reconnect, no rule fires until either the grace has passed or a heartbeat
-sent after that moment has arrived (the brain is evidently up; rules apply from then on). So a
-brain starting together with the watchdog, or a Redis restart both saw, is not a false
-incident. After the grace the ages are real: a stale beat found in the stream fires at once,
-and no heartbeat at all fires EXIT_BRAIN_HEARTBEAT_LOST. The grace delays detection of a brain
-that died just before the watchdog (re)started by at most the grace; set it lower to trade
-that for false alarms at boot.
+Start-up grace (EEXIT_STARTUP_GRACE_S, default = EEXIT_HEARTBEAT_LOST_S): after start, no
+rule fires until either the grace has passed or a heartbeat sent after that moment has
+arrived (the brain is evidently up; rules apply from then on). So a brain starting together
+with the watchdog is not a false incident. After the grace the ages are real: a stale beat
+found in the stream fires at once, and no heartbeat at all fires EXIT_BRAIN_HEARTBEAT_LOST.
+The grace delays detection of a brain that died just before the watchdog started by at most
+the grace; set it lower to trade that for false alarms at boot. The grace applies once per
+process start: a resync after Redis did not answer is not a start (`after_outage`). There,
+the time Redis did not answer is not counted as the brain's silence (nobody could beat), and
+beats found in the stream keep their real ages; so a brain killed during a Redis stall is
+detected within its threshold (3 s unguarded) of Redis answering again. "Did not answer" is
+what the watchdog saw: from its last successful evaluation to its last failed call, or to the
+end of a call Redis held (a stalled Redis answers it only when the stall ends).
 
 Incidents. The first trigger opens an incident: a new event_id is written to the hash
 `eexit:watchdog:incident` BEFORE the panic is published, so a crash in between re-publishes
-the same id after restart. While the incident is open no new event_id is created. Without a
-completion report for the event_id on `system:panic_close:completed` the SAME event is
-re-published after EEXIT_REPUBLISH_S, then with doubling delays up to 60 s (the EEW
-de-duplicates by event_id; re-publishing covers a panic entry lost with a Redis restart). The
-incident closes, re-arming the watchdog, only when a completion report has been seen AND
-heartbeats have been healthy (status OK, fresh, no rule firing) continuously for
-EEXIT_REARM_S. A restarted watchdog recovers the open incident from the hash.
+the same id after restart. While the incident is open no new event_id is created. Until the
+OWNER of the event_id reports FLAT, RESIDUAL or FAILED on `system:panic_close:completed`
+(`report_outcome`; the EEW writes those only for the entry that owns the event_id) the SAME
+event is re-published after EEXIT_REPUBLISH_S, then with doubling delays up to 30 s (the EEW
+de-duplicates by event_id; re-publishing covers a panic entry lost with a Redis restart). A
+REJECTED report never completes the incident: it is logged CRITICAL
+(`incident_panic_rejected` with the EEW's reason and whether the rejected entry was ours: a
+forged copy of our event_id published first is REJECTED too), the heartbeat turns DEGRADED
+with reason=panic_rejected, and the republishing goes on. DUPLICATE means another entry owns
+the event_id: we wait for its final report. The incident closes, re-arming the watchdog,
+only when a completing report has been seen AND heartbeats have been healthy (status OK,
+fresh, no rule firing) continuously for EEXIT_REARM_S. A restarted watchdog recovers the
+open incident from the hash.
+
+Panics the EEW would reject are visible before any incident: every EEW heartbeat says which
+issuers it authorises and which signing keys it holds (`signing.advertise`: key id, issuer,
+an 8-hex key check). The watchdog compares that with its own key at (re)sync and on every EEW
+heartbeat (`rejection_risk`); on a mismatch it logs CRITICAL `eew_would_reject_our_panics`
+and its heartbeat is DEGRADED with reason=eew_would_reject and the detail; `eexit status`
+names it and exits 2.
 
 Redis unreachable: reconnect with backoff (0.1 s doubling to 2 s), log CRITICAL each attempt,
 and stop WATCHDOG=1 pings once no evaluation succeeded for longer than the systemd watchdog
 interval, so systemd sees a watchdog that cannot watch. The watchdog publishes its own
-heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S.
+heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S: status OK, or
+DEGRADED with `reason` (panic_rejected, eew_would_reject) and `detail`.
 
 Other openers of the incident (opened_by=hook: the brain unit's ExecStopPost= hook, eexit/hook.py,
 which publishes the moment the brain's process dies): the watchdog adopts such an incident
@@ -72,7 +91,7 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from . import bus, daemon, schema, signing
 from .config import ConfigError, env_float, env_int
@@ -90,7 +109,8 @@ POSITIONS_UNGUARDED = "POSITIONS_UNGUARDED"
 
 BACKLOG_REPLAY = 50          # heartbeats replayed on (re)connect to rebuild degraded_since
 REPORT_SCAN = 1000           # completion reports / panics scanned when recovering an incident
-MAX_REPUBLISH_S = 60.0
+MAX_REPUBLISH_S = 30.0       # cap of the doubling republish delay
+ENTRIES_KEPT = 100           # our own panic entry ids remembered per incident
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 2.0
 LOCAL_WAIT_S = 0.25          # nearer a rule deadline than this, wait on our clock, not in XREAD
@@ -203,6 +223,63 @@ def healthy(state, now, limits=Limits()):
             and evaluate(state, now, limits) is None)
 
 
+def after_outage(prior, replayed, lost_at, answered_at):
+    """The state to evaluate from when Redis did not answer the watchdog from monotonic
+    `lost_at` (its last successful evaluation) until `answered_at` (its last failed call, or
+    the end of a call Redis held). A resync is not a start: the start-up grace is not applied
+    again. Beats found in the stream keep their real ages (Redis's
+    clock); what was known from before the outage (a wiped stream keeps only our memory) is
+    credited with the outage, since nobody could beat to a Redis that did not answer. So a
+    guard that died during the outage is detected within its threshold of Redis answering
+    again, and one that is alive has that threshold to beat again."""
+    newer = replayed.last_beat_at is not None and (prior.last_beat_at is None
+                                                   or replayed.last_beat_at >= prior.last_beat_at)
+    base, outage = (replayed if newer else prior), max(0.0, answered_at - lost_at)
+
+    def credited(at):
+        return at if at is None or at >= lost_at else at + outage
+    return replace(base, observing_since=prior.observing_since, last_beat_at=credited(base.last_beat_at),
+                   degraded_since=credited(base.degraded_since),
+                   decision_unknown_since=credited(base.decision_unknown_since))
+
+
+COMPLETING_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
+
+
+def report_outcome(status):
+    """What a completion report for the incident's event id means for the incident:
+        "complete"   FLAT, RESIDUAL or FAILED: the EEW writes these only for the entry that
+                     owns the event id, so the panic was executed (the incident may re-arm)
+        "rejected"   REJECTED: that entry was refused (our key or issuer, or a forged copy
+                     of our event id); the panic is NOT executed: keep republishing, CRITICAL
+        "duplicate"  DUPLICATE: another entry owns the event id; wait for ITS final report
+        "unreadable" anything else: not proof of anything, keep republishing (fail-closed)"""
+    if status in COMPLETING_STATUSES:
+        return "complete"
+    return {"REJECTED": "rejected", "DUPLICATE": "duplicate"}.get(status, "unreadable")
+
+
+def rejection_risk(eew_beat, keyring, issuer=ISSUER):
+    """(code, detail) saying why the EEW that published heartbeat extra fields `eew_beat`
+    would REJECT this watchdog's panics, or None. Compares what the EEW advertises
+    (`authorized`, `signatures`, `key_checks`: see signing.advertise) with our own key; an
+    EEW that advertises nothing (older version) cannot be checked and gives None."""
+    authorized = eew_beat.get("authorized")
+    if authorized is not None and issuer not in authorized.split(","):
+        return "issuer_not_authorized", f"EEXIT_AUTHORIZED_SOURCES={authorized}"
+    if eew_beat.get("signatures") != "required":
+        return None
+    kid = keyring.kid_for(issuer) if keyring.configured else None
+    if kid is None:
+        return "unsigned", "the EEW requires signatures; this watchdog has no key"
+    theirs = {item.partition(":")[0]: item for item in eew_beat.get("key_checks", "").split(",")}
+    if kid not in theirs:
+        return "unknown_kid", f"kid {kid} is not in the EEW's key ring"
+    if theirs[kid] != signing.key_check(keyring, kid):
+        return "key_mismatch", f"the EEW holds {theirs[kid]}, we hold {signing.key_check(keyring, kid)}"
+    return None
+
+
 # ---------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
@@ -253,6 +330,8 @@ class Incident:
     next_publish_at: float = 0.0    # monotonic
     republish_delay_s: float = 0.0
     healthy_since: float | None = None
+    refused: str = ""               # the last REJECTED (or unreadable) report, until one is not
+    entries: list = field(default_factory=list)    # our panic entry ids (in memory only)
 
     def to_fields(self):
         return {"event_id": self.event_id, "reason": self.reason, "detail": self.detail,
@@ -278,6 +357,10 @@ class Watchdog:
         self.last_problems = []
         self.beat_id = "0-0"
         self.report_id = "0-0"
+        self.eew_beat_id = "0-0"
+        self.eew_risks = {}             # EEW consumer -> (code, detail): it would reject our panics
+        self.synced_before = False
+        self.failed_at = 0.0            # monotonic: our last Redis call that failed
         self.last_evaluated = monotonic()
         self.last_evaluated_ms = clock_ms()
         self.next_own_beat = 0.0
@@ -288,17 +371,38 @@ class Watchdog:
 
     def resync(self):
         """Rebuild state from Redis after start or reconnect: the recent heartbeats (aged on
-        Redis's clock), the open incident, and the read positions of both streams."""
-        now = self.monotonic()
+        Redis's clock), the open incident, what the EEWs accept, and the read positions of
+        the streams. The start-up grace starts at the first sync only (see after_outage)."""
+        try:
+            self._resync()
+        except bus.REDIS_ERRORS:
+            self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
+            raise
+
+    def _resync(self):
+        asked_at = self.monotonic()
         server_ms = bus.server_time_ms(self.client)
+        now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
-        state = WatchState(observing_since=now)
+        state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
         for entry_id, fields in reversed(recent):
             entry_ms = schema.entry_id_ms(entry_id)
             age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
             state = self._observe(state, fields, now - age_s)
+        if self.synced_before:
+            # Credited: up to our last failed call, or to now if Redis held this one (stalled).
+            answered_at = now if now - asked_at > LOCAL_WAIT_S else max(self.failed_at, self.last_evaluated)
+            state = after_outage(self.state, state, self.last_evaluated, answered_at)
+            self.log.info("resynced", outage_s=round(answered_at - self.last_evaluated, 3),
+                          startup_grace="not_reapplied")
+        self.synced_before = True
         self.state = state
         self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
+        # The newest EEW heartbeat now; the other EEW instances' within their next beat.
+        newest_eew = self.client.xrevrange(schema.EEW_HEARTBEAT_STREAM, "+", "-", count=1)
+        self.eew_beat_id = bus.as_text(newest_eew[0][0]) if newest_eew else "0-0"
+        if newest_eew:
+            self._check_eew(newest_eew[0][1])
         latest_report = self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=1)
         self.report_id = bus.as_text(latest_report[0][0]) if latest_report else "0-0"
         self._recover_incident(now)
@@ -327,17 +431,20 @@ class Watchdog:
             incident.completed_status = self._find_report(incident.event_id)
         if incident.completed_status:
             return
-        if self._panic_published(incident.event_id):
+        if self._find(schema.PANIC_STREAM, schema.PanicEvent, incident.event_id) is not None:
             incident.next_publish_at = now + incident.republish_delay_s
         else:
             incident.next_publish_at = now   # crashed between the hash and the XADD, or Redis lost it
 
-    def _find_report(self, event_id):
-        for _entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
-            report, _problems = schema.CompletionReport.from_fields(fields)
-            if report.event_id == event_id:
-                return report.status or "UNKNOWN"
-        return ""
+    def _find(self, stream, message, event_id):
+        """The newest `message` (schema class) on `stream` with this event_id: for a report,
+        only one that completes the incident (report_outcome). None if there is none."""
+        for _entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
+            found, _problems = message.from_fields(fields)
+            if found.event_id == event_id and (message is schema.PanicEvent
+                                               or report_outcome(found.status) == "complete"):
+                return found
+        return None
 
     def _drop_if_outlived(self, event_id):
         """Close the shared incident event_id, and return True, when that event has a final
@@ -358,11 +465,11 @@ class Watchdog:
         return False
 
     def _panic_published(self, event_id):
-        for _entry_id, fields in self.client.xrevrange(schema.PANIC_STREAM, "+", "-", count=REPORT_SCAN):
-            event, _problems = schema.PanicEvent.from_fields(fields)
-            if event.event_id == event_id:
-                return True
-        return False
+        return self._find(schema.PANIC_STREAM, schema.PanicEvent, event_id) is not None
+
+    def _find_report(self, event_id):
+        report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
+        return "" if report is None else report.status
 
     # -- one iteration -------------------------------------------------------------------
 
@@ -378,7 +485,15 @@ class Watchdog:
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
         REDIS_ERRORS."""
-        streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id}
+        try:
+            self._step()
+        except bus.REDIS_ERRORS:
+            self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
+            raise
+
+    def _step(self):
+        streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id,
+                   schema.EEW_HEARTBEAT_STREAM: self.eew_beat_id}
         before = self.monotonic()
         deadline = next_deadline(self.state, before, self.cfg.limits)
         if deadline is not None and deadline - before <= LOCAL_WAIT_S:
@@ -414,6 +529,9 @@ class Watchdog:
                     if server_ms is not None and entry_ms is not None:
                         sent_at -= min(max(0, server_ms - entry_ms) / 1000.0, max_age_s)
                     self.state = self._observe(self.state, fields, sent_at)
+                elif stream == schema.EEW_HEARTBEAT_STREAM:
+                    self.eew_beat_id = bus.as_text(entry_id)
+                    self._check_eew(fields)
                 else:
                     self.report_id = bus.as_text(entry_id)
                     if self.incident is None:
@@ -428,19 +546,62 @@ class Watchdog:
         self.last_evaluated_ms = self.clock_ms()
         if now >= self.next_own_beat:
             self.next_own_beat = now + self.cfg.heartbeat_s
-            self.own_beat.ok(0, self.last_evaluated_ms, latency_ms=(now - received_at) * 1000,
-                             extra={"incident": self.incident.event_id if self.incident else "",
-                                    "brain_status": self.state.status or "none"})
+            status, why = self._health()
+            self.own_beat.publish(status, 0, self.last_evaluated_ms, latency_ms=(now - received_at) * 1000,
+                                  extra={"incident": self.incident.event_id if self.incident else "",
+                                         "brain_status": self.state.status or "none", **why})
+
+    def _health(self):
+        """(status, fields) of our own heartbeat: DEGRADED with `reason` and `detail` while our
+        incident's panic is refused, or while an EEW says it would reject our panics. A
+        watchdog whose panics are not executed must be visible to `eexit status` and alerts."""
+        if self.incident is not None and self.incident.refused:
+            return "DEGRADED", {"reason": "panic_rejected", "detail": self.incident.refused}
+        if self.eew_risks:
+            consumer, (code, detail) = min(self.eew_risks.items())
+            return "DEGRADED", {"reason": "eew_would_reject", "detail": f"{consumer}: {code}: {detail}"}
+        return "OK", {}
+
+    def _check_eew(self, fields):
+        """Compare one EEW heartbeat's advertised keys with ours (rejection_risk); log when
+        the answer for that EEW instance changes."""
+        beat, _problems = schema.Heartbeat.from_fields(fields)
+        consumer = beat.extra.get("consumer") or beat.service_id or "unknown"
+        risk = rejection_risk(beat.extra, self.keyring)
+        if risk is not None and self.eew_risks.get(consumer) != risk:
+            self.log.critical("eew_would_reject_our_panics", consumer=consumer, why=risk[0], detail=risk[1])
+            self.eew_risks[consumer] = risk
+        elif risk is None and self.eew_risks.pop(consumer, None):
+            self.log.info("eew_accepts_our_panics", consumer=consumer)
 
     def _on_report(self, fields):
+        """Only the owner's FLAT / RESIDUAL / FAILED completes the incident (report_outcome).
+        A REJECTED report never does: the panic was not executed, so we keep republishing
+        on the backoff schedule, and say so at CRITICAL and in our heartbeat."""
         report, _problems = schema.CompletionReport.from_fields(fields)
         incident = self.incident
         if incident is None or report.event_id != incident.event_id or incident.completed_status:
             return
-        incident.completed_status = report.status or "UNKNOWN"
-        level = self.log.info if report.status == "FLAT" else self.log.critical
-        level("incident_report_seen", event_id=incident.event_id, status=incident.completed_status)
-        self.client.hset(INCIDENT_KEY, "completed_status", incident.completed_status)
+        outcome = report_outcome(report.status)
+        entry_id = report.extra.get("entry_id", "") or "-"
+        ours = "unknown" if not incident.entries else ("yes" if entry_id in incident.entries else "no")
+        if outcome == "complete":
+            incident.completed_status, incident.refused = report.status, ""
+            level = self.log.info if report.status == "FLAT" else self.log.critical
+            level("incident_report_seen", event_id=incident.event_id, status=report.status, entry_id=entry_id)
+            self.client.hset(INCIDENT_KEY, "completed_status", report.status)
+        elif outcome == "duplicate":
+            # Another entry owns the event id (the EEW authorised and claimed it): the panic
+            # is being executed; its owner's final report completes the incident.
+            incident.refused = ""
+            self.log.warning("incident_report_not_final", event_id=incident.event_id, status=report.status,
+                             entry_id=entry_id, ours=ours, detail=report.detail or "-")
+        else:
+            incident.refused = f"{report.status or 'unreadable'}: {report.detail or '-'} entry={entry_id} ours={ours}"
+            self.log.critical("incident_panic_rejected", event_id=incident.event_id,
+                              status=report.status or "unreadable", why=report.detail or "-", entry_id=entry_id,
+                              ours=ours, publish_count=incident.publish_count,
+                              next_publish_in_s=round(max(0.0, incident.next_publish_at - self.monotonic()), 3))
 
     def _act(self, trigger, now):
         if trigger is not None and (self.last_trigger is None or trigger.reason != self.last_trigger.reason):
@@ -513,6 +674,7 @@ class Watchdog:
         if incident.publish_count > 0:
             incident.republish_delay_s = min(incident.republish_delay_s * 2, MAX_REPUBLISH_S)
         incident.publish_count += 1
+        incident.entries = [*incident.entries[-(ENTRIES_KEPT - 1):], bus.as_text(entry_id)]
         incident.next_publish_at = now + incident.republish_delay_s
         self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
         self.log.critical("panic_published", event_id=incident.event_id, reason=incident.reason,
@@ -558,7 +720,7 @@ class Watchdog:
                 self.step()
             except bus.REDIS_ERRORS as exc:
                 # Cannot read heartbeats or publish: reconnect with backoff and re-sync, which
-                # re-reads the stream on Redis's clock and re-applies the start-up grace. The
+                # re-reads the stream on Redis's clock (no new start-up grace: after_outage). The
                 # pings stop once this lasts longer than the systemd interval (fail-closed:
                 # systemd then restarts us and shows the failure).
                 synced = False

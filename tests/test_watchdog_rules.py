@@ -3,9 +3,10 @@
 import unittest
 from dataclasses import replace
 
-from eexit import schema
+from eexit import schema, signing
 from eexit.watchdog import (DECISION_STAGNANT, DEGRADED_TOO_LONG, HEARTBEAT_LOST, POSITIONS_UNGUARDED,
-                            Config, Limits, WatchState, evaluate, healthy, next_deadline, observe)
+                            Config, Limits, WatchState, after_outage, evaluate, healthy, next_deadline,
+                            observe, rejection_risk, report_outcome)
 
 LIMITS = Limits(heartbeat_lost_s=5.0, unguarded_s=3.0, degraded_s=5.0, stagnant_s=30.0, startup_grace_s=5.0)
 EPS = 0.001
@@ -205,6 +206,120 @@ class Healthy(unittest.TestCase):
         self.assertFalse(healthy(state_after(beat(status="DEGRADED")), T0 + 1.0, LIMITS))
         self.assertFalse(healthy(state_after(beat()), T0 + 3.0 + EPS, LIMITS))
         self.assertFalse(healthy(WatchState(observing_since=START), T0, LIMITS))
+
+
+class IncidentCompletion(unittest.TestCase):
+    """Only the owner's final report completes an incident (the EEW writes FLAT / RESIDUAL /
+    FAILED only for the entry that owns the event id)."""
+
+    def test_table(self):
+        for status, expected in [("FLAT", "complete"), ("RESIDUAL", "complete"), ("FAILED", "complete"),
+                                 ("REJECTED", "rejected"), ("DUPLICATE", "duplicate"),
+                                 ("", "unreadable"), (None, "unreadable"), ("flat", "unreadable"),
+                                 ("UNKNOWN", "unreadable")]:
+            with self.subTest(status=status):
+                self.assertEqual(report_outcome(status), expected)
+
+    def test_statuses_as_parsed_from_the_wire(self):
+        for raw, expected in [("FLAT", "complete"), ("REJECTED", "rejected"), ("garbage", "unreadable")]:
+            report, _problems = schema.CompletionReport.from_fields({"event_id": "e", "status": raw})
+            with self.subTest(raw=raw):
+                self.assertEqual(report_outcome(report.status), expected)
+
+
+class ResyncIsNotAStart(unittest.TestCase):
+    """after_outage: the time Redis did not answer is nobody's silence; no second grace."""
+
+    LOST_AT, NOW = T0 + 0.2, T0 + 10.2      # Redis stalled 10 s, 0.2 s after the last beat
+
+    def resumed(self, prior, replayed=None):
+        replayed = replayed if replayed is not None else WatchState(observing_since=START)
+        return after_outage(prior, replayed, self.LOST_AT, self.NOW)   # Redis answers at NOW
+
+    def test_brain_killed_during_the_stall_fires_within_the_threshold_of_redis_answering(self):
+        prior = state_after(beat(positions=2))
+        for replayed in (prior, WatchState(observing_since=START)):   # stream kept, or wiped
+            with self.subTest(wiped=replayed is not prior):
+                state = self.resumed(prior, replayed)
+                # 0.2 s of silence before the stall count; the 10 s stall does not.
+                self.assertIsNone(reason(state, self.NOW + 3.0 - 0.2))
+                self.assertEqual(reason(state, self.NOW + 3.0 - 0.2 + EPS), POSITIONS_UNGUARDED)
+
+    def test_no_new_grace_even_with_a_long_grace(self):
+        limits = replace(LIMITS, startup_grace_s=60.0)
+        prior = state_after(beat(positions=2), start=T0 - 1.0)     # still inside the first grace?
+        state = self.resumed(prior)
+        self.assertEqual(state.observing_since, T0 - 1.0)           # the grace started at the start
+        self.assertEqual(evaluate(state, self.NOW + 3.0, limits).reason, POSITIONS_UNGUARDED)
+
+    def test_beats_that_reached_redis_during_the_outage_keep_their_real_age(self):
+        prior = state_after(beat(positions=2))
+        replayed = state_after(beat(positions=2), at=T0 + 5.0)      # only the watchdog was cut off
+        state = self.resumed(prior, replayed)
+        self.assertEqual(state.last_beat_at, T0 + 5.0)
+        self.assertEqual(reason(state, self.NOW), POSITIONS_UNGUARDED)
+
+    def test_a_stale_beat_stays_stale(self):
+        prior = state_after(beat(positions=2), at=T0 - 20.0)        # already silent 20 s before
+        self.assertEqual(reason(self.resumed(prior), self.NOW), POSITIONS_UNGUARDED)
+
+    def test_degraded_and_unknown_decision_timers_are_credited_too(self):
+        prior = observe(state_after(beat(status="DEGRADED"), at=T0 - 4.0), beat(status="DEGRADED"), T0)
+        state = self.resumed(prior)
+        self.assertEqual(state.degraded_since, T0 - 4.0 + 10.0)
+        self.assertIsNone(reason(state, self.NOW + 0.5))
+        self.assertEqual(reason(state, self.NOW + 0.8 + EPS), DEGRADED_TOO_LONG)
+
+    def test_time_after_the_last_failed_call_counts_as_silence(self):
+        # Our last failed call was at NOW - 2 (then backoff): Redis may have answered since,
+        # so detection is never later than the threshold after Redis answered again.
+        state = after_outage(state_after(beat(positions=2)), WatchState(observing_since=START),
+                             self.LOST_AT, self.NOW - 2.0)
+        self.assertEqual(reason(state, self.NOW + 1.0 - 0.2 + EPS), POSITIONS_UNGUARDED)
+
+    def test_never_heard_keeps_the_since_start_rule(self):
+        prior = WatchState(observing_since=START)
+        self.assertEqual(reason(self.resumed(prior), self.NOW), HEARTBEAT_LOST)
+
+
+KEY_A, KEY_B = "ab" * 32, "cd" * 32
+
+
+def eew_beat(ring_text=None, authorized="watchdog,risk_kernel,ops"):
+    ring = signing.parse_keys(ring_text, "test") if ring_text else signing.KeyRing()
+    return {"consumer": "eew-1", "authorized": authorized, **signing.advertise(ring)}
+
+
+class RejectionRisk(unittest.TestCase):
+    """What the EEW's heartbeat advertises against our own key: known before any incident."""
+
+    def test_table(self):
+        ours = signing.parse_keys(f"wd1 watchdog {KEY_A}", "ours")
+        cases = [
+            ("same key", eew_beat(f"wd1 watchdog {KEY_A},ops1 ops {KEY_B}"), ours, None),
+            ("wrong key", eew_beat(f"wd1 watchdog {KEY_B}"), ours, "key_mismatch"),
+            ("kid unknown to the EEW", eew_beat(f"wd2 watchdog {KEY_A}"), ours, "unknown_kid"),
+            ("kid bound to another issuer", eew_beat(f"wd1 ops {KEY_A}"), ours, "key_mismatch"),
+            ("we have no key", eew_beat(f"wd1 watchdog {KEY_A}"), signing.KeyRing(), "unsigned"),
+            ("EEW does not verify", eew_beat(None), signing.KeyRing(), None),
+            ("EEW does not verify, we sign", eew_beat(None), ours, None),
+            ("not authorised", eew_beat(f"wd1 watchdog {KEY_A}", "ops,risk_kernel"), ours, "issuer_not_authorized"),
+            ("older EEW says nothing", {"consumer": "eew-1"}, ours, None),
+            ("garbled key checks", dict(eew_beat(f"wd1 watchdog {KEY_A}"), key_checks="wd1:x,::,"), ours,
+             "key_mismatch"),
+        ]
+        for name, beat_fields, ring, expected in cases:
+            with self.subTest(name):
+                risk = rejection_risk(beat_fields, ring)
+                self.assertEqual(None if risk is None else risk[0], expected, risk)
+
+    def test_key_check_names_no_key_material(self):
+        ring = signing.parse_keys(f"wd1 watchdog {KEY_A}", "ours")
+        advertised = signing.advertise(ring)
+        self.assertRegex(advertised["key_checks"], r"^wd1:watchdog:[0-9a-f]{8}$")
+        self.assertNotIn(KEY_A[:8], str(advertised))
+        self.assertNotEqual(signing.key_check(ring, "wd1"),
+                            signing.key_check(signing.parse_keys(f"wd1 watchdog {KEY_B}", "b"), "wd1"))
 
 
 class ConfigFromEnv(unittest.TestCase):

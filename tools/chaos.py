@@ -5,7 +5,8 @@ daemons as real subprocesses; see eexit/demo.py `Stack`).
     python tools/chaos.py [--runs N] [--scenario NAME ...] [--ci] [--soak MINUTES]
                           [--seed S] [--json] [--keep-logs] [--list]
 
-Every run starts a fresh stack with thresholds scaled down (unguarded 1 s), injects its fault
+Every run starts a fresh stack with thresholds scaled down (unguarded 1 s), the watchdog only
+once the guard beats (no since-start false alarm on a loaded machine), injects its fault
 at a random moment, and then asserts the END STATE, polling until it holds or a deadline:
 
     flat             no position and no open order on the exchange
@@ -47,6 +48,7 @@ import random
 import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 
@@ -283,18 +285,61 @@ def sc_forged_events(stack, client, rng):
     return kill_brain(stack)
 
 
+class SkewedGuard:
+    """A guard whose wall clock is `skew_ms` off, beating every 0.1 s from a thread (10 beats
+    per unguarded threshold: a scheduling hiccup on a loaded machine is no silence)."""
+
+    def __init__(self, client, skew_ms):
+        self.client, self.skew_ms = client, skew_ms
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stopped.is_set():
+            ts = int(time.time() * 1000) + self.skew_ms
+            beat = schema.Heartbeat("skewed_brain", "OK", 3, ts - 50, 5.0, ts)
+            try:
+                bus.publish(self.client, schema.HEARTBEAT_STREAM, beat, maxlen=schema.HEARTBEAT_MAXLEN)
+            except bus.REDIS_ERRORS:
+                pass   # the run fails on its end state if the guard could not beat
+            self.stopped.wait(0.1)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
 def sc_clock_skew(stack, client, rng):
-    """A guard whose wall clock is an hour off beats healthily: no panic. Then it stops."""
+    """A guard whose wall clock is an hour off beats healthily: no panic. Then it stops.
+
+    The guard beats BEFORE the watchdog starts (the watchdog's since-start rule would fire
+    on a watchdog that ran longer than its lost threshold without any beat: that is the rule
+    working, not the skew), and "healthily for a while" is counted in the watchdog's own
+    heartbeats, which it publishes after every evaluation: events, not sleeps."""
     skew_ms = rng.choice((-1, 1)) * 3600 * 1000
-    deadline = time.monotonic() + 2.5
-    while time.monotonic() < deadline:
-        ts = int(time.time() * 1000) + skew_ms
-        beat = schema.Heartbeat("skewed_brain", "OK", 3, ts - 50, 5.0, ts)
-        bus.publish(client, schema.HEARTBEAT_STREAM, beat, maxlen=schema.HEARTBEAT_MAXLEN)
-        time.sleep(0.2)
-    if client.xlen(schema.PANIC_STREAM):
-        raise ScenarioFailed(f"false panic with a guard clock skewed by {skew_ms // 1000:+d} s")
+    guard = SkewedGuard(stack.client(), skew_ms).start()
+    try:
+        wait(stack, lambda: ops.latest(client, schema.HEARTBEAT_STREAM), 10, "the skewed guard's first beat")
+        stack.start_daemon("watchdog")
+        wait(stack, lambda: watchdog_saw_brain(client), 30, "the watchdog seeing the skewed guard")
+        evaluated = client.xlen(schema.WATCHDOG_HEARTBEAT_STREAM)
+        # 12 more watchdog beats (0.2 s apart in FAST): well past the 1 s unguarded threshold.
+        wait(stack, lambda: client.xlen(schema.WATCHDOG_HEARTBEAT_STREAM) >= evaluated + 12, 30,
+             "the watchdog evaluating the skewed guard")
+        if client.xlen(schema.PANIC_STREAM):
+            raise ScenarioFailed(f"false panic with a guard clock skewed by {skew_ms // 1000:+d} s")
+    finally:
+        guard.stop()
     return int(time.time() * 1000)
+
+
+def watchdog_saw_brain(client):
+    last = ops.latest(client, schema.WATCHDOG_HEARTBEAT_STREAM)
+    return last is not None and last[1].get("brain_status") == "OK"
 
 
 SCENARIOS = {
@@ -309,7 +354,7 @@ SCENARIOS = {
     "exchange_429": (sc_exchange_429, ("eew", "watchdog", "brain")),
     "duplicate_events": (sc_duplicate_events, ("eew", "watchdog", "brain")),
     "forged_events": (sc_forged_events, ("eew", "watchdog", "brain")),
-    "clock_skew": (sc_clock_skew, ("eew", "watchdog")),
+    "clock_skew": (sc_clock_skew, ("eew",)),   # starts the watchdog itself
 }
 CI_SUBSET = ("kill_brain", "kill_eew_mid_close", "kill_watchdog", "redis_restart", "redis_wipe", "exchange_429",
              "duplicate_events", "forged_events", "clock_skew")
@@ -323,14 +368,17 @@ def run_one(name, rng, keep_logs=False):
     result = {"scenario": name, "passed": False, "problems": [], "lost": 0, "doubled": 0, "flat_ms": None}
     notes = []
     try:
-        stack.start(daemons=daemons, orders=ORDERS)
+        # The watchdog starts only once the guard beats: its since-start rule (no heartbeat
+        # for the lost threshold, 1.5 s here) would otherwise fire while a loaded machine is
+        # still importing the brain. That is the rule working, not the scenario.
+        stack.start(daemons=[d for d in daemons if d != "watchdog"], orders=ORDERS)
         client = stack.client()
+        wait(stack, lambda: ops.latest(client, schema.EEW_HEARTBEAT_STREAM), 30, "the EEW")
         if "brain" in daemons:
-            wait(stack, lambda: stack.guarded(client, 3), 30, "the brain guarding")
-        else:
-            wait(stack, lambda: all(ops.latest(client, s) for s in (schema.EEW_HEARTBEAT_STREAM,
-                                                                   schema.WATCHDOG_HEARTBEAT_STREAM)), 30, "daemons")
-        wait(stack, lambda: stack.running_for("watchdog") > 0.7, 5, "the watchdog's grace")
+            wait(stack, lambda: ops.latest(client, schema.HEARTBEAT_STREAM), 30, "the brain's first heartbeat")
+            stack.start_daemon("watchdog")
+            wait(stack, lambda: stack.guarded(client, 3) and watchdog_saw_brain(client), 30, "the brain guarding")
+            wait(stack, lambda: stack.running_for("watchdog") > 0.7, 5, "the watchdog's grace")
         outcome = action(stack, client, rng)
         t0, flags = outcome if isinstance(outcome, tuple) else (outcome, {})
         wiped = flags.get("reports_wiped", False)
