@@ -1287,7 +1287,7 @@ class Worker:
             return
         self.next_guard = now + guard_policy.step_s(cfg.halt_guard_s)
         state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
-        if state.halted is not True or not self.ledger.hold_lease(cfg.consumer, guard_policy.lease_ms(cfg.halt_guard_s)):
+        if state.halted is not True or not self.hold_guard():
             self.guard_alerted = None
             return
         if now < self.next_guard_check:
@@ -1307,7 +1307,7 @@ class Worker:
                                     if account.positions or account.orders else "flat")
             # Still the holder after the read (renewed): a holder cut off during a long read
             # may have lost the lease, and then its successor acts, not both.
-            if action in ("enforce", "alert") and self.ledger.hold_lease(cfg.consumer, guard_policy.lease_ms(cfg.halt_guard_s)):
+            if action in ("enforce", "alert") and self.hold_guard():
                 self.guard_alerted = key
                 status.update(self.guard_close(state, action, reason, account))
         if self.redis is not None:      # None: Redis went away during the close (report journaled)
@@ -1350,6 +1350,9 @@ class Worker:
             done.update(last_status=fields["status"], last_status_for=state.event_id)
         return done
 
+    def hold_guard(self):
+        return self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s))
+
     def guard_keepalive(self):
         """While the guard reads or closes: watchdog pings, and the lease renewed every step
         so that no other EEW starts guarding meanwhile."""
@@ -1358,7 +1361,7 @@ class Worker:
             return
         self.next_guard = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
         try:
-            if not self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s)):
+            if not self.hold_guard():
                 log.warning("guard_lease_lost", event_id=self.current_event)
         except bus.REDIS_ERRORS as exc:
             # Keep closing: the close is reduce-only and re-reads before it ends. If the lease
