@@ -352,6 +352,10 @@ def main():
             # A switch that can never fire must not look armed: refuse rather than degrade.
             raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id} has no "
                               f"dead-man switch eexit can arm; set it to 0")
+        bounds = exchange.venue(exchange_cfg.exchange_id).DEADMAN_RANGE_S
+        if cfg.deadman_s > 0 and bounds and not bounds[0] <= cfg.deadman_s <= bounds[1]:
+            raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id}'s dead-man switch "
+                              f"takes {bounds[0]}-{bounds[1]} s")
         notifier = Notifier()
         client = bus.connect()
         brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, notifier, log)

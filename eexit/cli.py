@@ -87,8 +87,6 @@ def known(value):
 
 def report_line(r):
     """One line for a report dict (ops.report_dict): status, positions closed, duration."""
-    if r["status"] in ("REJECTED", "DUPLICATE"):
-        return f"{r['status']} ({r.get('detail') or '-'})"
     took = "unknown time" if r.get("execution_time_ms") is None else f"{r['execution_time_ms']} ms"
     return (f"{r['status']} {known(r.get('positions_closed'))}/{known(r.get('positions_total'))} "
             f"closed in {took}" + (f" scope={r['scope']}" if r.get("scope") else "")

@@ -1020,14 +1020,14 @@ class Worker:
                 self.account_problem = None
             except Exception as exc:  # noqa: BLE001 - classified: only a refused key degrades
                 # A transient failure says nothing about the key: keep the last verdict.
-                kind = exchange.classify_error(exc)
+                kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
                 if kind.kind == "auth":
                     if self.account_problem is None:
-                        log.critical("exchange_authentication_failed", error=_error_text(exc),
+                        log.critical("exchange_authentication_failed", error=_error_text(exc, self.pool.exchange_id),
                                      note="panics will halt trading but cannot close positions")
                     self.account_problem = "exchange_authentication"
                 else:
-                    log.warning("account_check_failed", error=_error_text(exc))
+                    log.warning("account_check_failed", error=_error_text(exc, self.pool.exchange_id))
             self.account_future = None
         if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
             self.next_account_check = time.monotonic() + self.config.account_check_s

@@ -18,7 +18,10 @@ ENV_READS = re.compile(
     r"""|\b(?:env|environ)\.get\(\s*["']([A-Z][A-Z0-9_]*)["']"""
     r"""|\b(?:env|environ)\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\]"""
     r"""|["']((?:EEXIT|REDIS|BINANCE)_[A-Z0-9_]+)["']""")
-CREDENTIAL_READS = re.compile(r"""\bcredential\(\s*["']([a-z][a-z0-9_]*)["']|CREDENTIAL_FILE\s*=\s*["']([a-z0-9_]+)["']""")
+# credential("x") (config.py), optional_credential("x") (alert.py), and a name held in a
+# constant: CREDENTIAL_FILE = "x" (signing.py), HOOK_KEY_CREDENTIAL = "x" (hook.py).
+CREDENTIAL_READS = re.compile(r"""\b(?:optional_)?credential\(\s*["']([a-z][a-z0-9_]*)["']"""
+                              r"""|[A-Z_]*CREDENTIAL(?:_FILE)?\s*=\s*["']([a-z0-9_]+)["']""")
 ROW = re.compile(r"^\|\s*`([A-Za-z][A-Za-z0-9_]*)`\s*\|", re.M)
 
 
@@ -61,8 +64,9 @@ class ConfigReferenceTest(unittest.TestCase):
         variables, credentials = names_in_code(ROOT / "eexit")
         self.assertLessEqual({"REDIS_URL", "EEXIT_UNGUARDED_S", "EEXIT_SANDBOX", "EEXIT_API_KEY",
                               "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"}, variables)
-        self.assertLessEqual({"api_key", "api_secret", "redis_password", "redis_username", "panic_hmac_keys"},
-                             credentials)
+        self.assertLessEqual({"api_key", "api_secret", "api_password", "redis_password", "redis_username",
+                              "panic_hmac_keys", "hook_hmac_key", "redis_hook_password", "redis_hook_username",
+                              "telegram_bot_token", "alert_webhook_key"}, credentials)
 
     def test_a_planted_variable_or_credential_fails_the_comparison(self):
         tmp = Path(tempfile.mkdtemp(prefix="eexit-config-ref-"))

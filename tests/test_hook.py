@@ -22,7 +22,7 @@ import redis
 from eexit import hook, schema, watchdog
 from eexit.paper import PaperExchange
 from tests.harness import RedisServer, RedisTestCase, python_env, start_module, stop_process, tail_logs, wait_for
-from tests.test_redis_acl import install_offline, password
+from tests.acl_harness import password, rendered_acl
 from tests.test_systemd_units import read_unit
 from tests.test_watchdog import SCALED, Beater, panics
 
@@ -227,9 +227,7 @@ class HookAclTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        users = ("eexit-brain", "eexit-watchdog", "eexit-eew", "eexit-audit", "eexit-ops", "eexit-hook")
-        rendered = install_offline.render_acl((ROOT / "systemd/redis-acl.conf").read_text(),
-                                              {user: password(user) for user in users})
+        rendered = rendered_acl()
         cls.directory = tempfile.TemporaryDirectory()
         cls.addClassCleanup(cls.directory.cleanup)
         acl = Path(cls.directory.name) / "users.acl"

@@ -36,7 +36,8 @@ from tests.test_metrics import parse_exposition, value_of
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("docs/DEPLOY.md", "docs/CHAOS_TEST_RUNBOOK.md")
 UNITS = ("eexit-eew.service", "eexit-audit.service", "eexit-watchdog.service", "eexit-brain.service")
-BLOCK_TAGS = {"sh": True, "sh systemd": False, "sh install": False, "sh example": False, "text": False}
+BLOCK_TAGS = {"sh": True, "sh systemd": False, "sh install": False, "sh example": False, "text": False,
+              "ini": False}   # ini: unit-file lines, not commands
 REDIS_REFUSALS = re.compile(r"^(\(error\) )?(NOAUTH|NOPERM|WRONGPASS|ERR) ", re.M)
 EXPECTED_EXIT = re.compile(r"\s#\s*exit (\d+)\b")
 
@@ -142,11 +143,14 @@ class InstalledHostTest(unittest.TestCase):
             for name, value in (("api_key", cls.paper.api_key), ("api_secret", cls.paper.api_secret.decode())):
                 (creds / daemon / name).write_text(value + "\n")
                 (creds / daemon / name).chmod(0o600)
-        watchdog_key, ops_key = secrets.token_hex(32), secrets.token_hex(32)
+        watchdog_key, ops_key, hook_key = secrets.token_hex(32), secrets.token_hex(32), secrets.token_hex(32)
         for daemon, lines in (("watchdog", [f"wd1 watchdog {watchdog_key}"]), ("ops", [f"ops1 ops {ops_key}"]),
-                              ("eew", [f"wd1 watchdog {watchdog_key}", f"ops1 ops {ops_key}"])):
+                              ("eew", [f"wd1 watchdog {watchdog_key}", f"ops1 ops {ops_key}",
+                                       f"hook1 exit_brain {hook_key}"])):
             (creds / daemon / "panic_hmac_keys").write_text("\n".join(lines) + "\n")
             (creds / daemon / "panic_hmac_keys").chmod(0o600)
+        (creds / "hook" / "hook_hmac_key").write_text(f"hook1 exit_brain {hook_key}\n")
+        (creds / "hook" / "hook_hmac_key").chmod(0o600)
         settings = etc / "eexit.env"
         text = settings.read_text().replace("REDIS_URL=redis://127.0.0.1:6379/0", f"REDIS_URL={cls.redis.url}")
         text = text.replace("EEXIT_SANDBOX=true", "# EEXIT_SANDBOX=true  (the paper exchange instead)")

@@ -24,12 +24,7 @@ _spec.loader.exec_module(install_offline)
 
 EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret", "EEXIT_EXCHANGE_TIMEOUT_MS": "2000"}
 DAEMONS = ("eexit.eew", "eexit.watchdog", "eexit.brain", "eexit.audit")
-ACL_USERS = ("eexit-brain", "eexit-watchdog", "eexit-eew", "eexit-audit", "eexit-ops")
-ADMIN = "test-admin"
-
-
-def password(user):
-    return f"pw-{user}-not-a-real-secret"
+from tests.acl_harness import ADMIN, USERS as ACL_USERS, password  # noqa: E402 - every shipped user
 
 
 def write_acl(directory, edit=lambda line: line):
@@ -253,6 +248,22 @@ class Blindness(EEWCase):
                  message=f"journaled report published\n{self.logs()}")
         wait_for(lambda: [at for at in self.notify.times_of("WATCHDOG=1") if at > stopped], 20,
                  message="pings resume once the EEW can do its job")
+
+
+    def test_a_command_error_off_the_job_path_is_logged_and_panics_are_still_served(self):
+        # The EEW's own heartbeat stream turned into a string: XADD there is WRONGTYPE, a
+        # command error on a path the job does not need. One redis_command_error line, no
+        # reconnect storm, no blindness, and every panic is still executed.
+        self.start_eew()
+        self.wait_ready()
+        self.redis.delete(schema.EEW_HEARTBEAT_STREAM)
+        self.redis.set(schema.EEW_HEARTBEAT_STREAM, "not a stream")
+        wait_for(lambda: self.log_lines("redis_command_error"), 20, message=f"redis_command_error\n{self.logs()}")
+        for number in range(3):
+            self.panic(f"served-{number}")
+            self.assertEqual(self.report(f"served-{number}").status, "FLAT")
+        self.assertEqual(self.paper.positions(), {})
+        self.assertEqual(self.log_lines("blind") + self.log_lines("bus_loss_close"), [], self.logs())
 
 
 class ExchangeKey(EEWCase):

@@ -141,6 +141,21 @@ class VenueCase(EEWCase):
             self.assertEqual(2, result.returncode, exchange_id)
             self.assertIn("supported: " + ", ".join(sorted(venues.VENUES)), result.stderr)
 
+    def test_a_dead_man_switch_setting_the_venue_cannot_honour_exits_2(self):
+        # Never armed silently with another value: refused at start, naming the variable.
+        module = venues.VENUES[self.venue]
+        if module.DEADMAN is None:
+            wanted = "30"
+        elif module.DEADMAN_RANGE_S:
+            wanted = str(module.DEADMAN_RANGE_S[1] + 1)
+        else:
+            wanted = "3601"     # the venue takes anything EEXIT_DEADMAN_S's own bound allows
+        env = self.env_for("brain-bad", EEXIT_DEADMAN_S=wanted)
+        result = subprocess.run([sys.executable, "-m", "eexit.brain"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(2, result.returncode, result.stderr)
+        self.assertIn("EEXIT_DEADMAN_S", result.stderr)
+
     def test_resume_flat_check_reads_this_venue(self):
         env = python_env(EEXIT_EXCHANGE_URL=self.paper_url, EEXIT_API_KEY="paper-key",
                          EEXIT_API_SECRET="paper-secret", **venue_env(self.venue))

@@ -80,7 +80,9 @@ def surface():
 
 def main():
     counts = surface()
-    venues = {n: c for n, c in counts.items() if n.startswith("eexit.venues.") and not n.endswith("__init__")}
+    # A venue module is one of eexit/venues/<id>.py; the package and its shared base are core.
+    venues = {n: c for n, c in counts.items()
+              if n.startswith("eexit.venues.") and n.rpartition(".")[2] not in ("__init__", "base")}
     core = sum(c for n, c in counts.items() if n not in venues)
     if "--json" in sys.argv:
         print(json.dumps({"modules": counts, "core": core, "venues": venues}, indent=2))

@@ -14,6 +14,8 @@ _submit_order; here synchronous and limited to what an emergency close needs):
   NEEDS_PASSWORD   whether the key needs a passphrase (EEXIT_API_PASSWORD / api_password)
   ORDER_LIMITS     default EEXIT_ORDER_LIMITS: "orders/seconds,..." per account
   DEADMAN          name of the venue's dead-man switch, or None
+  DEADMAN_RANGE_S  (min, max) seconds the switch accepts, or None; EEXIT_DEADMAN_S outside
+                   it is refused at start (never clamped silently)
   configure(ex)                        ccxt options set once at build time (no private calls
                                        at load_markets beyond trading permission)
   load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the

@@ -21,6 +21,7 @@ NEEDS_PASSWORD = False
 # a whole burst go at once: 300 closes leave in one round, not over 10 s.
 ORDER_LIMITS = "300/10,1200/60"
 DEADMAN = "countdownCancelAll"
+DEADMAN_RANGE_S = None   # no bound beyond EEXIT_DEADMAN_S's own
 
 ERRORS = base.ErrorTable(
     code_re=re.compile(r'"code"\s*:\s*"?(-\d+)'),

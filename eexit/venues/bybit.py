@@ -28,6 +28,7 @@ BOOKS = ("regular", "conditional")
 NEEDS_PASSWORD = False
 ORDER_LIMITS = "10/1"        # /v5/order/create default per UID for linear and inverse: 10/s
 DEADMAN = None
+DEADMAN_RANGE_S = None   # no bound beyond EEXIT_DEADMAN_S's own
 _POSITION_PAGE, _ORDER_PAGE = 200, 50
 _BOOK = {False: "Order", True: "StopOrder"}
 _IDX = {"BOTH": 0, "LONG": 1, "SHORT": 2}

@@ -28,6 +28,7 @@ BOOKS = ("regular", "conditional,oco", "trigger", "move_order_stop")
 NEEDS_PASSWORD = True
 ORDER_LIMITS = "60/2"        # /trade/order: 60 per 2 s (per instrument; applied account-wide)
 DEADMAN = "cancel-all-after"
+DEADMAN_RANGE_S = (10, 120)   # cancel-all-after accepts 0 or 10-120 s: anything else is refused at start
 _ORDER_PAGE = 100
 _GONE = {"51400", "51401", "51402", "51403"}    # cancel: already filled, cancelled or unknown
 _BATCH = {False: 20, True: 10}
@@ -138,7 +139,7 @@ def place_close(ex, symbol, side, amount, position_side, client_order_id, margin
 
 def arm_deadman(ex, symbol, countdown_ms):
     """Account-wide: every order of the account is cancelled unless re-armed in time."""
-    seconds = 0 if countdown_ms <= 0 else min(max(math.ceil(countdown_ms / 1000), 10), 120)
+    seconds = 0 if countdown_ms <= 0 else math.ceil(countdown_ms / 1000)   # range checked at start
     ex.privatePostTradeCancelAllAfter({"timeOut": str(seconds)})
 
 
