@@ -122,7 +122,7 @@ PROBES = (
     ("HSET", _STATE, "f", "v"), ("HDEL", _STATE, "f"), ("EXISTS", _STATE), ("TIME",),
     ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"), ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"),
     ("EVALSHA", "0" * 40, "1", schema.GUARD_LEASE_KEY), ("HSET", schema.GUARD_KEY, "f", "v"),
-    ("HGETALL", schema.GUARD_KEY))
+    ("HGETALL", schema.GUARD_KEY), ("HGETALL", _STATE))
 # Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
 # so the entry-isolation path runs against real code. Unset (the default) it does nothing.
 FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
