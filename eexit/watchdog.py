@@ -70,8 +70,10 @@ heartbeat (`rejection_risk`); on a mismatch it logs CRITICAL `eew_would_reject_o
 and its heartbeat is DEGRADED with reason=eew_would_reject and the detail; `eexit status`
 names it and exits 2.
 
-Redis unreachable: reconnect with backoff (0.1 s doubling to 2 s), log CRITICAL each attempt,
-and stop WATCHDOG=1 pings once no evaluation succeeded for longer than the systemd watchdog
+Redis unreachable, or blind (a command error such as NOPERM, WRONGTYPE or OOM on reading
+heartbeats or publishing): reconnect with backoff (0.1 s doubling to 2 s; daemon.Backoff), log
+CRITICAL redis_unreachable / blind with the cause each attempt, say it in STATUS=, and stop
+WATCHDOG=1 pings once no evaluation succeeded for longer than the systemd watchdog
 interval, so systemd sees a watchdog that cannot watch. The watchdog publishes its own
 heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S: status OK, or
 DEGRADED with `reason` (panic_rejected, eew_would_reject) and `detail`.
@@ -703,7 +705,7 @@ class Watchdog:
             self.last_ping = now
 
     def run(self):
-        backoff = BACKOFF_START_S
+        backoff = daemon.Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         synced = False
         self.notifier.ready("watching")
         self.log.info("started", limits=self.cfg.limits, poll_ms=self.cfg.poll_ms,
@@ -713,7 +715,7 @@ class Watchdog:
                 if not synced:
                     self.resync()
                     synced = True
-                    backoff = BACKOFF_START_S
+                    backoff.reset()
                     self.log.info("synced", brain_status=self.state.status or "none",
                                   incident=self.incident.event_id if self.incident else "")
                     self.notifier.status("watching")
@@ -723,12 +725,14 @@ class Watchdog:
                 # re-reads the stream on Redis's clock (no new start-up grace: after_outage). The
                 # pings stop once this lasts longer than the systemd interval (fail-closed:
                 # systemd then restarts us and shows the failure).
+                # A command error (NOPERM, WRONGTYPE, OOM) on these paths is no better: we are
+                # blind; STATUS= says which, and the same pings rule applies.
                 synced = False
-                self.log.critical("redis_unreachable", error=type(exc).__name__, detail=str(exc)[:200],
-                                  retry_in_s=backoff)
-                self.notifier.status(f"redis unreachable: {type(exc).__name__}")
-                self._sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                wait, why = backoff.next(), "redis_unreachable" if bus.is_transport_error(exc) else "blind"
+                self.log.critical(why, cause=daemon.cause(exc), error=type(exc).__name__,
+                                  detail=str(exc)[:200], retry_in_s=wait)
+                self.notifier.status(f"{why}: {daemon.cause(exc)}")
+                self._sleep(wait)
             self._maybe_ping(self.monotonic())
         self.notifier.stopping()
         self.log.info("stopped")

@@ -272,6 +272,11 @@ class ExchangeKey(EEWCase):
         wait_for(self.eew_beat(lambda b: b.status == "DEGRADED"
                                and "exchange_authentication" in b.extra.get("degraded_reason", "")), 30,
                  message=f"DEGRADED exchange_authentication heartbeat\n{self.logs()}")
+        # ...and `eexit status` cannot vouch: exit 2, naming it.
+        status = subprocess.run([sys.executable, "-m", "eexit.cli", "status"], capture_output=True, text=True,
+                                env=python_env(REDIS_URL=self.redis_server.url), cwd=ROOT, timeout=60)
+        self.assertEqual(status.returncode, 2, status.stdout + status.stderr)
+        self.assertIn("eew: DEGRADED: exchange authentication", status.stdout)
 
     def test_key_revoked_at_run_time_shows_within_the_account_check_interval(self):
         self.start_eew(EEXIT_ACCOUNT_CHECK_S="1")

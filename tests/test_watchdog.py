@@ -222,6 +222,21 @@ class WatchdogProcessTest(RedisTestCase):
         self.assertIn("level=CRITICAL event=redis_unreachable", self.log_text())
 
 
+    def test_a_command_error_on_the_heartbeat_stream_is_blind_and_says_so(self):
+        # WRONGTYPE is not "Redis unreachable": the cause is named in the log and in STATUS=,
+        # and the same rule as for an outage stops the pings (systemd restarts the watchdog).
+        notify = NotifySocket()
+        self.addCleanup(notify.close)
+        self.start_watchdog(**notify.env(watchdog_usec=600_000))
+        wait_for(lambda: notify.times_of("READY=1"), 10, message="READY")
+        self.redis.delete(schema.HEARTBEAT_STREAM)
+        self.redis.set(schema.HEARTBEAT_STREAM, "not a stream")
+        wait_for(lambda: "level=CRITICAL event=blind cause=WRONGTYPE" in self.log_text(), 10,
+                 message=f"CRITICAL blind\n{self.log_text()}")
+        wait_for(lambda: [text for _at, text in notify.messages() if "STATUS=blind: WRONGTYPE" in text], 10,
+                 message="STATUS=blind")
+
+
 class ClockIndependenceTest(RedisTestCase):
     """The watchdog in-process with its clocks injected: producer clocks off by an hour and a
     step of the watchdog's wall clock change nothing; only the monotonic clock ages beats."""
