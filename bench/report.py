@@ -208,6 +208,31 @@ def venues_section(data, summary):
     return lines
 
 
+def flood_section(data, summary):
+    if data is None:
+        return ["_not run (`python bench/flood.py`)_"]
+    settings = ", ".join(f"{k}={v}" for k, v in data["settings"].items())
+    summary.append((f"signed panic behind {data['settings']['forged_per_run']} forged → FLAT (max)",
+                    f"{data['max_ms']:.0f} ms", f"≤ {data['target_ms']} ms", verdict(data["max_ms"], data["target_ms"])))
+    runs = ", ".join(f"{r['xadd_to_flat_ms']:.0f}" for r in data["runs"])
+    return [f"One correctly signed panic XADDed right behind {data['settings']['forged_per_run']} forged "
+            "entries (the EEW stopped while they were written, so all are a backlog ahead of it); "
+            "the figure is that XADD → its FLAT report. Settings: " + settings + ".", "",
+            "| figure | value | target | verdict |", "|---|---|---|---|",
+            f"| XADD → FLAT, median (ms) | {data['median_ms']:.0f} | ≤ {data['target_ms']} | "
+            f"{verdict(data['median_ms'], data['target_ms'])} |",
+            f"| XADD → FLAT, max of {len(data['runs'])} (ms): {runs} | {data['max_ms']:.0f} | ≤ {data['target_ms']} | "
+            f"{verdict(data['max_ms'], data['target_ms'])} |",
+            f"| all runs FLAT, EEW alive | {data['all_flat'] and data['eew_alive']} | true | "
+            f"{'PASS' if data['all_flat'] and data['eew_alive'] else 'MISS'} |",
+            f"| EEW RSS start → end (KiB) | {data['eew_rss_start_kib']} → {data['eew_rss_end_kib']} | bounded | - |",
+            f"| REJECTED reports for {data['forged_total']} forged entries | {data['rejected_reports']} | "
+            "one per batch | - |",
+            f"| ledger fields left (all runs) | {data['ledger_fields']} | the signed events only | - |",
+            f"| Redis used_memory growth (bytes) | {data['redis_used_memory_growth_bytes']} | the forged entries "
+            "themselves (the panic stream is never trimmed) | - |"]
+
+
 def guard_section(data, summary):
     if data is None:
         return ["_not run (`python bench/halt_guard.py`)_"]
@@ -238,7 +263,8 @@ def render():
         ("3. Cost: start-up, memory, idle CPU", cost_section(load("cost"), summary)),
         ("4. Scale under exchange rate limits", scale_section(load("scale"), summary)),
         ("5. Time to flat per venue", venues_section(load("venues"), summary)),
-        ("6. Halt guard", guard_section(load("halt_guard"), summary)),
+        ("6. Flood: a signed panic behind forged entries", flood_section(load("flood"), summary)),
+        ("7. Halt guard", guard_section(load("halt_guard"), summary)),
     ]
     out = ["# Benchmarks", "",
            "Written by `bench/run` (do not edit by hand). Each figure is measured next to its floor "

@@ -8,14 +8,17 @@
         exit 0 only when the report for THIS event says FLAT; 1 any other report;
         3 no report before the timeout; 2 configuration or Redis unreachable
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual] [--json]
+        asks the EEW (signed request, eexit/resume.py), which checks and clears the halt;
         exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
+        or Redis unreachable; 3 no verdict from the EEW before EEXIT_RESUME_TIMEOUT_S
     eexit panic --on-service-failure
         systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
     eexit audit verify FILE [--json]
         exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
     eexit init --operator NAME [--json]
-        first start: halted=false (who, when, eexit:ops:audit) only if no trading state exists;
-        exit 0 written or already halted=false; 1 refused (a halt exists); 2 Redis unreachable
+        first start: asks the EEW (like resume) for halted=false (who, when, eexit:ops:audit)
+        only if no trading state exists; exit 0 written or already halted=false; 1 refused (a
+        halt exists); 2 Redis unreachable; 3 no verdict from the EEW
     eexit drill [--reason DRILL] [--timeout S] [--json] [--live --yes-close-real-positions]
         the panic drill (eexit/drill.py): exit 0 PASS, 1 FAIL, 3 timeout/EEW not running,
         4 refused (not paper or sandbox), 2 configuration
@@ -27,22 +30,21 @@
     dropped silently; the exit code stays the command's answer.
 
 Environment: REDIS_URL (and the Redis credentials of eexit.bus), EEXIT_PANIC_HMAC_KEYS or the
-credential panic_hmac_keys (panic signs with the issuer's key when keys are configured), the
-exchange settings of eexit.exchange (resume reads the account), EEXIT_RESUME_COOLDOWN_S
-(300), EEXIT_STATUS_SILENT_S (5: a daemon whose last heartbeat is older is silent),
+credential panic_hmac_keys (panic signs with the issuer's key, resume with the ops key, when
+keys are configured), EEXIT_RESUME_TIMEOUT_S (30; the cooldown EEXIT_RESUME_COOLDOWN_S and the
+account read are the EEW's), EEXIT_STATUS_SILENT_S (5: a daemon whose last heartbeat is older is silent),
 EEXIT_PANIC_TIMEOUT_S (60).
 """
 
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 
-from . import __version__, bus, ops, schema, signing
+from . import __version__, bus, ops, resume, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
 from .paper import DIALECTS as PAPER_DIALECTS
 
@@ -56,7 +58,7 @@ EPILOG = ("exit codes: status 0 healthy, 1 halted, 2 cannot vouch (silent or deg
 @dataclass(frozen=True)
 class Config:
     silent_s: float
-    resume_cooldown_s: float
+    resume_timeout_s: float
     panic_timeout_s: float
     status_events: int
 
@@ -64,7 +66,7 @@ class Config:
     def from_env(cls, env=None):
         return cls(
             silent_s=env_float("EEXIT_STATUS_SILENT_S", 5.0, minimum=0.1, env=env),
-            resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300.0, minimum=0.0, env=env),
+            resume_timeout_s=env_float("EEXIT_RESUME_TIMEOUT_S", 30.0, minimum=1.0, maximum=600.0, env=env),
             panic_timeout_s=env_float("EEXIT_PANIC_TIMEOUT_S", 60.0, minimum=0.1, env=env),
             status_events=env_int("EEXIT_STATUS_EVENTS", 5, minimum=0, maximum=1000, env=env),
         )
@@ -271,6 +273,12 @@ def cmd_panic(args, cfg, env):
 # ---------------------------------------------------------------------------- resume
 
 def cmd_resume(args, cfg, env):
+    """Ask the EEW (the only writer of the halt) and print its verdict; the checks are its."""
+    try:
+        keyring = signing.load_keys(env)
+        fields = resume.build_request(args.operator.strip(), args.ack, args.accept_residual, keyring)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         client = ops.connect(env)
         # Already cleared for this very event: saying so (exit 0) makes the command safe to re-run.
@@ -282,22 +290,23 @@ def cmd_resume(args, cfg, env):
             else:
                 emit(message)
             return EXIT_OK
-        facts = ops.gather_resume_facts(client, args.ack, cfg.resume_cooldown_s, env)
-        reasons = ops.resume_refusals(facts, args.accept_residual)
-        audit_id = None
-        if not reasons:
-            try:
-                audit_id = ops.clear_halt(client, facts, args.operator, args.accept_residual)
-            except ops.StateChanged as exc:
-                reasons = [str(exc)]
+        asked = ops.ask_resume(client, fields)
     except bus.REDIS_ERRORS as exc:
         emit(f"eexit resume: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
         return EXIT_UNHEALTHY
-    residual = [f"{p.symbol} {p.side} {p.contracts:g}" for p in facts.positions or []]
+    verdict = ops.wait_for_verdict(lambda: bus.connect(env=env), asked, cfg.resume_timeout_s)
+    if verdict is None:
+        print(f"eexit resume: no verdict from the EEW within {cfg.resume_timeout_s:g} s "
+              f"(EEXIT_RESUME_TIMEOUT_S); trading stays halted. Is eexit-eew running? (eexit status)",
+              file=sys.stderr)
+        return EXIT_TIMEOUT
+    reasons = json.loads(verdict.get("refusals") or "[]")
+    residual = json.loads(verdict.get("residual_positions") or "[]")
+    audit_id = verdict.get("audit_entry") or None
     if args.json:
         print_json({"resumed": not reasons, "refusals": reasons, "event_id": args.ack,
                     "operator": args.operator, "audit_entry": audit_id, "residual_positions": residual,
-                    "audit_stream": ops.OPS_AUDIT_STREAM})
+                    "audit_stream": ops.OPS_AUDIT_STREAM, "request_id": asked.request_id})
     elif reasons:
         emit("REFUSED: trading stays halted")
         for reason in reasons:
@@ -338,13 +347,28 @@ def cmd_audit_verify(args, cfg, env):
 # ---------------------------------------------------------------------------- init, drill
 
 def cmd_init(args, cfg, env):
-    """The explicit first start: writes halted=false (who, when) and an eexit:ops:audit entry
-    when NO trading state exists. It never touches an existing state: a halt, even one from
-    a panic this host never saw, is lifted only by `eexit resume`. exit 0 written (or already
-    halted=false: nothing to do), 1 refused (a halt exists), 2 Redis unreachable."""
+    """The explicit first start: asks the EEW (the halt's only writer) to write halted=false
+    (who, when) and an eexit:ops:audit entry when NO trading state exists. It never touches an
+    existing state: a halt, even one from a panic this host never saw, is lifted only by
+    `eexit resume`. exit 0 written (or already halted=false: nothing to do), 1 refused (a halt
+    exists), 2 Redis unreachable or configuration, 3 no verdict from the EEW."""
+    try:
+        fields = resume.build_request(args.operator.strip(), "-", False, signing.load_keys(env), action="init")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    written = ""
     try:
         client = bus.connect(env=env)
-        written, state = ops_init(client, args.operator)
+        state, _problems, present = ops.read_state(client)
+        if not present:
+            verdict = ops.wait_for_verdict(lambda: bus.connect(env=env), ops.ask_resume(client, fields),
+                                           cfg.resume_timeout_s)
+            if verdict is None:
+                print(f"eexit init: no verdict from the EEW within {cfg.resume_timeout_s:g} s "
+                      f"(EEXIT_RESUME_TIMEOUT_S); nothing written. Is eexit-eew running?", file=sys.stderr)
+                return EXIT_TIMEOUT
+            written = verdict.get("audit_entry") or ""
+            state, _problems, present = ops.read_state(client)
     except bus.REDIS_ERRORS as exc:
         print(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", file=sys.stderr)
         return EXIT_UNHEALTHY
@@ -363,35 +387,6 @@ def cmd_init(args, cfg, env):
     else:
         print(message)
     return code
-
-
-def ops_init(client, operator):
-    """(audit entry id or "", state now). Atomic: WATCH the key, write only if it is absent."""
-    import redis   # noqa: PLC0415 - WatchError only; redis is loaded already by bus
-
-    from . import __version__   # noqa: PLC0415
-    with client.pipeline(transaction=True) as pipe:
-        try:
-            pipe.watch(schema.TRADING_STATE_KEY)
-            state, _problems, present = ops.read_state(pipe)
-            if present:
-                return "", state
-            seconds, micros = pipe.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            pipe.multi()
-            pipe.hset(schema.TRADING_STATE_KEY, mapping={
-                "halted": "false", "requires_manual_reset": "false",
-                "cleared_by": operator, "cleared_at": str(now_ms)})
-            pipe.xadd(ops.OPS_AUDIT_STREAM, {"action": "init", "operator": operator, "ts": str(now_ms),
-                                             "host": socket.gethostname(), "version": __version__})
-            _hset, audit_id = pipe.execute()
-        except redis.WatchError:
-            # Someone wrote the state between our read and write (a panic's halt, most likely):
-            # report what is there now and write nothing.
-            state, _problems, _present = ops.read_state(client)
-            return "", state
-    state, _problems, _present = ops.read_state(client)
-    return ops.text(audit_id), state
 
 
 def cmd_drill(args, cfg, env):

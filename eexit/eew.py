@@ -14,7 +14,9 @@ Reading order
     Journal                  local append-only outbox for reports Redis could not take
     Pacer, ExchangePool      order pacing and one ccxt client per worker thread
     Closer                   one panic against the exchange -> CompletionReport
-    Worker                   the loop: iteration() does one pass, run() repeats it
+    Worker                   the loop: iteration() does one pass, run() repeats it; its
+                             guard() runs the lost-panic checks (eexit/tamper.py) and serves
+                             resume/init requests (eexit/resume.py)
     main()
 
 Idempotency. The hash `system:panic_close:processed` maps each executed event_id to a JSON
@@ -23,11 +25,24 @@ with HSETNX after authorisation, so exactly one stream entry owns an event_id: a
 of that entry (crash, restart, claim by another instance) resumes it; any other entry with
 the same event_id gets a DUPLICATE report naming the owner and no exchange action. The final
 report, the record's stage "done" and the XACK are written by one Lua script: a report is
-never written twice and an entry is never acknowledged without its report. Entries that do
-not execute (REJECTED, DUPLICATE) are recorded under the field "entry:<stream id>" with the
-same script, so their redelivery does not repeat the report either. A missing event_id is
-"entry-<stream id>": deterministic, never random. Unauthorised entries claim nothing, so a
-forger cannot pre-empt a real event_id.
+never written twice and an entry is never acknowledged without its report. DUPLICATE entries
+are recorded under the field "entry:<stream id>" with the same script, so their redelivery
+does not repeat the report either. A missing event_id is "entry-<stream id>": deterministic,
+never random. Unauthorised entries claim nothing, so a forger cannot pre-empt a real event_id.
+
+Not relying on the group (issue 14: ACLs cannot scope consumer groups or XADD's options).
+Every claimed event_id is also in the set eexit:eew:inflight until its final report; the
+ledger sweep resumes a record there that is not final while its entry is not pending (an
+XACK mid-close, a deletion, a restart). The stream audit executes authorised entries the
+group passed by without a record (a NOACK read, a group pre-created at `$`). The tamper
+check closes on own authority when panics were removed before delivery or the stream can take
+no entry. A DUPLICATE of a record that is not final triggers the sweep at once.
+
+Floods. A batch (READ_BATCH entries) is screened locally first (signature before any schema
+parse); authorised entries run, then all rejected ones get ONE report and their XACK in one
+script, and leave no ledger field. Behind a backlog longer than a batch the newest batch is
+screened too, so a real panic does not wait for thousands of forgeries ahead of it; its turn
+in the group later finds its record done.
 
 Where the group starts. A group created on a new (or group-less) stream starts at "0", the
 beginning of the stream: a panic published before the EEW ever ran, or while its group was
@@ -96,7 +111,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import bus, daemon, exchange, flatten, guard_policy, schema, signing
+from . import bus, daemon, exchange, flatten, guard_policy, resume, schema, signing, tamper
 from .config import ConfigError, env_float, env_int, env_list, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -122,11 +137,20 @@ PROBES = (
     ("HSET", _STATE, "f", "v"), ("HDEL", _STATE, "f"), ("EXISTS", _STATE), ("TIME",),
     ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"), ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"),
     ("EVALSHA", "0" * 40, "1", schema.GUARD_LEASE_KEY), ("HSET", schema.GUARD_KEY, "f", "v"),
-    ("HGETALL", schema.GUARD_KEY), ("HGETALL", _STATE))
+    ("HGETALL", schema.GUARD_KEY), ("HGETALL", _STATE),
+    # lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
+    ("XINFO", "STREAM", _PANIC), ("XINFO", "GROUPS", _PANIC), ("XRANGE", _PANIC, "-", "+", "COUNT", "1"),
+    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("HMGET", schema.PROCESSED_KEY, "x"),
+    ("XREAD", "COUNT", "1", "STREAMS", resume.REQUEST_STREAM, "0"),
+    ("XADD", resume.VERDICT_STREAM, "*", "f", "v"), ("XADD", resume.OPS_AUDIT_STREAM, "*", "f", "v"))
 # Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
 # so the entry-isolation path runs against real code. Unset (the default) it does nothing.
 FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
 PACING_MARGIN_S = 0.1
+INFLIGHT_KEY = "eexit:eew:inflight"   # event ids claimed and not yet final (the ledger sweep)
+READ_BATCH = 512                      # entries per read: a flood costs O(1) round trips per batch
+REJECTED_IDS_SHOWN = 20               # entry ids a rejection summary names
+RESUME_READ_S = 5.0                   # the account read behind a resume verdict
 
 
 # ------------------------------------------------------------------------------ config
@@ -150,6 +174,7 @@ class Config:
     fault_reason: str
     halt_guard_s: float
     halt_guard_policy: str
+    resume_cooldown_s: float
     exchange_config: exchange.ExchangeConfig = field(repr=False)
     keyring: signing.KeyRing = field(repr=False)
 
@@ -186,6 +211,7 @@ class Config:
             fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
             halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
             halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
+            resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
             exchange_config=exchange_config,
             keyring=signing.load_keys(env),
         )
@@ -260,15 +286,18 @@ def decode_fields(raw):
     return {_text(key): _text(value) for key, value in (raw or {}).items()}
 
 
-def authorise(event, fields, authorized_sources, keyring, problems=()):
-    """(ok, reason). Refuses a field over schema.MAX_TEXT (parsing cut it for display: a cut
-    event_id would share its ledger record with another event, which is then DUPLICATE and
-    never closes), then checks the claimed issuer, then its signature when keys are configured."""
-    too_long = next((problem for problem in problems if problem.startswith("too_long:")), None)
-    if too_long:
-        return False, too_long
-    if event.issued_by not in authorized_sources:
-        return False, f"unauthorized_issuer:{event.issued_by or '(none)'}"
+def authorise(fields, authorized_sources, keyring):
+    """(ok, reason) for an entry's decoded fields. Cheap (no schema parse: a forgery costs one
+    HMAC at most). Refuses a field or name over schema.MAX_TEXT (a cut event_id would share
+    its ledger record with another event, which is then DUPLICATE and never closes), then
+    checks the claimed issuer, then its signature when keys are configured."""
+    too_long = next((name for name, value in fields.items()
+                     if len(name) > schema.MAX_TEXT or len(value) > schema.MAX_TEXT), None)
+    if too_long is not None:
+        return False, f"too_long:{too_long[:64]}"
+    issuer = fields.get("issued_by") or fields.get("source") or ""
+    if issuer not in authorized_sources:
+        return False, f"unauthorized_issuer:{issuer or '(none)'}"
     signed, why = signing.verify_fields(fields, keyring)
     if not signed:
         return False, f"bad_signature:{why}"
@@ -277,10 +306,12 @@ def authorise(event, fields, authorized_sources, keyring, problems=()):
 
 # ------------------------------------------------------------------------------ ledger (Redis)
 
-# KEYS: processed hash, completed stream, panic stream.
+# KEYS: processed hash, completed stream, panic stream, in-flight set.
 # ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
-# Writes the report only if the field is not already "done"; always acknowledges the entry.
+# Writes the report only if the field is not already "done"; always acknowledges the entry
+# and takes the field out of the in-flight set.
 FINISH_LUA = """
+redis.call('SREM', KEYS[4], ARGV[1])
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
   local ok, rec = pcall(cjson.decode, existing)
@@ -295,6 +326,20 @@ rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
 if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
 return {1, id}
+"""
+
+# KEYS: completed stream, panic stream. ARGV: group, number of report pairs N, N*2 report
+# field/values, then the entry ids. One summary report for a batch of rejected entries and
+# their XACK, atomically: a forged entry costs no round trip and leaves no ledger field.
+REJECT_LUA = """
+local pairs = tonumber(ARGV[2])
+local report = {}
+for i = 3, 2 + pairs * 2 do report[#report + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[1], '*', unpack(report))
+local ids = {}
+for i = 3 + pairs * 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+redis.call('XACK', KEYS[2], ARGV[1], unpack(ids))
+return id
 """
 
 # KEYS: processed hash. ARGV: field, record JSON. Progress updates never overwrite "done".
@@ -326,15 +371,24 @@ class Ledger:
         self._finish = client.register_script(FINISH_LUA)
         self._update = client.register_script(UPDATE_LUA)
         self._lease = client.register_script(LEASE_LUA)
+        self._reject = client.register_script(REJECT_LUA)
 
     def hold_lease(self, consumer, lease_ms):
         return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
 
-    def claim(self, event_id, entry_id, consumer, now_ms):
-        """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id."""
+    def claim(self, event_id, entry_id, consumer, now_ms, event=None):
+        """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id.
+        The record keeps the event's reason and issuer, so a close can be resumed from the
+        ledger alone (its entry acknowledged or deleted by someone else), and the event id
+        joins the in-flight set that the ledger sweep reads (FINISH_LUA takes it out)."""
         record = {"entry": entry_id, "consumer": consumer, "stage": "claimed", "attempt": 0,
                   "ts_started": now_ms}
-        if self.client.hsetnx(schema.PROCESSED_KEY, event_id, json.dumps(record)):
+        if event is not None:
+            record.update(reason=event.reason, issued_by=event.issued_by)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(schema.PROCESSED_KEY, event_id, json.dumps(record))
+        pipe.sadd(INFLIGHT_KEY, event_id)    # harmless for a done record: the sweep drops it
+        if pipe.execute()[0]:
             return "new", record
         existing = self.record(event_id)
         if existing is None:
@@ -347,14 +401,9 @@ class Ledger:
         return ("done" if existing.get("stage") == "done" else "resume"), existing
 
     def record(self, event_id):
-        """The record of event_id as a dict, or None if it is not readable JSON."""
-        raw = self.client.hget(schema.PROCESSED_KEY, event_id)
-        try:
-            parsed = json.loads(raw)
-        except (TypeError, ValueError):
-            # Absent or corrupted: the caller decides (claim() executes, fail-closed).
-            return None
-        return parsed if isinstance(parsed, dict) else None
+        """The record of event_id as a dict, or None if absent or not readable JSON (the
+        caller decides: claim() executes, fail-closed)."""
+        return tamper.parse_record(self.client.hget(schema.PROCESSED_KEY, event_id))
 
     def update(self, event_id, record):
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
@@ -363,10 +412,23 @@ class Ledger:
         """Write the report unless already written, mark done, XACK. Returns (written, report id)."""
         pairs = [item for name_value in report_fields.items() for item in name_value]
         written, report_id = self._finish(
-            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY],
             args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
             client=self.client)
         return bool(written), _text(report_id)
+
+    def reject(self, entry_ids, report_fields):
+        """One summary report for the rejected entries and their XACK; returns the report id."""
+        pairs = [item for name_value in report_fields.items() for item in name_value]
+        return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+                                  args=[schema.EEW_GROUP, len(report_fields), *pairs, *entry_ids],
+                                  client=self.client))
+
+    def in_flight(self):
+        """{event_id: record or None} for every event id in the in-flight set."""
+        ids = [_text(event_id) for event_id in self.client.smembers(INFLIGHT_KEY)]
+        raws = self.client.hmget(schema.PROCESSED_KEY, ids) if ids else []
+        return {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
 
     def ensure_halted(self, state):
         """Write the halt again if the trading state vanished (Redis restarted without
@@ -796,11 +858,18 @@ class Worker:
         self.pass_blind = None
         self.blind_closed = False         # the close on own authority ran during this blindness
         self.next_bus_loss_close = None
-        self.next_guard = self.next_guard_check = 0.0   # halt guard: lease step, account check
+        self.next_lease_step = self.next_guard_check = 0.0   # halt guard: lease step, account check
         self.guard_alerted = None         # exposure_key of the last alert-policy report
         self.entry_tracebacks = set()     # entries whose handling failure was logged
         self.current_event = "-"
         self.last_positions = None
+        self.tamper_seen = set()          # tamper findings already closed for (keys)
+        self.stream_broken = None         # the panic stream cannot take entries (reason)
+        self.group_info = None            # the EEW group, as the last tamper check saw it
+        self.audit_cursor = "0-0"         # the stream audit checked entries up to here
+        self.resume_cursor = "0-0"
+        self.next_guard_sweep = 0.0
+        self.peek_cursor = "0-0"          # newest entry screened ahead of a backlog
 
     # -- lifecycle
 
@@ -830,9 +899,9 @@ class Worker:
             self.ensure_markets()
             self.check_account()
             self.job_step("publish_journal", schema.PROCESSED_KEY, self.publish_journal)
+            self.job_step("guard", schema.PANIC_STREAM, self.guard)
             entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
-            for entry_id, raw in entries or []:
-                self.handle_isolated(entry_id, raw)
+            self.handle_batch(entries or [])
             if self.pass_blind is None and entries is not None:
                 self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
             if self.pass_blind is None and entries is not None:
@@ -897,7 +966,8 @@ class Worker:
         reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
                                         ("journal_backlog", self.journal_backlog),
                                         (self.account_problem, self.account_problem),
-                                        (f"blind:{self.blind}", self.blind)) if bad]
+                                        (f"blind:{self.blind}", self.blind),
+                                        (self.stream_broken, self.stream_broken)) if bad]
         extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
                  "authorized": ",".join(self.config.authorized_sources),
                  **signing.advertise(self.config.keyring)}
@@ -951,6 +1021,9 @@ class Worker:
         self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
         self.redis_down_since = None
         self.next_sweep = 0.0          # a restart may have left our entries pending
+        self.audit_cursor = "0-0"      # check the whole stream against the group once more
+        self.next_guard_sweep = 0.0
+        self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
         log.info("redis_connected", down_s=round(down_s, 3))
         return True
 
@@ -1041,7 +1114,7 @@ class Worker:
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + cfg.sweep_interval_s
             own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                 block_ms=0, pending=True)
+                                 block_ms=0, pending=True, count=READ_BATCH)
             if own:
                 self.next_sweep = 0.0      # keep sweeping until our backlog is empty
                 return own
@@ -1051,11 +1124,11 @@ class Worker:
                 log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
                 return claimed
         return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                              block_ms=self.block_ms)
+                              block_ms=self.block_ms, count=READ_BATCH)
 
     # -- one entry
 
-    def handle_isolated(self, entry_id, raw):
+    def handle_isolated(self, entry_id, raw, screened=None):
         """handle_entry(), with one entry's failure kept from blocking the others. A transport
         error propagates (the pass ends, Redis is reconnected). A command error makes this
         pass blind and leaves the entry pending for the next sweep. Any other exception is a
@@ -1064,7 +1137,7 @@ class Worker:
         halt is written for it (the entry may be an unauthenticated forgery that crashes
         us); a halt already written stays."""
         try:
-            self.handle_entry(entry_id, raw)
+            self.handle_entry(entry_id, raw, screened)
             return
         except bus.REDIS_ERRORS as exc:
             if self.trouble.report(exc, "handle_entry", f"{schema.PANIC_STREAM}/{entry_id}") == "transport":
@@ -1094,13 +1167,58 @@ class Worker:
             status=flatten.FAILED, detail=f"handling failed {deliveries} times; see the EEW log"))
         self.entry_tracebacks.discard(entry_id)
 
-    def handle_entry(self, entry_id, raw):
+    def screen(self, entry_id, raw):
+        """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
+        schema parse only for authorised entries: a flood of forgeries costs their HMAC."""
+        fields = decode_fields(raw)
+        allowed, why = authorise(fields, self.config.authorized_sources, self.config.keyring)
+        if not allowed:
+            event = schema.PanicEvent(fields.get("event_id", ""), fields.get("reason", ""),
+                                      fields.get("issued_by") or fields.get("source", ""), None)
+            return event, event.event_id or derive_event_id(entry_id), [], False, why
         event, problems = schema.PanicEvent.from_fields(raw)
-        if self.config.fault_reason and event.reason == self.config.fault_reason:
-            raise RuntimeError(f"test fault: {FAULT_REASON_ENV} matches the reason")
         event_id = event.event_id or derive_event_id(entry_id)
         if not event.event_id:
             problems = [*problems, "derived:event_id"]
+        return event, event_id, problems, allowed, why
+
+    def handle_batch(self, entries):
+        """Authorised entries first, in stream order; then every rejected entry of the batch
+        in one script (one summary report + XACK): forged entries cannot delay a real panic
+        by more than their local signature check, nor leave more than one report per batch."""
+        rejected = []
+        for entry_id, raw in entries:
+            screened = self.screen(entry_id, raw)
+            if screened[3]:
+                self.handle_isolated(entry_id, raw, screened)
+            else:
+                rejected.append((entry_id, screened))
+        if rejected:
+            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.report_rejected(rejected))
+
+    def report_rejected(self, rejected):
+        """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
+        to schema.MAX_TEXT) for one, a summary naming the first REJECTED_IDS_SHOWN for more."""
+        ids = [entry_id for entry_id, _ in rejected]
+        event, event_id, _problems, _allowed, detail = rejected[0][1]
+        if len(rejected) > 1:
+            event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
+            why = collections.Counter(screened[4] for _, screened in rejected)
+            detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
+        now = wall_ms()
+        report = schema.CompletionReport(
+            event_id=event_id[:schema.MAX_TEXT], status="REJECTED", issued_by=event.issued_by[:schema.MAX_TEXT],
+            reason=event.reason[:schema.MAX_TEXT], detail=detail, ts_started=now, ts_completed=now,
+            execution_time_ms=0, positions_total=None, positions_closed=None, positions_failed=None)
+        report.extra.update(entry_id=ids[0], rejected_count=str(len(ids)), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
+                            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))
+        report_id = self.ledger.reject(ids, report.to_fields())
+        log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
+
+    def handle_entry(self, entry_id, raw, screened=None):
+        event, event_id, problems, allowed, why = screened or self.screen(entry_id, raw)
+        if self.config.fault_reason and event.reason == self.config.fault_reason:
+            raise RuntimeError(f"test fault: {FAULT_REASON_ENV} matches the reason")
         self.current_event = event_id
         received_ms = bus.server_time_ms(self.redis)
         sent_ms = schema.entry_id_ms(entry_id)
@@ -1109,19 +1227,17 @@ class Worker:
                     event_age_ms=age_ms, problems=problems, ts_started=wall_ms())
         log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
                  reason=event.reason, age_ms=age_ms, problems=",".join(problems))
-
-        allowed, why = authorise(event, decode_fields(raw), self.config.authorized_sources,
-                                 self.config.keyring, problems)
         if not allowed:
-            log.warning("panic_rejected", event_id=event_id, entry_id=entry_id, why=why)
-            self.report_without_action(entry_id, dict(base, status="REJECTED", detail=why))
+            self.report_rejected([(entry_id, (event, event_id, problems, allowed, why))])
             return
 
-        outcome, record = self.ledger.claim(event_id, entry_id, self.config.consumer, base["ts_started"])
+        outcome, record = self.ledger.claim(event_id, entry_id, self.config.consumer, base["ts_started"], event)
         if outcome == "duplicate":
             original = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
             log.info("panic_duplicate", event_id=event_id, entry_id=entry_id, original=record.get("entry"))
             self.report_without_action(entry_id, dict(base, status="DUPLICATE", detail=original))
+            if record.get("stage") != tamper.FINAL_STAGE:
+                self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
             return
         if outcome == "done":
             # Report already written by the same atomic script that acknowledges; only the
@@ -1156,6 +1272,8 @@ class Worker:
 
         def keepalive():
             self.touch_entry(event_id, entry_id)
+            if wall_ms() - record.get("ts_updated", 0) > 1000:
+                self.save_progress(event_id, entry_id, record)   # the record is not stranded
             self.notifier.ping()     # progress of the loop's own work, waiting on the exchange
 
         def on_progress(progress):
@@ -1169,6 +1287,7 @@ class Worker:
     def save_progress(self, event_id, entry_id, record):
         """Persist the attempt counter, so a resumed close uses new client order ids. Best
         effort: see the except clause."""
+        record["ts_updated"] = wall_ms()
         if self.ledger is None:
             return
         try:
@@ -1181,7 +1300,7 @@ class Worker:
 
     def touch_entry(self, event_id, entry_id):
         """Reset our entry's idle time so other instances do not claim a close in progress."""
-        if self.redis is None:
+        if self.redis is None or entry_id is None:     # a close on own authority has no entry
             return
         try:
             self.redis.xclaim(schema.PANIC_STREAM, schema.EEW_GROUP, self.config.consumer,
@@ -1248,6 +1367,142 @@ class Worker:
             log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
         self.journal_backlog = False
 
+    # -- lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
+
+    def guard(self):
+        """Every pass: the tamper check and resume requests (one round trip each when idle).
+        Every sweep interval: stranded ledger records and entries the group skipped. A bug
+        here is logged and the pass goes on to read entries: these checks are a second line;
+        dying or skipping the read would stop the first."""
+        try:
+            self._guard()
+        except bus.REDIS_ERRORS:
+            raise                      # job_step tells transport from command errors
+        except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
+            log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
+                      traceback=traceback.format_exc()[-1500:])
+
+    def _guard(self):
+        stream_info, self.group_info = tamper.read_stream_state(self.redis)
+        if self.group_info is None:
+            return                     # no group (yet): the next read recreates it
+        finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
+        self.stream_broken = "panic_stream_exhausted" if \
+            stream_info.get("last-generated-id") == tamper.MAX_ID else None
+        if finding is not None:
+            self.tamper_close(finding)
+        if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
+            self.peek_tail()
+        self.serve_resume_requests()
+        if time.monotonic() >= self.next_guard_sweep:
+            self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
+            self.sweep_ledger()
+            self.audit_stream()
+
+    def peek_tail(self):
+        """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
+        the newest batch too, and execute an authorised entry found there now, so the real
+        panic does not wait for the whole backlog; its turn in the group later finds its ledger
+        record done and only acknowledges it. Each entry is peeked at most once."""
+        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(self.group_info.get("last-delivered-id")))
+        batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
+        if batch:
+            self.peek_cursor = _text(batch[0][0])
+        for entry_id, raw in reversed(batch):
+            screened = self.screen(_text(entry_id), raw)
+            if screened[3] and self.ledger.record(screened[1]) is None:
+                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
+                self.handle_isolated(_text(entry_id), raw, screened)
+
+    def tamper_close(self, finding):
+        """A lost panic of unknown content: close on our own authority, once per finding."""
+        event = schema.PanicEvent(event_id=finding.event_id, reason=tamper.TAMPER_REASON,
+                                  issued_by=tamper.TAMPER_ISSUER, ts=wall_ms())
+        outcome, record = self.ledger.claim(event.event_id, None, self.config.consumer, wall_ms(), event)
+        self.tamper_seen.add(finding.key)
+        if outcome == "done":
+            return
+        log.critical("panic_stream_tampered", event_id=event.event_id, finding=finding.reason,
+                     detail=finding.detail, action="closing_on_own_authority")
+        self.set_status(f"panic stream tampered ({finding.reason}): flattening on own authority")
+        self.run_recorded(event, record, [finding.reason])
+
+    def run_recorded(self, event, record, problems):
+        """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
+        self.current_event = event.event_id
+        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason, event_age_ms=None,
+                    problems=problems, ts_started=record.get("ts_started") or wall_ms())
+        self.execute_and_report(event, event.event_id, record.get("entry"), record, base)
+        self.set_status("waiting for panic events")
+
+    def sweep_ledger(self):
+        """Resume records that are not final while no group entry carries them."""
+        records = self.ledger.in_flight()
+        entries = [r["entry"] for r in records.values() if r and r.get("entry")]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entries:
+            pipe.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id, entry_id, 1)
+        pending = {entry_id for entry_id, found in zip(entries, pipe.execute() if entries else []) if found}
+        stranded, finished = tamper.stranded_records(records, pending, self.config.consumer,
+                                                     bus.server_time_ms(self.redis), self.config.claim_idle_ms)
+        if finished:
+            self.redis.srem(INFLIGHT_KEY, *finished)
+        for event_id in stranded:
+            record = records[event_id]
+            log.critical("panic_stranded_resumed", event_id=event_id, entry_id=record.get("entry"),
+                         stage=record.get("stage"), owner=record.get("consumer"))
+            record["consumer"] = self.config.consumer
+            event = schema.PanicEvent(event_id=event_id, reason=record.get("reason") or "UNSPECIFIED",
+                                      issued_by=record.get("issued_by") or "unknown", ts=record.get("ts_started"))
+            self.run_recorded(event, record, ["resumed_from_ledger"])
+
+    def audit_stream(self):
+        """Authorised entries up to the group's last-delivered-id that are neither pending nor
+        recorded were taken past us (NOACK read, group created at `$`): execute them."""
+        last = self.group_info.get("last-delivered-id") or "0-0"
+        if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
+            return
+        batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
+        candidates = []
+        for entry_id, raw in batch:
+            screened = self.screen(_text(entry_id), raw)
+            if screened[3]:
+                candidates.append((_text(entry_id), raw, screened[1]))
+        if candidates:
+            pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
+                schema.PANIC_STREAM, schema.EEW_GROUP, candidates[0][0], candidates[-1][0], len(candidates))}
+            raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
+            records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
+            for entry_id, raw in tamper.skipped_entries(candidates, pending, records):
+                log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
+                             action="executing_from_stream")
+                self.handle_entry(entry_id, raw)
+        self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
+        if len(batch) == READ_BATCH:
+            self.next_guard_sweep = 0.0    # more to check: next pass
+
+    def serve_resume_requests(self):
+        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=16)
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                self.resume_cursor = _text(entry_id)
+                verdict, why = resume.serve_request(
+                    self.redis, fields, self.config.keyring, self.config.resume_cooldown_s,
+                    self.account_for_resume, self.stream_broken, self.config.consumer)
+                if verdict is None:
+                    log.warning("resume_request_ignored", entry_id=self.resume_cursor, why=why)
+                else:
+                    log.info("resume_verdict", request_id=verdict["request_id"], status=verdict["status"],
+                             event_id=verdict["event_id"], operator=verdict["operator"],
+                             refusals=len(json.loads(verdict["refusals"])))
+
+    def account_for_resume(self):
+        """(positions, open_orders, error) from a fresh read of the whole account."""
+        account = self.closer.read_account(time.monotonic() + RESUME_READ_S, "resume", self.notifier.ping)
+        if account is None:
+            return None, None, f"positions_unreadable_for_{RESUME_READ_S:g}s"
+        return account.positions, account.orders, None
+
     # -- bus loss
 
     def own_event(self, prefix, reason):
@@ -1283,9 +1538,9 @@ class Worker:
         loop between entries, so never during this EEW's own panic; reads and closes go
         through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
         cfg, now = self.config, time.monotonic()
-        if cfg.halt_guard_s <= 0 or now < self.next_guard:
+        if cfg.halt_guard_s <= 0 or now < self.next_lease_step:
             return
-        self.next_guard = now + guard_policy.step_s(cfg.halt_guard_s)
+        self.next_lease_step = now + guard_policy.step_s(cfg.halt_guard_s)
         state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
         if state.halted is not True or not self.hold_guard():
             self.guard_alerted = None
@@ -1357,9 +1612,9 @@ class Worker:
         """While the guard reads or closes: watchdog pings, and the lease renewed every step
         so that no other EEW starts guarding meanwhile."""
         self.notifier.ping()
-        if time.monotonic() < self.next_guard or self.ledger is None:
+        if time.monotonic() < self.next_lease_step or self.ledger is None:
             return
-        self.next_guard = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
+        self.next_lease_step = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
         try:
             if not self.hold_guard():
                 log.warning("guard_lease_lost", event_id=self.current_event)

@@ -1,13 +1,13 @@
 """What the operator tools do, as functions over a Redis client: read the system's state,
-publish a panic and wait for ITS report, and clear a halt. `eexit/cli.py` renders the results;
+publish a panic and wait for ITS report, and ask the EEW to clear a halt (eexit/resume.py). `eexit/cli.py` renders the results;
 `tools/test_panic_close.py` and `tools/chaos.py` reuse them. Not imported by any daemon.
 
 Decisions (is the system healthy, may trading resume) are pure functions over plain data at
 the bottom of this file; ages are measured on ONE clock, the Redis server's (TIME against the
 millisecond part of stream entry ids), so a skewed operator laptop changes nothing.
 
-Stream written here besides the wire contract: `eexit:ops:audit` (see
-docs/REDIS_STREAMS_SCHEMA.md, "Operator audit"): one entry per resume.
+Streams written here besides panics: `system:resume_request` (see docs/REDIS_STREAMS_SCHEMA.md,
+"Resume"); the EEW answers on `system:resume_verdict` and writes `eexit:ops:audit`.
 """
 
 import getpass
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import alert, bus, schema, signing
+from . import alert, bus, resume, schema, signing
 from .config import ConfigError
 
-OPS_AUDIT_STREAM = "eexit:ops:audit"
-OPS_AUDIT_MAXLEN = None          # never trimmed: it is the record of who resumed trading
+OPS_AUDIT_STREAM = resume.OPS_AUDIT_STREAM   # written by the EEW on each resume; never trimmed
 DAEMON_STREAMS = (("exit_brain", schema.HEARTBEAT_STREAM),
                   ("eew", schema.EEW_HEARTBEAT_STREAM),
                   ("watchdog", schema.WATCHDOG_HEARTBEAT_STREAM))
@@ -94,6 +93,19 @@ def find_reports(client, event_id):
             found.append((entry_id, report))
     found.reverse()
     return found
+
+
+def report_event_ids(fields):
+    """The event ids a report is about: its event_id, or for the EEW's summary of a batch of
+    rejected entries, the (first REJECTED_IDS_SHOWN) event ids it lists in event_ids."""
+    if fields.get("status") == "REJECTED" and fields.get("event_ids"):
+        try:
+            listed = json.loads(fields["event_ids"])
+        except ValueError:
+            listed = None
+        if isinstance(listed, list) and listed:
+            return [str(event_id) for event_id in listed]
+    return [fields.get("event_id", "")]
 
 
 def final_report(reports):
@@ -251,13 +263,23 @@ def publish_panic(client, event, fields):
 
 def wait_for_report(client_factory, published, timeout_s, progress=None, block_ms=500):
     """The final report carrying published.event.event_id, or None at the timeout. Reports of
-    other events, and DUPLICATE reports, are skipped: the answer is about THIS event.
-    Redis errors are retried with a fresh client until the deadline (the report may still
-    come; giving up early would turn a Redis blip into a false failure). progress(elapsed_s,
-    note) is called about every block."""
+    other events, and DUPLICATE reports, are skipped: the answer is about THIS event."""
     event_id = published.event.event_id
-    after = published.completed_after
-    deadline = published.published_mono + timeout_s
+
+    def final_for_event(fields):
+        return fields.get("event_id") == event_id and \
+            schema.CompletionReport.from_fields(fields)[0].status != "DUPLICATE"
+    found = wait_on_stream(client_factory, schema.COMPLETED_STREAM, published.completed_after,
+                           published.published_mono, timeout_s, final_for_event, progress, block_ms)
+    return None if found is None else (found[0], schema.CompletionReport.from_fields(found[1])[0])
+
+
+def wait_on_stream(client_factory, stream, after, started_mono, timeout_s, match, progress=None, block_ms=500):
+    """(entry_id, fields) of the first entry after `after` for which match(fields), or None at
+    the timeout. Redis errors are retried with a fresh client until the deadline (the answer
+    may still come; giving up early would turn a Redis blip into a false failure).
+    progress(elapsed_s, note) is called about every block."""
+    deadline = started_mono + timeout_s
     client = client_factory()
     block_ms = min(block_ms, bus.BLOCK_MS_MAX)
     note = "waiting"
@@ -266,7 +288,7 @@ def wait_for_report(client_factory, published, timeout_s, progress=None, block_m
         if remaining <= 0:
             return None
         try:
-            reply = client.xread({schema.COMPLETED_STREAM: after}, count=100,
+            reply = client.xread({stream: after}, count=100,
                                  block=max(1, min(block_ms, int(remaining * 1000))))
             note = "waiting"
         except bus.REDIS_ERRORS as exc:
@@ -279,71 +301,19 @@ def wait_for_report(client_factory, published, timeout_s, progress=None, block_m
             for entry_id, fields in items:
                 after = text(entry_id)
                 fields = decoded(fields)
-                if fields.get("event_id") != event_id:
-                    continue
-                report, _problems = schema.CompletionReport.from_fields(fields)
-                if report.status != "DUPLICATE":
-                    return after, report
+                if match(fields):
+                    return after, fields
         if progress:
-            progress(time.monotonic() - published.published_mono, note)
+            progress(time.monotonic() - started_mono, note)
 
 
-# ---------------------------------------------------------------------------- resume
-
-@dataclass
-class ResumeFacts:
-    """What `resume` found, all plain data, for the pure decision below."""
-    ack: str
-    now_ms: int
-    state: schema.TradingState
-    state_present: bool
-    event_found: bool
-    final: tuple | None                 # (entry_id, CompletionReport) or None
-    positions: list | None              # [Position] read from the exchange; None = not read
-    open_orders: list | None
-    exchange_error: str | None
-    cooldown_s: float
-
-
-def resume_refusals(facts, accept_residual):
-    """Reasons (strings) to refuse clearing the halt; empty means clear it."""
-    reasons = []
-    state = facts.state
-    if not facts.event_found:
-        reasons.append(f"unknown event id {facts.ack}: no such event on {schema.PANIC_STREAM}")
-        return reasons
-    if state.halted is False:
-        reasons.append("trading is not halted: nothing to resume")
-        return reasons
-    if state.event_id and state.event_id != facts.ack:
-        reasons.append(f"trading was halted by event {state.event_id}, not {facts.ack}: "
-                       f"acknowledge the event that halted it")
-    if facts.final is None:
-        reasons.append(f"no final report for event {facts.ack} on {schema.COMPLETED_STREAM}: "
-                       f"the emergency exit has not finished (or never ran)")
-    else:
-        report_ms = schema.entry_id_ms(facts.final[0]) or 0
-        waited_s = (facts.now_ms - report_ms) / 1000.0
-        if waited_s < facts.cooldown_s:
-            reasons.append(f"cooldown: the report is {waited_s:.0f} s old, resume is allowed "
-                           f"{facts.cooldown_s - waited_s:.0f} s from now "
-                           f"(EEXIT_RESUME_COOLDOWN_S={facts.cooldown_s:g})")
-    if facts.exchange_error is not None:
-        reasons.append(f"cannot verify the account on the exchange: {facts.exchange_error}")
-    elif facts.positions is not None and not accept_residual:
-        if facts.positions:
-            listed = ", ".join(f"{p.symbol} {p.side} {p.contracts:g}" for p in facts.positions)
-            reasons.append(f"the account is not flat: {listed} (close them, or pass --accept-residual)")
-        if facts.open_orders:
-            reasons.append(f"{len(facts.open_orders)} open order(s) on the exchange "
-                           f"(cancel them, or pass --accept-residual)")
-    return reasons
-
+# ---------------------------------------------------------------------------- account, resume
 
 def read_account(env=None):
-    """(positions, open_orders, error_text) from the configured exchange. ccxt is imported
-    here, not at module load: status and panic must work on a host without exchange access."""
-    from . import exchange   # noqa: PLC0415 - ccxt costs ~0.5 s; only resume and the drill need it
+    """(positions, open_orders, error_text) from the configured exchange (the drill's before/
+    after reads; resume's flat check is the EEW's own). ccxt is imported here, not at module
+    load: status and panic must work on a host without exchange access."""
+    from . import exchange   # noqa: PLC0415 - ccxt costs ~0.5 s; only the drill needs it
     try:
         cfg = exchange.ExchangeConfig.from_env(env)
         ex = exchange.build_exchange(cfg)
@@ -352,57 +322,26 @@ def read_account(env=None):
         return None, None, f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def gather_resume_facts(client, ack, cooldown_s, env=None, account_reader=read_account):
-    state, _problems, present = read_state(client)
-    found = find_event(client, ack)
-    final = final_report(find_reports(client, ack)) if found else None
-    positions = orders = error = None
-    if found and final is not None:
-        positions, orders, error = account_reader(env)
-    return ResumeFacts(ack=ack, now_ms=bus.server_time_ms(client), state=state, state_present=present,
-                       event_found=found is not None, final=final, positions=positions,
-                       open_orders=orders, exchange_error=error, cooldown_s=cooldown_s)
+@dataclass
+class ResumeAsked:
+    request_id: str
+    verdicts_after: str         # the verdict stream's last id before asking
+    asked_mono: float
 
 
-class StateChanged(Exception):
-    """The halt hash changed between the checks and the write (e.g. a new panic)."""
+def ask_resume(client, fields):
+    """XADD a resume request (fields from resume.build_request); the EEW answers on
+    resume.VERDICT_STREAM. Remembers where that stream stood, so no verdict is missed."""
+    last = latest(client, resume.VERDICT_STREAM)
+    client.xadd(resume.REQUEST_STREAM, fields)
+    return ResumeAsked(fields["request_id"], last[0] if last else "0-0", time.monotonic())
 
 
-def clear_halt(client, facts, operator, accept_residual):
-    """Write halted=false with cleared_by/cleared_at and the audit entry, atomically, and only
-    if the halt hash is still what the checks saw. Returns the audit entry id."""
-    with client.pipeline(transaction=True) as pipe:
-        try:
-            pipe.watch(schema.TRADING_STATE_KEY)
-            current, _, _ = read_state(pipe)
-            if current.event_id != facts.state.event_id or current.halted != facts.state.halted:
-                raise StateChanged(f"the halt changed meanwhile (now event {current.event_id or '-'}); "
-                                   f"run `eexit status` and try again")
-            seconds, micros = pipe.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            report_entry, report = facts.final
-            audit = {
-                "action": "resume", "operator": operator, "event_id": facts.ack, "ts": str(now_ms),
-                "accept_residual": "true" if accept_residual else "false",
-                "residual_positions": json.dumps([
-                    {"symbol": p.symbol, "side": p.side, "contracts": p.contracts,
-                     "position_side": p.position_side} for p in facts.positions or []],
-                    separators=(",", ":")),
-                "open_orders": str(len(facts.open_orders or [])),
-                "report_entry_id": report_entry, "report_status": report.status,
-                "halted_reason": current.reason, "halted_by": current.halted_by,
-                "halted_at": "" if current.halted_at is None else str(current.halted_at),
-                "host": socket.gethostname(),
-            }
-            pipe.multi()
-            pipe.hset(schema.TRADING_STATE_KEY, mapping={
-                "halted": "false", "requires_manual_reset": "false",
-                "cleared_by": operator, "cleared_at": str(now_ms)})
-            pipe.xadd(OPS_AUDIT_STREAM, audit)
-            _hset, audit_id = pipe.execute()
-            return text(audit_id)
-        except redis.WatchError:
-            raise StateChanged("the halt changed meanwhile (a new panic?); run `eexit status` and try again") from None
+def wait_for_verdict(client_factory, asked, timeout_s, progress=None):
+    """The EEW's verdict fields for this request, or None at the timeout."""
+    found = wait_on_stream(client_factory, resume.VERDICT_STREAM, asked.verdicts_after, asked.asked_mono,
+                           timeout_s, lambda fields: fields.get("request_id") == asked.request_id, progress)
+    return found[1] if found else None
 
 
 # ---------------------------------------------------------------------------- health

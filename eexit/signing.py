@@ -185,22 +185,23 @@ def _claimed_issuer(fields):
     return issuer, (None if issuer else "missing_field")
 
 
-def canonical_bytes(fields, issuer):
+def canonical_bytes(fields, issuer, core=CORE_FIELDS, domain=_DOMAIN):
     """The signed bytes (see module docstring). Raises UnicodeEncodeError on a lone
-    surrogate; verify_fields turns that into "malformed"."""
-    parts = [_DOMAIN]
-    for name in CORE_FIELDS:
+    surrogate; verify_fields turns that into "malformed". Another message kind (a resume
+    request) passes its own core fields and domain, so no signature is valid for both."""
+    parts = [domain]
+    for name in core:
         value = issuer if name == "issued_by" else fields[name]
         data = value.encode("utf-8")
         parts.append(name.encode("ascii") + b"=" + str(len(data)).encode("ascii") + b":" + data + b"\n")
     return b"".join(parts)
 
 
-def _mac(secret, fields, issuer):
-    return hmac.new(secret, canonical_bytes(fields, issuer), hashlib.sha256).digest()
+def _mac(secret, fields, issuer, core, domain):
+    return hmac.new(secret, canonical_bytes(fields, issuer, core, domain), hashlib.sha256).digest()
 
 
-def sign_fields(fields, kid, keyring):
+def sign_fields(fields, kid, keyring, core=CORE_FIELDS, domain=_DOMAIN):
     """A copy of fields with `kid` and `sig` set. The kid must be in the ring and belong to
     the event's issued_by. Raises ValueError on misuse; the message names no secret."""
     plain = _normalise(fields)
@@ -214,14 +215,14 @@ def sign_fields(fields, kid, keyring):
     if keyring.issuer_of(kid) != issuer:
         raise ValueError(f"cannot sign: kid {kid!r} does not belong to issuer {issuer!r}")
     plain["kid"] = kid
-    missing = [name for name in CORE_FIELDS if name != "issued_by" and not plain.get(name)]
+    missing = [name for name in core if name != "issued_by" and not plain.get(name)]
     if missing:
         raise ValueError(f"cannot sign: missing {', '.join(missing)}")
-    plain["sig"] = _mac(keyring._secret(kid), plain, issuer).hex()
+    plain["sig"] = _mac(keyring._secret(kid), plain, issuer, core, domain).hex()
     return plain
 
 
-def verify_fields(fields, keyring):
+def verify_fields(fields, keyring, core=CORE_FIELDS, domain=_DOMAIN):
     """(ok, reason) for a panic event's fields as read from the stream. See the module
     docstring for the reason codes. Never raises on any input."""
     if not keyring.configured:
@@ -239,7 +240,7 @@ def verify_fields(fields, keyring):
     issuer, problem = _claimed_issuer(plain)
     if problem:
         return False, problem
-    if any(not plain.get(name) for name in CORE_FIELDS if name != "issued_by"):
+    if any(not plain.get(name) for name in core if name != "issued_by"):
         return False, "missing_field"
     if not keyring.has_kid(kid):
         return False, "unknown_kid"
@@ -248,7 +249,7 @@ def verify_fields(fields, keyring):
     if not _SIG_RE.fullmatch(sig):
         return False, "bad_sig_format"
     try:
-        expected = _mac(keyring._secret(kid), plain, issuer)
+        expected = _mac(keyring._secret(kid), plain, issuer, core, domain)
     except UnicodeEncodeError:
         return False, "malformed"
     if not hmac.compare_digest(expected, bytes.fromhex(sig)):

@@ -1,6 +1,6 @@
 """`eexit status | panic | resume | audit verify` as real subprocesses against a real
-redis-server and, for resume, real ccxt against the paper exchange. The EEW's part (the
-completion report) is played by the test where the daemon is not the subject."""
+redis-server. For resume, the real EEW answers (its checks read the paper exchange through
+real ccxt); for panic, the EEW's part (the completion report) is played by the test."""
 
 import json
 import subprocess
@@ -9,10 +9,10 @@ import threading
 import time
 import unittest
 
-from eexit import ops, schema, signing
+from eexit import ops, resume, schema, signing
 from eexit.localredis import free_port
-from eexit.paper import PaperExchange
-from tests.harness import ROOT, RedisTestCase, python_env
+from tests.harness import ROOT, RedisTestCase, python_env, wait_for
+from tests.test_eew import EEWCase
 
 OPS_KEY = "ops-1 ops " + "11" * 32
 WATCHDOG_KEY = "wd-1 watchdog " + "22" * 32
@@ -163,87 +163,65 @@ class PanicTest(RedisTestCase):
         self.assertEqual(self.redis.xlen(schema.PANIC_STREAM), 0)
 
 
-class ResumeTest(RedisTestCase):
+class ResumeCase(EEWCase):
+    """`eexit resume` as a subprocess, answered by the real EEW, which makes every check."""
+
+    eew_env = {"EEXIT_RESUME_COOLDOWN_S": "0"}
+    cli_keys = None
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.paper = PaperExchange()
-        cls.paper_url = cls.paper.start()
-        cls.addClassCleanup(cls.paper.stop)
-
-    def setUp(self):
-        super().setUp()
-        self.paper.reset(seed="")
-
-    def env(self, cooldown="0", **more):
-        settings = dict(REDIS_URL=self.redis_server.url, EEXIT_EXCHANGE_URL=self.paper_url,
-                        EEXIT_API_KEY="paper-key", EEXIT_API_SECRET="paper-secret",
-                        EEXIT_RESUME_COOLDOWN_S=cooldown)
-        settings.update(more)
-        return python_env(**settings)
-
-    def halted_by(self, event_id, with_report=True, status="FLAT"):
-        self.redis.xadd(schema.PANIC_STREAM, schema.PanicEvent(event_id, "MANUAL", "ops",
-                                                               int(time.time() * 1000)).to_fields())
-        self.redis.hset(schema.TRADING_STATE_KEY, mapping=schema.TradingState(
-            halted=True, reason="MANUAL", event_id=event_id, halted_at=int(time.time() * 1000),
-            halted_by="ops", requires_manual_reset=True).to_fields())
-        if with_report:
-            self.redis.xadd(schema.COMPLETED_STREAM, report(event_id, status).to_fields())
+        cls.start_eew("eew-resume")
 
     def resume(self, event_id, *more, **env):
-        return run_cli(self.env(**env), "resume", "--operator", "alice", "--ack", event_id, *more)
+        settings = dict(REDIS_URL=self.redis_server.url, EEXIT_RESUME_TIMEOUT_S="30")
+        if self.cli_keys:
+            settings["EEXIT_PANIC_HMAC_KEYS"] = self.cli_keys
+        settings.update(env)
+        return run_cli(python_env(**settings), "resume", "--operator", "alice", "--ack", event_id, *more)
+
+    def halted_by(self, event_id, **fields):
+        """A panic executed by the EEW: halted, with its final report."""
+        self.publish(event_id, issued_by="ops", reason="MANUAL", **fields)
+        [report] = self.wait_reports(event_id)
+        self.assertIn(report.status, ops.FINAL_STATUSES)
+        self.assert_still_halted()
+
+    def state(self):
+        return schema.TradingState.from_fields(ops.decoded(self.redis.hgetall(schema.TRADING_STATE_KEY)))[0]
 
     def assert_still_halted(self):
-        state, _ = schema.TradingState.from_fields(ops.decoded(self.redis.hgetall(schema.TRADING_STATE_KEY)))
-        self.assertIs(state.halted, True)
+        self.assertIs(self.state().halted, True)
         self.assertEqual(self.redis.xlen(ops.OPS_AUDIT_STREAM), 0)
 
+    def assert_refused(self, result, text):
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(text, result.stdout)
+        self.assert_still_halted()
+
+
+class ResumeTest(ResumeCase):
     def test_unknown_event_refused(self):
         self.halted_by("ev-1")
-        result = self.resume("no-such-event")
-        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
-        self.assertIn("unknown event id", result.stdout)
-        self.assert_still_halted()
-
-    def test_no_report_refused(self):
-        self.halted_by("ev-1", with_report=False)
-        result = self.resume("ev-1")
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("no final report", result.stdout)
-        self.assert_still_halted()
-
-    def test_cooldown_refused(self):
-        self.halted_by("ev-1")
-        result = self.resume("ev-1", cooldown="300")
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("cooldown", result.stdout)
-        self.assert_still_halted()
+        self.assert_refused(self.resume("no-such-event"), "unknown event id")
 
     def test_residual_positions_refused(self):
-        self.halted_by("ev-1", status="RESIDUAL")
-        self.paper.set_position("ETHUSDT", "-0.5")
+        self.halted_by("ev-1")
+        self.paper.set_position("ETHUSDT", "-0.5")          # the bot ignored the halt
         result = self.resume("ev-1")
-        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
-        self.assertIn("not flat", result.stdout)
+        self.assert_refused(result, "not flat")
         self.assertIn("ETH/USDT:USDT short 0.5", result.stdout)
-        self.assert_still_halted()
 
     def test_exchange_unreadable_refused(self):
         self.halted_by("ev-1")
-        result = self.resume("ev-1", EEXIT_EXCHANGE_URL=f"http://127.0.0.1:{free_port()}",
-                             EEXIT_EXCHANGE_TIMEOUT_MS="500")
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("cannot verify the account", result.stdout)
-        self.assert_still_halted()
+        self.paper.add_fault(kind="error", status=503, path="positionRisk", duration_s=60)
+        self.assert_refused(self.resume("ev-1"), "cannot verify the account")
 
     def test_other_event_halted_refused(self):
         self.halted_by("ev-1")
-        self.halted_by("ev-2", with_report=False)
-        result = self.resume("ev-1")
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("halted by event ev-2", result.stdout)
-        self.assert_still_halted()
+        self.halted_by("ev-2")
+        self.assert_refused(self.resume("ev-1"), "halted by event ev-2")
 
     def test_success_clears_and_audits_then_is_idempotent(self):
         self.halted_by("ev-1")
@@ -266,7 +244,7 @@ class ResumeTest(RedisTestCase):
         self.assertEqual(self.redis.xlen(ops.OPS_AUDIT_STREAM), 1)
 
     def test_accept_residual_resumes_and_records_the_positions(self):
-        self.halted_by("ev-1", status="RESIDUAL")
+        self.halted_by("ev-1")
         self.paper.set_position("BTCUSDT", "0.01")
         result = self.resume("ev-1", "--accept-residual")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
@@ -281,6 +259,52 @@ class ResumeTest(RedisTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("not halted", result.stdout)
 
+    def test_no_eew_answer_is_3_and_changes_nothing(self):
+        self.halted_by("ev-1")
+        result = self.resume("ev-1", REDIS_URL=self.redis_server.url.replace("/0", "/1"),
+                             EEXIT_RESUME_TIMEOUT_S="1")
+        self.assertEqual(result.returncode, 3, result.stdout + result.stderr)
+        self.assertIn("no verdict from the EEW", result.stderr)
+        self.assert_still_halted()
+
+
+class ResumeSignedTest(ResumeCase):
+    """Keys configured: only a request signed with the ops key gets a verdict; the EEW's own
+    cooldown applies whatever the CLI's environment says."""
+
+    eew_env = {"EEXIT_RESUME_COOLDOWN_S": "300", "EEXIT_PANIC_HMAC_KEYS": OPS_KEY}
+    cli_keys = OPS_KEY
+
+    def halted_by(self, event_id, **fields):
+        signed = signing.sign_fields({"event_id": event_id, "reason": "MANUAL", "severity": "CRITICAL",
+                                      "issued_by": "ops", "ts": str(int(time.time() * 1000))},
+                                     "ops-1", signing.parse_keys(OPS_KEY, "test"))
+        self.redis.xadd(schema.PANIC_STREAM, signed)
+        [report] = self.wait_reports(event_id)
+        self.assertEqual(report.status, "FLAT")
+
+    def test_cooldown_refused(self):
+        self.halted_by("ev-1")
+        self.assert_refused(self.resume("ev-1", EEXIT_RESUME_COOLDOWN_S="0"), "cooldown")
+
+    def test_unsigned_or_wrongly_signed_request_gets_no_verdict(self):
+        self.halted_by("ev-1")
+        unsigned = self.resume("ev-1", EEXIT_PANIC_HMAC_KEYS="", EEXIT_RESUME_TIMEOUT_S="1")
+        self.assertEqual(unsigned.returncode, 3, unsigned.stdout + unsigned.stderr)
+        wrong = self.resume("ev-1", EEXIT_PANIC_HMAC_KEYS="ops-1 ops " + "33" * 32, EEXIT_RESUME_TIMEOUT_S="1")
+        self.assertEqual(wrong.returncode, 3, wrong.stdout + wrong.stderr)
+        wait_for(lambda: self.log("eew-resume").count("resume_request_ignored") >= 2, 20,
+                 message="the EEW ignored both requests")
+        self.assertIn("bad_signature:missing_kid", self.log("eew-resume"))
+        self.assertIn("bad_signature:sig_mismatch", self.log("eew-resume"))
+        self.assertEqual(self.redis.xlen(resume.VERDICT_STREAM), 0)
+        self.assert_still_halted()
+
+    def test_keys_without_an_ops_key_refuse_at_once(self):
+        result = self.resume("ev-1", EEXIT_PANIC_HMAC_KEYS=WATCHDOG_KEY)
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("none belongs to issuer 'ops'", result.stderr)
+
 
 class ResumeDecisionTest(unittest.TestCase):
     """The pure decision, for the combinations the subprocess tests do not cover."""
@@ -291,27 +315,59 @@ class ResumeDecisionTest(unittest.TestCase):
                       final=("990000-0", schema.CompletionReport(event_id="ev", status="FLAT")),
                       positions=[], open_orders=[], exchange_error=None, cooldown_s=5.0)
         values.update(over)
-        return ops.ResumeFacts(**values)
+        return resume.ResumeFacts(**values)
 
     def test_clear_when_everything_holds(self):
-        self.assertEqual(ops.resume_refusals(self.facts(), False), [])
+        self.assertEqual(resume.resume_refusals(self.facts(), False), [])
 
     def test_cooldown_boundary(self):
-        self.assertEqual(ops.resume_refusals(self.facts(now_ms=995_000), False), [])
-        self.assertIn("cooldown", ops.resume_refusals(self.facts(now_ms=994_999), False)[0])
+        self.assertEqual(resume.resume_refusals(self.facts(now_ms=995_000), False), [])
+        self.assertIn("cooldown", resume.resume_refusals(self.facts(now_ms=994_999), False)[0])
 
     def test_missing_state_counts_as_halted(self):
         facts = self.facts(state=schema.TradingState(halted=None), state_present=False)
-        self.assertEqual(ops.resume_refusals(facts, False), [])
+        self.assertEqual(resume.resume_refusals(facts, False), [])
+
+    def test_no_final_report_refused(self):
+        self.assertIn("no final report", resume.resume_refusals(self.facts(final=None), False)[0])
 
     def test_open_orders_refused_unless_accepted(self):
         facts = self.facts(open_orders=[object()])
-        self.assertIn("open order", ops.resume_refusals(facts, False)[0])
-        self.assertEqual(ops.resume_refusals(facts, True), [])
+        self.assertIn("open order", resume.resume_refusals(facts, False)[0])
+        self.assertEqual(resume.resume_refusals(facts, True), [])
 
     def test_exchange_error_refused_even_with_accept_residual(self):
         facts = self.facts(positions=None, open_orders=None, exchange_error="NetworkError: down")
-        self.assertIn("cannot verify", ops.resume_refusals(facts, True)[0])
+        self.assertIn("cannot verify", resume.resume_refusals(facts, True)[0])
+
+    def test_a_panic_stream_that_takes_no_entry_refuses_even_with_accept_residual(self):
+        facts = self.facts(stream_broken="panic_stream_exhausted")
+        self.assertIn("cannot take entries", resume.resume_refusals(facts, True)[0])
+
+
+class ResumeRequestTest(unittest.TestCase):
+    KEYS = signing.parse_keys(OPS_KEY + "," + WATCHDOG_KEY, "test")
+
+    def test_signed_request_checks_and_every_tampering_fails(self):
+        fields = resume.build_request("alice", "ev-1", False, self.KEYS, now_ms=1_000_000, request_id="r1")
+        request, why = resume.check_request(fields, self.KEYS, now_ms=1_010_000)
+        self.assertEqual((request, why), (resume.Request("r1", "ev-1", "alice", False), None))
+        for name, value in (("ack", "ev-2"), ("accept_residual", "true"), ("operator", "mallory"),
+                            ("ts", "1000001"), ("request_id", "r2")):
+            with self.subTest(field=name):
+                self.assertIsNone(resume.check_request(dict(fields, **{name: value}), self.KEYS, 1_000_000)[0])
+        self.assertEqual(resume.check_request(fields, self.KEYS, 1_000_000 + 61_000), (None, "stale:61s"))
+
+    def test_a_panic_signature_is_no_resume_signature_and_the_watchdog_cannot_resume(self):
+        panic = signing.sign_fields({"event_id": "r1", "reason": "x", "severity": "CRITICAL", "issued_by": "ops",
+                                     "ts": "1000000"}, "ops-1", self.KEYS)
+        request = dict(resume.build_request("alice", "ev-1", False, signing.KeyRing(), 1_000_000, "r1"),
+                       kid="ops-1", sig=panic["sig"])
+        self.assertEqual(resume.check_request(request, self.KEYS, 1_000_000)[1], "bad_signature:sig_mismatch")
+        watchdog = dict(resume.build_request("alice", "ev-1", False, signing.KeyRing(), 1_000_000, "r1"),
+                        issued_by="watchdog")
+        signed = signing.sign_fields(watchdog, "wd-1", self.KEYS, resume.REQUEST_CORE, resume.REQUEST_DOMAIN)
+        self.assertEqual(resume.check_request(signed, self.KEYS, 1_000_000)[1], "not_a_resume_request_by_ops")
 
 
 class StatusDecisionTest(unittest.TestCase):

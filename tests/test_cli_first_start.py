@@ -10,9 +10,17 @@ import unittest
 from eexit import __version__, ops, schema
 from tests.harness import RedisTestCase, python_env
 from tests.test_cli import run_cli
+from tests.test_eew import EEWCase
 
 
-class InitTest(RedisTestCase):
+class InitThroughTheEEWTest(EEWCase):
+    """The EEW, the halt's only writer, writes the first halted=false (eexit/resume.py)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.start_eew("eew-init")
+
     def env(self):
         return python_env(REDIS_URL=self.redis_server.url)
 
@@ -33,6 +41,29 @@ class InitTest(RedisTestCase):
         status = run_cli(self.env(), "status", "--json")
         self.assertEqual(json.loads(status.stdout)["trading"]["halted"], False)
 
+    def test_rerun_on_an_initialised_host_changes_nothing(self):
+        self.assertEqual(run_cli(self.env(), "init", "--operator", "alice").returncode, 0)
+        before = self.redis.hgetall(schema.TRADING_STATE_KEY)
+        again = run_cli(self.env(), "init", "--operator", "bob")
+        self.assertEqual(again.returncode, 0, again.stdout)
+        self.assertIn("already initialised", again.stdout)
+        self.assertEqual(self.redis.hgetall(schema.TRADING_STATE_KEY), before)
+        self.assertEqual(self.redis.xlen(ops.OPS_AUDIT_STREAM), 1)
+
+
+class InitTest(RedisTestCase):
+    """What `eexit init` decides without asking: a state exists (refused or nothing to do),
+    bad input, Redis down, no EEW answering."""
+
+    def env(self):
+        return python_env(REDIS_URL=self.redis_server.url)
+
+    def test_no_eew_is_3_and_writes_nothing(self):
+        result = run_cli(python_env(REDIS_URL=self.redis_server.url, EEXIT_RESUME_TIMEOUT_S="1"),
+                         "init", "--operator", "alice")
+        self.assertEqual(result.returncode, 3, result.stdout + result.stderr)
+        self.assertEqual(self.redis.exists(schema.TRADING_STATE_KEY), 0)
+
     def test_an_existing_halt_is_never_cleared(self):
         halt = {"halted": "true", "event_id": "ev-9", "reason": "POSITIONS_UNGUARDED", "requires_manual_reset": "true"}
         self.redis.hset(schema.TRADING_STATE_KEY, mapping=halt)
@@ -49,22 +80,13 @@ class InitTest(RedisTestCase):
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertEqual(self.redis.hget(schema.TRADING_STATE_KEY, "halted"), b"maybe")
 
-    def test_rerun_on_an_initialised_host_changes_nothing(self):
-        self.assertEqual(run_cli(self.env(), "init", "--operator", "alice").returncode, 0)
-        before = self.redis.hgetall(schema.TRADING_STATE_KEY)
-        again = run_cli(self.env(), "init", "--operator", "bob")
-        self.assertEqual(again.returncode, 0, again.stdout)
-        self.assertIn("already initialised", again.stdout)
-        self.assertEqual(self.redis.hgetall(schema.TRADING_STATE_KEY), before)
-        self.assertEqual(self.redis.xlen(ops.OPS_AUDIT_STREAM), 1)
-
     def test_operator_must_name_someone_and_redis_down_is_2(self):
         self.assertEqual(run_cli(self.env(), "init", "--operator", " ").returncode, 2)
         down = run_cli(python_env(REDIS_URL="redis://127.0.0.1:1/0"), "init", "--operator", "alice")
         self.assertEqual(down.returncode, 2, down.stdout + down.stderr)
 
     def test_unknown_counts_are_shown_as_unknown(self):
-        run_cli(self.env(), "init", "--operator", "alice")
+        self.redis.hset(schema.TRADING_STATE_KEY, "halted", "false")
         self.redis.xadd(schema.PANIC_STREAM, {"event_id": "ev-r", "reason": "R", "issued_by": "ops", "ts": "1"})
         self.redis.xadd(schema.COMPLETED_STREAM, schema.CompletionReport(
             event_id="ev-r", status="REJECTED", positions_total=None, positions_closed=None,

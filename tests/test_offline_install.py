@@ -84,6 +84,10 @@ class OfflineInstallTest(unittest.TestCase):
             self.assertEqual(mode(etc / "credentials" / daemon), 0o700)
             self.assertEqual(mode(etc / "credentials" / daemon / "redis_password"), 0o600)
         self.assertEqual(mode(etc / "redis-acl.conf"), 0o640)
+        # eexit's own redis-server instance config (redis-server@eexit), rendered as shipped.
+        redis_conf = self.root / "etc/redis/redis-eexit.conf"
+        self.assertEqual(redis_conf.read_text(), (ROOT / "systemd/redis-eexit.conf").read_text())
+        self.assertEqual(mode(redis_conf), 0o640)
         for unit in UNITS:
             installed = self.root / "etc/systemd/system" / unit
             self.assertEqual(installed.read_text(), (ROOT / "systemd" / unit).read_text())

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import redis
 
-from eexit import schema
+from eexit import resume, schema, tamper
+from eexit import ops as ops_module
 from eexit.eew import Ledger
 from tests.acl_harness import ADMIN, ROOT, USERS, password, write_acl_file
 from tests.harness import RedisServer
@@ -169,6 +170,17 @@ class RedisAclTest(unittest.TestCase):
         ledger.update("e9", {"entry": entry_id, "stage": "closing"})
         self.assertTrue(ledger.finish("e9", {"stage": "done"}, entry_id, {"event_id": "e9", "status": "FLAT"})[0])
         ledger.halt(schema.TradingState(halted=True, reason="POSITIONS_UNGUARDED", event_id="e9"))
+        # The lost-panic checks and the resume path (eexit/tamper.py, eexit/resume.py).
+        self.assertIsNotNone(tamper.read_stream_state(eew)[1])
+        self.assertEqual(ledger.in_flight(), {})
+        ledger.reject([entry_id], {"event_id": "rejected-x", "status": "REJECTED"})
+        eew.xread({resume.REQUEST_STREAM: "0"}, count=1)
+        with eew.pipeline(transaction=True) as pipe:
+            pipe.watch(schema.TRADING_STATE_KEY)
+            pipe.multi()
+            pipe.hset(schema.TRADING_STATE_KEY, "halted", "false")
+            pipe.xadd("eexit:ops:audit", {"action": "resume"})
+            pipe.execute()
         forbidden = [
             (eew.delete, schema.TRADING_STATE_KEY),
             (eew.xadd, schema.PANIC_STREAM, {"event_id": "self-made"}),
@@ -240,8 +252,9 @@ class RedisAclTest(unittest.TestCase):
         ops = self.client("eexit-ops")
         ops.xadd(schema.PANIC_STREAM, {"event_id": "e2", "issued_by": "ops"})
         self.assertEqual(ops.hget(schema.TRADING_STATE_KEY, "halted"), "true")
-        ops.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "cleared_by": "ops", "cleared_at": "2"})
-        ops.hdel(schema.TRADING_STATE_KEY, "reason")
+        ops.xadd(resume.REQUEST_STREAM, {"request_id": "r1", "action": "resume"})
+        ops.xread({resume.VERDICT_STREAM: "0"}, block=10)
+        ops.xrange(ops_module.OPS_AUDIT_STREAM)
         ops.xrevrange(schema.COMPLETED_STREAM, count=5)
         ops.xread({schema.COMPLETED_STREAM: "$"}, block=10)
         ops.xinfo_groups(schema.PANIC_STREAM)
@@ -249,15 +262,11 @@ class RedisAclTest(unittest.TestCase):
         ops.xrevrange(schema.HEARTBEAT_STREAM, count=1)
         ops.hgetall(WATCHDOG_INCIDENT)
         ops.scan(match="eexit:*")
-        with ops.pipeline(transaction=True) as pipe:  # how eexit.ops clears the halt
-            pipe.watch(schema.TRADING_STATE_KEY)
-            pipe.hgetall(schema.TRADING_STATE_KEY)
-            pipe.time()
-            pipe.multi()
-            pipe.hset(schema.TRADING_STATE_KEY, "halted", "false")
-            pipe.xadd("eexit:ops:audit", {"action": "resume"})
-            pipe.execute()
         forbidden = [
+            (ops.hset, schema.TRADING_STATE_KEY, "halted", "false"),
+            (ops.hdel, schema.TRADING_STATE_KEY, "halted"),
+            (ops.xadd, "eexit:ops:audit", {"action": "resume"}),
+            (ops.xadd, resume.VERDICT_STREAM, {"status": "RESUMED"}),
             (ops.xreadgroup, schema.EEW_GROUP, "ops", {schema.PANIC_STREAM: ">"}),
             (ops.xack, schema.PANIC_STREAM, schema.EEW_GROUP, "0-1"),
             (ops.xtrim, schema.PANIC_STREAM, 0),
@@ -272,18 +281,19 @@ class RedisAclTest(unittest.TestCase):
         ]
         self.check_forbidden(forbidden)
 
-    def test_only_ops_can_clear_the_halt(self):  # open (issue 14, EEW side): the halt gets one writer
+    def test_the_eew_is_the_only_writer_of_the_halt(self):
         for user in USERS:
             client = self.client(user)
             with self.subTest(user=user):
-                if user == "eexit-ops":
-                    client.hset(schema.TRADING_STATE_KEY, "halted", "false")
-                    client.hdel(schema.TRADING_STATE_KEY, "halted")
-                    continue
                 self.check_forbidden([(client.delete, schema.TRADING_STATE_KEY)])
-                if user != "eexit-eew":  # the EEW must write to halt; see redis-acl.conf
-                    self.check_forbidden([(client.hset, schema.TRADING_STATE_KEY, "halted", "false"),
-                                          (client.hdel, schema.TRADING_STATE_KEY, "halted")])
+                if user == "eexit-eew":  # it halts, and executes resume requests (eexit/resume.py)
+                    client.hset(schema.TRADING_STATE_KEY, "halted", "true")
+                    client.xadd(resume.VERDICT_STREAM, {"status": "RESUMED"})
+                    client.xadd("eexit:ops:audit", {"action": "resume"})
+                    continue
+                self.check_forbidden([(client.hset, schema.TRADING_STATE_KEY, "halted", "false"),
+                                      (client.hdel, schema.TRADING_STATE_KEY, "halted"),
+                                      (client.xadd, "eexit:ops:audit", {"action": "resume"})])
 
     def test_only_the_eew_consumes_the_panic_stream(self):
         for user in USERS:

@@ -117,8 +117,9 @@ def count_reports(client):
     """{event_id: {status: n}}"""
     counts = {}
     for _entry_id, fields in ops.iter_reverse(client, schema.COMPLETED_STREAM):
-        per = counts.setdefault(fields.get("event_id", ""), {})
-        per[fields.get("status", "?")] = per.get(fields.get("status", "?"), 0) + 1
+        for event_id in ops.report_event_ids(fields):
+            per = counts.setdefault(event_id, {})
+            per[fields.get("status", "?")] = per.get(fields.get("status", "?"), 0) + 1
     return counts
 
 

@@ -228,7 +228,13 @@ def install(args):
     acl_text = render_acl((PROJECT / "systemd/redis-acl.conf").read_text(), passwords)
     changes.append(keep_or_new(etc / "redis-acl.conf", acl_text, 0o640))
     acl_path = etc / "redis-acl.conf"
-    for path in (acl_path, acl_path.with_name("redis-acl.conf.new")):
+
+    # eexit's own redis-server instance (systemd's redis-server@eexit, docs/DEPLOY.md): its
+    # config is the operator's once edited, like the ACL.
+    redis_conf = under(root, "/etc/redis/redis-eexit.conf")
+    redis_conf.parent.mkdir(parents=True, exist_ok=True)
+    changes.append(keep_or_new(redis_conf, (PROJECT / "systemd/redis-eexit.conf").read_text(), 0o640))
+    for path in (acl_path, acl_path.with_name("redis-acl.conf.new"), redis_conf):
         if path.exists():
             try:
                 os.chown(path, -1, grp.getgrnam("redis").gr_gid)
@@ -280,9 +286,10 @@ eexit installed. Next steps (details: docs/DEPLOY.md; every setting: docs/CONFIG
       {etc}/credentials/eew/panic_hmac_keys        every issuer's line (watchdog, ops, exit_brain, risk_kernel)
       {etc}/credentials/ops/panic_hmac_keys        one line: ops1 ops <hexkey>
       {etc}/credentials/hook/hook_hmac_key         one line: hook1 exit_brain <hexkey> (the brain unit's crash hook)
- 4. Redis: add users for your other clients (see docs/DEPLOY.md), then in redis.conf
-      aclfile {acl_path}
-    and restart redis-server. Check: REDISCLI_AUTH="$(cat {etc}/credentials/ops/redis_password)" \\
+ 4. Redis: eexit's own instance (/etc/redis/redis-eexit.conf: loopback port 6380 and a unix
+    socket, AOF, noeviction, aclfile {acl_path}): systemctl enable --now redis-server@eexit
+    and REDIS_URL=redis://127.0.0.1:6380/0 in eexit.env (docs/DEPLOY.md); your bot reads the
+    halt there as eexit-bot (credentials/bot/redis_password) and keeps its own Redis. Check: REDISCLI_AUTH="$(cat {etc}/credentials/ops/redis_password)" \\
       redis-cli --user eexit-ops PING
  5. systemctl daemon-reload && systemctl enable --now eexit-eew eexit-audit eexit-watchdog eexit-brain
     Alerts (docs/ALERTS.md): EEXIT_ALERT_* in eexit.env, the Telegram bot token in
