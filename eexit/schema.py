@@ -13,7 +13,7 @@ producer said 0 (SPEC §4.1, §4.6).
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 # Stream and key names (fixed by SPEC §2).
@@ -77,21 +77,21 @@ class _FieldReader:
         self.problems.append(f"bad_type:{label}")
         return None
 
-    def _take(self, name, aliases=()):
-        for candidate in (name, *aliases):
-            if candidate in self.values:
-                self.consumed.add(candidate)
-                for alias in (name, *aliases):
-                    if alias in self.values:
-                        self.consumed.add(alias)
-                return self.values[candidate]
-        return None
-
-    def text(self, name, required=True, aliases=()):
-        value = self._take(name, aliases)
-        if value is None or value == "":
+    def _take(self, name, required, aliases=()):
+        """The raw text of `name` (or the first alias present; all present ones are consumed),
+        or None when absent or empty, recorded as missing:<name> if it is required."""
+        present = [candidate for candidate in (name, *aliases) if candidate in self.values]
+        self.consumed.update(present)
+        value = self.values[present[0]] if present else ""
+        if value == "":
             if required:
                 self.problems.append(f"missing:{name}")
+            return None
+        return value
+
+    def text(self, name, required=True, aliases=()):
+        value = self._take(name, required, aliases)
+        if value is None:
             return ""
         if len(value) > MAX_TEXT:
             self.problems.append(f"too_long:{name}")
@@ -108,10 +108,8 @@ class _FieldReader:
         return value
 
     def integer(self, name, maximum, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
+        value = self._take(name, required)
+        if value is None:
             return None
         try:
             number = int(value.strip())
@@ -120,8 +118,7 @@ class _FieldReader:
             try:
                 as_float = float(value)
             except ValueError:
-                self.problems.append(f"bad_int:{name}")
-                return None
+                as_float = math.nan
             if not math.isfinite(as_float) or as_float != int(as_float):
                 self.problems.append(f"bad_int:{name}")
                 return None
@@ -132,10 +129,8 @@ class _FieldReader:
         return number
 
     def number(self, name, maximum, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
+        value = self._take(name, required)
+        if value is None:
             return None
         try:
             number = float(value)
@@ -148,10 +143,8 @@ class _FieldReader:
         return number
 
     def boolean(self, name, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
+        value = self._take(name, required)
+        if value is None:
             return None
         lowered = value.strip().lower()
         if lowered in ("true", "1"):
@@ -162,16 +155,13 @@ class _FieldReader:
         return None
 
     def json_list(self, name, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
+        value = self._take(name, required)
+        if value is None:
             return []
         try:
             parsed = json.loads(value)
         except (ValueError, RecursionError):
-            self.problems.append(f"bad_json:{name}")
-            return []
+            parsed = None
         if not isinstance(parsed, list):
             self.problems.append(f"bad_json:{name}")
             return []
@@ -190,19 +180,24 @@ class _FieldReader:
 
 def _encode(pairs, extra):
     """Known fields first, None omitted; extra fields never override known ones."""
-    fields = {}
+    encoded = {}
     for name, value in pairs:
         if value is None:
             continue
         if isinstance(value, bool):
-            fields[name] = "true" if value else "false"
+            encoded[name] = "true" if value else "false"
         elif isinstance(value, (list, dict)):
-            fields[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
         else:
-            fields[name] = str(value)
+            encoded[name] = str(value)
     for name, value in extra.items():
-        fields.setdefault(name, value)
-    return fields
+        encoded.setdefault(name, value)
+    return encoded
+
+
+def _declared(message):
+    """(name, value) of every field but `extra`, in declaration order, which is the wire order."""
+    return [(f.name, getattr(message, f.name)) for f in fields(message) if f.name != "extra"]
 
 
 @dataclass
@@ -224,15 +219,14 @@ class PanicEvent:
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        event = cls(
+        return cls(
             event_id=r.text("event_id"),
             reason=r.text("reason"),
             severity=r.choice("severity", SEVERITIES),
             issued_by=r.text("issued_by", aliases=("source",)),
             ts=r.integer("ts", MAX_TS_MS),
-        )
-        event.extra = r.extra()
-        return event, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 @dataclass
@@ -261,25 +255,12 @@ class CompletionReport:
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
-        return _encode([
-            ("event_id", self.event_id), ("status", self.status),
-            ("issued_by", self.issued_by), ("reason", self.reason),
-            ("positions_total", self.positions_total),
-            ("positions_closed", self.positions_closed),
-            ("positions_failed", self.positions_failed),
-            ("failed_symbols", self.failed_symbols),
-            ("ts_started", self.ts_started), ("ts_completed", self.ts_completed),
-            ("execution_time_ms", self.execution_time_ms),
-            ("residual_positions", self.residual_positions), ("dust", self.dust),
-            ("orders_cancelled", self.orders_cancelled), ("attempts", self.attempts),
-            ("event_age_ms", self.event_age_ms), ("detail", self.detail),
-            ("problems", self.problems), ("scope", self.scope),
-        ], self.extra)
+        return _encode(_declared(self), self.extra)
 
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        report = cls(
+        return cls(
             event_id=r.text("event_id"),
             status=r.choice("status", REPORT_STATUSES),
             issued_by=r.text("issued_by", required=False),
@@ -299,9 +280,8 @@ class CompletionReport:
             detail=r.text("detail", required=False),
             problems=r.json_list("problems", required=False),
             scope=r.text("scope", required=False),
-        )
-        report.extra = r.extra()
-        return report, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 @dataclass
@@ -327,16 +307,15 @@ class Heartbeat:
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        beat = cls(
+        return cls(
             service_id=r.text("service_id"),
             status=r.choice("status", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"}),
             active_positions=r.integer("active_positions", MAX_COUNT),
             last_decision_ts=r.integer("last_decision_ts", MAX_TS_MS),
             latency_ms=r.number("latency_ms", MAX_DURATION_MS),
             ts=r.integer("ts", MAX_TS_MS),
-        )
-        beat.extra = r.extra()
-        return beat, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 @dataclass
@@ -355,12 +334,8 @@ class TradingState:
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
-        return _encode([("halted", self.halted), ("reason", self.reason or None),
-                        ("event_id", self.event_id or None), ("halted_at", self.halted_at),
-                        ("halted_by", self.halted_by or None),
-                        ("requires_manual_reset", self.requires_manual_reset),
-                        ("cleared_by", self.cleared_by or None),
-                        ("cleared_at", self.cleared_at)], self.extra)
+        # An empty text field is omitted, not written as "".
+        return _encode([(name, None if value == "" else value) for name, value in _declared(self)], self.extra)
 
     @property
     def trading_allowed(self):
@@ -369,7 +344,7 @@ class TradingState:
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        state = cls(
+        return cls(
             halted=r.boolean("halted"),
             reason=r.text("reason", required=False),
             event_id=r.text("event_id", required=False),
@@ -378,9 +353,8 @@ class TradingState:
             requires_manual_reset=r.boolean("requires_manual_reset", required=False),
             cleared_by=r.text("cleared_by", required=False),
             cleared_at=r.integer("cleared_at", MAX_TS_MS, required=False),
-        )
-        state.extra = r.extra()
-        return state, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 def entry_id_ms(entry_id):
