@@ -156,10 +156,8 @@ def observe(state, beat, received_at):
     decision_age_s = None
     if beat.ts is not None and beat.last_decision_ts is not None and beat.last_decision_ts <= beat.ts:
         decision_age_s = (beat.ts - beat.last_decision_ts) / 1000.0
-    if decision_age_s is None:
-        unknown_since = state.decision_unknown_since if state.decision_unknown_since is not None else received_at
-    else:
-        unknown_since = None
+    unknown_since = None if decision_age_s is not None else (
+        state.decision_unknown_since if state.decision_unknown_since is not None else received_at)
     return replace(state, last_beat_at=received_at, status=status,
                    active_positions=beat.active_positions, degraded_since=degraded_since,
                    decision_age_s=decision_age_s, decision_unknown_since=unknown_since)
@@ -375,8 +373,11 @@ class Watchdog:
         """Rebuild state from Redis after start or reconnect: the recent heartbeats (aged on
         Redis's clock), the open incident, what the EEWs accept, and the read positions of
         the streams. The start-up grace starts at the first sync only (see after_outage)."""
+        self._noting_failure(self._resync)
+
+    def _noting_failure(self, work):
         try:
-            self._resync()
+            work()
         except bus.REDIS_ERRORS:
             self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
             raise
@@ -401,13 +402,16 @@ class Watchdog:
         self.state = state
         self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
         # The newest EEW heartbeat now; the other EEW instances' within their next beat.
-        newest_eew = self.client.xrevrange(schema.EEW_HEARTBEAT_STREAM, "+", "-", count=1)
-        self.eew_beat_id = bus.as_text(newest_eew[0][0]) if newest_eew else "0-0"
-        if newest_eew:
-            self._check_eew(newest_eew[0][1])
-        latest_report = self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=1)
-        self.report_id = bus.as_text(latest_report[0][0]) if latest_report else "0-0"
+        self.eew_beat_id, eew_fields = self._newest(schema.EEW_HEARTBEAT_STREAM)
+        if eew_fields is not None:
+            self._check_eew(eew_fields)
+        self.report_id, _report = self._newest(schema.COMPLETED_STREAM)
         self._recover_incident(now)
+
+    def _newest(self, stream):
+        """(entry id, fields) of the newest entry of `stream`; ("0-0", None) when it is empty."""
+        newest = self.client.xrevrange(stream, "+", "-", count=1)
+        return (bus.as_text(newest[0][0]), newest[0][1]) if newest else ("0-0", None)
 
     def _recover_incident(self, now):
         stored = {bus.as_text(k): bus.as_text(v) for k, v in self.client.hgetall(INCIDENT_KEY).items()}
@@ -433,10 +437,8 @@ class Watchdog:
             incident.completed_status = self._find_report(incident.event_id)
         if incident.completed_status:
             return
-        if self._find(schema.PANIC_STREAM, schema.PanicEvent, incident.event_id) is not None:
-            incident.next_publish_at = now + incident.republish_delay_s
-        else:
-            incident.next_publish_at = now   # crashed between the hash and the XADD, or Redis lost it
+        # No panic entry: we crashed between the hash and the XADD, or Redis lost it: publish now.
+        incident.next_publish_at = now + (incident.republish_delay_s if self._panic_published(incident.event_id) else 0.0)
 
     def _find(self, stream, message, event_id):
         """The newest `message` (schema class) on `stream` with this event_id: for a report,
@@ -457,7 +459,7 @@ class Watchdog:
         flatten, never a missed one."""
         for entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
             report, _problems = schema.CompletionReport.from_fields(fields)
-            if report.event_id == event_id and report.status in ("FLAT", "RESIDUAL", "FAILED"):
+            if report.event_id == event_id and report.status in COMPLETING_STATUSES:
                 later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
                 if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
                     self.log.warning("incident_outlived", event_id=event_id)
@@ -487,11 +489,7 @@ class Watchdog:
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
         REDIS_ERRORS."""
-        try:
-            self._step()
-        except bus.REDIS_ERRORS:
-            self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
-            raise
+        self._noting_failure(self._step)
 
     def _step(self):
         streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id,
