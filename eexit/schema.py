@@ -299,10 +299,8 @@ class Heartbeat:
 
     def to_fields(self):
         latency = None if self.latency_ms is None else round(self.latency_ms, 3)
-        return _encode([("service_id", self.service_id), ("status", self.status),
-                        ("active_positions", self.active_positions),
-                        ("last_decision_ts", self.last_decision_ts),
-                        ("latency_ms", latency), ("ts", self.ts)], self.extra)
+        return _encode([(name, latency if name == "latency_ms" else value) for name, value in _declared(self)],
+                       self.extra)
 
     @classmethod
     def from_fields(cls, raw):

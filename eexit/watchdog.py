@@ -441,14 +441,15 @@ class Watchdog:
         incident.next_publish_at = now + (incident.republish_delay_s if self._panic_published(incident.event_id) else 0.0)
 
     def _find(self, stream, message, event_id):
-        """The newest `message` (schema class) on `stream` with this event_id: for a report,
-        only one that completes the incident (report_outcome). None if there is none."""
-        for _entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
+        """(entry id, message) of the newest `message` (schema class) on `stream` with this
+        event_id: for a report, only one that completes the incident (report_outcome).
+        (None, None) if there is none."""
+        for entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
             found, _problems = message.from_fields(fields)
             if found.event_id == event_id and (message is schema.PanicEvent
                                                or report_outcome(found.status) == "complete"):
-                return found
-        return None
+                return entry_id, found
+        return None, None
 
     def _drop_if_outlived(self, event_id):
         """Close the shared incident event_id, and return True, when that event has a final
@@ -457,22 +458,21 @@ class Watchdog:
         the EEW would only answer DUPLICATE), so adopting it would suppress this outage's
         panic. Two watchdogs doing this at once can open two incidents: a needless second
         flatten, never a missed one."""
-        for entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
-            report, _problems = schema.CompletionReport.from_fields(fields)
-            if report.event_id == event_id and report.status in COMPLETING_STATUSES:
-                later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
-                if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
-                    self.log.warning("incident_outlived", event_id=event_id)
-                    self._close_incident(Incident(event_id, "", "", 0))
-                    return True
-                return False
+        entry_id, _report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
+        if entry_id is None:
+            return False
+        later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
+        if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
+            self.log.warning("incident_outlived", event_id=event_id)
+            self._close_incident(Incident(event_id, "", "", 0))
+            return True
         return False
 
     def _panic_published(self, event_id):
-        return self._find(schema.PANIC_STREAM, schema.PanicEvent, event_id) is not None
+        return self._find(schema.PANIC_STREAM, schema.PanicEvent, event_id)[1] is not None
 
     def _find_report(self, event_id):
-        report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
+        _entry_id, report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
         return "" if report is None else report.status
 
     # -- one iteration -------------------------------------------------------------------
