@@ -107,65 +107,37 @@ class _FieldReader:
             self.problems.append(f"unknown_value:{name}")
         return value
 
-    def integer(self, name, maximum, required=True):
+    def _typed(self, name, required, parse, problem, default=None):
+        """parse(raw text) of field `name`, or `default` when it is absent (missing:<name> if
+        required) or when parse raises (<problem>:<name>)."""
         value = self._take(name, required)
         if value is None:
-            return None
+            return default
         try:
-            number = int(value.strip())
-        except ValueError:
-            # Producers in other languages write "1.0"; accept an integral float.
-            try:
-                as_float = float(value)
-            except ValueError:
-                as_float = math.nan
-            if not math.isfinite(as_float) or as_float != int(as_float):
-                self.problems.append(f"bad_int:{name}")
-                return None
-            number = int(as_float)
-        if number < 0 or number > maximum:
-            self.problems.append(f"absurd:{name}")
-            return None
-        return number
+            return parse(value)
+        except (ValueError, RecursionError):
+            self.problems.append(f"{problem}:{name}")
+            return default
 
-    def number(self, name, maximum, required=True):
-        value = self._take(name, required)
-        if value is None:
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            self.problems.append(f"bad_number:{name}")
-            return None
-        if not math.isfinite(number) or number < 0 or number > maximum:
-            self.problems.append(f"absurd:{name}")
-            return None
-        return number
-
-    def boolean(self, name, required=True):
-        value = self._take(name, required)
-        if value is None:
-            return None
-        lowered = value.strip().lower()
-        if lowered in ("true", "1"):
-            return True
-        if lowered in ("false", "0"):
-            return False
-        self.problems.append(f"bad_bool:{name}")
+    def _bounded(self, name, number, maximum):
+        """number if it is None or within 0..maximum, else None and absurd:<name>. NaN and
+        infinities compare false, so they are absurd too."""
+        if number is None or 0 <= number <= maximum:
+            return number
+        self.problems.append(f"absurd:{name}")
         return None
 
+    def integer(self, name, maximum, required=True):
+        return self._bounded(name, self._typed(name, required, _whole, "bad_int"), maximum)
+
+    def number(self, name, maximum, required=True):
+        return self._bounded(name, self._typed(name, required, float, "bad_number"), maximum)
+
+    def boolean(self, name, required=True):
+        return self._typed(name, required, _flag, "bad_bool")
+
     def json_list(self, name, required=True):
-        value = self._take(name, required)
-        if value is None:
-            return []
-        try:
-            parsed = json.loads(value)
-        except (ValueError, RecursionError):
-            parsed = None
-        if not isinstance(parsed, list):
-            self.problems.append(f"bad_json:{name}")
-            return []
-        return parsed
+        return self._typed(name, required, _json_list, "bad_json", default=[])
 
     def extra(self):
         kept = {}
@@ -176,6 +148,33 @@ class _FieldReader:
                 self.problems.append(f"too_long:{name[:64]}")
             kept[name[:MAX_TEXT]] = value[:MAX_TEXT]
         return kept
+
+
+def _whole(text):
+    """int of "7", or of an integral float: producers in other languages write "1.0"."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        as_float = float(text)                  # not a number at all: ValueError
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise ValueError(text) from None
+        return int(as_float)
+
+
+def _flag(text):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ValueError(text)
+
+
+def _json_list(text):
+    parsed = json.loads(text)
+    if not isinstance(parsed, list):
+        raise ValueError(text)
+    return parsed
 
 
 def _encode(pairs, extra):
