@@ -326,6 +326,27 @@ def flood_section(data, summary):
             "themselves (the panic stream is never trimmed) | - |"]
 
 
+def guard_section(data, summary):
+    if data is None:
+        return ["_not run (`python bench/halt_guard.py`)_"]
+    flat, target = data["to_flat_ms"], data["target_ms"]
+    summary.append(("halt violation → flat (max)", f"{flat['max']:.0f} ms", f"≤ {target} ms", verdict(flat["max"], target)))
+    period = data["lease_period_ms"]
+    summary.append(("guard takeover after kill -9", f"{data['takeover_ms']:.0f} ms", f"≤ {period} ms",
+                    verdict(data["takeover_ms"], period)))
+    return [f"After a FLAT report, a position opened at a random moment ({data['repeats']} times), "
+            f"EEXIT_HALT_GUARD_S={data['interval_s']:g}, paper latency {data['latency_ms']} ms, "
+            f"EEXIT_BLOCK_MS={data['settings']['EEXIT_BLOCK_MS']}, two EEWs. Target: the interval + 3 "
+            "round trips (the guard's check read comes before the close's read, close and verify).", "",
+            "| figure | p50 | max | target | verdict |", "|---|---|---|---|---|",
+            f"| position opened → paper flat (ms) | {flat['p50']} | {flat['max']} | ≤ {target} | {verdict(flat['max'], target)} |",
+            f"| position opened → HALT_VIOLATION report (ms) | {data['to_report_ms']['p50']} | "
+            f"{data['to_report_ms']['max']} | - | - |",
+            f"| holder killed -9 → other EEW holds the lease (ms) | {data['takeover_ms']} | {data['takeover_ms']} | "
+            f"≤ {period} | {verdict(data['takeover_ms'], period)} |", "",
+            f"One report per violation: {data['one_report_each']} ({data['violation_reports']} reports)."]
+
+
 SECTIONS = (("1. Detection", "detection", detection_section),
             ("1b. Crash through the ExecStopPost= hook", "hook", hook_section),
             ("2. Time to flat", "time_to_flat", flat_section),
@@ -333,7 +354,8 @@ SECTIONS = (("1. Detection", "detection", detection_section),
             ("4. Scale under exchange rate limits", "scale", scale_section),
             ("5. Time to flat per venue", "venues", venues_section),
             ("6. Flood: a signed panic behind forged entries", "flood", flood_section),
-            ("7. Time to flat on a real exchange: HTTPS, idle drops, 600 markets, 1,000 positions", "https",
+            ("7. Halt guard", "halt_guard", guard_section),
+            ("8. Time to flat on a real exchange: HTTPS, idle drops, 600 markets, 1,000 positions", "https",
              https_section))
 
 

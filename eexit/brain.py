@@ -107,11 +107,8 @@ def decide_exits(positions, tracked, rules, now_ms):
         mark, entry = position.mark_price, position.entry_price
         priced = mark is not None and mark > 0 and entry is not None and entry > 0
         if priced:
-            best = track.best_mark
-            if best is None:
-                best = mark
-            best = max(best, mark) if position.side == "long" else min(best, mark)
-            track = Tracked(track.first_seen_ms, best)
+            best = track.best_mark if track.best_mark is not None else mark
+            track = Tracked(track.first_seen_ms, max(best, mark) if position.side == "long" else min(best, mark))
         else:
             unpriced.append(key)
         new_tracked[key] = track

@@ -85,12 +85,7 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
     if urlsplit(url).scheme == SENTINEL_SCHEME:
         return _connect_sentinel(url, env, read_timeout_s, username, password)
     parts = urlsplit(url)
-    options = dict(
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=read_timeout_s,
-        health_check_interval=HEALTH_CHECK_S,
-        decode_responses=False,
-    )
+    options = _data_options(read_timeout_s)
     if parts.scheme != "unix":
         # TCP only: redis-py's unix-socket connection refuses socket_keepalive (TypeError at
         # the first command), and a local socket has no half-open peer to detect anyway.
@@ -105,6 +100,12 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
         # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
         url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{parts.query}" if parts.query else "")
     return redis.Redis.from_url(url, **options)
+
+
+def _data_options(read_timeout_s):
+    """Timeouts and health check of every connection to a data node, direct or via Sentinel."""
+    return dict(socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=read_timeout_s,
+                health_check_interval=HEALTH_CHECK_S, decode_responses=False)
 
 
 SENTINEL_TIMEOUT_S = 1.0
@@ -180,12 +181,9 @@ def _connect_sentinel(url, env, read_timeout_s, username, password):
         db=parsed.db,
         username=username if username is not None else parsed.username,
         password=password if password is not None else parsed.password,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=read_timeout_s,
         socket_keepalive=True,
-        health_check_interval=HEALTH_CHECK_S,
-        decode_responses=False,
         check_connection=True,
+        **_data_options(read_timeout_s),
     )
 
 
@@ -227,7 +225,7 @@ def read_group(client, stream, group, consumer, block_ms, count=16, pending=Fals
     for _stream, items in reply or []:
         for entry_id, fields in items:
             # A pending entry deleted from the stream comes back with fields None.
-            entries.append((_text(entry_id), fields or {}))
+            entries.append((as_text(entry_id), fields or {}))
     return entries
 
 
@@ -236,11 +234,11 @@ def claim_idle(client, stream, group, consumer, min_idle_ms, count=16):
     than min_idle_ms (it crashed or hangs). XPENDING + XCLAIM work on Redis >= 5, unlike
     XAUTOCLAIM whose reply shape changed between 6.2 and 7 (SPEC §6)."""
     pending = client.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms)
-    ids = [item["message_id"] for item in pending if _text(item["consumer"]) != consumer]
+    ids = [item["message_id"] for item in pending if as_text(item["consumer"]) != consumer]
     if not ids:
         return []
     claimed = client.xclaim(stream, group, consumer, min_idle_time=min_idle_ms, message_ids=ids)
-    return [(_text(entry_id), fields or {}) for entry_id, fields in claimed]
+    return [(as_text(entry_id), fields or {}) for entry_id, fields in claimed]
 
 
 def server_time_ms(client):
@@ -251,16 +249,20 @@ def server_time_ms(client):
 def publish(client, stream, message, maxlen=None):
     """XADD a schema message; returns the entry id. maxlen trims approximately (heartbeats)."""
     entry_id = client.xadd(stream, message.to_fields(), maxlen=maxlen, approximate=True)
-    return _text(entry_id)
-
-
-def _text(value):
-    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    return as_text(entry_id)
 
 
 def as_text(value):
     """A reply value (bytes from a decode_responses=False client) as str."""
-    return _text(value)
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def decoded(mapping, drop=()):
+    """A reply map (None: empty) with its bytes keys and values decoded; other values, such
+    as XINFO's counters and None, are kept as they are. Keys in `drop` are left out."""
+    def text(value):
+        return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
+    return {text(k): text(v) for k, v in (mapping or {}).items() if k not in drop}
 
 
 # ---------------------------------------------------------------- high availability (docs/HA.md)
@@ -305,7 +307,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
     while True:
         try:
             if entry_id is None or not _entry_holds(client, stream, entry_id, fields):
-                entry_id = _text(client.xadd(stream, fields))
+                entry_id = as_text(client.xadd(stream, fields))
                 writes += 1
             if replicas <= 0:
                 return DurablePublish(entry_id, True, 0, writes)
@@ -332,7 +334,7 @@ def _entry_holds(client, stream, entry_id, fields):
     found = client.xrange(stream, entry_id, entry_id)
     if not found:
         return False
-    stored = {_text(k): _text(v) for k, v in found[0][1].items()}
+    stored = {as_text(k): as_text(v) for k, v in found[0][1].items()}
     return stored == {str(k): str(v) for k, v in fields.items()}
 
 
@@ -358,7 +360,7 @@ def claim_incident(client, key, fields, id_field="event_id"):
             return candidate, True
         stored = client.hget(key, id_field)
         if stored is not None:
-            return _text(stored), False
+            return as_text(stored), False
         # Deleted between our HSETNX and HGET (the other watchdog closed its incident): the
         # next HSETNX decides again.
     raise redis.ResponseError(f"{key}: could not claim or read the incident after 3 attempts")

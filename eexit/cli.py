@@ -191,6 +191,11 @@ def cmd_status(args, cfg, env):
     for event in status["panics"]:
         outcome = " / ".join(report_line(r) for r in event["reports"]) or "NO REPORT"
         emit(f"  {fmt_ts(event['ts'])} {event['event_id']} {event['reason']} by {event['issued_by']}: {outcome}")
+    guard = status["guard"]
+    emit(f"halt guard: holder={guard['lease_holder'] or '-'} policy={guard['policy'] or '-'} "
+         f"last check {fmt_age(guard['last_check_age_ms'])}: {guard['last_check'] or '-'}; "
+         f"last enforcement {fmt_age(guard['last_enforcement_age_ms'])}: {guard['last_enforcement'] or '-'}"
+         + (f" ({guard['last_enforcement_event_id']})" if guard["last_enforcement_event_id"] else ""))
     emit("pending:")
     if not status["pending"]:
         emit("  (no consumer groups yet)")

@@ -35,11 +35,7 @@ def env_float(name, default, minimum=None, maximum=None, env=None):
         raise ConfigError(f"{name}={raw!r} is not a number") from None
     if not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r} is not a finite number")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}={raw!r} is below the minimum {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={raw!r} is above the maximum {maximum}")
-    return value
+    return _within(name, raw, value, minimum, maximum)
 
 
 def env_int(name, default, minimum=None, maximum=None, env=None):
@@ -48,6 +44,10 @@ def env_int(name, default, minimum=None, maximum=None, env=None):
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    return _within(name, raw, value, minimum, maximum)
+
+
+def _within(name, raw, value, minimum, maximum):
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={raw!r} is below the minimum {minimum}")
     if maximum is not None and value > maximum:

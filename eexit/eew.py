@@ -86,7 +86,15 @@ command errors on reading, claiming, recording or reporting panics (NOPERM, WRON
 EEW is "blind"), the whole safety chain is blind: the EEW flattens on its own authority
 (event_id "busloss-<consumer>-<ms>"), halts, journals the report, and publishes it once Redis
 takes it. The timer measures continuous inability; a reconnect alone does not restart it.
-Command errors are logged once (redis_command_error) and never cause a reconnect.
+While the inability lasts the close repeats every EEXIT_HALT_GUARD_S (a bot may reopen while
+nobody watches); a repeat that found nothing to do writes no report. Command errors are
+logged once (redis_command_error) and never cause a reconnect.
+
+Halt guard. While system:state:trading says halted, the EEW holding the lease
+eexit:eew:guard:lease reads the whole account every EEXIT_HALT_GUARD_S and takes any exposure
+flat through the same Closer, reporting it as its own event (guard-<consumer>-<ms>, reason
+HALT_VIOLATION or RESIDUAL_RETRY); EEXIT_HALT_GUARD_POLICY=alert reports and sends nothing.
+Decisions: eexit/guard_policy.py; shell: Worker.halt_guard; status: the hash eexit:eew:guard.
 
 Entry isolation. One entry's failure never blocks the others (handle_isolated); an entry
 failing EEXIT_MAX_DELIVERIES times gets a FAILED report with internal_error:<type>. A journal
@@ -116,7 +124,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import bus, daemon, exchange, flatten, resume, schema, signing, tamper
+from . import bus, daemon, exchange, flatten, guard_policy, resume, schema, signing, tamper
 from .config import ConfigError, env_float, env_int, env_list, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -141,6 +149,8 @@ PROBES = (
     ("HSETNX", schema.PROCESSED_KEY, "preflight", "x"), ("HGET", schema.PROCESSED_KEY, "preflight"),
     ("HSET", _STATE, "f", "v"), ("HDEL", _STATE, "f"), ("EXISTS", _STATE), ("TIME",),
     ("XADD", schema.COMPLETED_STREAM, "*", "f", "v"), ("XADD", schema.EEW_HEARTBEAT_STREAM, "*", "f", "v"),
+    ("EVALSHA", "0" * 40, "1", schema.GUARD_LEASE_KEY), ("HSET", schema.GUARD_KEY, "f", "v"),
+    ("HGETALL", schema.GUARD_KEY), ("HGETALL", _STATE),
     # lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
     ("XINFO", "STREAM", _PANIC), ("XINFO", "GROUPS", _PANIC), ("XRANGE", _PANIC, "-", "+", "COUNT", "1"),
     ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("HMGET", schema.PROCESSED_KEY, "x"),
@@ -179,6 +189,8 @@ class Config:
     keepalive_s: float
     max_deliveries: int
     fault_reason: str
+    halt_guard_s: float
+    halt_guard_policy: str
     resume_cooldown_s: float
     exchange_config: exchange.ExchangeConfig = field(repr=False)
     keyring: signing.KeyRing = field(repr=False)
@@ -216,6 +228,8 @@ class Config:
                                   env=env),
             max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
             fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
+            halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
+            halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
             resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
             exchange_config=exchange_config,
             keyring=signing.load_keys(env),
@@ -230,6 +244,22 @@ def known_issuers(sources):
         raise ConfigError(f"EEXIT_AUTHORIZED_SOURCES names unknown issuers {','.join(unknown)}; "
                           f"known: {','.join(schema.KNOWN_ISSUERS)}")
     return sources
+
+
+def guard_interval(seconds):
+    """0 disables the halt guard; otherwise at least MIN_INTERVAL_S (each check is a full
+    account read against the venue's request-weight budget)."""
+    if 0 < seconds < guard_policy.MIN_INTERVAL_S:
+        raise ConfigError(f"EEXIT_HALT_GUARD_S={seconds:g} is below {guard_policy.MIN_INTERVAL_S:g} "
+                          "(0 disables the guard)")
+    return seconds
+
+
+def env_choice(name, default, choices, env):
+    value = env_str(name, default, env)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {','.join(choices)}")
+    return value
 
 
 def parse_order_limits(text):
@@ -364,6 +394,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# KEYS: guard lease. ARGV: consumer, lease ms. Take the lease if free, renew it if ours; never
+# touch another holder's (fencing): 1 if we hold it afterwards.
+LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 
 class Ledger:
     """The idempotency record and the report/ack script, on one Redis client."""
@@ -372,7 +411,11 @@ class Ledger:
         self.client = client
         self._finish = client.register_script(FINISH_LUA)
         self._update = client.register_script(UPDATE_LUA)
+        self._lease = client.register_script(LEASE_LUA)
         self._reject = client.register_script(REJECT_LUA)
+
+    def hold_lease(self, consumer, lease_ms):
+        return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
 
     def claim(self, event_id, entry_id, consumer, now_ms, event=None):
         """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id.
@@ -929,6 +972,8 @@ class Worker:
         self.pass_blind = None
         self.blind_closed = False         # the close on own authority ran during this blindness
         self.next_bus_loss_close = None
+        self.next_lease_step = self.next_guard_check = 0.0   # halt guard: lease step, account check
+        self.guard_alerted = None         # exposure_key of the last alert-policy report
         self.entry_tracebacks = set()     # entries whose handling failure was logged
         self.current_event = "-"
         self.last_positions = None
@@ -971,6 +1016,8 @@ class Worker:
             self.job_step("guard", schema.PANIC_STREAM, self.guard)
             entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
             self.handle_batch(entries or [])
+            if self.pass_blind is None and entries is not None:
+                self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
             if self.pass_blind is None and entries is not None:
                 if self.blind is not None:
                     log.info("blind_ended", was=self.blind)
@@ -1120,10 +1167,10 @@ class Worker:
         unable_s = time.monotonic() - self.unable_since
         if limit > 0 and unable_s > limit and (self.next_bus_loss_close is None
                                                or time.monotonic() >= self.next_bus_loss_close):
-            status = self.bus_loss_close(unable_s)
+            status = self.bus_loss_close(unable_s, repeat=self.next_bus_loss_close is not None)
             self.blind_closed = self.blind is not None
-            # FLAT: done for this outage. Otherwise try again after another interval.
-            self.next_bus_loss_close = float("inf") if status == flatten.FLAT else time.monotonic() + limit
+            self.next_bus_loss_close = time.monotonic() + guard_policy.repeat_close_s(
+                self.config.halt_guard_s, limit, status)
         if self.blind is not None and not self.pings_allowed():
             self.set_status(f"blind ({self.blind}): watchdog pings stopped"
                             + (", closed on own authority" if self.blind_closed else ""))
@@ -1383,8 +1430,12 @@ class Worker:
             # exactly one final report.
             log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
 
-    def finish_report(self, event_id, entry_id, record, base, fields, halt):
+    def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
+        """Report, done record, XACK (none without an entry); journaled if Redis cannot take
+        it. force_halt (default: no entry, i.e. our own authority) writes the halt; otherwise
+        it is only restored if it vanished."""
         now = wall_ms()
+        force_halt = entry_id is None if force_halt is None else force_halt
         extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.pop("extra", {})}
         report = schema.CompletionReport(**dict(base, **fields, ts_completed=now,
                                                 execution_time_ms=now - base["ts_started"]))
@@ -1399,10 +1450,10 @@ class Worker:
                 "ts_started": base["ts_started"], "ts_completed": now}
         item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
                 "report": report.to_fields(), "halt": halt.to_fields(),
-                "force_halt": entry_id is None}     # bus loss: nobody has halted yet
+                "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                if entry_id is None:
+                if force_halt:
                     self.ledger.halt(halt)      # our own authority: nobody has halted yet
                 else:
                     self.ledger.ensure_halted(halt)
@@ -1573,25 +1624,123 @@ class Worker:
 
     # -- bus loss
 
-    def bus_loss_close(self, down_s):
+    def own_event(self, prefix, reason):
+        """event_id, ledger record and report base of a close on the EEW's own authority."""
+        now = wall_ms()
+        event_id = self.current_event = f"{prefix}-{self.config.consumer}-{now}"
+        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
+        return event_id, record, dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason,
+                                      event_age_ms=0, problems=[], ts_started=now)
+
+    def bus_loss_close(self, down_s, repeat=False):
         """Flatten without an event: Redis unreachable or refusing our commands, hence the
-        whole safety chain, is blind."""
-        event_id = f"busloss-{self.config.consumer}-{wall_ms()}"
-        self.current_event = event_id
-        log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1))
+        whole safety chain, is blind. Repeated every guard interval while that lasts; a repeat
+        that found nothing to do writes no report (the first one stands)."""
+        event_id, record, base = self.own_event("busloss", BUS_LOSS_REASON)
+        log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
         self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
-        event = schema.PanicEvent(event_id=event_id, reason=BUS_LOSS_REASON,
-                                  issued_by=BUS_LOSS_ISSUER, ts=wall_ms())
-        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": wall_ms()}
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    event_age_ms=0, problems=[], ts_started=record["ts_started"])
         halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
                                    halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
                                    requires_manual_reset=True)
         fields = self.closer.execute(event_id, record, lambda _record: self.notifier.ping(),
                                      self.notifier.ping)
-        self.finish_report(event_id, None, record, base, fields, halt)
+        if not (repeat and guard_policy.quiet_repeat(fields)):
+            self.finish_report(event_id, None, record, base, fields, halt)
         return fields["status"]
+
+    # -- halt guard (decisions: eexit/guard_policy.py)
+
+    def halt_guard(self):
+        """While trading is halted, one EEW (the holder of GUARD_LEASE_KEY) reads the whole
+        account every EEXIT_HALT_GUARD_S and acts as guard_policy.decide() says: a close as
+        for a panic, with a report of its own (event_id guard-<consumer>-<ms>). Runs from the
+        loop between entries, so never during this EEW's own panic; reads and closes go
+        through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
+        cfg, now = self.config, time.monotonic()
+        if cfg.halt_guard_s <= 0 or now < self.next_lease_step:
+            return
+        self.next_lease_step = now + guard_policy.step_s(cfg.halt_guard_s)
+        state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
+        if state.halted is not True or not self.hold_guard():
+            self.guard_alerted = None
+            return
+        if now < self.next_guard_check:
+            return
+        self.next_guard_check = now + cfg.halt_guard_s
+        last = self.last_final_status(state.event_id)
+        account = None if last is None else self.closer.read_account(now + cfg.halt_guard_s, "halt-guard",
+                                                                     self.guard_keepalive)
+        status = {"holder": cfg.consumer, "policy": cfg.halt_guard_policy, "halt_event_id": state.event_id,
+                  "last_check_ms": wall_ms(), "last_check": "waiting_for_report" if last is None else "unreadable"}
+        if account is not None:
+            key = guard_policy.exposure_key(account.positions, account.orders)
+            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions,
+                                                 flatten.closable(account.positions, self.pool.rules or {}),
+                                                 account.orders, key == self.guard_alerted)
+            status["last_check"] = (f"positions={len(account.positions)} orders={len(account.orders)}"
+                                    if account.positions or account.orders else "flat")
+            # Still the holder after the read (renewed): a holder cut off during a long read
+            # may have lost the lease, and then its successor acts, not both.
+            if action in ("enforce", "alert") and self.hold_guard():
+                self.guard_alerted = key
+                status.update(self.guard_close(state, action, reason, account))
+        if self.redis is not None:      # None: Redis went away during the close (report journaled)
+            self.redis.hset(schema.GUARD_KEY, mapping=status)
+
+    def last_final_status(self, halt_event_id):
+        """The status of the last final report for this halt: the guard's own latest if it
+        reported on this halt, else the halt event's report; "" if the halt has none (an
+        operator's halt: any exposure is new); None while that report is not written."""
+        guard = decode_fields(self.redis.hgetall(schema.GUARD_KEY))
+        if guard.get("last_status_for") == halt_event_id and guard.get("last_status"):
+            return guard["last_status"]
+        record = self.ledger.record(halt_event_id) if halt_event_id else None
+        if record is None:
+            return ""
+        return record.get("status", "") if record.get("stage") == "done" else None
+
+    def guard_close(self, state, action, reason, account):
+        """One enforcement (or, policy alert, a report and no orders); the guard status fields."""
+        event_id, record, base = self.own_event("guard", reason)
+        log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
+                     positions=len(account.positions), orders=len(account.orders))
+        if action == "alert":
+            residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
+            fields = dict(status=flatten.RESIDUAL, positions_total=len(account.positions), positions_closed=0,
+                          positions_failed=len(account.positions), residual_positions=residual, dust=dust,
+                          failed_symbols=sorted({p.symbol for p in account.positions}), orders_cancelled=0,
+                          attempts=0, scope=self.closer.scope,
+                          detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
+        else:
+            self.set_status(f"halt guard: closing ({reason})")
+            fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),
+                                         self.guard_keepalive)
+            self.set_status("waiting for panic events")
+        fields.setdefault("extra", {})["halt_event_id"] = state.event_id
+        self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
+        done = {"last_enforcement_ms": wall_ms(), "last_enforcement_event_id": event_id,
+                "last_enforcement": f"{reason} {fields['status']}"}
+        if action == "enforce":
+            done.update(last_status=fields["status"], last_status_for=state.event_id)
+        return done
+
+    def hold_guard(self):
+        return self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s))
+
+    def guard_keepalive(self):
+        """While the guard reads or closes: watchdog pings, and the lease renewed every step
+        so that no other EEW starts guarding meanwhile."""
+        self.notifier.ping()
+        if time.monotonic() < self.next_lease_step or self.ledger is None:
+            return
+        self.next_lease_step = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
+        try:
+            if not self.hold_guard():
+                log.warning("guard_lease_lost", event_id=self.current_event)
+        except bus.REDIS_ERRORS as exc:
+            # Keep closing: the close is reduce-only and re-reads before it ends. If the lease
+            # lapses meanwhile another EEW's guard may act too, reduce-only on what is left.
+            log.warning("guard_lease_not_renewed", event_id=self.current_event, error=type(exc).__name__)
 
 
 def main(argv=None):

@@ -66,16 +66,9 @@ def _dec(value):
     return number
 
 
-def _floor_to(amount, step):
-    if step is None:
-        return amount
-    return (amount / step).to_integral_value(rounding=ROUND_FLOOR) * step
-
-
-def _ceil_to(amount, step):
-    if step is None:
-        return amount
-    return (amount / step).to_integral_value(rounding=ROUND_CEILING) * step
+def _to_step(amount, step, rounding=ROUND_FLOOR):
+    """amount rounded to a whole number of steps (down unless told); unchanged without a step."""
+    return amount if step is None else (amount / step).to_integral_value(rounding=rounding) * step
 
 
 def client_order_id(event_id, attempt, symbol, position_side, chunk):
@@ -96,11 +89,11 @@ def split_amount(contracts, rules):
         return [amount]
     step = _dec(rules.amount_step)
     min_qty = _dec(rules.min_qty) or Decimal(0)
-    amount = _floor_to(amount, step)
+    amount = _to_step(amount, step)
     if amount <= 0 or amount < min_qty:
         return []
     max_qty = _dec(rules.max_market_qty)
-    max_qty = _floor_to(max_qty, step) if max_qty is not None else None
+    max_qty = _to_step(max_qty, step) if max_qty is not None else None
     if max_qty is None or max_qty <= 0 or max_qty < min_qty or amount <= max_qty:
         return [amount]
     chunks = []
@@ -111,7 +104,7 @@ def split_amount(contracts, rules):
         left -= chunk
     last = chunks[-1]
     if len(chunks) > 1 and last < min_qty:
-        need = _ceil_to(min_qty - last, step)
+        need = _to_step(min_qty - last, step, ROUND_CEILING)
         if chunks[-2] - need >= min_qty:
             chunks[-2] -= need
             chunks[-1] += need

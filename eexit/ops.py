@@ -182,8 +182,25 @@ def gather_status(client, events=5):
         "daemons": daemons,
         "panics": recent,
         "pending": pending_summary(client),
+        "guard": guard_summary(client, now_ms),
         "alerts": alert.read_outbox_status(client, now_ms),
     }
+
+
+def guard_summary(client, now_ms):
+    """The EEW's halt guard: who holds the lease (and for how long yet), and the holder's
+    status hash (last check, last enforcement; see eexit/eew.py Worker.halt_guard)."""
+    status = decoded(client.hgetall(schema.GUARD_KEY))
+    holder = client.get(schema.GUARD_LEASE_KEY)
+    ages = {name: max(0, now_ms - int(status[f"{name}_ms"])) if status.get(f"{name}_ms", "").isdigit() else None
+            for name in ("last_check", "last_enforcement")}
+    return {"lease_holder": text(holder) if holder is not None else None,
+            "lease_ttl_s": client.ttl(schema.GUARD_LEASE_KEY) if holder is not None else None,
+            "last_check": status.get("last_check"), "last_check_age_ms": ages["last_check"],
+            "last_enforcement": status.get("last_enforcement"),
+            "last_enforcement_event_id": status.get("last_enforcement_event_id"),
+            "last_enforcement_age_ms": ages["last_enforcement"],
+            "policy": status.get("policy"), "halt_event_id": status.get("halt_event_id")}
 
 
 def report_dict(entry_id, report):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import redis
 
-from . import schema, signing
+from . import bus, schema, signing, tamper
 
 REQUEST_STREAM = "system:resume_request"
 VERDICT_STREAM = "system:resume_verdict"
@@ -186,108 +186,84 @@ def verdict_fields(request_id, ack, operator, refusals, audit_id=None, positions
 
 # ---------------------------------------------------------------------------- the EEW's shell
 
-def _text(value):
-    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
-
-
-def _decoded(raw):
-    return {_text(k): _text(v) for k, v in (raw or {}).items()}
-
-
-def server_ms(client):
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 def serve_request(client, fields, keyring, cooldown_s, read_account, stream_broken, consumer):
     """Answer one request from the request stream: (verdict fields, None), or (None, why) when
     nothing is answered (a forged or stale request, or one another instance took: no verdict,
     so a flood of forgeries writes nothing). Raises the client's errors; read_account() ->
     (positions, open_orders, error_text) never raises."""
-    fields = _decoded(fields)
-    request, why = check_request(fields, keyring, server_ms(client))
+    fields = bus.decoded(fields)
+    request, why = check_request(fields, keyring, bus.server_time_ms(client))
     if request is None:
         return None, why
-    if not client.hsetnx(schema.PROCESSED_KEY, LEDGER_PREFIX + request.request_id, str(server_ms(client))):
+    if not client.hsetnx(schema.PROCESSED_KEY, LEDGER_PREFIX + request.request_id, str(bus.server_time_ms(client))):
         return None, "already_answered"
     if request.action == "init":
-        audit_id, refusal = _init(client, request, consumer)
-        verdict = verdict_fields(request.request_id, request.ack, request.operator, [refusal] if refusal else [],
-                                 audit_id, action="init")
+        audit_id, refusals = _init(client, request, consumer)
+        verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, action="init")
         client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
         return verdict, None
-    state_raw = _decoded(client.hgetall(schema.TRADING_STATE_KEY))
+    state_raw = bus.decoded(client.hgetall(schema.TRADING_STATE_KEY))
     state, _problems = schema.TradingState.from_fields(state_raw)
-    record = _record(client.hget(schema.PROCESSED_KEY, request.ack)) \
+    record = tamper.parse_record(client.hget(schema.PROCESSED_KEY, request.ack)) \
         if not request.ack.startswith(("entry:", LEDGER_PREFIX)) else None
     final = None
     if record is not None and record.get("stage") == "done" and record.get("status") in FINAL_STATUSES:
         found = client.xrange(schema.COMPLETED_STREAM, record.get("report") or "0-0", record.get("report") or "0-0")
         if found:
-            report, _ = schema.CompletionReport.from_fields(_decoded(found[0][1]))
-            final = (_text(found[0][0]), report) if report.event_id == request.ack else None
+            report, _ = schema.CompletionReport.from_fields(bus.decoded(found[0][1]))
+            final = (bus.as_text(found[0][0]), report) if report.event_id == request.ack else None
     positions = orders = error = None
     if record is not None and final is not None:
         positions, orders, error = read_account()
-    facts = ResumeFacts(ack=request.ack, now_ms=server_ms(client), state=state, state_present=bool(state_raw),
+    facts = ResumeFacts(ack=request.ack, now_ms=bus.server_time_ms(client), state=state, state_present=bool(state_raw),
                         event_found=record is not None, final=final, positions=positions, open_orders=orders,
                         exchange_error=error, cooldown_s=cooldown_s, stream_broken=stream_broken)
     refusals = resume_refusals(facts, request.accept_residual)
     audit_id = None
     if not refusals:
-        audit_id, refusal = _clear(client, facts, request, consumer)
-        refusals = [refusal] if refusal else []
+        audit_id, refusals = _clear(client, facts, request, consumer)
     verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, positions)
     client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
     return verdict, None
 
 
-def _record(raw):
-    try:
-        parsed = json.loads(raw)
-    except (TypeError, ValueError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
 def _init(client, request, consumer):
     """halted=false with who/when and an audit entry, only where no trading state exists (the
-    first start). (audit id, None) or (None, refusal)."""
+    first start). (audit id, []) or (None, [refusal])."""
     from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
-    audit_id = _lift(client, request, lambda raw, _state: not raw, lambda now_ms, _state: {
+    return _lift(client, request, lambda raw, _state: not raw, lambda now_ms, _state: {
         "action": "init", "operator": request.operator, "ts": str(now_ms), "version": __version__,
-        "request_id": request.request_id, "cleared_by_consumer": consumer})
-    return (audit_id, None) if audit_id else \
-        (None, "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)")
+        "request_id": request.request_id, "cleared_by_consumer": consumer},
+        "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)")
 
 
 def _clear(client, facts, request, consumer):
-    """Clear the halt, only if it is still what the checks saw. (audit id, None) or (None, refusal)."""
-    audit_id = _lift(client, request,
-                     lambda _raw, state: (state.event_id, state.halted) == (facts.state.event_id, facts.state.halted),
-                     lambda now_ms, state: audit_fields(facts, request, state, now_ms, consumer))
-    return (audit_id, None) if audit_id else \
-        (None, "the halt changed meanwhile (a new panic?); run `eexit status` and try again")
+    """Clear the halt, only if it is still what the checks saw. (audit id, []) or (None, [refusal])."""
+    return _lift(client, request,
+                 lambda _raw, state: (state.event_id, state.halted) == (facts.state.event_id, facts.state.halted),
+                 lambda now_ms, state: audit_fields(facts, request, state, now_ms, consumer),
+                 "the halt changed meanwhile (a new panic?); run `eexit status` and try again")
 
 
-def _lift(client, request, still_as_checked, audit):
+def _lift(client, request, still_as_checked, audit, refusal):
     """halted=false (cleared_by/at) and the eexit:ops:audit entry in one MULTI under WATCH of
-    the halt, if still_as_checked(raw, state); the audit entry id, or None if not written."""
+    the halt, if still_as_checked(raw, state): (the audit entry id, []), or (None, [refusal])
+    if nothing was written."""
     with client.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(schema.TRADING_STATE_KEY)
-            raw = _decoded(pipe.hgetall(schema.TRADING_STATE_KEY))
+            raw = bus.decoded(pipe.hgetall(schema.TRADING_STATE_KEY))
             state, _ = schema.TradingState.from_fields(raw)
             if not still_as_checked(raw, state):
-                return None
-            now_ms = server_ms(pipe)
+                return None, [refusal]
+            now_ms = bus.server_time_ms(pipe)
             pipe.multi()
             pipe.hset(schema.TRADING_STATE_KEY, mapping={
                 "halted": "false", "requires_manual_reset": "false",
                 "cleared_by": request.operator, "cleared_at": str(now_ms)})
             pipe.xadd(OPS_AUDIT_STREAM, audit(now_ms, state))
-            return _text(pipe.execute()[1])
+            return bus.as_text(pipe.execute()[1]), []
         except redis.WatchError:
             # Someone wrote the halt between the check and the write (a new panic's halt):
             # write nothing; the operator looks again. Never lift a halt the checks did not see.
-            return None
+            return None, [refusal]

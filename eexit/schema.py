@@ -13,7 +13,7 @@ producer said 0 (SPEC §4.1, §4.6).
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 # Stream and key names (fixed by SPEC §2).
@@ -24,6 +24,8 @@ EEW_HEARTBEAT_STREAM = "eexit:eew:heartbeat"
 WATCHDOG_HEARTBEAT_STREAM = "eexit:watchdog:heartbeat"
 TRADING_STATE_KEY = "system:state:trading"
 PROCESSED_KEY = "system:panic_close:processed"
+GUARD_KEY = "eexit:eew:guard"              # the halt guard's status (hash), see eexit/eew.py
+GUARD_LEASE_KEY = "eexit:eew:guard:lease"   # which EEW guards: its consumer name, PX lease
 
 EEW_GROUP = "emergency_exit_worker"
 
@@ -77,21 +79,21 @@ class _FieldReader:
         self.problems.append(f"bad_type:{label}")
         return None
 
-    def _take(self, name, aliases=()):
-        for candidate in (name, *aliases):
-            if candidate in self.values:
-                self.consumed.add(candidate)
-                for alias in (name, *aliases):
-                    if alias in self.values:
-                        self.consumed.add(alias)
-                return self.values[candidate]
-        return None
-
-    def text(self, name, required=True, aliases=()):
-        value = self._take(name, aliases)
-        if value is None or value == "":
+    def _take(self, name, required, aliases=()):
+        """The raw text of `name` (or the first alias present; all present ones are consumed),
+        or None when absent or empty, recorded as missing:<name> if it is required."""
+        present = [candidate for candidate in (name, *aliases) if candidate in self.values]
+        self.consumed.update(present)
+        value = self.values[present[0]] if present else ""
+        if value == "":
             if required:
                 self.problems.append(f"missing:{name}")
+            return None
+        return value
+
+    def text(self, name, required=True, aliases=()):
+        value = self._take(name, required, aliases)
+        if value is None:
             return ""
         if len(value) > MAX_TEXT:
             self.problems.append(f"too_long:{name}")
@@ -107,75 +109,37 @@ class _FieldReader:
             self.problems.append(f"unknown_value:{name}")
         return value
 
-    def integer(self, name, maximum, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
-            return None
+    def _typed(self, name, required, parse, problem, default=None):
+        """parse(raw text) of field `name`, or `default` when it is absent (missing:<name> if
+        required) or when parse raises (<problem>:<name>)."""
+        value = self._take(name, required)
+        if value is None:
+            return default
         try:
-            number = int(value.strip())
-        except ValueError:
-            # Producers in other languages write "1.0"; accept an integral float.
-            try:
-                as_float = float(value)
-            except ValueError:
-                self.problems.append(f"bad_int:{name}")
-                return None
-            if not math.isfinite(as_float) or as_float != int(as_float):
-                self.problems.append(f"bad_int:{name}")
-                return None
-            number = int(as_float)
-        if number < 0 or number > maximum:
-            self.problems.append(f"absurd:{name}")
-            return None
-        return number
+            return parse(value)
+        except (ValueError, RecursionError):
+            self.problems.append(f"{problem}:{name}")
+            return default
 
-    def number(self, name, maximum, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            self.problems.append(f"bad_number:{name}")
-            return None
-        if not math.isfinite(number) or number < 0 or number > maximum:
-            self.problems.append(f"absurd:{name}")
-            return None
-        return number
-
-    def boolean(self, name, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
-            return None
-        lowered = value.strip().lower()
-        if lowered in ("true", "1"):
-            return True
-        if lowered in ("false", "0"):
-            return False
-        self.problems.append(f"bad_bool:{name}")
+    def _bounded(self, name, number, maximum):
+        """number if it is None or within 0..maximum, else None and absurd:<name>. NaN and
+        infinities compare false, so they are absurd too."""
+        if number is None or 0 <= number <= maximum:
+            return number
+        self.problems.append(f"absurd:{name}")
         return None
 
+    def integer(self, name, maximum, required=True):
+        return self._bounded(name, self._typed(name, required, _whole, "bad_int"), maximum)
+
+    def number(self, name, maximum, required=True):
+        return self._bounded(name, self._typed(name, required, float, "bad_number"), maximum)
+
+    def boolean(self, name, required=True):
+        return self._typed(name, required, _flag, "bad_bool")
+
     def json_list(self, name, required=True):
-        value = self._take(name)
-        if value is None or value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
-            return []
-        try:
-            parsed = json.loads(value)
-        except (ValueError, RecursionError):
-            self.problems.append(f"bad_json:{name}")
-            return []
-        if not isinstance(parsed, list):
-            self.problems.append(f"bad_json:{name}")
-            return []
-        return parsed
+        return self._typed(name, required, _json_list, "bad_json", default=[])
 
     def extra(self):
         kept = {}
@@ -188,21 +152,53 @@ class _FieldReader:
         return kept
 
 
+def _whole(text):
+    """int of "7", or of an integral float: producers in other languages write "1.0"."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        as_float = float(text)                  # not a number at all: ValueError
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise ValueError(text) from None
+        return int(as_float)
+
+
+def _flag(text):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ValueError(text)
+
+
+def _json_list(text):
+    parsed = json.loads(text)
+    if not isinstance(parsed, list):
+        raise ValueError(text)
+    return parsed
+
+
 def _encode(pairs, extra):
     """Known fields first, None omitted; extra fields never override known ones."""
-    fields = {}
+    encoded = {}
     for name, value in pairs:
         if value is None:
             continue
         if isinstance(value, bool):
-            fields[name] = "true" if value else "false"
+            encoded[name] = "true" if value else "false"
         elif isinstance(value, (list, dict)):
-            fields[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
         else:
-            fields[name] = str(value)
+            encoded[name] = str(value)
     for name, value in extra.items():
-        fields.setdefault(name, value)
-    return fields
+        encoded.setdefault(name, value)
+    return encoded
+
+
+def _declared(message):
+    """(name, value) of every field but `extra`, in declaration order, which is the wire order."""
+    return [(f.name, getattr(message, f.name)) for f in fields(message) if f.name != "extra"]
 
 
 @dataclass
@@ -224,15 +220,14 @@ class PanicEvent:
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        event = cls(
+        return cls(
             event_id=r.text("event_id"),
             reason=r.text("reason"),
             severity=r.choice("severity", SEVERITIES),
             issued_by=r.text("issued_by", aliases=("source",)),
             ts=r.integer("ts", MAX_TS_MS),
-        )
-        event.extra = r.extra()
-        return event, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 @dataclass
@@ -261,25 +256,12 @@ class CompletionReport:
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
-        return _encode([
-            ("event_id", self.event_id), ("status", self.status),
-            ("issued_by", self.issued_by), ("reason", self.reason),
-            ("positions_total", self.positions_total),
-            ("positions_closed", self.positions_closed),
-            ("positions_failed", self.positions_failed),
-            ("failed_symbols", self.failed_symbols),
-            ("ts_started", self.ts_started), ("ts_completed", self.ts_completed),
-            ("execution_time_ms", self.execution_time_ms),
-            ("residual_positions", self.residual_positions), ("dust", self.dust),
-            ("orders_cancelled", self.orders_cancelled), ("attempts", self.attempts),
-            ("event_age_ms", self.event_age_ms), ("detail", self.detail),
-            ("problems", self.problems), ("scope", self.scope),
-        ], self.extra)
+        return _encode(_declared(self), self.extra)
 
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        report = cls(
+        return cls(
             event_id=r.text("event_id"),
             status=r.choice("status", REPORT_STATUSES),
             issued_by=r.text("issued_by", required=False),
@@ -299,9 +281,8 @@ class CompletionReport:
             detail=r.text("detail", required=False),
             problems=r.json_list("problems", required=False),
             scope=r.text("scope", required=False),
-        )
-        report.extra = r.extra()
-        return report, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 @dataclass
@@ -319,24 +300,21 @@ class Heartbeat:
 
     def to_fields(self):
         latency = None if self.latency_ms is None else round(self.latency_ms, 3)
-        return _encode([("service_id", self.service_id), ("status", self.status),
-                        ("active_positions", self.active_positions),
-                        ("last_decision_ts", self.last_decision_ts),
-                        ("latency_ms", latency), ("ts", self.ts)], self.extra)
+        return _encode([(name, latency if name == "latency_ms" else value) for name, value in _declared(self)],
+                       self.extra)
 
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        beat = cls(
+        return cls(
             service_id=r.text("service_id"),
             status=r.choice("status", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"}),
             active_positions=r.integer("active_positions", MAX_COUNT),
             last_decision_ts=r.integer("last_decision_ts", MAX_TS_MS),
             latency_ms=r.number("latency_ms", MAX_DURATION_MS),
             ts=r.integer("ts", MAX_TS_MS),
-        )
-        beat.extra = r.extra()
-        return beat, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 @dataclass
@@ -355,12 +333,8 @@ class TradingState:
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
-        return _encode([("halted", self.halted), ("reason", self.reason or None),
-                        ("event_id", self.event_id or None), ("halted_at", self.halted_at),
-                        ("halted_by", self.halted_by or None),
-                        ("requires_manual_reset", self.requires_manual_reset),
-                        ("cleared_by", self.cleared_by or None),
-                        ("cleared_at", self.cleared_at)], self.extra)
+        # An empty text field is omitted, not written as "".
+        return _encode([(name, None if value == "" else value) for name, value in _declared(self)], self.extra)
 
     @property
     def trading_allowed(self):
@@ -369,7 +343,7 @@ class TradingState:
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        state = cls(
+        return cls(
             halted=r.boolean("halted"),
             reason=r.text("reason", required=False),
             event_id=r.text("event_id", required=False),
@@ -378,9 +352,8 @@ class TradingState:
             requires_manual_reset=r.boolean("requires_manual_reset", required=False),
             cleared_by=r.text("cleared_by", required=False),
             cleared_at=r.integer("cleared_at", MAX_TS_MS, required=False),
-        )
-        state.extra = r.extra()
-        return state, r.problems
+            extra=r.extra(),     # last: what no reader above consumed
+        ), r.problems
 
 
 def entry_id_ms(entry_id):

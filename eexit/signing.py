@@ -58,8 +58,7 @@ ENV_VARIABLE = "EEXIT_PANIC_HMAC_KEYS"
 CORE_FIELDS = ("kid", "event_id", "reason", "severity", "issued_by", "ts")
 MIN_KEY_BYTES = 32
 _DOMAIN = b"eexit-panic-v1\n"
-_KID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_ISSUER_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")     # a kid or an issuer
 _HEX_RE = re.compile(r"[0-9a-fA-F]+")
 _SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
 _KEY_CHECK_DOMAIN = b"eexit-key-check"
@@ -124,10 +123,9 @@ def parse_keys(text, origin):
         if len(parts) != 3:
             raise ConfigError(f"{origin} entry {number}: expected 'kid issuer hexkey'")
         kid, issuer, hexkey = parts
-        if not _KID_RE.fullmatch(kid):
-            raise ConfigError(f"{origin} entry {number}: kid must be 1-64 of [A-Za-z0-9._-]")
-        if not _ISSUER_RE.fullmatch(issuer):
-            raise ConfigError(f"{origin} entry {number}: issuer must be 1-64 of [A-Za-z0-9._-]")
+        for label, name in (("kid", kid), ("issuer", issuer)):
+            if not _NAME_RE.fullmatch(name):
+                raise ConfigError(f"{origin} entry {number}: {label} must be 1-64 of [A-Za-z0-9._-]")
         if not _HEX_RE.fullmatch(hexkey) or len(hexkey) % 2:
             raise ConfigError(f"{origin} entry {number}: key is not hexadecimal")
         if len(hexkey) // 2 < MIN_KEY_BYTES:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import redis
 
-from . import schema
+from . import bus, schema
 
 MAX_ID = "18446744073709551615-18446744073709551615"
 TAMPER_REASON = "PANIC_STREAM_TAMPERED"
@@ -116,10 +116,7 @@ def decide_tampering(stream_info, group_info, last_seen=frozenset()):
         if lost > 0:
             findings.append(Tampering("panic_trimmed_before_delivery", f"trim-{lost}",
                                       f"{lost} entries were removed before delivery to the group"))
-    for finding in findings:
-        if finding.key not in last_seen:
-            return finding
-    return None
+    return next((finding for finding in findings if finding.key not in last_seen), None)
 
 
 def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP):
@@ -139,7 +136,7 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
         # No stream (Redis lost its data, or a test flushed it): nothing to judge; the next
         # group read recreates stream and group (bus.read_group on NOGROUP).
         return {}, None
-    mine = [g for g in groups if _text(g.get("name")) == group]
+    mine = [g for g in groups if bus.as_text(g.get("name")) == group]
     stream_info, group_info = _plain(stream_info), (_plain(mine[0]) if mine else None)
     if group_info is not None:
         undelivered = int(stream_info.get("entries-added") or 0) - int(group_info.get("entries-read") or 0)
@@ -150,12 +147,8 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
     return stream_info, group_info
 
 
-def _text(value):
-    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
-
-
 def _plain(info):
-    return {_text(k): _text(v) for k, v in info.items() if k not in ("first-entry", "last-entry")}
+    return bus.decoded(info, drop=("first-entry", "last-entry"))
 
 
 def skipped_entries(candidates, pending_ids, records):

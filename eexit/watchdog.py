@@ -156,10 +156,8 @@ def observe(state, beat, received_at):
     decision_age_s = None
     if beat.ts is not None and beat.last_decision_ts is not None and beat.last_decision_ts <= beat.ts:
         decision_age_s = (beat.ts - beat.last_decision_ts) / 1000.0
-    if decision_age_s is None:
-        unknown_since = state.decision_unknown_since if state.decision_unknown_since is not None else received_at
-    else:
-        unknown_since = None
+    unknown_since = None if decision_age_s is not None else (
+        state.decision_unknown_since if state.decision_unknown_since is not None else received_at)
     return replace(state, last_beat_at=received_at, status=status,
                    active_positions=beat.active_positions, degraded_since=degraded_since,
                    decision_age_s=decision_age_s, decision_unknown_since=unknown_since)
@@ -375,8 +373,11 @@ class Watchdog:
         """Rebuild state from Redis after start or reconnect: the recent heartbeats (aged on
         Redis's clock), the open incident, what the EEWs accept, and the read positions of
         the streams. The start-up grace starts at the first sync only (see after_outage)."""
+        self._noting_failure(self._resync)
+
+    def _noting_failure(self, work):
         try:
-            self._resync()
+            work()
         except bus.REDIS_ERRORS:
             self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
             raise
@@ -401,13 +402,16 @@ class Watchdog:
         self.state = state
         self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
         # The newest EEW heartbeat now; the other EEW instances' within their next beat.
-        newest_eew = self.client.xrevrange(schema.EEW_HEARTBEAT_STREAM, "+", "-", count=1)
-        self.eew_beat_id = bus.as_text(newest_eew[0][0]) if newest_eew else "0-0"
-        if newest_eew:
-            self._check_eew(newest_eew[0][1])
-        latest_report = self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=1)
-        self.report_id = bus.as_text(latest_report[0][0]) if latest_report else "0-0"
+        self.eew_beat_id, eew_fields = self._newest(schema.EEW_HEARTBEAT_STREAM)
+        if eew_fields is not None:
+            self._check_eew(eew_fields)
+        self.report_id, _report = self._newest(schema.COMPLETED_STREAM)
         self._recover_incident(now)
+
+    def _newest(self, stream):
+        """(entry id, fields) of the newest entry of `stream`; ("0-0", None) when it is empty."""
+        newest = self.client.xrevrange(stream, "+", "-", count=1)
+        return (bus.as_text(newest[0][0]), newest[0][1]) if newest else ("0-0", None)
 
     def _recover_incident(self, now):
         stored = {bus.as_text(k): bus.as_text(v) for k, v in self.client.hgetall(INCIDENT_KEY).items()}
@@ -433,20 +437,19 @@ class Watchdog:
             incident.completed_status = self._find_report(incident.event_id)
         if incident.completed_status:
             return
-        if self._find(schema.PANIC_STREAM, schema.PanicEvent, incident.event_id) is not None:
-            incident.next_publish_at = now + incident.republish_delay_s
-        else:
-            incident.next_publish_at = now   # crashed between the hash and the XADD, or Redis lost it
+        # No panic entry: we crashed between the hash and the XADD, or Redis lost it: publish now.
+        incident.next_publish_at = now + (incident.republish_delay_s if self._panic_published(incident.event_id) else 0.0)
 
     def _find(self, stream, message, event_id):
-        """The newest `message` (schema class) on `stream` with this event_id: for a report,
-        only one that completes the incident (report_outcome). None if there is none."""
-        for _entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
+        """(entry id, message) of the newest `message` (schema class) on `stream` with this
+        event_id: for a report, only one that completes the incident (report_outcome).
+        (None, None) if there is none."""
+        for entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
             found, _problems = message.from_fields(fields)
             if found.event_id == event_id and (message is schema.PanicEvent
                                                or report_outcome(found.status) == "complete"):
-                return found
-        return None
+                return entry_id, found
+        return None, None
 
     def _drop_if_outlived(self, event_id):
         """Close the shared incident event_id, and return True, when that event has a final
@@ -455,22 +458,21 @@ class Watchdog:
         the EEW would only answer DUPLICATE), so adopting it would suppress this outage's
         panic. Two watchdogs doing this at once can open two incidents: a needless second
         flatten, never a missed one."""
-        for entry_id, fields in self.client.xrevrange(schema.COMPLETED_STREAM, "+", "-", count=REPORT_SCAN):
-            report, _problems = schema.CompletionReport.from_fields(fields)
-            if report.event_id == event_id and report.status in ("FLAT", "RESIDUAL", "FAILED"):
-                later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
-                if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
-                    self.log.warning("incident_outlived", event_id=event_id)
-                    self._close_incident(Incident(event_id, "", "", 0))
-                    return True
-                return False
+        entry_id, _report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
+        if entry_id is None:
+            return False
+        later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
+        if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
+            self.log.warning("incident_outlived", event_id=event_id)
+            self._close_incident(Incident(event_id, "", "", 0))
+            return True
         return False
 
     def _panic_published(self, event_id):
-        return self._find(schema.PANIC_STREAM, schema.PanicEvent, event_id) is not None
+        return self._find(schema.PANIC_STREAM, schema.PanicEvent, event_id)[1] is not None
 
     def _find_report(self, event_id):
-        report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
+        _entry_id, report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
         return "" if report is None else report.status
 
     # -- one iteration -------------------------------------------------------------------
@@ -487,11 +489,7 @@ class Watchdog:
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
         REDIS_ERRORS."""
-        try:
-            self._step()
-        except bus.REDIS_ERRORS:
-            self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
-            raise
+        self._noting_failure(self._step)
 
     def _step(self):
         streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id,

@@ -18,7 +18,9 @@ SLOW_ORDERS_MS = 700
 class DuplicateAndRedeliveryTest(EEWCase):
     def test_three_publishes_and_a_redelivery_after_restart_execute_once(self):
         self.paper.set_state({"seed": "BTCUSDT:0.01,ETHUSDT:-0.5"})
-        self.start_eew("eew-a")
+        # The halt guard reads the account too; this test counts the execution's own reads.
+        no_guard = dict(EEXIT_HALT_GUARD_S=0)
+        self.start_eew("eew-a", **no_guard)
         event_id = str(uuid.uuid4())
         entries = [self.publish(event_id) for _ in range(3)]
         reports = self.wait_reports(event_id, 3)
@@ -31,7 +33,7 @@ class DuplicateAndRedeliveryTest(EEWCase):
         stop_process(self.processes["eew-a"])
         self.redis.xgroup_setid(schema.PANIC_STREAM, schema.EEW_GROUP, "0")   # redeliver all
         fourth = self.publish(event_id)
-        self.start_eew("eew-a")
+        self.start_eew("eew-a", **no_guard)
         reports = self.wait_reports(event_id, 4)
         wait_for(lambda: self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"] == 0,
                  10, message="everything acknowledged")

@@ -54,7 +54,10 @@ class VenueCase(EEWCase):
     @classmethod
     def setUpClass(cls):
         cls.paper_kwargs = {"venue": cls.venue}
-        cls.eew_env = {**venue_env(cls.venue), "EEXIT_ORDER_LIMITS": "1000/1"}
+        # Guard off: one test's panic can outlive it on this class-wide EEW and restore its
+        # halt into the next test (ensure_halted), where the guard would rightly close that
+        # test's positions. The guard's own tests: tests/test_halt_guard.py.
+        cls.eew_env = {**venue_env(cls.venue), "EEXIT_ORDER_LIMITS": "1000/1", "EEXIT_HALT_GUARD_S": "0"}
         cls.dialect = DIALECTS[cls.venue]
         super().setUpClass()
         cls.start_eew("eew-v")
