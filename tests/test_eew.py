@@ -13,6 +13,8 @@ import tempfile
 import time
 import uuid
 
+import redis
+
 from eexit import schema, signing
 from eexit.paper import PaperExchange
 from tests.harness import (ROOT, RedisTestCase, python_env, start_module, stop_process,
@@ -87,6 +89,26 @@ class EEWCase(RedisTestCase):
     def setUp(self):
         super().setUp()
         self.paper.reset(seed="", hedge=False)
+        self.settle_running_eews()
+
+    def settle_running_eews(self):
+        """RedisTestCase.setUp wiped Redis under the class-wide EEWs. Wait until each has
+        recreated its group and finished a whole loop pass since (two new heartbeats: its
+        loop beats once per pass), so whatever it does about the wipe (a lost-panic close on
+        its own authority is a correct answer to a wiped stream) is over before this test
+        puts positions on the paper exchange."""
+        if not any(process.poll() is None for process in self.processes.values()):
+            return
+
+        def group_exists():
+            try:
+                return any(g["name"] == schema.EEW_GROUP.encode() for g in self.redis.xinfo_groups(schema.PANIC_STREAM))
+            except redis.ResponseError:
+                return False     # no stream yet
+        wait_for(group_exists, 20, message="class EEW recreated its group after the wipe")
+        beats = self.redis.xlen(schema.EEW_HEARTBEAT_STREAM)
+        wait_for(lambda: self.redis.xlen(schema.EEW_HEARTBEAT_STREAM) >= beats + 2, 20,
+                 message="class EEW finished a pass after the wipe")
 
     # -- events and reports
 

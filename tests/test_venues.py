@@ -78,7 +78,8 @@ class VenueCase(EEWCase):
     def assert_flat(self, report, total):
         self.assertEqual("FLAT", report.status, report)
         self.assertEqual((total, total, 0), (report.positions_total, report.positions_closed,
-                                             report.positions_failed))
+                                             report.positions_failed),
+                         f"every report: {[(r.event_id, r.status, r.reason) for r in self.reports()]}")
         self.assertEqual(self.dialect["scope"], report.scope)
         self.assert_flat_on_exchange()
 
