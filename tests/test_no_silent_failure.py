@@ -14,7 +14,8 @@ import unittest
 from pathlib import Path
 
 from eexit import schema
-from eexit.paper import PaperExchange
+from eexit.localredis import free_port
+from eexit.paper import PaperExchange, make_test_cert
 from tests.harness import (ROOT, NotifySocket, RedisServer, RedisTestCase, python_env, start_module,
                            stop_process, tail_logs, wait_for)
 
@@ -304,12 +305,18 @@ class UndrainedNotifySocket(EEWCase):
 
 
 class KillBrainOverEveryTransport(unittest.TestCase):
-    """The whole chain under the shipped ACL users, over unix:// and redis://."""
+    """The whole chain under the shipped ACL users, over unix://, redis:// and rediss:// (TLS,
+    the server's self-signed certificate trusted through the URL's ssl_ca_certs)."""
 
     @classmethod
     def setUpClass(cls):
         cls.directory = tempfile.mkdtemp(prefix="eexit-transport-")
-        cls.server = RedisServer(["--aclfile", write_acl(cls.directory), "--unixsocketperm", "700"]).start()
+        cls.cert, key = make_test_cert(cls.directory)
+        cls.tls_port = free_port()
+        cls.server = RedisServer(["--aclfile", write_acl(cls.directory), "--unixsocketperm", "700",
+                                  "--tls-port", str(cls.tls_port), "--tls-cert-file", cls.cert,
+                                  "--tls-key-file", key, "--tls-ca-cert-file", cls.cert,
+                                  "--tls-auth-clients", "no"]).start()
         cls.addClassCleanup(cls.server.stop)
 
     def run_chain(self, url):
@@ -356,6 +363,9 @@ class KillBrainOverEveryTransport(unittest.TestCase):
 
     def test_tcp(self):
         self.run_chain(self.server.url)
+
+    def test_tls(self):
+        self.run_chain(f"rediss://127.0.0.1:{self.tls_port}/0?ssl_ca_certs={self.cert}")
 
 
 if __name__ == "__main__":
