@@ -895,7 +895,7 @@ def batch_item(paper, single_path, method, params, symbol, place, errors):
     fault_path = single_path + "?" + "&".join(f"{k}={v}" for k, v in params.items())
     try:
         for fault in paper.faults.take({"latency"}, fault_path, method, symbol, scoped_only=True):
-            time.sleep((float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0)
+            time.sleep(_fault_delay_s(fault))
         for fault in paper.faults.take({"hang", "error"}, fault_path, method, symbol, scoped_only=True):
             if fault["kind"] == "hang":
                 entry["status"] = "hang"
@@ -1112,6 +1112,31 @@ def make_test_cert(directory):
     return cert, key
 
 
+def _fault_delay_s(fault):
+    return (float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0
+
+
+def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error):
+    """The latency, then hang/reset/error faults of one HTTP request, in every dialect. True
+    when the request ended here (hung or reset): the caller returns without an answer; an
+    error fault raises fault_error(fault), answered as the dialect answers errors."""
+    paper = handler.paper
+    for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+        time.sleep(_fault_delay_s(fault))
+    for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
+        if fault["kind"] == "hang":
+            entry["status"] = "hang"
+            paper._stopping.wait(float(fault.get("seconds", 30)))
+            handler.close_connection = True
+            return True
+        if fault["kind"] == "reset":
+            entry["status"] = "reset"
+            handler._reset()
+            return True
+        raise fault_error(fault)
+    return False
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -1234,20 +1259,8 @@ class _Handler(BaseHTTPRequestHandler):
             entry["params"] = {k: v for k, v in params.items() if k != "signature"}
             symbol = (params.get("symbol") or "").upper() or None
             fault_path = None if path == BATCH_PATH else path  # a batch is faulted as its orders
-            for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
-                delay = float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))
-                time.sleep(delay / 1000.0)
-            for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
-                if fault["kind"] == "hang":
-                    entry["status"] = "hang"
-                    paper._stopping.wait(float(fault.get("seconds", 30)))
-                    self.close_connection = True
-                    return
-                if fault["kind"] == "reset":
-                    entry["status"] = "reset"
-                    self._reset()
-                    return
-                raise _fault_error(fault)
+            if _take_request_faults(self, entry, fault_path, method, symbol, _fault_error):
+                return
             route = ROUTES.get((method, path))
             if route is None:
                 raise BinanceError(404, -5000, f"Path {path} not found.")
@@ -1558,20 +1571,8 @@ def serve_dialect(h, method, path, query, d):
                 # Logged and faulted as its orders (batch_item), not as one request.
                 entry["batch"] = True
                 fault_path = None
-            for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
-                delay = float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))
-                time.sleep(delay / 1000.0)
-            for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
-                if fault["kind"] == "hang":
-                    entry["status"] = "hang"
-                    paper._stopping.wait(float(fault.get("seconds", 30)))
-                    h.close_connection = True
-                    return
-                if fault["kind"] == "reset":
-                    entry["status"] = "reset"
-                    h._reset()
-                    return
-                raise d.fault_error(fault)
+            if _take_request_faults(h, entry, fault_path, method, symbol, d.fault_error):
+                return
             route = d.ROUTES.get((method, path))
             if route is None:
                 raise d.translate(BinanceError(404, -5000, f"Path {path} not found."))
