@@ -47,7 +47,7 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        position_side, reduce_only_rejected, rejected, unknown
 
 Adding a venue: one module here, one registry line below, one paper dialect
-(eexit/paper_<id>.py) and the parametrised tests; docs/VENUES.md has the checklist.
+(eexit/paper/<id>.py) and the parametrised tests; docs/VENUES.md has the checklist.
 """
 
 from eexit.config import ConfigError

@@ -1,6 +1,6 @@
 """Paper exchange: a local Binance USDⓈ-M futures REST dialect that real ccxt `binanceusdm`
 talks to, with an account model and fault injection; the same account also speaks Bybit v5
-(eexit/paper_bybit.py) and OKX v5 (eexit/paper_okx.py) through serve_dialect (--venue /
+(eexit/paper/bybit.py) and OKX v5 (eexit/paper/okx.py) through serve_dialect (--venue /
 venue=). Every test, the demo and the drills use it; nothing here is used against a real
 exchange.
 
@@ -71,7 +71,7 @@ def _dialect(venue):
     if venue == "binanceusdm":
         return None
     from importlib import import_module   # noqa: PLC0415 - dialect modules import this one
-    return import_module(f"eexit.paper_{venue}")
+    return import_module(f"eexit.paper.{venue}")
 DEFAULT_BALANCE = "1000000"
 MAX_BODY_BYTES = 64 * 1024
 MAX_DRAIN_BYTES = 16 * 1024 * 1024
@@ -1548,7 +1548,7 @@ class DialectError(Exception):
 
 
 def serve_dialect(h, method, path, query, d):
-    """One request in dialect module d (paper_bybit, paper_okx): the same request log, fault
+    """One request in dialect module d (paper.bybit, paper.okx): the same request log, fault
     engine and Account as the Binance dialect, with d's routes, signatures and envelopes.
     d provides ROUTES, parse(method, query, body), authenticate(h, method, path, query, body),
     envelope(result), translate(BinanceError), rate_limited(retry_s), fault_error(fault),
@@ -1693,6 +1693,3 @@ def main(argv=None):
     paper.stop()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

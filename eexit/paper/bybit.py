@@ -1,5 +1,5 @@
 """The paper exchange's Bybit v5 dialect: the wire format ccxt `bybit` speaks, over the shared
-paper Account (eexit/paper.py holds the state, the fault engine and the HTTP server).
+paper Account (eexit/paper/__init__.py holds the state, the fault engine and the HTTP server).
 
 Segments: linear/USDT, linear/USDC (BTCPERP, ETHPERP) and inverse (BTCUSD, ETHUSD); hedge
 mode positionIdx 1/2 (0 one-way, anything else retCode 10001 "position idx not match

@@ -1,5 +1,5 @@
 """The paper exchange's OKX v5 dialect: the wire format ccxt `okx` speaks, over the shared
-paper Account (eexit/paper.py: state, faults, HTTP; serve_dialect runs each request).
+paper Account (eexit/paper/__init__.py: state, faults, HTTP; serve_dialect runs each request).
 
 Instruments: one SWAP per paper market, instId "BASE-QUOTE-SWAP" (= the Account's
 "BASEQUOTE"), ctVal 1 so contracts equal base units; FUTURES lists none. maxMktSz is the
