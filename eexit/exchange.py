@@ -22,7 +22,8 @@ from requests.adapters import HTTPAdapter
 
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
-from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
+from eexit.venues.base import (CashFlow, ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
+                               RiskPosition, RiskSnapshot,
                                in_segment)
 
 DEFAULT_EXCHANGE = "binanceusdm"
@@ -267,3 +268,21 @@ def classify_error(exc, ex=None, exchange_id=None):
     when given, supplies the venue and the response headers holding retry hints."""
     exchange_id = ex.id if ex is not None else exchange_id or DEFAULT_EXCHANGE
     return venue(exchange_id).classify_error(exc, ex)
+
+
+def risk_inputs(ex_or_id):
+    """What the venue's risk snapshot provides (subset of "equity", "maintenance_margin",
+    "liquidation_price", "cash_flows", "margin_mode")."""
+    return venue(getattr(ex_or_id, "id", ex_or_id)).RISK_INPUTS
+
+
+def read_risk_snapshot(ex):
+    """One consistent base.RiskSnapshot from the venue's raw fields. Raises on anything
+    unreadable or non-finite: never a partial or default snapshot."""
+    return venue_of(ex).read_risk_snapshot(ex)
+
+
+def read_cash_flows(ex, since_ms, until_ms):
+    """[base.CashFlow] with since_ms <= ts_ms < until_ms from the venue's own ledger, all
+    pages/windows, oldest first. Raises on failure (never [] for an error)."""
+    return venue_of(ex).read_cash_flows(ex, since_ms, until_ms)

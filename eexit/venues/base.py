@@ -229,3 +229,42 @@ def header(ex, name):
         if key.lower() == name.lower():
             return value
     return None
+
+
+# ---------------------------------------------------------------------------- risk snapshot
+
+@dataclass(frozen=True)
+class RiskPosition:
+    symbol: str                      # ccxt unified symbol
+    side: str                        # "long" | "short"
+    contracts: float                 # > 0
+    mark_price: float | None         # None: the venue gave none
+    liquidation_price: float | None  # None: unknown (venue gave 0, "" or nothing), never "far away"
+
+
+@dataclass(frozen=True)
+class RiskSnapshot:
+    """One read of the account for the risk kernel, from the venue's raw fields (never ccxt's
+    unified `total`, which means different things per venue). margin_mode is the venue's
+    account mode, normalised to one of MARGIN_MODES."""
+    equity: float                    # E: margin balance incl. unrealised PnL, in `currency`
+    maintenance_margin: float        # MM, same currency
+    margin_mode: str
+    currency: str                    # "USDT" / "USD" ...
+    positions: tuple[RiskPosition, ...]
+    venue_ts_ms: int                 # the venue's own time of the snapshot
+    venue_flags: tuple[str, ...] = ()   # venue risk flags where the venue has them
+
+
+@dataclass(frozen=True)
+class CashFlow:
+    flow_id: str                     # the venue's ledger id (dedupe)
+    ts_ms: int
+    amount: float                    # + in (deposit / transfer in), - out
+    kind: str                        # the venue's type text
+
+
+# binanceusdm: "single_asset" | "multi_assets"; bybit: "isolated" | "cross" | "portfolio";
+# okx: "spot" | "futures" | "multi_currency" | "portfolio" (acctLv 1..4).
+MARGIN_MODES = frozenset({"single_asset", "multi_assets", "isolated", "cross", "portfolio",
+                          "spot", "futures", "multi_currency"})

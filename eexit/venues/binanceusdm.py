@@ -151,3 +151,16 @@ def classify_error(exc, ex=None):
             return seconds
         return _DEFAULT_BAN_WAIT_S if " 418 " in str(exc) else _DEFAULT_RATE_WAIT_S
     return base.classify(exc, ERRORS, retry_after)
+
+
+# ---------------------------------------------------------------------------- risk kernel
+
+RISK_INPUTS = frozenset({"equity", "maintenance_margin", "liquidation_price", "cash_flows", "margin_mode"})
+
+
+def read_risk_snapshot(ex):
+    raise NotImplementedError("risk snapshot: being written on branch i25a")
+
+
+def read_cash_flows(ex, since_ms, until_ms):
+    raise NotImplementedError("cash flows: being written on branch i25a")

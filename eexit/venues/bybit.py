@@ -184,3 +184,16 @@ def classify_error(exc, ex=None):
             return min(max(0.0, reset_ms / 1000.0 - time.time()), 60.0)
         return 1.0
     return base.classify(exc, ERRORS, retry_after)
+
+
+# ---------------------------------------------------------------------------- risk kernel
+
+RISK_INPUTS = frozenset({"equity", "maintenance_margin", "liquidation_price", "cash_flows", "margin_mode"})
+
+
+def read_risk_snapshot(ex):
+    raise NotImplementedError("risk snapshot: being written on branch i25a")
+
+
+def read_cash_flows(ex, since_ms, until_ms):
+    raise NotImplementedError("cash flows: being written on branch i25a")

@@ -170,3 +170,16 @@ def classify_error(exc, ex=None):
         seconds = base.opt_num(base.header(ex, "Retry-After"))
         return seconds if seconds is not None and seconds >= 0 else 1.0
     return base.classify(exc, ERRORS, retry_after)
+
+
+# ---------------------------------------------------------------------------- risk kernel
+
+RISK_INPUTS = frozenset({"equity", "maintenance_margin", "liquidation_price", "cash_flows", "margin_mode"})
+
+
+def read_risk_snapshot(ex):
+    raise NotImplementedError("risk snapshot: being written on branch i25a")
+
+
+def read_cash_flows(ex, since_ms, until_ms):
+    raise NotImplementedError("cash flows: being written on branch i25a")
