@@ -21,11 +21,11 @@ BTC, ETH = "BTC/USDT:USDT", "ETH/USDT:USDT"
 # looks like on the wire, and the currency of the totals.
 # reads: the raw endpoints one snapshot requests, in order (never ccxt's unified balance).
 VENUES = {
-    "binanceusdm": dict(equity="totalMarginBalance", mm="totalMaintMargin", currency="USDT", reads=[
+    "binanceusdm": dict(equity="totalMarginBalance", mm="totalMaintMargin", currency="USDT", mark="markPrice", reads=[
         "/fapi/v1/time", "/fapi/v1/multiAssetsMargin", "/fapi/v3/account", "/fapi/v3/positionRisk"]),
-    "bybit": dict(equity="totalMarginBalance", mm="totalMaintenanceMargin", currency="USD", reads=[
+    "bybit": dict(equity="totalMarginBalance", mm="totalMaintenanceMargin", currency="USD", mark="markPrice", reads=[
         "/v5/account/info", "/v5/account/wallet-balance"] + ["/v5/position/list"] * 3),
-    "okx": dict(equity="adjEq", mm="mmr", currency="USD", reads=[
+    "okx": dict(equity="adjEq", mm="mmr", currency="USD", mark="markPx", reads=[
         "/api/v5/public/time", "/api/v5/account/config", "/api/v5/account/balance"] + ["/api/v5/account/positions"] * 2),
 }
 
@@ -121,6 +121,12 @@ class RiskVenueCase:
                 with self.assertRaises(ExchangeDataError):
                     self.snapshot()
         self.paper.set_liquidation("ETHUSDT", None)
+        for raw in ("abc", "Infinity", "-1"):
+            with self.subTest(mark=raw):
+                self.paper.set_position_field("ETHUSDT", self.wire["mark"], raw)
+                with self.assertRaises(ExchangeDataError):
+                    self.snapshot()
+        self.paper.set_position_field("ETHUSDT", self.wire["mark"], None)
         self.snapshot()
 
     def test_unreadable_account_raises_never_a_default_snapshot(self):
@@ -190,6 +196,16 @@ class BinanceRiskTest(RiskVenueCase, unittest.TestCase):
 
 class BybitRiskTest(RiskVenueCase, unittest.TestCase):
     venue = "bybit"
+
+    def test_position_status_other_than_normal_is_a_venue_flag(self):
+        self.paper.set_position_field("ETHUSDT", "positionStatus", "Liq")
+        self.assertEqual(("ETH/USDT:USDT:positionStatus=Liq",), self.snapshot().venue_flags)
+
+    def test_a_transfer_whose_sign_contradicts_its_type_raises(self):
+        self.paper.deposit(10)
+        self.paper.account.ledger[-1]["kind"] = "withdraw"      # TRANSFER_OUT with change +10
+        with self.assertRaises(ExchangeDataError):
+            self.flows(now_ms() - 60_000, now_ms() + 1)
 
 
 class OkxRiskTest(RiskVenueCase, unittest.TestCase):

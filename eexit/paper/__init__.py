@@ -33,7 +33,7 @@ deposits, withdrawals and booked PnL with ids and timestamps (Binance /fapi/v1/i
 /v5/account/transaction-log, OKX /api/v5/account/bills[-archive]). Python: set_mark, deposit,
 withdraw, book_pnl, set_account_mode, set_liquidation, set_risk_field, set_mm_rate,
 account_unreadable. HTTP: POST /_paper/state with "marks", "transfers", "account_mode",
-"liquidation", "risk_fields", "mm_rates" (Account.apply_state); unreadable = a fault on
+"liquidation", "risk_fields", "position_fields", "mm_rates" (Account.apply_state); unreadable = a fault on
 the account path (POST /_paper/faults).
 
 Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "count"
@@ -358,6 +358,7 @@ class Account:
         self.mm_rates = {}           # market_id -> Decimal rate (MM_RATE when absent)
         self.liquidation_overrides = {}   # market_id -> raw text every dialect answers as is
         self.risk_fields = {}        # wire field -> raw value, over the account-level answer
+        self.position_fields = {}    # market_id -> {wire field: raw}, over its position rows
         self.account_mode = None
         self.ledger = []             # {"id", "ts", "amount" Decimal signed, "kind", "asset"}
         self._ledger_ids = itertools.count(5000001)
@@ -781,10 +782,11 @@ class Account:
             return {"wallet": self.balance, "upl": upl, "equity": self.balance + upl, "mm": mm,
                     "positions": {(r["market_id"], r["position_side"]): r for r in rows}}
 
-    def with_risk_fields(self, row):
-        """row with the test-set raw account fields laid over it (malformed-answer tests)."""
+    def with_risk_fields(self, row, market_id=None):
+        """row with the test-set raw fields laid over it (malformed-answer and flag tests):
+        the account-level ones, or market_id's position ones."""
         with self.lock:
-            return dict(row, **self.risk_fields)
+            return dict(row, **(self.risk_fields if market_id is None else self.position_fields.get(market_id, {})))
 
     # -- views
 
@@ -809,6 +811,7 @@ class Account:
                     "notional": f"{notional:.8f}", "marginAsset": "USDT", "isolatedWallet": "0",
                     "updateTime": updated,
                 }
+                row = self.with_risk_fields(row, market_id) if amount else row
                 if version == 3:
                     initial = abs(notional) / 20
                     maint = risk[(market_id, position_side)]["mm"] if amount else ZERO
@@ -893,7 +896,7 @@ class Account:
             for row in body.get("positions") or []:
                 self.set_position(row["symbol"], row["amount"], row.get("position_side"), row.get("entry_price"))
             # The risk model: {"mm_rates": {id: rate}, "liquidation": {id: "0" | "" | price |
-            # null (computed)}, "risk_fields": {wire field: raw | null}, "transfers": [{"amount",
+            # null (computed)}, "risk_fields": {wire field: raw | null}, "position_fields": {id: {field: raw | null}}, "transfers": [{"amount",
             # "kind", "ts_ms", "asset"}]} ("account_mode": PaperExchange.set_state).
             for market_id, rate in (body.get("mm_rates") or {}).items():
                 self.mm_rates[self.market(market_id).id] = Decimal(str(rate))
@@ -901,6 +904,10 @@ class Account:
                 self._override(self.liquidation_overrides, self.market(market_id).id, raw)
             for name, raw in (body.get("risk_fields") or {}).items():
                 self._override(self.risk_fields, str(name), raw)
+            for market_id, fields in (body.get("position_fields") or {}).items():
+                table = self.position_fields.setdefault(self.market(market_id).id, {})
+                for name, raw in fields.items():
+                    self._override(table, str(name), raw)
             for row in body.get("transfers") or []:
                 self.transfer(row["amount"], row.get("kind"), row.get("ts_ms"), row.get("asset", "USDT"))
 
@@ -1164,6 +1171,11 @@ class PaperExchange:
         """Lay a raw value over the account-level risk answer's wire field name (Binance
         totalMarginBalance, Bybit totalEquity, OKX adjEq, ...); None removes it."""
         self.account.apply_state({"risk_fields": {name: raw}})
+
+    def set_position_field(self, market_id, name, raw):
+        """Lay a raw value over market_id's position rows' wire field (Bybit positionStatus
+        "Liq", a malformed markPrice...); None removes it."""
+        self.account.apply_state({"position_fields": {market_id: {name: raw}}})
 
     def set_mm_rate(self, market_id, rate):
         self.account.apply_state({"mm_rates": {market_id: rate}})

@@ -187,6 +187,7 @@ def ep_positions(paper, p, path, method):
                 "unrealisedPnl": f"{(mark - entry) * amount:.8f}", "curRealisedPnl": "0", "cumRealisedPnl": "0",
                 "adlRankIndicator": 2, "createdTime": str(updated), "updatedTime": str(updated), "seq": 1,
                 "isReduceOnly": False})
+            rows[-1] = account.with_risk_fields(rows[-1], market_id)
     return dict(_page(rows, p, 20, 200), category=category)
 
 
