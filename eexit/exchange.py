@@ -270,10 +270,11 @@ def classify_error(exc, ex=None, exchange_id=None):
     return venue(exchange_id).classify_error(exc, ex)
 
 
-def risk_inputs(ex_or_id):
-    """What the venue's risk snapshot provides (subset of "equity", "maintenance_margin",
-    "liquidation_price", "cash_flows", "margin_mode")."""
-    return venue(getattr(ex_or_id, "id", ex_or_id)).RISK_INPUTS
+def risk_inputs(ex_or_id, margin_mode=None):
+    """What the venue's risk snapshot provides (of base.RISK_INPUT_NAMES): in margin_mode (a
+    RiskSnapshot.margin_mode) when given, else in the venue's fullest mode."""
+    module = venue(getattr(ex_or_id, "id", ex_or_id))
+    return module.RISK_INPUTS_BY_MODE.get(margin_mode, module.RISK_INPUTS)
 
 
 def read_risk_snapshot(ex):
