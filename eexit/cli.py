@@ -13,6 +13,10 @@
         or Redis unreachable; 3 no verdict from the EEW before EEXIT_RESUME_TIMEOUT_S
     eexit panic --on-service-failure
         systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
+    eexit risk rebase --operator NAME [--json]
+        asks the risk kernel to take the next valid snapshot as its new peak and window (a
+        request signed with the risk_rebase key, recorded on eexit:risk:events); exit 0
+        accepted, 1 refused, 2 configuration or Redis unreachable, 3 no answer in time
     eexit audit verify FILE [--json]
         exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
     eexit init --operator NAME [--json]
@@ -153,6 +157,7 @@ def cmd_status(args, cfg, env):
     try:
         client = ops.connect(env)
         status = ops.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
+        status["risk"] = ops.gather_risk(client, status["now_ms"])
     except bus.REDIS_ERRORS as exc:
         # Nothing can be known without Redis: that is the "unhealthy" answer, not a crash.
         if args.json:
@@ -160,9 +165,10 @@ def cmd_status(args, cfg, env):
         else:
             emit(f"redis: UNREACHABLE ({type(exc).__name__}: {exc})")
         return EXIT_UNHEALTHY
-    code = ops.status_exit_code(status, cfg.silent_s * 1000)
+    risk_problems = ops.risk_problems(status["risk"], cfg.silent_s * 1000)
+    code = EXIT_UNHEALTHY if risk_problems else ops.status_exit_code(status, cfg.silent_s * 1000)
     status["silent_after_ms"] = int(cfg.silent_s * 1000)
-    status["problems"] = ops.daemon_problems(status, cfg.silent_s * 1000)
+    status["problems"] = ops.daemon_problems(status, cfg.silent_s * 1000) + risk_problems
     status["exit_code"] = code
     if args.json:
         print_json(status)
@@ -205,6 +211,7 @@ def cmd_status(args, cfg, env):
             lag = "" if info["lag"] is None else f" unread={info['lag']}"
             emit(f"  {stream} / {group}: pending={info['pending']}{lag} ({consumers})")
     print_alerts(status["alerts"])
+    print_risk(status["risk"])
     emit({0: "HEALTHY", 1: "HALTED"}.get(code) or "UNHEALTHY: " + "; ".join(status["problems"]))
     return code
 
@@ -220,6 +227,62 @@ def print_alerts(alerts):
         error = f" error={sink['error']}" if sink.get("error") else ""
         print(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
               f"{sink.get('last_id') or '-'} at {fmt_ts(last_at)}{error}")
+
+
+def print_risk(risk_status):
+    """The risk kernel's rows (issue 25): one per rule, the baseline, the last snapshot's age."""
+    if risk_status is None:
+        emit("risk kernel: not running (opt-in: eexit-risk.service)")
+        return
+    beat = risk_status["heartbeat"]
+    emit(f"risk kernel: {beat['status'] or 'SILENT'} last heartbeat {fmt_age(beat['age_ms'])}, "
+         f"last valid snapshot {fmt_age(risk_status['snapshot_age_ms'])}"
+         + (f" reason: {ops.describe_reason(beat['reason'], beat['detail'])}" if beat["reason"] else ""))
+    for rule, row in risk_status["rules"].items():
+        latched = f" LATCHED ({row['latched'].get('reason')} {row['latched'].get('event_id') or 'while halted'})" \
+            if row.get("latched") else ""
+        if rule == "mode":
+            emit(f"  {rule:<12} {row['value'] or '-'} pinned={row['pinned']} baseline={row['baseline_mode'] or '-'}{latched}")
+        elif rule == "blind":
+            emit(f"  {rule:<12} {row['problem'] or 'readable'} (panic after {row['blind_s']} s with exposure){latched}")
+        elif not row["on"]:
+            emit(f"  {rule:<12} off")
+        else:
+            value = "-" if row["value"] is None else f"{row['value']:.4f}"
+            emit(f"  {rule:<12} {value} warn={row['warn']} panic={row['panic']}"
+                 f"{' WARNED' if row['warned'] else ''}{latched}")
+    emit(f"  baseline     {risk_status['baseline_text']}")
+
+
+# ---------------------------------------------------------------------------- risk rebase
+
+def cmd_risk_rebase(args, cfg, env):
+    """Ask the risk kernel (the only writer of its state) to re-base: the next valid snapshot
+    becomes the new peak and window; the kernel verifies the signature and records it."""
+    from . import risk   # noqa: PLC0415 - light; only this command and status need it
+    keyring = signing.load_keys(env)
+    try:
+        client = ops.connect(env)
+        fields = risk.build_rebase(args.operator.strip(), keyring, bus.server_time_ms(client))
+        asked = ops.ask_rebase(client, fields)
+    except bus.REDIS_ERRORS as exc:
+        emit(f"eexit risk rebase: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
+        return EXIT_UNHEALTHY
+    verdict = ops.wait_for_rebase(lambda: bus.connect(env=env), asked, cfg.resume_timeout_s)
+    if verdict is None:
+        emit(f"eexit risk rebase: no answer from the risk kernel within {cfg.resume_timeout_s:g} s; outcome "
+             f"unknown (the request stays valid {risk.REBASE_MAX_AGE_MS // 1000} s): check `eexit status`", err=True)
+        return EXIT_TIMEOUT
+    accepted = verdict.get("status") == "accepted"
+    if args.json:
+        print_json({"accepted": accepted, "request_id": asked.request_id, "operator": args.operator,
+                    "why": verdict.get("why"), "before": verdict.get("before"), "stream": risk.EVENTS_STREAM})
+    elif accepted:
+        emit(f"ACCEPTED: the next valid snapshot becomes the baseline (set_by={args.operator}); "
+             f"before: {verdict.get('before')}")
+    else:
+        emit(f"REFUSED: {verdict.get('why')}")
+    return EXIT_OK if accepted else EXIT_FAIL
 
 
 # ---------------------------------------------------------------------------- panic
@@ -314,7 +377,21 @@ def cmd_resume(args, cfg, env):
     else:
         emit(f"RESUMED: trading allowed again; cleared_by={args.operator} event={args.ack} "
               f"audit={ops.OPS_AUDIT_STREAM} {audit_id}" + (f" accepted residual: {residual}" if residual else ""))
+        print_risk_baseline(env)
     return EXIT_FAIL if reasons else EXIT_OK
+
+
+def print_risk_baseline(env):
+    """After a resume: which risk baseline applies from now on (issue 25), if the kernel runs."""
+    try:
+        client = ops.connect(env)
+        risk_status = ops.gather_risk(client, bus.server_time_ms(client))
+    except bus.REDIS_ERRORS as exc:
+        emit(f"risk kernel baseline: unknown (Redis: {type(exc).__name__})")
+        return
+    if risk_status is not None:
+        emit(f"risk kernel baseline that applies now: {risk_status['baseline_text']}; "
+             f"`eexit risk rebase --operator NAME` to start from the current equity")
 
 
 # ---------------------------------------------------------------------------- audit, demo
@@ -424,6 +501,13 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_resume)
 
+    p = sub.add_parser("risk", help="risk kernel tools")
+    risk_sub = p.add_subparsers(dest="risk_command", required=True)
+    r = risk_sub.add_parser("rebase", help="re-base the risk kernel's peak and window on purpose (signed, recorded)")
+    r.add_argument("--operator", required=True)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(handler=cmd_risk_rebase)
+
     p = sub.add_parser("audit", help="audit file tools")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
     v = audit_sub.add_parser("verify", help="check the hash chain of an audit file")
@@ -460,7 +544,7 @@ def main(argv=None):
     env = os.environ
     try:
         cfg = Config.from_env(env)
-        if args.command in ("resume", "init") and not args.operator.strip():
+        if args.command in ("resume", "init", "risk") and not args.operator.strip():
             raise ConfigError("--operator must name a person")
         return args.handler(args, cfg, env)
     except ConfigError as exc:

@@ -10,6 +10,7 @@ Streams written here besides panics: `system:resume_request` (see docs/REDIS_STR
 "Resume"); the EEW answers on `system:resume_verdict` and writes `eexit:ops:audit`.
 """
 
+import dataclasses
 import getpass
 import json
 import socket
@@ -373,3 +374,72 @@ def status_exit_code(status, silent_ms):
     if daemon_problems(status, silent_ms):
         return 2
     return 0 if status["trading"]["halted"] is False else 1
+
+
+# ---------------------------------------------------------------------------- risk kernel (issue 25)
+
+def gather_risk(client, now_ms):
+    """The risk kernel's rows for `eexit status`, or None when it never ran (it is opt-in):
+    per rule value, thresholds, latch; the baseline; the last snapshot's age; its heartbeat."""
+    from . import risk   # noqa: PLC0415 - light (no ccxt); only status and rebase need it
+    raw = client.get(risk.STATE_KEY)
+    last = latest(client, risk.HEARTBEAT_STREAM)
+    if raw is None and last is None:
+        return None
+    document = json.loads(text(raw)) if raw is not None else {}
+    rules = document.pop("rules", {})
+    interval_s = document.pop("interval_s", None)
+    state = risk.from_json(json.dumps(document)) if document else risk.RiskState()
+    beat = schema.Heartbeat.from_fields(last[1])[0] if last else None
+    rows = {}
+    for rule in risk.RULES:
+        threshold = rules.get(rule, {})
+        latch = state.latches.get(rule)
+        rows[rule] = {"value": state.values.get(rule), "warn": threshold.get("warn"), "panic": threshold.get("panic"),
+                      "on": threshold.get("warn") is not None or threshold.get("panic") is not None,
+                      "warned": rule in state.warned, "latched": latch}
+    rows["mode"] = {"value": state.last_mode or None, "pinned": rules.get("margin_mode"),
+                    "baseline_mode": state.baseline.margin_mode if state.baseline else None,
+                    "latched": state.latches.get("mode")}
+    rows["blind"] = {"problem": state.problem or None, "blind_s": rules.get("blind_s"),
+                     "since_ms": state.blind_since_ms, "latched": state.latches.get("blind")}
+    baseline = None if state.baseline is None else {**dataclasses.asdict(state.baseline),
+                                                    "peak": state.baseline.peak_adj + state.baseline.net_flows}
+    sent_ms = schema.entry_id_ms(last[0]) if last else None
+    return {"rules": rows, "baseline": baseline, "baseline_text": risk.describe_baseline(state),
+            "figures": state.figures, "interval_s": interval_s,
+            "snapshot_age_ms": None if state.last_valid_ms is None else max(0, now_ms - state.last_valid_ms),
+            "rebase_pending": state.rebase_pending or None,
+            "heartbeat": {"age_ms": None if sent_ms is None else max(0, now_ms - sent_ms),
+                          "status": beat.status if beat else None,
+                          "reason": beat.extra.get("reason") if beat else None,
+                          "detail": beat.extra.get("detail") if beat else None}}
+
+
+def risk_problems(risk_status, silent_ms):
+    """Why the (enabled) risk kernel cannot vouch: silent beyond max(silent, 3 intervals), or a
+    heartbeat naming a reason (blind, baseline_lost)."""
+    if not risk_status:
+        return []
+    beat = risk_status["heartbeat"]
+    allowed = max(silent_ms, 3000 * (risk_status["interval_s"] or 5))
+    if beat["age_ms"] is None or beat["age_ms"] > allowed:
+        return [f"risk_kernel: SILENT (no heartbeat for {allowed / 1000:g} s)"]
+    if beat["reason"]:
+        return [f"risk_kernel: {beat['status'] or '?'}: {describe_reason(beat['reason'], beat['detail'])}"]
+    return []
+
+
+def ask_rebase(client, fields):
+    """XADD a rebase request (risk.build_rebase); the kernel answers on risk.EVENTS_STREAM."""
+    from . import risk   # noqa: PLC0415 - see gather_risk
+    last = latest(client, risk.EVENTS_STREAM)
+    client.xadd(risk.REBASE_STREAM, fields)
+    return ResumeAsked(fields["request_id"], last[0] if last else "0-0", time.monotonic())
+
+
+def wait_for_rebase(client_factory, asked, timeout_s):
+    from . import risk   # noqa: PLC0415 - see gather_risk
+    found = wait_on_stream(client_factory, risk.EVENTS_STREAM, asked.verdicts_after, asked.asked_mono, timeout_s,
+                           lambda fields: fields.get("kind") == "rebase" and fields.get("request_id") == asked.request_id)
+    return found[1] if found else None

@@ -87,6 +87,7 @@ BUCKET_MS = 60_000           # window resolution: one max per minute (1,440 entr
 FLOW_OVERLAP_MS = 600_000    # re-read the ledger this far back: late entries, de-duplicated by id
 FLOWS_KEPT = 1000
 REBASES_KEPT = 100
+USD_LIKE = ("USD", "USDT", "USDC")     # transfers valued 1:1 in a USD or USDT account
 
 
 # ---------------------------------------------------------------------------- pure core
@@ -199,13 +200,18 @@ def snapshot_problem(reading, rules, now_ms):
     snap = reading.snapshot
     if snap is None:
         return reading.error or "no snapshot"
+    if snap.maintenance_margin is None and rules.margin.on and rules.margin_mode == "off":
+        # No mode rule to name the cause: the margin rule cannot be judged, so we are blind.
+        return f"maintenance_margin not provided in mode {snap.margin_mode}"
     for name in ("equity", "maintenance_margin"):
         value = getattr(snap, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if value is None and name == "maintenance_margin":
+                continue    # the mode changed to one without it: RISK_MODE_CHANGED names that
             return f"{name} not finite: {value!r}"
     if snap.equity <= 0:
         return f"equity {snap.equity} <= 0"
-    if snap.maintenance_margin < 0:
+    if (snap.maintenance_margin or 0) < 0:
         return f"maintenance_margin {snap.maintenance_margin} < 0"
     if snap.venue_ts_ms is not None and now_ms - snap.venue_ts_ms > rules.stale_s * 1000:
         return f"stale: venue time {(now_ms - snap.venue_ts_ms) / 1000:.1f}s behind"
@@ -246,16 +252,21 @@ def loss_fraction(high_adj, adjusted, net_flows):
     return 1.0 if today <= 0 else loss / today
 
 
-def take_flows(state, flows, until_ms):
-    """Add the ledger entries not seen before to net_flows (de-duplicated by flow id)."""
+def take_flows(state, flows, until_ms, currency):
+    """Add the ledger entries not seen before to net_flows (de-duplicated by flow id). A flow in
+    the snapshot's currency or a USD stablecoin counts 1:1; one in another coin cannot be
+    valued here: it is skipped and named in a risk_warning (its equity change counts as PnL)."""
     seen = set(state.seen_flows)
     fresh = [flow for flow in flows if flow.flow_id not in seen]
+    valued = [flow for flow in fresh if getattr(flow, "asset", "") in ("", currency) + USD_LIKE]
     baseline = state.baseline
-    if baseline is not None and fresh:
-        baseline = replace(baseline, net_flows=baseline.net_flows + sum(flow.amount for flow in fresh))
+    if baseline is not None and valued:
+        baseline = replace(baseline, net_flows=baseline.net_flows + sum(flow.amount for flow in valued))
     ids = (state.seen_flows + tuple(flow.flow_id for flow in fresh))[-FLOWS_KEPT:]
+    notes = [Notice("risk_warning", "cash_flows", {"unvalued": [f"{flow.flow_id}:{flow.amount}:{flow.asset}"]})
+             for flow in fresh if flow not in valued and baseline is not None]
     return replace(state, baseline=baseline, seen_flows=ids,
-                   flows_until_ms=until_ms if until_ms is not None else state.flows_until_ms)
+                   flows_until_ms=until_ms if until_ms is not None else state.flows_until_ms), notes
 
 
 def apply_baseline(state, snap, now_ms):
@@ -279,7 +290,8 @@ def measure(state, snap):
     nearest, unknown = liquidation_distance(snap.positions)
     values = {"drawdown": loss_fraction(base.peak_adj, adjusted, base.net_flows),
               "daily_loss": loss_fraction(window_high, adjusted, base.net_flows),
-              "margin": snap.maintenance_margin / snap.equity, "liquidation": nearest}
+              "margin": None if snap.maintenance_margin is None else snap.maintenance_margin / snap.equity,
+              "liquidation": nearest}
     figures = {"equity": snap.equity, "maintenance_margin": snap.maintenance_margin,
                "currency": snap.currency, "peak": base.peak_adj + base.net_flows,
                "window_high": window_high + base.net_flows, "net_flows": base.net_flows,
@@ -298,8 +310,9 @@ def step(state, rules, reading, now_ms, new_id):
     snap = reading.snapshot
     # Flows first: before a baseline exists (or under a pending rebase) they are only marked
     # seen, since the snapshot's equity already holds them.
-    state = take_flows(state, reading.flows, reading.flows_until_ms)
+    state, flow_notes = take_flows(state, reading.flows, reading.flows_until_ms, snap.currency)
     state, notes = apply_baseline(state, snap, now_ms)
+    notes = flow_notes + notes
     base = state.baseline
     adjusted = snap.equity - base.net_flows
     state = replace(state, baseline=replace(base, peak_adj=max(base.peak_adj, adjusted)),
@@ -561,6 +574,7 @@ class Kernel:
         self.beat = Heartbeat(client, ISSUER, HEARTBEAT_STREAM)
         self.state = RiskState()
         self.lost = ""
+        self.mode_checked = False
         self.rebase_cursor = "$"
         self.stopping = False
 
@@ -589,6 +603,13 @@ class Kernel:
                 flows = tuple(exchange.read_cash_flows(self.ex, since, until))
         except Exception as exc:  # noqa: BLE001 - any failure is "no valid snapshot": the blind rule decides
             return Reading(error=f"{type(exc).__name__}: {str(exc)[:200]}", halted=halted is not False)
+        if not self.mode_checked:
+            # The venue's inputs depend on the account mode: checked against the pinned mode
+            # (else the one found) at the first snapshot; ConfigError is exit 2 naming the rule.
+            mode = self.state.baseline.margin_mode if self.state.baseline else snap.margin_mode
+            mode = mode if self.cfg.rules.margin_mode in ("auto", "off") else self.cfg.rules.margin_mode
+            check_inputs(self.cfg.rules, exchange.risk_inputs(self.ex, mode), f"{self.ex.id} in mode {mode}")
+            self.mode_checked = True
         return Reading(snap, flows, until, halted=halted is not False)
 
     def cycle(self):
