@@ -617,6 +617,8 @@ class Kernel:
         self.take_rebases(now_ms)
         reading = self.read(now_ms)
         state, commands = step(self.state, self.cfg.rules, reading, now_ms, str(uuid.uuid4()))
+        if self.ledger_lagged(state, reading, commands):
+            return      # decided again at the next read, whose snapshot and ledger agree
         if state.baseline is not None and state.baseline.why == "rebase":
             self.lost = ""
         self.save(state)
@@ -628,6 +630,24 @@ class Kernel:
         self.beat.publish(status, len(reading.snapshot.positions) if reading.snapshot else None, now_ms,
                           extra=why)
         self.notifier.status(f"{status} {why.get('reason', '')}".strip())
+
+    def ledger_lagged(self, state, reading, commands):
+        """A loss panic from a read whose equity may already hold a transfer the ledger had
+        not yet shown up to the snapshot's venue time (both are separate requests): one more
+        ledger read; a transfer found after that time defers the decision by one read."""
+        from . import exchange   # noqa: PLC0415 - see read
+        losses = [c for c in commands if isinstance(c, Panic) and {"drawdown", "daily_loss"} & set(c.context["rules"])]
+        if not losses or reading.flows_until_ms is None:
+            return False
+        try:
+            later = exchange.read_cash_flows(self.ex, reading.flows_until_ms, reading.flows_until_ms + FLOW_OVERLAP_MS)
+        except Exception as exc:  # noqa: BLE001 - the read that fired was valid: fire (fail-closed)
+            self.log.warning("ledger_recheck_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            return False
+        fresh = [flow.flow_id for flow in later if flow.flow_id not in state.seen_flows]
+        if fresh:
+            self.log.warning("breach_deferred", why="transfer after the snapshot", flows=",".join(fresh[:5]))
+        return bool(fresh)
 
     def health(self):
         if self.lost:
