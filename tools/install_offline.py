@@ -42,9 +42,9 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
-         "eexit-alert.service")
+         "eexit-alert.service", "eexit-risk.service")     # eexit-risk: installed, never enabled (opt-in)
 # bot: the trading bot's read-only user; hook: the brain unit's ExecStopPost=
-DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook", "risk")
 # Optional secrets created empty (an empty file means "not used"), so that the unit's
 # LoadCredential= finds a file: fill them in to enable the sink or the signature.
 EMPTY_CREDENTIALS = {"alert": ("telegram_bot_token", "alert_webhook_key")}
@@ -299,7 +299,11 @@ eexit installed. Next steps (details: docs/DEPLOY.md; every setting: docs/CONFIG
       /opt/eexit/venv/bin/eexit init --operator "$USER"    # halted=false, audited; never clears a halt
       /opt/eexit/venv/bin/eexit status                     # HEALTHY
  7. Drill against the exchange testnet before going live: /opt/eexit/venv/bin/eexit drill,
-    then eexit resume --operator "$USER" --ack <event_id> (docs/CHAOS_TEST_RUNBOOK.md).""")
+    then eexit resume --operator "$USER" --ack <event_id> (docs/CHAOS_TEST_RUNBOOK.md).
+ 8. Optional, opt-in: the risk kernel (docs/RISK.md): a READ-ONLY exchange key in
+      {etc}/credentials/risk/api_key .../risk/api_secret, {etc}/credentials/risk/panic_hmac_keys
+      (rk1 risk_kernel <hexkey> and rb1 risk_rebase <hexkey>; the EEW's file gets the rk1 line,
+      ops's the rb1 line), then systemctl enable --now eexit-risk""")
 
 
 def main(argv=None):
