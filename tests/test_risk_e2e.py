@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from eexit import risk, schema, signing
+from eexit import metrics, risk, schema
 from eexit.paper import PaperExchange
 from tests.harness import ROOT, RedisTestCase, python_env, start_module, stop_process, tail_logs, wait_for
 
@@ -179,8 +179,13 @@ class RiskEndToEnd(RedisTestCase):
         self.assertEqual(after["window"][0][::2], before["window"][0][::2])
         self.assertAlmostEqual(after["values"]["daily_loss"], before["values"]["daily_loss"])
         self.assertEqual(self.panics(), [])
+        text = metrics.render(metrics.read_snapshot(self.redis, metrics.Snapshot(redis_up=False)))
+        self.assertIn('eexit_risk_value{rule="drawdown"} 0.0', text)
+        self.assertIn('eexit_risk_value{rule="liquidation"} NaN', text)
 
     def test_rebase_signed_accepted_forged_refused(self):
+        audit_file = os.path.join(self.dir, "audit.jsonl")
+        self.start("eexit.audit", EEXIT_AUDIT_FILE=audit_file, EEXIT_METRICS_FILE=os.path.join(self.dir, "m.prom"))
         self.kernel(EEXIT_PANIC_HMAC_KEYS=KEYS)
         self.ready()
         env = python_env(REDIS_URL=self.redis_server.url, EEXIT_PANIC_HMAC_KEYS=f"o1 risk_rebase {'c3' * 32}")
@@ -196,6 +201,13 @@ class RiskEndToEnd(RedisTestCase):
         verdicts = [{k.decode(): v.decode() for k, v in raw.items()}
                     for _id, raw in self.redis.xrange(risk.EVENTS_STREAM) if raw[b"kind"] == b"rebase"]
         self.assertEqual([(v["operator"], v["status"]) for v in verdicts], [("mallory", "refused"), ("alice", "accepted")])
+        def audited():
+            with open(audit_file, encoding="utf-8") as lines:
+                rows = [json.loads(line) for line in lines if '"kind":"risk"' in line]
+            return [(r["fields"].get("operator"), r["fields"].get("status")) for r in rows
+                    if r["fields"].get("kind") == "rebase"]
+        wait_for(lambda: os.path.exists(audit_file) and len(audited()) == 2, 30, message=f"audit lines\n{self.logs()}")
+        self.assertEqual(audited(), [("mallory", "refused"), ("alice", "accepted")])
         status = subprocess.run([sys.executable, "-m", "eexit.cli", "status", "--json"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         risk_rows = json.loads(status.stdout)["risk"]
