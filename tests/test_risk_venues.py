@@ -22,11 +22,11 @@ BTC, ETH = "BTC/USDT:USDT", "ETH/USDT:USDT"
 # reads: the raw endpoints one snapshot requests, in order (never ccxt's unified balance).
 VENUES = {
     "binanceusdm": dict(equity="totalMarginBalance", mm="totalMaintMargin", currency="USDT", mark="markPrice", reads=[
-        "/fapi/v1/time", "/fapi/v1/multiAssetsMargin", "/fapi/v3/account", "/fapi/v3/positionRisk"]),
+        "/fapi/v1/multiAssetsMargin", "/fapi/v1/time", "/fapi/v3/account", "/fapi/v3/positionRisk"]),
     "bybit": dict(equity="totalMarginBalance", mm="totalMaintenanceMargin", currency="USD", mark="markPrice", reads=[
         "/v5/account/info", "/v5/account/wallet-balance"] + ["/v5/position/list"] * 3),
     "okx": dict(equity="adjEq", mm="mmr", currency="USD", mark="markPx", reads=[
-        "/api/v5/public/time", "/api/v5/account/config", "/api/v5/account/balance"] + ["/api/v5/account/positions"] * 2),
+        "/api/v5/account/config", "/api/v5/public/time", "/api/v5/account/balance"] + ["/api/v5/account/positions"] * 2),
 }
 
 

@@ -158,7 +158,8 @@ def classify_error(exc, ex=None):
 # /fapi/v3/account: USDT only in single-asset mode, USD over every collateral asset in
 # multi-assets mode (GET /fapi/v1/multiAssetsMargin). Liquidation and mark per position from
 # GET /fapi/v3/positionRisk ("0" = none computed: unknown). The account answer has no
-# timestamp: the venue time is GET /fapi/v1/time, read first (the data is at least that new).
+# timestamp: the venue time is GET /fapi/v1/time, read just before it (the data is at least
+# that new; a transfer within that one request may show in E one read before its ledger entry).
 # Weight per snapshot 1 + 30 + 5 + 5. Cash flows: GET /fapi/v1/income (weight 30 a page of
 # 1000, every income type, kept for 3 months), transfers told apart by incomeType.
 
@@ -172,10 +173,10 @@ _INCOME_SPAN_MS = 7 * base.DAY_MS
 
 def read_risk_snapshot(ex):
     ex.load_markets()
-    venue_ms = base.field(base.obj(ex.fapiPublicGetTime(), "time"), "serverTime", "time")
     multi = base.obj(ex.fapiPrivateGetMultiAssetsMargin(), "multiAssetsMargin").get("multiAssetsMargin")
     if not isinstance(multi, bool):
         raise base.ExchangeDataError(f"multiAssetsMargin is not a boolean: {multi!r}")
+    venue_ms = base.field(base.obj(ex.fapiPublicGetTime(), "time"), "serverTime", "time")
     account = base.obj(ex.fapiPrivateV3GetAccount(), "account")
     positions = []
     for row in base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk"):

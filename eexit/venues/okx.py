@@ -177,7 +177,8 @@ def classify_error(exc, ex=None):
 # /api/v5/account/config acctLv 3, 4) E = adjEq and MM = mmr (mgnRatio = adjEq / mmr,
 # liquidation at 1). In spot and futures mode (acctLv 1, 2) those account-level fields are ""
 # (details[].mgnRatio applies per currency): E = totalEq and MM is None. Positions of every
-# segment: liqPx ("" = unknown), markPx. Venue time: GET /api/v5/public/time, read first.
+# segment: liqPx ("" = unknown), markPx. Venue time: GET /api/v5/public/time, read just
+# before the balance (the data is at least that new).
 # Cash flows: GET /api/v5/account/bills type 1 (transfer), 100 a page (newest first, `after`
 # = billId); it keeps 7 days: an older start reads /account/bills-archive (3 months).
 
@@ -196,11 +197,11 @@ def _one(response, what):
 
 def read_risk_snapshot(ex):
     ex.load_markets()
-    venue_ms = base.field(_one(ex.publicGetPublicTime(), "public/time"), "ts", "public/time")
     acct_lv = str(_one(ex.privateGetAccountConfig(), "account/config").get("acctLv"))
     mode = _ACCT_LV.get(acct_lv)
     if mode is None:
         raise base.ExchangeDataError(f"account/config acctLv {acct_lv!r}")
+    venue_ms = base.field(_one(ex.publicGetPublicTime(), "public/time"), "ts", "public/time")
     balance = _one(ex.privateGetAccountBalance(), "account/balance")
     positions = []
     for segment in SEGMENTS:
