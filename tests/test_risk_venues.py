@@ -169,6 +169,13 @@ class RiskVenueCase:
         self.assertTrue(all(str(i) in f.flow_id for i, f in zip((old, mid, new), flows)))
         self.assertEqual(5000 + 300 - 120 - 7 + 50, self.snapshot().equity)
 
+    def test_an_empty_interval_asks_nothing_and_a_reversed_one_is_refused(self):
+        self.paper.clear_requests()
+        self.assertEqual([], self.flows(5, 5))
+        self.assertEqual([], self.paper.requests())
+        with self.assertRaises(ValueError):
+            self.flows(10, 5)
+
     def test_every_page_of_a_busy_ledger(self):
         now = now_ms()
         for n in range(130):

@@ -762,7 +762,9 @@ class Account:
         at which equity would equal maintenance margin with every other mark held (cross
         margin, one collateral): p = (MM' - W' + entry x amt) / (amt - |amt| x rate), where
         W' = wallet + the others' upl and MM' = the others' MM; "0" when no positive price
-        liquidates it (as Binance answers). liquidation_overrides replace the text."""
+        liquidates it (as Binance answers). liquidation_overrides replace the text. One linear
+        formula for every market (Bybit's inverse contracts too: a paper simplification), and
+        a hedge pair on one market is priced as if only its own side's mark moved."""
         with self.lock:
             rows = []
             for (market_id, position_side), (amount, entry, _) in self.positions.items():

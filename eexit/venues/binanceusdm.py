@@ -166,7 +166,7 @@ def classify_error(exc, ex=None):
 RISK_INPUTS = base.RISK_INPUT_NAMES
 RISK_INPUTS_BY_MODE = {}     # both modes provide every input
 TRANSFER_TYPES = frozenset({"TRANSFER", "INTERNAL_TRANSFER", "CROSS_COLLATERAL_TRANSFER",
-                            "COIN_SWAP_DEPOSIT", "COIN_SWAP_WITHDRAW"})
+                            "COIN_SWAP_DEPOSIT", "COIN_SWAP_WITHDRAW", "STRATEGY_UMFUTURES_TRANSFER"})
 _INCOME_PAGE = 1000
 _INCOME_SPAN_MS = 7 * base.DAY_MS
 
