@@ -208,6 +208,15 @@ class BybitRiskTest(RiskVenueCase, unittest.TestCase):
         self.paper.set_position_field("ETHUSDT", "positionStatus", "Liq")
         self.assertEqual(("ETH/USDT:USDT:positionStatus=Liq",), self.snapshot().venue_flags)
 
+    def test_cash_flows_are_read_in_windows_of_at_most_7_days_per_type(self):
+        now = now_ms()
+        self.paper.deposit(300, ts_ms=now - 10 * DAY_MS)
+        self.paper.clear_requests()
+        self.assertEqual([300.0], [f.amount for f in self.flows(now - 12 * DAY_MS, now)])
+        reads = [r["params"] for r in self.paper.requests(path="/v5/account/transaction-log")]
+        self.assertEqual(4, len(reads))        # 2 windows x TRANSFER_IN, TRANSFER_OUT
+        self.assertTrue(all(int(p["endTime"]) - int(p["startTime"]) < 7 * DAY_MS for p in reads))
+
     def test_a_transfer_whose_sign_contradicts_its_type_raises(self):
         self.paper.deposit(10)
         self.paper.account.ledger[-1]["kind"] = "withdraw"      # TRANSFER_OUT with change +10
@@ -217,6 +226,15 @@ class BybitRiskTest(RiskVenueCase, unittest.TestCase):
 
 class OkxRiskTest(RiskVenueCase, unittest.TestCase):
     venue = "okx"
+
+    def test_bills_beyond_7_days_come_from_the_archive(self):
+        now = now_ms()
+        self.paper.deposit(300, ts_ms=now - 10 * DAY_MS)
+        self.paper.clear_requests()
+        self.assertEqual([], self.flows(now - DAY_MS, now))
+        self.assertEqual([300.0], [f.amount for f in self.flows(now - 12 * DAY_MS, now)])
+        self.assertEqual(["/api/v5/account/bills", "/api/v5/account/bills-archive"],
+                         [r["path"] for r in self.paper.requests()])
 
 
 if __name__ == "__main__":
