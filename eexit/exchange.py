@@ -24,7 +24,6 @@ from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
 from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
                                in_segment)
-from eexit.venues.base import CashFlow, RiskPosition, RiskSnapshot  # noqa: F401 - the risk kernel's types
 
 DEFAULT_EXCHANGE = "binanceusdm"
 DEFAULT_TIMEOUT_MS = 5000
