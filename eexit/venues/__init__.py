@@ -48,7 +48,9 @@ _submit_order; here synchronous and limited to what an emergency close needs):
 
 The risk kernel's reads (read-only key; docs/RISK.md):
   RISK_INPUTS      which of "equity", "maintenance_margin", "liquidation_price", "cash_flows",
-                   "margin_mode" the venue provides (the module docstring says per mode)
+                   "margin_mode" the venue provides in its fullest mode
+  RISK_INPUTS_BY_MODE  {margin_mode: inputs} for the modes that provide less (a snapshot's
+                   maintenance_margin is None exactly there); exchange.risk_inputs(ex, mode)
   read_risk_snapshot(ex)               base.RiskSnapshot from the venue's raw fields (never
                                        ccxt's unified `total`); raises on anything malformed
                                        or non-finite, never a partial or default snapshot
