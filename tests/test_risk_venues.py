@@ -195,6 +195,12 @@ class RiskVenueCase:
         snap = self.snapshot()
         self.assertEqual((mode, 5000 + 100 + 25 - 10), (snap.margin_mode, snap.equity))
         self.assertEqual([25.0, -10.0], [f.amount for f in self.flows(now_ms() - 60_000, now_ms() + 1)])
+        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=5)
+        conn.request("POST", "/_paper/state", body=json.dumps({"account_unreadable": {"status": 502}}))
+        self.assertEqual(200, conn.getresponse().status)
+        conn.close()
+        with self.assertRaises(ccxt.BaseError):
+            self.snapshot()
 
 
 class BinanceRiskTest(RiskVenueCase, unittest.TestCase):

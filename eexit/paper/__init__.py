@@ -33,8 +33,8 @@ deposits, withdrawals and booked PnL with ids and timestamps (Binance /fapi/v1/i
 /v5/account/transaction-log, OKX /api/v5/account/bills[-archive]). Python: set_mark, deposit,
 withdraw, book_pnl, set_account_mode, set_liquidation, set_risk_field, set_mm_rate,
 account_unreadable. HTTP: POST /_paper/state with "marks", "transfers", "account_mode",
-"liquidation", "risk_fields", "position_fields", "mm_rates" (Account.apply_state); unreadable = a fault on
-the account path (POST /_paper/faults).
+"liquidation", "risk_fields", "position_fields", "mm_rates" (Account.apply_state) and
+"account_unreadable" (a fault on the dialect's account path; DELETE /_paper/faults ends it).
 
 Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "count"
 (number of matching requests) and "duration_s"):
@@ -1137,9 +1137,14 @@ class PaperExchange:
         return self.account.state()
 
     def set_state(self, body):
+        """Account.apply_state, plus "account_mode" (set_account_mode) and "account_unreadable":
+        true or {"duration_s", "status"} (account_unreadable), which need the dialect."""
         if isinstance(body, dict) and "account_mode" in body:
             self.set_account_mode(body["account_mode"])
         self.account.apply_state(body)
+        unreadable = body.get("account_unreadable") if isinstance(body, dict) else None
+        if unreadable:
+            self.account_unreadable(**(unreadable if isinstance(unreadable, dict) else {}))
 
     # -- the risk model (what the risk kernel reads, in every dialect)
 
