@@ -13,7 +13,7 @@ import ccxt
 from eexit import exchange
 from eexit.exchange import ExchangeConfig, build_exchange
 from eexit.paper import PaperExchange
-from eexit.venues.base import CashFlow, ExchangeDataError
+from eexit.venues.base import CashFlow, ExchangeDataError, LedgerGapError
 
 DAY_MS = 86_400_000
 BTC, ETH = "BTC/USDT:USDT", "ETH/USDT:USDT"
@@ -175,6 +175,13 @@ class RiskVenueCase:
         self.assertEqual([], self.paper.requests())
         with self.assertRaises(ValueError):
             self.flows(10, 5)
+
+    def test_flows_from_before_the_venue_keeps_its_ledger_are_refused_never_partial(self):
+        kept = exchange.venue_of(self.ex).LEDGER_KEPT_MS
+        self.paper.clear_requests()
+        with self.assertRaises(LedgerGapError):
+            self.flows(now_ms() - kept - DAY_MS, now_ms())
+        self.assertEqual([], self.paper.requests())
 
     def test_every_page_of_a_busy_ledger(self):
         now = now_ms()

@@ -51,6 +51,8 @@ The risk kernel's reads (read-only key; docs/RISK.md):
                    "margin_mode" the venue provides in its fullest mode
   RISK_INPUTS_BY_MODE  {margin_mode: inputs} for the modes that provide less (a snapshot's
                    maintenance_margin is None exactly there); exchange.risk_inputs(ex, mode)
+  LEDGER_KEPT_MS   how far back the venue keeps its ledger: read_cash_flows from before
+                   that raises base.LedgerGapError (the answer could only be incomplete)
   read_risk_snapshot(ex)               base.RiskSnapshot from the venue's raw fields (never
                                        ccxt's unified `total`); raises on anything malformed
                                        or non-finite, never a partial or default snapshot

@@ -164,6 +164,7 @@ def classify_error(exc, ex=None):
 # 1000, every income type, kept for 3 months), transfers told apart by incomeType.
 
 RISK_INPUTS = base.RISK_INPUT_NAMES
+LEDGER_KEPT_MS = 90 * base.DAY_MS     # income history: the last 3 months
 RISK_INPUTS_BY_MODE = {}     # both modes provide every input
 TRANSFER_TYPES = frozenset({"TRANSFER", "INTERNAL_TRANSFER", "CROSS_COLLATERAL_TRANSFER",
                             "COIN_SWAP_DEPOSIT", "COIN_SWAP_WITHDRAW", "STRATEGY_UMFUTURES_TRANSFER"})
@@ -195,6 +196,7 @@ def read_risk_snapshot(ex):
 
 
 def read_cash_flows(ex, since_ms, until_ms):
+    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
     flows = []
     for start, end in base.windows(since_ms, until_ms, _INCOME_SPAN_MS):
         for page in range(1, 10_000):

@@ -183,6 +183,7 @@ def classify_error(exc, ex=None):
 # = billId); it keeps 7 days: an older start reads /account/bills-archive (3 months).
 
 RISK_INPUTS = base.RISK_INPUT_NAMES
+LEDGER_KEPT_MS = 90 * base.DAY_MS     # bills-archive: the last 3 months
 RISK_INPUTS_BY_MODE = {mode: base.RISK_INPUT_NAMES - {"maintenance_margin"} for mode in ("spot", "futures")}
 _ACCT_LV = {"1": "spot", "2": "futures", "3": "multi_currency", "4": "portfolio"}
 _BILLS_KEPT_MS = 7 * base.DAY_MS - 3_600_000   # an hour's margin for clocks
@@ -221,6 +222,7 @@ def read_risk_snapshot(ex):
 
 
 def read_cash_flows(ex, since_ms, until_ms):
+    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
     archive = since_ms < ex.milliseconds() - _BILLS_KEPT_MS
     call = ex.privateGetAccountBillsArchive if archive else ex.privateGetAccountBills
     flows, after = [], None
