@@ -22,8 +22,7 @@ from requests.adapters import HTTPAdapter
 
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
-from eexit.venues.base import (CashFlow, ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
-                               RiskPosition, RiskSnapshot,
+from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
                                in_segment)
 
 DEFAULT_EXCHANGE = "binanceusdm"
@@ -285,5 +284,9 @@ def read_risk_snapshot(ex):
 
 def read_cash_flows(ex, since_ms, until_ms):
     """[base.CashFlow] with since_ms <= ts_ms < until_ms from the venue's own ledger, all
-    pages/windows, oldest first. Raises on failure (never [] for an error)."""
-    return venue_of(ex).read_cash_flows(ex, since_ms, until_ms)
+    pages/windows, oldest first. Raises on failure (never [] for an error); an empty interval
+    is [] without a request, a reversed one a ValueError (the caller's bug, not the venue's),
+    one starting before the venue keeps its ledger (LEDGER_KEPT_MS) base.LedgerGapError."""
+    if until_ms < since_ms:
+        raise ValueError(f"cash flows from {since_ms} until {until_ms}: the interval is reversed")
+    return [] if until_ms == since_ms else venue_of(ex).read_cash_flows(ex, since_ms, until_ms)

@@ -13,7 +13,7 @@ import ccxt
 from eexit import exchange
 from eexit.exchange import ExchangeConfig, build_exchange
 from eexit.paper import PaperExchange
-from eexit.venues.base import CashFlow, ExchangeDataError
+from eexit.venues.base import CashFlow, ExchangeDataError, LedgerGapError
 
 DAY_MS = 86_400_000
 BTC, ETH = "BTC/USDT:USDT", "ETH/USDT:USDT"
@@ -22,11 +22,11 @@ BTC, ETH = "BTC/USDT:USDT", "ETH/USDT:USDT"
 # reads: the raw endpoints one snapshot requests, in order (never ccxt's unified balance).
 VENUES = {
     "binanceusdm": dict(equity="totalMarginBalance", mm="totalMaintMargin", currency="USDT", mark="markPrice", reads=[
-        "/fapi/v1/time", "/fapi/v1/multiAssetsMargin", "/fapi/v3/account", "/fapi/v3/positionRisk"]),
+        "/fapi/v1/multiAssetsMargin", "/fapi/v1/time", "/fapi/v3/account", "/fapi/v3/positionRisk"]),
     "bybit": dict(equity="totalMarginBalance", mm="totalMaintenanceMargin", currency="USD", mark="markPrice", reads=[
         "/v5/account/info", "/v5/account/wallet-balance"] + ["/v5/position/list"] * 3),
     "okx": dict(equity="adjEq", mm="mmr", currency="USD", mark="markPx", reads=[
-        "/api/v5/public/time", "/api/v5/account/config", "/api/v5/account/balance"] + ["/api/v5/account/positions"] * 2),
+        "/api/v5/account/config", "/api/v5/public/time", "/api/v5/account/balance"] + ["/api/v5/account/positions"] * 2),
 }
 
 
@@ -169,6 +169,20 @@ class RiskVenueCase:
         self.assertTrue(all(str(i) in f.flow_id for i, f in zip((old, mid, new), flows)))
         self.assertEqual(5000 + 300 - 120 - 7 + 50, self.snapshot().equity)
 
+    def test_an_empty_interval_asks_nothing_and_a_reversed_one_is_refused(self):
+        self.paper.clear_requests()
+        self.assertEqual([], self.flows(5, 5))
+        self.assertEqual([], self.paper.requests())
+        with self.assertRaises(ValueError):
+            self.flows(10, 5)
+
+    def test_flows_from_before_the_venue_keeps_its_ledger_are_refused_never_partial(self):
+        kept = exchange.venue_of(self.ex).LEDGER_KEPT_MS
+        self.paper.clear_requests()
+        with self.assertRaises(LedgerGapError):
+            self.flows(now_ms() - kept - DAY_MS, now_ms())
+        self.assertEqual([], self.paper.requests())
+
     def test_every_page_of_a_busy_ledger(self):
         now = now_ms()
         for n in range(130):
@@ -188,6 +202,12 @@ class RiskVenueCase:
         snap = self.snapshot()
         self.assertEqual((mode, 5000 + 100 + 25 - 10), (snap.margin_mode, snap.equity))
         self.assertEqual([25.0, -10.0], [f.amount for f in self.flows(now_ms() - 60_000, now_ms() + 1)])
+        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=5)
+        conn.request("POST", "/_paper/state", body=json.dumps({"account_unreadable": {"status": 502}}))
+        self.assertEqual(200, conn.getresponse().status)
+        conn.close()
+        with self.assertRaises(ccxt.BaseError):
+            self.snapshot()
 
 
 class BinanceRiskTest(RiskVenueCase, unittest.TestCase):
@@ -201,6 +221,15 @@ class BybitRiskTest(RiskVenueCase, unittest.TestCase):
         self.paper.set_position_field("ETHUSDT", "positionStatus", "Liq")
         self.assertEqual(("ETH/USDT:USDT:positionStatus=Liq",), self.snapshot().venue_flags)
 
+    def test_cash_flows_are_read_in_windows_of_at_most_7_days_per_type(self):
+        now = now_ms()
+        self.paper.deposit(300, ts_ms=now - 10 * DAY_MS)
+        self.paper.clear_requests()
+        self.assertEqual([300.0], [f.amount for f in self.flows(now - 12 * DAY_MS, now)])
+        reads = [r["params"] for r in self.paper.requests(path="/v5/account/transaction-log")]
+        self.assertEqual(4, len(reads))        # 2 windows x TRANSFER_IN, TRANSFER_OUT
+        self.assertTrue(all(int(p["endTime"]) - int(p["startTime"]) < 7 * DAY_MS for p in reads))
+
     def test_a_transfer_whose_sign_contradicts_its_type_raises(self):
         self.paper.deposit(10)
         self.paper.account.ledger[-1]["kind"] = "withdraw"      # TRANSFER_OUT with change +10
@@ -210,6 +239,15 @@ class BybitRiskTest(RiskVenueCase, unittest.TestCase):
 
 class OkxRiskTest(RiskVenueCase, unittest.TestCase):
     venue = "okx"
+
+    def test_bills_beyond_7_days_come_from_the_archive(self):
+        now = now_ms()
+        self.paper.deposit(300, ts_ms=now - 10 * DAY_MS)
+        self.paper.clear_requests()
+        self.assertEqual([], self.flows(now - DAY_MS, now))
+        self.assertEqual([300.0], [f.amount for f in self.flows(now - 12 * DAY_MS, now)])
+        self.assertEqual(["/api/v5/account/bills", "/api/v5/account/bills-archive"],
+                         [r["path"] for r in self.paper.requests()])
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ Admin (unsigned, not logged, never faulted): GET/POST /_paper/state, POST/DELETE
 Risk model (what the risk kernel reads, the same Account in every dialect; Account.risk_view):
 equity = wallet + unrealised PnL at the marks; maintenance margin = sum of |amount| x mark x
 the market's rate (MM_RATE 0.5 % unless set); liquidation price per position computed for
-cross margin on one collateral (risk_view's docstring), "0" when none, or set raw; the account
+cross margin on one collateral (risk_view's docstring), "0"/"" when none, or set raw; the account
 mode (Binance multiAssetsMargin, Bybit marginMode, OKX acctLv; set_account_mode); the ledger of
 deposits, withdrawals and booked PnL with ids and timestamps (Binance /fapi/v1/income, Bybit
 /v5/account/transaction-log, OKX /api/v5/account/bills[-archive]). Python: set_mark, deposit,
 withdraw, book_pnl, set_account_mode, set_liquidation, set_risk_field, set_mm_rate,
 account_unreadable. HTTP: POST /_paper/state with "marks", "transfers", "account_mode",
-"liquidation", "risk_fields", "position_fields", "mm_rates" (Account.apply_state); unreadable = a fault on
-the account path (POST /_paper/faults).
+"liquidation", "risk_fields", "position_fields", "mm_rates" (Account.apply_state) and
+"account_unreadable" (a fault on the dialect's account path; DELETE /_paper/faults ends it).
 
 Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "count"
 (number of matching requests) and "duration_s"):
@@ -156,6 +156,11 @@ def _fmt(value):
     if isinstance(value, Decimal):
         return format(value.normalize() if value == value.to_integral() else value, "f")
     return f"{value:.8f}"
+
+
+def _text_or(value, default):
+    """value unless None (an override of "" or "0" passes as is)."""
+    return default if value is None else value
 
 
 def _now_ms():
@@ -761,8 +766,11 @@ class Account:
         |amount| x mark x the market's rate) and per position its liquidation price: the mark
         at which equity would equal maintenance margin with every other mark held (cross
         margin, one collateral): p = (MM' - W' + entry x amt) / (amt - |amt| x rate), where
-        W' = wallet + the others' upl and MM' = the others' MM; "0" when no positive price
-        liquidates it (as Binance answers). liquidation_overrides replace the text."""
+        W' = wallet + the others' upl and MM' = the others' MM; None when no positive price
+        liquidates it (Binance answers "0", Bybit and OKX ""); liquidation_overrides replace
+        the text in every dialect, as is. One linear
+        formula for every market (Bybit's inverse contracts too: a paper simplification), and
+        a hedge pair on one market is priced as if only its own side's mark moved."""
         with self.lock:
             rows = []
             for (market_id, position_side), (amount, entry, _) in self.positions.items():
@@ -777,8 +785,7 @@ class Account:
                 others_wallet = self.balance + upl - r["upl"]
                 divisor = r["amount"] - abs(r["amount"]) * r["rate"]
                 price = (mm - r["mm"] - others_wallet + r["entry"] * r["amount"]) / divisor if divisor else ZERO
-                r["liq"] = self.liquidation_overrides.get(
-                    r["market_id"], f"{price:.8f}" if price > 0 else "0")
+                r["liq"] = self.liquidation_overrides.get(r["market_id"], f"{price:.8f}" if price > 0 else None)
             return {"wallet": self.balance, "upl": upl, "equity": self.balance + upl, "mm": mm,
                     "positions": {(r["market_id"], r["position_side"]): r for r in rows}}
 
@@ -807,7 +814,7 @@ class Account:
                     "symbol": market_id, "positionSide": position_side, "positionAmt": _fmt(amount),
                     "entryPrice": _fmt(entry), "breakEvenPrice": _fmt(entry), "markPrice": _fmt(mark),
                     "unRealizedProfit": f"{pnl:.8f}", "isolatedMargin": "0",
-                    "liquidationPrice": risk[(market_id, position_side)]["liq"] if amount else "0",
+                    "liquidationPrice": _text_or(risk[(market_id, position_side)]["liq"] if amount else None, "0"),
                     "notional": f"{notional:.8f}", "marginAsset": "USDT", "isolatedWallet": "0",
                     "updateTime": updated,
                 }
@@ -1130,9 +1137,14 @@ class PaperExchange:
         return self.account.state()
 
     def set_state(self, body):
+        """Account.apply_state, plus "account_mode" (set_account_mode) and "account_unreadable":
+        true or {"duration_s", "status"} (account_unreadable), which need the dialect."""
         if isinstance(body, dict) and "account_mode" in body:
             self.set_account_mode(body["account_mode"])
         self.account.apply_state(body)
+        unreadable = body.get("account_unreadable") if isinstance(body, dict) else None
+        if unreadable:
+            self.account_unreadable(**(unreadable if isinstance(unreadable, dict) else {}))
 
     # -- the risk model (what the risk kernel reads, in every dialect)
 

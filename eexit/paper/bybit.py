@@ -181,7 +181,7 @@ def ep_positions(paper, p, path, method):
                 "symbol": market_id, "side": "Buy" if amount > 0 else "Sell", "size": core._fmt(abs(amount)),
                 "avgPrice": core._fmt(entry), "positionValue": core._fmt(abs(amount) * entry),
                 "tradeMode": 0, "autoAddMargin": 0, "positionStatus": "Normal", "leverage": "10",
-                "markPrice": core._fmt(mark), "liqPrice": "" if model["liq"] == "0" else model["liq"],
+                "markPrice": core._fmt(mark), "liqPrice": core._text_or(model["liq"], ""),
                 "bustPrice": "", "positionIM": "0", "positionMM": f"{model['mm']:.8f}",
                 "takeProfit": "", "stopLoss": "", "trailingStop": "",
                 "unrealisedPnl": f"{(mark - entry) * amount:.8f}", "curRealisedPnl": "0", "cumRealisedPnl": "0",

@@ -169,7 +169,7 @@ def ep_positions(paper, p, path, method):
                 "pos": core._fmt(amount if position_side == "BOTH" else abs(amount)),
                 "mgnMode": account.margin_modes.get((market_id, position_side), "cross"),
                 "avgPx": core._fmt(entry), "markPx": core._fmt(mark), "ccy": market.quote, "lever": "10",
-                "liqPx": "" if model["liq"] == "0" else model["liq"], "mmr": f"{model['mm']:.8f}", "adl": "1",
+                "liqPx": core._text_or(model["liq"], ""), "mmr": f"{model['mm']:.8f}", "adl": "1",
                 "upl": f"{(mark - entry) * amount:.8f}", "cTime": str(updated), "uTime": str(updated)})
             rows[-1] = account.with_risk_fields(rows[-1], market_id)
     return rows

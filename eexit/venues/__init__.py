@@ -48,7 +48,11 @@ _submit_order; here synchronous and limited to what an emergency close needs):
 
 The risk kernel's reads (read-only key; docs/RISK.md):
   RISK_INPUTS      which of "equity", "maintenance_margin", "liquidation_price", "cash_flows",
-                   "margin_mode" the venue provides (the module docstring says per mode)
+                   "margin_mode" the venue provides in its fullest mode
+  RISK_INPUTS_BY_MODE  {margin_mode: inputs} for the modes that provide less (a snapshot's
+                   maintenance_margin is None exactly there); exchange.risk_inputs(ex, mode)
+  LEDGER_KEPT_MS   how far back the venue keeps its ledger: read_cash_flows from before
+                   that raises base.LedgerGapError (the answer could only be incomplete)
   read_risk_snapshot(ex)               base.RiskSnapshot from the venue's raw fields (never
                                        ccxt's unified `total`); raises on anything malformed
                                        or non-finite, never a partial or default snapshot

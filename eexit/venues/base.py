@@ -273,6 +273,12 @@ class CashFlow:
 MARGIN_MODES = frozenset({"single_asset", "multi_assets", "isolated", "cross", "portfolio",
                           "spot", "futures", "multi_currency"})
 
+class LedgerGapError(ExchangeDataError):
+    """Cash flows asked from before the venue's ledger retention: the entries are gone, so
+    the answer could only be incomplete. Raised instead (the kernel cannot tell a transfer
+    from PnL over that gap: a human re-bases)."""
+
+
 RISK_INPUT_NAMES = frozenset({"equity", "maintenance_margin", "liquidation_price", "cash_flows", "margin_mode"})
 DAY_MS = 86_400_000
 
@@ -325,6 +331,13 @@ def cash_flow(flow_id, ts_ms, amount, kind, asset):
     if flow_id in (None, "") or not ts_ms > 0:
         raise ExchangeDataError(f"ledger entry without an id or time: {flow_id!r} {ts_ms!r}")
     return CashFlow(str(flow_id), int(ts_ms), float(amount), str(kind), str(asset or ""))
+
+
+def check_kept(ex, since_ms, kept_ms):
+    """LedgerGapError when since_ms is older than the venue keeps its ledger (kept_ms)."""
+    if since_ms < ex.milliseconds() - kept_ms:
+        raise LedgerGapError(f"{ex.id} keeps its ledger {kept_ms // DAY_MS} days: "
+                             f"cash flows since {since_ms} cannot be read completely")
 
 
 def windows(since_ms, until_ms, span_ms):

@@ -158,24 +158,26 @@ def classify_error(exc, ex=None):
 # /fapi/v3/account: USDT only in single-asset mode, USD over every collateral asset in
 # multi-assets mode (GET /fapi/v1/multiAssetsMargin). Liquidation and mark per position from
 # GET /fapi/v3/positionRisk ("0" = none computed: unknown). The account answer has no
-# timestamp: the venue time is GET /fapi/v1/time, read first (the data is at least that new).
+# timestamp: the venue time is GET /fapi/v1/time, read just before it (the data is at least
+# that new; a transfer within that one request may show in E one read before its ledger entry).
 # Weight per snapshot 1 + 30 + 5 + 5. Cash flows: GET /fapi/v1/income (weight 30 a page of
 # 1000, every income type, kept for 3 months), transfers told apart by incomeType.
 
 RISK_INPUTS = base.RISK_INPUT_NAMES
+LEDGER_KEPT_MS = 90 * base.DAY_MS     # income history: the last 3 months
 RISK_INPUTS_BY_MODE = {}     # both modes provide every input
 TRANSFER_TYPES = frozenset({"TRANSFER", "INTERNAL_TRANSFER", "CROSS_COLLATERAL_TRANSFER",
-                            "COIN_SWAP_DEPOSIT", "COIN_SWAP_WITHDRAW"})
+                            "COIN_SWAP_DEPOSIT", "COIN_SWAP_WITHDRAW", "STRATEGY_UMFUTURES_TRANSFER"})
 _INCOME_PAGE = 1000
 _INCOME_SPAN_MS = 7 * base.DAY_MS
 
 
 def read_risk_snapshot(ex):
     ex.load_markets()
-    venue_ms = base.field(base.obj(ex.fapiPublicGetTime(), "time"), "serverTime", "time")
     multi = base.obj(ex.fapiPrivateGetMultiAssetsMargin(), "multiAssetsMargin").get("multiAssetsMargin")
     if not isinstance(multi, bool):
         raise base.ExchangeDataError(f"multiAssetsMargin is not a boolean: {multi!r}")
+    venue_ms = base.field(base.obj(ex.fapiPublicGetTime(), "time"), "serverTime", "time")
     account = base.obj(ex.fapiPrivateV3GetAccount(), "account")
     positions = []
     for row in base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk"):
@@ -194,6 +196,7 @@ def read_risk_snapshot(ex):
 
 
 def read_cash_flows(ex, since_ms, until_ms):
+    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
     flows = []
     for start, end in base.windows(since_ms, until_ms, _INCOME_SPAN_MS):
         for page in range(1, 10_000):

@@ -196,6 +196,7 @@ def classify_error(exc, ex=None):
 # type TRANSFER_IN / TRANSFER_OUT, windows of at most 7 days, 50 a page (cursor).
 
 RISK_INPUTS = base.RISK_INPUT_NAMES
+LEDGER_KEPT_MS = 730 * base.DAY_MS     # transaction-log: the last 2 years
 RISK_INPUTS_BY_MODE = {"isolated": base.RISK_INPUT_NAMES - {"maintenance_margin"}}
 _MODES = {"ISOLATED_MARGIN": "isolated", "REGULAR_MARGIN": "cross", "PORTFOLIO_MARGIN": "portfolio"}
 _TRANSFERS = {"TRANSFER_IN": 1, "TRANSFER_OUT": -1}
@@ -233,6 +234,7 @@ def read_risk_snapshot(ex):
 
 
 def read_cash_flows(ex, since_ms, until_ms):
+    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
     flows = []
     for start, end in base.windows(since_ms, until_ms, 7 * base.DAY_MS):
         for kind, sign in _TRANSFERS.items():

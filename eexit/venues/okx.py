@@ -177,11 +177,13 @@ def classify_error(exc, ex=None):
 # /api/v5/account/config acctLv 3, 4) E = adjEq and MM = mmr (mgnRatio = adjEq / mmr,
 # liquidation at 1). In spot and futures mode (acctLv 1, 2) those account-level fields are ""
 # (details[].mgnRatio applies per currency): E = totalEq and MM is None. Positions of every
-# segment: liqPx ("" = unknown), markPx. Venue time: GET /api/v5/public/time, read first.
+# segment: liqPx ("" = unknown), markPx. Venue time: GET /api/v5/public/time, read just
+# before the balance (the data is at least that new).
 # Cash flows: GET /api/v5/account/bills type 1 (transfer), 100 a page (newest first, `after`
 # = billId); it keeps 7 days: an older start reads /account/bills-archive (3 months).
 
 RISK_INPUTS = base.RISK_INPUT_NAMES
+LEDGER_KEPT_MS = 90 * base.DAY_MS     # bills-archive: the last 3 months
 RISK_INPUTS_BY_MODE = {mode: base.RISK_INPUT_NAMES - {"maintenance_margin"} for mode in ("spot", "futures")}
 _ACCT_LV = {"1": "spot", "2": "futures", "3": "multi_currency", "4": "portfolio"}
 _BILLS_KEPT_MS = 7 * base.DAY_MS - 3_600_000   # an hour's margin for clocks
@@ -196,11 +198,11 @@ def _one(response, what):
 
 def read_risk_snapshot(ex):
     ex.load_markets()
-    venue_ms = base.field(_one(ex.publicGetPublicTime(), "public/time"), "ts", "public/time")
     acct_lv = str(_one(ex.privateGetAccountConfig(), "account/config").get("acctLv"))
     mode = _ACCT_LV.get(acct_lv)
     if mode is None:
         raise base.ExchangeDataError(f"account/config acctLv {acct_lv!r}")
+    venue_ms = base.field(_one(ex.publicGetPublicTime(), "public/time"), "ts", "public/time")
     balance = _one(ex.privateGetAccountBalance(), "account/balance")
     positions = []
     for segment in SEGMENTS:
@@ -220,6 +222,7 @@ def read_risk_snapshot(ex):
 
 
 def read_cash_flows(ex, since_ms, until_ms):
+    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
     archive = since_ms < ex.milliseconds() - _BILLS_KEPT_MS
     call = ex.privateGetAccountBillsArchive if archive else ex.privateGetAccountBills
     flows, after = [], None
