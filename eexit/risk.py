@@ -599,8 +599,10 @@ class Kernel:
             flows, until = (), None
             if "cash_flows" in exchange.risk_inputs(self.ex):
                 until = (snap.venue_ts_ms or now_ms) + 1
-                since = (self.state.flows_until_ms or until) - FLOW_OVERLAP_MS
-                flows = tuple(exchange.read_cash_flows(self.ex, since, until))
+                # A pending rebase starts afresh from this snapshot: its equity holds every
+                # earlier transfer (so a ledger gap, LedgerGapError, is healed by a rebase).
+                start = until if self.state.rebase_pending else (self.state.flows_until_ms or until)
+                flows = tuple(exchange.read_cash_flows(self.ex, start - FLOW_OVERLAP_MS, until))
         except Exception as exc:  # noqa: BLE001 - any failure is "no valid snapshot": the blind rule decides
             return Reading(error=f"{type(exc).__name__}: {str(exc)[:200]}", halted=halted is not False)
         if not self.mode_checked:

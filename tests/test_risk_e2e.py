@@ -23,6 +23,7 @@ KEYS = f"rk1 risk_kernel {'a1' * 32}\nrb1 risk_rebase {'b2' * 32}"
 
 class RiskEndToEnd(RedisTestCase):
     venue = "binanceusdm"
+    other_mode = "multi_assets"      # an account mode the paper's dialect answers besides its default
 
     def setUp(self):
         super().setUp()
@@ -39,6 +40,8 @@ class RiskEndToEnd(RedisTestCase):
         merged = {"REDIS_URL": self.redis_server.url, "EEXIT_EXCHANGE_URL": self.url, "EEXIT_EXCHANGE": self.venue,
                   "EEXIT_JOURNAL": os.path.join(self.dir, "journal.jsonl"), "EEXIT_CONSUMER": "eew-risk",
                   **EXCHANGE, **env}
+        if self.venue == "okx":
+            merged["EEXIT_API_PASSWORD"] = self.paper.api_password
         process = start_module(module, python_env(**merged), os.path.join(self.dir, module + ".log"))
         self.processes.append(process)
         return process
@@ -159,9 +162,9 @@ class RiskEndToEnd(RedisTestCase):
     def test_mode_switch(self):
         self.kernel()
         self.ready()
-        self.paper.set_account_mode("multi_assets")
+        self.paper.set_account_mode(self.other_mode)
         panic = self.wait_panic("RISK_MODE_CHANGED")
-        self.assertEqual(json.loads(panic.extra["context"])["values"]["mode"], "multi_assets")
+        self.assertEqual(json.loads(panic.extra["context"])["values"]["mode"], self.other_mode)
 
     def test_kill_9_keeps_peak_and_window(self):
         kernel = self.kernel()
@@ -231,6 +234,24 @@ class RiskEndToEnd(RedisTestCase):
             30, message=f"breach while halted\n{self.logs()}")
         self.assertEqual({p.issued_by for p in self.panics()}, {"watchdog"})
         self.assertEqual(self.halted().event_id, first.event_id)
+
+
+class BybitRiskEndToEnd(RiskEndToEnd):
+    venue = "bybit"
+    other_mode = "portfolio"
+
+
+    def test_rule_the_mode_cannot_feed_exits_2_naming_it(self):
+        self.paper.set_account_mode("isolated")      # no account-wide maintenance margin
+        kernel = self.kernel()
+        self.assertEqual(kernel.wait(timeout=60), 2, self.logs())
+        self.assertIn("risk rule margin needs maintenance_margin", self.logs())
+        self.assertIn("EEXIT_RISK_MARGIN_WARN/_PANIC=off", self.logs())
+
+
+class OkxRiskEndToEnd(RiskEndToEnd):
+    venue = "okx"
+    other_mode = "portfolio"
 
 
 if __name__ == "__main__":
