@@ -58,7 +58,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 from . import bus, daemon, schema, signing
-from .config import ConfigError, env_bool, env_float, env_str
+from .config import ConfigError, env_bool, env_float, env_int, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -462,7 +462,7 @@ def describe_baseline(state):
     latched = ",".join(sorted(state.latches)) or "none"
     pending = f"; rebase by {state.rebase_pending} pending" if state.rebase_pending else ""
     return (f"peak {base.peak_adj + base.net_flows:.2f} (net flows {base.net_flows:+.2f}) set by {base.set_by} "
-            f"at {base.set_at_ms} ({base.why}); latched: {latched} (silent until recovered or one step "
+            f"at {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(base.set_at_ms / 1000))} ({base.why}); latched: {latched} (silent until recovered or one step "
             f"deeper){pending}")
 
 
@@ -507,8 +507,8 @@ class Config:
                               "with an unknown liquidation price are judged by it, never taken as safe")
         return cls(rules=rules,
                    interval_s=env_float("EEXIT_RISK_INTERVAL_S", 5.0, minimum=1.0, maximum=300, env=env),
-                   redis_replicas=int(env_float("EEXIT_REDIS_REPLICAS", 0, minimum=0, maximum=16, env=env)),
-                   redis_wait_ms=int(env_float("EEXIT_REDIS_WAIT_MS", 500, minimum=1, maximum=10000, env=env)))
+                   redis_replicas=env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, maximum=16, env=env),
+                   redis_wait_ms=env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, maximum=10000, env=env))
 
 
 def check_inputs(rules, provided, venue_id):
@@ -752,7 +752,11 @@ def main():
 
     def start():
         from . import exchange   # noqa: PLC0415 - see Kernel.read
+        from .venues.base import MARGIN_MODES   # noqa: PLC0415 - imports ccxt, as exchange does
         cfg = Config.from_env()
+        if cfg.rules.margin_mode not in MARGIN_MODES | {"auto", "off"}:
+            raise ConfigError(f"EEXIT_RISK_MARGIN_MODE={cfg.rules.margin_mode!r} is none of auto, off, "
+                              f"{', '.join(sorted(MARGIN_MODES))}")
         keyring = signing.load_keys()
         check_keyring(keyring)
         ex_cfg = exchange.ExchangeConfig.from_env()
