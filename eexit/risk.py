@@ -593,6 +593,7 @@ class Kernel:
     def read(self, now_ms):
         """One Reading: snapshot, then the ledger up to its venue time, then the halt."""
         from . import exchange   # noqa: PLC0415 - ccxt (~0.5 s, ~78 MB) only in the daemon, not for status
+        # Only an explicit halt mutes a panic: a missing or unreadable state publishes (fail-closed).
         halted = schema.TradingState.from_fields(bus.decoded(self.client.hgetall(schema.TRADING_STATE_KEY)))[0].halted
         try:
             snap = exchange.read_risk_snapshot(self.ex)
@@ -604,7 +605,7 @@ class Kernel:
                 start = until if self.state.rebase_pending else (self.state.flows_until_ms or until)
                 flows = tuple(exchange.read_cash_flows(self.ex, start - FLOW_OVERLAP_MS, until))
         except Exception as exc:  # noqa: BLE001 - any failure is "no valid snapshot": the blind rule decides
-            return Reading(error=f"{type(exc).__name__}: {str(exc)[:200]}", halted=halted is not False)
+            return Reading(error=f"{type(exc).__name__}: {str(exc)[:200]}", halted=halted is True)
         if not self.mode_checked:
             # The venue's inputs depend on the account mode: checked against the pinned mode
             # (else the one found) at the first snapshot; ConfigError is exit 2 naming the rule.
@@ -612,7 +613,7 @@ class Kernel:
             mode = mode if self.cfg.rules.margin_mode in ("auto", "off") else self.cfg.rules.margin_mode
             check_inputs(self.cfg.rules, exchange.risk_inputs(self.ex, mode), f"{self.ex.id} in mode {mode}")
             self.mode_checked = True
-        return Reading(snap, flows, until, halted=halted is not False)
+        return Reading(snap, flows, until, halted=halted is True)
 
     def cycle(self):
         now_ms = bus.server_time_ms(self.client)
