@@ -17,6 +17,7 @@ weight per minute (weights from the venues' docs, in WEIGHTS below). Prints key=
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,9 @@ WEIGHTS = {"binanceusdm": {"/fapi/v3/account": 5, "/fapi/v3/positionRisk": 5, "/
 LIMITS = {"binanceusdm": "2400 weight/min per IP",
           "bybit": "wallet-balance 50 req/s, position/list 50 req/s, transaction-log 30 req/s (per UID)",
           "okx": "balance 10 req/2s, positions 10 req/2s, bills 5 req/s (per UID), public/time 10 req/2s"}
+
+
+PHASE = random.Random(25)
 
 
 def cpu_s(pid):
@@ -109,7 +113,9 @@ def run_once(stack):
     stack.start("eexit.risk")
     wait_for(lambda: stack.client.get(risk.STATE_KEY) and stack.client.xlen(risk.HEARTBEAT_STREAM) >= 2, 60,
              message="kernel baseline")
-    time.sleep(0.37 * float(stack.env["EEXIT_RISK_INTERVAL_S"]))      # somewhere inside an interval
+    # A random phase inside the read interval (seeded per run): the worst case is a move just
+    # after a read, which waits a whole interval plus the next read.
+    time.sleep(PHASE.random() * float(stack.env["EEXIT_RISK_INTERVAL_S"]))
     moved_ms = time.time() * 1000
     stack.paper.set_mark("BTCUSDT", 40_000)
     panic = wait_for(lambda: stack.client.xrange(schema.PANIC_STREAM), 60, message="panic")[0]
