@@ -214,6 +214,11 @@ class RiskEndToEnd(RedisTestCase):
         status = subprocess.run([sys.executable, "-m", "eexit.cli", "status", "--json"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         risk_rows = json.loads(status.stdout)["risk"]
+        text = subprocess.run([sys.executable, "-m", "eexit.cli", "status"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60).stdout
+        self.assertRegex(text, r"risk kernel: OK last heartbeat .*, last valid snapshot")
+        self.assertRegex(text, r"drawdown +0\.0+ warn=0\.1 panic=0\.2")
+        self.assertIn("set by alice", text)
         self.assertEqual(risk_rows["baseline"]["set_by"], "alice")
         self.assertEqual(set(risk_rows["rules"]), {"drawdown", "daily_loss", "margin", "liquidation", "mode", "blind"})
 
