@@ -13,6 +13,7 @@ import ccxt
 from eexit import exchange
 from eexit.exchange import ExchangeConfig, build_exchange
 from eexit.paper import PaperExchange
+from eexit.venues import base
 from eexit.venues.base import CashFlow, ExchangeDataError, LedgerGapError
 
 DAY_MS = 86_400_000
@@ -208,6 +209,43 @@ class RiskVenueCase:
         conn.close()
         with self.assertRaises(ccxt.BaseError):
             self.snapshot()
+
+
+class SharedParsingTest(unittest.TestCase):
+    """venues/base.py's risk helpers, as plain functions."""
+
+    def test_windows_cover_the_interval_edge_to_edge(self):
+        self.assertEqual([(0, 7), (7, 14), (14, 15)], base.windows(0, 15, 7))
+        self.assertEqual([(3, 5)], base.windows(3, 5, 7))
+        self.assertEqual([], base.windows(5, 5, 7))
+
+    def test_flows_between_dedupes_by_id_and_keeps_the_half_open_interval(self):
+        flow = lambda i, ts: CashFlow(i, ts, 1.0, "T")   # noqa: E731 - a table helper
+        flows = [flow("b", 20), flow("a", 10), flow("a", 10), flow("c", 30), flow("z", 9)]
+        self.assertEqual(["a", "b"], [f.flow_id for f in base.flows_between(flows, 10, 30)])
+
+    def test_prices_unknown_or_refused(self):
+        for raw in (None, "", "0", 0, "0.000"):
+            self.assertIsNone(base.price_or_none({"p": raw}, "p", "t"), raw)
+        self.assertIsNone(base.price_or_none({}, "p", "t"))
+        self.assertEqual(12.5, base.price_or_none({"p": "12.5"}, "p", "t"))
+        for raw in ("abc", "NaN", "inf", "-1", [], {}):
+            with self.assertRaises(ExchangeDataError, msg=raw):
+                base.price_or_none({"p": raw}, "p", "t")
+
+    def test_a_snapshot_is_whole_or_refused(self):
+        ok = dict(equity=1.0, maintenance_margin=0.1, margin_mode="cross", currency="USD", positions=(),
+                  venue_ts_ms=1)
+        self.assertEqual(1.0, base.risk_snapshot(**ok).equity)
+        for bad in (dict(margin_mode="CROSS"), dict(maintenance_margin=-0.1), dict(venue_ts_ms=0)):
+            with self.assertRaises(ExchangeDataError, msg=bad):
+                base.risk_snapshot(**dict(ok, **bad))
+        with self.assertRaises(ExchangeDataError):
+            base.field({}, "totalEquity", "wallet")
+        with self.assertRaises(ExchangeDataError):
+            base.risk_position("BTC/USDT:USDT", None, 1.0, None, None)
+        with self.assertRaises(ExchangeDataError):
+            base.cash_flow("", 1, 1.0, "T", "USDT")
 
 
 class BinanceRiskTest(RiskVenueCase, unittest.TestCase):
