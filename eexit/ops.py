@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import alert, bus, resume, schema, signing
+from . import bus, resume, schema, signing
 from .config import ConfigError
 
 OPS_AUDIT_STREAM = resume.OPS_AUDIT_STREAM   # written by the EEW on each resume; never trimmed
@@ -145,7 +145,9 @@ def pending_summary(client):
 
 
 def gather_status(client, events=5):
-    """Everything `eexit status` shows, as plain data. Raises bus.REDIS_ERRORS."""
+    """What `eexit status` shows of the safety chain, as plain data (cli adds the sections of
+    optional services, e.g. the alert outbox, so that this module, which the crash hook
+    imports, loads none of them). Raises bus.REDIS_ERRORS."""
     now_ms = bus.server_time_ms(client)
     state, problems, present = read_state(client)
     daemons = {}
@@ -161,8 +163,10 @@ def gather_status(client, events=5):
                          "status": beat.status or None, "service_id": beat.service_id,
                          "active_positions": beat.active_positions,
                          # Why a daemon says it cannot do its job (blind, exchange
-                         # authentication, panics rejected): a generic pair any daemon sets.
-                         "reason": beat.extra.get("reason") or None, "detail": beat.extra.get("detail") or None}
+                         # authentication, panics rejected): `reason`/`detail`, or the Exit
+                         # Brain's `degraded_reason` (cycle_overrun, cycle_failed:<type>, ...).
+                         "reason": beat.extra.get("reason") or beat.extra.get("degraded_reason") or None,
+                         "detail": beat.extra.get("detail") or None}
     recent = []
     for entry_id, fields in client.xrevrange(schema.PANIC_STREAM, count=events) or []:
         fields = decoded(fields)
@@ -183,7 +187,6 @@ def gather_status(client, events=5):
         "panics": recent,
         "pending": pending_summary(client),
         "guard": guard_summary(client, now_ms),
-        "alerts": alert.read_outbox_status(client, now_ms),
     }
 
 
@@ -322,25 +325,37 @@ def read_account(env=None):
         return None, None, f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
+VERDICT_GRACE_S = 2.0   # the CLI waits this much longer than its request stays valid
+
+
 @dataclass
 class ResumeAsked:
     request_id: str
     verdicts_after: str         # the verdict stream's last id before asking
-    asked_mono: float
+    asked_mono: float           # taken before the request was stamped
+    expires_at: int             # epoch ms on Redis's clock: the EEW acts on it no later
+    wait_s: float               # how long the CLI waits for the verdict (valid + grace)
 
 
-def ask_resume(client, fields):
-    """XADD a resume request (fields from resume.build_request); the EEW answers on
-    resume.VERDICT_STREAM. Remembers where that stream stood, so no verdict is missed."""
+def ask_resume(client, build, valid_s):
+    """XADD the resume/init request build(now_ms, valid_s) returns (resume.build_request with
+    the operator's arguments bound), stamped with Redis's clock, the one the EEW checks the
+    expiry on: it stays valid valid_s, and the wait (ResumeAsked.wait_s, counted from before
+    the stamp) ends VERDICT_GRACE_S after that, so no verdict can come after the CLI gave up.
+    Remembers where the verdict stream stood, so no verdict is missed."""
+    asked_mono = time.monotonic()
+    fields = build(bus.server_time_ms(client), valid_s)
     last = latest(client, resume.VERDICT_STREAM)
     client.xadd(resume.REQUEST_STREAM, fields)
-    return ResumeAsked(fields["request_id"], last[0] if last else "0-0", time.monotonic())
+    return ResumeAsked(fields["request_id"], last[0] if last else "0-0", asked_mono, int(fields["expires_at"]),
+                       valid_s + VERDICT_GRACE_S)
 
 
-def wait_for_verdict(client_factory, asked, timeout_s, progress=None):
-    """The EEW's verdict fields for this request, or None at the timeout."""
+def wait_for_verdict(client_factory, asked, progress=None):
+    """The EEW's verdict fields for this request, or None when the wait ends (the outcome is
+    then unknown: a verdict may have been written that Redis did not deliver to us)."""
     found = wait_on_stream(client_factory, resume.VERDICT_STREAM, asked.verdicts_after, asked.asked_mono,
-                           timeout_s, lambda fields: fields.get("request_id") == asked.request_id, progress)
+                           asked.wait_s, lambda fields: fields.get("request_id") == asked.request_id, progress)
     return found[1] if found else None
 
 
@@ -354,22 +369,25 @@ def describe_reason(reason, detail=None):
 
 
 def daemon_problems(status, silent_ms):
-    """["eew: exchange authentication (...)", "brain: SILENT ..."]: each daemon that is silent
-    (no heartbeat younger than silent_ms) or whose latest heartbeat names a reason why it
-    cannot do its job."""
+    """["eew: DEGRADED: exchange authentication (...)", "exit_brain: SILENT ..."]: each daemon
+    that is silent (no heartbeat younger than silent_ms), not OK (DEGRADED, or a status this
+    version does not know: the watchdog reads it as DEGRADED too), or whose latest heartbeat
+    names a reason why it cannot do its job. A DEGRADED beat without a reason says so."""
     problems = []
     for name, daemon in status["daemons"].items():
         if daemon["age_ms"] is None or daemon["age_ms"] > silent_ms:
             problems.append(f"{name}: SILENT (no heartbeat for {silent_ms / 1000:g} s)")
-        elif daemon.get("reason"):
-            problems.append(f"{name}: {daemon['status'] or '?'}: {describe_reason(daemon['reason'], daemon.get('detail'))}")
+        elif daemon.get("reason") or daemon.get("status") != "OK":
+            why = describe_reason(daemon["reason"], daemon.get("detail")) if daemon.get("reason") else "no reason given"
+            problems.append(f"{name}: {daemon.get('status') or 'unknown status'}: {why}")
     return problems
 
 
 def status_exit_code(status, silent_ms):
-    """2 if a daemon is silent or says why it cannot do its job (daemon_problems), else 1 if
-    trading is halted (a missing or unreadable flag counts as halted, as trading code reads
-    it), else 0. A missing guard outranks a halt: protection is missing right now."""
+    """2 if a daemon is silent, not OK, or says why it cannot do its job (daemon_problems),
+    else 1 if trading is halted (a missing or unreadable flag counts as halted, as trading
+    code reads it), else 0. A missing or degraded guard outranks a halt: protection is
+    missing right now. Never 0 beside a DEGRADED Exit Brain."""
     if daemon_problems(status, silent_ms):
         return 2
     return 0 if status["trading"]["halted"] is False else 1
