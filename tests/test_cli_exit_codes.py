@@ -90,9 +90,11 @@ class StatusCannotAnswer(RedisTestCase):
         self.assertEqual(data["exit_code"], 2)
         self.assertEqual(data["daemons"]["eew"]["reason"], "exchange_authentication")
         self.assertEqual(data["problems"], ["eew: DEGRADED: exchange authentication (AuthenticationError -2015)"])
-        # DEGRADED without a reason keeps its old meaning: shown, not a failure of status.
+        # DEGRADED without a reason is no less degraded (issue 26: never HEALTHY beside it).
         beat(self.redis, schema.EEW_HEARTBEAT_STREAM, status="DEGRADED")
-        self.assertEqual(run_cli(self.env(), "status").returncode, 0)
+        result = run_cli(self.env(), "status")
+        self.assertEqual(result.returncode, 2, result.stdout)
+        self.assertIn("UNHEALTHY: eew: DEGRADED: no reason given", result.stdout)
 
     def test_closed_pipe_is_no_traceback_and_keeps_the_exit_code(self):
         fields = schema.PanicEvent("e", "A_REASON_LONG_ENOUGH_TO_FILL_THE_PIPE", "ops", 1).to_fields()

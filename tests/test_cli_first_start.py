@@ -126,6 +126,12 @@ class VersionAndAuditVerifyTest(unittest.TestCase):
         self.assertEqual(out["broken_line"], 1)
         empty = os.path.join(tmp, "empty.jsonl")
         open(empty, "w").close()
+        # Issue 26: an emptied file whose head was deleted proves nothing: BROKEN, never OK.
+        result = run_cli(python_env(), "audit", "verify", empty, "--json")
+        self.assertEqual((result.returncode, json.loads(result.stdout)["verdict"]), (1, "BROKEN"), result.stdout)
+        self.assertIn(".head file is missing", json.loads(result.stdout)["reason"])
+        with open(empty + ".head", "w", encoding="ascii") as f:
+            json.dump({"seq": 0, "hash": "0" * 64}, f)          # what the daemon writes first
         result = run_cli(python_env(), "audit", "verify", empty, "--json")
         self.assertEqual((result.returncode, json.loads(result.stdout)["verdict"]), (0, "OK"), result.stdout)
         missing = run_cli(python_env(), "audit", "verify", os.path.join(tmp, "absent"), "--json")
