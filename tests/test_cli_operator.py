@@ -25,6 +25,7 @@ import unittest
 
 from eexit import bus, ops, resume, schema, signing
 from eexit.paper import PaperExchange
+from tests.acl_harness import AclRedisTestCase
 from tests.harness import RedisTestCase, python_env, start_module, stop_process, wait_for
 from tests.test_brain import BRAIN_ENV
 from tests.test_cli import ResumeCase, beat, run_cli
@@ -221,6 +222,40 @@ class WaitingPanicsTest(RedisTestCase):
             self.panic(f"p{number}", signed=False)
         self.assertEqual(resume.panics_waiting(self.redis, self.KEYS, limit=3),
                          ["more than 3 panic entries pending or unread, not all checked"])
+
+
+class ResumeUnderTheShippedAcl(AclRedisTestCase):
+    """The request (eexit-ops) and the EEW's whole serve path, waiting-panic checks included
+    (eexit-eew), under systemd/redis-acl.conf: no command the new checks use is refused."""
+
+    def test_waiting_panic_refuses_then_the_resume_clears_under_the_acl(self):
+        admin, ops_client, eew = self.redis, self.client("eexit-ops"), self.client("eexit-eew")
+        admin.xgroup_create(schema.PANIC_STREAM, schema.EEW_GROUP, id="0", mkstream=True)
+        report_id = bus.as_text(admin.xadd(schema.COMPLETED_STREAM, {"event_id": "ev-1", "status": "FLAT"}))
+        admin.hset(schema.PROCESSED_KEY, "ev-1", json.dumps({"stage": "done", "status": "FLAT", "report": report_id}))
+        admin.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "event_id": "ev-1", "reason": "MANUAL"})
+        entry_id = admin.xadd(schema.PANIC_STREAM, {"event_id": "ev-2", "reason": "MANUAL", "severity": "CRITICAL",
+                                                    "issued_by": "ops", "ts": "1"})
+        admin.xreadgroup(schema.EEW_GROUP, DEAD_CONSUMER, {schema.PANIC_STREAM: ">"})
+        reads = []
+
+        def serve():
+            asked = ops.ask_resume(ops_client, lambda now_ms, valid_s: resume.build_request(
+                "alice", "ev-1", False, signing.KeyRing(), now_ms, valid_s=valid_s), 30)
+            [(_, fields)] = eew.xrange(resume.REQUEST_STREAM, "-", "+")[-1:]
+            verdict, why = resume.serve_request(eew, fields, signing.KeyRing(), 0, lambda: reads.append(1) or ([], [], None),
+                                                None, "eew-1")
+            self.assertEqual((verdict["request_id"], why), (asked.request_id, None))
+            return verdict
+        refused = serve()
+        self.assertEqual(refused["status"], resume.REFUSED)
+        self.assertIn("ev-2 (pending)", refused["refusals"])
+        self.assertEqual(reads, [])
+        admin.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
+        admin.hset(schema.PROCESSED_KEY, "ev-2", json.dumps({"stage": "done", "status": "FLAT"}))
+        resumed = serve()
+        self.assertEqual((resumed["status"], reads), (resume.RESUMED, [1]))
+        self.assertEqual(admin.hget(schema.TRADING_STATE_KEY, "halted"), b"false")
 
 
 if __name__ == "__main__":
