@@ -161,13 +161,13 @@ def cmd_status(args, cfg, env):
 def print_alerts(alerts):
     """The alert outbox, as the notifier last reported it (eexit.alert heartbeat)."""
     if alerts["age_ms"] is None:
-        print("alerts: no notifier heartbeat (eexit-alert not running?)")
+        emit("alerts: no notifier heartbeat (eexit-alert not running?)")
         return
-    print(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
+    emit(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
     for name, sink in sorted(alerts["sinks"].items()):
         last_at = int(sink["last_at"]) if sink.get("last_at", "").isdigit() else None
         error = f" error={sink['error']}" if sink.get("error") else ""
-        print(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
+        emit(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
               f"{sink.get('last_id') or '-'} at {fmt_ts(last_at)}{error}")
 
 
@@ -311,7 +311,7 @@ def cmd_audit_verify(args, cfg, env):
                     "reason": reason, "exit_code": code})
     else:
         where = f" at line {line}" if line is not None else ""
-        print(f"{verdict}: {args.file}{where}: {reason or 'hash chain intact'}")
+        emit(f"{verdict}: {args.file}{where}: {reason or 'hash chain intact'}")
     return code
 
 
@@ -335,7 +335,7 @@ def cmd_init(args, cfg, env):
             refusals = json.loads(verdict.get("refusals") or "[]")
             state, _problems, present = ops.read_state(client)
     except bus.REDIS_ERRORS as exc:
-        print(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", file=sys.stderr)
+        emit(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
         return EXIT_UNHEALTHY
     if written:
         code, message = EXIT_OK, f"INITIALISED: trading allowed; halted=false by {args.operator} (audit {written})"
@@ -352,7 +352,7 @@ def cmd_init(args, cfg, env):
         print_json({"initialised": bool(written), "audit_entry": written or None, "halted": state.halted,
                     "message": message, "exit_code": code})
     else:
-        print(message)
+        emit(message)
     return code
 
 
