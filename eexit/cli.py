@@ -48,7 +48,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import __version__, bus, ops, resume, schema, signing
+from . import __version__, bus, health, ops, resume, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
 from .console import Progress, emit, known, report_line
 
@@ -99,7 +99,7 @@ def print_json(data):
 def cmd_status(args, cfg, env):
     try:
         client = ops.connect(env)
-        status = ops.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
+        status = health.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
         from . import alert   # noqa: PLC0415 - the notifier's module, only for this section
         status["alerts"] = alert.read_outbox_status(client, status["now_ms"])
     except bus.REDIS_ERRORS as exc:
@@ -109,9 +109,9 @@ def cmd_status(args, cfg, env):
         else:
             emit(f"redis: UNREACHABLE ({type(exc).__name__}: {exc})")
         return EXIT_UNHEALTHY
-    code = ops.status_exit_code(status, cfg.silent_s * 1000)
+    code = health.status_exit_code(status, cfg.silent_s * 1000)
     status["silent_after_ms"] = int(cfg.silent_s * 1000)
-    status["problems"] = ops.daemon_problems(status, cfg.silent_s * 1000)
+    status["problems"] = health.daemon_problems(status, cfg.silent_s * 1000)
     status["exit_code"] = code
     if args.json:
         print_json(status)
@@ -134,7 +134,7 @@ def cmd_status(args, cfg, env):
         if daemon.get("active_positions") is not None:
             extra = f" active_positions={daemon['active_positions']}"
         if daemon.get("reason"):
-            extra += f" reason: {ops.describe_reason(daemon['reason'], daemon.get('detail'))}"
+            extra += f" reason: {health.describe_reason(daemon['reason'], daemon.get('detail'))}"
         emit(f"  {name:<11} {state:<8} last heartbeat {fmt_age(daemon['age_ms'])}{extra}")
     emit(f"panic events (newest {len(status['panics'])}):")
     for event in status["panics"]:

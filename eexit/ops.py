@@ -1,10 +1,10 @@
 """What the operator tools do, as functions over a Redis client: read the system's state,
-publish a panic and wait for ITS report, and ask the EEW to clear a halt (eexit/resume.py). `eexit/cli.py` renders the results;
-`tools/test_panic_close.py` and `tools/chaos.py` reuse them. Not imported by any daemon.
-
-Decisions (is the system healthy, may trading resume) are pure functions over plain data at
-the bottom of this file; ages are measured on ONE clock, the Redis server's (TIME against the
-millisecond part of stream entry ids), so a skewed operator laptop changes nothing.
+publish a panic and wait for ITS report, and ask the EEW to clear a halt (eexit/resume.py).
+`eexit/cli.py` renders the results; the drill, the demo and `tools/chaos.py` reuse them. No
+daemon imports it, but the crash hook does (build_panic): so what only `eexit status` needs
+lives in eexit/health.py, off the hook's path. Ages are measured on ONE clock, the Redis
+server's (TIME against the millisecond part of stream entry ids), so a skewed operator laptop
+changes nothing.
 
 Streams written here besides panics: `system:resume_request` (see docs/REDIS_STREAMS_SCHEMA.md,
 "Resume"); the EEW answers on `system:resume_verdict` and writes `eexit:ops:audit`.
@@ -23,9 +23,6 @@ from . import bus, resume, schema, signing
 from .config import ConfigError
 
 OPS_AUDIT_STREAM = resume.OPS_AUDIT_STREAM   # written by the EEW on each resume; never trimmed
-DAEMON_STREAMS = (("exit_brain", schema.HEARTBEAT_STREAM),
-                  ("eew", schema.EEW_HEARTBEAT_STREAM),
-                  ("watchdog", schema.WATCHDOG_HEARTBEAT_STREAM))
 FINAL_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 SCAN_PAGE = 500
 
@@ -142,68 +139,6 @@ def pending_summary(client):
                                "lag": None if lag is None else int(lag)}
         summary[stream] = per_group
     return summary
-
-
-def gather_status(client, events=5):
-    """What `eexit status` shows of the safety chain, as plain data (cli adds the sections of
-    optional services, e.g. the alert outbox, so that this module, which the crash hook
-    imports, loads none of them). Raises bus.REDIS_ERRORS."""
-    now_ms = bus.server_time_ms(client)
-    state, problems, present = read_state(client)
-    daemons = {}
-    for name, stream in DAEMON_STREAMS:
-        last = latest(client, stream)
-        if last is None:
-            daemons[name] = {"stream": stream, "age_ms": None, "status": None}
-            continue
-        entry_id, fields = last
-        beat, _ = schema.Heartbeat.from_fields(fields)
-        sent_ms = schema.entry_id_ms(entry_id)
-        daemons[name] = {"stream": stream, "age_ms": None if sent_ms is None else max(0, now_ms - sent_ms),
-                         "status": beat.status or None, "service_id": beat.service_id,
-                         "active_positions": beat.active_positions,
-                         # Why a daemon says it cannot do its job (blind, exchange
-                         # authentication, panics rejected): `reason`/`detail`, or the Exit
-                         # Brain's `degraded_reason` (cycle_overrun, cycle_failed:<type>, ...).
-                         "reason": beat.extra.get("reason") or beat.extra.get("degraded_reason") or None,
-                         "detail": beat.extra.get("detail") or None}
-    recent = []
-    for entry_id, fields in client.xrevrange(schema.PANIC_STREAM, count=events) or []:
-        fields = decoded(fields)
-        event, _ = schema.PanicEvent.from_fields(fields)
-        reports = find_reports(client, event.event_id) if event.event_id else []
-        recent.append({"entry_id": text(entry_id), "event_id": event.event_id, "reason": event.reason,
-                       "issued_by": event.issued_by, "ts": event.ts,
-                       "reports": [report_dict(rid, r) for rid, r in reports]})
-    return {
-        "now_ms": now_ms,
-        "trading": {"present": present, "halted": state.halted, "reason": state.reason,
-                    "event_id": state.event_id, "halted_at": state.halted_at,
-                    "halted_by": state.halted_by,
-                    "requires_manual_reset": state.requires_manual_reset,
-                    "cleared_by": state.cleared_by, "cleared_at": state.cleared_at,
-                    "problems": problems},
-        "daemons": daemons,
-        "panics": recent,
-        "pending": pending_summary(client),
-        "guard": guard_summary(client, now_ms),
-    }
-
-
-def guard_summary(client, now_ms):
-    """The EEW's halt guard: who holds the lease (and for how long yet), and the holder's
-    status hash (last check, last enforcement; see eexit/eew.py Worker.halt_guard)."""
-    status = decoded(client.hgetall(schema.GUARD_KEY))
-    holder = client.get(schema.GUARD_LEASE_KEY)
-    ages = {name: max(0, now_ms - int(status[f"{name}_ms"])) if status.get(f"{name}_ms", "").isdigit() else None
-            for name in ("last_check", "last_enforcement")}
-    return {"lease_holder": text(holder) if holder is not None else None,
-            "lease_ttl_s": client.ttl(schema.GUARD_LEASE_KEY) if holder is not None else None,
-            "last_check": status.get("last_check"), "last_check_age_ms": ages["last_check"],
-            "last_enforcement": status.get("last_enforcement"),
-            "last_enforcement_event_id": status.get("last_enforcement_event_id"),
-            "last_enforcement_age_ms": ages["last_enforcement"],
-            "policy": status.get("policy"), "halt_event_id": status.get("halt_event_id")}
 
 
 def report_dict(entry_id, report):
@@ -357,37 +292,3 @@ def wait_for_verdict(client_factory, asked, progress=None):
     found = wait_on_stream(client_factory, resume.VERDICT_STREAM, asked.verdicts_after, asked.asked_mono,
                            asked.wait_s, lambda fields: fields.get("request_id") == asked.request_id, progress)
     return found[1] if found else None
-
-
-# ---------------------------------------------------------------------------- health
-
-def describe_reason(reason, detail=None):
-    """A heartbeat's `reason` code in words: exchange_authentication -> "exchange
-    authentication"; the daemon's `detail`, if any, follows."""
-    words = reason.replace("_", " ")
-    return f"{words} ({detail})" if detail else words
-
-
-def daemon_problems(status, silent_ms):
-    """["eew: DEGRADED: exchange authentication (...)", "exit_brain: SILENT ..."]: each daemon
-    that is silent (no heartbeat younger than silent_ms), not OK (DEGRADED, or a status this
-    version does not know: the watchdog reads it as DEGRADED too), or whose latest heartbeat
-    names a reason why it cannot do its job. A DEGRADED beat without a reason says so."""
-    problems = []
-    for name, daemon in status["daemons"].items():
-        if daemon["age_ms"] is None or daemon["age_ms"] > silent_ms:
-            problems.append(f"{name}: SILENT (no heartbeat for {silent_ms / 1000:g} s)")
-        elif daemon.get("reason") or daemon.get("status") != "OK":
-            why = describe_reason(daemon["reason"], daemon.get("detail")) if daemon.get("reason") else "no reason given"
-            problems.append(f"{name}: {daemon.get('status') or 'unknown status'}: {why}")
-    return problems
-
-
-def status_exit_code(status, silent_ms):
-    """2 if a daemon is silent, not OK, or says why it cannot do its job (daemon_problems),
-    else 1 if trading is halted (a missing or unreadable flag counts as halted, as trading
-    code reads it), else 0. A missing or degraded guard outranks a halt: protection is
-    missing right now. Never 0 beside a DEGRADED Exit Brain."""
-    if daemon_problems(status, silent_ms):
-        return 2
-    return 0 if status["trading"]["halted"] is False else 1

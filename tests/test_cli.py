@@ -9,7 +9,7 @@ import threading
 import time
 import unittest
 
-from eexit import ops, resume, schema, signing
+from eexit import health, ops, resume, schema, signing
 from eexit.localredis import free_port
 from tests.harness import ROOT, RedisTestCase, python_env, wait_for
 from tests.test_eew import EEWCase
@@ -74,7 +74,7 @@ class StatusTest(RedisTestCase):
         result = run_cli(self.env(), "status")
         self.assertEqual(result.returncode, 2, result.stdout)
         self.assertIn("SILENT", result.stdout)
-        for _name, stream in ops.DAEMON_STREAMS:
+        for _name, stream in health.DAEMON_STREAMS:
             beat(self.redis, stream)
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "event_id": "e1",
                                                            "reason": "X", "halted_by": "watchdog"})
@@ -87,7 +87,7 @@ class StatusTest(RedisTestCase):
         self.assertIn("HEALTHY", result.stdout)
 
     def test_json_lists_panics_reports_and_pending(self):
-        for _name, stream in ops.DAEMON_STREAMS:
+        for _name, stream in health.DAEMON_STREAMS:
             beat(self.redis, stream)
         self.redis.xgroup_create(schema.PANIC_STREAM, schema.EEW_GROUP, id="0", mkstream=True)
         event = schema.PanicEvent("ev-1", "MANUAL", "ops", int(time.time() * 1000))
@@ -106,7 +106,7 @@ class StatusTest(RedisTestCase):
         self.assertEqual(group["consumers"], {"eew@test": 1})
 
     def test_stale_heartbeat_is_silent(self):
-        for _name, stream in ops.DAEMON_STREAMS:
+        for _name, stream in health.DAEMON_STREAMS:
             self.redis.xadd(stream, {"service_id": "x", "status": "OK"}, id="1000-0")
         self.redis.hset(schema.TRADING_STATE_KEY, "halted", "false")
         result = run_cli(self.env(), "status", "--json")
@@ -390,20 +390,20 @@ class StatusDecisionTest(unittest.TestCase):
                 "trading": {"halted": halted}}
 
     def test_exit_codes(self):
-        self.assertEqual(ops.status_exit_code(self.status([1, 2, 3], False), 5000), 0)
-        self.assertEqual(ops.status_exit_code(self.status([1, 2, 3], True), 5000), 1)
-        self.assertEqual(ops.status_exit_code(self.status([1, 2, 3], None), 5000), 1)
-        self.assertEqual(ops.status_exit_code(self.status([1, None, 3], False), 5000), 2)
-        self.assertEqual(ops.status_exit_code(self.status([1, 5001, 3], True), 5000), 2)
+        self.assertEqual(health.status_exit_code(self.status([1, 2, 3], False), 5000), 0)
+        self.assertEqual(health.status_exit_code(self.status([1, 2, 3], True), 5000), 1)
+        self.assertEqual(health.status_exit_code(self.status([1, 2, 3], None), 5000), 1)
+        self.assertEqual(health.status_exit_code(self.status([1, None, 3], False), 5000), 2)
+        self.assertEqual(health.status_exit_code(self.status([1, 5001, 3], True), 5000), 2)
 
     def test_never_healthy_beside_a_degraded_daemon(self):
         degraded = self.status([1, 2, 3], False, "DEGRADED OK OK", ("cycle_overrun", None, None))
-        self.assertEqual(ops.status_exit_code(degraded, 5000), 2)
-        self.assertEqual(ops.daemon_problems(degraded, 5000), ["a: DEGRADED: cycle overrun"])
+        self.assertEqual(health.status_exit_code(degraded, 5000), 2)
+        self.assertEqual(health.daemon_problems(degraded, 5000), ["a: DEGRADED: cycle overrun"])
         for statuses in ("DEGRADED OK OK", "OK - OK"):      # no reason given; a status unknown
             with self.subTest(statuses=statuses):
-                self.assertEqual(ops.status_exit_code(self.status([1, 2, 3], False, statuses), 5000), 2)
-        self.assertEqual(ops.daemon_problems(self.status([1, 2, 3], True, "OK - OK"), 5000),
+                self.assertEqual(health.status_exit_code(self.status([1, 2, 3], False, statuses), 5000), 2)
+        self.assertEqual(health.daemon_problems(self.status([1, 2, 3], True, "OK - OK"), 5000),
                          ["b: unknown status: no reason given"])
 
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 import unittest
 
-from eexit import bus, ops, resume, schema, signing
+from eexit import bus, health, ops, resume, schema, signing
 from eexit.paper import PaperExchange
 from tests.acl_harness import AclRedisTestCase
 from tests.harness import RedisTestCase, python_env, start_module, stop_process, wait_for
@@ -61,7 +61,7 @@ class StatusBesideADegradedBrain(RedisTestCase):
         self.redis.hset(schema.TRADING_STATE_KEY, "halted", "false")
         result = run_cli(python_env(REDIS_URL=self.redis_server.url), "status")
         self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
-        self.assertIn(f"exit_brain: DEGRADED: {ops.describe_reason(reason)}", result.stdout)
+        self.assertIn(f"exit_brain: DEGRADED: {health.describe_reason(reason)}", result.stdout)
         self.assertTrue(result.stdout.splitlines()[-1].startswith("UNHEALTHY: exit_brain: DEGRADED"), result.stdout)
         data = json.loads(run_cli(python_env(REDIS_URL=self.redis_server.url), "status", "--json").stdout)
         self.assertEqual((data["exit_code"], data["daemons"]["exit_brain"]["reason"]), (2, reason))
