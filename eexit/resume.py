@@ -366,7 +366,7 @@ def _lift(client, request, keyring, still_as_checked, audit, refusal):
             now_ms = bus.server_time_ms(pipe)
             if now_ms > request.expires_at:
                 return None, [f"the request expired {now_ms - request.expires_at} ms before the halt could be "
-                              f"written (its CLI stopped waiting): nothing changed"]
+                              f"written (it is valid EEXIT_RESUME_TIMEOUT_S): nothing changed; ask again"]
             pipe.multi()
             pipe.hset(schema.TRADING_STATE_KEY, mapping={
                 "halted": "false", "requires_manual_reset": "false",
