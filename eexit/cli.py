@@ -1,28 +1,28 @@
 """`eexit`: the operator's command line.
 
     eexit status [--events N] [--json]
-        exit 0 healthy, 1 trading halted, 2 cannot vouch: a daemon silent or naming a reason
-        it cannot do its job (heartbeat `reason`), Redis unreachable, a configuration error,
-        or any unexpected error (status never exits 1 unless it read a halt)
+        exit 0 healthy, 1 trading halted, 2 cannot vouch: a daemon silent, DEGRADED (the
+        Exit Brain's `degraded_reason` or a daemon's `reason` named) or naming a reason it
+        cannot do its job, Redis unreachable, a configuration error, or any unexpected error
+        (status never exits 1 unless it read a halt)
     eexit panic --reason TEXT [--issued-by ops] [--timeout S] [--json]
         exit 0 only when the report for THIS event says FLAT; 1 any other report;
         3 no report before the timeout; 2 configuration or Redis unreachable
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual] [--json]
         asks the EEW (signed request, eexit/resume.py), which checks and clears the halt;
-        exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
-        or Redis unreachable; 3 no verdict from the EEW before EEXIT_RESUME_TIMEOUT_S
+        exit 0 halt cleared (or already cleared for that event); 1 refused (among others:
+        an authorised panic not executed yet); 2 configuration or Redis unreachable; 3 no
+        verdict within EEXIT_RESUME_TIMEOUT_S + 2 s: the outcome is unknown (check `eexit
+        status`); the request expired first on Redis's clock, so the EEW acts on it no more
     eexit panic --on-service-failure
         systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
-    eexit risk rebase --operator NAME [--json]
-        asks the risk kernel to take the next valid snapshot as its new peak and window (a
-        request signed with the risk_rebase key, recorded on eexit:risk:events); exit 0
-        accepted, 1 refused, 2 configuration or Redis unreachable, 3 no answer in time
     eexit audit verify FILE [--json]
         exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
     eexit init --operator NAME [--json]
         first start: asks the EEW (like resume) for halted=false (who, when, eexit:ops:audit)
         only if no trading state exists; exit 0 written or already halted=false; 1 refused (a
-        halt exists); 2 Redis unreachable; 3 no verdict from the EEW
+        halt exists, or an authorised panic is not executed yet); 2 Redis unreachable; 3 no
+        verdict in time: outcome unknown, as for resume
     eexit drill [--reason DRILL] [--timeout S] [--json] [--live --yes-close-real-positions]
         the panic drill (eexit/drill.py): exit 0 PASS, 1 FAIL, 3 timeout/EEW not running,
         4 refused (not paper or sandbox), 2 configuration
@@ -48,14 +48,18 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import __version__, bus, ops, resume, schema, signing
+from . import __version__, bus, health, ops, resume, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
-from .paper import DIALECTS as PAPER_DIALECTS
+from .console import Progress, emit, known, report_line
 
+# The paper exchange's dialects (eexit.paper.DIALECTS; a test pins that they agree): named here
+# so that `eexit` does not load the paper exchange to parse its arguments.
+DEMO_VENUES = ("binanceusdm", "bybit", "okx")
 EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT, EXIT_INTERNAL = 0, 1, 2, 3, 5
 EPILOG = ("exit codes: status 0 healthy, 1 halted, 2 cannot vouch (silent or degraded daemon, Redis, "
           "configuration, unexpected error); panic 0 FLAT, 1 other report, 2 configuration or Redis, "
-          "3 timeout; resume 0 cleared, 1 refused, 2 configuration or Redis; every command but status: "
+          "3 timeout; resume and init 0 cleared, 1 refused, 2 configuration or Redis, 3 no verdict in time "
+          "(outcome unknown: check status); every command but status: "
           "5 unexpected error (outcome unknown)")
 
 
@@ -86,69 +90,8 @@ def fmt_age(ms):
     return "never" if ms is None else f"{ms / 1000:.1f} s ago"
 
 
-def known(value):
-    """A count the report did not carry is "unknown", never None and never 0."""
-    return "unknown" if value is None else value
-
-
-def report_line(r):
-    """One line for a report dict (ops.report_dict): status, positions closed, duration."""
-    took = "unknown time" if r.get("execution_time_ms") is None else f"{r['execution_time_ms']} ms"
-    return (f"{r['status']} {known(r.get('positions_closed'))}/{known(r.get('positions_total'))} "
-            f"closed in {took}" + (f" scope={r['scope']}" if r.get("scope") else "")
-            + (f" ({r['detail']})" if r.get("detail") else ""))
-
-
-def emit(text="", err=False):
-    """print() that survives a reader that went away (`eexit status | head -1`): the rest of
-    the output goes to /dev/null and the command still ends with its own exit code, without
-    a BrokenPipeError traceback."""
-    stream = sys.stderr if err else sys.stdout
-    try:
-        print(text, file=stream, flush=True)
-    except BrokenPipeError:
-        # Nobody reads any more: nothing to tell them. Point the descriptor at /dev/null so
-        # the interpreter's final flush does not raise again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-
-
 def print_json(data):
     emit(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-class Progress:
-    """One line on stderr while waiting: rewritten in place on a terminal, a line every few
-    seconds otherwise (logs stay readable). stdout stays clean for --json."""
-
-    def __init__(self, label, stream=None):
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.last_line = 0.0
-
-    def __call__(self, elapsed_s, note):
-        line = f"{self.label}: {note} {elapsed_s:5.1f} s"
-        if self.tty:
-            self._write("\r" + line + " " * 8)
-        elif elapsed_s - self.last_line >= 5.0:
-            self._write(line + "\n")
-            self.last_line = elapsed_s
-
-    def done(self):
-        if self.tty:
-            self._write("\n")
-
-    def _write(self, text):
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):
-            # The progress line is a courtesy: a closed stream must not stop the wait for
-            # the report, whose outcome is the exit code.
-            self.tty = False
-            self.last_line = float("inf")
 
 
 # ---------------------------------------------------------------------------- status
@@ -156,8 +99,9 @@ class Progress:
 def cmd_status(args, cfg, env):
     try:
         client = ops.connect(env)
-        status = ops.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
-        status["risk"] = ops.gather_risk(client, status["now_ms"])
+        status = health.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
+        from . import alert   # noqa: PLC0415 - the notifier's module, only for this section
+        status["alerts"] = alert.read_outbox_status(client, status["now_ms"])
     except bus.REDIS_ERRORS as exc:
         # Nothing can be known without Redis: that is the "unhealthy" answer, not a crash.
         if args.json:
@@ -165,10 +109,9 @@ def cmd_status(args, cfg, env):
         else:
             emit(f"redis: UNREACHABLE ({type(exc).__name__}: {exc})")
         return EXIT_UNHEALTHY
-    risk_problems = ops.risk_problems(status["risk"], cfg.silent_s * 1000)
-    code = EXIT_UNHEALTHY if risk_problems else ops.status_exit_code(status, cfg.silent_s * 1000)
+    code = health.status_exit_code(status, cfg.silent_s * 1000)
     status["silent_after_ms"] = int(cfg.silent_s * 1000)
-    status["problems"] = ops.daemon_problems(status, cfg.silent_s * 1000) + risk_problems
+    status["problems"] = health.daemon_problems(status, cfg.silent_s * 1000)
     status["exit_code"] = code
     if args.json:
         print_json(status)
@@ -191,7 +134,7 @@ def cmd_status(args, cfg, env):
         if daemon.get("active_positions") is not None:
             extra = f" active_positions={daemon['active_positions']}"
         if daemon.get("reason"):
-            extra += f" reason: {ops.describe_reason(daemon['reason'], daemon.get('detail'))}"
+            extra += f" reason: {health.describe_reason(daemon['reason'], daemon.get('detail'))}"
         emit(f"  {name:<11} {state:<8} last heartbeat {fmt_age(daemon['age_ms'])}{extra}")
     emit(f"panic events (newest {len(status['panics'])}):")
     for event in status["panics"]:
@@ -211,7 +154,6 @@ def cmd_status(args, cfg, env):
             lag = "" if info["lag"] is None else f" unread={info['lag']}"
             emit(f"  {stream} / {group}: pending={info['pending']}{lag} ({consumers})")
     print_alerts(status["alerts"])
-    print_risk(status["risk"])
     emit({0: "HEALTHY", 1: "HALTED"}.get(code) or "UNHEALTHY: " + "; ".join(status["problems"]))
     return code
 
@@ -219,70 +161,14 @@ def cmd_status(args, cfg, env):
 def print_alerts(alerts):
     """The alert outbox, as the notifier last reported it (eexit.alert heartbeat)."""
     if alerts["age_ms"] is None:
-        print("alerts: no notifier heartbeat (eexit-alert not running?)")
+        emit("alerts: no notifier heartbeat (eexit-alert not running?)")
         return
-    print(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
+    emit(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
     for name, sink in sorted(alerts["sinks"].items()):
         last_at = int(sink["last_at"]) if sink.get("last_at", "").isdigit() else None
         error = f" error={sink['error']}" if sink.get("error") else ""
-        print(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
+        emit(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
               f"{sink.get('last_id') or '-'} at {fmt_ts(last_at)}{error}")
-
-
-def print_risk(risk_status):
-    """The risk kernel's rows (issue 25): one per rule, the baseline, the last snapshot's age."""
-    if risk_status is None:
-        emit("risk kernel: not running (opt-in: eexit-risk.service)")
-        return
-    beat = risk_status["heartbeat"]
-    emit(f"risk kernel: {beat['status'] or 'SILENT'} last heartbeat {fmt_age(beat['age_ms'])}, "
-         f"last valid snapshot {fmt_age(risk_status['snapshot_age_ms'])}"
-         + (f" reason: {ops.describe_reason(beat['reason'], beat['detail'])}" if beat["reason"] else ""))
-    for rule, row in risk_status["rules"].items():
-        latched = f" LATCHED ({row['latched'].get('reason')} {row['latched'].get('event_id') or 'while halted'})" \
-            if row.get("latched") else ""
-        if rule == "mode":
-            emit(f"  {rule:<12} {row['value'] or '-'} pinned={row['pinned']} baseline={row['baseline_mode'] or '-'}{latched}")
-        elif rule == "blind":
-            emit(f"  {rule:<12} {row['problem'] or 'readable'} (panic after {row['blind_s']} s with exposure){latched}")
-        elif not row["on"]:
-            emit(f"  {rule:<12} off")
-        else:
-            value = "-" if row["value"] is None else f"{row['value']:.4f}"
-            emit(f"  {rule:<12} {value} warn={row['warn']} panic={row['panic']}"
-                 f"{' WARNED' if row['warned'] else ''}{latched}")
-    emit(f"  baseline     {risk_status['baseline_text']}")
-
-
-# ---------------------------------------------------------------------------- risk rebase
-
-def cmd_risk_rebase(args, cfg, env):
-    """Ask the risk kernel (the only writer of its state) to re-base: the next valid snapshot
-    becomes the new peak and window; the kernel verifies the signature and records it."""
-    from . import risk   # noqa: PLC0415 - light; only this command and status need it
-    keyring = signing.load_keys(env)
-    try:
-        client = ops.connect(env)
-        fields = risk.build_rebase(args.operator.strip(), keyring, bus.server_time_ms(client))
-        asked = ops.ask_rebase(client, fields)
-    except bus.REDIS_ERRORS as exc:
-        emit(f"eexit risk rebase: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
-        return EXIT_UNHEALTHY
-    verdict = ops.wait_for_rebase(lambda: bus.connect(env=env), asked, cfg.resume_timeout_s)
-    if verdict is None:
-        emit(f"eexit risk rebase: no answer from the risk kernel within {cfg.resume_timeout_s:g} s; outcome "
-             f"unknown (the request stays valid {risk.REBASE_MAX_AGE_MS // 1000} s): check `eexit status`", err=True)
-        return EXIT_TIMEOUT
-    accepted = verdict.get("status") == "accepted"
-    if args.json:
-        print_json({"accepted": accepted, "request_id": asked.request_id, "operator": args.operator,
-                    "why": verdict.get("why"), "before": verdict.get("before"), "stream": risk.EVENTS_STREAM})
-    elif accepted:
-        emit(f"ACCEPTED: the next valid snapshot becomes the baseline (set_by={args.operator}); "
-             f"before: {verdict.get('before')}")
-    else:
-        emit(f"REFUSED: {verdict.get('why')}")
-    return EXIT_OK if accepted else EXIT_FAIL
 
 
 # ---------------------------------------------------------------------------- panic
@@ -335,13 +221,39 @@ def cmd_panic(args, cfg, env):
 
 # ---------------------------------------------------------------------------- resume
 
+def ask_eew(client, env, cfg, action, operator, ack="-", accept_residual=False):
+    """Publish a signed resume/init request (valid EEXIT_RESUME_TIMEOUT_S on Redis's clock)
+    and wait for the EEW's verdict: (asked, verdict fields or None at the end of the wait).
+    Raises ConfigError (keys without an ops key: nothing published) and bus.REDIS_ERRORS."""
+    keyring = signing.load_keys(env)
+
+    def build(now_ms, valid_s):
+        try:
+            return resume.build_request(operator, ack, accept_residual, keyring, now_ms, action=action,
+                                        valid_s=valid_s)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    asked = ops.ask_resume(client, build, cfg.resume_timeout_s)
+    return asked, ops.wait_for_verdict(lambda: bus.connect(env=env), asked)
+
+
+def outcome_unknown(command, asked, as_json):
+    """A CLI that stopped waiting never claims an outcome (exit 3): the EEW may have cleared
+    the halt and its verdict not reached us. The request is dead now: it expired on Redis's
+    clock before the wait ended, and the EEW checks that right before it writes."""
+    message = (f"no verdict from the EEW within {asked.wait_s:g} s (EEXIT_RESUME_TIMEOUT_S + "
+               f"{ops.VERDICT_GRACE_S:g} s): outcome unknown, check `eexit status`. Request {asked.request_id} "
+               f"expired at {fmt_ts(asked.expires_at)} (Redis clock): the EEW no longer acts on it. "
+               f"Is eexit-eew running?")
+    if as_json:
+        print_json({"outcome": "unknown", "request_id": asked.request_id, "message": message,
+                    "exit_code": EXIT_TIMEOUT})
+    emit(f"eexit {command}: {message}", err=True)
+    return EXIT_TIMEOUT
+
+
 def cmd_resume(args, cfg, env):
     """Ask the EEW (the only writer of the halt) and print its verdict; the checks are its."""
-    try:
-        keyring = signing.load_keys(env)
-        fields = resume.build_request(args.operator.strip(), args.ack, args.accept_residual, keyring)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     try:
         client = ops.connect(env)
         # Already cleared for this very event: saying so (exit 0) makes the command safe to re-run.
@@ -353,16 +265,12 @@ def cmd_resume(args, cfg, env):
             else:
                 emit(message)
             return EXIT_OK
-        asked = ops.ask_resume(client, fields)
+        asked, verdict = ask_eew(client, env, cfg, "resume", args.operator.strip(), args.ack, args.accept_residual)
     except bus.REDIS_ERRORS as exc:
         emit(f"eexit resume: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
         return EXIT_UNHEALTHY
-    verdict = ops.wait_for_verdict(lambda: bus.connect(env=env), asked, cfg.resume_timeout_s)
     if verdict is None:
-        print(f"eexit resume: no verdict from the EEW within {cfg.resume_timeout_s:g} s "
-              f"(EEXIT_RESUME_TIMEOUT_S); trading stays halted. Is eexit-eew running? (eexit status)",
-              file=sys.stderr)
-        return EXIT_TIMEOUT
+        return outcome_unknown("resume", asked, args.json)
     reasons = json.loads(verdict.get("refusals") or "[]")
     residual = json.loads(verdict.get("residual_positions") or "[]")
     audit_id = verdict.get("audit_entry") or None
@@ -377,21 +285,7 @@ def cmd_resume(args, cfg, env):
     else:
         emit(f"RESUMED: trading allowed again; cleared_by={args.operator} event={args.ack} "
               f"audit={ops.OPS_AUDIT_STREAM} {audit_id}" + (f" accepted residual: {residual}" if residual else ""))
-        print_risk_baseline(env)
     return EXIT_FAIL if reasons else EXIT_OK
-
-
-def print_risk_baseline(env):
-    """After a resume: which risk baseline applies from now on (issue 25), if the kernel runs."""
-    try:
-        client = ops.connect(env)
-        risk_status = ops.gather_risk(client, bus.server_time_ms(client))
-    except bus.REDIS_ERRORS as exc:
-        emit(f"risk kernel baseline: unknown (Redis: {type(exc).__name__})")
-        return
-    if risk_status is not None:
-        emit(f"risk kernel baseline that applies now: {risk_status['baseline_text']}; "
-             f"`eexit risk rebase --operator NAME` to start from the current equity")
 
 
 # ---------------------------------------------------------------------------- audit, demo
@@ -417,7 +311,7 @@ def cmd_audit_verify(args, cfg, env):
                     "reason": reason, "exit_code": code})
     else:
         where = f" at line {line}" if line is not None else ""
-        print(f"{verdict}: {args.file}{where}: {reason or 'hash chain intact'}")
+        emit(f"{verdict}: {args.file}{where}: {reason or 'hash chain intact'}")
     return code
 
 
@@ -429,31 +323,27 @@ def cmd_init(args, cfg, env):
     existing state: a halt, even one from a panic this host never saw, is lifted only by
     `eexit resume`. exit 0 written (or already halted=false: nothing to do), 1 refused (a halt
     exists), 2 Redis unreachable or configuration, 3 no verdict from the EEW."""
-    try:
-        fields = resume.build_request(args.operator.strip(), "-", False, signing.load_keys(env), action="init")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    written = ""
+    written, refusals = "", []
     try:
         client = bus.connect(env=env)
         state, _problems, present = ops.read_state(client)
         if not present:
-            verdict = ops.wait_for_verdict(lambda: bus.connect(env=env), ops.ask_resume(client, fields),
-                                           cfg.resume_timeout_s)
+            asked, verdict = ask_eew(client, env, cfg, "init", args.operator.strip())
             if verdict is None:
-                print(f"eexit init: no verdict from the EEW within {cfg.resume_timeout_s:g} s "
-                      f"(EEXIT_RESUME_TIMEOUT_S); nothing written. Is eexit-eew running?", file=sys.stderr)
-                return EXIT_TIMEOUT
+                return outcome_unknown("init", asked, args.json)
             written = verdict.get("audit_entry") or ""
+            refusals = json.loads(verdict.get("refusals") or "[]")
             state, _problems, present = ops.read_state(client)
     except bus.REDIS_ERRORS as exc:
-        print(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", file=sys.stderr)
+        emit(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
         return EXIT_UNHEALTHY
     if written:
         code, message = EXIT_OK, f"INITIALISED: trading allowed; halted=false by {args.operator} (audit {written})"
     elif state.halted is False:
         code, message = EXIT_OK, (f"already initialised: halted=false (cleared by {state.cleared_by or '-'} "
                                   f"at {fmt_ts(state.cleared_at)}); nothing written")
+    elif refusals:
+        code, message = EXIT_FAIL, "REFUSED: " + "; ".join(refusals)
     else:
         code, message = EXIT_FAIL, (f"REFUSED: a trading state exists and says halted "
                                     f"(event {state.event_id or '-'}, reason {state.reason or '-'}); "
@@ -462,7 +352,7 @@ def cmd_init(args, cfg, env):
         print_json({"initialised": bool(written), "audit_entry": written or None, "halted": state.halted,
                     "message": message, "exit_code": code})
     else:
-        print(message)
+        emit(message)
     return code
 
 
@@ -501,13 +391,6 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_resume)
 
-    p = sub.add_parser("risk", help="risk kernel tools")
-    risk_sub = p.add_subparsers(dest="risk_command", required=True)
-    r = risk_sub.add_parser("rebase", help="re-base the risk kernel's peak and window on purpose (signed, recorded)")
-    r.add_argument("--operator", required=True)
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(handler=cmd_risk_rebase)
-
     p = sub.add_parser("audit", help="audit file tools")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
     v = audit_sub.add_parser("verify", help="check the hash chain of an audit file")
@@ -528,7 +411,7 @@ def build_parser():
     p = sub.add_parser("demo", help="private Redis + paper exchange + the three daemons; kill the Exit Brain; timeline")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and print where")
-    p.add_argument("--venue", default="binanceusdm", choices=PAPER_DIALECTS,
+    p.add_argument("--venue", default="binanceusdm", choices=DEMO_VENUES,
                    help="the paper exchange's dialect and EEXIT_EXCHANGE of the daemons")
     p.set_defaults(handler=cmd_demo)
     return parser
@@ -544,7 +427,7 @@ def main(argv=None):
     env = os.environ
     try:
         cfg = Config.from_env(env)
-        if args.command in ("resume", "init", "risk") and not args.operator.strip():
+        if args.command in ("resume", "init") and not args.operator.strip():
             raise ConfigError("--operator must name a person")
         return args.handler(args, cfg, env)
     except ConfigError as exc:
