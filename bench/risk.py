@@ -12,10 +12,12 @@ measure, on ONE clock (this host's wall clock; Redis runs here too):
     flat_ms    mark move -> the EEW's FLAT report (ts_completed)
 The target is panic_ms <= interval + one account read. Then (first venue) the kernel alone
 reads an idle account for --idle-s: RSS (VmRSS, VmHWM) and CPU (utime+stime from /proc) of the
-kernel, the EEW and the watchdog, and the paper's request log, turned into the venue's request
-weight per minute (weights from the venues' docs, in WEIGHTS below). Prints key=value lines."""
+kernel (alone), then the EEW and the watchdog, and the paper's request log of the kernel alone,
+turned into the venue's request weight per minute (WEIGHTS below). Prints key=value lines and
+writes bench/results/risk.json (`python bench/report.py --only risk` renders its section)."""
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -23,7 +25,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from eexit import exchange, risk, schema  # noqa: E402
 from eexit.paper import PaperExchange  # noqa: E402
@@ -171,6 +174,8 @@ def main():
     parser.add_argument("--idle-s", type=float, default=60.0)
     args = parser.parse_args()
     directory = tempfile.mkdtemp(prefix="eexit-bench-risk-")
+    results = {"settings": {"EEXIT_RISK_INTERVAL_S": args.interval, "runs": args.runs, "idle_s": args.idle_s},
+               "load1": os.getloadavg()[0], "venues": {}}
     print(f"settings interval_s={args.interval} runs={args.runs} idle_s={args.idle_s} "
           f"load1={os.getloadavg()[0]:.2f} cpus={os.cpu_count()} logs={directory}")
     for venue in args.venues.split(","):
@@ -193,8 +198,16 @@ def main():
             weight = sum(WEIGHTS.get(venue, {}).get(path, 1) * n for path, n in per_min.items())
             print(f"venue={venue} requests_per_min={sum(per_min.values()):.1f} weight_per_min={weight:.0f} "
                   f"limit=\"{LIMITS[venue]}\" paths={per_min}")
+            results["venues"][venue] = {
+                "one_read_ms": read_ms, "target_ms": target, "reasons": sorted({r[0] for r in runs}),
+                "statuses": sorted({r[2] for r in runs}), "panic_ms": panics, "flat_ms": flats,
+                "daemons": {m: {"rss_mb": f[0], "hwm_mb": f[1], "idle_cpu_pct": f[2]} for m, f in figures.items()},
+                "requests_per_min": per_min, "weight_per_min": weight, "limit": LIMITS[venue]}
         finally:
             stack.close()
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "risk.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
     return 0
 
 
