@@ -575,6 +575,7 @@ class Kernel:
         self.state = RiskState()
         self.lost = ""
         self.mode_checked = False
+        self.saved = False              # written eexit:risk:state at least once (this process)
         self.rebase_cursor = "$"
         self.stopping = False
 
@@ -584,6 +585,8 @@ class Kernel:
         raw = self.client.get(STATE_KEY)
         if raw is not None:
             self.state = from_json(bus.as_text(raw))
+        elif self.state.baseline is not None:
+            self.state = self.restored(self.state)
         elif self.client.xlen(EVENTS_STREAM):
             self.lost = "state key eexit:risk:state missing while eexit:risk:events has history"
             self.log.critical("baseline_lost", detail=self.lost)
@@ -664,7 +667,19 @@ class Kernel:
         document = json.loads(to_json(state))
         document["rules"] = asdict(self.cfg.rules)
         document["interval_s"] = self.cfg.interval_s
-        self.client.set(STATE_KEY, json.dumps(document, sort_keys=True, separators=(",", ":")))
+        previous = self.client.set(STATE_KEY, json.dumps(document, sort_keys=True, separators=(",", ":")), get=True)
+        if previous is None and self.saved and state.baseline is not None:
+            self.save(self.restored(state))     # the key vanished since our last write
+        self.saved = True
+
+    def restored(self, state):
+        """Redis lost our state under us (flushed, or restarted without persistence): the state
+        in memory is the truth and is written back; the panics it holds may have gone with the
+        panic stream, so they are published again under their own event ids (the EEW
+        de-duplicates what it still knows)."""
+        latches = {rule: {**item, "published": not item["event_id"]} for rule, item in state.latches.items()}
+        self.log.critical("state_restored_from_memory", latched=",".join(sorted(latches)) or "none")
+        return replace(state, latches=latches)
 
     def event(self, kind, **fields):
         self.client.xadd(EVENTS_STREAM, {"kind": kind, "ts": str(wall_ms()),

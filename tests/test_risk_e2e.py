@@ -186,6 +186,18 @@ class RiskEndToEnd(RedisTestCase):
         self.assertIn('eexit_risk_value{rule="drawdown"} 0.0', text)
         self.assertIn('eexit_risk_value{rule="liquidation"} NaN', text)
 
+    def test_redis_losing_everything_republishes_the_latched_panic(self):
+        self.kernel()
+        self.ready()
+        self.paper.set_mm_rate(BTC, 0.9)             # u = 0.58: RISK_MARGIN, no EEW: stays latched
+        first = self.wait_panic("RISK_MARGIN")
+        self.redis.flushall()                         # a Redis restart without persistence
+        again = wait_for(lambda: [p for p in self.panics() if p.reason == "RISK_MARGIN"], 30,
+                         message=f"republished panic\n{self.logs()}")
+        self.assertEqual(again[0].event_id, first.event_id)
+        self.assertIn("state_restored_from_memory", self.logs())
+        self.assertIsNotNone(self.state()["baseline"])
+
     def test_rebase_signed_accepted_forged_refused(self):
         audit_file = os.path.join(self.dir, "audit.jsonl")
         self.start("eexit.audit", EEXIT_AUDIT_FILE=audit_file, EEXIT_METRICS_FILE=os.path.join(self.dir, "m.prom"))
