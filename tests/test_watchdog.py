@@ -59,6 +59,20 @@ def panics(client):
     return [schema.PanicEvent.from_fields(fields)[0] for _id, fields in client.xrange(schema.PANIC_STREAM)]
 
 
+def halt(client, event_id):
+    """What the EEW writes when it executes a panic (the test plays it)."""
+    client.delete(schema.TRADING_STATE_KEY)
+    client.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "event_id": event_id, "reason": "test",
+                                                  "halted_at": str(bus.server_time_ms(client))})
+
+
+def resume(client):
+    """What the EEW writes when it executes a human's resume (the test plays it): the halt
+    cleared, cleared_at on Redis's clock."""
+    client.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "cleared_by": "test",
+                                                  "cleared_at": str(bus.server_time_ms(client))})
+
+
 def publish_report(client, event_id, status="FLAT"):
     report = schema.CompletionReport(event_id=event_id, status=status, issued_by="watchdog",
                                      positions_total=0, ts_started=1, ts_completed=2, execution_time_ms=1)
@@ -141,18 +155,24 @@ class WatchdogProcessTest(RedisTestCase):
         [event] = self.wait_panics(1)
         self.assertEqual(event.reason, "EXIT_BRAIN_DECISION_STAGNANT")
 
-    def test_republish_same_event_then_rearm_after_report_and_health(self):
+    def test_republish_same_event_until_flat_then_a_resume_ends_the_incident(self):
         beater = self.beater(active_positions=1)
         self.start_watchdog(EEXIT_REPUBLISH_S="0.3")
         wait_for(lambda: self.redis.xlen(schema.WATCHDOG_HEARTBEAT_STREAM) >= 3, 10, message="watchdog heartbeat")
         beater.stop()
         first = self.wait_panics(2)
         self.assertEqual({event.event_id for event in first}, {first[0].event_id})
+        halt(self.redis, first[0].event_id)
         publish_report(self.redis, first[0].event_id)
         wait_for(lambda: self.redis.hget(INCIDENT_KEY, "completed_status") == b"FLAT", 10, message="report seen")
         count_after_report = len(panics(self.redis))
         beater = self.beater(active_positions=0)
-        wait_for(lambda: not self.redis.exists(INCIDENT_KEY), 10, message="incident closed after healthy beats")
+        # Healthy beats do not end it: only a human's resume does (the halt is the latch).
+        wait_for(lambda: self.redis.xlen(schema.WATCHDOG_HEARTBEAT_STREAM) >= 15, 10, message="beats")
+        self.assertTrue(self.redis.exists(INCIDENT_KEY))
+        resume(self.redis)
+        wait_for(lambda: not self.redis.exists(INCIDENT_KEY), 10, message="incident closed by the resume")
+        self.assertIn("event=incident_closed", self.log_text())
         self.assertEqual(len(panics(self.redis)), count_after_report)   # nothing re-published after the report
         beater.stop()
         events = self.wait_panics(count_after_report + 1)
@@ -184,8 +204,10 @@ class WatchdogProcessTest(RedisTestCase):
         self.assertEqual({e.event_id for e in events}, {event.event_id})
 
     def test_crash_between_incident_and_publish_publishes_the_recorded_id(self):
+        # Claimed a moment ago (within CLAIM_GRACE_S): its opener may have died before the XADD.
         self.redis.hset(INCIDENT_KEY, mapping={"event_id": "11111111-2222-4333-8444-555555555555",
-                                               "reason": "POSITIONS_UNGUARDED", "opened_at_ms": "1"})
+                                               "reason": "POSITIONS_UNGUARDED",
+                                               "opened_at_ms": str(bus.server_time_ms(self.redis))})
         self.beater(active_positions=0)
         self.start_watchdog()
         [event] = self.wait_panics(1)
