@@ -422,7 +422,7 @@ def _take_over(found, inputs, now, commands):
     # A claim without its panic yet (its opener may have died between claim and XADD):
     # publish the same id at once; the EEW de-duplicates if the opener's XADD lands too.
     adopted = replace(found, next_publish_at=now + (found.delay_s if found.publish_count else 0.0))
-    event = "incident_recovered" if found.opened_by == ISSUER else "incident_adopted"
+    event = "incident_adopted" if found.opened_by not in (ISSUER, "") else "incident_recovered"
     commands.append(Command(Do.NOTE, adopted, "critical", event,
                             (("reason", found.reason), ("opened_by", found.opened_by or "-"),
                              ("round", found.round), ("outcome", found.outcome or "closing"))))
