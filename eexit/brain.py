@@ -396,7 +396,7 @@ class Brain:
             self.stop_requested.wait(max(0.0, next_cycle - time.monotonic()))
         try:
             # A clean stop says so: the next instance is then a restart, not a crash.
-            self.beat.stopped(self.last_positions, self.last_decision_ts, extra={"halted": self.halted})
+            self.beat.stopped(self.last_positions, self.last_decision_ts, 0.0, extra={"halted": self.halted})
         except bus.REDIS_ERRORS as exc:
             # Without it the next start counts as a crash: a needless flatten, never a missed one.
             self.log.warning("stopped_beat_failed", error=type(exc).__name__)

@@ -29,7 +29,7 @@ clock: `time.time` is used only to stamp outgoing messages. Rule 3 compares the 
 since receipt on our monotonic clock.
 
 Fail-closed readings of a heartbeat: active_positions missing or unreadable counts as
-positions open; a status other than OK counts as DEGRADED; an unknown decision age (missing
+positions open; a status other than OK or STOPPED counts as DEGRADED; an unknown decision age (missing
 ts or last_decision_ts) with positions open counts as stagnant once it has been unknown for
 longer than the stagnant threshold.
 
@@ -163,7 +163,7 @@ class WatchState:
 
     observing_since: float                  # start, or the last Redis (re)connect
     last_beat_at: float | None = None       # when the last heartbeat was sent
-    status: str | None = None               # "OK" or "DEGRADED" (anything unreadable: DEGRADED)
+    status: str | None = None               # "OK", "DEGRADED" (anything unreadable) or "STOPPED"
     active_positions: int | None = None     # None: unknown, counted as open
     degraded_since: float | None = None
     decision_age_s: float | None = None     # producer's ts - last_decision_ts, at the beat
@@ -179,9 +179,12 @@ class Trigger:
 
 
 def observe(state, beat, received_at):
-    """The state after heartbeat `beat` (a schema.Heartbeat) sent at monotonic `received_at`."""
-    status = "OK" if beat.status == "OK" else "DEGRADED"
-    degraded_since = None if status == "OK" else (state.degraded_since if state.degraded_since is not None else received_at)
+    """The state after heartbeat `beat` (a schema.Heartbeat) sent at monotonic `received_at`.
+    STOPPED (a clean stop's last beat) is no DEGRADED: the guard is gone, and the silence rules
+    run from this beat exactly as if it had been the last OK one."""
+    status = beat.status if beat.status in ("OK", "STOPPED") else "DEGRADED"
+    degraded_since = None if status != "DEGRADED" else (
+        state.degraded_since if state.degraded_since is not None else received_at)
     decision_age_s = None
     if beat.ts is not None and beat.last_decision_ts is not None and beat.last_decision_ts <= beat.ts:
         decision_age_s = (beat.ts - beat.last_decision_ts) / 1000.0

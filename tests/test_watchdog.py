@@ -27,8 +27,8 @@ SCALED = {"EEXIT_HEARTBEAT_LOST_S": "1.0", "EEXIT_UNGUARDED_S": "0.6", "EEXIT_DE
 class Beater:
     """Publishes heartbeats every 0.1 s from a thread; the test changes `fields` on the fly."""
 
-    def __init__(self, client, **fields):
-        self.publisher = Heartbeat(client, "exit_brain")
+    def __init__(self, client, service_id="exit_brain", **fields):
+        self.publisher = Heartbeat(client, service_id)
         self.fields = {"status": "OK", "active_positions": 0, "decision": "fresh", **fields}
         self._stop = threading.Event()
         self._thread = None
