@@ -121,7 +121,7 @@ from enum import Enum
 import redis
 
 from . import bus, daemon, schema, signing
-from .config import ConfigError, env_float, env_int, env_str
+from .config import env_float, env_int, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -906,9 +906,7 @@ def main():
     def start():
         cfg = Config.from_env()
         keyring = signing.load_keys()
-        if keyring.configured and keyring.kid_for(ISSUER) is None:
-            raise ConfigError(f"{signing.ENV_VARIABLE} / {signing.CREDENTIAL_FILE} has keys but none for "
-                              f"issuer {ISSUER}: its panics would be rejected")
+        signing.check_own_keys(keyring, ISSUER, signing.key_source())
         client = bus.connect()
         notifier = Notifier()
         watchdog = Watchdog(cfg, client, keyring, notifier, log)

@@ -215,7 +215,7 @@ class WatchdogProcessTest(RedisTestCase):
 
     def test_signed_panic_verifies(self):
         keys = "wd1 watchdog " + "ab" * 32 + ",ops1 ops " + "cd" * 32
-        self.start_watchdog(EEXIT_PANIC_HMAC_KEYS=keys)
+        self.start_watchdog(EEXIT_PANIC_HMAC_KEYS="wd1 watchdog " + "ab" * 32)
         self.wait_panics(1)
         _id, fields = self.redis.xrange(schema.PANIC_STREAM)[0]
         ring = signing.load_keys({"EEXIT_PANIC_HMAC_KEYS": keys})
@@ -224,6 +224,19 @@ class WatchdogProcessTest(RedisTestCase):
     def test_keys_without_a_watchdog_key_is_a_config_error(self):
         process = self.start_watchdog(EEXIT_PANIC_HMAC_KEYS="ops1 ops " + "cd" * 32)
         self.assertEqual(process.wait(timeout=10), 2)
+
+    def test_a_key_file_holding_another_issuers_key_is_refused_naming_the_file(self):
+        # The watchdog must not be able to sign as ops (issue 26 finding 9).
+        credentials = tempfile.mkdtemp(prefix="eexit-creds-")
+        path = os.path.join(credentials, "panic_hmac_keys")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("wd1 watchdog " + "ab" * 32 + "\nops1 ops " + "cd" * 32 + "\n")
+        process = self.start_watchdog(CREDENTIALS_DIRECTORY=credentials)
+        self.assertEqual(process.wait(timeout=10), 2)
+        log = self.log_text()
+        self.assertIn(f"{path} holds keys of other issuers (ops)", log)
+        self.assertNotIn("cd" * 32, log)
+        self.assertEqual(self.redis.xlen(schema.PANIC_STREAM), 0)
 
     def test_redis_outage_stops_pings_then_resumes(self):
         notify = NotifySocket()
