@@ -287,9 +287,7 @@ def restarted(state, beat):
     """Trigger EXIT_BRAIN_RESTARTED when `beat` comes from a new process of the guard (another
     `instance`) after a beat that reported positions open or unknown and was no clean stop
     (STOPPED): a crash, however fast systemd restarted it (~2 s, under every silence threshold)."""
-    if not beat.instance or not state.instance or beat.instance == state.instance or state.stopped:
-        return None
-    if state.active_positions == 0:
+    if not beat.instance or state.instance in ("", beat.instance) or state.stopped or state.active_positions == 0:
         return None
     positions = "unknown" if state.active_positions is None else state.active_positions
     return Trigger(BRAIN_RESTARTED, f"instance {state.instance} -> {beat.instance} without a clean stop, "
@@ -332,10 +330,8 @@ class Incident:
         """From the shared hash (ours, or the hook's: it writes event_id, reason, opened_by,
         opened_at_ms); unreadable numbers are 0 (an opened_at of 0 is older than any resume)."""
         def number(name):
-            try:
-                return int(stored.get(name) or 0)
-            except ValueError:
-                return 0
+            text = stored.get(name) or "0"
+            return int(text) if text.isdigit() else 0
         return cls(stored["event_id"], stored.get("reason") or HEARTBEAT_LOST, stored.get("detail", ""),
                    number("opened_at_ms"), stored.get("opened_by", ""), number("round"), number("publish_count"),
                    "FLAT" if stored.get("completed_status") == "FLAT" else "", delay_s=republish_s)
@@ -529,17 +525,9 @@ class Config:
 
 # ---------------------------------------------------------------------------- shell
 
-def parse_halt(raw):
-    """schema.TradingState from HGETALL, or None when the hash is absent."""
-    if not raw:
-        return None
-    return schema.TradingState.from_fields({bus.as_text(k): bus.as_text(v) for k, v in raw.items()})[0]
-
-
 def stream_id(entry_id):
     """A stream entry id as a comparable (ms, seq)."""
-    head, _, seq = bus.as_text(entry_id).partition("-")
-    return int(head or 0), int(seq or 0)
+    return tuple(int(part or 0) for part in bus.as_text(entry_id).partition("-")[::2])
 
 
 class Watchdog:
@@ -633,7 +621,8 @@ class Watchdog:
         pipe.time()
         pipe.hgetall(schema.TRADING_STATE_KEY)
         (seconds, micros), raw_halt = pipe.execute()
-        return int(seconds) * 1000 + int(micros) // 1000, parse_halt(raw_halt)
+        halt = schema.TradingState.from_fields(raw_halt)[0] if raw_halt else None     # None: no halt hash
+        return int(seconds) * 1000 + int(micros) // 1000, halt
 
     def _read_found(self):
         """(Incident or None, its final reports) from the shared hash: another opener's claim
@@ -692,25 +681,25 @@ class Watchdog:
                    schema.EEW_HEARTBEAT_STREAM: self.eew_beat_id}
         before = self.monotonic()
         deadline = next_deadline(self.state, before, self.cfg.limits)
-        if deadline is not None and deadline - before <= LOCAL_WAIT_S:
+        near = deadline is not None and deadline - before <= LOCAL_WAIT_S
+        if near:
             # Redis times out a blocked XREAD only as finely as its `hz` (100 ms at the
             # default 10), so near a deadline we sleep on our own clock and then read without
             # blocking. Anything that arrived meanwhile is backdated by its age on Redis's
             # clock, bounded by how long we slept (a Redis clock step cannot age it further).
             time.sleep(max(0.0, deadline - before) + 0.001)
-            reply = self.client.xread(streams, count=100)
-            server_ms, halt = self._time_and_halt()
-            received_at = self.monotonic()
-            max_age_s = received_at - before
+            block_ms = None
         else:
             # A heartbeat wakes the XREAD at once, so blocking until just before the next rule
             # deadline (or our own heartbeat, or a systemd ping) costs no detection time and
             # keeps an idle watchdog from spinning.
             wait_s = IDLE_BLOCK_S if deadline is None else deadline - before - LOCAL_WAIT_S
             wait_s = min(wait_s, self.next_own_beat - before, self.notifier.max_block_s(IDLE_BLOCK_S))
-            reply = self.client.xread(streams, count=100, block=max(self.cfg.poll_ms, int(wait_s * 1000)))
-            server_ms, halt = self._time_and_halt()
-            received_at, max_age_s = self.monotonic(), 0.0
+            block_ms = max(self.cfg.poll_ms, int(wait_s * 1000))
+        reply = self.client.xread(streams, count=100, block=block_ms)
+        server_ms, halt = self._time_and_halt()
+        received_at = self.monotonic()
+        max_age_s = received_at - before if near else 0.0
         reports = []
         for stream, entries in reply or []:
             stream = bus.as_text(stream)
