@@ -464,6 +464,22 @@ def _on_report(incident, report, own_entries, now, commands):
     return incident
 
 
+def health(incident, eew_risks):
+    """(status, fields) of our own heartbeat: DEGRADED with `reason` and `detail` while our
+    incident's panic is refused or its closing is not flat yet, or while an EEW says it
+    would reject our panics. A watchdog whose panics are not executed must be visible to
+    `eexit status` and alerts."""
+    if incident is not None and incident.refused:
+        return "DEGRADED", {"reason": "panic_rejected", "detail": incident.refused}
+    if incident is not None and incident.round > 0 and incident.outcome != "FLAT":
+        return "DEGRADED", {"reason": "incident_not_flat",
+                            "detail": f"round {incident.round} event_id={incident.current}"}
+    if eew_risks:
+        consumer, (code, detail) = min(eew_risks.items())
+        return "DEGRADED", {"reason": "eew_would_reject", "detail": f"{consumer}: {code}: {detail}"}
+    return "OK", {}
+
+
 def rejection_risk(eew_beat, keyring, issuer=ISSUER):
     """(code, detail) saying why the EEW that published heartbeat extra fields `eew_beat`
     would REJECT this watchdog's panics, or None. Compares what the EEW advertises
@@ -525,6 +541,31 @@ class Config:
 
 # ---------------------------------------------------------------------------- shell
 
+def time_and_halt(client):
+    """(Redis TIME in ms, the halt as schema.TradingState or None) in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.hgetall(schema.TRADING_STATE_KEY)
+    (seconds, micros), raw_halt = pipe.execute()
+    halt = schema.TradingState.from_fields(raw_halt)[0] if raw_halt else None     # None: no halt hash
+    return int(seconds) * 1000 + int(micros) // 1000, halt
+
+
+def find_entry(client, stream, event_id, wanted):
+    """The newest entry of `stream` (among REPORT_SCAN) with this event_id and wanted(fields)."""
+    for _entry_id, fields in client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
+        if bus.as_text(fields.get(b"event_id", fields.get("event_id", b""))) == event_id and wanted(fields):
+            return fields
+    return None
+
+
+def final_reports(client, event_id):
+    """The newest FLAT / RESIDUAL / FAILED report for event_id, as a 0- or 1-tuple."""
+    fields = find_entry(client, schema.COMPLETED_STREAM, event_id,
+                        lambda f: report_outcome(bus.as_text(f.get(b"status", f.get("status", b"")))) == "complete")
+    return () if fields is None else (schema.CompletionReport.from_fields(fields)[0],)
+
+
 def stream_id(entry_id):
     """A stream entry id as a comparable (ms, seq)."""
     return tuple(int(part or 0) for part in bus.as_text(entry_id).partition("-")[::2])
@@ -578,7 +619,7 @@ class Watchdog:
 
     def _resync(self):
         asked_at = self.monotonic()
-        server_ms, halt = self._time_and_halt()
+        server_ms, halt = time_and_halt(self.client)
         now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
         state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
@@ -605,7 +646,7 @@ class Watchdog:
         if self.incident is None:
             found, reports = self._read_found()
         else:
-            found, reports = None, self._final_reports(self.incident.current)
+            found, reports = None, final_reports(self.client, self.incident.current)
             if not self.client.hget(INCIDENT_KEY, "event_id"):
                 # Redis lost the hash (restart without persistence): our memory is the record.
                 self.client.hset(INCIDENT_KEY, mapping=self.incident.to_fields())
@@ -616,14 +657,6 @@ class Watchdog:
         newest = self.client.xrevrange(stream, "+", "-", count=1)
         return (bus.as_text(newest[0][0]), newest[0][1]) if newest else ("0-0", None)
 
-    def _time_and_halt(self):
-        pipe = self.client.pipeline(transaction=False)
-        pipe.time()
-        pipe.hgetall(schema.TRADING_STATE_KEY)
-        (seconds, micros), raw_halt = pipe.execute()
-        halt = schema.TradingState.from_fields(raw_halt)[0] if raw_halt else None     # None: no halt hash
-        return int(seconds) * 1000 + int(micros) // 1000, halt
-
     def _read_found(self):
         """(Incident or None, its final reports) from the shared hash: another opener's claim
         (the hook, another watchdog) or our own from before a restart. publish_count 0 means
@@ -632,21 +665,9 @@ class Watchdog:
         if not stored.get("event_id"):
             return None, ()
         found = Incident.from_fields(stored, self.cfg.republish_s)
-        published = self._find(schema.PANIC_STREAM, found.current, lambda fields: True)
+        published = find_entry(self.client, schema.PANIC_STREAM, found.current, lambda fields: True)
         found = replace(found, publish_count=max(found.publish_count, 1) if published else 0)
-        return found, self._final_reports(found.current)
-
-    def _find(self, stream, event_id, wanted):
-        """The newest entry of `stream` (among REPORT_SCAN) with this event_id and wanted(fields)."""
-        for _entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
-            if bus.as_text(fields.get(b"event_id", fields.get("event_id", b""))) == event_id and wanted(fields):
-                return fields
-        return None
-
-    def _final_reports(self, event_id):
-        fields = self._find(schema.COMPLETED_STREAM, event_id,
-                            lambda f: report_outcome(bus.as_text(f.get(b"status", f.get("status", b"")))) == "complete")
-        return () if fields is None else (schema.CompletionReport.from_fields(fields)[0],)
+        return found, final_reports(self.client, found.current)
 
     # -- one iteration -------------------------------------------------------------------
 
@@ -697,7 +718,7 @@ class Watchdog:
             wait_s = min(wait_s, self.next_own_beat - before, self.notifier.max_block_s(IDLE_BLOCK_S))
             block_ms = max(self.cfg.poll_ms, int(wait_s * 1000))
         reply = self.client.xread(streams, count=100, block=block_ms)
-        server_ms, halt = self._time_and_halt()
+        server_ms, halt = time_and_halt(self.client)
         received_at = self.monotonic()
         max_age_s = received_at - before if near else 0.0
         reports = []
@@ -726,7 +747,7 @@ class Watchdog:
         self.last_evaluated_ms = self.clock_ms()
         if now >= self.next_own_beat:
             self.next_own_beat = now + self.cfg.heartbeat_s
-            status, why = self._health()
+            status, why = health(self.incident, self.eew_risks)
             self.own_beat.publish(status, 0, self.last_evaluated_ms, latency_ms=(now - received_at) * 1000,
                                   extra={"incident": self.incident.event_id if self.incident else "",
                                          "brain_status": self.state.status or "none", **why})
@@ -774,22 +795,6 @@ class Watchdog:
             self.own_entries = []
         if command.event:
             getattr(self.log, command.level)(command.event, **{"event_id": incident.event_id, **dict(command.fields)})
-
-    def _health(self):
-        """(status, fields) of our own heartbeat: DEGRADED with `reason` and `detail` while our
-        incident's panic is refused or its closing is not flat yet, or while an EEW says it
-        would reject our panics. A watchdog whose panics are not executed must be visible to
-        `eexit status` and alerts."""
-        incident = self.incident
-        if incident is not None and incident.refused:
-            return "DEGRADED", {"reason": "panic_rejected", "detail": incident.refused}
-        if incident is not None and incident.round > 0 and incident.outcome != "FLAT":
-            return "DEGRADED", {"reason": "incident_not_flat",
-                                "detail": f"round {incident.round} event_id={incident.current}"}
-        if self.eew_risks:
-            consumer, (code, detail) = min(self.eew_risks.items())
-            return "DEGRADED", {"reason": "eew_would_reject", "detail": f"{consumer}: {code}: {detail}"}
-        return "OK", {}
 
     def _check_eew(self, fields):
         """Compare one EEW heartbeat's advertised keys with ours (rejection_risk); log when
