@@ -8,8 +8,10 @@ Rules (SPEC §3), evaluated by the pure `evaluate(state, now, limits)`:
     2 status DEGRADED continuously for > EEXIT_DEGRADED_S (5)         EXIT_BRAIN_DEGRADED_TOO_LONG
     3 positions open and last decision older than EEXIT_STAGNANT_S    EXIT_BRAIN_DECISION_STAGNANT
     4 positions open and no heartbeat for > EEXIT_UNGUARDED_S (3)     POSITIONS_UNGUARDED
+    R a new brain process after a beat with positions open and no     EXIT_BRAIN_RESTARTED
+      clean stop (an event, not a state: `restarted`, below)
 
-Rule 4 is checked first, then 1, 2, 3: when several hold, the most specific reason is named.
+Rule 4 is checked first, then 1, 2, 3 (then R): when several hold, the most specific reason is named.
 "> threshold" is strict: exactly at the threshold nothing fires.
 
 Clocks (SPEC §4.7). A heartbeat's age is measured on THIS process's monotonic clock from the
@@ -106,7 +108,7 @@ CRITICAL redis_unreachable / blind with the cause each attempt, say it in STATUS
 WATCHDOG=1 pings once no evaluation succeeded for longer than the systemd watchdog
 interval, so systemd sees a watchdog that cannot watch. The watchdog publishes its own
 heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S: status OK, or
-DEGRADED with `reason` (panic_rejected, eew_would_reject) and `detail`.
+DEGRADED with `reason` (panic_rejected, incident_not_flat, eew_would_reject) and `detail`.
 
 This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
