@@ -298,7 +298,8 @@ class SkewedGuard:
     def _run(self):
         while not self.stopped.is_set():
             ts = int(time.time() * 1000) + self.skew_ms
-            beat = schema.Heartbeat("skewed_brain", "OK", 3, ts - 50, 5.0, ts)
+            # The brain's service_id: the watchdog judges only that one (EEXIT_BRAIN_SERVICE_ID).
+            beat = schema.Heartbeat("exit_brain", "OK", 3, ts - 50, 5.0, ts)
             try:
                 bus.publish(self.client, schema.HEARTBEAT_STREAM, beat, maxlen=schema.HEARTBEAT_MAXLEN)
             except bus.REDIS_ERRORS:
