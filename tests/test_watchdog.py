@@ -21,7 +21,7 @@ from tests.harness import NotifySocket, RedisTestCase, python_env, start_module,
 
 SCALED = {"EEXIT_HEARTBEAT_LOST_S": "1.0", "EEXIT_UNGUARDED_S": "0.6", "EEXIT_DEGRADED_S": "1.0",
           "EEXIT_STAGNANT_S": "1.5", "EEXIT_STARTUP_GRACE_S": "0.5", "EEXIT_REPUBLISH_S": "30",
-          "EEXIT_REARM_S": "0.5", "EEXIT_WATCHDOG_HEARTBEAT_S": "0.2"}
+          "EEXIT_WATCHDOG_HEARTBEAT_S": "0.2"}
 
 
 class Beater:
