@@ -102,7 +102,8 @@ def print_json(data):
 def cmd_status(args, cfg, env):
     try:
         client = ops.connect(env)
-        status = health.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
+        status = health.gather_status(client, events=args.events if args.events is not None else cfg.status_events,
+                                      brain_service_id=os.environ.get("EEXIT_BRAIN_SERVICE_ID") or "exit_brain")
         from . import alert   # noqa: PLC0415 - the notifier's module, only for this section
         status["alerts"] = alert.read_outbox_status(client, status["now_ms"])
         status["risk"] = risk_ops.gather(client, status["now_ms"])     # None: the kernel never ran

@@ -14,14 +14,32 @@ DAEMON_STREAMS = (("exit_brain", schema.HEARTBEAT_STREAM),
                   ("watchdog", schema.WATCHDOG_HEARTBEAT_STREAM))
 
 
-def gather_status(client, events=5):
+BRAIN_BEATS_SCANNED = 200    # newest entries of exit_brain:heartbeat searched for the brain's own beat
+
+
+def newest_beat(client, stream, service_id=None):
+    """(entry_id, fields) of the newest heartbeat on `stream`, or of the newest one whose
+    service_id is `service_id`: other producers may beat on the brain's stream (a bot), and the
+    watchdog judges only the brain's own beats, so status must too. None when there is none
+    among the newest BRAIN_BEATS_SCANNED entries (shown as SILENT: fail-closed)."""
+    if service_id is None:
+        return ops.latest(client, stream)
+    for entry_id, fields in client.xrevrange(stream, count=BRAIN_BEATS_SCANNED) or []:
+        fields = ops.decoded(fields)
+        if fields.get("service_id") == service_id:
+            return ops.text(entry_id), fields
+    return None
+
+
+def gather_status(client, events=5, brain_service_id="exit_brain"):
     """What `eexit status` shows of the safety chain, as plain data (cli adds the sections of
-    optional services, e.g. the alert outbox). Raises bus.REDIS_ERRORS."""
+    optional services, e.g. the alert outbox). The brain is judged by its own beats only
+    (brain_service_id, EEXIT_BRAIN_SERVICE_ID). Raises bus.REDIS_ERRORS."""
     now_ms = bus.server_time_ms(client)
     state, problems, present = ops.read_state(client)
     daemons = {}
     for name, stream in DAEMON_STREAMS:
-        last = ops.latest(client, stream)
+        last = newest_beat(client, stream, brain_service_id if name == "exit_brain" else None)
         if last is None:
             daemons[name] = {"stream": stream, "age_ms": None, "status": None}
             continue

@@ -56,14 +56,34 @@ def report(event_id, status):
                                    ts_started=now - 5, ts_completed=now, execution_time_ms=5)
 
 
-def beat(client, stream, status="OK"):
-    client.xadd(stream, schema.Heartbeat("x", status, 0, int(time.time() * 1000), 1.0,
+def beat(client, stream, status="OK", service_id=None):
+    """A heartbeat now; on the brain's stream it is the brain's own (service_id exit_brain)
+    unless service_id names another producer."""
+    service_id = service_id or ("exit_brain" if stream == schema.HEARTBEAT_STREAM else "x")
+    client.xadd(stream, schema.Heartbeat(service_id, status, 0, int(time.time() * 1000), 1.0,
                                          int(time.time() * 1000)).to_fields())
 
 
 class StatusTest(RedisTestCase):
     def env(self, **more):
         return python_env(REDIS_URL=self.redis_server.url, **more)
+
+    def test_a_bot_beating_on_the_brains_stream_does_not_make_a_degraded_brain_healthy(self):
+        # Another producer's OK beat is the newest entry; status judges the brain's own beat,
+        # as the watchdog does (issue 26: only the brain's service_id counts).
+        self.redis.hset(schema.TRADING_STATE_KEY, "halted", "false")
+        for stream in (schema.EEW_HEARTBEAT_STREAM, schema.WATCHDOG_HEARTBEAT_STREAM):
+            beat(self.redis, stream)
+        beat(self.redis, schema.HEARTBEAT_STREAM, status="DEGRADED")
+        beat(self.redis, schema.HEARTBEAT_STREAM, service_id="my_bot")
+        result = run_cli(self.env(), "status")
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("exit_brain: DEGRADED", result.stdout)
+        self.redis.delete(schema.HEARTBEAT_STREAM)
+        beat(self.redis, schema.HEARTBEAT_STREAM, service_id="my_bot")
+        result = run_cli(self.env(), "status")
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("exit_brain: SILENT", result.stdout)
 
     def test_redis_unreachable_is_2(self):
         result = run_cli(python_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"), "status")
