@@ -39,7 +39,8 @@ one incident is one halt.
 
 Baseline. The peak, the window and the latches live in Redis (eexit:risk:state, written by this
 kernel alone) and survive restarts. Only `eexit risk rebase --operator NAME` moves the baseline
-(a request signed with the `risk_rebase` key on eexit:risk:rebase_request; verified here,
+(a request signed with the `risk_rebase` key on eexit:risk:rebase_request; verified here with
+the credential risk_rebase_key, apart from the signing key in panic_hmac_keys;
 refused and recorded when forged or stale). Every baseline change, rebase verdict, warning and
 panic is an entry on eexit:risk:events (never trimmed; the alert notifier sends its warnings as
 kind `risk_warning`). A state key gone while eexit:risk:events shows history is not re-based
@@ -58,7 +59,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 from . import bus, daemon, schema, signing
-from .config import ConfigError, env_bool, env_float, env_int, env_str
+from .config import ConfigError, credential, env_bool, env_float, env_int, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -520,16 +521,22 @@ def check_inputs(rules, provided, venue_id):
                               f"provide: switch it off ({SWITCH[rule]}=off) or use a venue that does")
 
 
-def check_keyring(keyring):
-    """The kernel signs as risk_kernel and verifies rebase requests; any other issuer's key in
-    its file would let a compromised kernel sign as that issuer."""
-    others = sorted({keyring.issuer_of(kid) for kid in keyring.kids()} - {ISSUER, REBASE_ISSUER})
-    if others:
-        raise ConfigError(f"{signing.CREDENTIAL_FILE}: the risk kernel's key file holds keys of {','.join(others)}; "
-                          f"it may hold only {ISSUER} and {REBASE_ISSUER} keys")
-    if keyring.configured and keyring.kid_for(ISSUER) is None:
-        raise ConfigError(f"{signing.CREDENTIAL_FILE} has keys but none for issuer {ISSUER}: "
-                          f"its panics would be rejected")
+REBASE_KEY_CREDENTIAL = "risk_rebase_key"
+
+
+def load_rebase_keys(panic_keys, env=None):
+    """The ring that verifies rebase requests: the credential risk_rebase_key (or the variable
+    EEXIT_RISK_REBASE_KEY), `kid risk_rebase hexkey` lines only. Kept out of panic_hmac_keys, which
+    holds the kernel's own signing key and nothing else (signing.check_own_keys). Signed panics
+    without a rebase key would make every rebase unverifiable: refused at start (exit 2)."""
+    text = credential(REBASE_KEY_CREDENTIAL, ("EEXIT_RISK_REBASE_KEY",), env)
+    ring = signing.parse_keys(text, f"credential {REBASE_KEY_CREDENTIAL} / EEXIT_RISK_REBASE_KEY") if text \
+        else signing.KeyRing()
+    signing.check_own_keys(ring, REBASE_ISSUER, f"credential {REBASE_KEY_CREDENTIAL} / EEXIT_RISK_REBASE_KEY")
+    if panic_keys.configured and not ring.configured:
+        raise ConfigError(f"panic keys are configured but credential {REBASE_KEY_CREDENTIAL} / EEXIT_RISK_REBASE_KEY "
+                          f"is not: no rebase could be verified (docs/RISK.md)")
+    return ring
 
 
 def verify_rebase(fields, keyring, state, now_ms):
@@ -567,8 +574,8 @@ def build_rebase(operator, keyring, now_ms):
 # ---------------------------------------------------------------------------- shell
 
 class Kernel:
-    def __init__(self, cfg, client, ex, keyring, notifier, log, monotonic=time.monotonic):
-        self.cfg, self.client, self.ex, self.keyring = cfg, client, ex, keyring
+    def __init__(self, cfg, client, ex, keyring, rebase_keys, notifier, log, monotonic=time.monotonic):
+        self.cfg, self.client, self.ex, self.keyring, self.rebase_keys = cfg, client, ex, keyring, rebase_keys
         self.notifier, self.log, self.monotonic = notifier, log, monotonic
         self.kid = keyring.kid_for(ISSUER) if keyring.configured else None
         self.beat = Heartbeat(client, ISSUER, HEARTBEAT_STREAM)
@@ -715,7 +722,7 @@ class Kernel:
             for entry_id, raw in entries:
                 self.rebase_cursor = bus.as_text(entry_id)
                 fields = bus.decoded(raw)
-                refused = verify_rebase(fields, self.keyring, self.state, now_ms)
+                refused = verify_rebase(fields, self.rebase_keys, self.state, now_ms)
                 operator, request_id = fields.get("operator", "?")[:64], fields.get("request_id", "?")[:64]
                 if refused:
                     self.log.critical("rebase_refused", request_id=request_id, operator=operator, why=refused)
@@ -774,14 +781,15 @@ def main():
             raise ConfigError(f"EEXIT_RISK_MARGIN_MODE={cfg.rules.margin_mode!r} is none of auto, off, "
                               f"{', '.join(sorted(MARGIN_MODES))}")
         keyring = signing.load_keys()
-        check_keyring(keyring)
+        signing.check_own_keys(keyring, ISSUER, signing.key_source())
+        rebase_keys = load_rebase_keys(keyring)
         ex_cfg = exchange.ExchangeConfig.from_env()
         check_inputs(cfg.rules, exchange.risk_inputs(ex_cfg.exchange_id), ex_cfg.exchange_id)
         ex = exchange.build_exchange(ex_cfg)
         client = bus.connect()
         notifier = Notifier()
         daemon.check_exchange_timeout(ex_cfg.timeout_ms, notifier)
-        kernel = Kernel(cfg, client, ex, keyring, notifier, log)
+        kernel = Kernel(cfg, client, ex, keyring, rebase_keys, notifier, log)
         daemon.on_stop_signal(lambda: setattr(kernel, "stopping", True))
         if daemon.wait_for_redis(client, PROBES, log, lambda: kernel.stopping, time.sleep, notifier):
             kernel.run()

@@ -18,7 +18,8 @@ from tests.harness import ROOT, RedisTestCase, python_env, start_module, stop_pr
 EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret", "EEXIT_EXCHANGE_TIMEOUT_MS": "2000"}
 KERNEL = {"EEXIT_RISK_INTERVAL_S": "1", "EEXIT_RISK_BLIND_S": "3"}
 BTC = "BTCUSDT"
-KEYS = f"rk1 risk_kernel {'a1' * 32}\nrb1 risk_rebase {'b2' * 32}"
+KERNEL_KEY = f"rk1 risk_kernel {'a1' * 32}"
+REBASE_KEY = f"rb1 risk_rebase {'b2' * 32}"
 
 
 class RiskEndToEnd(RedisTestCase):
@@ -201,14 +202,14 @@ class RiskEndToEnd(RedisTestCase):
     def test_rebase_signed_accepted_forged_refused(self):
         audit_file = os.path.join(self.dir, "audit.jsonl")
         self.start("eexit.audit", EEXIT_AUDIT_FILE=audit_file, EEXIT_METRICS_FILE=os.path.join(self.dir, "m.prom"))
-        self.kernel(EEXIT_PANIC_HMAC_KEYS=KEYS)
+        self.kernel(EEXIT_PANIC_HMAC_KEYS=KERNEL_KEY, EEXIT_RISK_REBASE_KEY=REBASE_KEY)
         self.ready()
         env = python_env(REDIS_URL=self.redis_server.url, EEXIT_PANIC_HMAC_KEYS=f"o1 risk_rebase {'c3' * 32}")
         forged = subprocess.run([sys.executable, "-m", "eexit.cli", "risk", "rebase", "--operator", "mallory"],
                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         self.assertEqual(forged.returncode, 1, forged.stdout + forged.stderr)
         self.assertIn("REFUSED", forged.stdout)
-        env["EEXIT_PANIC_HMAC_KEYS"] = KEYS
+        env["EEXIT_PANIC_HMAC_KEYS"] = f"o1 ops {'c4' * 32}\n{REBASE_KEY}"     # ops holds its own and the rebase key
         good = subprocess.run([sys.executable, "-m", "eexit.cli", "risk", "rebase", "--operator", "alice"],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         self.assertEqual(good.returncode, 0, good.stdout + good.stderr)

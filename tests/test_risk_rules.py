@@ -318,8 +318,14 @@ class RebaseAndPersistence(unittest.TestCase):
         forged = signing.sign_fields({**good, "issued_by": "risk_kernel"}, "rk1", keys,
                                      risk.REBASE_CORE, risk.REBASE_DOMAIN)
         self.assertEqual(risk.verify_rebase(forged, keys, state, T0), "issued_by is not risk_rebase")
-        with self.assertRaisesRegex(ConfigError, "may hold only"):
-            risk.check_keyring(signing.parse_keys(f"o1 ops {'ef' * 32}\nrk1 risk_kernel {'cd' * 32}", "t"))
+        own = signing.parse_keys(f"rk1 risk_kernel {'cd' * 32}", "t")
+        rebase = f"rb1 risk_rebase {'ab' * 32}"
+        self.assertTrue(risk.load_rebase_keys(own, {"EEXIT_RISK_REBASE_KEY": rebase}).has_kid("rb1"))
+        with self.assertRaisesRegex(ConfigError, "no rebase could be verified"):
+            risk.load_rebase_keys(own, {})
+        with self.assertRaisesRegex(ConfigError, "other issuers \\(ops\\)"):
+            risk.load_rebase_keys(own, {"EEXIT_RISK_REBASE_KEY": f"{rebase}\no1 ops {'ef' * 32}"})
+        self.assertFalse(risk.load_rebase_keys(signing.KeyRing(), {}).configured)     # unsigned set-up
 
     def test_json_round_trip(self):
         run = Run()

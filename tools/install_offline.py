@@ -302,8 +302,8 @@ eexit installed. Next steps (details: docs/DEPLOY.md; every setting: docs/CONFIG
     then eexit resume --operator "$USER" --ack <event_id> (docs/CHAOS_TEST_RUNBOOK.md).
  8. Optional, opt-in: the risk kernel (docs/RISK.md): a READ-ONLY exchange key in
       {etc}/credentials/risk/api_key .../risk/api_secret, {etc}/credentials/risk/panic_hmac_keys
-      (rk1 risk_kernel <hexkey> and rb1 risk_rebase <hexkey>; the EEW's file gets the rk1 line,
-      ops's the rb1 line), then systemctl enable --now eexit-risk""")
+      (rk1 risk_kernel <hexkey>; the EEW's file gets this line too) and .../risk/risk_rebase_key
+      (rb1 risk_rebase <hexkey>; ops's file gets this line too), then systemctl enable --now eexit-risk""")
 
 
 def main(argv=None):
