@@ -124,6 +124,18 @@ class RiskEndToEnd(RedisTestCase):
         self.assertAlmostEqual(state["baseline"]["net_flows"], -1_500)
         self.assertLess(state["values"]["drawdown"], 0.01)
 
+    def test_transfer_booked_after_the_snapshot_time_defers_not_panics(self):
+        """The race of two requests: the equity already shows a withdrawal whose ledger entry
+        is stamped after the snapshot's venue time. The loss panic is deferred until the ledger
+        and the snapshot agree: no panic."""
+        self.kernel(EEXIT_RISK_DAILY_LOSS_PANIC="off", EEXIT_RISK_DAILY_LOSS_WARN="off")
+        self.ready()
+        self.paper.withdraw(2_000, ts_ms=int(time.time() * 1000) + 3_000)     # 40 %, stamped 3 s ahead
+        wait_for(lambda: "breach_deferred" in self.logs(), 30, message=f"deferral\n{self.logs()}")
+        wait_for(lambda: self.state()["baseline"]["net_flows"] == -2_000, 30, message=f"flow counted\n{self.logs()}")
+        self.settle(2)
+        self.assertEqual(self.panics(), [])
+
     def test_margin_and_liquidation(self):
         self.kernel()
         self.ready()
