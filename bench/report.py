@@ -381,6 +381,13 @@ def risk_section(data, summary):
     for venue, v in data["venues"].items():
         paths = ", ".join(f"`{p}` {n:g}" for p, n in v["requests_per_min"].items())
         lines.append(f"| {venue} | {sum(v['requests_per_min'].values()):g} | {v['weight_per_min']:g} | {v['limit']} | {paths} |")
+    lines += ["", "The RSS target (≤ 60 MB) is missed on every venue: `import ccxt` alone costs ~78 MB (SPEC §5) and "
+              "the kernel reads the account through the venue seam, which is ccxt; the kernel's own state adds little "
+              "(the figure is flat across venues and equals the idle EEW's within a few MB). The unit's MemoryMax=256M "
+              "is sized from it. Binance weights (USDⓈ-M docs): time 1, multiAssetsMargin 30, account 5, positionRisk 5, "
+              "income 30 — 852 of the IP's 2,400 per minute at the default 5 s interval, shared with the EEW and the "
+              "brain on one IP (docs/RISK.md recommends 10 s there); Bybit and OKX limits are per endpoint and far "
+              "away. Weight per minute is counted from the paper's request log while the kernel ran alone."]
     return lines
 
 
