@@ -487,3 +487,144 @@ def _add_missing_requirements(python, wheels):
                    f"--hash=sha256:{install_offline.sha256_file(extra)}\n")
     install_offline.write_sums(wheels)
     subprocess.run(check, check=True, capture_output=True)
+
+
+# -------------------------------------------------------------------- an installed eexit host
+
+INSTALLED_PYTHON = "/opt/eexit/venv/bin/python"
+EEXIT = "/opt/eexit/venv/bin/eexit"
+PAPER_PORT = 8899
+PAPER_URL = f"http://127.0.0.1:{PAPER_PORT}"
+REDIS_SOCKET = "/run/redis-eexit/redis-server.sock"
+DAEMON_UNITS = ("eexit-eew.service", "eexit-audit.service", "eexit-watchdog.service", "eexit-brain.service")
+# Paper exchange control from the test: stdlib only, run inside with the distribution's Python.
+# argv: base method path json-body signed(0/1) key secret -> the JSON answer on stdout.
+PAPER_CTL = r"""
+import hashlib, hmac, json, sys, time, urllib.parse, urllib.request
+base, method, path, body, signed, key, secret = sys.argv[1:8]
+body = json.loads(body) if body else None
+headers, data, url = {}, None, base + path
+if signed == "1":
+    query = dict(body or {}, timestamp=int(time.time() * 1000))
+    text = urllib.parse.urlencode(query)
+    text += "&signature=" + hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
+    headers["X-MBX-APIKEY"] = key
+    url += "?" + text
+elif body is not None:
+    data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+request = urllib.request.Request(url, data=data, method=method, headers=headers)
+try:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        sys.stdout.write(answer.read().decode())
+except urllib.error.HTTPError as error:
+    sys.stdout.write(error.read().decode()); sys.exit(1)
+"""
+
+
+class EexitHost(BootedSystemd):
+    """A booted systemd with eexit installed by tools/install_offline.py and configured as
+    docs/DEPLOY.md says for a paper install: eexit's own redis-server@eexit, the paper exchange
+    (`python -m eexit.paper`, a transient unit eexit-paper.service, loopback :8899) as the venue,
+    exchange keys and panic signing keys in /etc/eexit/credentials, then the units.
+
+        host = EexitHost("name", paper_args=("--latency-ms", "25")); host.start()
+        host.configure()                 install + credentials + env + redis + paper (no units)
+        host.start_units()               DAEMON_UNITS, each waited for READY; then `eexit init`
+        host.eexit("status")             the CLI as an operator runs it (ops credentials)
+        host.redis()                     a redis-py client on the host side, as eexit-ops,
+                                         through the namespace's unix socket
+        host.paper("GET", "/_paper/state"), host.paper_order(...), host.paper_flat()
+    """
+
+    def __init__(self, name="eexit-host", paper_args=(), env_lines=(), extra_units=None):
+        super().__init__(name, extra_units)
+        self.paper_args = tuple(paper_args)
+        self.env_lines = tuple(env_lines)
+        self.keys = {}
+        self._clients = []
+
+    def stop(self):
+        for client in self._clients:
+            client.close()
+        self._clients = []
+        super().stop()
+
+    def configure(self, wheelhouse=None):
+        self.install_project(wheelhouse)
+        creds = "/etc/eexit/credentials"
+        for daemon in ("brain", "eew", "ops"):
+            self.write(f"{creds}/{daemon}/api_key", "paper-key\n")
+            self.write(f"{creds}/{daemon}/api_secret", "paper-secret\n")
+        import secrets
+        self.keys = {issuer: secrets.token_hex(32) for issuer in ("watchdog", "ops", "exit_brain")}
+        lines = {"watchdog": f"wd1 watchdog {self.keys['watchdog']}", "ops": f"ops1 ops {self.keys['ops']}",
+                 "exit_brain": f"hook1 exit_brain {self.keys['exit_brain']}"}
+        self.write(f"{creds}/watchdog/panic_hmac_keys", lines["watchdog"] + "\n")
+        self.write(f"{creds}/ops/panic_hmac_keys", lines["ops"] + "\n")
+        self.write(f"{creds}/eew/panic_hmac_keys", "\n".join(lines.values()) + "\n")
+        self.write(f"{creds}/hook/hook_hmac_key", lines["exit_brain"] + "\n")
+        settings = self.read("/etc/eexit/eexit.env")
+        settings = settings.replace("REDIS_URL=redis://127.0.0.1:6379/0", "REDIS_URL=redis://127.0.0.1:6380/0")
+        settings = settings.replace("EEXIT_SANDBOX=true", "# EEXIT_SANDBOX=true  (the paper exchange instead)")
+        settings += f"EEXIT_EXCHANGE_URL={PAPER_URL}\nEEXIT_RESUME_COOLDOWN_S=0\n" + \
+            "".join(line + "\n" for line in self.env_lines)
+        self.write("/etc/eexit/eexit.env", settings, mode=0o640)
+        self.systemctl("enable", "--now", "redis-server@eexit.service")
+        self.wait_active("redis-server@eexit.service")
+        self.run(["systemd-run", "--unit=eexit-paper", "--property=Type=exec", INSTALLED_PYTHON, "-m",
+                  "eexit.paper", "--port", str(PAPER_PORT), *self.paper_args])
+        self.wait_for(lambda: self.paper("GET", "/_paper/state", check=False) is not None, 60,
+                      "the paper exchange to answer")
+        self.systemctl("daemon-reload")
+
+    def start_units(self, units=DAEMON_UNITS, init=True):
+        for unit in units:
+            self.systemctl("enable", "--now", unit)
+        for unit in units:
+            self.wait_active(unit)
+        if init:
+            self.eexit("init", "--operator", "test")
+
+    def ops_env(self):
+        return {"CREDENTIALS_DIRECTORY": "/etc/eexit/credentials/ops", "USER": "test", "HOME": "/root"}
+
+    def eexit(self, *args, check=True, timeout=120):
+        """The CLI with eexit.env's settings and the ops credentials, as DEPLOY.md step 6."""
+        script = 'set -a; . /etc/eexit/eexit.env; set +a; exec "$0" "$@"'
+        return self.run(["/bin/sh", "-c", script, EEXIT, *args], check=check, timeout=timeout, env=self.ops_env())
+
+    def redis(self, user="eexit-ops", daemon="ops"):
+        """A client from the host through the namespace's unix socket (the path resolves
+        through /proc/<init>/root), logged in as an eexit ACL user."""
+        import redis
+        password = self.read(f"/etc/eexit/credentials/{daemon}/redis_password").strip()
+        client = redis.Redis(unix_socket_path=f"/proc/{self.pid}/root{REDIS_SOCKET}", username=user,
+                             password=password, socket_timeout=10, decode_responses=True)
+        self._clients.append(client)
+        return client
+
+    def paper(self, method, path, body=None, signed=False, check=True):
+        result = self.run([DISTRO_PYTHON, "-c", PAPER_CTL, PAPER_URL, method, path,
+                           json.dumps(body) if body is not None else "", "1" if signed else "0",
+                           "paper-key", "paper-secret"], check=False)
+        if result.returncode != 0:
+            if check:
+                raise AssertionError(f"paper {method} {path}: {result.stdout} {result.stderr[-500:]}")
+            return None
+        return json.loads(result.stdout)
+
+    def paper_order(self, symbol, side, qty, price=None, trigger=None):
+        """A resting limit order (price) or a conditional stop-market order (trigger)."""
+        if trigger is not None:
+            return self.paper("POST", "/fapi/v1/algoOrder", {
+                "algoType": "CONDITIONAL", "symbol": symbol, "side": side, "type": "STOP_MARKET",
+                "quantity": str(qty), "triggerPrice": str(trigger)}, signed=True)
+        return self.paper("POST", "/fapi/v1/order", {"symbol": symbol, "side": side, "type": "LIMIT",
+                                                     "quantity": str(qty), "price": str(price),
+                                                     "timeInForce": "GTC"}, signed=True)
+
+    def paper_exposure(self):
+        """(open positions, open orders, open conditional orders) on the paper exchange."""
+        state = self.paper("GET", "/_paper/state")
+        positions = [p for p in state["positions"] if float(p["amount"]) != 0]
+        return positions, state["open_orders"], state["open_algo_orders"]
