@@ -42,8 +42,10 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
-         "eexit-alert.service")
-# bot: the trading bot's read-only user; hook: the brain unit's ExecStopPost=
+         "eexit-alert.service",
+         # the brain's crash path: started by the brain unit's ExecStopPost=, never enabled
+         "eexit-brain-crash@.service")
+# bot: the trading bot's read-only user; hook: the brain's crash path (eexit-brain-crash@.service)
 DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook")
 # Optional secrets created empty (an empty file means "not used"), so that the unit's
 # LoadCredential= finds a file: fill them in to enable the sink or the signature.
