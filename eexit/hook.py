@@ -145,10 +145,13 @@ def load_credentials(env):
         ring = signing.parse_keys(text, f"credential {HOOK_KEY_CREDENTIAL}") if text else signing.load_keys(env)
         for name in ("redis_password", "redis_username"):
             credential(name, (), env)    # read now, so that connect() cannot fail on the file
-    except OSError as exc:
-        where = Path(directory) / (exc.filename and Path(exc.filename).name or HOOK_KEY_CREDENTIAL)
-        raise ConfigError(f"credential file {where} unreadable: {exc.strerror or type(exc).__name__} "
-                          f"(CREDENTIALS_DIRECTORY={directory or '-'}; the crash unit's LoadCredential=)") from None
+    except (OSError, ConfigError) as exc:
+        name = Path(getattr(exc, "filename", None) or HOOK_KEY_CREDENTIAL).name
+        for candidate in ("redis_password", "redis_username"):
+            name = candidate if candidate in str(exc) else name
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"credential file {Path(directory) / name} unreadable: {cause} "
+                          f"(the crash unit's LoadCredential=)") from None
     if ring.configured and ring.kid_for(ISSUER) is None:
         raise ConfigError(f"the hook's signing keys hold none for issuer {ISSUER}: its panic would be REJECTED")
     return ring
