@@ -48,15 +48,17 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         """Resumed, every unit active, positions + a resting and a conditional order, the brain
         heartbeating them; the panic stream's position remembered."""
         host = self.host
-        state = self.state()
-        if state.halted:
-            host.eexit("resume", "--operator", "test", "--ack", state.event_id, "--accept-residual")
-        host.wait_for(lambda: not self.state().halted, 30, "the halt cleared")
+        # Every unit up first: a resume while the brain is down is answered by a new panic
+        # (the watchdog's incident ends at the resume, and the dead brain is a new incident).
         host.systemctl("reset-failed", "eexit-brain.service", check=False)
         for unit in DAEMON_UNITS:
             if host.show(unit, "ActiveState") != "active":
                 host.systemctl("start", unit)
             host.wait_active(unit)
+        state = self.state()
+        if state.halted:
+            host.eexit("resume", "--operator", "test", "--ack", state.event_id, "--accept-residual")
+        host.wait_for(lambda: not self.state().halted, 30, "the halt cleared")
         host.paper("POST", "/_paper/state", {"clear_positions": True, "clear_orders": True, "positions": SEED})
         host.paper_order("BTCUSDT", "SELL", "0.01", price="200000")
         host.paper_order("BTCUSDT", "SELL", "0.01", trigger="1000")
@@ -84,8 +86,12 @@ class RealSystemdCrashPathTest(unittest.TestCase):
 
     def wait_flat(self, timeout=60):
         """The first new panic's final report: FLAT, the halt holds, the paper account flat."""
-        event_id = self.host.wait_for(lambda: self.new_panics() and self.new_panics()[0]["event_id"], timeout,
-                                      "a panic")
+        try:
+            event_id = self.host.wait_for(lambda: self.new_panics() and self.new_panics()[0]["event_id"], timeout,
+                                          "a panic")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nwatchdog:\n{self.host.journal_text('eexit-watchdog.service', 25)}\n"
+                                 f"brain:\n{self.host.journal_text('eexit-brain.service', 25)}") from None
         report = self.host.wait_for(lambda: self.final_report(event_id), timeout, f"the report of {event_id}")
         self.assertEqual(report["status"], "FLAT", report)
         state = self.state()
