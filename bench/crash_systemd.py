@@ -43,10 +43,10 @@ def entry_ms(entry_id):
 
 def prepare(host, client):
     """Resumed, positions and orders seeded, the brain beating them (after a restart)."""
+    host.wait_active("eexit-brain.service")        # before the resume: a dead brain is a new incident
     state = schema.TradingState.from_fields(client.hgetall(schema.TRADING_STATE_KEY))[0]
     if state.halted:
         host.eexit("resume", "--operator", "bench", "--ack", state.event_id)
-    host.wait_active("eexit-brain.service")
     host.paper("POST", "/_paper/state", {"clear_positions": True, "clear_orders": True, "positions": SEED})
     host.paper_order("BTCUSDT", "SELL", "0.01", price="200000")
     host.paper_order("BTCUSDT", "SELL", "0.01", trigger="1000")
