@@ -188,6 +188,22 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         self.wait_brain_back(old)
         self.assertEqual({p["event_id"] for p in self.new_panics()}, {event_id})
 
+    def test_an_exit_with_an_error_code_is_a_crash_too(self):
+        """SERVICE_RESULT=exit-code (here: the brain refusing a bad setting, exit 2, which is
+        not restarted): the same crash path, one panic, FLAT."""
+        drop_in = "/etc/systemd/system/eexit-brain.service.d/bad-setting.conf"
+        self.host.write(drop_in, "[Service]\nEnvironment=EEXIT_BRAIN_INTERVAL_S=0\n", mode=0o644)
+        self.addCleanup(self.host.systemctl, "daemon-reload")
+        self.addCleanup(self.host.run, ["rm", "-f", drop_in])
+        self.host.systemctl("daemon-reload")
+        self.host.systemctl("restart", "eexit-brain.service", check=False)
+        self.wait_flat()
+        panic = self.new_panics()[0]
+        self.assertEqual((panic["issued_by"], panic["reason"]), ("exit_brain", "EXIT_BRAIN_DIED"))
+        self.assertIn('"service_result":"exit-code"', panic["context"])
+        self.assertIn('"exit_status":"2"', panic["context"])
+        self.assertEqual(self.host.show("eexit-brain.service", "ActiveState"), "failed")
+
     def test_crash_path_failing_is_critical_naming_the_file_and_still_one_panic(self):
         """The crash unit cannot load its key: systemd refuses to start it (243/CREDENTIALS);
         the brain's ExecStopPost= says so CRITICAL naming the file; the watchdog sees the brain
