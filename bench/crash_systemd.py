@@ -47,6 +47,8 @@ def prepare(host, client):
     state = schema.TradingState.from_fields(client.hgetall(schema.TRADING_STATE_KEY))[0]
     if state.halted:
         host.eexit("resume", "--operator", "bench", "--ack", state.event_id)
+    # StartLimitBurst=5 in 120 s would stop restarting the brain after the fifth kill.
+    host.systemctl("reset-failed", "eexit-brain.service", check=False)
     host.paper("POST", "/_paper/state", {"clear_positions": True, "clear_orders": True, "positions": SEED})
     host.paper_order("BTCUSDT", "SELL", "0.01", price="200000")
     host.paper_order("BTCUSDT", "SELL", "0.01", trigger="1000")
