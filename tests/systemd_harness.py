@@ -43,6 +43,10 @@ API (other tests use this; keep it small and stable):
                                               the distribution's /usr/bin/python3, from a
                                               wheelhouse built on the host as docs/DEPLOY.md says
                                               (cached per source tree; see build_wheelhouse)
+    EexitHost(name, paper_args=(), env_lines=())   a BootedSystemd with eexit installed and
+                                              configured as a paper install (see its docstring):
+                                              configure(), start_units(), eexit(...), redis(),
+                                              paper(...), paper_order(...), paper_exposure()
     skip_reason() -> str | None               why this machine cannot boot it (None: it can)
     require_systemd(testcase)                 skip (or, under CI=true, fail) when it cannot
 
