@@ -53,6 +53,7 @@ API (other tests use this; keep it small and stable):
 Everything the tests do inside waits for events (wait_for polls a condition; no fixed sleep).
 """
 
+import ctypes
 import hashlib
 import json
 import os
@@ -71,6 +72,7 @@ SYSTEMD = "/lib/systemd/systemd"
 DISTRO_PYTHON = "/usr/bin/python3"
 TARGET = "eexit-test.target"
 POWEROFF_S = 20
+PR_SET_PDEATHSIG = 1
 BOOT_S = 90
 # Units that need hardware, the clock, a tty or a login, or that write host-wide state: masked.
 MASKED = (
@@ -226,9 +228,11 @@ class BootedSystemd:
 
         def enter_cgroup():
             # In the child before exec: the launcher (and so the namespace's init) lives in the
-            # fresh group, which becomes the root of the new cgroup namespace.
+            # fresh group, which becomes the root of the new cgroup namespace. If the test
+            # process dies without stop(), the kernel kills unshare, and --kill-child its init.
             with open(cgroup_procs, "w") as handle:
                 handle.write(str(os.getpid()))
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         command = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
                    "--uts", "--ipc", "--net", "--cgroup", "/bin/sh", "-c", SETUP_SCRIPT, "eexit-setup",
                    str(self.dir / "stage"), self.name, TARGET, SYSTEMD, " ".join(MASKED)]
