@@ -122,13 +122,15 @@ def main(argv=None):
               "kill_to_flat_ms": summary([r["kill_to_flat_ms"] for r in rounds]),
               "all_flat": all(r["status"] == "FLAT" and r["flat_on_exchange"] for r in rounds),
               "all_from_hook": all(r["issued_by"] == "exit_brain" for r in rounds), "rounds": rounds}
+    result["target_ms"] = TARGET_MS
+    result["markdown"] = markdown(result)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
     print(f"systemd: {result['systemd']}; load {load}; kill->panic {result['kill_to_panic_ms']}; "
           f"kill->FLAT {result['kill_to_flat_ms']} (target p99 <= {TARGET_MS} ms)")
     if args.markdown:
-        print(markdown(result))
+        print(result["markdown"])
     return 0
 
 
