@@ -26,9 +26,9 @@ The latch (one crash, one executed panic; a restart loop does not flatten twice)
       panic was executed and no human has resumed since.
     2 otherwise claim the incident the watchdogs share (eexit:watchdog:incident) AND publish a
       new event, in one atomic step (bus.claim_and_publish): no claim exists without its panic.
-    3 the claim was held by event X: X's panic was executed (its id is in
-      system:panic_close:processed) and the halt is off since -> a human resumed after it: X
-      was an earlier outage, publish the new event unclaimed. Otherwise re-publish X under
+    3 the claim was held by event X: X's execution finished (its record in
+      system:panic_close:processed has stage "done") and the halt is off since -> a human
+      resumed after it: X was an earlier outage, publish the new event unclaimed. Otherwise re-publish X under
       our signature: if X was never published (its publisher died) it runs now, if it was,
       the EEW answers DUPLICATE. Nothing here compares clocks.
     Fail-closed: whatever cannot be read publishes; a refused claim (an old ACL without
@@ -111,12 +111,13 @@ def latched(state):
     return state is not None and state.halted is True and bool(state.event_id)
 
 
-def after_lost_claim(state, holder_processed):
-    """The claim was held by another event X. X executed (holder_processed) and the halt off
-    since (a resume came after it) -> EARLIER_OUTAGE: a new event. Anything else, including
-    an unreadable state or record -> ADOPTED: re-publish X (a duplicate is answered DUPLICATE,
-    a panic whose publisher died runs now)."""
-    if holder_processed is True and (state is None or state.halted is not True):
+def after_lost_claim(state, holder_done):
+    """The claim was held by another event X. X's execution finished (holder_done: its
+    idempotency record's stage is "done") and the halt is off since (a resume came after it)
+    -> EARLIER_OUTAGE: a new event. Anything else, including an execution in flight or an
+    unreadable state or record -> ADOPTED: re-publish X (a duplicate is answered DUPLICATE, a
+    panic whose publisher died runs now)."""
+    if holder_done is True and (state is None or state.halted is not True):
         return EARLIER_OUTAGE
     return ADOPTED
 
@@ -185,11 +186,15 @@ def claim(client, event_id, fields, facts, state, notes):
         return CLAIMED, event_id, value
     notes["held_by_event"] = value
     try:
-        processed = client.hget(schema.PROCESSED_KEY, value) is not None
-    except bus.REDIS_ERRORS as exc:
+        raw = client.hget(schema.PROCESSED_KEY, value)
+        record = json.loads(raw) if raw is not None else {}
+        # Only a FINISHED execution counts: "claimed"/"halted" records are in flight, the
+        # halt is about to be (or is) written.
+        done = isinstance(record, dict) and record.get("stage") == "done"
+    except (*bus.REDIS_ERRORS, ValueError) as exc:
         notes["holder_record"] = f"unreadable:{type(exc).__name__}"
-        processed = None
-    how = after_lost_claim(state, processed)
+        done = None
+    how = after_lost_claim(state, done)
     return how, (event_id if how == EARLIER_OUTAGE else value), None
 
 

@@ -175,7 +175,11 @@ class HookRedisTest(RedisTestCase):
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "event_id": "e-old",
                                                            "cleared_by": "ann", "cleared_at": "5000"})
         self.redis.hset(hook.INCIDENT_KEY, mapping={"event_id": "e-old", "opened_at_ms": "99999999999999"})
-        self.redis.hset(schema.PROCESSED_KEY, "e-old", '{"status": "FLAT"}')
+        self.redis.hset(schema.PROCESSED_KEY, "e-old", '{"stage": "claimed"}')     # in flight: adopt
+        code, err = self.hook.run(self.redis_server.url, KILLED)
+        self.assertEqual((code, [e.event_id for e in self.panics()]), (0, ["e-old"]), err)
+        self.redis.delete(schema.PANIC_STREAM)
+        self.redis.hset(schema.PROCESSED_KEY, "e-old", '{"stage": "done", "status": "FLAT"}')
         code, err = self.hook.run(self.redis_server.url, KILLED)
         self.assertEqual(code, 0, err)
         (event,) = self.panics()
