@@ -127,35 +127,35 @@ def panic_fields(event_id, context, keyring, now_ms):
     event = schema.PanicEvent(event_id=event_id, reason=REASON, issued_by=ISSUER, ts=now_ms)
     event.extra["context"] = json.dumps(context, separators=(",", ":"), sort_keys=True)
     fields = event.to_fields()
-    if not keyring.configured:
-        return fields
-    kid = keyring.kid_for(ISSUER)
-    if kid is None:
-        raise ConfigError(f"the hook's signing keys hold none for issuer {ISSUER}: its panic would be REJECTED")
-    return signing.sign_fields(fields, kid, keyring)
+    # load_credentials refused a configured ring without an exit_brain key.
+    return signing.sign_fields(fields, keyring.kid_for(ISSUER), keyring) if keyring.configured else fields
 
 
 # ---------------------------------------------------------------------------- shell
 
 def load_credentials(env):
-    """(keyring, env for bus.connect). An unreadable credential is a ConfigError naming its
-    file (never a Redis error: issue 23 found a PermissionError logged as redis_unreachable)."""
-    directory = env.get("CREDENTIALS_DIRECTORY") or ""
-    try:
-        text = credential(HOOK_KEY_CREDENTIAL, (), env)
-        ring = signing.parse_keys(text, f"credential {HOOK_KEY_CREDENTIAL}") if text else signing.load_keys(env)
-        for name in ("redis_password", "redis_username"):
-            credential(name, (), env)    # read now, so that connect() cannot fail on the file
-    except (OSError, ConfigError) as exc:
-        name = Path(getattr(exc, "filename", None) or HOOK_KEY_CREDENTIAL).name
-        for candidate in ("redis_password", "redis_username"):
-            name = candidate if candidate in str(exc) else name
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"credential file {Path(directory) / name} unreadable: {cause} "
-                          f"(the crash unit's LoadCredential=)") from None
+    """The signing key ring, after reading every credential file the hook uses, so that an
+    unreadable or malformed one is a ConfigError naming its file, never a Redis error (issue
+    23 found a PermissionError logged as redis_unreachable)."""
+    ring = _credential_file(HOOK_KEY_CREDENTIAL, env,
+                            lambda text: signing.parse_keys(text, f"credential {HOOK_KEY_CREDENTIAL}"))
+    for name in ("redis_password", "redis_username"):
+        _credential_file(name, env, lambda text: text)      # read now: connect() cannot fail on it
+    ring = ring if ring is not None else signing.load_keys(env)
     if ring.configured and ring.kid_for(ISSUER) is None:
         raise ConfigError(f"the hook's signing keys hold none for issuer {ISSUER}: its panic would be REJECTED")
     return ring
+
+
+def _credential_file(name, env, parse):
+    """parse(text) of credential `name`, None when absent; any failure names the file."""
+    try:
+        text = credential(name, (), env)
+        return parse(text) if text is not None else None
+    except (OSError, ConfigError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        path = Path(env.get("CREDENTIALS_DIRECTORY") or ".") / name
+        raise ConfigError(f"credential file {path} unreadable: {cause} (the crash unit's LoadCredential=)") from None
 
 
 def read_state(client, notes):
