@@ -15,7 +15,6 @@ a heartbeat, a journal line), never fixed sleeps; nothing here is timed (bench/c
 import os
 import re
 import signal
-import time
 import unittest
 
 from eexit import schema
