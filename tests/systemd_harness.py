@@ -446,12 +446,11 @@ def build_wheelhouse(cache_root=ROOT / "build"):
     build/ of this tree (`make clean` removes it), is visible inside the booted system, where
     /tmp and /var/tmp are private.
 
-    Workarounds until the lock/installer fix of branch i23b lands (said in the report):
-    Debian's venv has no `wheel`, so eexit's setup.py cannot build (`invalid command
-    'bdist_wheel'`): `wheel` is installed into the build venv first; and the lock lacks
-    async-timeout, which redis-py needs below Python 3.11.3: when pip's resolver says the
-    wheelhouse cannot install on this Python, async-timeout's wheel is added to it, to its lock
-    and to SHA256SUMS."""
+    Two fallbacks, used only while the installer or the lock predates issue 23's fix (each a
+    no-op once it is in): an installer whose `pip wheel` needs `wheel` in Debian's venv
+    (`invalid command 'bdist_wheel'`) gets it installed and runs again; a lock without
+    async-timeout (redis-py needs it below Python 3.11.3), which pip's resolver refuses on
+    this Python, gets async-timeout's wheel added to the wheelhouse, its lock and SHA256SUMS."""
     Path(cache_root).mkdir(parents=True, exist_ok=True)
     out = Path(cache_root) / f"eexit-wheelhouse-{source_digest()}"
     if (out / "SHA256SUMS").is_file():
@@ -461,12 +460,14 @@ def build_wheelhouse(cache_root=ROOT / "build"):
         venv = build / "venv"
         subprocess.run([DISTRO_PYTHON, "-m", "venv", venv], check=True, capture_output=True)
         python = str(venv / "bin/python")
-        has_wheel = subprocess.run([python, "-c", "import wheel"], capture_output=True).returncode == 0
-        if not has_wheel:
-            subprocess.run([python, "-m", "pip", "install", "-q", "wheel"], check=True, capture_output=True)
         wheels = build / "wheels"
-        made = subprocess.run([python, ROOT / "tools/install_offline.py", "wheelhouse", "--out", wheels],
-                              capture_output=True, text=True)
+        command = [python, ROOT / "tools/install_offline.py", "wheelhouse", "--out", wheels]
+        made = subprocess.run(command, capture_output=True, text=True)
+        if made.returncode != 0 and "bdist_wheel" in made.stdout + made.stderr:
+            # An installer from before --use-pep517: give the build venv `wheel` and retry.
+            shutil.rmtree(wheels, ignore_errors=True)
+            subprocess.run([python, "-m", "pip", "install", "-q", "wheel"], check=True, capture_output=True)
+            made = subprocess.run(command, capture_output=True, text=True)
         if made.returncode != 0:
             raise AssertionError(f"wheelhouse build failed: {made.stdout[-2000:]} {made.stderr[-2000:]}")
         _add_missing_requirements(python, wheels)
