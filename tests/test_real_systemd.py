@@ -94,7 +94,8 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         report = self.host.wait_for(lambda: self.final_report(event_id), timeout, f"the report of {event_id}")
         self.assertEqual(report["status"], "FLAT", report)
         state = self.state()
-        self.assertEqual((state.halted, state.event_id), (True, event_id))
+        self.assertEqual((state.halted, state.event_id), (True, event_id),
+                         [(p["event_id"], p["issued_by"], p["reason"]) for p in self.new_panics()])
         self.assertEqual(self.host.paper_exposure(), ([], [], []))
         return event_id
 
