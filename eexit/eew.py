@@ -836,7 +836,9 @@ class Closer:
                     errors[i] = "deadline"
                 break
             try:
-                results = exchange.place_close_orders(client, [orders[i] for i in pending])
+                results = exchange.place_close_orders(client, [orders[i] for i in pending], lambda exc: log.warning(
+                    "close_batch_refused", orders=len(pending), error=_error_text(exc, self.pool.exchange_id),
+                    then="single_orders"))
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
                 # The request itself failed: the same outcome for every order in it.
                 results = [exc] * len(pending)

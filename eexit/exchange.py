@@ -22,8 +22,8 @@ from requests.adapters import HTTPAdapter
 
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
-from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
-                               in_segment)
+from eexit.venues.base import (BatchRequestFailed, ErrorClass, ExchangeDataError, MarketRules,  # noqa: F401
+                               OpenOrder, Position, in_segment)
 
 DEFAULT_EXCHANGE = "binanceusdm"
 DEFAULT_TIMEOUT_MS = 5000
@@ -237,16 +237,57 @@ def batch_size(exchange_id):
     return venue(exchange_id).BATCH_ORDERS
 
 
-def place_close_orders(ex, orders):
+def place_close_orders(ex, orders, on_batch_refused=None):
     """flatten.CloseOrder items, at most batch_size: [order id | exception] in order. An
     exception in the list is that order's rejection (classify_error sorts it like a single
-    order's); a failure of the request itself raises and concerns every order of it."""
+    order's). A batch request that fails as a whole falls back to the single-order endpoint
+    for its orders, in this same call (on_batch_refused(exc) is told): batching is an
+    optimisation, and a venue refusing it may cost time, never the close. Two failures are
+    NOT sent singly but raised (or, for one request of a batch the venue splits, returned as
+    its orders' result): a rate limit (more requests would deepen the ban; the caller waits
+    and retries) and a timeout (the batch may have been placed, and singles would wait out
+    the same timeout; the caller's re-read decides). A single order rate-limited during the
+    fallback ends it: the orders not yet sent get that answer."""
     module = venue_of(ex)
-    if len(orders) == 1:      # the single endpoint: same weight, and its answer is simpler
-        o = orders[0]
-        return [module.place_close(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id,
-                                   o.margin_mode)["id"]]
-    return module.place_closes(ex, orders)
+    results = [None] * len(orders)          # None: send singly
+    if len(orders) > 1:
+        try:
+            results = module.place_closes(ex, orders)
+        except Exception as exc:  # noqa: BLE001 - sorted by batch_falls_back: re-raised or sent singly
+            if not batch_falls_back(exc, ex):
+                raise
+            results = [BatchRequestFailed(exc)] * len(orders)
+    limited = None
+    for i, result in enumerate(results):
+        if result is not None and not isinstance(result, BatchRequestFailed):
+            continue                            # the batch's own answer for this order
+        if result is not None and not batch_falls_back(result.cause, ex):
+            results[i] = result.cause           # a later category's batch (Bybit) limited or timed out
+        elif limited is not None:
+            results[i] = limited                # not sent: the caller waits out the limit and retries
+        else:
+            if result is not None and on_batch_refused is not None:
+                on_batch_refused(result.cause)
+                on_batch_refused = None         # told once per call
+            results[i] = _place_single(module, ex, orders[i])
+            if isinstance(results[i], Exception) and classify_error(results[i], ex).kind == "rate_limited":
+                limited = results[i]
+    return results
+
+
+def batch_falls_back(exc, ex):
+    """Whether the orders of a batch request that failed as a whole are sent singly now."""
+    return not isinstance(exc, ccxt.RequestTimeout) and classify_error(exc, ex).kind != "rate_limited"
+
+
+def _place_single(module, ex, o):
+    """One order's id, or the exception that is its result (never raised: the other orders of
+    the call are still sent, and the caller classifies it like a batch item's rejection)."""
+    try:
+        return module.place_close(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id,
+                                  o.margin_mode)["id"]
+    except Exception as exc:  # noqa: BLE001 - returned as this order's result, never swallowed
+        return exc
 
 
 def ping(ex):

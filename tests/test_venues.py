@@ -20,17 +20,20 @@ DIALECTS = {
         order_path="/fapi/v1/order", client_id="newClientOrderId", qty="quantity", limited=429,
         rate_fault=dict(kind="error", status=429, code=-1015, retry_after=1, path="/fapi/v1/order"),
         segment_fault=dict(kind="error", status=401, code=-2015, path="positionRisk"), segment="usdm",
-        scope="binanceusdm:usdm"),
+        scope="binanceusdm:usdm",
+        batch_refusal=dict(kind="error", status=404, code=-5000, batch=True, path="/fapi/v1/batchOrders")),
     "bybit": dict(
         order_path="/v5/order/create", client_id="orderLinkId", qty="qty", limited=10006,
         rate_fault=dict(kind="error", status=429, retry_after=1, path="/v5/order/create"),
         segment_fault=dict(kind="error", status=200, code=10005, path="settleCoin=USDC"),
-        segment="linear/USDC", scope="bybit:linear/USDT,linear/USDC,inverse"),
+        segment="linear/USDC", scope="bybit:linear/USDT,linear/USDC,inverse",
+        batch_refusal=dict(kind="error", status=404, batch=True, path="/v5/order/create-batch")),
     "okx": dict(
         order_path="/api/v5/trade/order", client_id="clOrdId", qty="sz", limited=50011,
         rate_fault=dict(kind="error", status=429, path="/api/v5/trade/order?"), order_fault="/api/v5/trade/order?",
         segment_fault=dict(kind="error", status=200, code=50120, path="instType=FUTURES"),
-        segment="FUTURES", scope="okx:SWAP,FUTURES"),
+        segment="FUTURES", scope="okx:SWAP,FUTURES",
+        batch_refusal=dict(kind="error", status=200, code=50005, batch=True, path="/api/v5/trade/batch-orders")),
 }
 REDUCE_ONLY = {"binanceusdm": ("reduceOnly", "true"), "bybit": ("reduceOnly", True), "okx": ("reduceOnly", True)}
 
@@ -133,6 +136,19 @@ class VenueCase(EEWCase):
         self.assertIsNone(report.positions_total)
         self.assertIn(f"segment={self.dialect['segment']}", report.detail)
         self.assertIn(self.dialect["segment"], report.scope)
+
+    def test_a_batch_endpoint_refused_as_a_whole_is_flat_through_single_orders(self):
+        # Finding 5b of issue 24: the batch request is an optimisation; refused as a whole, its
+        # orders go to the single-order endpoint in the same attempt (no RESIDUAL after 8 s).
+        self.paper.set_state({"seed": "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:10,XRPUSDT:-1000,BNBUSDT:1"})
+        self.paper.add_fault(self.dialect["batch_refusal"])
+        report = self.run_panic()
+        self.assert_flat(report, 5)
+        self.assertEqual(1, report.attempts, "flat in the first attempt")
+        refused = self.paper.requests(path=self.dialect["batch_refusal"]["path"], batches=True)
+        self.assertTrue(refused and all(r["status"] != 200 for r in refused), refused)
+        singles = [r for r in self.orders() if r["status"] == 200 and not r.get("in_batch")]
+        self.assertEqual(5, len(singles))
 
     def test_unsupported_ids_exit_2_naming_the_supported_venues(self):
         for exchange_id in ("gate", self.venue + "x", "okex", "binance"):

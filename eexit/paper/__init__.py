@@ -37,7 +37,9 @@ account_unreadable. HTTP: POST /_paper/state with "marks", "transfers", "account
 "account_unreadable" (a fault on the dialect's account path; DELETE /_paper/faults ends it).
 
 Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "count"
-(number of matching requests) and "duration_s"):
+(number of matching requests) and "duration_s"; a batch order request is faulted as its
+orders, and as a whole only by a fault with "batch": true, e.g. {"kind": "error",
+"status": 404, "batch": true, "path": "/v5/order/create-batch"}):
   latency      ms, jitter_ms           sleep before answering
   error        status, code, msg, retry_after   e.g. 503, or 429/-1003, 418 with Retry-After
   hang         seconds (default 30)    no answer; the client times out
@@ -306,10 +308,12 @@ class Faults:
         with self._lock:
             return [dict(f) for f in self._faults]
 
-    def take(self, kinds, path, method, symbol=None, scoped_only=False):
+    def take(self, kinds, path, method, symbol=None, scoped_only=False, batch=None):
         """Matching faults of the given kinds, consuming one unit of each one's count. path
         None: only faults without a "path" match (a batch request as a whole: one latency,
-        one 503); scoped_only: only faults with one (the orders of a batch, see batch_item)."""
+        one 503); scoped_only: only faults with one (the orders of a batch, see batch_item).
+        batch: the path of a batch request as a whole, which a fault marked "batch": true
+        (and only such a fault, besides the path-less ones) matches by its "path"."""
         if not self._faults:
             return []
         now = time.monotonic()
@@ -322,7 +326,10 @@ class Faults:
                 keep.append(fault)
                 if fault["kind"] not in kinds:
                     continue
-                if fault.get("path") and (path is None or fault["path"] not in path) or \
+                if fault.get("batch"):
+                    if batch is None or fault.get("path") and fault["path"] not in batch:
+                        continue
+                elif fault.get("path") and (path is None or fault["path"] not in path) or \
                         scoped_only and not fault.get("path"):
                     continue
                 if fault.get("method") and fault["method"].upper() != method:
@@ -1299,14 +1306,15 @@ def _fault_delay_s(fault):
     return (float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0
 
 
-def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error):
+def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error, batch=None):
     """The latency, then hang/reset/error faults of one HTTP request, in every dialect. True
     when the request ended here (hung or reset): the caller returns without an answer; an
-    error fault raises fault_error(fault), answered as the dialect answers errors."""
+    error fault raises fault_error(fault), answered as the dialect answers errors. batch: the
+    path of a batch request, faulted as a whole only by faults marked "batch"."""
     paper = handler.paper
-    for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+    for fault in paper.faults.take({"latency"}, fault_path, method, symbol, batch=batch):
         time.sleep(_fault_delay_s(fault))
-    for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
+    for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol, batch=batch):
         if fault["kind"] == "hang":
             entry["status"] = "hang"
             paper._stopping.wait(float(fault.get("seconds", 30)))
@@ -1442,7 +1450,10 @@ class _Handler(BaseHTTPRequestHandler):
             entry["params"] = {k: v for k, v in params.items() if k != "signature"}
             symbol = (params.get("symbol") or "").upper() or None
             fault_path = None if path == BATCH_PATH else path  # a batch is faulted as its orders
-            if _take_request_faults(self, entry, fault_path, method, symbol, _fault_error):
+            if path == BATCH_PATH:
+                entry["batch"] = True
+            if _take_request_faults(self, entry, fault_path, method, symbol, _fault_error,
+                                    path if path == BATCH_PATH else None):
                 return
             route = ROUTES.get((method, path))
             if route is None:
@@ -1769,11 +1780,12 @@ def serve_dialect(h, method, path, query, d):
             symbol = d.symbol_of(items[0]) if items and isinstance(items[0], dict) else None
             fault_path = path + "?" + "&".join(f"{k}={v}" for item in items if isinstance(item, dict)
                                                for k, v in item.items())
+            batch = None
             if d.ROUTES.get((method, path), ("",))[0] in getattr(d, "BATCHES", ()):
                 # Logged and faulted as its orders (batch_item), not as one request.
                 entry["batch"] = True
-                fault_path = None
-            if _take_request_faults(h, entry, fault_path, method, symbol, d.fault_error):
+                fault_path, batch = None, path
+            if _take_request_faults(h, entry, fault_path, method, symbol, d.fault_error, batch):
                 return
             route = d.ROUTES.get((method, path))
             if route is None:

@@ -214,6 +214,15 @@ def item_error(venue_id, body):
     return ccxt.ExchangeError(f"{venue_id} {body}")
 
 
+class BatchRequestFailed:
+    """The result of each order of one batch request that failed as a whole, where a venue
+    sends one batch as several requests (Bybit: one per category) and an earlier one stood:
+    eexit.exchange.place_close_orders sends these orders singly or returns the cause."""
+
+    def __init__(self, cause):
+        self.cause = cause
+
+
 def batch_results(rows, count, what, accepted):
     """Per-order results of one batch answer, in request order: the venue's order id, or an
     exception (item_error). A row count other than the request's is unreadable: raise."""

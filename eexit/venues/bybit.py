@@ -154,15 +154,22 @@ def _close_body(ex, symbol, side, amount, position_side, client_order_id):
 
 def place_closes(ex, orders):
     """Up to BATCH_ORDERS closes; one create-batch per category (a batch holds one). Per
-    order: its id, or the exception its retCode (retExtInfo.list) means."""
+    order: its id, or the exception its retCode (retExtInfo.list) means, or, when its
+    category's request failed as a whole, base.BatchRequestFailed (the other category's
+    orders may stand: nothing is raised over them)."""
     ex.load_markets()
     bodies = [_close_body(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id) for o in orders]
     results = [None] * len(bodies)
     for category in sorted({body["category"] for body in bodies}):
         indexes = [i for i, body in enumerate(bodies) if body["category"] == category]
-        response = ex.privatePostV5OrderCreateBatch(
-            {"category": category, "request": [{k: v for k, v in bodies[i].items() if k != "category"}
-                                               for i in indexes]}) or {}
+        try:
+            response = ex.privatePostV5OrderCreateBatch(
+                {"category": category, "request": [{k: v for k, v in bodies[i].items() if k != "category"}
+                                                   for i in indexes]}) or {}
+        except Exception as exc:  # noqa: BLE001 - each order's result; the caller decides what next
+            for i in indexes:
+                results[i] = base.BatchRequestFailed(exc)
+            continue
         rows = ((response.get("result") or {}).get("list"))
         codes = base.rows_of(((response.get("retExtInfo") or {}).get("list")) or [{}] * len(indexes), "retExtInfo")
         merged = [dict(row, **code) for row, code in zip(base.rows_of(rows, "create-batch"), codes)]
