@@ -714,6 +714,7 @@ def _error_text(exc, exchange_id):
 class Account:
     positions: list
     orders: list
+    unreadable: list = field(default_factory=list)   # venues.base.UnreadableRow: never flat
 
 
 @dataclass
@@ -753,8 +754,14 @@ class Closer:
                 positions = [self.pool.submit(exchange.read_segment_positions, segment) for segment in venue.SEGMENTS]
                 books = [self.pool.submit(exchange.read_segment_orders, segment, book)
                          for segment in venue.SEGMENTS for book in venue.BOOKS]
-                return Account([p for part in positions for p in part.result()],
-                               [o for book in books for o in book.result()])
+                reads = [part.result() for part in positions]
+                account = Account([p for read in reads for p in read.positions],
+                                  [o for book in books for o in book.result()],
+                                  [u for read in reads for u in read.unreadable])
+                if account.unreadable:
+                    log.error("position_rows_unreadable", event_id=event_id,
+                              rows=";".join(u.describe() for u in account.unreadable))
+                return account
             except Exception as exc:  # noqa: BLE001 - any failure means "account unknown"
                 # Unknown is never empty: wait and read again until the deadline; the caller
                 # reports FAILED if no read ever succeeds.
@@ -881,7 +888,7 @@ class Closer:
         cancelled, errors, failed_rounds, sent = 0, [], 0, 0
         while True:
             rules = self.pool.rules or {}
-            if not flatten.closable(account.positions, rules) and not account.orders:
+            if not flatten.closable(account.positions, rules) and not account.orders and not account.unreadable:
                 break
             if time.monotonic() >= deadline:
                 break
@@ -891,9 +898,10 @@ class Closer:
             result = self.run_round(account, attempt, event_id, deadline, keepalive)
             cancelled, sent = cancelled + result.cancelled, sent + result.orders_sent
             errors.extend(result.errors)
-            if result.errors:
-                # Progress stalls on errors: back off a little so a stuck position does not
-                # hammer the exchange, but keep trying until the deadline.
+            if result.errors or account.unreadable:
+                # Progress stalls on errors (or on a row that cannot be read): back off a little
+                # so a stuck position does not hammer the exchange, but keep trying (re-reading
+                # the row) until the deadline.
                 failed_rounds += 1
                 _sleep(min(0.05 * 2 ** failed_rounds, 1.0, deadline - time.monotonic()), keepalive)
             verified = self.read_account(deadline, event_id, keepalive)
@@ -920,9 +928,16 @@ class Closer:
         residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
         left = {"|".join(flatten.position_key(p)) for p in account.positions}
         detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
-        return dict(fields, status=flatten.decide_status(account.positions, account.orders),
-                    positions_closed=len(initial - left), positions_failed=len(left),
-                    failed_symbols=sorted({p.symbol for p in account.positions}),
+        status = flatten.decide_status(account.positions, account.orders)
+        if account.unreadable:
+            # A row whose exposure is unknown: the account was not read whole, never FLAT.
+            status, rows = flatten.FAILED, account.unreadable
+            fields["positions_total"] += len(rows)
+            detail = " ".join(filter(None, ["position_rows_unreadable:" + ";".join(
+                u.describe() for u in rows[:5]) + (f";+{len(rows) - 5}_more" if len(rows) > 5 else ""), detail]))
+        return dict(fields, status=status,
+                    positions_closed=len(initial - left), positions_failed=len(left) + len(account.unreadable),
+                    failed_symbols=sorted({p.symbol for p in account.positions} | {u.symbol for u in account.unreadable}),
                     residual_positions=residual, dust=dust, detail=detail)
 
 
@@ -1622,6 +1637,8 @@ class Worker:
         account = self.closer.read_account(time.monotonic() + RESUME_READ_S, "resume", self.notifier.ping)
         if account is None:
             return None, None, f"positions_unreadable_for_{RESUME_READ_S:g}s"
+        if account.unreadable:
+            return None, None, "position_rows_unreadable:" + ";".join(u.describe() for u in account.unreadable)
         return account.positions, account.orders, None
 
     # -- bus loss
@@ -1676,11 +1693,13 @@ class Worker:
                   "last_check_ms": wall_ms(), "last_check": "waiting_for_report" if last is None else "unreadable"}
         if account is not None:
             key = guard_policy.exposure_key(account.positions, account.orders)
-            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions,
+            # An unreadable row is exposure (never "flat"), though nothing a close can act on.
+            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions or account.unreadable,
                                                  flatten.closable(account.positions, self.pool.rules or {}),
                                                  account.orders, key == self.guard_alerted)
             status["last_check"] = (f"positions={len(account.positions)} orders={len(account.orders)}"
-                                    if account.positions or account.orders else "flat")
+                                    f" unreadable_rows={len(account.unreadable)}"
+                                    if account.positions or account.orders or account.unreadable else "flat")
             # Still the holder after the read (renewed): a holder cut off during a long read
             # may have lost the lease, and then its successor acts, not both.
             if action in ("enforce", "alert") and self.hold_guard():

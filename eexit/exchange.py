@@ -172,7 +172,8 @@ def check_key(ex):
 
 
 def read_segment_positions(ex, segment):
-    """The positions of one segment; a failure carries the segment (exc.eexit_segment)."""
+    """base.PositionRead of one segment (positions, unreadable rows); a failure carries the
+    segment (exc.eexit_segment)."""
     return in_segment(segment, lambda: venue_of(ex).read_positions(ex, segment))
 
 
@@ -191,8 +192,19 @@ def load_market_rules(ex):
 
 
 def read_positions(ex):
-    """Every non-zero position of every segment. Raises; never [] for an error."""
-    return [p for segment in segments(ex) for p in read_segment_positions(ex, segment)]
+    """Every non-zero position of every segment. Raises; never [] for an error. A row that
+    cannot be read fails the whole read here (ExchangeDataError naming it, tagged with its
+    segment): callers without a per-row report (brain, operator tools) never act on a part
+    of the account as if it were all of it. The EEW reads per segment and closes the rest."""
+    positions = []
+    for segment in segments(ex):
+        read = read_segment_positions(ex, segment)
+        if read.unreadable:
+            error = ExchangeDataError("unreadable position rows: " + "; ".join(u.describe() for u in read.unreadable))
+            error.eexit_segment = segment
+            raise error
+        positions.extend(read.positions)
+    return positions
 
 
 def read_open_orders_book(ex, conditional):

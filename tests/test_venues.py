@@ -21,19 +21,22 @@ DIALECTS = {
         rate_fault=dict(kind="error", status=429, code=-1015, retry_after=1, path="/fapi/v1/order"),
         segment_fault=dict(kind="error", status=401, code=-2015, path="positionRisk"), segment="usdm",
         scope="binanceusdm:usdm",
-        batch_refusal=dict(kind="error", status=404, code=-5000, batch=True, path="/fapi/v1/batchOrders")),
+        batch_refusal=dict(kind="error", status=404, code=-5000, batch=True, path="/fapi/v1/batchOrders"),
+        position_size=dict(path="positionRisk", field="positionAmt")),
     "bybit": dict(
         order_path="/v5/order/create", client_id="orderLinkId", qty="qty", limited=10006,
         rate_fault=dict(kind="error", status=429, retry_after=1, path="/v5/order/create"),
         segment_fault=dict(kind="error", status=200, code=10005, path="settleCoin=USDC"),
         segment="linear/USDC", scope="bybit:linear/USDT,linear/USDC,inverse",
-        batch_refusal=dict(kind="error", status=404, batch=True, path="/v5/order/create-batch")),
+        batch_refusal=dict(kind="error", status=404, batch=True, path="/v5/order/create-batch"),
+        position_size=dict(path="/v5/position/list", field="size")),
     "okx": dict(
         order_path="/api/v5/trade/order", client_id="clOrdId", qty="sz", limited=50011,
         rate_fault=dict(kind="error", status=429, path="/api/v5/trade/order?"), order_fault="/api/v5/trade/order?",
         segment_fault=dict(kind="error", status=200, code=50120, path="instType=FUTURES"),
         segment="FUTURES", scope="okx:SWAP,FUTURES",
-        batch_refusal=dict(kind="error", status=200, code=50005, batch=True, path="/api/v5/trade/batch-orders")),
+        batch_refusal=dict(kind="error", status=200, code=50005, batch=True, path="/api/v5/trade/batch-orders"),
+        position_size=dict(path="/api/v5/account/positions", field="pos")),
 }
 REDUCE_ONLY = {"binanceusdm": ("reduceOnly", "true"), "bybit": ("reduceOnly", True), "okx": ("reduceOnly", True)}
 
@@ -149,6 +152,31 @@ class VenueCase(EEWCase):
         self.assertTrue(refused and all(r["status"] != 200 for r in refused), refused)
         singles = [r for r in self.orders() if r["status"] == 200 and not r.get("in_batch")]
         self.assertEqual(5, len(singles))
+
+    def test_a_position_row_without_its_size_is_named_never_flat_and_the_rest_is_closed(self):
+        # Finding 4 of issue 24: OKX read such a row as no position (a false FLAT), Bybit let
+        # it fail the whole read (nothing closed). Now: what can be read is closed, the
+        # orders are cancelled, and the report is FAILED naming the row.
+        self.paper.set_state({"seed": "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:10"})
+        self.paper.add_order("SOLUSDT", "SELL", "10", trigger="140")
+        self.paper.add_order("BTCUSDT", "BUY", "0.01", price="60000")
+        self.paper.add_fault(kind="drop_field", row="ETHUSDT", **self.dialect["position_size"])
+        report = self.run_panic()
+        self.assertEqual("FAILED", report.status, report)
+        self.assertEqual((3, 2, 1), (report.positions_total, report.positions_closed, report.positions_failed))
+        self.assertEqual(["ETH/USDT:USDT"], report.failed_symbols)
+        self.assertIn(f"position_rows_unreadable:", report.detail)
+        self.assertIn("ETH/USDT:USDT", report.detail)
+        self.assertEqual(2, report.orders_cancelled)
+        state = self.paper.state()
+        self.assertEqual({("ETHUSDT", "BOTH"): -0.5}, self.paper.positions(), "the readable positions closed")
+        self.assertEqual(([], []), (state["open_orders"], state["open_algo_orders"]))
+        # A caller without a per-row report (operator tools, the brain) gets an error, never a part.
+        positions, orders, error = ops.read_account(python_env(
+            EEXIT_EXCHANGE_URL=self.paper_url, EEXIT_API_KEY="paper-key", EEXIT_API_SECRET="paper-secret",
+            **venue_env(self.venue)))
+        self.assertEqual((None, None), (positions, orders))
+        self.assertIn("unreadable position rows", error)
 
     def test_unsupported_ids_exit_2_naming_the_supported_venues(self):
         for exchange_id in ("gate", self.venue + "x", "okex", "binance"):
@@ -283,6 +311,16 @@ class OkxVenueTest(VenueCase):
         for request in self.orders():
             self.assertRegex(request["params"]["clOrdId"], r"^[A-Za-z0-9]{1,32}$")
 
+
+    def test_a_position_row_without_pos_is_never_flat(self):
+        # Finding 4 of issue 24, as tried: the only position's row lacks "pos" -> was FLAT.
+        self.paper.set_position("ETHUSDT", "7")
+        self.paper.add_fault(kind="drop_field", field="pos", path="/api/v5/account/positions")
+        report = self.run_panic()
+        self.assertEqual("FAILED", report.status, report)
+        self.assertEqual((1, 0, 1), (report.positions_total, report.positions_closed, report.positions_failed))
+        self.assertEqual(["ETH/USDT:USDT"], report.failed_symbols)
+        self.assertEqual(7.0, self.paper.position_amount("ETHUSDT"))
 
     def test_markets_load_without_asset_permission_calls(self):
         self.assertFalse(self.paper.requests(path="/api/v5/asset"))

@@ -48,6 +48,9 @@ orders, and as a whole only by a fault with "batch": true, e.g. {"kind": "error"
   partial_fill ratio                   market orders fill only ratio of the quantity (EXPIRED)
   weight_limit limit                   per-minute request weight; over it: 429 -1003
   order_limit  limit                   orders per 10 s; over it: 429 -1015
+  drop_field   field, row              the answer's rows lose `field` (only the rows of market
+                                       `row`, e.g. "ETHUSDT", when given): a position row
+                                       without its size, in any dialect
 
 Symbols with a small MARKET_LOT_SIZE maxQty (so closes must be split): ORDIUSDT (100),
 TIAUSDT (500), BTCUSDT (120, realistic).
@@ -273,7 +276,8 @@ def default_markets(synthetic=0, venue="binanceusdm"):
 class Faults:
     """Active faults; matching and expiry are O(number of faults), normally 0-3."""
 
-    KINDS = {"latency", "error", "hang", "reset", "reject", "partial_fill", "weight_limit", "order_limit"}
+    KINDS = {"latency", "error", "hang", "reset", "reject", "partial_fill", "weight_limit", "order_limit",
+             "drop_field"}
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -291,6 +295,8 @@ class Faults:
                 value = float(fault[key])
                 if not math.isfinite(value) or value < (-100000 if key == "code" else 0):
                     raise ValueError(f"fault {key}={fault[key]!r} is invalid")
+        if kind == "drop_field" and not fault.get("field"):
+            raise ValueError("a drop_field fault needs a field")
         if fault.get("duration_s") is not None:
             fault["expires_at"] = time.monotonic() + float(fault["duration_s"])
         if fault.get("symbol"):
@@ -1306,6 +1312,27 @@ def _fault_delay_s(fault):
     return (float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0
 
 
+def drop_fields(paper, result, fault_path, method):
+    """The answer with the drop_field faults applied: every row (a JSON object, at any depth)
+    holding the fault's field loses it; a fault with "row" touches only the rows of that
+    market (Binance/Bybit "symbol", OKX "instId" as BTC-USDT-SWAP -> BTCUSDT)."""
+    for fault in paper.faults.take({"drop_field"}, fault_path, method):
+        _drop(result, fault["field"], str(fault.get("row") or "").upper() or None)
+    return result
+
+
+def _drop(value, field, market_id):
+    if isinstance(value, list):
+        for item in value:
+            _drop(item, field, market_id)
+    elif isinstance(value, dict):
+        row_id = value.get("symbol") or "".join(str(value.get("instId") or "").split("-")[:2])
+        if field in value and (market_id is None or row_id == market_id):
+            del value[field]
+        for item in value.values():
+            _drop(item, field, market_id)
+
+
 def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error, batch=None):
     """The latency, then hang/reset/error faults of one HTTP request, in every dialect. True
     when the request ended here (hung or reset): the caller returns without an answer; an
@@ -1481,7 +1508,7 @@ class _Handler(BaseHTTPRequestHandler):
             if signed:
                 self._authenticate(split.query, body, params)
             paper.account.expire_countdowns()
-            result = getattr(self, "_ep_" + name)(params, path, method)
+            result = drop_fields(paper, getattr(self, "_ep_" + name)(params, path, method), path, method)
             entry["status"] = 200
             self._send(200, result, headers)
         except HangUp:
@@ -1799,7 +1826,8 @@ def serve_dialect(h, method, path, query, d):
             if signed:
                 d.authenticate(h, method, path, query, body)
             paper.account.expire_countdowns()
-            result = getattr(d, "ep_" + name)(paper, params, fault_path, method)
+            result = drop_fields(paper, getattr(d, "ep_" + name)(paper, params, fault_path, method), fault_path,
+                                 method)
         except BinanceError as exc:
             raise d.translate(exc) from None
     except DialectError as exc:

@@ -77,25 +77,31 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
+    """base.PositionRead: a row without a readable symbol, size or (size not 0) side is
+    unreadable; the rows beside it are read."""
     ex.load_markets()
     category = _request(segment)["category"]
-    positions = []
-    for row in _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list"):
-        size = base.num(row.get("size"), "size")
-        if size == 0:
-            continue
-        side = {"Buy": "long", "Sell": "short"}.get(row.get("side"))
-        if side is None:
-            raise base.ExchangeDataError(f"position without a side: {row.get('symbol')!r}")
-        idx = str(row.get("positionIdx", "0"))
-        positions.append(base.Position(
-            symbol=base.unified_symbol(ex, str(row.get("symbol")), category),
-            market_id=str(row.get("symbol")), side=side, contracts=abs(size),
-            position_side={"0": "BOTH", "1": "LONG", "2": "SHORT"}.get(idx, "BOTH"),
-            entry_price=base.opt_num(row.get("avgPrice")) or 0.0,
-            mark_price=base.opt_num(row.get("markPrice")),
-            margin_mode="isolated" if str(row.get("tradeMode")) == "1" else "cross"))
-    return positions
+    rows = _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list")
+    return base.read_rows(ex, rows, segment, "symbol", lambda row: _position(ex, row, category), category)
+
+
+def _position(ex, row, category):
+    if not row.get("symbol"):
+        raise base.ExchangeDataError("position row without a symbol")
+    size = base.num(row.get("size"), "size")
+    if size == 0:
+        return None
+    side = {"Buy": "long", "Sell": "short"}.get(row.get("side"))
+    if side is None:
+        raise base.ExchangeDataError(f"unreadable side: {row.get('side')!r}")
+    idx = str(row.get("positionIdx", "0"))
+    return base.Position(
+        symbol=base.unified_symbol(ex, str(row["symbol"]), category),
+        market_id=str(row["symbol"]), side=side, contracts=abs(size),
+        position_side={"0": "BOTH", "1": "LONG", "2": "SHORT"}.get(idx, "BOTH"),
+        entry_price=base.opt_num(row.get("avgPrice")) or 0.0,
+        mark_price=base.opt_num(row.get("markPrice")),
+        margin_mode="isolated" if str(row.get("tradeMode")) == "1" else "cross")
 
 
 def read_orders(ex, segment, book):
