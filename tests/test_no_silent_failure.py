@@ -212,10 +212,11 @@ class EntryIsolation(EEWCase):
         self.start_eew()
         self.wait_ready()
         quarantine = self.journal + ".quarantine"
-        wait_for(lambda: os.path.exists(quarantine), 20, message=f"quarantine file\n{self.logs()}")
+        # The CRITICAL line is written once the quarantine file is complete (written, synced):
+        # wait for that event, never for the file to exist (it exists before it is written).
+        wait_for(lambda: self.log_lines("journal_lines_quarantined"), 20, message=f"CRITICAL log\n{self.logs()}")
         with open(quarantine, encoding="utf-8") as handle:
             self.assertEqual(handle.read(), poisoned)
-        wait_for(lambda: self.log_lines("journal_lines_quarantined"), 20, message=f"CRITICAL log\n{self.logs()}")
         self.panic("after-poison")
         self.assertEqual(self.report("after-poison").status, "FLAT")
         self.assertEqual(self.paper.positions(), {})
