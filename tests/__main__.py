@@ -17,6 +17,7 @@ every failure is printed in full at the end. N: -j, else $EEXIT_TEST_JOBS, else 
 everything in this process. `--save-durations` rewrites tests/durations.json from this run.
 """
 
+import argparse
 import collections
 import importlib
 import io
@@ -26,6 +27,7 @@ import selectors
 import subprocess
 import sys
 import time
+import traceback
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,8 +47,9 @@ def test_classes(loader, module):
 
 
 def uses_staging(module):
-    return any(value is sys.modules.get(STAGING) or getattr(value, "__module__", None) == STAGING
-               for value in vars(module).values())
+    staging = sys.modules.get(STAGING)
+    return staging is not None and any(value is staging or getattr(value, "__module__", None) == STAGING
+                                       for value in vars(module).values())
 
 
 def targets_of(loader, name):
@@ -58,7 +61,7 @@ def targets_of(loader, name):
         module_name, rest = ".".join(parts[:cut]), parts[cut:]
         try:
             module = importlib.import_module(module_name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - not importable here: unittest's loader reports why, as a test
             continue
         if not rest:
             return [(module_name, attr, None) for attr, _cls in test_classes(loader, module)]
@@ -111,11 +114,14 @@ def run_unit(unit):
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
     for module_name, attr, methods in unit["targets"]:
-        if attr is None:
-            suite.addTests(loader.loadTestsFromName(module_name))
-            continue
-        cls = getattr(importlib.import_module(module_name), attr)
-        suite.addTests([cls(method) for method in methods] if methods else loader.loadTestsFromTestCase(cls))
+        try:
+            if attr is None:
+                suite.addTests(loader.loadTestsFromName(module_name))
+                continue
+            cls = getattr(importlib.import_module(module_name), attr)
+            suite.addTests([cls(method) for method in methods] if methods else loader.loadTestsFromTestCase(cls))
+        except Exception:  # noqa: BLE001 - a module that cannot load is a failing test, not a dead worker
+            return failed_unit(unit, module_name, traceback.format_exc())
     stream = io.StringIO()
     started = time.monotonic()
     result = unittest.TextTestRunner(stream=stream, verbosity=2, resultclass=QuietResult).run(suite)
@@ -140,10 +146,11 @@ def problems(result):
             [["UNEXPECTED SUCCESS", str(test), ""] for test in result.unexpectedSuccesses])
 
 
-def died(unit, returncode):
-    """The result of a unit whose worker exited under it (a crash, os._exit, a kill)."""
+def failed_unit(unit, what, text):
+    """The result of a unit that could not run (a module that does not load, a worker that
+    exited under it): one failure, never a silent zero."""
     return dict(name=unit["name"], run=0, passed=0, failed=1, skipped=0, seconds=0.0, output="",
-                problems=[["ERROR", unit["name"], f"the worker running it exited with code {returncode}\n"]])
+                problems=[["ERROR", what, text]])
 
 
 def worker(commands_fd, answers_fd):
@@ -222,20 +229,23 @@ def run_parallel(units, jobs, report):
             # The worker exited under its unit: that unit failed; a fresh worker goes on.
             selector.unregister(worker.answers)
             unit = worker.unit
-            report(died(unit, worker.finish()))
+            report(failed_unit(unit, unit["name"], f"the worker running it exited with code {worker.finish()}\n"))
             if queue:
                 start()
 
 
 def main(argv):
-    if argv[:1] == ["--worker"]:
-        return worker(int(argv[1]), int(argv[2]))
-    save = "--save-durations" in argv
-    argv = [arg for arg in argv if arg != "--save-durations"]
-    jobs = int(os.environ.get("EEXIT_TEST_JOBS") or DEFAULT_JOBS)
-    if argv[:1] in (["-j"], ["--jobs"]):
-        jobs, argv = int(argv[1]), argv[2:]
-    units = longest_first(plan(unittest.TestLoader(), argv))
+    parser = argparse.ArgumentParser(prog="python -m tests", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="modules, classes or tests (default: every tests/test*.py)")
+    parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("EEXIT_TEST_JOBS") or DEFAULT_JOBS),
+                        help=f"worker processes (default $EEXIT_TEST_JOBS, else {DEFAULT_JOBS}; 1: this process)")
+    parser.add_argument("--save-durations", action="store_true", help="rewrite tests/durations.json from this run")
+    parser.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+    jobs, save = args.jobs, args.save_durations
+    units = longest_first(plan(unittest.TestLoader(), args.names))
     started = time.monotonic()
     results = []
 
@@ -244,6 +254,7 @@ def main(argv):
         print(f"=== {result['name']} ({result['seconds']:.1f}s)\n{result['output']}", end="", flush=True)
 
     if jobs <= 1 or len(units) <= 1:
+        jobs = 1
         for unit in units:
             report(run_unit(unit))
     else:
