@@ -754,10 +754,10 @@ class Closer:
                 positions = [self.pool.submit(exchange.read_segment_positions, segment) for segment in venue.SEGMENTS]
                 books = [self.pool.submit(exchange.read_segment_orders, segment, book)
                          for segment in venue.SEGMENTS for book in venue.BOOKS]
-                reads = [part.result() for part in positions]
-                account = Account([p for read in reads for p in read.positions],
+                reads = [part.result() for part in positions]     # (positions, unreadable rows)
+                account = Account([p for readable, _ in reads for p in readable],
                                   [o for book in books for o in book.result()],
-                                  [u for read in reads for u in read.unreadable])
+                                  [u for _, unreadable in reads for u in unreadable])
                 if account.unreadable:
                     log.error("position_rows_unreadable", event_id=event_id,
                               rows=";".join(u.describe() for u in account.unreadable))

@@ -22,8 +22,8 @@ from requests.adapters import HTTPAdapter
 
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
-from eexit.venues.base import (BatchRequestFailed, ErrorClass, ExchangeDataError, MarketRules,  # noqa: F401
-                               OpenOrder, Position, in_segment)
+from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
+                               in_segment)
 
 DEFAULT_EXCHANGE = "binanceusdm"
 DEFAULT_TIMEOUT_MS = 5000
@@ -172,8 +172,8 @@ def check_key(ex):
 
 
 def read_segment_positions(ex, segment):
-    """base.PositionRead of one segment (positions, unreadable rows); a failure carries the
-    segment (exc.eexit_segment)."""
+    """(positions, unreadable rows) of one segment; a failure carries the segment
+    (exc.eexit_segment)."""
     return in_segment(segment, lambda: venue_of(ex).read_positions(ex, segment))
 
 
@@ -198,12 +198,12 @@ def read_positions(ex):
     of the account as if it were all of it. The EEW reads per segment and closes the rest."""
     positions = []
     for segment in segments(ex):
-        read = read_segment_positions(ex, segment)
-        if read.unreadable:
-            error = ExchangeDataError("unreadable position rows: " + "; ".join(u.describe() for u in read.unreadable))
+        readable, unreadable = read_segment_positions(ex, segment)
+        if unreadable:
+            error = ExchangeDataError("unreadable position rows: " + "; ".join(u.describe() for u in unreadable))
             error.eexit_segment = segment
             raise error
-        positions.extend(read.positions)
+        positions.extend(readable)
     return positions
 
 
@@ -255,35 +255,25 @@ def place_close_orders(ex, orders, on_batch_refused=None):
     order's). A batch request that fails as a whole falls back to the single-order endpoint
     for its orders, in this same call (on_batch_refused(exc) is told): batching is an
     optimisation, and a venue refusing it may cost time, never the close. Two failures are
-    NOT sent singly but raised (or, for one request of a batch the venue splits, returned as
-    its orders' result): a rate limit (more requests would deepen the ban; the caller waits
-    and retries) and a timeout (the batch may have been placed, and singles would wait out
-    the same timeout; the caller's re-read decides). A single order rate-limited during the
-    fallback ends it: the orders not yet sent get that answer."""
+    raised instead, concerning every order: a rate limit (more requests would deepen the ban;
+    the caller waits and retries) and a timeout (the batch may have been placed, and singles
+    would wait out the same timeout; the caller's re-read decides). A single order
+    rate-limited during the fallback ends it: the orders not yet sent get that answer."""
     module = venue_of(ex)
-    results = [None] * len(orders)          # None: send singly
     if len(orders) > 1:
         try:
-            results = module.place_closes(ex, orders)
-        except Exception as exc:  # noqa: BLE001 - sorted by batch_falls_back: re-raised or sent singly
+            return module.place_closes(ex, orders)
+        except Exception as exc:  # noqa: BLE001 - sorted by batch_falls_back: raised or sent singly
             if not batch_falls_back(exc, ex):
                 raise
-            results = [BatchRequestFailed(exc)] * len(orders)
-    limited = None
-    for i, result in enumerate(results):
-        if result is not None and not isinstance(result, BatchRequestFailed):
-            continue                            # the batch's own answer for this order
-        if result is not None and not batch_falls_back(result.cause, ex):
-            results[i] = result.cause           # a later category's batch (Bybit) limited or timed out
-        elif limited is not None:
-            results[i] = limited                # not sent: the caller waits out the limit and retries
-        else:
-            if result is not None and on_batch_refused is not None:
-                on_batch_refused(result.cause)
-                on_batch_refused = None         # told once per call
-            results[i] = _place_single(module, ex, orders[i])
-            if isinstance(results[i], Exception) and classify_error(results[i], ex).kind == "rate_limited":
-                limited = results[i]
+            if on_batch_refused is not None:
+                on_batch_refused(exc)
+    results, limited = [], None
+    for order in orders:
+        result = limited or _place_single(module, ex, order)
+        if limited is None and isinstance(result, Exception) and classify_error(result, ex).kind == "rate_limited":
+            limited = result
+        results.append(result)
     return results
 
 

@@ -20,7 +20,7 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        at load_markets beyond trading permission)
   load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the
                                        venue's maximum MARKET order size
-  read_positions(ex, segment)          base.PositionRead: every non-zero position of one
+  read_positions(ex, segment)          (positions, unreadable): every non-zero position of one
                                        segment, all pages, and every row it cannot read
                                        (base.read_rows: such a row is named, never dropped
                                        and never fatal for the others); raises when the

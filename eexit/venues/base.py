@@ -73,29 +73,21 @@ class UnreadableRow:
         return f"{self.segment}:{self.symbol}:{self.why}"
 
 
-@dataclass(frozen=True)
-class PositionRead:
-    """One segment's position read: every readable non-zero position, every unreadable row."""
-    positions: list
-    unreadable: list
-
-
 def read_rows(ex, rows, segment, id_key, parse, category=None):
-    """PositionRead of one segment's rows. parse(row) -> Position, or None for a zero row; a
-    row parse cannot read becomes an UnreadableRow named by its id_key field."""
+    """(positions, unreadable) of one segment's rows: parse(row) -> Position, or None for a
+    zero row; a row parse cannot read becomes an UnreadableRow named by its id_key field."""
     positions, unreadable = [], []
     for index, row in enumerate(rows):
         try:
             position = parse(row)
         except Exception as exc:  # noqa: BLE001 - the row is reported unreadable, never dropped
             # Not raised: one bad row must not keep the readable positions beside it open.
-            market_id = row.get(id_key)
-            symbol = unified_symbol(ex, str(market_id), category) if market_id else f"row {index}"
+            symbol = unified_symbol(ex, str(row[id_key]), category) if row.get(id_key) else f"row {index}"
             unreadable.append(UnreadableRow(segment, symbol, str(exc)[:100]))
             continue
         if position is not None:
             positions.append(position)
-    return PositionRead(positions, unreadable)
+    return positions, unreadable
 
 
 def num(value, what):
@@ -250,15 +242,6 @@ def item_error(venue_id, body):
     """A rejected order of a batch as the exception a single order would have raised: the
     venue's per-order code in the text, so classify() sorts it the same way."""
     return ccxt.ExchangeError(f"{venue_id} {body}")
-
-
-class BatchRequestFailed:
-    """The result of each order of one batch request that failed as a whole, where a venue
-    sends one batch as several requests (Bybit: one per category) and an earlier one stood:
-    eexit.exchange.place_close_orders sends these orders singly or returns the cause."""
-
-    def __init__(self, cause):
-        self.cause = cause
 
 
 def batch_results(rows, count, what, accepted):

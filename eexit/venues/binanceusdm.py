@@ -53,7 +53,7 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
-    """base.PositionRead: a row without a readable symbol or positionAmt is unreadable."""
+    """(positions, unreadable rows): a row without a readable symbol or positionAmt is unreadable."""
     ex.load_markets()
     rows = base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk")
     if any(row.get("symbol") not in ex.markets_by_id for row in rows):

@@ -77,7 +77,7 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
-    """base.PositionRead: a row without a readable symbol, size or (size not 0) side is
+    """(positions, unreadable rows): a row without a readable symbol, size or (size not 0) side is
     unreadable; the rows beside it are read."""
     ex.load_markets()
     category = _request(segment)["category"]
@@ -160,21 +160,24 @@ def _close_body(ex, symbol, side, amount, position_side, client_order_id):
 
 def place_closes(ex, orders):
     """Up to BATCH_ORDERS closes; one create-batch per category (a batch holds one). Per
-    order: its id, or the exception its retCode (retExtInfo.list) means, or, when its
-    category's request failed as a whole, base.BatchRequestFailed (the other category's
-    orders may stand: nothing is raised over them)."""
+    order: its id, or the exception its retCode (retExtInfo.list) means. A category's
+    request failing gives its orders that exception when another category's request stood
+    (the next attempt re-plans them alone), and is raised when none did (the whole batch
+    failed: eexit.exchange then sends the orders singly)."""
     ex.load_markets()
     bodies = [_close_body(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id) for o in orders]
-    results = [None] * len(bodies)
-    for category in sorted({body["category"] for body in bodies}):
+    results, failures = [None] * len(bodies), []
+    categories = sorted({body["category"] for body in bodies})
+    for category in categories:
         indexes = [i for i, body in enumerate(bodies) if body["category"] == category]
         try:
             response = ex.privatePostV5OrderCreateBatch(
                 {"category": category, "request": [{k: v for k, v in bodies[i].items() if k != "category"}
                                                    for i in indexes]}) or {}
-        except Exception as exc:  # noqa: BLE001 - each order's result; the caller decides what next
+        except Exception as exc:  # noqa: BLE001 - its orders' result, or raised below if no request stood
+            failures.append(exc)
             for i in indexes:
-                results[i] = base.BatchRequestFailed(exc)
+                results[i] = exc
             continue
         rows = ((response.get("result") or {}).get("list"))
         codes = base.rows_of(((response.get("retExtInfo") or {}).get("list")) or [{}] * len(indexes), "retExtInfo")
@@ -183,6 +186,8 @@ def place_closes(ex, orders):
                 str(row.get("orderId")) if str(row.get("code", 0)) == "0" and row.get("orderId") else
                 base.item_error(ID, f'{{"retCode":{row.get("code")},"retMsg":{row.get("msg")!r}}}')))):
             results[i] = result
+    if failures and len(failures) == len(categories):
+        raise failures[0]
     return results
 
 

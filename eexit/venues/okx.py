@@ -61,7 +61,7 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
-    """base.PositionRead: a row without a readable instId or pos is unreadable (never "no
+    """(positions, unreadable rows): a row without a readable instId or pos is unreadable (never "no
     position": a missing pos was once read as 0, a false FLAT with 70 contracts open)."""
     ex.load_markets()
     rows = _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions")
