@@ -357,6 +357,34 @@ class OkxKillRestartTest(KillRestartCase):
         self.run_kill_restart()
 
 
+class BatchFallbackTest(unittest.TestCase):
+    """exchange.place_close_orders on every venue: a batch refused as a whole goes singly in
+    the same call; a single rate-limited during that fallback ends it (the rest not sent)."""
+
+    def test_refused_batch_goes_singly_and_a_rate_limited_single_ends_the_fallback(self):
+        from eexit import exchange, flatten   # noqa: PLC0415
+        from eexit.paper import PaperExchange   # noqa: PLC0415
+        for venue in venues.VENUES:
+            with self.subTest(venue=venue):
+                paper = PaperExchange(venue=venue, seed="BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:10")
+                paper.start()
+                self.addCleanup(paper.stop)
+                ex = exchange.build_exchange(exchange.ExchangeConfig.from_env({
+                    "EEXIT_EXCHANGE_URL": paper.base_url, "EEXIT_API_KEY": "paper-key",
+                    "EEXIT_API_SECRET": "paper-secret", **venue_env(venue)}))
+                plan = sorted(flatten.plan_close(exchange.read_positions(ex), exchange.load_market_rules(ex), 1, "ev"),
+                              key=lambda order: order.symbol)        # BTC, ETH, SOL
+                paper.add_fault(DIALECTS[venue]["batch_refusal"])
+                paper.add_fault(dict(DIALECTS[venue]["rate_fault"], symbol="ETHUSDT", count=1))
+                refused = []
+                results = exchange.place_close_orders(ex, plan, refused.append)
+                self.assertEqual(1, len(refused))
+                self.assertIsInstance(results[0], str)
+                self.assertEqual("rate_limited", exchange.classify_error(results[1], ex).kind)
+                self.assertIs(results[1], results[2], "SOL not sent after ETH's rate limit")
+                self.assertEqual({("ETHUSDT", "BOTH"): -0.5, ("SOLUSDT", "BOTH"): 10.0}, paper.positions())
+
+
 class PaperCommandLineTest(unittest.TestCase):
     def test_python_m_eexit_paper_speaks_each_venue(self):
         from eexit import exchange   # noqa: PLC0415
