@@ -63,7 +63,8 @@ class VenueCase(EEWCase):
         # Guard off: one test's panic can outlive it on this class-wide EEW and restore its
         # halt into the next test (ensure_halted), where the guard would rightly close that
         # test's positions. The guard's own tests: tests/test_halt_guard.py.
-        cls.eew_env = {**venue_env(cls.venue), "EEXIT_ORDER_LIMITS": "1000/1", "EEXIT_HALT_GUARD_S": "0"}
+        cls.eew_env = {**venue_env(cls.venue), "EEXIT_ORDER_LIMITS": "1000/1", "EEXIT_HALT_GUARD_S": "0",
+                       "EEXIT_RESUME_COOLDOWN_S": "0"}
         cls.dialect = DIALECTS[cls.venue]
         super().setUpClass()
         cls.start_eew("eew-v")
@@ -177,6 +178,12 @@ class VenueCase(EEWCase):
             **venue_env(self.venue)))
         self.assertEqual((None, None), (positions, orders))
         self.assertIn("unreadable position rows", error)
+        # Nor does a human resume over it: the EEW's flat check refuses, naming the row.
+        result = subprocess.run([sys.executable, "-m", "eexit.cli", "resume", "--operator", "alice", "--ack",
+                                 report.event_id], env=python_env(REDIS_URL=self.redis_server.url),
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertEqual(1, result.returncode, result.stdout + result.stderr)
+        self.assertIn("position_rows_unreadable:", result.stdout)
 
     def test_unsupported_ids_exit_2_naming_the_supported_venues(self):
         for exchange_id in ("gate", self.venue + "x", "okex", "binance"):
