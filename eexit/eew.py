@@ -125,6 +125,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import bus, daemon, exchange, flatten, guard_policy, resume, schema, signing, tamper
+from . import eew_core as core
 from .config import ConfigError, env_float, env_int, env_list, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -156,9 +157,6 @@ PROBES = (
     ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("HMGET", schema.PROCESSED_KEY, "x"),
     ("XREAD", "COUNT", "1", "STREAMS", resume.REQUEST_STREAM, "0"),
     ("XADD", resume.VERDICT_STREAM, "*", "f", "v"), ("XADD", resume.OPS_AUDIT_STREAM, "*", "f", "v"))
-# Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
-# so the entry-isolation path runs against real code. Unset (the default) it does nothing.
-FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
 PACING_MARGIN_S = 0.1
 # Venues and their load balancers drop kept-alive connections idle for about a minute or
 # more; a ping every 20 s keeps the warm ones well inside that (0 disables it).
@@ -188,7 +186,6 @@ class Config:
     account_check_s: float
     keepalive_s: float
     max_deliveries: int
-    fault_reason: str
     halt_guard_s: float
     halt_guard_policy: str
     resume_cooldown_s: float
@@ -227,7 +224,6 @@ class Config:
             keepalive_s=env_float("EEXIT_EXCHANGE_KEEPALIVE_S", DEFAULT_KEEPALIVE_S, minimum=0, maximum=3600,
                                   env=env),
             max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
-            fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
             halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
             halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
             resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
@@ -348,7 +344,8 @@ def authorise(fields, authorized_sources, keyring):
 # ------------------------------------------------------------------------------ ledger (Redis)
 
 # KEYS: processed hash, completed stream, panic stream, in-flight set.
-# ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
+# ARGV: field, done-record JSON, group, entry id ("" for none), the id of the report if it is
+# already on the completed stream ("" for none: written here), then report field/value pairs.
 # Writes the report only if the field is not already "done"; always acknowledges the entry
 # and takes the field out of the in-flight set.
 FINISH_LUA = """
@@ -361,7 +358,8 @@ if existing then
     return {0, tostring(rec['report'] or '')}
   end
 end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+local id = ARGV[5]
+if id == '' then id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6)) end
 local rec = cjson.decode(ARGV[2])
 rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
@@ -449,12 +447,14 @@ class Ledger:
     def update(self, event_id, record):
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
 
-    def finish(self, ledger_field, done_record, entry_id, report_fields):
-        """Write the report unless already written, mark done, XACK. Returns (written, report id)."""
+    def finish(self, ledger_field, done_record, entry_id, report_fields, published=""):
+        """Write the report unless already written (or `published`: its id on the completed
+        stream), mark done, XACK. Returns (written, report id)."""
         pairs = [item for name_value in report_fields.items() for item in name_value]
         written, report_id = self._finish(
             keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", published or "",
+                  *pairs],
             client=self.client)
         return bool(written), _text(report_id)
 
@@ -660,16 +660,25 @@ class ExchangePool:
         finally:
             self._give(client)
 
-    def maintain(self, now, warm, interval_s):
+    def maintain(self, now, warm, interval_s, pacer):
         """Keep `warm` connections alive: every interval_s (0: never) one ping on each, and
         right after the markets loaded, so a panic finds them open. Returns the failures of
         the previous round (texts): a failed ping says nothing about the account, and the
-        panic that needs the connection opens a new one."""
+        panic that needs the connection opens a new one. A 429/418 (a ping's or a panic's)
+        pauses the pacer, and no ping goes out inside that ban window: Binance answers
+        requests during a ban with a longer (418) IP ban, which would cost the next close."""
         failures = []
         if self.warming and all(f.done() for f in self.warming):
-            failures = [_error_text(f.exception(), self.exchange_id) for f in self.warming if f.exception()]
+            for error in (f.exception() for f in self.warming if f.exception()):
+                kind = exchange.classify_error(error, exchange_id=self.exchange_id)
+                if kind.kind == "rate_limited":
+                    pacer.pause(kind.retry_after_s or 1.0)
+                failures.append(_error_text(error, self.exchange_id))
             self.warming = []
-        if self.ready and not self.warming and interval_s > 0 and now >= self.next_warm:
+        paused = pacer.paused_for()
+        if paused > 0:
+            self.next_warm = max(self.next_warm, now + paused)
+        elif self.ready and not self.warming and interval_s > 0 and now >= self.next_warm:
             self.next_warm = now + interval_s
             self.warming = self.keep_warm(warm)
         return failures
@@ -926,10 +935,33 @@ class Closer:
 
 # ------------------------------------------------------------------------------ the loop
 
+@dataclass
+class Job:
+    """What the shell keeps while it performs one panic's commands (the decisions are the
+    core's): the event, the report base, the ledger record, the close's report fields."""
+    event: schema.PanicEvent
+    base: dict
+    why: str = ""
+    rejected: list = field(default_factory=list)
+    record: dict = None
+    fields: dict = None
+    halt_state: schema.TradingState = None
+
+    def halt(self, event_id):
+        """The halt of this event, built once (halted_at is when it was first written)."""
+        if self.halt_state is None:
+            self.halt_state = schema.TradingState(
+                halted=True, reason=self.event.reason or "UNSPECIFIED", event_id=event_id, halted_at=wall_ms(),
+                halted_by=self.event.issued_by or "unknown", requires_manual_reset=True)
+        return self.halt_state
+
+
 class Worker:
-    """The loop. Blindness: the EEW is "unable" from the first moment it cannot do its job
-    (Redis unreachable, or a command error on reading, claiming, recording or reporting
-    panics) until a pass reads entries cleanly again; a reconnect alone does not end it. Once
+    """The loop: performs the core's commands (eexit/eew_core.py) and feeds results back.
+
+    Blindness: the EEW is "unable" from the first moment it cannot do its job (Redis
+    unreachable, or a command error on reading, claiming, recording or reporting panics) until
+    a pass reads entries cleanly again (core.Liveness); a reconnect alone does not end it. Once
     unable for longer than EEXIT_BUS_LOSS_CLOSE_S it closes on its own authority, either way.
 
     WATCHDOG=1 while blind by a command error: pings continue until that close has run (it is
@@ -949,40 +981,28 @@ class Worker:
                                      config.concurrency)
         self.closer = Closer(config, self.pool, Pacer(config.order_limits))
         self.journal = Journal(config.journal_path)
+        self.journaled = {item["key"] for item in self.journal.unpublished()}   # reports waiting on disk
         self.trouble = daemon.RedisTrouble(log)
         self.backoff = daemon.Backoff(0.1, 2.0)
-        self.redis = None
-        self.ledger = None
-        self.heartbeat = None
-        self.stopping = False
-        self.preflighted = False
-        self.ready_sent = False
+        self.redis = self.ledger = self.heartbeat = None
+        self.stopping = self.preflighted = self.ready_sent = False
         self.status_text = ""
-        self.next_sweep = 0.0
-        self.next_beat = 0.0
-        self.next_markets_try = 0.0
-        self.next_reconnect = 0.0
-        self.next_account_check = 0.0
+        self.next_sweep = self.next_beat = self.next_markets_try = self.next_reconnect = 0.0
+        self.next_account_check = self.next_guard_sweep = 0.0
         self.account_future = None
         self.account_problem = None       # "exchange_authentication" while the key is refused
-        self.journal_backlog = True       # a previous run may have left reports on disk
-        self.redis_down_since = time.monotonic()   # until the first successful connect
-        self.unable_since = time.monotonic()       # until the first clean pass
-        self.blind = None                 # why the last pass could not do the job (command error)
-        self.pass_blind = None
-        self.blind_closed = False         # the close on own authority ran during this blindness
-        self.next_bus_loss_close = None
+        self.redis_down_since = time.monotonic()                      # until the first connect
+        self.live = core.Liveness(unable_since=time.monotonic())      # until the first clean pass
+        self.pass_blind, self.pass_lost = None, False
+        self.unreported = {}              # event_id -> why: authorised panics without a final report
         self.next_lease_step = self.next_guard_check = 0.0   # halt guard: lease step, account check
         self.guard_alerted = None         # exposure_key of the last alert-policy report
-        self.entry_tracebacks = set()     # entries whose handling failure was logged
         self.current_event = "-"
         self.last_positions = None
         self.tamper_seen = set()          # tamper findings already closed for (keys)
         self.stream_broken = None         # the panic stream cannot take entries (reason)
         self.group_info = None            # the EEW group, as the last tamper check saw it
-        self.audit_cursor = "0-0"         # the stream audit checked entries up to here
-        self.resume_cursor = "0-0"
-        self.next_guard_sweep = 0.0
+        self.audit_cursor = self.resume_cursor = "0-0"   # stream audit / resume requests read to here
         self.peek_cursor = "0-0"          # newest entry screened ahead of a backlog
 
     # -- lifecycle
@@ -1003,53 +1023,73 @@ class Worker:
         self.stopping = True
 
     def iteration(self):
-        """One pass: liveness, Redis, markets, journal, then at most one batch of entries."""
-        self.pass_blind = None
+        """One pass, then core.pass_ended decides whether the EEW was able to do its job."""
+        self.pass_blind, self.pass_lost, entries = None, False, None
         try:
-            self.beat()
-            if not self.bus_ok():
-                self.on_unable()
-                return
-            self.ensure_markets()
-            self.check_account()
-            self.job_step("publish_journal", schema.PROCESSED_KEY, self.publish_journal)
-            self.job_step("guard", schema.PANIC_STREAM, self.guard)
-            entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
-            self.handle_batch(entries or [])
-            if self.pass_blind is None and entries is not None:
-                self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
-            if self.pass_blind is None and entries is not None:
-                if self.blind is not None:
-                    log.info("blind_ended", was=self.blind)
-                self.unable_since = self.next_bus_loss_close = self.blind = None
-                self.blind_closed = False
-                self.backoff.reset()
-            else:
-                self.went_blind(self.pass_blind or "read_entries")
-                self.on_unable()
+            entries = self.one_pass()
         except ConfigError:
             raise
         except bus.REDIS_ERRORS as exc:
-            if not bus.is_transport_error(exc):
-                # A command error outside the steps above (e.g. the heartbeat): the job may
-                # still be possible; the next pass tells.
-                self.trouble.report(exc, "iteration")
-                return
-            # Redis went away mid-pass. The entry being handled stays pending (no XACK without
-            # a report) and is resumed after reconnecting.
-            self.lost_redis(exc)
+            if self.trouble.report(exc, "iteration") == "transport":
+                # The entry being handled stays pending (no XACK without a report) and is
+                # resumed after reconnecting; the pass is not clean.
+                self.lost_redis(exc)
+            else:
+                self.pass_blind = f"iteration:{daemon.cause(exc)}"
         except Exception as exc:  # noqa: BLE001 - the loop must never die
-            # A bug outside entry handling. Sleeping keeps it from spinning the CPU; dying
-            # instead would stop all panics.
+            # A bug outside entry handling. Not a clean pass: if it repeats, the bus-loss close
+            # runs (fail-closed); dying instead would stop all panics.
             log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
                       message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
-            time.sleep(1.0)
+            self.pass_blind = f"loop_error:{type(exc).__name__}"
+            time.sleep(0.2)
         finally:
             self.current_event = "-"
+        self.end_pass(entries is not None and self.pass_blind is None and not self.pass_lost)
+
+    def one_pass(self):
+        """Liveness, Redis, markets, journal, the lost-panic checks, at most one batch of
+        entries; then (only after the panics) the halt guard and one resume request. Returns
+        the entries read, None if none could be read."""
+        self.beat()
+        if not self.bus_ok():
+            return None
+        self.ensure_markets()
+        self.check_account()
+        self.job_step("publish_journal", schema.PROCESSED_KEY, self.publish_journal)
+        self.job_step("guard", schema.PANIC_STREAM, self.guard)
+        entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
+        self.handle_batch(entries or [])
+        if entries is not None and self.pass_blind is None:
+            self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
+            if not entries:    # panics first: a resume request only in a pass that had none
+                self.job_step("resume", resume.REQUEST_STREAM, self.serve_resume_request)
+        self.send_ready()
+        return entries
+
+    def end_pass(self, clean):
+        before, now = self.live, time.monotonic()
+        outcome = core.PassEnd.CLEAN if clean else core.PassEnd.BLIND if self.pass_blind else core.PassEnd.LOST
+        self.live = core.pass_ended(self.live, outcome, now, self.pass_blind)
+        if before.blind and not self.live.blind:
+            log.info("blind_ended", was=before.blind)
+        if clean:
+            self.backoff.reset()
+            return
+        if self.live.blind and self.live.blind != before.blind:
+            log.critical("blind", why=self.live.blind, close_in_s=self.config.bus_loss_close_s)
+        try:
+            self.on_unable()
+        except Exception as exc:  # noqa: BLE001 - the loop must never die; the next pass retries
+            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
+                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
+            time.sleep(0.2)
 
     def job_step(self, step, key, fn):
         """fn() with command errors logged and turned into blindness (None); transport errors
-        propagate to iteration()."""
+        propagate to iteration(). Skipped (None) once Redis was lost in this pass."""
+        if self.redis is None:
+            return None
         try:
             return fn()
         except bus.REDIS_ERRORS as exc:
@@ -1060,27 +1100,22 @@ class Worker:
             self.pass_blind = f"{step}:{daemon.cause(exc)}"
             return None
 
-    def went_blind(self, why):
-        if self.unable_since is None:
-            self.unable_since = time.monotonic()
-        if why != self.blind:
-            log.critical("blind", why=why, close_in_s=self.config.bus_loss_close_s)
-            self.blind = why
-
     # -- liveness
 
     def beat(self):
         """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
-        if self.pings_allowed():
+        if core.pings_allowed(self.live, self.config.bus_loss_close_s):
             self.notifier.ping()
         now = time.monotonic()
         if self.heartbeat is None or now < self.next_beat:
             return
         self.next_beat = now + self.config.heartbeat_interval_s
+        unreported = ",".join(f"panic_unreported:{event_id}" for event_id in list(self.unreported)[:3])
         reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
-                                        ("journal_backlog", self.journal_backlog),
+                                        ("journal_backlog", self.journaled),
+                                        (unreported, unreported),
                                         (self.account_problem, self.account_problem),
-                                        (f"blind:{self.blind}", self.blind),
+                                        (f"blind:{self.live.blind}", self.live.blind),
                                         (self.stream_broken, self.stream_broken)) if bad]
         extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
                  "authorized": ",".join(self.config.authorized_sources),
@@ -1096,13 +1131,21 @@ class Worker:
             # Our heartbeat refused (NOPERM, WRONGTYPE): `eexit status` sees it go stale; the
             # panic path is separate and still served.
 
-    def pings_allowed(self):
-        return self.blind is None or not (self.blind_closed or self.config.bus_loss_close_s <= 0)
-
     def set_status(self, text):
         if text != self.status_text:
             self.status_text = text
             self.notifier.status(text)
+
+    def send_ready(self):
+        """READY=1 once the EEW can act at once: Redis read, markets loaded, the first round
+        of warm connections open and the first pass's work (journal, lost-panic checks,
+        pending entries) done. systemd restarts an EEW exactly when a panic may be pending:
+        a panic published at READY=1 then meets warm connections, not a start-up."""
+        if self.ready_sent or not self.pool.ready or self.pool.warming or self.pass_blind or self.pass_lost:
+            return
+        self.notifier.ready("waiting for panic events")
+        self.ready_sent = True
+        self.set_status("waiting for panic events")
 
     # -- Redis
 
@@ -1110,7 +1153,9 @@ class Worker:
         if self.redis is not None:
             return True
         if time.monotonic() < self.next_reconnect:
+            self.pass_lost = True
             return False
+        client = None
         try:
             client = bus.connect(self.config.redis_url)
             if not self.preflighted:
@@ -1124,7 +1169,7 @@ class Worker:
                 # Reachable but refusing our group (NOPERM, WRONGTYPE): blind, not down.
                 self.trouble.report(exc, "XGROUP CREATE", schema.PANIC_STREAM)
                 self.next_reconnect = time.monotonic() + self.backoff.next()
-                self.went_blind(f"connect:{daemon.cause(exc)}")
+                self.pass_blind = f"connect:{daemon.cause(exc)}"
                 client.close()
                 return False
             # Still down: back off and let on_unable decide about a bus-loss close.
@@ -1142,13 +1187,13 @@ class Worker:
         return True
 
     def lost_redis(self, exc):
+        """Redis went away: this pass is not clean (core.PassEnd.LOST), the client is dropped."""
+        self.pass_lost = True
         self.trouble.report(exc, "connect")
         if self.redis_down_since is None:
             self.redis_down_since = time.monotonic()
             log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__,
                       cause=daemon.cause(exc))
-        if self.unable_since is None:
-            self.unable_since = time.monotonic()
         if self.redis is not None:
             try:
                 self.redis.close()
@@ -1164,16 +1209,14 @@ class Worker:
     def on_unable(self):
         """Unable to do the job: maybe flatten on our own authority, then wait a little."""
         limit = self.config.bus_loss_close_s
-        unable_s = time.monotonic() - self.unable_since
-        if limit > 0 and unable_s > limit and (self.next_bus_loss_close is None
-                                               or time.monotonic() >= self.next_bus_loss_close):
-            status = self.bus_loss_close(unable_s, repeat=self.next_bus_loss_close is not None)
-            self.blind_closed = self.blind is not None
-            self.next_bus_loss_close = time.monotonic() + guard_policy.repeat_close_s(
-                self.config.halt_guard_s, limit, status)
-        if self.blind is not None and not self.pings_allowed():
-            self.set_status(f"blind ({self.blind}): watchdog pings stopped"
-                            + (", closed on own authority" if self.blind_closed else ""))
+        if core.close_due(self.live, time.monotonic(), limit):
+            status = self.bus_loss_close(core.unable_for(self.live, time.monotonic()),
+                                         repeat=self.live.next_close is not None)
+            self.live = core.closed(self.live, time.monotonic(), guard_policy.repeat_close_s(
+                self.config.halt_guard_s, limit, status))
+        if self.live.blind is not None and not core.pings_allowed(self.live, limit):
+            self.set_status(f"blind ({self.live.blind}): watchdog pings stopped"
+                            + (", closed on own authority" if self.live.blind_closed else ""))
         wait = self.next_reconnect - time.monotonic() if self.redis is None else self.backoff.next()
         time.sleep(max(0.0, min(wait, 0.5)))
 
@@ -1189,10 +1232,11 @@ class Worker:
             self.next_markets_try = time.monotonic() + 2.0
             log.error("markets_load_failed", error=_error_text(exc, self.pool.exchange_id))
             return
-        if not self.ready_sent:
-            self.notifier.ready("waiting for panic events")
-            self.ready_sent = True
-        self.set_status("waiting for panic events")
+        if not self.ready_sent and self.config.keepalive_s > 0:
+            # Warm the connections before READY=1 (send_ready waits for the round to end).
+            self.pool.warming = self.pool.keep_warm(self.warm)
+            self.pool.next_warm = time.monotonic() + self.config.keepalive_s
+            futures.wait(self.pool.warming, timeout=self.config.exchange_config.timeout_ms / 1000 + 1)
 
     def check_account(self):
         """One private read-only call every EEXIT_ACCOUNT_CHECK_S, on a pool thread (never
@@ -1216,10 +1260,11 @@ class Worker:
                 else:
                     log.warning("account_check_failed", error=_error_text(exc, self.pool.exchange_id))
             self.account_future = None
-        failures = self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s)
+        failures = self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s, self.closer.pacer)
         if failures:
             log.warning("keepalive_failed", failed=len(failures), of=self.warm, error=failures[0])
-        if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
+        if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check \
+                and self.closer.pacer.paused_for() <= 0:
             self.next_account_check = time.monotonic() + self.config.account_check_s
             # The venue's cheapest signed read: no position-read weight on Binance, and it does
             # not show in a panic's own reads.
@@ -1228,63 +1273,29 @@ class Worker:
     # -- reading entries
 
     def next_entries(self):
-        """Own pending entries first, then idle entries of other consumers, then new ones."""
+        """Own pending entries first, then idle entries of other consumers, then new ones.
+        Own pending entries once per sweep interval (again at once only after a full batch):
+        an entry left pending on purpose (its report waits in the journal) must not keep the
+        read of new entries from ever running."""
         cfg = self.config
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + cfg.sweep_interval_s
             own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
                                  block_ms=0, pending=True, count=READ_BATCH)
             if own:
-                self.next_sweep = 0.0      # keep sweeping until our backlog is empty
+                if len(own) == READ_BATCH:
+                    self.next_sweep = 0.0      # more of our backlog: next pass
                 return own
             claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
                                      cfg.consumer, cfg.claim_idle_ms)
             if claimed:
                 log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
                 return claimed
+        # Before READY=1 the first pass does not block: READY follows it at once.
         return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                              block_ms=self.block_ms, count=READ_BATCH)
+                              block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
 
-    # -- one entry
-
-    def handle_isolated(self, entry_id, raw, screened=None):
-        """handle_entry(), with one entry's failure kept from blocking the others. A transport
-        error propagates (the pass ends, Redis is reconnected). A command error makes this
-        pass blind and leaves the entry pending for the next sweep. Any other exception is a
-        bug on this entry: logged once with its traceback, retried at the next sweep, and
-        after EEXIT_MAX_DELIVERIES deliveries reported FAILED with internal_error:<type>. No
-        halt is written for it (the entry may be an unauthenticated forgery that crashes
-        us); a halt already written stays."""
-        try:
-            self.handle_entry(entry_id, raw, screened)
-            return
-        except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, "handle_entry", f"{schema.PANIC_STREAM}/{entry_id}") == "transport":
-                raise
-            self.pass_blind = f"handle_entry:{daemon.cause(exc)}"
-            return
-        except Exception as exc:  # noqa: BLE001 - isolate this entry; classified below
-            error = exc
-        if entry_id not in self.entry_tracebacks:
-            self.entry_tracebacks.add(entry_id)
-            log.error("entry_failed", event_id=self.current_event, entry_id=entry_id,
-                      error=type(error).__name__, message=str(error)[:300],
-                      traceback=traceback.format_exc()[-2000:])
-        self.next_sweep = min(self.next_sweep, time.monotonic() + 1.0)
-        pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
-                                            max=entry_id, count=1)
-        deliveries = int(pending[0]["times_delivered"]) if pending else 0
-        if deliveries < self.config.max_deliveries:
-            return
-        event, problems = schema.PanicEvent.from_fields(raw)
-        event_id = event.event_id or derive_event_id(entry_id)
-        log.critical("entry_given_up", event_id=event_id, entry_id=entry_id, deliveries=deliveries,
-                     error=type(error).__name__)
-        self.report_without_action(entry_id, dict(
-            event_id=event_id, issued_by=event.issued_by, reason=event.reason, event_age_ms=None,
-            problems=[*problems, f"internal_error:{type(error).__name__}"], ts_started=wall_ms(),
-            status=flatten.FAILED, detail=f"handling failed {deliveries} times; see the EEW log"))
-        self.entry_tracebacks.discard(entry_id)
+    # -- one entry: the core decides (eew_core), perform() acts
 
     def screen(self, entry_id, raw):
         """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
@@ -1304,16 +1315,41 @@ class Worker:
     def handle_batch(self, entries):
         """Authorised entries first, in stream order; then every rejected entry of the batch
         in one script (one summary report + XACK): forged entries cannot delay a real panic
-        by more than their local signature check, nor leave more than one report per batch."""
+        by more than their local signature check, nor leave more than one report per batch.
+        Redis lost mid-batch: the rest stays pending for the next delivery."""
         rejected = []
         for entry_id, raw in entries:
+            if self.redis is None:
+                return
             screened = self.screen(entry_id, raw)
             if screened[3]:
-                self.handle_isolated(entry_id, raw, screened)
+                self.handle_entry(entry_id, raw, screened)
             else:
                 rejected.append((entry_id, screened))
         if rejected:
-            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.report_rejected(rejected))
+            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.reject_batch(rejected))
+
+    def reject_batch(self, rejected):
+        """REJECTED for the batch's rejected entries. A bug while reporting them leaves them
+        pending; after EEXIT_MAX_DELIVERIES each gets FAILED without any action
+        (core.give_up_unauthorised): never a halt for an entry that is not authorised."""
+        try:
+            self.report_rejected(rejected)
+            return
+        except bus.REDIS_ERRORS:
+            raise                      # job_step tells transport from command errors
+        except Exception as exc:  # noqa: BLE001 - classified below: these entries are not authorised
+            log.error("rejection_failed", entries=len(rejected), error=type(exc).__name__,
+                      traceback=traceback.format_exc()[-1500:])
+            error = type(exc).__name__
+        for entry_id, (event, event_id, _problems, _allowed, why) in rejected:
+            pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
+                                                max=entry_id, count=1)
+            if core.give_up_unauthorised(int(pending[0]["times_delivered"]) if pending else 0,
+                                         self.config.max_deliveries):
+                self.report_without_action(entry_id, dict(
+                    event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms(),
+                    problems=(f"internal_error:{error}",)), "FAILED", f"not_authorised:{why}; handling failed")
 
     def report_rejected(self, rejected):
         """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
@@ -1324,84 +1360,118 @@ class Worker:
             event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
             why = collections.Counter(screened[4] for _, screened in rejected)
             detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
-        now = wall_ms()
-        report = schema.CompletionReport(
-            event_id=event_id[:schema.MAX_TEXT], status="REJECTED", issued_by=event.issued_by[:schema.MAX_TEXT],
-            reason=event.reason[:schema.MAX_TEXT], detail=detail, ts_started=now, ts_completed=now,
-            execution_time_ms=0, positions_total=None, positions_closed=None, positions_failed=None)
-        report.extra.update(entry_id=ids[0], rejected_count=str(len(ids)), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
-                            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms())
+        report = core.report(base, dict(status="REJECTED", detail=detail, extra=dict(
+            entry_id=ids[0], rejected_count=len(ids), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
+            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))),
+            base["ts_started"])
         report_id = self.ledger.reject(ids, report.to_fields())
         log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
 
     def handle_entry(self, entry_id, raw, screened=None):
-        event, event_id, problems, allowed, why = screened or self.screen(entry_id, raw)
-        if self.config.fault_reason and event.reason == self.config.fault_reason:
-            raise RuntimeError(f"test fault: {FAULT_REASON_ENV} matches the reason")
+        screened = screened or self.screen(entry_id, raw)
+        event, event_id, problems, allowed, why = screened
         self.current_event = event_id
-        received_ms = bus.server_time_ms(self.redis)
-        sent_ms = schema.entry_id_ms(entry_id)
-        age_ms = received_ms - sent_ms if sent_ms is not None else None
         base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    event_age_ms=age_ms, problems=problems, ts_started=wall_ms())
+                    problems=tuple(problems), ts_started=wall_ms())
         log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
-                 reason=event.reason, age_ms=age_ms, problems=",".join(problems))
-        if not allowed:
-            self.report_rejected([(entry_id, (event, event_id, problems, allowed, why))])
-            return
+                 reason=event.reason, problems=",".join(problems))
+        panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
+        record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
+        self.drive(panic, commands, Job(event, base, why, [(entry_id, screened)], record=record))
 
-        outcome, record = self.ledger.claim(event_id, entry_id, self.config.consumer, base["ts_started"], event)
-        if outcome == "duplicate":
-            original = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
-            log.info("panic_duplicate", event_id=event_id, entry_id=entry_id, original=record.get("entry"))
-            self.report_without_action(entry_id, dict(base, status="DUPLICATE", detail=original))
+    def drive(self, panic, commands, job):
+        """Perform the core's commands in order, feeding each result or error back."""
+        while commands:
+            command, commands = commands[0], commands[1:]
+            try:
+                result = self.perform(panic, command, job)
+            except bus.REDIS_ERRORS as exc:
+                kind = core.ErrorKind(self.trouble.report(exc, command.do.value, panic.event_id))
+                if kind is core.ErrorKind.TRANSPORT:
+                    self.lost_redis(exc)
+                else:
+                    self.pass_blind = self.pass_blind or f"{command.do.value}:{daemon.cause(exc)}"
+                panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
+            except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
+                log.error("entry_failed", event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value,
+                          error=type(exc).__name__, message=str(exc)[:300],
+                          traceback=traceback.format_exc()[-2000:])
+                panic, more = core.on_error(panic, command, core.ErrorKind.BUG, type(exc).__name__)
+            else:
+                panic, more = core.on_result(panic, command, result)
+            commands = more + commands
+        if panic.degraded and not panic.final:
+            self.unreported[panic.event_id] = panic.failures[-1] if panic.failures else ""
+            log.critical("panic_unreported", event_id=panic.event_id, failures=";".join(panic.failures)[-500:])
+        elif panic.final:
+            self.unreported.pop(panic.event_id, None)
+        self.set_status("waiting for panic events")
+        return panic
+
+    def perform(self, panic, command, job):
+        """One command of the core, against Redis or the exchange; its result for the core."""
+        do, event_id, entry_id = command.do, panic.event_id, panic.entry_id
+        if do is core.Do.CLAIM:
+            sent_ms = schema.entry_id_ms(entry_id)
+            job.base["event_age_ms"] = bus.server_time_ms(self.redis) - sent_ms if sent_ms is not None else None
+            outcome, job.record = self.ledger.claim(event_id, entry_id, self.config.consumer,
+                                                    job.base["ts_started"], job.event)
+            job.base["ts_started"] = job.record.get("ts_started") or job.base["ts_started"]
+            log.info("panic_claimed", event_id=event_id, entry_id=entry_id, outcome=outcome,
+                     age_ms=job.base["event_age_ms"], attempt=job.record.get("attempt", 0))
+            return core.Claim(outcome)
+        if do is core.Do.WRITE_HALT:
+            self.ledger.halt(job.halt(event_id))
+            job.record.update(stage="halted", consumer=self.config.consumer)
+            self.save_progress(event_id, entry_id, job.record)
+            return None
+        if do in (core.Do.CLOSE, core.Do.SIMPLE_CLOSE):
+            self.set_status(f"closing event {event_id}")
+            if do is core.Do.SIMPLE_CLOSE:    # no ledger bookkeeping: only the exchange
+                job.fields = self.closer.execute(event_id, dict(job.record), lambda _r: None, self.notifier.ping)
+            else:
+                job.fields = self.closer.execute(event_id, job.record, *self.close_hooks(event_id, entry_id, job.record))
+            return job.fields["status"]
+        if do is core.Do.REPORT:
+            fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
+                dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
+            if panic.failures and not command.status:
+                fields.setdefault("extra", {})["failures"] = ";".join(panic.failures)[-1000:]
+            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id))
+        if do is core.Do.REPORT_NO_ACTION:
+            record = job.record or {}
+            detail = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
             if record.get("stage") != tamper.FINAL_STAGE:
                 self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
-            return
-        if outcome == "done":
-            # Report already written by the same atomic script that acknowledges; only the
-            # XACK can be missing (e.g. the group was recreated). Acknowledge, write nothing.
-            self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
-            return
-        log.info("panic_executing", event_id=event_id, entry_id=entry_id, resumed=outcome == "resume",
-                 attempt=record.get("attempt", 0))
-        self.set_status(f"closing event {event_id}")
-        self.execute_and_report(event, event_id, entry_id, record, base)
-        self.set_status("waiting for panic events")
+            return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
+        if do is core.Do.ACK:
+            # The report stands (written by the script that acknowledges); only the XACK is missing.
+            return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
+        return self.report_rejected(job.rejected)
 
-    def report_without_action(self, entry_id, fields):
-        now = wall_ms()
-        report = schema.CompletionReport(**dict(fields, ts_completed=now,
-                                                execution_time_ms=now - fields["ts_started"],
-                                                positions_total=None, positions_closed=None,
-                                                positions_failed=None))
-        report.extra["entry_id"] = entry_id
-        done = {"entry": entry_id, "stage": "done", "status": report.status}
-        self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
-
-    def execute_and_report(self, event, event_id, entry_id, record, base):
-        """Halt, close, report. Redis failures after the halt do not stop the close: the
-        report goes to the journal if Redis cannot take it."""
-        halt = schema.TradingState(halted=True, reason=event.reason or "UNSPECIFIED",
-                                   event_id=event_id, halted_at=wall_ms(),
-                                   halted_by=event.issued_by or "unknown", requires_manual_reset=True)
-        self.ledger.halt(halt)          # a Redis error here aborts before any exchange call
-        record.update(stage="halted", consumer=self.config.consumer)
-        self.save_progress(event_id, entry_id, record)
-
+    def close_hooks(self, event_id, entry_id, record):
+        """(on_progress, keepalive) for a close: persist the attempt number (a resumed close
+        uses new client order ids), keep our entry fresh, ping the watchdog while the
+        exchange answers (progress of the loop's own work)."""
         def keepalive():
             self.touch_entry(event_id, entry_id)
             if wall_ms() - record.get("ts_updated", 0) > 1000:
                 self.save_progress(event_id, entry_id, record)   # the record is not stranded
-            self.notifier.ping()     # progress of the loop's own work, waiting on the exchange
+            self.notifier.ping()
 
         def on_progress(progress):
             self.save_progress(event_id, entry_id, progress)
             keepalive()
+        return on_progress, keepalive
 
-        fields = self.closer.execute(event_id, record, on_progress, keepalive)
-        self.finish_report(event_id, entry_id, record, dict(base, ts_started=record.get("ts_started") or base["ts_started"]),
-                           fields, halt)
+    def report_without_action(self, entry_id, base, status, detail):
+        """DUPLICATE (or FAILED for an entry that is not authorised): report + ack, recorded
+        under "entry:<stream id>" so its redelivery does not repeat the report."""
+        report = core.report(base, dict(status=status, detail=detail, extra={"entry_id": entry_id}), wall_ms())
+        done = {"entry": entry_id, "stage": "done", "status": report.status}
+        self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
+        return "ledger"
 
     def save_progress(self, event_id, entry_id, record):
         """Persist the attempt counter, so a resumed close uses new client order ids. Best
@@ -1431,22 +1501,23 @@ class Worker:
             log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
 
     def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
-        """Report, done record, XACK (none without an entry); journaled if Redis cannot take
-        it. force_halt (default: no entry, i.e. our own authority) writes the halt; otherwise
-        it is only restored if it vanished."""
+        """Report, done record, XACK (none without an entry): "ledger". If Redis cannot take
+        it, journaled ("journal"); on a command error (Redis reachable, the ledger refusing)
+        also published straight to the completed stream ("direct"): the report stands, and
+        the journal later marks it done and acknowledges without writing it again. force_halt
+        (default: no entry, i.e. our own authority) writes the halt; otherwise it is only
+        restored if it vanished."""
         now = wall_ms()
         force_halt = entry_id is None if force_halt is None else force_halt
-        extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.pop("extra", {})}
-        report = schema.CompletionReport(**dict(base, **fields, ts_completed=now,
-                                                execution_time_ms=now - base["ts_started"]))
-        report.extra.update(extra)
+        extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.get("extra", {})}
+        report = core.report(base, dict(fields, extra=extra), now)
         self.last_positions = report.positions_failed
         log.info("panic_completed", event_id=event_id, status=report.status,
                  positions_total=report.positions_total, positions_closed=report.positions_closed,
                  positions_failed=report.positions_failed, orders_cancelled=report.orders_cancelled,
                  attempts=report.attempts, execution_time_ms=report.execution_time_ms)
         done = {"entry": entry_id, "consumer": self.config.consumer, "stage": "done",
-                "status": report.status, "attempt": record.get("attempt", 0),
+                "status": report.status, "attempt": (record or {}).get("attempt", 0),
                 "ts_started": base["ts_started"], "ts_completed": now}
         item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
                 "report": report.to_fields(), "halt": halt.to_fields(),
@@ -1458,21 +1529,33 @@ class Worker:
                 else:
                     self.ledger.ensure_halted(halt)
                 self.ledger.finish(event_id, done, entry_id, item["report"])
-                return
+                return "ledger"
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
                 # pending; after reconnecting the journal is published (report + done + XACK
                 # in one script) before any entry is read, so the redelivery finds "done".
-                # A command error (blind) keeps the connection: reconnecting fixes nothing.
                 if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
                     self.lost_redis(exc)
+                else:
+                    item["published"] = self.publish_direct(event_id, item["report"])
         self.journal.append(item)
-        self.journal_backlog = True
-        log.error("report_journaled", event_id=event_id, status=report.status,
+        self.journaled.add(event_id)
+        log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
                   path=self.config.journal_path)
+        return "direct" if item.get("published") else "journal"
+
+    def publish_direct(self, event_id, report_fields):
+        """The report straight onto the completed stream (the ledger refused it); its id, or
+        "" if that failed too (logged: the journal still holds the report)."""
+        try:
+            return _text(self.redis.xadd(schema.COMPLETED_STREAM, report_fields))
+        except bus.REDIS_ERRORS as exc:
+            # The journal keeps the report; the heartbeat names the event until it stands.
+            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
+            return ""
 
     def publish_journal(self):
-        if not self.journal_backlog:
+        if not self.journaled:
             return
         for item in self.journal.unpublished():
             halt, _ = schema.TradingState.from_fields(item["halt"])
@@ -1481,10 +1564,12 @@ class Worker:
             else:
                 self.ledger.ensure_halted(halt)
             written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"),
-                                                    item["report"])
+                                                    item["report"], item.get("published", ""))
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
+            self.journaled.discard(item["key"])
+            self.unreported.pop(item["key"], None)
             log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
-        self.journal_backlog = False
+        self.journaled = set()
 
     # -- lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
 
@@ -1512,7 +1597,6 @@ class Worker:
             self.tamper_close(finding)
         if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
             self.peek_tail()
-        self.serve_resume_requests()
         if time.monotonic() >= self.next_guard_sweep:
             self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
             self.sweep_ledger()
@@ -1531,7 +1615,7 @@ class Worker:
             screened = self.screen(_text(entry_id), raw)
             if screened[3] and self.ledger.record(screened[1]) is None:
                 log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
-                self.handle_isolated(_text(entry_id), raw, screened)
+                self.handle_entry(_text(entry_id), raw, screened)
 
     def tamper_close(self, finding):
         """A lost panic of unknown content: close on our own authority, once per finding."""
@@ -1549,10 +1633,10 @@ class Worker:
     def run_recorded(self, event, record, problems):
         """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
         self.current_event = event.event_id
-        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason, event_age_ms=None,
-                    problems=problems, ts_started=record.get("ts_started") or wall_ms())
-        self.execute_and_report(event, event.event_id, record.get("entry"), record, base)
-        self.set_status("waiting for panic events")
+        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
+                    problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
+        panic = core.Panic(event.event_id, record.get("entry"), True, stage=core.Stage.HALTING)
+        self.drive(panic, [core.Command(core.Do.WRITE_HALT)], Job(event, base, record=record))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1588,8 +1672,10 @@ class Worker:
             if screened[3]:
                 candidates.append((_text(entry_id), raw, screened[1]))
         if candidates:
+            # Every pending entry of the range (other entries of the batch may be pending too:
+            # a count of len(candidates) could miss a pending candidate and run it twice).
             pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
-                schema.PANIC_STREAM, schema.EEW_GROUP, candidates[0][0], candidates[-1][0], len(candidates))}
+                schema.PANIC_STREAM, schema.EEW_GROUP, candidates[0][0], candidates[-1][0], len(batch))}
             raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
             records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
             for entry_id, raw in tamper.skipped_entries(candidates, pending, records):
@@ -1600,8 +1686,10 @@ class Worker:
         if len(batch) == READ_BATCH:
             self.next_guard_sweep = 0.0    # more to check: next pass
 
-    def serve_resume_requests(self):
-        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=16)
+    def serve_resume_request(self):
+        """At most one resume request per pass, and only in a pass without panics: each may
+        cost a full account read (eexit/resume.py)."""
+        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=1)
         for _stream, items in reply or []:
             for entry_id, fields in items:
                 self.resume_cursor = _text(entry_id)

@@ -178,6 +178,9 @@ class EEWCase(RedisTestCase):
             return None
         return wait_for(find, timeout_s, message=f"report for {event_id}\n{self.logs()}")
 
+    def reports_of(self, event_id):
+        return [raw for _id, raw in self.redis.xrange(schema.COMPLETED_STREAM) if raw.get(b"event_id") == event_id.encode()]
+
     def eew_beat(self, predicate):
         def find():
             for _id, raw in reversed(self.redis.xrevrange(schema.EEW_HEARTBEAT_STREAM, count=5)):
@@ -193,17 +196,58 @@ class EEWCase(RedisTestCase):
 
 
 class EntryIsolation(EEWCase):
-    def test_entry_whose_handling_raises_is_failed_after_n_deliveries_and_the_next_is_flat(self):
-        self.start_eew(EEXIT_TEST_FAULT_REASON="BOOM", EEXIT_MAX_DELIVERIES="3", EEXIT_SWEEP_INTERVAL_S="0.2")
+    def test_authorised_panic_whose_handling_keeps_failing_is_halted_closed_and_reported_once(self):
+        # The ledger hash and the completed stream both refuse (WRONGTYPE): every delivery's
+        # claim fails and no report can be written. Fail-closed (issue 24): halted, closed,
+        # the report journaled and the heartbeat DEGRADED naming the event until it stands;
+        # once Redis takes it, exactly one report, and the next panic is FLAT.
+        self.start_eew(EEXIT_SWEEP_INTERVAL_S="0.2", EEXIT_BUS_LOSS_CLOSE_S="600")
         self.wait_ready()
-        self.panic("boom-1", reason="BOOM")
-        failed = self.report("boom-1")
-        self.assertEqual(failed.status, "FAILED")
-        self.assertIn("internal_error:RuntimeError", failed.problems)
-        self.assertEqual(len(self.log_lines("entry_failed")), 1, self.logs())
-        self.panic("after-boom")
-        self.assertEqual(self.report("after-boom").status, "FLAT")
+        self.redis.set(schema.PROCESSED_KEY, "not a hash")
+        self.redis.set(schema.COMPLETED_STREAM, "not a stream")
+        self.panic("keeps-failing")
+        wait_for(self.eew_beat(lambda b: "panic_unreported:keeps-failing" in b.extra.get("degraded_reason", "")),
+                 40, message=f"DEGRADED naming the event\n{self.logs()}")
         self.assertEqual(self.paper.positions(), {})
+        state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
+        self.assertEqual((state.halted, state.event_id), (True, "keeps-failing"))
+        self.assertTrue(self.log_lines("entry_failed") or self.log_lines("redis_command_error"), self.logs())
+        self.redis.delete(schema.PROCESSED_KEY, schema.COMPLETED_STREAM)
+        report = self.report("keeps-failing")
+        self.assertEqual(report.status, "FLAT")
+        self.assertIn("claim:command:", report.extra.get("failures", ""))
+        self.panic("after-failing")
+        self.assertEqual(self.report("after-failing").status, "FLAT")
+        reports = self.reports_of("keeps-failing")
+        self.assertEqual(len(reports), 1, reports)
+        self.assertEqual(self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"], 0)
+        wait_for(self.eew_beat(lambda b: "panic_unreported" not in b.extra.get("degraded_reason", "")), 20,
+                 message="the heartbeat stops naming the event once its report stands")
+
+    def test_authorised_panic_with_only_the_ledger_refusing_gets_its_report_at_once(self):
+        # Finding 2's kin: the idempotency hash turned into a string. The panic is halted,
+        # closed and reported at once (straight onto the completed stream), not left silent.
+        self.start_eew(EEXIT_SWEEP_INTERVAL_S="0.2", EEXIT_BUS_LOSS_CLOSE_S="600")
+        self.wait_ready()
+        self.redis.set(schema.PROCESSED_KEY, "not a hash")
+        self.panic("ledger-refused")
+        self.assertEqual(self.report("ledger-refused", timeout_s=20).status, "FLAT")
+        self.assertEqual(self.paper.positions(), {})
+        self.redis.delete(schema.PROCESSED_KEY)
+        wait_for(lambda: self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"] == 0, 20,
+                 message=f"acknowledged once the ledger takes it\n{self.logs()}")
+        self.panic("after-refused")
+        self.assertEqual(self.report("after-refused").status, "FLAT")
+        reports = self.reports_of("ledger-refused")
+        self.assertEqual(len(reports), 1, reports)
+
+    def test_unauthorised_entry_is_rejected_with_no_action(self):
+        self.start_eew()
+        self.wait_ready()
+        self.redis.xadd(schema.PANIC_STREAM, {"event_id": "forged", "reason": "X", "issued_by": "nobody", "ts": "1"})
+        self.assertEqual(self.report("forged").status, "REJECTED")
+        self.assertEqual(self.redis.hgetall(schema.TRADING_STATE_KEY), {})
+        self.assertEqual(len(self.paper.positions()), 2)
 
     def test_poisoned_journal_line_is_quarantined_and_the_next_panic_is_flat(self):
         poisoned = json.dumps({"type": "report", "key": "poisoned", "entry_id": None}) + "\n"
