@@ -96,8 +96,13 @@ flat through the same Closer, reporting it as its own event (guard-<consumer>-<m
 HALT_VIOLATION or RESIDUAL_RETRY); EEXIT_HALT_GUARD_POLICY=alert reports and sends nothing.
 Decisions: eexit/guard_policy.py; shell: Worker.halt_guard; status: the hash eexit:eew:guard.
 
-Entry isolation. One entry's failure never blocks the others (handle_isolated); an entry
-failing EEXIT_MAX_DELIVERIES times gets a FAILED report with internal_error:<type>. A journal
+Fail-closed handling (eexit/eew_core.py decides, Worker.drive performs). Whatever fails while
+handling an authorised panic (a bug, a Redis command error, unexpected exchange data), the EEW
+halts (or keeps the halt), closes by the simplest path, reports what it could, and names the
+event in its heartbeat (panic_unreported:<event_id>) until a final report stands. A report the
+ledger refuses goes straight onto the completed stream and into the journal, which later marks
+it done and acknowledges without writing it twice. Only an entry that is NOT authorised and
+whose rejection fails EEXIT_MAX_DELIVERIES times gets FAILED without any action. A journal
 line that cannot be used is quarantined (<journal>.quarantine), never fatal.
 
 Exchange key. markets load from public endpoints, so a private read-only call (the balance)
@@ -105,7 +110,9 @@ runs every EEXIT_ACCOUNT_CHECK_S; a refused key makes the heartbeat DEGRADED wit
 degraded_reason=exchange_authentication. Panics are still halted and attempted.
 
 systemd. Before READY=1 the preflight (eexit/daemon.py) checks Redis's version and the ACL
-(exit 2 naming the command and user). READY=1 once Redis answers and the markets are loaded;
+(exit 2 naming the command and user). READY=1 once Redis answers, the markets are loaded, the
+first round of warm connections is open and the first pass (journal, lost-panic checks,
+pending entries) is done: a panic published at READY=1 meets a worker that can act at once;
 WATCHDOG=1 only from the loop (and between close attempts, which are loop progress), blocking
 reads at most half of WatchdogSec; EEXIT_EXCHANGE_TIMEOUT_MS must be below half of it (exit 2).
 A blind EEW stops WATCHDOG=1 once its close on own authority has run (see Worker).
@@ -154,7 +161,7 @@ PROBES = (
     ("HGETALL", schema.GUARD_KEY), ("HGETALL", _STATE),
     # lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
     ("XINFO", "STREAM", _PANIC), ("XINFO", "GROUPS", _PANIC), ("XRANGE", _PANIC, "-", "+", "COUNT", "1"),
-    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("HMGET", schema.PROCESSED_KEY, "x"),
+    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("SADD", "eexit:eew:reported", "x"), ("EVALSHA", "0" * 40, "1", "eexit:eew:reported"), ("HMGET", schema.PROCESSED_KEY, "x"),
     ("XREAD", "COUNT", "1", "STREAMS", resume.REQUEST_STREAM, "0"),
     ("XADD", resume.VERDICT_STREAM, "*", "f", "v"), ("XADD", resume.OPS_AUDIT_STREAM, "*", "f", "v"))
 PACING_MARGIN_S = 0.1
@@ -162,6 +169,7 @@ PACING_MARGIN_S = 0.1
 # more; a ping every 20 s keeps the warm ones well inside that (0 disables it).
 DEFAULT_KEEPALIVE_S = 20
 INFLIGHT_KEY = "eexit:eew:inflight"   # event ids claimed and not yet final (the ledger sweep)
+REPORTED_KEY = "eexit:eew:reported"   # event ids with a final report (once per id, ledger or not)
 READ_BATCH = 512                      # entries per read: a flood costs O(1) round trips per batch
 REJECTED_IDS_SHOWN = 20               # entry ids a rejection summary names
 RESUME_READ_S = 5.0                   # the account read behind a resume verdict
@@ -343,28 +351,42 @@ def authorise(fields, authorized_sources, keyring):
 
 # ------------------------------------------------------------------------------ ledger (Redis)
 
-# KEYS: processed hash, completed stream, panic stream, in-flight set.
-# ARGV: field, done-record JSON, group, entry id ("" for none), the id of the report if it is
-# already on the completed stream ("" for none: written here), then report field/value pairs.
-# Writes the report only if the field is not already "done"; always acknowledges the entry
-# and takes the field out of the in-flight set.
+# KEYS: processed hash, completed stream, panic stream, in-flight set, reported set.
+# ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
+# Writes the report only if the field is not already "done" and no report of it stands (the
+# reported set: a report published straight onto the stream while the ledger refused, see
+# DIRECT_LUA); always acknowledges the entry and takes the field out of the in-flight set. An
+# entry whose event another entry finished gets its own report, as a DUPLICATE: no entry is
+# acknowledged without a report.
 FINISH_LUA = """
 redis.call('SREM', KEYS[4], ARGV[1])
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
   local ok, rec = pcall(cjson.decode, existing)
   if ok and type(rec) == 'table' and rec['stage'] == 'done' then
+    if ARGV[4] ~= '' and type(rec['entry']) == 'string' and rec['entry'] ~= ARGV[4] then
+      for i = 5, #ARGV - 1, 2 do if ARGV[i] == 'status' then ARGV[i + 1] = 'DUPLICATE' end end
+      redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+      redis.call('HSET', KEYS[1], 'entry:' .. ARGV[4], cjson.encode({entry = ARGV[4], stage = 'done', status = 'DUPLICATE'}))
+    end
     if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
     return {0, tostring(rec['report'] or '')}
   end
 end
-local id = ARGV[5]
-if id == '' then id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6)) end
+local id = ''
+if redis.call('SADD', KEYS[5], ARGV[1]) == 1 then id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5)) end
 local rec = cjson.decode(ARGV[2])
 rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
 if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
-return {1, id}
+return {id ~= '' and 1 or 0, id}
+"""
+
+# KEYS: reported set, completed stream. ARGV: event id, report field/value pairs. The report
+# straight onto the stream (the ledger refused it), once per event id: '' if one stands.
+DIRECT_LUA = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return '' end
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 """
 
 # KEYS: completed stream, panic stream. ARGV: group, number of report pairs N, N*2 report
@@ -411,6 +433,7 @@ class Ledger:
         self._update = client.register_script(UPDATE_LUA)
         self._lease = client.register_script(LEASE_LUA)
         self._reject = client.register_script(REJECT_LUA)
+        self._direct = client.register_script(DIRECT_LUA)
 
     def hold_lease(self, consumer, lease_ms):
         return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
@@ -447,16 +470,20 @@ class Ledger:
     def update(self, event_id, record):
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
 
-    def finish(self, ledger_field, done_record, entry_id, report_fields, published=""):
-        """Write the report unless already written (or `published`: its id on the completed
-        stream), mark done, XACK. Returns (written, report id)."""
+    def finish(self, ledger_field, done_record, entry_id, report_fields):
+        """Write the report unless one stands, mark done, XACK. Returns (written, report id)."""
         pairs = [item for name_value in report_fields.items() for item in name_value]
         written, report_id = self._finish(
-            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", published or "",
-                  *pairs],
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY, REPORTED_KEY],
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
             client=self.client)
         return bool(written), _text(report_id)
+
+    def publish_direct(self, event_id, report_fields):
+        """The report onto the completed stream without the ledger; its id, "" if one stood."""
+        pairs = [item for name_value in report_fields.items() for item in name_value]
+        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *pairs],
+                                  client=self.client))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
@@ -1445,6 +1472,8 @@ class Worker:
             if record.get("stage") != tamper.FINAL_STAGE:
                 self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
             return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
+        if do is core.Do.TOUCH:
+            return self.touch_entry(event_id, entry_id)
         if do is core.Do.ACK:
             # The report stands (written by the script that acknowledges); only the XACK is missing.
             return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
@@ -1545,14 +1574,17 @@ class Worker:
         return "direct" if item.get("published") else "journal"
 
     def publish_direct(self, event_id, report_fields):
-        """The report straight onto the completed stream (the ledger refused it); its id, or
-        "" if that failed too (logged: the journal still holds the report)."""
+        """The report straight onto the completed stream (the ledger refused it): True once a
+        final report of this event stands (this one, or one before it), False if Redis
+        refused that too (logged: the journal still holds the report)."""
         try:
-            return _text(self.redis.xadd(schema.COMPLETED_STREAM, report_fields))
+            report_id = self.ledger.publish_direct(event_id, report_fields)
+            log.warning("report_published_without_ledger", event_id=event_id, report_id=report_id or "(one stood)")
+            return True
         except bus.REDIS_ERRORS as exc:
             # The journal keeps the report; the heartbeat names the event until it stands.
             log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
-            return ""
+            return False
 
     def publish_journal(self):
         if not self.journaled:
@@ -1563,8 +1595,7 @@ class Worker:
                 self.ledger.halt(halt)
             else:
                 self.ledger.ensure_halted(halt)
-            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"),
-                                                    item["report"], item.get("published", ""))
+            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             self.journaled.discard(item["key"])
             self.unreported.pop(item["key"], None)
@@ -1672,10 +1703,9 @@ class Worker:
             if screened[3]:
                 candidates.append((_text(entry_id), raw, screened[1]))
         if candidates:
-            # Every pending entry of the range (other entries of the batch may be pending too:
-            # a count of len(candidates) could miss a pending candidate and run it twice).
+            low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
             pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
-                schema.PANIC_STREAM, schema.EEW_GROUP, candidates[0][0], candidates[-1][0], len(batch))}
+                schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
             raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
             records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
             for entry_id, raw in tamper.skipped_entries(candidates, pending, records):

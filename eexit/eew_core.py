@@ -63,6 +63,7 @@ class Do(str, enum.Enum):
     REPORT = "report"                        # final report + done + ack (journal if Redis cannot)
     REPORT_NO_ACTION = "report_no_action"    # DUPLICATE / FAILED without action, + ack
     ACK = "ack"
+    TOUCH = "touch"                          # keep the entry ours (reset its idle time)
 
 
 class PassEnd(str, enum.Enum):
@@ -98,7 +99,8 @@ def start(event_id, entry_id, authorised, journaled=False):
     if not authorised:
         return replace(panic, stage=Stage.REPORTING), [Command(Do.REJECT, "REJECTED")]
     if journaled:
-        return replace(panic, stage=Stage.WAITING, final=True), []
+        # Kept ours (no other instance claims it idle and runs it again) until published.
+        return replace(panic, stage=Stage.WAITING, final=True), [Command(Do.TOUCH)]
     return replace(panic, stage=Stage.CLAIMING), [Command(Do.CLAIM)]
 
 
@@ -116,6 +118,8 @@ def on_result(panic, command, result=None):
         return replace(panic, stage=Stage.CLOSING, halted=True), [Command(Do.CLOSE)]
     if do in (Do.CLOSE, Do.SIMPLE_CLOSE):
         return replace(panic, stage=Stage.REPORTING, closed_by=do), [Command(Do.REPORT)]
+    if do is Do.TOUCH:
+        return panic, []
     # REPORT: "ledger" or "direct" means the report stands; "journal" waits for Redis.
     return replace(panic, stage=Stage.DONE, final=panic.final or (do is Do.REPORT and result != "journal")
                    or do is Do.REPORT_NO_ACTION), []
@@ -150,6 +154,13 @@ def on_error(panic, command, kind, detail=""):
     # The simplest report failed too, or an ack / DUPLICATE report did: left pending, the
     # heartbeat names the event until a later delivery gets a final report written.
     return replace(failed, stage=Stage.WAITING), []
+
+
+def pending_query(batch_ids, candidate_ids):
+    """(min, max, count) of the XPENDING that tells which candidates of an audited batch are
+    pending: count covers every entry of the range (other pending entries of the batch could
+    fill a count of len(candidates), and a pending panic would look skipped: run twice)."""
+    return candidate_ids[0], candidate_ids[-1], len(batch_ids)
 
 
 def give_up_unauthorised(deliveries, max_deliveries):
