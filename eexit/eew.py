@@ -161,7 +161,7 @@ PROBES = (
     ("HGETALL", schema.GUARD_KEY), ("HGETALL", _STATE),
     # lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
     ("XINFO", "STREAM", _PANIC), ("XINFO", "GROUPS", _PANIC), ("XRANGE", _PANIC, "-", "+", "COUNT", "1"),
-    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("SADD", "eexit:eew:reported", "x"), ("EVALSHA", "0" * 40, "1", "eexit:eew:reported"), ("HMGET", schema.PROCESSED_KEY, "x"),
+    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("SADD", "eexit:eew:reported", "x"), ("SISMEMBER", "eexit:eew:reported", "x"), ("EVALSHA", "0" * 40, "1", "eexit:eew:reported"), ("HMGET", schema.PROCESSED_KEY, "x"),
     ("XREAD", "COUNT", "1", "STREAMS", resume.REQUEST_STREAM, "0"),
     ("XADD", resume.VERDICT_STREAM, "*", "f", "v"), ("XADD", resume.OPS_AUDIT_STREAM, "*", "f", "v"))
 PACING_MARGIN_S = 0.1
@@ -374,7 +374,10 @@ if existing then
   end
 end
 local id = ''
-if redis.call('SADD', KEYS[5], ARGV[1]) == 1 then id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5)) end
+if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then
+  id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('SADD', KEYS[5], ARGV[1])
+end
 local rec = cjson.decode(ARGV[2])
 rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
@@ -384,9 +387,12 @@ return {id ~= '' and 1 or 0, id}
 
 # KEYS: reported set, completed stream. ARGV: event id, report field/value pairs. The report
 # straight onto the stream (the ledger refused it), once per event id: '' if one stands.
+# Writes in this order because a script is not rolled back: a refused XADD leaves no mark.
 DIRECT_LUA = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return '' end
-return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return '' end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('SADD', KEYS[1], ARGV[1])
+return id
 """
 
 # KEYS: completed stream, panic stream. ARGV: group, number of report pairs N, N*2 report

@@ -100,7 +100,7 @@ def start(event_id, entry_id, authorised, journaled=False):
         return replace(panic, stage=Stage.REPORTING), [Command(Do.REJECT, "REJECTED")]
     if journaled:
         # Kept ours (no other instance claims it idle and runs it again) until published.
-        return replace(panic, stage=Stage.WAITING, final=True), [Command(Do.TOUCH)]
+        return replace(panic, stage=Stage.WAITING), [Command(Do.TOUCH)]
     return replace(panic, stage=Stage.CLAIMING), [Command(Do.CLAIM)]
 
 

@@ -206,8 +206,11 @@ class EntryIsolation(EEWCase):
         self.redis.set(schema.PROCESSED_KEY, "not a hash")
         self.redis.set(schema.COMPLETED_STREAM, "not a stream")
         self.panic("keeps-failing")
-        wait_for(self.eew_beat(lambda b: "panic_unreported:keeps-failing" in b.extra.get("degraded_reason", "")),
-                 40, message=f"DEGRADED naming the event\n{self.logs()}")
+        try:
+            wait_for(self.eew_beat(lambda b: "panic_unreported:keeps-failing" in b.extra.get("degraded_reason", "")),
+                     40, message="DEGRADED naming the event")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
         self.assertEqual(self.paper.positions(), {})
         state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
         self.assertEqual((state.halted, state.event_id), (True, "keeps-failing"))
