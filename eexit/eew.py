@@ -702,21 +702,17 @@ class ExchangePool:
         requests during a ban with a longer (418) IP ban, which would cost the next close."""
         failures = []
         if self.warming and all(f.done() for f in self.warming):
-            for error in (f.exception() for f in self.warming if f.exception()):
-                kind = exchange.classify_error(error, exchange_id=self.exchange_id)
-                if kind.kind == "rate_limited":
-                    pacer.pause(kind.retry_after_s or 1.0)
-                failures.append(_error_text(error, self.exchange_id))
+            failures = [_error_text(f.exception(), self.exchange_id) for f in self.warming if f.exception()]
             self.warming = []
         paused = pacer.paused_for()
         if paused > 0:
             self.next_warm = max(self.next_warm, now + paused)
         elif self.ready and not self.warming and interval_s > 0 and now >= self.next_warm:
             self.next_warm = now + interval_s
-            self.warming = self.keep_warm(warm)
+            self.warming = self.keep_warm(warm, pacer)
         return failures
 
-    def keep_warm(self, count):
+    def keep_warm(self, count, pacer):
         """One cheap request on each of the `count` most recently used connections at once
         (opening the missing ones), so they are alive when a panic comes. Returns the futures;
         never blocks the caller."""
@@ -730,7 +726,13 @@ class ExchangePool:
                 barrier.wait()
             except threading.BrokenBarrierError:
                 pass  # a slow start only means fewer distinct connections this time
-            exchange.ping(client)
+            try:
+                exchange.ping(client)
+            except Exception as exc:  # noqa: BLE001 - classified for the ban window, then re-raised
+                kind = exchange.classify_error(exc, client)    # this client holds the Retry-After
+                if kind.kind == "rate_limited":
+                    pacer.pause(kind.retry_after_s or 1.0)
+                raise                                          # maintain() reports the failure
         return [self.submit(ping) for _ in range(count)]
 
 
@@ -1267,7 +1269,7 @@ class Worker:
             return
         if not self.ready_sent and self.config.keepalive_s > 0:
             # Warm the connections before READY=1 (send_ready waits for the round to end).
-            self.pool.warming = self.pool.keep_warm(self.warm)
+            self.pool.warming = self.pool.keep_warm(self.warm, self.closer.pacer)
             self.pool.next_warm = time.monotonic() + self.config.keepalive_s
             futures.wait(self.pool.warming, timeout=self.config.exchange_config.timeout_ms / 1000 + 1)
 
