@@ -14,9 +14,11 @@ Reading order
     Journal                  local append-only outbox for reports Redis could not take
     Pacer, ExchangePool      order pacing and one ccxt client per worker thread
     Closer                   one panic against the exchange -> CompletionReport
-    Worker                   the loop: iteration() does one pass, run() repeats it; its
-                             guard() runs the lost-panic checks (eexit/tamper.py) and serves
-                             resume/init requests (eexit/resume.py)
+    Job, Entries             one entry: eexit/eew_core.py decides, Entries.perform acts
+    LostPanics               lost-panic checks (eexit/tamper.py), resume requests (eexit/resume.py)
+    OwnAuthority             the bus-loss close and the halt guard
+    Worker                   the loop: iteration() does one pass, run() repeats it; whether a
+                             pass was clean, and the bus-loss timer, is core.Liveness
     main()
 
 Idempotency. The hash `system:panic_close:processed` maps each executed event_id to a JSON
@@ -991,7 +993,582 @@ class Job:
         return self.halt_state
 
 
-class Worker:
+class Entries:
+    """One entry at a time (part of Worker): screen it, let the core decide (eexit/eew_core.py),
+    perform its commands (perform), report (finish_report, with the journal when Redis cannot
+    take it). Uses the Worker's redis, ledger, closer, journal and config."""
+
+    def next_entries(self):
+        """Own pending entries first, then idle entries of other consumers, then new ones.
+        Own pending entries once per sweep interval (again at once only after a full batch):
+        an entry left pending on purpose (its report waits in the journal) must not keep the
+        read of new entries from ever running."""
+        cfg = self.config
+        if time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + cfg.sweep_interval_s
+            own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                 block_ms=0, pending=True, count=READ_BATCH)
+            if own:
+                if len(own) == READ_BATCH:
+                    self.next_sweep = 0.0      # more of our backlog: next pass
+                return own
+            claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
+                                     cfg.consumer, cfg.claim_idle_ms)
+            if claimed:
+                log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
+                return claimed
+        # Before READY=1 the first pass does not block: READY follows it at once.
+        return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                              block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
+
+    def screen(self, entry_id, raw):
+        """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
+        schema parse only for authorised entries: a flood of forgeries costs their HMAC."""
+        fields = decode_fields(raw)
+        allowed, why = authorise(fields, self.config.authorized_sources, self.config.keyring)
+        if not allowed:
+            event = schema.PanicEvent(fields.get("event_id", ""), fields.get("reason", ""),
+                                      fields.get("issued_by") or fields.get("source", ""), None)
+            return event, event.event_id or derive_event_id(entry_id), [], False, why
+        event, problems = schema.PanicEvent.from_fields(raw)
+        event_id = event.event_id or derive_event_id(entry_id)
+        if not event.event_id:
+            problems = [*problems, "derived:event_id"]
+        return event, event_id, problems, allowed, why
+
+    def handle_batch(self, entries):
+        """Authorised entries first, in stream order; then every rejected entry of the batch
+        in one script (one summary report + XACK): forged entries cannot delay a real panic
+        by more than their local signature check, nor leave more than one report per batch.
+        Redis lost mid-batch: the rest stays pending for the next delivery."""
+        rejected = []
+        for entry_id, raw in entries:
+            if self.redis is None:
+                return
+            screened = self.screen(entry_id, raw)
+            if screened[3]:
+                self.handle_entry(entry_id, raw, screened)
+            else:
+                rejected.append((entry_id, screened))
+        if rejected:
+            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.reject_batch(rejected))
+
+    def reject_batch(self, rejected):
+        """REJECTED for the batch's rejected entries. A bug while reporting them leaves them
+        pending; after EEXIT_MAX_DELIVERIES each gets FAILED without any action
+        (core.give_up_unauthorised): never a halt for an entry that is not authorised."""
+        try:
+            self.report_rejected(rejected)
+            return
+        except bus.REDIS_ERRORS:
+            raise                      # job_step tells transport from command errors
+        except Exception as exc:  # noqa: BLE001 - classified below: these entries are not authorised
+            log.error("rejection_failed", entries=len(rejected), error=type(exc).__name__,
+                      traceback=traceback.format_exc()[-1500:])
+            error = type(exc).__name__
+        for entry_id, (event, event_id, _problems, _allowed, why) in rejected:
+            pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
+                                                max=entry_id, count=1)
+            if core.give_up_unauthorised(int(pending[0]["times_delivered"]) if pending else 0,
+                                         self.config.max_deliveries):
+                self.report_without_action(entry_id, dict(
+                    event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms(),
+                    problems=(f"internal_error:{error}",)), "FAILED", f"not_authorised:{why}; handling failed")
+
+    def report_rejected(self, rejected):
+        """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
+        to schema.MAX_TEXT) for one, a summary naming the first REJECTED_IDS_SHOWN for more."""
+        ids = [entry_id for entry_id, _ in rejected]
+        event, event_id, _problems, _allowed, detail = rejected[0][1]
+        if len(rejected) > 1:
+            event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
+            why = collections.Counter(screened[4] for _, screened in rejected)
+            detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms())
+        report = core.report(base, dict(status="REJECTED", detail=detail, extra=dict(
+            entry_id=ids[0], rejected_count=len(ids), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
+            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))),
+            base["ts_started"])
+        report_id = self.ledger.reject(ids, report.to_fields())
+        log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
+
+    def handle_entry(self, entry_id, raw, screened=None):
+        screened = screened or self.screen(entry_id, raw)
+        event, event_id, problems, allowed, why = screened
+        self.current_event = event_id
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
+                    problems=tuple(problems), ts_started=wall_ms())
+        log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
+                 reason=event.reason, problems=",".join(problems))
+        panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
+        record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
+        self.drive(panic, commands, Job(event, base, why, [(entry_id, screened)], record=record))
+
+    def drive(self, panic, commands, job):
+        """Perform the core's commands in order, feeding each result or error back."""
+        while commands:
+            command, commands = commands[0], commands[1:]
+            try:
+                result = self.perform(panic, command, job)
+            except bus.REDIS_ERRORS as exc:
+                kind = core.ErrorKind(self.trouble.report(exc, command.do.value, panic.event_id))
+                if kind is core.ErrorKind.TRANSPORT:
+                    self.lost_redis(exc)
+                else:
+                    self.pass_blind = self.pass_blind or f"{command.do.value}:{daemon.cause(exc)}"
+                panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
+            except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
+                log.error("entry_failed", event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value,
+                          error=type(exc).__name__, message=str(exc)[:300],
+                          traceback=traceback.format_exc()[-2000:])
+                panic, more = core.on_error(panic, command, core.ErrorKind.BUG, type(exc).__name__)
+            else:
+                panic, more = core.on_result(panic, command, result)
+            commands = more + commands
+        if panic.degraded and not panic.final:
+            self.unreported[panic.event_id] = panic.failures[-1] if panic.failures else ""
+            log.critical("panic_unreported", event_id=panic.event_id, failures=";".join(panic.failures)[-500:])
+        elif panic.final:
+            self.unreported.pop(panic.event_id, None)
+        self.set_status("waiting for panic events")
+        return panic
+
+    def perform(self, panic, command, job):
+        """One command of the core, against Redis or the exchange; its result for the core."""
+        do, event_id, entry_id = command.do, panic.event_id, panic.entry_id
+        if do is core.Do.CLAIM:
+            sent_ms = schema.entry_id_ms(entry_id)
+            job.base["event_age_ms"] = bus.server_time_ms(self.redis) - sent_ms if sent_ms is not None else None
+            outcome, job.record = self.ledger.claim(event_id, entry_id, self.config.consumer,
+                                                    job.base["ts_started"], job.event)
+            job.base["ts_started"] = job.record.get("ts_started") or job.base["ts_started"]
+            log.info("panic_claimed", event_id=event_id, entry_id=entry_id, outcome=outcome,
+                     age_ms=job.base["event_age_ms"], attempt=job.record.get("attempt", 0))
+            return core.Claim(outcome)
+        if do is core.Do.WRITE_HALT:
+            self.ledger.halt(job.halt(event_id))
+            job.record.update(stage="halted", consumer=self.config.consumer)
+            self.save_progress(event_id, entry_id, job.record)
+            return None
+        if do in (core.Do.CLOSE, core.Do.SIMPLE_CLOSE):
+            self.set_status(f"closing event {event_id}")
+            if do is core.Do.SIMPLE_CLOSE:    # no ledger bookkeeping: only the exchange
+                job.fields = self.closer.execute(event_id, dict(job.record), lambda _r: None, self.notifier.ping)
+            else:
+                job.fields = self.closer.execute(event_id, job.record, *self.close_hooks(event_id, entry_id, job.record))
+            return job.fields["status"]
+        if do is core.Do.REPORT:
+            fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
+                dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
+            if panic.failures and not command.status:
+                fields.setdefault("extra", {})["failures"] = ";".join(panic.failures)[-1000:]
+            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id))
+        if do is core.Do.REPORT_NO_ACTION:
+            record = job.record or {}
+            detail = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
+            if record.get("stage") != tamper.FINAL_STAGE:
+                self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
+            return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
+        if do is core.Do.TOUCH:
+            return self.touch_entry(event_id, entry_id)
+        if do is core.Do.ACK:
+            # The report stands (written by the script that acknowledges); only the XACK is missing.
+            return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
+        return self.report_rejected(job.rejected)
+
+    def close_hooks(self, event_id, entry_id, record):
+        """(on_progress, keepalive) for a close: persist the attempt number (a resumed close
+        uses new client order ids), keep our entry fresh, ping the watchdog while the
+        exchange answers (progress of the loop's own work)."""
+        def keepalive():
+            self.touch_entry(event_id, entry_id)
+            if wall_ms() - record.get("ts_updated", 0) > 1000:
+                self.save_progress(event_id, entry_id, record)   # the record is not stranded
+            self.notifier.ping()
+
+        def on_progress(progress):
+            self.save_progress(event_id, entry_id, progress)
+            keepalive()
+        return on_progress, keepalive
+
+    def report_without_action(self, entry_id, base, status, detail):
+        """DUPLICATE (or FAILED for an entry that is not authorised): report + ack, recorded
+        under "entry:<stream id>" so its redelivery does not repeat the report."""
+        report = core.report(base, dict(status=status, detail=detail, extra={"entry_id": entry_id}), wall_ms())
+        done = {"entry": entry_id, "stage": "done", "status": report.status}
+        self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
+        return "ledger"
+
+    def save_progress(self, event_id, entry_id, record):
+        """Persist the attempt counter, so a resumed close uses new client order ids. Best
+        effort: see the except clause."""
+        record["ts_updated"] = wall_ms()
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.update(event_id, record)
+        except bus.REDIS_ERRORS as exc:
+            # Keep closing: the exchange work matters more than bookkeeping. Worst case a
+            # restart reuses attempt numbers: the exchange refuses ids still open, and the
+            # re-read re-plans from what is actually left.
+            log.warning("progress_not_saved", event_id=event_id, error=type(exc).__name__)
+
+    def touch_entry(self, event_id, entry_id):
+        """Reset our entry's idle time so other instances do not claim a close in progress."""
+        if self.redis is None or entry_id is None:     # a close on own authority has no entry
+            return
+        try:
+            self.redis.xclaim(schema.PANIC_STREAM, schema.EEW_GROUP, self.config.consumer,
+                              min_idle_time=0, message_ids=[entry_id], justid=True)
+        except bus.REDIS_ERRORS as exc:
+            # Keep closing. Worst case another instance claims the entry and closes too: both
+            # act reduce-only on what the exchange says is left, and the report script writes
+            # exactly one final report.
+            log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
+
+    def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
+        """Report, done record, XACK (none without an entry): "ledger". If Redis cannot take
+        it, journaled ("journal"); on a command error (Redis reachable, the ledger refusing)
+        also published straight to the completed stream ("direct"): the report stands, and
+        the journal later marks it done and acknowledges without writing it again. force_halt
+        (default: no entry, i.e. our own authority) writes the halt; otherwise it is only
+        restored if it vanished."""
+        now = wall_ms()
+        force_halt = entry_id is None if force_halt is None else force_halt
+        extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.get("extra", {})}
+        report = core.report(base, dict(fields, extra=extra), now)
+        self.last_positions = report.positions_failed
+        log.info("panic_completed", event_id=event_id, status=report.status,
+                 positions_total=report.positions_total, positions_closed=report.positions_closed,
+                 positions_failed=report.positions_failed, orders_cancelled=report.orders_cancelled,
+                 attempts=report.attempts, execution_time_ms=report.execution_time_ms)
+        done = {"entry": entry_id, "consumer": self.config.consumer, "stage": "done",
+                "status": report.status, "attempt": (record or {}).get("attempt", 0),
+                "ts_started": base["ts_started"], "ts_completed": now}
+        item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
+                "report": report.to_fields(), "halt": halt.to_fields(),
+                "force_halt": force_halt}     # bus loss: nobody has halted yet
+        if self.ledger is not None:
+            try:
+                if force_halt:
+                    self.ledger.halt(halt)      # our own authority: nobody has halted yet
+                else:
+                    self.ledger.ensure_halted(halt)
+                self.ledger.finish(event_id, done, entry_id, item["report"])
+                return "ledger"
+            except bus.REDIS_ERRORS as exc:
+                # Redis cannot take the report now: journal it below. The entry stays
+                # pending; after reconnecting the journal is published (report + done + XACK
+                # in one script) before any entry is read, so the redelivery finds "done".
+                if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
+                    self.lost_redis(exc)
+                else:
+                    item["published"] = self.publish_direct(event_id, item["report"])
+        self.journal.append(item)
+        self.journaled.add(event_id)
+        log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
+                  path=self.config.journal_path)
+        return "direct" if item.get("published") else "journal"
+
+    def publish_direct(self, event_id, report_fields):
+        """The report straight onto the completed stream (the ledger refused it): True once a
+        final report of this event stands (this one, or one before it), False if Redis
+        refused that too (logged: the journal still holds the report)."""
+        try:
+            report_id = self.ledger.publish_direct(event_id, report_fields)
+            log.warning("report_published_without_ledger", event_id=event_id, report_id=report_id or "(one stood)")
+            return True
+        except bus.REDIS_ERRORS as exc:
+            # The journal keeps the report; the heartbeat names the event until it stands.
+            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
+            return False
+
+    def publish_journal(self):
+        if not self.journaled:
+            return
+        for item in self.journal.unpublished():
+            halt, _ = schema.TradingState.from_fields(item["halt"])
+            if item.get("force_halt"):
+                self.ledger.halt(halt)
+            else:
+                self.ledger.ensure_halted(halt)
+            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
+            self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
+            self.journaled.discard(item["key"])
+            self.unreported.pop(item["key"], None)
+            log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
+        self.journaled = set()
+
+
+class LostPanics:
+    """Panics that never reach the group's read (part of Worker): the tamper check, stranded
+    ledger records, entries the group skipped, a backlog's newest batch (eexit/tamper.py); and
+    resume requests (eexit/resume.py), one a pass and only in a pass without panics."""
+
+    def guard(self):
+        """Every pass: the tamper check and resume requests (one round trip each when idle).
+        Every sweep interval: stranded ledger records and entries the group skipped. A bug
+        here is logged and the pass goes on to read entries: these checks are a second line;
+        dying or skipping the read would stop the first."""
+        try:
+            self._guard()
+        except bus.REDIS_ERRORS:
+            raise                      # job_step tells transport from command errors
+        except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
+            log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
+                      traceback=traceback.format_exc()[-1500:])
+
+    def _guard(self):
+        stream_info, self.group_info = tamper.read_stream_state(self.redis)
+        if self.group_info is None:
+            return                     # no group (yet): the next read recreates it
+        finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
+        self.stream_broken = "panic_stream_exhausted" if \
+            stream_info.get("last-generated-id") == tamper.MAX_ID else None
+        if finding is not None:
+            self.tamper_close(finding)
+        if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
+            self.peek_tail()
+        if time.monotonic() >= self.next_guard_sweep:
+            self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
+            self.sweep_ledger()
+            self.audit_stream()
+
+    def peek_tail(self):
+        """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
+        the newest batch too, and execute an authorised entry found there now, so the real
+        panic does not wait for the whole backlog; its turn in the group later finds its ledger
+        record done and only acknowledges it. Each entry is peeked at most once."""
+        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(self.group_info.get("last-delivered-id")))
+        batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
+        if batch:
+            self.peek_cursor = _text(batch[0][0])
+        for entry_id, raw in reversed(batch):
+            screened = self.screen(_text(entry_id), raw)
+            if screened[3] and self.ledger.record(screened[1]) is None:
+                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
+                self.handle_entry(_text(entry_id), raw, screened)
+
+    def tamper_close(self, finding):
+        """A lost panic of unknown content: close on our own authority, once per finding."""
+        event = schema.PanicEvent(event_id=finding.event_id, reason=tamper.TAMPER_REASON,
+                                  issued_by=tamper.TAMPER_ISSUER, ts=wall_ms())
+        outcome, record = self.ledger.claim(event.event_id, None, self.config.consumer, wall_ms(), event)
+        self.tamper_seen.add(finding.key)
+        if outcome == "done":
+            return
+        log.critical("panic_stream_tampered", event_id=event.event_id, finding=finding.reason,
+                     detail=finding.detail, action="closing_on_own_authority")
+        self.set_status(f"panic stream tampered ({finding.reason}): flattening on own authority")
+        self.run_recorded(event, record, [finding.reason])
+
+    def run_recorded(self, event, record, problems):
+        """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
+        self.current_event = event.event_id
+        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
+                    problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
+        panic = core.Panic(event.event_id, record.get("entry"), True, stage=core.Stage.HALTING)
+        self.drive(panic, [core.Command(core.Do.WRITE_HALT)], Job(event, base, record=record))
+
+    def sweep_ledger(self):
+        """Resume records that are not final while no group entry carries them."""
+        records = self.ledger.in_flight()
+        entries = [r["entry"] for r in records.values() if r and r.get("entry")]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entries:
+            pipe.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id, entry_id, 1)
+        pending = {entry_id for entry_id, found in zip(entries, pipe.execute() if entries else []) if found}
+        stranded, finished = tamper.stranded_records(records, pending, self.config.consumer,
+                                                     bus.server_time_ms(self.redis), self.config.claim_idle_ms)
+        if finished:
+            self.redis.srem(INFLIGHT_KEY, *finished)
+        for event_id in stranded:
+            record = records[event_id]
+            log.critical("panic_stranded_resumed", event_id=event_id, entry_id=record.get("entry"),
+                         stage=record.get("stage"), owner=record.get("consumer"))
+            record["consumer"] = self.config.consumer
+            event = schema.PanicEvent(event_id=event_id, reason=record.get("reason") or "UNSPECIFIED",
+                                      issued_by=record.get("issued_by") or "unknown", ts=record.get("ts_started"))
+            self.run_recorded(event, record, ["resumed_from_ledger"])
+
+    def audit_stream(self):
+        """Authorised entries up to the group's last-delivered-id that are neither pending nor
+        recorded were taken past us (NOACK read, group created at `$`): execute them."""
+        last = self.group_info.get("last-delivered-id") or "0-0"
+        if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
+            return
+        batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
+        candidates = []
+        for entry_id, raw in batch:
+            screened = self.screen(_text(entry_id), raw)
+            if screened[3]:
+                candidates.append((_text(entry_id), raw, screened[1]))
+        if candidates:
+            low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
+            pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
+                schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
+            raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
+            records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
+            for entry_id, raw in tamper.skipped_entries(candidates, pending, records):
+                log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
+                             action="executing_from_stream")
+                self.handle_entry(entry_id, raw)
+        self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
+        if len(batch) == READ_BATCH:
+            self.next_guard_sweep = 0.0    # more to check: next pass
+
+    def serve_resume_request(self):
+        """At most one resume request per pass, and only in a pass without panics: each may
+        cost a full account read (eexit/resume.py)."""
+        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=1)
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                self.resume_cursor = _text(entry_id)
+                verdict, why = resume.serve_request(
+                    self.redis, fields, self.config.keyring, self.config.resume_cooldown_s,
+                    self.account_for_resume, self.stream_broken, self.config.consumer)
+                if verdict is None:
+                    log.warning("resume_request_ignored", entry_id=self.resume_cursor, why=why)
+                else:
+                    log.info("resume_verdict", request_id=verdict["request_id"], status=verdict["status"],
+                             event_id=verdict["event_id"], operator=verdict["operator"],
+                             refusals=len(json.loads(verdict["refusals"])))
+
+    def account_for_resume(self):
+        """(positions, open_orders, error) from a fresh read of the whole account."""
+        account = self.closer.read_account(time.monotonic() + RESUME_READ_S, "resume", self.notifier.ping)
+        if account is None:
+            return None, None, f"positions_unreadable_for_{RESUME_READ_S:g}s"
+        return account.positions, account.orders, None
+
+
+class OwnAuthority:
+    """Closes on the EEW's own authority (part of Worker): the bus-loss close while the EEW
+    cannot do its job, and the halt guard while trading is halted (decisions:
+    eexit/guard_policy.py)."""
+
+    # -- bus loss
+
+    def own_event(self, prefix, reason):
+        """event_id, ledger record and report base of a close on the EEW's own authority."""
+        now = wall_ms()
+        event_id = self.current_event = f"{prefix}-{self.config.consumer}-{now}"
+        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
+        return event_id, record, dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason,
+                                      event_age_ms=0, problems=[], ts_started=now)
+
+    def bus_loss_close(self, down_s, repeat=False):
+        """Flatten without an event: Redis unreachable or refusing our commands, hence the
+        whole safety chain, is blind. Repeated every guard interval while that lasts; a repeat
+        that found nothing to do writes no report (the first one stands)."""
+        event_id, record, base = self.own_event("busloss", BUS_LOSS_REASON)
+        log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
+        self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
+        halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
+                                   halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
+                                   requires_manual_reset=True)
+        fields = self.closer.execute(event_id, record, lambda _record: self.notifier.ping(),
+                                     self.notifier.ping)
+        if not (repeat and guard_policy.quiet_repeat(fields)):
+            self.finish_report(event_id, None, record, base, fields, halt)
+        return fields["status"]
+
+    # -- halt guard (decisions: eexit/guard_policy.py)
+
+    def halt_guard(self):
+        """While trading is halted, one EEW (the holder of GUARD_LEASE_KEY) reads the whole
+        account every EEXIT_HALT_GUARD_S and acts as guard_policy.decide() says: a close as
+        for a panic, with a report of its own (event_id guard-<consumer>-<ms>). Runs from the
+        loop between entries, so never during this EEW's own panic; reads and closes go
+        through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
+        cfg, now = self.config, time.monotonic()
+        if cfg.halt_guard_s <= 0 or now < self.next_lease_step:
+            return
+        self.next_lease_step = now + guard_policy.step_s(cfg.halt_guard_s)
+        state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
+        if state.halted is not True or not self.hold_guard():
+            self.guard_alerted = None
+            return
+        if now < self.next_guard_check:
+            return
+        self.next_guard_check = now + cfg.halt_guard_s
+        last = self.last_final_status(state.event_id)
+        account = None if last is None else self.closer.read_account(now + cfg.halt_guard_s, "halt-guard",
+                                                                     self.guard_keepalive)
+        status = {"holder": cfg.consumer, "policy": cfg.halt_guard_policy, "halt_event_id": state.event_id,
+                  "last_check_ms": wall_ms(), "last_check": "waiting_for_report" if last is None else "unreadable"}
+        if account is not None:
+            key = guard_policy.exposure_key(account.positions, account.orders)
+            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions,
+                                                 flatten.closable(account.positions, self.pool.rules or {}),
+                                                 account.orders, key == self.guard_alerted)
+            status["last_check"] = (f"positions={len(account.positions)} orders={len(account.orders)}"
+                                    if account.positions or account.orders else "flat")
+            # Still the holder after the read (renewed): a holder cut off during a long read
+            # may have lost the lease, and then its successor acts, not both.
+            if action in ("enforce", "alert") and self.hold_guard():
+                self.guard_alerted = key
+                status.update(self.guard_close(state, action, reason, account))
+        if self.redis is not None:      # None: Redis went away during the close (report journaled)
+            self.redis.hset(schema.GUARD_KEY, mapping=status)
+
+    def last_final_status(self, halt_event_id):
+        """The status of the last final report for this halt: the guard's own latest if it
+        reported on this halt, else the halt event's report; "" if the halt has none (an
+        operator's halt: any exposure is new); None while that report is not written."""
+        guard = decode_fields(self.redis.hgetall(schema.GUARD_KEY))
+        if guard.get("last_status_for") == halt_event_id and guard.get("last_status"):
+            return guard["last_status"]
+        record = self.ledger.record(halt_event_id) if halt_event_id else None
+        if record is None:
+            return ""
+        return record.get("status", "") if record.get("stage") == "done" else None
+
+    def guard_close(self, state, action, reason, account):
+        """One enforcement (or, policy alert, a report and no orders); the guard status fields."""
+        event_id, record, base = self.own_event("guard", reason)
+        log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
+                     positions=len(account.positions), orders=len(account.orders))
+        if action == "alert":
+            residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
+            fields = dict(status=flatten.RESIDUAL, positions_total=len(account.positions), positions_closed=0,
+                          positions_failed=len(account.positions), residual_positions=residual, dust=dust,
+                          failed_symbols=sorted({p.symbol for p in account.positions}), orders_cancelled=0,
+                          attempts=0, scope=self.closer.scope,
+                          detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
+        else:
+            self.set_status(f"halt guard: closing ({reason})")
+            fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),
+                                         self.guard_keepalive)
+            self.set_status("waiting for panic events")
+        fields.setdefault("extra", {})["halt_event_id"] = state.event_id
+        self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
+        done = {"last_enforcement_ms": wall_ms(), "last_enforcement_event_id": event_id,
+                "last_enforcement": f"{reason} {fields['status']}"}
+        if action == "enforce":
+            done.update(last_status=fields["status"], last_status_for=state.event_id)
+        return done
+
+    def hold_guard(self):
+        return self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s))
+
+    def guard_keepalive(self):
+        """While the guard reads or closes: watchdog pings, and the lease renewed every step
+        so that no other EEW starts guarding meanwhile."""
+        self.notifier.ping()
+        if time.monotonic() < self.next_lease_step or self.ledger is None:
+            return
+        self.next_lease_step = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
+        try:
+            if not self.hold_guard():
+                log.warning("guard_lease_lost", event_id=self.current_event)
+        except bus.REDIS_ERRORS as exc:
+            # Keep closing: the close is reduce-only and re-reads before it ends. If the lease
+            # lapses meanwhile another EEW's guard may act too, reduce-only on what is left.
+            log.warning("guard_lease_not_renewed", event_id=self.current_event, error=type(exc).__name__)
+
+
+class Worker(Entries, LostPanics, OwnAuthority):
     """The loop: performs the core's commands (eexit/eew_core.py) and feeds results back.
 
     Blindness: the EEW is "unable" from the first moment it cannot do its job (Redis
@@ -1304,569 +1881,6 @@ class Worker:
             # The venue's cheapest signed read: no position-read weight on Binance, and it does
             # not show in a panic's own reads.
             self.account_future = self.pool.submit(exchange.check_key)
-
-    # -- reading entries
-
-    def next_entries(self):
-        """Own pending entries first, then idle entries of other consumers, then new ones.
-        Own pending entries once per sweep interval (again at once only after a full batch):
-        an entry left pending on purpose (its report waits in the journal) must not keep the
-        read of new entries from ever running."""
-        cfg = self.config
-        if time.monotonic() >= self.next_sweep:
-            self.next_sweep = time.monotonic() + cfg.sweep_interval_s
-            own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                 block_ms=0, pending=True, count=READ_BATCH)
-            if own:
-                if len(own) == READ_BATCH:
-                    self.next_sweep = 0.0      # more of our backlog: next pass
-                return own
-            claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
-                                     cfg.consumer, cfg.claim_idle_ms)
-            if claimed:
-                log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
-                return claimed
-        # Before READY=1 the first pass does not block: READY follows it at once.
-        return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                              block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
-
-    # -- one entry: the core decides (eew_core), perform() acts
-
-    def screen(self, entry_id, raw):
-        """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
-        schema parse only for authorised entries: a flood of forgeries costs their HMAC."""
-        fields = decode_fields(raw)
-        allowed, why = authorise(fields, self.config.authorized_sources, self.config.keyring)
-        if not allowed:
-            event = schema.PanicEvent(fields.get("event_id", ""), fields.get("reason", ""),
-                                      fields.get("issued_by") or fields.get("source", ""), None)
-            return event, event.event_id or derive_event_id(entry_id), [], False, why
-        event, problems = schema.PanicEvent.from_fields(raw)
-        event_id = event.event_id or derive_event_id(entry_id)
-        if not event.event_id:
-            problems = [*problems, "derived:event_id"]
-        return event, event_id, problems, allowed, why
-
-    def handle_batch(self, entries):
-        """Authorised entries first, in stream order; then every rejected entry of the batch
-        in one script (one summary report + XACK): forged entries cannot delay a real panic
-        by more than their local signature check, nor leave more than one report per batch.
-        Redis lost mid-batch: the rest stays pending for the next delivery."""
-        rejected = []
-        for entry_id, raw in entries:
-            if self.redis is None:
-                return
-            screened = self.screen(entry_id, raw)
-            if screened[3]:
-                self.handle_entry(entry_id, raw, screened)
-            else:
-                rejected.append((entry_id, screened))
-        if rejected:
-            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.reject_batch(rejected))
-
-    def reject_batch(self, rejected):
-        """REJECTED for the batch's rejected entries. A bug while reporting them leaves them
-        pending; after EEXIT_MAX_DELIVERIES each gets FAILED without any action
-        (core.give_up_unauthorised): never a halt for an entry that is not authorised."""
-        try:
-            self.report_rejected(rejected)
-            return
-        except bus.REDIS_ERRORS:
-            raise                      # job_step tells transport from command errors
-        except Exception as exc:  # noqa: BLE001 - classified below: these entries are not authorised
-            log.error("rejection_failed", entries=len(rejected), error=type(exc).__name__,
-                      traceback=traceback.format_exc()[-1500:])
-            error = type(exc).__name__
-        for entry_id, (event, event_id, _problems, _allowed, why) in rejected:
-            pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
-                                                max=entry_id, count=1)
-            if core.give_up_unauthorised(int(pending[0]["times_delivered"]) if pending else 0,
-                                         self.config.max_deliveries):
-                self.report_without_action(entry_id, dict(
-                    event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms(),
-                    problems=(f"internal_error:{error}",)), "FAILED", f"not_authorised:{why}; handling failed")
-
-    def report_rejected(self, rejected):
-        """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
-        to schema.MAX_TEXT) for one, a summary naming the first REJECTED_IDS_SHOWN for more."""
-        ids = [entry_id for entry_id, _ in rejected]
-        event, event_id, _problems, _allowed, detail = rejected[0][1]
-        if len(rejected) > 1:
-            event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
-            why = collections.Counter(screened[4] for _, screened in rejected)
-            detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms())
-        report = core.report(base, dict(status="REJECTED", detail=detail, extra=dict(
-            entry_id=ids[0], rejected_count=len(ids), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
-            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))),
-            base["ts_started"])
-        report_id = self.ledger.reject(ids, report.to_fields())
-        log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
-
-    def handle_entry(self, entry_id, raw, screened=None):
-        screened = screened or self.screen(entry_id, raw)
-        event, event_id, problems, allowed, why = screened
-        self.current_event = event_id
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=wall_ms())
-        log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
-                 reason=event.reason, problems=",".join(problems))
-        panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
-        record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
-        self.drive(panic, commands, Job(event, base, why, [(entry_id, screened)], record=record))
-
-    def drive(self, panic, commands, job):
-        """Perform the core's commands in order, feeding each result or error back."""
-        while commands:
-            command, commands = commands[0], commands[1:]
-            try:
-                result = self.perform(panic, command, job)
-            except bus.REDIS_ERRORS as exc:
-                kind = core.ErrorKind(self.trouble.report(exc, command.do.value, panic.event_id))
-                if kind is core.ErrorKind.TRANSPORT:
-                    self.lost_redis(exc)
-                else:
-                    self.pass_blind = self.pass_blind or f"{command.do.value}:{daemon.cause(exc)}"
-                panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
-            except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
-                log.error("entry_failed", event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value,
-                          error=type(exc).__name__, message=str(exc)[:300],
-                          traceback=traceback.format_exc()[-2000:])
-                panic, more = core.on_error(panic, command, core.ErrorKind.BUG, type(exc).__name__)
-            else:
-                panic, more = core.on_result(panic, command, result)
-            commands = more + commands
-        if panic.degraded and not panic.final:
-            self.unreported[panic.event_id] = panic.failures[-1] if panic.failures else ""
-            log.critical("panic_unreported", event_id=panic.event_id, failures=";".join(panic.failures)[-500:])
-        elif panic.final:
-            self.unreported.pop(panic.event_id, None)
-        self.set_status("waiting for panic events")
-        return panic
-
-    def perform(self, panic, command, job):
-        """One command of the core, against Redis or the exchange; its result for the core."""
-        do, event_id, entry_id = command.do, panic.event_id, panic.entry_id
-        if do is core.Do.CLAIM:
-            sent_ms = schema.entry_id_ms(entry_id)
-            job.base["event_age_ms"] = bus.server_time_ms(self.redis) - sent_ms if sent_ms is not None else None
-            outcome, job.record = self.ledger.claim(event_id, entry_id, self.config.consumer,
-                                                    job.base["ts_started"], job.event)
-            job.base["ts_started"] = job.record.get("ts_started") or job.base["ts_started"]
-            log.info("panic_claimed", event_id=event_id, entry_id=entry_id, outcome=outcome,
-                     age_ms=job.base["event_age_ms"], attempt=job.record.get("attempt", 0))
-            return core.Claim(outcome)
-        if do is core.Do.WRITE_HALT:
-            self.ledger.halt(job.halt(event_id))
-            job.record.update(stage="halted", consumer=self.config.consumer)
-            self.save_progress(event_id, entry_id, job.record)
-            return None
-        if do in (core.Do.CLOSE, core.Do.SIMPLE_CLOSE):
-            self.set_status(f"closing event {event_id}")
-            if do is core.Do.SIMPLE_CLOSE:    # no ledger bookkeeping: only the exchange
-                job.fields = self.closer.execute(event_id, dict(job.record), lambda _r: None, self.notifier.ping)
-            else:
-                job.fields = self.closer.execute(event_id, job.record, *self.close_hooks(event_id, entry_id, job.record))
-            return job.fields["status"]
-        if do is core.Do.REPORT:
-            fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
-                dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
-            if panic.failures and not command.status:
-                fields.setdefault("extra", {})["failures"] = ";".join(panic.failures)[-1000:]
-            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id))
-        if do is core.Do.REPORT_NO_ACTION:
-            record = job.record or {}
-            detail = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
-            if record.get("stage") != tamper.FINAL_STAGE:
-                self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
-            return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
-        if do is core.Do.TOUCH:
-            return self.touch_entry(event_id, entry_id)
-        if do is core.Do.ACK:
-            # The report stands (written by the script that acknowledges); only the XACK is missing.
-            return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
-        return self.report_rejected(job.rejected)
-
-    def close_hooks(self, event_id, entry_id, record):
-        """(on_progress, keepalive) for a close: persist the attempt number (a resumed close
-        uses new client order ids), keep our entry fresh, ping the watchdog while the
-        exchange answers (progress of the loop's own work)."""
-        def keepalive():
-            self.touch_entry(event_id, entry_id)
-            if wall_ms() - record.get("ts_updated", 0) > 1000:
-                self.save_progress(event_id, entry_id, record)   # the record is not stranded
-            self.notifier.ping()
-
-        def on_progress(progress):
-            self.save_progress(event_id, entry_id, progress)
-            keepalive()
-        return on_progress, keepalive
-
-    def report_without_action(self, entry_id, base, status, detail):
-        """DUPLICATE (or FAILED for an entry that is not authorised): report + ack, recorded
-        under "entry:<stream id>" so its redelivery does not repeat the report."""
-        report = core.report(base, dict(status=status, detail=detail, extra={"entry_id": entry_id}), wall_ms())
-        done = {"entry": entry_id, "stage": "done", "status": report.status}
-        self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
-        return "ledger"
-
-    def save_progress(self, event_id, entry_id, record):
-        """Persist the attempt counter, so a resumed close uses new client order ids. Best
-        effort: see the except clause."""
-        record["ts_updated"] = wall_ms()
-        if self.ledger is None:
-            return
-        try:
-            self.ledger.update(event_id, record)
-        except bus.REDIS_ERRORS as exc:
-            # Keep closing: the exchange work matters more than bookkeeping. Worst case a
-            # restart reuses attempt numbers: the exchange refuses ids still open, and the
-            # re-read re-plans from what is actually left.
-            log.warning("progress_not_saved", event_id=event_id, error=type(exc).__name__)
-
-    def touch_entry(self, event_id, entry_id):
-        """Reset our entry's idle time so other instances do not claim a close in progress."""
-        if self.redis is None or entry_id is None:     # a close on own authority has no entry
-            return
-        try:
-            self.redis.xclaim(schema.PANIC_STREAM, schema.EEW_GROUP, self.config.consumer,
-                              min_idle_time=0, message_ids=[entry_id], justid=True)
-        except bus.REDIS_ERRORS as exc:
-            # Keep closing. Worst case another instance claims the entry and closes too: both
-            # act reduce-only on what the exchange says is left, and the report script writes
-            # exactly one final report.
-            log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
-
-    def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
-        """Report, done record, XACK (none without an entry): "ledger". If Redis cannot take
-        it, journaled ("journal"); on a command error (Redis reachable, the ledger refusing)
-        also published straight to the completed stream ("direct"): the report stands, and
-        the journal later marks it done and acknowledges without writing it again. force_halt
-        (default: no entry, i.e. our own authority) writes the halt; otherwise it is only
-        restored if it vanished."""
-        now = wall_ms()
-        force_halt = entry_id is None if force_halt is None else force_halt
-        extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.get("extra", {})}
-        report = core.report(base, dict(fields, extra=extra), now)
-        self.last_positions = report.positions_failed
-        log.info("panic_completed", event_id=event_id, status=report.status,
-                 positions_total=report.positions_total, positions_closed=report.positions_closed,
-                 positions_failed=report.positions_failed, orders_cancelled=report.orders_cancelled,
-                 attempts=report.attempts, execution_time_ms=report.execution_time_ms)
-        done = {"entry": entry_id, "consumer": self.config.consumer, "stage": "done",
-                "status": report.status, "attempt": (record or {}).get("attempt", 0),
-                "ts_started": base["ts_started"], "ts_completed": now}
-        item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
-                "report": report.to_fields(), "halt": halt.to_fields(),
-                "force_halt": force_halt}     # bus loss: nobody has halted yet
-        if self.ledger is not None:
-            try:
-                if force_halt:
-                    self.ledger.halt(halt)      # our own authority: nobody has halted yet
-                else:
-                    self.ledger.ensure_halted(halt)
-                self.ledger.finish(event_id, done, entry_id, item["report"])
-                return "ledger"
-            except bus.REDIS_ERRORS as exc:
-                # Redis cannot take the report now: journal it below. The entry stays
-                # pending; after reconnecting the journal is published (report + done + XACK
-                # in one script) before any entry is read, so the redelivery finds "done".
-                if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
-                    self.lost_redis(exc)
-                else:
-                    item["published"] = self.publish_direct(event_id, item["report"])
-        self.journal.append(item)
-        self.journaled.add(event_id)
-        log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
-                  path=self.config.journal_path)
-        return "direct" if item.get("published") else "journal"
-
-    def publish_direct(self, event_id, report_fields):
-        """The report straight onto the completed stream (the ledger refused it): True once a
-        final report of this event stands (this one, or one before it), False if Redis
-        refused that too (logged: the journal still holds the report)."""
-        try:
-            report_id = self.ledger.publish_direct(event_id, report_fields)
-            log.warning("report_published_without_ledger", event_id=event_id, report_id=report_id or "(one stood)")
-            return True
-        except bus.REDIS_ERRORS as exc:
-            # The journal keeps the report; the heartbeat names the event until it stands.
-            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
-            return False
-
-    def publish_journal(self):
-        if not self.journaled:
-            return
-        for item in self.journal.unpublished():
-            halt, _ = schema.TradingState.from_fields(item["halt"])
-            if item.get("force_halt"):
-                self.ledger.halt(halt)
-            else:
-                self.ledger.ensure_halted(halt)
-            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
-            self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
-            self.journaled.discard(item["key"])
-            self.unreported.pop(item["key"], None)
-            log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
-        self.journaled = set()
-
-    # -- lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
-
-    def guard(self):
-        """Every pass: the tamper check and resume requests (one round trip each when idle).
-        Every sweep interval: stranded ledger records and entries the group skipped. A bug
-        here is logged and the pass goes on to read entries: these checks are a second line;
-        dying or skipping the read would stop the first."""
-        try:
-            self._guard()
-        except bus.REDIS_ERRORS:
-            raise                      # job_step tells transport from command errors
-        except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
-            log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
-                      traceback=traceback.format_exc()[-1500:])
-
-    def _guard(self):
-        stream_info, self.group_info = tamper.read_stream_state(self.redis)
-        if self.group_info is None:
-            return                     # no group (yet): the next read recreates it
-        finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
-        self.stream_broken = "panic_stream_exhausted" if \
-            stream_info.get("last-generated-id") == tamper.MAX_ID else None
-        if finding is not None:
-            self.tamper_close(finding)
-        if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
-            self.peek_tail()
-        if time.monotonic() >= self.next_guard_sweep:
-            self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
-            self.sweep_ledger()
-            self.audit_stream()
-
-    def peek_tail(self):
-        """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
-        the newest batch too, and execute an authorised entry found there now, so the real
-        panic does not wait for the whole backlog; its turn in the group later finds its ledger
-        record done and only acknowledges it. Each entry is peeked at most once."""
-        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(self.group_info.get("last-delivered-id")))
-        batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
-        if batch:
-            self.peek_cursor = _text(batch[0][0])
-        for entry_id, raw in reversed(batch):
-            screened = self.screen(_text(entry_id), raw)
-            if screened[3] and self.ledger.record(screened[1]) is None:
-                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
-                self.handle_entry(_text(entry_id), raw, screened)
-
-    def tamper_close(self, finding):
-        """A lost panic of unknown content: close on our own authority, once per finding."""
-        event = schema.PanicEvent(event_id=finding.event_id, reason=tamper.TAMPER_REASON,
-                                  issued_by=tamper.TAMPER_ISSUER, ts=wall_ms())
-        outcome, record = self.ledger.claim(event.event_id, None, self.config.consumer, wall_ms(), event)
-        self.tamper_seen.add(finding.key)
-        if outcome == "done":
-            return
-        log.critical("panic_stream_tampered", event_id=event.event_id, finding=finding.reason,
-                     detail=finding.detail, action="closing_on_own_authority")
-        self.set_status(f"panic stream tampered ({finding.reason}): flattening on own authority")
-        self.run_recorded(event, record, [finding.reason])
-
-    def run_recorded(self, event, record, problems):
-        """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
-        self.current_event = event.event_id
-        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
-        panic = core.Panic(event.event_id, record.get("entry"), True, stage=core.Stage.HALTING)
-        self.drive(panic, [core.Command(core.Do.WRITE_HALT)], Job(event, base, record=record))
-
-    def sweep_ledger(self):
-        """Resume records that are not final while no group entry carries them."""
-        records = self.ledger.in_flight()
-        entries = [r["entry"] for r in records.values() if r and r.get("entry")]
-        pipe = self.redis.pipeline(transaction=False)
-        for entry_id in entries:
-            pipe.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id, entry_id, 1)
-        pending = {entry_id for entry_id, found in zip(entries, pipe.execute() if entries else []) if found}
-        stranded, finished = tamper.stranded_records(records, pending, self.config.consumer,
-                                                     bus.server_time_ms(self.redis), self.config.claim_idle_ms)
-        if finished:
-            self.redis.srem(INFLIGHT_KEY, *finished)
-        for event_id in stranded:
-            record = records[event_id]
-            log.critical("panic_stranded_resumed", event_id=event_id, entry_id=record.get("entry"),
-                         stage=record.get("stage"), owner=record.get("consumer"))
-            record["consumer"] = self.config.consumer
-            event = schema.PanicEvent(event_id=event_id, reason=record.get("reason") or "UNSPECIFIED",
-                                      issued_by=record.get("issued_by") or "unknown", ts=record.get("ts_started"))
-            self.run_recorded(event, record, ["resumed_from_ledger"])
-
-    def audit_stream(self):
-        """Authorised entries up to the group's last-delivered-id that are neither pending nor
-        recorded were taken past us (NOACK read, group created at `$`): execute them."""
-        last = self.group_info.get("last-delivered-id") or "0-0"
-        if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
-            return
-        batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
-        candidates = []
-        for entry_id, raw in batch:
-            screened = self.screen(_text(entry_id), raw)
-            if screened[3]:
-                candidates.append((_text(entry_id), raw, screened[1]))
-        if candidates:
-            low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
-            pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
-                schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
-            raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
-            records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
-            for entry_id, raw in tamper.skipped_entries(candidates, pending, records):
-                log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
-                             action="executing_from_stream")
-                self.handle_entry(entry_id, raw)
-        self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
-        if len(batch) == READ_BATCH:
-            self.next_guard_sweep = 0.0    # more to check: next pass
-
-    def serve_resume_request(self):
-        """At most one resume request per pass, and only in a pass without panics: each may
-        cost a full account read (eexit/resume.py)."""
-        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=1)
-        for _stream, items in reply or []:
-            for entry_id, fields in items:
-                self.resume_cursor = _text(entry_id)
-                verdict, why = resume.serve_request(
-                    self.redis, fields, self.config.keyring, self.config.resume_cooldown_s,
-                    self.account_for_resume, self.stream_broken, self.config.consumer)
-                if verdict is None:
-                    log.warning("resume_request_ignored", entry_id=self.resume_cursor, why=why)
-                else:
-                    log.info("resume_verdict", request_id=verdict["request_id"], status=verdict["status"],
-                             event_id=verdict["event_id"], operator=verdict["operator"],
-                             refusals=len(json.loads(verdict["refusals"])))
-
-    def account_for_resume(self):
-        """(positions, open_orders, error) from a fresh read of the whole account."""
-        account = self.closer.read_account(time.monotonic() + RESUME_READ_S, "resume", self.notifier.ping)
-        if account is None:
-            return None, None, f"positions_unreadable_for_{RESUME_READ_S:g}s"
-        return account.positions, account.orders, None
-
-    # -- bus loss
-
-    def own_event(self, prefix, reason):
-        """event_id, ledger record and report base of a close on the EEW's own authority."""
-        now = wall_ms()
-        event_id = self.current_event = f"{prefix}-{self.config.consumer}-{now}"
-        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
-        return event_id, record, dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason,
-                                      event_age_ms=0, problems=[], ts_started=now)
-
-    def bus_loss_close(self, down_s, repeat=False):
-        """Flatten without an event: Redis unreachable or refusing our commands, hence the
-        whole safety chain, is blind. Repeated every guard interval while that lasts; a repeat
-        that found nothing to do writes no report (the first one stands)."""
-        event_id, record, base = self.own_event("busloss", BUS_LOSS_REASON)
-        log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
-        self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
-        halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
-                                   halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
-                                   requires_manual_reset=True)
-        fields = self.closer.execute(event_id, record, lambda _record: self.notifier.ping(),
-                                     self.notifier.ping)
-        if not (repeat and guard_policy.quiet_repeat(fields)):
-            self.finish_report(event_id, None, record, base, fields, halt)
-        return fields["status"]
-
-    # -- halt guard (decisions: eexit/guard_policy.py)
-
-    def halt_guard(self):
-        """While trading is halted, one EEW (the holder of GUARD_LEASE_KEY) reads the whole
-        account every EEXIT_HALT_GUARD_S and acts as guard_policy.decide() says: a close as
-        for a panic, with a report of its own (event_id guard-<consumer>-<ms>). Runs from the
-        loop between entries, so never during this EEW's own panic; reads and closes go
-        through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
-        cfg, now = self.config, time.monotonic()
-        if cfg.halt_guard_s <= 0 or now < self.next_lease_step:
-            return
-        self.next_lease_step = now + guard_policy.step_s(cfg.halt_guard_s)
-        state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
-        if state.halted is not True or not self.hold_guard():
-            self.guard_alerted = None
-            return
-        if now < self.next_guard_check:
-            return
-        self.next_guard_check = now + cfg.halt_guard_s
-        last = self.last_final_status(state.event_id)
-        account = None if last is None else self.closer.read_account(now + cfg.halt_guard_s, "halt-guard",
-                                                                     self.guard_keepalive)
-        status = {"holder": cfg.consumer, "policy": cfg.halt_guard_policy, "halt_event_id": state.event_id,
-                  "last_check_ms": wall_ms(), "last_check": "waiting_for_report" if last is None else "unreadable"}
-        if account is not None:
-            key = guard_policy.exposure_key(account.positions, account.orders)
-            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions,
-                                                 flatten.closable(account.positions, self.pool.rules or {}),
-                                                 account.orders, key == self.guard_alerted)
-            status["last_check"] = (f"positions={len(account.positions)} orders={len(account.orders)}"
-                                    if account.positions or account.orders else "flat")
-            # Still the holder after the read (renewed): a holder cut off during a long read
-            # may have lost the lease, and then its successor acts, not both.
-            if action in ("enforce", "alert") and self.hold_guard():
-                self.guard_alerted = key
-                status.update(self.guard_close(state, action, reason, account))
-        if self.redis is not None:      # None: Redis went away during the close (report journaled)
-            self.redis.hset(schema.GUARD_KEY, mapping=status)
-
-    def last_final_status(self, halt_event_id):
-        """The status of the last final report for this halt: the guard's own latest if it
-        reported on this halt, else the halt event's report; "" if the halt has none (an
-        operator's halt: any exposure is new); None while that report is not written."""
-        guard = decode_fields(self.redis.hgetall(schema.GUARD_KEY))
-        if guard.get("last_status_for") == halt_event_id and guard.get("last_status"):
-            return guard["last_status"]
-        record = self.ledger.record(halt_event_id) if halt_event_id else None
-        if record is None:
-            return ""
-        return record.get("status", "") if record.get("stage") == "done" else None
-
-    def guard_close(self, state, action, reason, account):
-        """One enforcement (or, policy alert, a report and no orders); the guard status fields."""
-        event_id, record, base = self.own_event("guard", reason)
-        log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
-                     positions=len(account.positions), orders=len(account.orders))
-        if action == "alert":
-            residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
-            fields = dict(status=flatten.RESIDUAL, positions_total=len(account.positions), positions_closed=0,
-                          positions_failed=len(account.positions), residual_positions=residual, dust=dust,
-                          failed_symbols=sorted({p.symbol for p in account.positions}), orders_cancelled=0,
-                          attempts=0, scope=self.closer.scope,
-                          detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
-        else:
-            self.set_status(f"halt guard: closing ({reason})")
-            fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),
-                                         self.guard_keepalive)
-            self.set_status("waiting for panic events")
-        fields.setdefault("extra", {})["halt_event_id"] = state.event_id
-        self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
-        done = {"last_enforcement_ms": wall_ms(), "last_enforcement_event_id": event_id,
-                "last_enforcement": f"{reason} {fields['status']}"}
-        if action == "enforce":
-            done.update(last_status=fields["status"], last_status_for=state.event_id)
-        return done
-
-    def hold_guard(self):
-        return self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s))
-
-    def guard_keepalive(self):
-        """While the guard reads or closes: watchdog pings, and the lease renewed every step
-        so that no other EEW starts guarding meanwhile."""
-        self.notifier.ping()
-        if time.monotonic() < self.next_lease_step or self.ledger is None:
-            return
-        self.next_lease_step = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
-        try:
-            if not self.hold_guard():
-                log.warning("guard_lease_lost", event_id=self.current_event)
-        except bus.REDIS_ERRORS as exc:
-            # Keep closing: the close is reduce-only and re-reads before it ends. If the lease
-            # lapses meanwhile another EEW's guard may act too, reduce-only on what is left.
-            log.warning("guard_lease_not_renewed", event_id=self.current_event, error=type(exc).__name__)
 
 
 def main(argv=None):
