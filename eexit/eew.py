@@ -175,6 +175,7 @@ REPORTED_KEY = "eexit:eew:reported"   # event ids with a final report (once per 
 READ_BATCH = 512                      # entries per read: a flood costs O(1) round trips per batch
 REJECTED_IDS_SHOWN = 20               # entry ids a rejection summary names
 RESUME_READ_S = 5.0                   # the account read behind a resume verdict
+SIMPLE_CLOSE_ATTEMPT = 1000           # the fail-closed close's first attempt number
 
 
 # ------------------------------------------------------------------------------ config
@@ -1152,8 +1153,11 @@ class Entries:
             return None
         if do in (core.Do.CLOSE, core.Do.SIMPLE_CLOSE):
             self.set_status(f"closing event {event_id}")
-            if do is core.Do.SIMPLE_CLOSE:    # no ledger bookkeeping: only the exchange
-                job.fields = self.closer.execute(event_id, dict(job.record), lambda _r: None, self.notifier.ping)
+            if do is core.Do.SIMPLE_CLOSE:
+                # Nothing from the ledger record (it may be what failed), no bookkeeping: a fresh
+                # record whose attempt numbers (client order ids) no normal attempt uses.
+                job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT}, lambda _r: None,
+                                                 self.notifier.ping)
             else:
                 job.fields = self.closer.execute(event_id, job.record, *self.close_hooks(event_id, entry_id, job.record))
             return job.fields["status"]

@@ -244,6 +244,27 @@ class EntryIsolation(EEWCase):
         reports = self.reports_of("ledger-refused")
         self.assertEqual(len(reports), 1, reports)
 
+    def test_unexpected_ledger_data_fails_closed_with_a_real_traceback(self):
+        # A record for this entry whose attempt is not a number (written by another version, or
+        # tampered with): resuming it raises inside the close. Fail-closed: the simple close
+        # (nothing taken from the record) goes FLAT, one report names the failure, and the log
+        # holds the real traceback (finding 3: it used to say "NoneType: None").
+        self.start_eew(EEXIT_BUS_LOSS_CLOSE_S="600")
+        self.wait_ready()
+        entry_id = "1000000000000-0"
+        self.redis.hset(schema.PROCESSED_KEY, "bad-record",
+                        json.dumps({"entry": entry_id, "stage": "halted", "attempt": "seven", "ts_started": 1}))
+        self.redis.xadd(schema.PANIC_STREAM, {"event_id": "bad-record", "reason": "TEST", "issued_by": "ops",
+                                              "ts": "1"}, id=entry_id)
+        report = self.report("bad-record")
+        self.assertEqual(report.status, "FLAT")
+        self.assertIn("close:bug:TypeError", report.extra.get("failures", ""))
+        self.assertEqual(self.paper.positions(), {})
+        [failed] = self.log_lines("entry_failed")
+        self.assertIn("TypeError", failed)
+        self.assertNotIn("NoneType: None", failed)
+        self.assertEqual(len(self.reports_of("bad-record")), 1)
+
     def test_unauthorised_entry_is_rejected_with_no_action(self):
         self.start_eew()
         self.wait_ready()
