@@ -1677,9 +1677,9 @@ class Worker(Entries, LostPanics, OwnAuthority):
         entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
         self.handle_batch(entries or [])
         if entries is not None and self.pass_blind is None:
-            self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
             if not entries:    # panics first: a resume request only in a pass that had none
                 self.job_step("resume", resume.REQUEST_STREAM, self.serve_resume_request)
+            self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
         self.send_ready()
         return entries
 
