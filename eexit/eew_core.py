@@ -120,9 +120,10 @@ def on_result(panic, command, result=None):
         return replace(panic, stage=Stage.REPORTING, closed_by=do), [Command(Do.REPORT)]
     if do is Do.TOUCH:
         return panic, []
-    # REPORT: "ledger" or "direct" means the report stands; "journal" waits for Redis.
-    return replace(panic, stage=Stage.DONE, final=panic.final or (do is Do.REPORT and result != "journal")
-                   or do is Do.REPORT_NO_ACTION), []
+    # The event's final report stands after REPORT "ledger"/"direct" ("journal": it waits for
+    # Redis) and for ACK (written before); a DUPLICATE report is this entry's, not the event's.
+    stands = (do is Do.REPORT and result != "journal") or do is Do.ACK
+    return replace(panic, stage=Stage.DONE, final=panic.final or stands), []
 
 
 def on_error(panic, command, kind, detail=""):
