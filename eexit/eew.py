@@ -1310,8 +1310,8 @@ class LostPanics:
     resume requests (eexit/resume.py), one a pass and only in a pass without panics."""
 
     def guard(self):
-        """Every pass: the tamper check and resume requests (one round trip each when idle).
-        Every sweep interval: stranded ledger records and entries the group skipped. A bug
+        """Every pass: the tamper check (one round trip when idle). Every sweep interval:
+        stranded ledger records and entries the group skipped. A bug
         here is logged and the pass goes on to read entries: these checks are a second line;
         dying or skipping the read would stop the first."""
         try:
