@@ -24,6 +24,18 @@ real venues do. In-process:
 Admin (unsigned, not logged, never faulted): GET/POST /_paper/state, POST/DELETE
 /_paper/faults, GET/DELETE /_paper/requests, POST /_paper/reset.
 
+Risk model (what the risk kernel reads, the same Account in every dialect; Account.risk_view):
+equity = wallet + unrealised PnL at the marks; maintenance margin = sum of |amount| x mark x
+the market's rate (MM_RATE 0.5 % unless set); liquidation price per position computed for
+cross margin on one collateral (risk_view's docstring), "0"/"" when none, or set raw; the account
+mode (Binance multiAssetsMargin, Bybit marginMode, OKX acctLv; set_account_mode); the ledger of
+deposits, withdrawals and booked PnL with ids and timestamps (Binance /fapi/v1/income, Bybit
+/v5/account/transaction-log, OKX /api/v5/account/bills[-archive]). Python: set_mark, deposit,
+withdraw, book_pnl, set_account_mode, set_liquidation, set_risk_field, set_mm_rate,
+account_unreadable. HTTP: POST /_paper/state with "marks", "transfers", "account_mode",
+"liquidation", "risk_fields", "position_fields", "mm_rates" (Account.apply_state) and
+"account_unreadable" (a fault on the dialect's account path; DELETE /_paper/faults ends it).
+
 Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "count"
 (number of matching requests) and "duration_s"):
   latency      ms, jitter_ms           sleep before answering
@@ -116,6 +128,9 @@ _MARKETS = [
     ("COMPUSDT", "50.00", "0.01", "0.001", "0.001", "100000", "10000", "5"),
 ]
 
+MM_RATE = Decimal("0.005")     # the paper's maintenance margin rate unless mm_rates says otherwise
+LEDGER_KINDS = ("deposit", "withdraw", "pnl")
+BINANCE_MODES = {"single_asset": False, "multi_assets": True}   # -> multiAssetsMargin
 CONDITIONAL_TYPES = {"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"}
 ORDER_TYPES = ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET",
                "TRAILING_STOP_MARKET"]
@@ -141,6 +156,11 @@ def _fmt(value):
     if isinstance(value, Decimal):
         return format(value.normalize() if value == value.to_integral() else value, "f")
     return f"{value:.8f}"
+
+
+def _text_or(value, default):
+    """value unless None (an override of "" or "0" passes as is)."""
+    return default if value is None else value
 
 
 def _now_ms():
@@ -337,6 +357,16 @@ class Account:
         self.client_ids = {}         # clientOrderId -> orderId
         self.countdowns = {}         # market_id -> (deadline monotonic, countdown ms)
         self.margin_modes = {}       # (market_id, positionSide) -> "isolated" (dialects with tdMode)
+        # The risk model (the risk kernel's reads; see risk_view): maintenance margin rate per
+        # market, raw liquidation-price answers and account-level wire fields set by tests
+        # ("0", "", "NaN"...), the account mode (None: the dialect's default) and the ledger.
+        self.mm_rates = {}           # market_id -> Decimal rate (MM_RATE when absent)
+        self.liquidation_overrides = {}   # market_id -> raw text every dialect answers as is
+        self.risk_fields = {}        # wire field -> raw value, over the account-level answer
+        self.position_fields = {}    # market_id -> {wire field: raw}, over its position rows
+        self.account_mode = None
+        self.ledger = []             # {"id", "ts", "amount" Decimal signed, "kind", "asset"}
+        self._ledger_ids = itertools.count(5000001)
         self._order_ids = itertools.count(8000000)
         self._algo_ids = itertools.count(3000000)
 
@@ -709,11 +739,68 @@ class Account:
                     self.cancel_all(market_id)
                     self.cancel_all_algo(market_id)
 
+    # -- the risk model
+
+    def transfer(self, amount, kind=None, ts_ms=None, asset="USDT"):
+        """A ledger entry moving the wallet by amount: kind "deposit" (+), "withdraw" (-), or
+        "pnl" (realised PnL/fees: moves the wallet but is no transfer). Returns its id."""
+        amount = Decimal(str(amount))
+        kind = kind or ("deposit" if amount > 0 else "withdraw")
+        if not amount.is_finite() or kind not in LEDGER_KINDS or \
+                kind == "deposit" and amount <= 0 or kind == "withdraw" and amount >= 0:
+            raise ValueError(f"ledger entry {kind} {amount} is invalid (deposit > 0, withdraw < 0)")
+        with self.lock:
+            entry = {"id": next(self._ledger_ids), "ts": int(ts_ms) if ts_ms is not None else _now_ms(),
+                     "amount": amount, "kind": kind, "asset": str(asset)}
+            self.ledger.append(entry)
+            self.balance += amount
+            return entry["id"]
+
+    def ledger_rows(self, start_ms=None, end_ms=None, kinds=None):
+        with self.lock:
+            return [dict(e) for e in self.ledger if (start_ms is None or e["ts"] >= start_ms)
+                    and (end_ms is None or e["ts"] <= end_ms) and (kinds is None or e["kind"] in kinds)]
+
+    def risk_view(self):
+        """wallet, upl, equity (= wallet + upl at the marks), maintenance margin (sum of
+        |amount| x mark x the market's rate) and per position its liquidation price: the mark
+        at which equity would equal maintenance margin with every other mark held (cross
+        margin, one collateral): p = (MM' - W' + entry x amt) / (amt - |amt| x rate), where
+        W' = wallet + the others' upl and MM' = the others' MM; None when no positive price
+        liquidates it (Binance answers "0", Bybit and OKX ""); liquidation_overrides replace
+        the text in every dialect, as is. One linear
+        formula for every market (Bybit's inverse contracts too: a paper simplification), and
+        a hedge pair on one market is priced as if only its own side's mark moved."""
+        with self.lock:
+            rows = []
+            for (market_id, position_side), (amount, entry, _) in self.positions.items():
+                mark = self.marks[market_id]
+                rate = self.mm_rates.get(market_id, MM_RATE)
+                rows.append({"market_id": market_id, "position_side": position_side, "amount": amount,
+                             "entry": entry, "mark": mark, "rate": rate, "upl": (mark - entry) * amount,
+                             "mm": abs(amount) * mark * rate})
+            upl = sum((r["upl"] for r in rows), ZERO)
+            mm = sum((r["mm"] for r in rows), ZERO)
+            for r in rows:
+                others_wallet = self.balance + upl - r["upl"]
+                divisor = r["amount"] - abs(r["amount"]) * r["rate"]
+                price = (mm - r["mm"] - others_wallet + r["entry"] * r["amount"]) / divisor if divisor else ZERO
+                r["liq"] = self.liquidation_overrides.get(r["market_id"], f"{price:.8f}" if price > 0 else None)
+            return {"wallet": self.balance, "upl": upl, "equity": self.balance + upl, "mm": mm,
+                    "positions": {(r["market_id"], r["position_side"]): r for r in rows}}
+
+    def with_risk_fields(self, row, market_id=None):
+        """row with the test-set raw fields laid over it (malformed-answer and flag tests):
+        the account-level ones, or market_id's position ones."""
+        with self.lock:
+            return dict(row, **(self.risk_fields if market_id is None else self.position_fields.get(market_id, {})))
+
     # -- views
 
     def position_rows(self, version):
         with self.lock:
             rows = []
+            risk = self.risk_view()["positions"]
             keys = list(self.positions)
             if version != 3:  # v1/v2 list every symbol and side, zero or not
                 sides = ("LONG", "SHORT") if self.hedge else ("BOTH",)
@@ -726,13 +813,16 @@ class Account:
                 row = {
                     "symbol": market_id, "positionSide": position_side, "positionAmt": _fmt(amount),
                     "entryPrice": _fmt(entry), "breakEvenPrice": _fmt(entry), "markPrice": _fmt(mark),
-                    "unRealizedProfit": f"{pnl:.8f}", "liquidationPrice": "0", "isolatedMargin": "0",
+                    "unRealizedProfit": f"{pnl:.8f}", "isolatedMargin": "0",
+                    "liquidationPrice": _text_or(risk[(market_id, position_side)]["liq"] if amount else None, "0"),
                     "notional": f"{notional:.8f}", "marginAsset": "USDT", "isolatedWallet": "0",
                     "updateTime": updated,
                 }
+                row = self.with_risk_fields(row, market_id) if amount else row
                 if version == 3:
                     initial = abs(notional) / 20
-                    row.update(initialMargin=f"{initial:.8f}", maintMargin=f"{abs(notional) / 200:.8f}",
+                    maint = risk[(market_id, position_side)]["mm"] if amount else ZERO
+                    row.update(initialMargin=f"{initial:.8f}", maintMargin=f"{maint:.8f}",
                                positionInitialMargin=f"{initial:.8f}", openOrderInitialMargin="0",
                                adl=0, bidNotional="0", askNotional="0")
                 else:
@@ -743,13 +833,14 @@ class Account:
 
     def account_view(self):
         with self.lock:
-            pnl = sum(((self.marks[m] - e) * a for (m, _), (a, e, _) in self.positions.items()), ZERO)
+            risk = self.risk_view()
+            pnl = risk["upl"]
             margin = sum((abs(a * self.marks[m]) / 20 for (m, _), (a, _, _) in self.positions.items()), ZERO)
             wallet = self.balance
             available = wallet + pnl - margin
             asset = {
                 "asset": "USDT", "walletBalance": f"{wallet:.8f}", "unrealizedProfit": f"{pnl:.8f}",
-                "marginBalance": f"{wallet + pnl:.8f}", "maintMargin": f"{margin / 10:.8f}",
+                "marginBalance": f"{wallet + pnl:.8f}", "maintMargin": f"{risk['mm']:.8f}",
                 "initialMargin": f"{margin:.8f}", "positionInitialMargin": f"{margin:.8f}",
                 "openOrderInitialMargin": "0.00000000", "crossWalletBalance": f"{wallet:.8f}",
                 "crossUnPnl": f"{pnl:.8f}", "availableBalance": f"{available:.8f}",
@@ -759,20 +850,22 @@ class Account:
                 "symbol": m, "positionSide": s, "positionAmt": _fmt(a),
                 "unrealizedProfit": f"{(self.marks[m] - e) * a:.8f}", "isolatedMargin": "0",
                 "notional": f"{a * self.marks[m]:.8f}", "isolatedWallet": "0",
-                "initialMargin": f"{abs(a * self.marks[m]) / 20:.8f}", "maintMargin": "0", "updateTime": u,
+                "initialMargin": f"{abs(a * self.marks[m]) / 20:.8f}",
+                "maintMargin": f"{risk['positions'][(m, s)]['mm']:.8f}", "updateTime": u,
             } for (m, s), (a, e, u) in self.positions.items()]
-            return {
+            return self.with_risk_fields({
                 "totalInitialMargin": asset["initialMargin"], "totalMaintMargin": asset["maintMargin"],
                 "totalWalletBalance": asset["walletBalance"], "totalUnrealizedProfit": asset["unrealizedProfit"],
                 "totalMarginBalance": asset["marginBalance"], "totalPositionInitialMargin": asset["initialMargin"],
                 "totalOpenOrderInitialMargin": "0.00000000", "totalCrossWalletBalance": asset["walletBalance"],
                 "totalCrossUnPnl": asset["unrealizedProfit"], "availableBalance": asset["availableBalance"],
                 "maxWithdrawAmount": asset["maxWithdrawAmount"], "assets": [asset], "positions": positions,
-            }
+            })
 
     def state(self):
         """Plain-JSON snapshot for GET /_paper/state and tests."""
         with self.lock:
+            risk = self.risk_view()
             return {
                 "hedge": self.hedge,
                 "balance": _fmt(self.balance),
@@ -782,6 +875,10 @@ class Account:
                 "open_algo_orders": [dict(o) for o in self.open_algo.values()],
                 "marks": {m: _fmt(p) for m, p in self.marks.items()},
                 "countdowns": {m: ms for m, (_, ms) in self.countdowns.items()},
+                "risk": {"wallet": _fmt(self.balance), "equity": _fmt(risk["equity"]), "mm": _fmt(risk["mm"]),
+                         "account_mode": self.account_mode,
+                         "liquidation": {m: r["liq"] for (m, _), r in risk["positions"].items()},
+                         "ledger": [dict(e, amount=_fmt(e["amount"])) for e in self.ledger]},
             }
 
     def apply_state(self, body):
@@ -805,6 +902,28 @@ class Account:
                 self.seed(body["seed"])
             for row in body.get("positions") or []:
                 self.set_position(row["symbol"], row["amount"], row.get("position_side"), row.get("entry_price"))
+            # The risk model: {"mm_rates": {id: rate}, "liquidation": {id: "0" | "" | price |
+            # null (computed)}, "risk_fields": {wire field: raw | null}, "position_fields": {id: {field: raw | null}}, "transfers": [{"amount",
+            # "kind", "ts_ms", "asset"}]} ("account_mode": PaperExchange.set_state).
+            for market_id, rate in (body.get("mm_rates") or {}).items():
+                self.mm_rates[self.market(market_id).id] = Decimal(str(rate))
+            for market_id, raw in (body.get("liquidation") or {}).items():
+                self._override(self.liquidation_overrides, self.market(market_id).id, raw)
+            for name, raw in (body.get("risk_fields") or {}).items():
+                self._override(self.risk_fields, str(name), raw)
+            for market_id, fields in (body.get("position_fields") or {}).items():
+                table = self.position_fields.setdefault(self.market(market_id).id, {})
+                for name, raw in fields.items():
+                    self._override(table, str(name), raw)
+            for row in body.get("transfers") or []:
+                self.transfer(row["amount"], row.get("kind"), row.get("ts_ms"), row.get("asset", "USDT"))
+
+    @staticmethod
+    def _override(table, key, raw):
+        if raw is None:
+            table.pop(key, None)
+        else:
+            table[key] = raw
 
 
 def _bool_param(p, name):
@@ -871,6 +990,8 @@ ROUTES = {
     ("GET", "/fapi/v1/openAlgoOrders"): ("open_algo_orders", 1, True),
     ("DELETE", "/fapi/v1/algoOpenOrders"): ("cancel_all_algo", 1, True),
     ("POST", "/fapi/v1/countdownCancelAll"): ("countdown", 10, True),
+    ("GET", "/fapi/v1/multiAssetsMargin"): ("multi_assets", 30, True),
+    ("GET", "/fapi/v1/income"): ("income", 30, True),
 }
 BATCH_PATH = "/fapi/v1/batchOrders"
 ORDER_PATHS = {"/fapi/v1/order", "/fapi/v1/algoOrder"}     # a batch counts its orders (batch_item)
@@ -1016,7 +1137,69 @@ class PaperExchange:
         return self.account.state()
 
     def set_state(self, body):
+        """Account.apply_state, plus "account_mode" (set_account_mode) and "account_unreadable":
+        true or {"duration_s", "status"} (account_unreadable), which need the dialect."""
+        if isinstance(body, dict) and "account_mode" in body:
+            self.set_account_mode(body["account_mode"])
         self.account.apply_state(body)
+        unreadable = body.get("account_unreadable") if isinstance(body, dict) else None
+        if unreadable:
+            self.account_unreadable(**(unreadable if isinstance(unreadable, dict) else {}))
+
+    # -- the risk model (what the risk kernel reads, in every dialect)
+
+    def account_modes(self):
+        """The normalised account modes this dialect answers (RiskSnapshot.margin_mode); the
+        first is the default."""
+        return tuple(self.dialect.ACCOUNT_MODES if self.dialect else BINANCE_MODES)
+
+    def set_account_mode(self, mode):
+        """Switch the account mode the dialect reports (Binance multiAssetsMargin, Bybit
+        marginMode, OKX acctLv); None: the default. Unknown to this dialect: ValueError."""
+        if mode is not None and mode not in self.account_modes():
+            raise ValueError(f"account mode {mode!r} is not one of {self.account_modes()} ({self.venue})")
+        self.account.account_mode = mode
+
+    def account_mode(self):
+        return self.account.account_mode or self.account_modes()[0]
+
+    def deposit(self, amount, ts_ms=None, asset="USDT"):
+        """A transfer in: the wallet grows, the ledger gets an entry (returns its id)."""
+        return self.account.transfer(abs(Decimal(str(amount))), "deposit", ts_ms, asset)
+
+    def withdraw(self, amount, ts_ms=None, asset="USDT"):
+        return self.account.transfer(-abs(Decimal(str(amount))), "withdraw", ts_ms, asset)
+
+    def book_pnl(self, amount, ts_ms=None, asset="USDT"):
+        """Realised PnL or fees booked to the wallet: a ledger entry that is no transfer."""
+        return self.account.transfer(amount, "pnl", ts_ms, asset)
+
+    def set_liquidation(self, market_id, raw):
+        """The raw liquidation price every dialect answers for market_id's positions ("0",
+        "", "abc", a price); None: computed again (Account.risk_view)."""
+        self.account.apply_state({"liquidation": {market_id: raw}})
+
+    def set_risk_field(self, name, raw):
+        """Lay a raw value over the account-level risk answer's wire field name (Binance
+        totalMarginBalance, Bybit totalEquity, OKX adjEq, ...); None removes it."""
+        self.account.apply_state({"risk_fields": {name: raw}})
+
+    def set_position_field(self, market_id, name, raw):
+        """Lay a raw value over market_id's position rows' wire field (Bybit positionStatus
+        "Liq", a malformed markPrice...); None removes it."""
+        self.account.apply_state({"position_fields": {market_id: {name: raw}}})
+
+    def set_mm_rate(self, market_id, rate):
+        self.account.apply_state({"mm_rates": {market_id: rate}})
+
+    def risk_view(self):
+        return self.account.risk_view()
+
+    def account_unreadable(self, duration_s=None, status=503):
+        """Every read of the account-level risk answer fails (an "error" fault on its path)
+        for duration_s (None: until clear_faults). Returns the fault id."""
+        path = self.dialect.ACCOUNT_PATH if self.dialect else "/fapi/v3/account"
+        return self.add_fault(kind="error", status=status, path=path, duration_s=duration_s)
 
     def set_mark(self, market_id, price):
         self.account.set_mark(market_id, price)
@@ -1524,6 +1707,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _ep_cancel_all_algo(self, p, path, method):
         self.paper.account.cancel_all_algo(self.paper.account.market(p.get("symbol")).id)
         return {"code": 200, "msg": "The operation of cancel all open order is done."}
+
+    def _ep_multi_assets(self, p, path, method):
+        return {"multiAssetsMargin": BINANCE_MODES[self.paper.account_mode()]}
+
+    def _ep_income(self, p, path, method):
+        """The ledger as Binance's income history: deposits and withdrawals are TRANSFER,
+        booked PnL REALIZED_PNL; oldest first, `page`/`limit` (max 1000) pages."""
+        kinds = {"TRANSFER": ("deposit", "withdraw"), "REALIZED_PNL": ("pnl",)}
+        try:
+            start, end = (int(p[k]) if p.get(k) else None for k in ("startTime", "endTime"))
+            limit, page = min(int(p.get("limit", 100)), 1000), max(int(p.get("page", 1)), 1)
+        except ValueError:
+            raise _bad_param("startTime/endTime/limit/page") from None
+        wanted = kinds.get(p.get("incomeType"), ()) if p.get("incomeType") else None
+        rows = [{"symbol": "", "incomeType": "REALIZED_PNL" if e["kind"] == "pnl" else "TRANSFER",
+                 "income": _fmt(e["amount"]), "asset": e["asset"], "info": "", "time": e["ts"],
+                 "tranId": e["id"], "tradeId": ""}
+                for e in sorted(self.paper.account.ledger_rows(start, end, wanted), key=lambda e: (e["ts"], e["id"]))]
+        return rows[(page - 1) * limit:page * limit]
 
     def _ep_countdown(self, p, path, method):
         market_id = self.paper.account.market(p.get("symbol")).id

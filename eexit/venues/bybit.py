@@ -184,3 +184,65 @@ def classify_error(exc, ex=None):
             return min(max(0.0, reset_ms / 1000.0 - time.time()), 60.0)
         return 1.0
     return base.classify(exc, ERRORS, retry_after)
+
+
+# ---------------------------------------------------------------------------- risk kernel
+# GET /v5/account/wallet-balance?accountType=UNIFIED (USD totals): E = totalMarginBalance,
+# MM = totalMaintenanceMargin (accountMMRate = MM/E, liquidation at 1). Bybit's account-wide
+# margin fields do not apply in isolated margin mode (GET /v5/account/info marginMode): there
+# E = totalEquity and MM is None. Positions of every segment: liqPrice ("" = unknown),
+# markPrice; a positionStatus other than Normal ("Liq", "Adl") is a venue flag. Venue time:
+# the wallet answer's envelope `time`. Cash flows: GET /v5/account/transaction-log,
+# type TRANSFER_IN / TRANSFER_OUT, windows of at most 7 days, 50 a page (cursor).
+
+RISK_INPUTS = base.RISK_INPUT_NAMES
+LEDGER_KEPT_MS = 730 * base.DAY_MS     # transaction-log: the last 2 years
+RISK_INPUTS_BY_MODE = {"isolated": base.RISK_INPUT_NAMES - {"maintenance_margin"}}
+_MODES = {"ISOLATED_MARGIN": "isolated", "REGULAR_MARGIN": "cross", "PORTFOLIO_MARGIN": "portfolio"}
+_TRANSFERS = {"TRANSFER_IN": 1, "TRANSFER_OUT": -1}
+
+
+def read_risk_snapshot(ex):
+    ex.load_markets()
+    raw_mode = base.obj((ex.privateGetV5AccountInfo() or {}).get("result"), "account/info").get("marginMode")
+    mode = _MODES.get(raw_mode)
+    if mode is None:
+        raise base.ExchangeDataError(f"account/info marginMode {raw_mode!r}")
+    response = base.obj(ex.privateGetV5AccountWalletBalance({"accountType": "UNIFIED"}), "wallet-balance")
+    wallet = base.rows_of((base.obj(response.get("result"), "wallet-balance")).get("list"), "wallet-balance")
+    if len(wallet) != 1:
+        raise base.ExchangeDataError(f"wallet-balance answered {len(wallet)} accounts, not 1")
+    positions, flags = [], []
+    for segment in SEGMENTS:
+        category = _request(segment)["category"]
+        for row in _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list"):
+            size = base.field(row, "size", "position/list")
+            if size == 0:
+                continue
+            symbol = base.unified_symbol(ex, str(row.get("symbol")), category)
+            positions.append(base.risk_position(
+                symbol, {"Buy": "long", "Sell": "short"}.get(row.get("side")), abs(size),
+                base.price_or_none(row, "markPrice", "position/list"),
+                base.price_or_none(row, "liqPrice", "position/list")))
+            if row.get("positionStatus") not in (None, "", "Normal"):
+                flags.append(f"{symbol}:positionStatus={row['positionStatus']}")
+    isolated = mode == "isolated"
+    return base.risk_snapshot(
+        base.field(wallet[0], "totalEquity" if isolated else "totalMarginBalance", "wallet-balance"),
+        None if isolated else base.field(wallet[0], "totalMaintenanceMargin", "wallet-balance"),
+        mode, "USD", positions, base.field(response, "time", "wallet-balance"), flags)
+
+
+def read_cash_flows(ex, since_ms, until_ms):
+    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
+    flows = []
+    for start, end in base.windows(since_ms, until_ms, 7 * base.DAY_MS):
+        for kind, sign in _TRANSFERS.items():
+            params = {"accountType": "UNIFIED", "type": kind, "startTime": start, "endTime": end - 1}
+            for row in _pages(ex.privateGetV5AccountTransactionLog, params, 50, "transaction-log"):
+                amount = base.field(row, "change", "transaction-log")
+                if amount * sign < 0 or row.get("type") != kind:
+                    raise base.ExchangeDataError(f"transaction-log asked {kind}: {row.get('type')!r} {amount!r}")
+                flows.append(base.cash_flow(row.get("id"), base.field(row, "transactionTime", "transaction-log"),
+                                            amount, kind, row.get("currency")))
+    return base.flows_between(flows, since_ms, until_ms)
