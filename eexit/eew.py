@@ -27,7 +27,9 @@ with HSETNX after authorisation, so exactly one stream entry owns an event_id: a
 of that entry (crash, restart, claim by another instance) resumes it; any other entry with
 the same event_id gets a DUPLICATE report naming the owner and no exchange action. The final
 report, the record's stage "done" and the XACK are written by one Lua script: a report is
-never written twice and an entry is never acknowledged without its report. DUPLICATE entries
+never written twice and an entry is never acknowledged without its report. The set
+eexit:eew:reported holds every event id with a final report, so a report published straight
+onto the stream while the ledger refused (fail-closed handling, below) is not written again. DUPLICATE entries
 are recorded under the field "entry:<stream id>" with the same script, so their redelivery
 does not repeat the report either. A missing event_id is "entry-<stream id>": deterministic,
 never random. Unauthorised entries claim nothing, so a forger cannot pre-empt a real event_id.
