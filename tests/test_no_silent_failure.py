@@ -358,6 +358,21 @@ class ExchangeKey(EEWCase):
         wait_for(self.eew_beat(lambda b: b.status == "OK"), 30, message="OK again after the key works")
 
 
+class ReadyMeansReady(EEWCase):
+    def test_ready_comes_after_the_warm_up_round_so_a_panic_at_ready_meets_warm_connections(self):
+        # Finding 9: READY=1 used to precede the connection warm-up and the first pass. The
+        # warm-up pings are slowed to 1.5 s: every one of them must be answered when READY=1
+        # arrives (an ordering, not a timing: a READY sent before them finds them unanswered).
+        self.paper.add_fault(kind="latency", ms=1500, path="/fapi/v1/time")
+        self.start_eew()
+        self.wait_ready()
+        pings = self.paper.requests(path="/fapi/v1/time")
+        self.assertTrue(pings, self.logs())
+        self.assertEqual({200}, {ping["status"] for ping in pings}, "READY=1 before the warm-up round ended")
+        self.panic("at-ready")
+        self.assertEqual(self.report("at-ready").status, "FLAT")
+
+
 class UndrainedNotifySocket(EEWCase):
     def test_panics_execute_while_nobody_reads_the_notify_socket(self):
         path = os.path.join(self.dir, "undrained.sock")
