@@ -358,6 +358,27 @@ class ExchangeKey(EEWCase):
         wait_for(self.eew_beat(lambda b: b.status == "OK"), 30, message="OK again after the key works")
 
 
+class StreamAudit(EEWCase):
+    def test_panics_pending_with_another_consumer_are_not_run_again_by_the_audit(self):
+        # Finding 6: a dead instance holds two panics and a forgery between them. The audit
+        # asked XPENDING for len(candidates) = 2 entries of that range, got the first panic and
+        # the forgery, took the second panic for skipped and ran it while it was pending
+        # (twice, with the claim). Now: the claim runs each once, the audit none.
+        for fields in ({"event_id": "held-1", "reason": "TEST", "issued_by": "ops", "ts": "1"},
+                       {"event_id": "forged", "reason": "TEST", "issued_by": "nobody", "ts": "1"},
+                       {"event_id": "held-2", "reason": "TEST", "issued_by": "ops", "ts": "1"}):
+            self.redis.xadd(schema.PANIC_STREAM, fields)
+        self.redis.xgroup_create(schema.PANIC_STREAM, schema.EEW_GROUP, id="0")
+        self.redis.xreadgroup(schema.EEW_GROUP, "dead-instance", {schema.PANIC_STREAM: ">"}, count=3)
+        self.assertEqual(3, self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"])
+        self.start_eew(EEXIT_CLAIM_IDLE_MS="3000", EEXIT_SWEEP_INTERVAL_S="0.2")
+        self.assertEqual(self.report("held-1").status, "FLAT")
+        self.assertEqual(self.report("held-2").status, "FLAT")
+        self.assertEqual(self.report("forged").status, "REJECTED")
+        self.assertEqual([], self.log_lines("panic_skipped_by_group"), self.logs())
+        self.assertEqual(1, len([line for line in self.log_lines("panic_claimed") if "held-2" in line]), self.logs())
+
+
 class ReadyMeansReady(EEWCase):
     def test_ready_comes_after_the_warm_up_round_so_a_panic_at_ready_meets_warm_connections(self):
         # Finding 9: READY=1 used to precede the connection warm-up and the first pass. The
