@@ -33,6 +33,7 @@ count len(candidates): a pending panic run again by the audit).
 """
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass, replace
 from random import Random
@@ -531,7 +532,7 @@ def main(argv=None):
     failures = explore(args.seeds, args.start, args.legacy)
     kinds = {}
     for seed, why, _trace in failures:
-        kinds.setdefault(why.split(":")[0].split(" ")[0] + " " + " ".join(why.split()[1:4]), []).append(seed)
+        kinds.setdefault(re.sub(r"\bev\d+|\b\d+-0\b|^[ab]: ", "*", why)[:70], []).append(seed)
     print(f"{args.seeds} seeds from {args.start}: {len(failures)} failed")
     for why, seeds in sorted(kinds.items(), key=lambda item: -len(item[1])):
         print(f"  {len(seeds):6d}  {why}  seeds {seeds[:8]}")
