@@ -1728,7 +1728,10 @@ class Worker(Entries, LostPanics, OwnAuthority):
         if self.heartbeat is None or now < self.next_beat:
             return
         self.next_beat = now + self.config.heartbeat_interval_s
-        unreported = ",".join(f"panic_unreported:{event_id}" for event_id in list(self.unreported)[:3])
+        # Named until the report stands in Redis: failed handling, or a report only on disk
+        # (the journal survives a restart, this process's memory does not).
+        waiting = list(self.unreported) + sorted(set(self.journaled) - set(self.unreported))
+        unreported = ",".join(f"panic_unreported:{event_id}" for event_id in waiting[:3])
         reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
                                         ("journal_backlog", self.journaled),
                                         (unreported, unreported),
