@@ -163,7 +163,7 @@ class Bench:
 
     def run(self):
         startup_ms, rss = self.cold_start()
-        watchdog = self.start("eexit.watchdog", EEXIT_UNGUARDED_S=str(self.args.unguarded_s), EEXIT_REARM_S="0.5")
+        watchdog = self.start("eexit.watchdog", EEXIT_UNGUARDED_S=str(self.args.unguarded_s))
         if self.args.eew:
             self.start("eexit.eew")
         rows = []

@@ -55,7 +55,7 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from . import bus, schema
+from . import bus, health, schema
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_str
 from .heartbeat import Heartbeat
 from .log import Logger
@@ -514,6 +514,7 @@ class Config:
     retry_start_s: float
     retry_max_s: float
     retry_for_s: float
+    brain_service_id: str = "exit_brain"     # the brain is judged by its own beats only
 
     @classmethod
     def from_env(cls, env=None):
@@ -551,6 +552,7 @@ class Config:
             retry_start_s=start,
             retry_max_s=env_float("EEXIT_ALERT_RETRY_MAX_S", 300.0, minimum=start, maximum=3600, env=env),
             retry_for_s=env_float("EEXIT_ALERT_RETRY_FOR_S", 86400.0, minimum=3600, maximum=30 * 86400, env=env),
+            brain_service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
         )
 
 
@@ -607,8 +609,8 @@ class AlertDaemon:
         halted, msgs = trading_alerts(previous, fields, now_ms)
         daemons, changed = {}, halted != previous
         for name, stream in DAEMONS:
-            newest = self.client.xrevrange(stream, count=1)
-            last = (bus.as_text(newest[0][0]), decoded(newest[0][1])) if newest else None
+            # Another producer on the brain's stream (a bot) must not hide the brain's silence.
+            last = health.newest_beat(self.client, stream, self.config.brain_service_id if name == "exit_brain" else None)
             before = self.outbox.state["daemons"].get(name)
             after, more = daemon_alerts(name, before, last, now_ms, self.config.silent_s * 1000)
             msgs.extend(more)

@@ -166,12 +166,12 @@ def committed_lines(hashes, head):
                                                                      the first base lines
       more lines than head.seq                                       forged: never ours
       fewer lines than base, or a hash that does not match           cut off or rewritten
-    A head without base_* (written by an older version) has nothing pending."""
+    A head without base_* (written by an older version) has nothing pending. A missing head is
+    never legitimate, not even beside an empty file: the daemon writes the head before it
+    creates the file (AuditFile.open), so an emptied file whose head was deleted is BROKEN."""
     if head is None:
-        if hashes:
-            raise ChainBroken(None, "the .head file is missing: cannot show that no lines were "
-                                    "cut off the end")
-        return 0
+        raise ChainBroken(None, f"the .head file is missing: cannot show that no lines were cut off "
+                                f"the end ({len(hashes)} lines left; an emptied file is no proof of anything)")
     if not isinstance(head, dict):
         raise ChainBroken(None, "the head file is malformed")
     seq, base = head.get("seq"), head.get("base_seq", head.get("seq"))
@@ -360,6 +360,10 @@ class AuditFile:
         """Lock, verify, move an interrupted write aside, and load the resume point.
         Raises AuditFileError or ChainBroken."""
         try:
+            if not os.path.exists(self.path) and not os.path.exists(head_path(self.path)):
+                # The very first start: the head first (an empty chain), then the file, so
+                # that no crash leaves a file without its head (which verification refuses).
+                write_atomic(head_path(self.path), canonical(head_record(0, GENESIS, 0, GENESIS)) + b"\n")
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
             raise AuditFileError(f"cannot open {self.path}: {exc.strerror}") from None

@@ -43,16 +43,32 @@ path is deployed (it is the backstop); keep it off if resting stops are your onl
 It costs one extra request per cycle plus one per symbol with open orders.
 
 Exit rules are global percentages applied to each position (0 = rule off). Holding time counts
-from when this brain first saw the position (the exchange's position row carries no open
-time), so a restart of the brain restarts that clock; entry-price based rules are unaffected.
+from when a brain first saw the position (the exchange's position row carries no open time),
+on the host's monotonic clock (CLOCK_MONOTONIC, shared by every process of one boot): a wall
+clock step neither ends nor extends it.
+
+Guard state survives a restart. What the rules remember per position (first seen, most
+favourable mark) is written to the hash `exit_brain:guard`, field = EEXIT_BRAIN_SERVICE_ID,
+whenever it changes, and read back at start: a brain restarted after a crash keeps its
+trailing-stop high-water marks and holding clocks instead of starting from the current price.
+After a reboot (another boot id) the holding clocks restart (the monotonic clock did); the
+marks are kept. The brain's Redis user may write only that key (systemd/redis-acl.conf). A
+state that cannot be written or read is logged (ERROR) and guarding goes on: only a later
+restart would lose the marks.
+
+Process identity and clean stop. Every heartbeat carries `instance` (eexit.heartbeat.INSTANCE,
+new at every process start). On SIGTERM the brain ends its cycle and sends one last heartbeat
+with status STOPPED; a crash sends none, so the watchdog sees the next instance as a restart
+after a crash (EXIT_BRAIN_RESTARTED) when positions were open.
 """
 
+import json
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass, field
 
 from . import bus, daemon, schema
@@ -60,6 +76,8 @@ from .config import ConfigError, env_float, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
+
+GUARD_STATE_KEY = "exit_brain:guard"     # hash: service_id -> JSON of the tracked positions
 
 # ---------------------------------------------------------------------------- pure core
 
@@ -78,8 +96,25 @@ class ExitRules:
 
 @dataclass(frozen=True)
 class Tracked:
-    first_seen_ms: int
+    first_seen_ms: int               # monotonic ms (the host's CLOCK_MONOTONIC)
     best_mark: float | None = None   # most favourable mark seen: highest (long), lowest (short)
+
+
+def encode_tracked(tracked, boot_id):
+    return json.dumps({"boot": boot_id, "tracked": {key: [t.first_seen_ms, t.best_mark]
+                                                    for key, t in sorted(tracked.items())}}, sort_keys=True)
+
+
+def decode_tracked(text, boot_id, now_ms):
+    """Tracked positions from encode_tracked's JSON. Another boot: the monotonic clock restarted,
+    so holding clocks restart at now_ms; the marks stay. ValueError on anything unreadable."""
+    data = json.loads(text)
+    same_boot = data["boot"] == boot_id
+    tracked = {}
+    for key, (first_seen_ms, best_mark) in data["tracked"].items():
+        first_seen = int(first_seen_ms) if same_boot and int(first_seen_ms) <= now_ms else now_ms
+        tracked[str(key)] = Tracked(first_seen, None if best_mark is None else float(best_mark))
+    return tracked
 
 
 @dataclass(frozen=True)
@@ -185,7 +220,9 @@ class Brain:
         self.log = log or Logger("brain")
         self.beat = Heartbeat(client, cfg.service_id)
         self.trouble = daemon.RedisTrouble(self.log)
-        self.tracked = {}                   # only touched by the cycle thread
+        self.tracked = {}                   # only touched by the cycle thread (and run() before it starts)
+        self.saved_tracked = {}
+        self.last_positions = None          # the last count read, for the STOPPED beat
         self.last_decision_ts = None
         self.halted = "unknown"
         self.stop_requested = threading.Event()
@@ -203,7 +240,8 @@ class Brain:
 
     def cycle(self):
         positions = self.exchange.read_positions(self.ex)
-        exits, self.tracked, unpriced = decide_exits(positions, self.tracked, self.cfg.rules, wall_ms())
+        exits, self.tracked, unpriced = decide_exits(positions, self.tracked, self.cfg.rules, monotonic_ms())
+        self._save_guard_state()
         result = CycleResult(positions=len(positions), decided_at_ms=wall_ms())
         if unpriced:
             result.problems.append(f"no_price:{','.join(unpriced)}")
@@ -212,6 +250,29 @@ class Brain:
         if self.cfg.deadman_s > 0:
             self._arm_deadman(result)
         return result
+
+    def _save_guard_state(self):
+        if self.tracked == self.saved_tracked:
+            return
+        try:
+            self.client.hset(GUARD_STATE_KEY, self.cfg.service_id, encode_tracked(self.tracked, boot_id()))
+            self.saved_tracked = self.tracked
+        except bus.REDIS_ERRORS as exc:
+            # Guarding goes on with the state in memory; only a restart before the next
+            # successful write would start these positions' marks afresh. Retried next cycle.
+            self.log.error("guard_state_unsaved", error=type(exc).__name__, detail=str(exc)[:200])
+
+    def load_guard_state(self):
+        """The tracked positions a previous process of this brain left in Redis."""
+        try:
+            text = self.client.hget(GUARD_STATE_KEY, self.cfg.service_id)
+            self.tracked = {} if text is None else decode_tracked(bus.as_text(text), boot_id(), monotonic_ms())
+        except (*bus.REDIS_ERRORS, ValueError, KeyError, TypeError) as exc:
+            # Unreadable: start from zero, as before this state existed, and say so.
+            self.log.error("guard_state_unreadable", error=type(exc).__name__, detail=str(exc)[:200])
+            self.tracked = {}
+        self.saved_tracked = self.tracked
+        self.log.info("guard_state_loaded", positions=len(self.tracked))
 
     def _close(self, exit_, result):
         position = exit_.position
@@ -252,15 +313,16 @@ class Brain:
         heartbeat every degraded_beat_s. Returns (result or None, error or None)."""
         future = self.cycle_thread.submit(self.cycle)
         wait_s = max(0.0, started + self.cfg.latency_budget_ms / 1000.0 - time.monotonic())
-        while True:
-            try:
-                return future.result(timeout=wait_s), None
-            except FuturesTimeout:
-                # Over budget and still running (a hung exchange): DEGRADED, count unknown.
-                self._publish("DEGRADED", None, (time.monotonic() - started) * 1000, reason="cycle_overrun")
-                wait_s = self.cfg.degraded_beat_s
-            except Exception as exc:  # noqa: BLE001 - cycle()'s own failure, handled by the caller
-                return None, exc
+        # wait(), not result(timeout): a TimeoutError raised INSIDE cycle() is the built-in
+        # one that result() also raises on a timeout; mistaking it for an overrun spun here.
+        while not wait_for_future([future], timeout=wait_s).done:
+            # Over budget and still running (a hung exchange): DEGRADED, count unknown.
+            self._publish("DEGRADED", None, (time.monotonic() - started) * 1000, reason="cycle_overrun")
+            wait_s = self.cfg.degraded_beat_s
+        try:
+            return future.result(), None
+        except Exception as exc:  # noqa: BLE001 - cycle()'s own failure, handled by the caller
+            return None, exc
 
     def _publish(self, status, positions, latency_ms, reason=""):
         extra = {"halted": self.halted}
@@ -306,6 +368,7 @@ class Brain:
             self._publish("DEGRADED", None, latency_ms, reason=f"cycle_failed:{type(error).__name__}")
             return False
         self.last_decision_ts = result.decided_at_ms
+        self.last_positions = result.positions
         problems = list(result.problems)
         if latency_ms > self.cfg.latency_budget_ms:
             problems.append("over_latency_budget")
@@ -324,18 +387,40 @@ class Brain:
                       deadman_s=self.cfg.deadman_s, latency_budget_ms=self.cfg.latency_budget_ms)
         if not self.cfg.rules.enabled:
             self.log.warning("no_exit_rules", note="the brain heartbeats and counts positions but closes nothing")
+        self.load_guard_state()
         while not self.stopping:
             started = time.monotonic()
             healthy = self.run_once()
             pause = self.cfg.interval_s if healthy else self.cfg.degraded_beat_s
             next_cycle = started + pause if healthy else time.monotonic() + pause
             self.stop_requested.wait(max(0.0, next_cycle - time.monotonic()))
+        try:
+            # A clean stop says so: the next instance is then a restart, not a crash.
+            self.beat.stopped(self.last_positions, self.last_decision_ts, 0.0, extra={"halted": self.halted})
+        except bus.REDIS_ERRORS as exc:
+            # Without it the next start counts as a crash: a needless flatten, never a missed one.
+            self.log.warning("stopped_beat_failed", error=type(exc).__name__)
         self.notifier.stopping()
         self.log.info("stopped")
 
 
+def monotonic_ms():
+    return int(time.monotonic() * 1000)
+
+
+def boot_id():
+    """This boot's id (Linux), so guard state written before a reboot is not read on the
+    monotonic clock of the next one; "" where the kernel has none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 # Harmless preflight probes (daemon.preflight): XADD with id 0-0 always fails after the ACL check.
-PROBES = (("XADD", schema.HEARTBEAT_STREAM, "0-0", "f", "v"), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
+PROBES = (("XADD", schema.HEARTBEAT_STREAM, "0-0", "f", "v"), ("HGETALL", schema.TRADING_STATE_KEY),
+          ("HGET", GUARD_STATE_KEY, "probe"), ("TIME",))
 
 
 def main():

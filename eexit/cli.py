@@ -1,16 +1,19 @@
 """`eexit`: the operator's command line.
 
     eexit status [--events N] [--json]
-        exit 0 healthy, 1 trading halted, 2 cannot vouch: a daemon silent or naming a reason
-        it cannot do its job (heartbeat `reason`), Redis unreachable, a configuration error,
-        or any unexpected error (status never exits 1 unless it read a halt)
+        exit 0 healthy, 1 trading halted, 2 cannot vouch: a daemon silent, DEGRADED (the
+        Exit Brain's `degraded_reason` or a daemon's `reason` named) or naming a reason it
+        cannot do its job, Redis unreachable, a configuration error, or any unexpected error
+        (status never exits 1 unless it read a halt)
     eexit panic --reason TEXT [--issued-by ops] [--timeout S] [--json]
         exit 0 only when the report for THIS event says FLAT; 1 any other report;
         3 no report before the timeout; 2 configuration or Redis unreachable
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual] [--json]
         asks the EEW (signed request, eexit/resume.py), which checks and clears the halt;
-        exit 0 halt cleared (or already cleared for that event); 1 refused; 2 configuration
-        or Redis unreachable; 3 no verdict from the EEW before EEXIT_RESUME_TIMEOUT_S
+        exit 0 halt cleared (or already cleared for that event); 1 refused (among others:
+        an authorised panic not executed yet); 2 configuration or Redis unreachable; 3 no
+        verdict within EEXIT_RESUME_TIMEOUT_S + 2 s: the outcome is unknown (check `eexit
+        status`); the request expired first on Redis's clock, so the EEW acts on it no more
     eexit panic --on-service-failure
         systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
     eexit audit verify FILE [--json]
@@ -18,7 +21,8 @@
     eexit init --operator NAME [--json]
         first start: asks the EEW (like resume) for halted=false (who, when, eexit:ops:audit)
         only if no trading state exists; exit 0 written or already halted=false; 1 refused (a
-        halt exists); 2 Redis unreachable; 3 no verdict from the EEW
+        halt exists, or an authorised panic is not executed yet); 2 Redis unreachable; 3 no
+        verdict in time: outcome unknown, as for resume
     eexit drill [--reason DRILL] [--timeout S] [--json] [--live --yes-close-real-positions]
         the panic drill (eexit/drill.py): exit 0 PASS, 1 FAIL, 3 timeout/EEW not running,
         4 refused (not paper or sandbox), 2 configuration
@@ -44,14 +48,18 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import __version__, bus, ops, resume, schema, signing
+from . import __version__, bus, health, ops, resume, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
-from .paper import DIALECTS as PAPER_DIALECTS
+from .console import Progress, emit, known, report_line
 
+# The paper exchange's dialects (eexit.paper.DIALECTS; a test pins that they agree): named here
+# so that `eexit` does not load the paper exchange to parse its arguments.
+DEMO_VENUES = ("binanceusdm", "bybit", "okx")
 EXIT_OK, EXIT_FAIL, EXIT_UNHEALTHY, EXIT_TIMEOUT, EXIT_INTERNAL = 0, 1, 2, 3, 5
 EPILOG = ("exit codes: status 0 healthy, 1 halted, 2 cannot vouch (silent or degraded daemon, Redis, "
           "configuration, unexpected error); panic 0 FLAT, 1 other report, 2 configuration or Redis, "
-          "3 timeout; resume 0 cleared, 1 refused, 2 configuration or Redis; every command but status: "
+          "3 timeout; resume and init 0 cleared, 1 refused, 2 configuration or Redis, 3 no verdict in time "
+          "(outcome unknown: check status); every command but status: "
           "5 unexpected error (outcome unknown)")
 
 
@@ -82,69 +90,8 @@ def fmt_age(ms):
     return "never" if ms is None else f"{ms / 1000:.1f} s ago"
 
 
-def known(value):
-    """A count the report did not carry is "unknown", never None and never 0."""
-    return "unknown" if value is None else value
-
-
-def report_line(r):
-    """One line for a report dict (ops.report_dict): status, positions closed, duration."""
-    took = "unknown time" if r.get("execution_time_ms") is None else f"{r['execution_time_ms']} ms"
-    return (f"{r['status']} {known(r.get('positions_closed'))}/{known(r.get('positions_total'))} "
-            f"closed in {took}" + (f" scope={r['scope']}" if r.get("scope") else "")
-            + (f" ({r['detail']})" if r.get("detail") else ""))
-
-
-def emit(text="", err=False):
-    """print() that survives a reader that went away (`eexit status | head -1`): the rest of
-    the output goes to /dev/null and the command still ends with its own exit code, without
-    a BrokenPipeError traceback."""
-    stream = sys.stderr if err else sys.stdout
-    try:
-        print(text, file=stream, flush=True)
-    except BrokenPipeError:
-        # Nobody reads any more: nothing to tell them. Point the descriptor at /dev/null so
-        # the interpreter's final flush does not raise again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-
-
 def print_json(data):
     emit(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-class Progress:
-    """One line on stderr while waiting: rewritten in place on a terminal, a line every few
-    seconds otherwise (logs stay readable). stdout stays clean for --json."""
-
-    def __init__(self, label, stream=None):
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.last_line = 0.0
-
-    def __call__(self, elapsed_s, note):
-        line = f"{self.label}: {note} {elapsed_s:5.1f} s"
-        if self.tty:
-            self._write("\r" + line + " " * 8)
-        elif elapsed_s - self.last_line >= 5.0:
-            self._write(line + "\n")
-            self.last_line = elapsed_s
-
-    def done(self):
-        if self.tty:
-            self._write("\n")
-
-    def _write(self, text):
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):
-            # The progress line is a courtesy: a closed stream must not stop the wait for
-            # the report, whose outcome is the exit code.
-            self.tty = False
-            self.last_line = float("inf")
 
 
 # ---------------------------------------------------------------------------- status
@@ -152,7 +99,10 @@ class Progress:
 def cmd_status(args, cfg, env):
     try:
         client = ops.connect(env)
-        status = ops.gather_status(client, events=args.events if args.events is not None else cfg.status_events)
+        status = health.gather_status(client, events=args.events if args.events is not None else cfg.status_events,
+                                      brain_service_id=os.environ.get("EEXIT_BRAIN_SERVICE_ID") or "exit_brain")
+        from . import alert   # noqa: PLC0415 - the notifier's module, only for this section
+        status["alerts"] = alert.read_outbox_status(client, status["now_ms"])
     except bus.REDIS_ERRORS as exc:
         # Nothing can be known without Redis: that is the "unhealthy" answer, not a crash.
         if args.json:
@@ -160,9 +110,9 @@ def cmd_status(args, cfg, env):
         else:
             emit(f"redis: UNREACHABLE ({type(exc).__name__}: {exc})")
         return EXIT_UNHEALTHY
-    code = ops.status_exit_code(status, cfg.silent_s * 1000)
+    code = health.status_exit_code(status, cfg.silent_s * 1000)
     status["silent_after_ms"] = int(cfg.silent_s * 1000)
-    status["problems"] = ops.daemon_problems(status, cfg.silent_s * 1000)
+    status["problems"] = health.daemon_problems(status, cfg.silent_s * 1000)
     status["exit_code"] = code
     if args.json:
         print_json(status)
@@ -185,7 +135,7 @@ def cmd_status(args, cfg, env):
         if daemon.get("active_positions") is not None:
             extra = f" active_positions={daemon['active_positions']}"
         if daemon.get("reason"):
-            extra += f" reason: {ops.describe_reason(daemon['reason'], daemon.get('detail'))}"
+            extra += f" reason: {health.describe_reason(daemon['reason'], daemon.get('detail'))}"
         emit(f"  {name:<11} {state:<8} last heartbeat {fmt_age(daemon['age_ms'])}{extra}")
     emit(f"panic events (newest {len(status['panics'])}):")
     for event in status["panics"]:
@@ -212,13 +162,13 @@ def cmd_status(args, cfg, env):
 def print_alerts(alerts):
     """The alert outbox, as the notifier last reported it (eexit.alert heartbeat)."""
     if alerts["age_ms"] is None:
-        print("alerts: no notifier heartbeat (eexit-alert not running?)")
+        emit("alerts: no notifier heartbeat (eexit-alert not running?)")
         return
-    print(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
+    emit(f"alerts: pending={alerts['pending']} notifier {alerts['status']} {fmt_age(alerts['age_ms'])}")
     for name, sink in sorted(alerts["sinks"].items()):
         last_at = int(sink["last_at"]) if sink.get("last_at", "").isdigit() else None
         error = f" error={sink['error']}" if sink.get("error") else ""
-        print(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
+        emit(f"  {name:<9} pending={sink.get('pending', '?')} last {sink.get('last_result') or '-'} "
               f"{sink.get('last_id') or '-'} at {fmt_ts(last_at)}{error}")
 
 
@@ -272,13 +222,39 @@ def cmd_panic(args, cfg, env):
 
 # ---------------------------------------------------------------------------- resume
 
+def ask_eew(client, env, cfg, action, operator, ack="-", accept_residual=False):
+    """Publish a signed resume/init request (valid EEXIT_RESUME_TIMEOUT_S on Redis's clock)
+    and wait for the EEW's verdict: (asked, verdict fields or None at the end of the wait).
+    Raises ConfigError (keys without an ops key: nothing published) and bus.REDIS_ERRORS."""
+    keyring = signing.load_keys(env)
+
+    def build(now_ms, valid_s):
+        try:
+            return resume.build_request(operator, ack, accept_residual, keyring, now_ms, action=action,
+                                        valid_s=valid_s)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    asked = ops.ask_resume(client, build, cfg.resume_timeout_s)
+    return asked, ops.wait_for_verdict(lambda: bus.connect(env=env), asked)
+
+
+def outcome_unknown(command, asked, as_json):
+    """A CLI that stopped waiting never claims an outcome (exit 3): the EEW may have cleared
+    the halt and its verdict not reached us. The request is dead now: it expired on Redis's
+    clock before the wait ended, and the EEW checks that right before it writes."""
+    message = (f"no verdict from the EEW within {asked.wait_s:g} s (EEXIT_RESUME_TIMEOUT_S + "
+               f"{ops.VERDICT_GRACE_S:g} s): outcome unknown, check `eexit status`. Request {asked.request_id} "
+               f"expired at {fmt_ts(asked.expires_at)} (Redis clock): the EEW no longer acts on it. "
+               f"Is eexit-eew running?")
+    if as_json:
+        print_json({"outcome": "unknown", "request_id": asked.request_id, "message": message,
+                    "exit_code": EXIT_TIMEOUT})
+    emit(f"eexit {command}: {message}", err=True)
+    return EXIT_TIMEOUT
+
+
 def cmd_resume(args, cfg, env):
     """Ask the EEW (the only writer of the halt) and print its verdict; the checks are its."""
-    try:
-        keyring = signing.load_keys(env)
-        fields = resume.build_request(args.operator.strip(), args.ack, args.accept_residual, keyring)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     try:
         client = ops.connect(env)
         # Already cleared for this very event: saying so (exit 0) makes the command safe to re-run.
@@ -290,16 +266,12 @@ def cmd_resume(args, cfg, env):
             else:
                 emit(message)
             return EXIT_OK
-        asked = ops.ask_resume(client, fields)
+        asked, verdict = ask_eew(client, env, cfg, "resume", args.operator.strip(), args.ack, args.accept_residual)
     except bus.REDIS_ERRORS as exc:
         emit(f"eexit resume: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
         return EXIT_UNHEALTHY
-    verdict = ops.wait_for_verdict(lambda: bus.connect(env=env), asked, cfg.resume_timeout_s)
     if verdict is None:
-        print(f"eexit resume: no verdict from the EEW within {cfg.resume_timeout_s:g} s "
-              f"(EEXIT_RESUME_TIMEOUT_S); trading stays halted. Is eexit-eew running? (eexit status)",
-              file=sys.stderr)
-        return EXIT_TIMEOUT
+        return outcome_unknown("resume", asked, args.json)
     reasons = json.loads(verdict.get("refusals") or "[]")
     residual = json.loads(verdict.get("residual_positions") or "[]")
     audit_id = verdict.get("audit_entry") or None
@@ -340,7 +312,7 @@ def cmd_audit_verify(args, cfg, env):
                     "reason": reason, "exit_code": code})
     else:
         where = f" at line {line}" if line is not None else ""
-        print(f"{verdict}: {args.file}{where}: {reason or 'hash chain intact'}")
+        emit(f"{verdict}: {args.file}{where}: {reason or 'hash chain intact'}")
     return code
 
 
@@ -352,31 +324,27 @@ def cmd_init(args, cfg, env):
     existing state: a halt, even one from a panic this host never saw, is lifted only by
     `eexit resume`. exit 0 written (or already halted=false: nothing to do), 1 refused (a halt
     exists), 2 Redis unreachable or configuration, 3 no verdict from the EEW."""
-    try:
-        fields = resume.build_request(args.operator.strip(), "-", False, signing.load_keys(env), action="init")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    written = ""
+    written, refusals = "", []
     try:
         client = bus.connect(env=env)
         state, _problems, present = ops.read_state(client)
         if not present:
-            verdict = ops.wait_for_verdict(lambda: bus.connect(env=env), ops.ask_resume(client, fields),
-                                           cfg.resume_timeout_s)
+            asked, verdict = ask_eew(client, env, cfg, "init", args.operator.strip())
             if verdict is None:
-                print(f"eexit init: no verdict from the EEW within {cfg.resume_timeout_s:g} s "
-                      f"(EEXIT_RESUME_TIMEOUT_S); nothing written. Is eexit-eew running?", file=sys.stderr)
-                return EXIT_TIMEOUT
+                return outcome_unknown("init", asked, args.json)
             written = verdict.get("audit_entry") or ""
+            refusals = json.loads(verdict.get("refusals") or "[]")
             state, _problems, present = ops.read_state(client)
     except bus.REDIS_ERRORS as exc:
-        print(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", file=sys.stderr)
+        emit(f"eexit init: Redis unreachable ({type(exc).__name__}: {exc}); nothing changed", err=True)
         return EXIT_UNHEALTHY
     if written:
         code, message = EXIT_OK, f"INITIALISED: trading allowed; halted=false by {args.operator} (audit {written})"
     elif state.halted is False:
         code, message = EXIT_OK, (f"already initialised: halted=false (cleared by {state.cleared_by or '-'} "
                                   f"at {fmt_ts(state.cleared_at)}); nothing written")
+    elif refusals:
+        code, message = EXIT_FAIL, "REFUSED: " + "; ".join(refusals)
     else:
         code, message = EXIT_FAIL, (f"REFUSED: a trading state exists and says halted "
                                     f"(event {state.event_id or '-'}, reason {state.reason or '-'}); "
@@ -385,7 +353,7 @@ def cmd_init(args, cfg, env):
         print_json({"initialised": bool(written), "audit_entry": written or None, "halted": state.halted,
                     "message": message, "exit_code": code})
     else:
-        print(message)
+        emit(message)
     return code
 
 
@@ -444,7 +412,7 @@ def build_parser():
     p = sub.add_parser("demo", help="private Redis + paper exchange + the three daemons; kill the Exit Brain; timeline")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and print where")
-    p.add_argument("--venue", default="binanceusdm", choices=PAPER_DIALECTS,
+    p.add_argument("--venue", default="binanceusdm", choices=DEMO_VENUES,
                    help="the paper exchange's dialect and EEXIT_EXCHANGE of the daemons")
     p.set_defaults(handler=cmd_demo)
     return parser

@@ -124,8 +124,9 @@ class Stack:
 
     # -- environment
 
-    def keyring_text(self):
-        return ",".join(f"{kid} {issuer} {key}" for issuer, (kid, key) in self.keys.items())
+    def keyring_text(self, only=None):
+        return ",".join(f"{kid} {issuer} {key}" for issuer, (kid, key) in self.keys.items()
+                        if only is None or issuer == only)
 
     def env(self, **more):
         """Environment for a daemon or an operator tool pointed at this stack."""
@@ -157,7 +158,9 @@ class Stack:
 
     def start_daemon(self, name):
         with open(self.log_path(name), "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", DAEMON_MODULES[name]], env=self.env(),
+            # A signer holds its own key only (signing.check_own_keys); the EEW verifies them all.
+            own = {"EEXIT_PANIC_HMAC_KEYS": self.keyring_text("watchdog")} if name == "watchdog" else {}
+            process = subprocess.Popen([sys.executable, "-m", DAEMON_MODULES[name]], env=self.env(**own),
                                        stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                        start_new_session=True, preexec_fn=die_with_parent)
         self.processes[name] = process

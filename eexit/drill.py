@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 
 from . import bus, ops, schema, signing
-from .cli import Progress, emit, report_line
+from .console import Progress, emit, report_line
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float
 
 EXIT_PASS, EXIT_FAIL, EXIT_TIMEOUT, EXIT_REFUSED, EXIT_INTERNAL = 0, 1, 3, 4, 5

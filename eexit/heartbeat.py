@@ -11,13 +11,22 @@ cycle failed or ran late, and pass active_positions=None when you do not know th
 watchdog then assumes positions are open (fail-closed). Never beat from a timer or an
 exception handler: a heartbeat claims that the guard logic ran.
 
+Process identity. Every beat carries `instance`, a random id made once per process start
+(INSTANCE). On a clean stop (SIGTERM) say `beat.stopped(...)`: one last beat with status
+STOPPED. The watchdog treats a new `instance` after a beat that reported open (or unknown)
+positions and no STOPPED beat as a crash and restart (EXIT_BRAIN_RESTARTED: one panic), however
+fast the restart was.
+
 `beat.publish(...)` raises the Redis error when Redis is unreachable; the caller decides (the
 Exit Brain logs it and keeps guarding, and the missing beats make the watchdog act).
 """
 
 import time
+import uuid
 
 from . import bus, schema
+
+INSTANCE = uuid.uuid4().hex[:16]     # this process's identity in every heartbeat it sends
 
 
 def wall_ms():
@@ -27,10 +36,11 @@ def wall_ms():
 
 
 class Heartbeat:
-    def __init__(self, client, service_id, stream=schema.HEARTBEAT_STREAM):
+    def __init__(self, client, service_id, stream=schema.HEARTBEAT_STREAM, instance=None):
         self.client = client
         self.service_id = service_id
         self.stream = stream
+        self.instance = instance or INSTANCE
 
     @classmethod
     def from_env(cls, service_id, stream=schema.HEARTBEAT_STREAM, env=None):
@@ -41,7 +51,7 @@ class Heartbeat:
         message = schema.Heartbeat(
             service_id=self.service_id, status=status, active_positions=active_positions,
             last_decision_ts=last_decision_ts, latency_ms=latency_ms, ts=wall_ms(),
-            extra={key: str(value) for key, value in (extra or {}).items()})
+            instance=self.instance, extra={key: str(value) for key, value in (extra or {}).items()})
         return bus.publish(self.client, self.stream, message, maxlen=schema.HEARTBEAT_MAXLEN)
 
     def ok(self, active_positions, last_decision_ts, latency_ms=None, extra=None):
@@ -49,3 +59,7 @@ class Heartbeat:
 
     def degraded(self, active_positions, last_decision_ts, latency_ms=None, extra=None):
         return self.publish("DEGRADED", active_positions, last_decision_ts, latency_ms, extra)
+
+    def stopped(self, active_positions, last_decision_ts, latency_ms=None, extra=None):
+        """The last beat of a clean stop: the next instance is then a restart, not a crash."""
+        return self.publish("STOPPED", active_positions, last_decision_ts, latency_ms, extra)

@@ -21,7 +21,7 @@ HEARTBEATS = (("exit_brain", schema.HEARTBEAT_STREAM),
               ("eew", schema.EEW_HEARTBEAT_STREAM),
               ("watchdog", schema.WATCHDOG_HEARTBEAT_STREAM))
 EXPECTED_GROUPS = (schema.EEW_GROUP,)   # the audit logger reads with XREAD: no group of its own
-HEARTBEAT_STATES = ("OK", "DEGRADED", "UNKNOWN")
+HEARTBEAT_STATES = ("OK", "DEGRADED", "STOPPED", "UNKNOWN")
 PANIC_STATES = (*schema.REPORT_STATUSES, "UNKNOWN", "NONE")
 
 REPORT_SCAN = 100      # newest completion reports searched for the last non-DUPLICATE one
@@ -202,7 +202,7 @@ def heartbeat_reading(entry, server_ms):
     beat, _problems = schema.Heartbeat.from_fields(fields)
     sent_ms = schema.entry_id_ms(entry_id)
     age = math.inf if sent_ms is None or server_ms is None else max(0, server_ms - sent_ms) / 1000
-    status = beat.status if beat.status in ("OK", "DEGRADED") else "UNKNOWN"
+    status = beat.status if beat.status in HEARTBEAT_STATES else "UNKNOWN"
     return age, status, beat.active_positions
 
 

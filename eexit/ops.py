@@ -1,10 +1,10 @@
 """What the operator tools do, as functions over a Redis client: read the system's state,
-publish a panic and wait for ITS report, and ask the EEW to clear a halt (eexit/resume.py). `eexit/cli.py` renders the results;
-`tools/test_panic_close.py` and `tools/chaos.py` reuse them. Not imported by any daemon.
-
-Decisions (is the system healthy, may trading resume) are pure functions over plain data at
-the bottom of this file; ages are measured on ONE clock, the Redis server's (TIME against the
-millisecond part of stream entry ids), so a skewed operator laptop changes nothing.
+publish a panic and wait for ITS report, and ask the EEW to clear a halt (eexit/resume.py).
+`eexit/cli.py` renders the results; the drill, the demo and `tools/chaos.py` reuse them. No
+daemon imports it, but the crash hook does (build_panic): so what only `eexit status` needs
+lives in eexit/health.py, off the hook's path. Ages are measured on ONE clock, the Redis
+server's (TIME against the millisecond part of stream entry ids), so a skewed operator laptop
+changes nothing.
 
 Streams written here besides panics: `system:resume_request` (see docs/REDIS_STREAMS_SCHEMA.md,
 "Resume"); the EEW answers on `system:resume_verdict` and writes `eexit:ops:audit`.
@@ -19,13 +19,10 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import alert, bus, resume, schema, signing
+from . import bus, resume, schema, signing
 from .config import ConfigError
 
 OPS_AUDIT_STREAM = resume.OPS_AUDIT_STREAM   # written by the EEW on each resume; never trimmed
-DAEMON_STREAMS = (("exit_brain", schema.HEARTBEAT_STREAM),
-                  ("eew", schema.EEW_HEARTBEAT_STREAM),
-                  ("watchdog", schema.WATCHDOG_HEARTBEAT_STREAM))
 FINAL_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 SCAN_PAGE = 500
 
@@ -142,65 +139,6 @@ def pending_summary(client):
                                "lag": None if lag is None else int(lag)}
         summary[stream] = per_group
     return summary
-
-
-def gather_status(client, events=5):
-    """Everything `eexit status` shows, as plain data. Raises bus.REDIS_ERRORS."""
-    now_ms = bus.server_time_ms(client)
-    state, problems, present = read_state(client)
-    daemons = {}
-    for name, stream in DAEMON_STREAMS:
-        last = latest(client, stream)
-        if last is None:
-            daemons[name] = {"stream": stream, "age_ms": None, "status": None}
-            continue
-        entry_id, fields = last
-        beat, _ = schema.Heartbeat.from_fields(fields)
-        sent_ms = schema.entry_id_ms(entry_id)
-        daemons[name] = {"stream": stream, "age_ms": None if sent_ms is None else max(0, now_ms - sent_ms),
-                         "status": beat.status or None, "service_id": beat.service_id,
-                         "active_positions": beat.active_positions,
-                         # Why a daemon says it cannot do its job (blind, exchange
-                         # authentication, panics rejected): a generic pair any daemon sets.
-                         "reason": beat.extra.get("reason") or None, "detail": beat.extra.get("detail") or None}
-    recent = []
-    for entry_id, fields in client.xrevrange(schema.PANIC_STREAM, count=events) or []:
-        fields = decoded(fields)
-        event, _ = schema.PanicEvent.from_fields(fields)
-        reports = find_reports(client, event.event_id) if event.event_id else []
-        recent.append({"entry_id": text(entry_id), "event_id": event.event_id, "reason": event.reason,
-                       "issued_by": event.issued_by, "ts": event.ts,
-                       "reports": [report_dict(rid, r) for rid, r in reports]})
-    return {
-        "now_ms": now_ms,
-        "trading": {"present": present, "halted": state.halted, "reason": state.reason,
-                    "event_id": state.event_id, "halted_at": state.halted_at,
-                    "halted_by": state.halted_by,
-                    "requires_manual_reset": state.requires_manual_reset,
-                    "cleared_by": state.cleared_by, "cleared_at": state.cleared_at,
-                    "problems": problems},
-        "daemons": daemons,
-        "panics": recent,
-        "pending": pending_summary(client),
-        "guard": guard_summary(client, now_ms),
-        "alerts": alert.read_outbox_status(client, now_ms),
-    }
-
-
-def guard_summary(client, now_ms):
-    """The EEW's halt guard: who holds the lease (and for how long yet), and the holder's
-    status hash (last check, last enforcement; see eexit/eew.py Worker.halt_guard)."""
-    status = decoded(client.hgetall(schema.GUARD_KEY))
-    holder = client.get(schema.GUARD_LEASE_KEY)
-    ages = {name: max(0, now_ms - int(status[f"{name}_ms"])) if status.get(f"{name}_ms", "").isdigit() else None
-            for name in ("last_check", "last_enforcement")}
-    return {"lease_holder": text(holder) if holder is not None else None,
-            "lease_ttl_s": client.ttl(schema.GUARD_LEASE_KEY) if holder is not None else None,
-            "last_check": status.get("last_check"), "last_check_age_ms": ages["last_check"],
-            "last_enforcement": status.get("last_enforcement"),
-            "last_enforcement_event_id": status.get("last_enforcement_event_id"),
-            "last_enforcement_age_ms": ages["last_enforcement"],
-            "policy": status.get("policy"), "halt_event_id": status.get("halt_event_id")}
 
 
 def report_dict(entry_id, report):
@@ -322,54 +260,35 @@ def read_account(env=None):
         return None, None, f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
+VERDICT_GRACE_S = 2.0   # the CLI waits this much longer than its request stays valid
+
+
 @dataclass
 class ResumeAsked:
     request_id: str
     verdicts_after: str         # the verdict stream's last id before asking
-    asked_mono: float
+    asked_mono: float           # taken before the request was stamped
+    expires_at: int             # epoch ms on Redis's clock: the EEW acts on it no later
+    wait_s: float               # how long the CLI waits for the verdict (valid + grace)
 
 
-def ask_resume(client, fields):
-    """XADD a resume request (fields from resume.build_request); the EEW answers on
-    resume.VERDICT_STREAM. Remembers where that stream stood, so no verdict is missed."""
+def ask_resume(client, build, valid_s):
+    """XADD the resume/init request build(now_ms, valid_s) returns (resume.build_request with
+    the operator's arguments bound), stamped with Redis's clock, the one the EEW checks the
+    expiry on: it stays valid valid_s, and the wait (ResumeAsked.wait_s, counted from before
+    the stamp) ends VERDICT_GRACE_S after that, so no verdict can come after the CLI gave up.
+    Remembers where the verdict stream stood, so no verdict is missed."""
+    asked_mono = time.monotonic()
+    fields = build(bus.server_time_ms(client), valid_s)
     last = latest(client, resume.VERDICT_STREAM)
     client.xadd(resume.REQUEST_STREAM, fields)
-    return ResumeAsked(fields["request_id"], last[0] if last else "0-0", time.monotonic())
+    return ResumeAsked(fields["request_id"], last[0] if last else "0-0", asked_mono, int(fields["expires_at"]),
+                       valid_s + VERDICT_GRACE_S)
 
 
-def wait_for_verdict(client_factory, asked, timeout_s, progress=None):
-    """The EEW's verdict fields for this request, or None at the timeout."""
+def wait_for_verdict(client_factory, asked, progress=None):
+    """The EEW's verdict fields for this request, or None when the wait ends (the outcome is
+    then unknown: a verdict may have been written that Redis did not deliver to us)."""
     found = wait_on_stream(client_factory, resume.VERDICT_STREAM, asked.verdicts_after, asked.asked_mono,
-                           timeout_s, lambda fields: fields.get("request_id") == asked.request_id, progress)
+                           asked.wait_s, lambda fields: fields.get("request_id") == asked.request_id, progress)
     return found[1] if found else None
-
-
-# ---------------------------------------------------------------------------- health
-
-def describe_reason(reason, detail=None):
-    """A heartbeat's `reason` code in words: exchange_authentication -> "exchange
-    authentication"; the daemon's `detail`, if any, follows."""
-    words = reason.replace("_", " ")
-    return f"{words} ({detail})" if detail else words
-
-
-def daemon_problems(status, silent_ms):
-    """["eew: exchange authentication (...)", "brain: SILENT ..."]: each daemon that is silent
-    (no heartbeat younger than silent_ms) or whose latest heartbeat names a reason why it
-    cannot do its job."""
-    problems = []
-    for name, daemon in status["daemons"].items():
-        if daemon["age_ms"] is None or daemon["age_ms"] > silent_ms:
-            problems.append(f"{name}: SILENT (no heartbeat for {silent_ms / 1000:g} s)")
-        elif daemon.get("reason"):
-            problems.append(f"{name}: {daemon['status'] or '?'}: {describe_reason(daemon['reason'], daemon.get('detail'))}")
-    return problems
-
-
-def status_exit_code(status, silent_ms):
-    """2 if a daemon is silent or says why it cannot do its job (daemon_problems), else 1 if
-    trading is halted (a missing or unreadable flag counts as halted, as trading code reads
-    it), else 0. A missing guard outranks a halt: protection is missing right now."""
-    if daemon_problems(status, silent_ms):
-        return 2
-    return 0 if status["trading"]["halted"] is False else 1

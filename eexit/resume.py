@@ -6,16 +6,33 @@ the trading state; `eexit resume` asks, the EEW decides:
 
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual]
       -> XADD system:resume_request  {request_id, action=resume, ack, operator,
-                                      accept_residual, issued_by=ops, ts, kid, sig}
-    EEW: signature (ops key, domain "eexit-resume-v1"), request age <= REQUEST_MAX_AGE_S,
+                                      accept_residual, issued_by=ops, ts, expires_at, kid, sig}
+    EEW: signature (ops key, domain "eexit-resume-v1"), not expired (Redis clock),
          request_id claimed once in its ledger (a replayed copy gets no second verdict),
-         then resume_refusals() over facts it gathers itself: the halt, its own ledger record
-         of the event, the final report on the completed stream, the cooldown on Redis's
-         clock (EEXIT_RESUME_COOLDOWN_S, read by the EEW), a fresh read of the whole account
-         on the exchange, and whether the panic stream can still take entries
-      -> halt cleared + eexit:ops:audit entry in one MULTI under WATCH of the halt
+         then resume_refusals() over facts it gathers itself, the cheap ones first: the halt,
+         its own ledger record of the event, the final report on the completed stream, the
+         cooldown on Redis's clock (EEXIT_RESUME_COOLDOWN_S, read by the EEW), whether the
+         panic stream can still take entries, authorised panics not yet executed
+         (panics_waiting); only if none of these refuses, a fresh read of the whole account
+         on the exchange (the one expensive step: a request never costs a read it cannot use)
+      -> under WATCH of the halt: not expired, no panic waiting (again), the halt as checked
+      -> halt cleared + eexit:ops:audit entry in one MULTI
       -> XADD system:resume_verdict {request_id, status RESUMED | RESUME_REFUSED, refusals, ...}
-    eexit resume prints the verdict (exit 0 resumed, 1 refused, 3 no verdict in time).
+    eexit resume prints the verdict (exit 0 resumed, 1 refused, 3 no verdict in time: the
+    outcome is unknown to it; `eexit status` shows the halt).
+
+A request expires. `ts` and `expires_at` are stamped on Redis's clock (the CLI reads TIME), and
+expires_at - ts is the CLI's wait (EEXIT_RESUME_TIMEOUT_S); the CLI waits VERDICT_GRACE_S
+longer than that for the verdict. The EEW answers nothing expired, and checks the expiry again
+right before its write, so a halt is never cleared by a request whose CLI has given up (the
+write is one round trip after that check, well inside the grace).
+
+No resume or init while an authorised panic waits (issue 26): an entry of the panic stream
+pending in the EEW's group, or not yet read by it, or an event id in eexit:eew:inflight, whose
+ledger record is not final, refuses. An EEW that died between reading a panic and writing its
+halt would otherwise let a resume of the previous event restart trading until the entry is
+reclaimed. "Authorised" is the signature check (any issuer): over-approximating only delays a
+resume until the EEW has reported a forgery.
 
 `eexit init` (the explicit first start) asks the same way, action "init": the EEW writes
 halted=false (who, when, audit entry) only where no trading state exists; verdict INITIALISED
@@ -43,8 +60,9 @@ REQUEST_STREAM = "system:resume_request"
 VERDICT_STREAM = "system:resume_verdict"
 OPS_AUDIT_STREAM = "eexit:ops:audit"
 VERDICT_MAXLEN = 10_000                # approximate; a verdict matters for seconds
-REQUEST_MAX_AGE_S = 60.0               # a request older than this (Redis clock) is refused
-REQUEST_CORE = ("kid", "request_id", "action", "ack", "operator", "accept_residual", "issued_by", "ts")
+REQUEST_MAX_AGE_S = 600.0              # the longest a request may stay valid (the CLI's longest wait)
+REQUEST_CORE = ("kid", "request_id", "action", "ack", "operator", "accept_residual", "issued_by", "ts",
+                "expires_at")
 REQUEST_DOMAIN = b"eexit-resume-v1\n"
 REQUEST_ISSUER = "ops"
 RESUMED, REFUSED = "RESUMED", "RESUME_REFUSED"
@@ -52,17 +70,22 @@ INITIALISED, INIT_REFUSED = "INITIALISED", "INIT_REFUSED"
 ACTIONS = ("resume", "init")
 FINAL_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 LEDGER_PREFIX = "resume:"              # ledger field claiming one request id
+INFLIGHT_KEY = "eexit:eew:inflight"    # the EEW's event ids claimed and not yet final
+WAITING_SCAN = 512                     # entries (pending, unread) checked; more refuses
 
 
 # ---------------------------------------------------------------------------- the request
 
-def build_request(operator, ack, accept_residual, keyring, now_ms=None, request_id=None, action="resume"):
+def build_request(operator, ack, accept_residual, keyring, now_ms=None, request_id=None, action="resume",
+                  valid_s=30.0):
     """The request's fields, signed with the ops key when a key ring is configured. Raises
     ValueError if keys are configured but none belongs to ops (the EEW would refuse).
-    action "init" (`eexit init`, ack "-") asks for halted=false where no trading state exists."""
+    action "init" (`eexit init`, ack "-") asks for halted=false where no trading state exists.
+    now_ms should be Redis's clock (the EEW's); the request expires valid_s after it."""
+    now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
     fields = {"request_id": request_id or str(uuid.uuid4()), "action": action, "ack": ack,
               "operator": operator, "accept_residual": "true" if accept_residual else "false",
-              "issued_by": REQUEST_ISSUER, "ts": str(int(time.time() * 1000) if now_ms is None else now_ms)}
+              "issued_by": REQUEST_ISSUER, "ts": str(now_ms), "expires_at": str(now_ms + int(valid_s * 1000))}
     if not keyring.configured:
         return fields
     kid = keyring.kid_for(REQUEST_ISSUER)
@@ -79,6 +102,7 @@ class Request:
     operator: str
     accept_residual: bool
     action: str = "resume"
+    expires_at: int = 0                 # epoch ms, Redis clock
 
 
 def check_request(fields, keyring, now_ms, max_age_s=REQUEST_MAX_AGE_S):
@@ -93,13 +117,17 @@ def check_request(fields, keyring, now_ms, max_age_s=REQUEST_MAX_AGE_S):
             or get("accept_residual") not in ("true", "false"):
         return None, "malformed"
     try:
-        age_s = (now_ms - int(get("ts"))) / 1000.0
+        ts, expires_at = int(get("ts")), int(get("expires_at"))
     except (TypeError, ValueError):
         return None, "malformed:ts"
-    if not -max_age_s <= age_s <= max_age_s:
-        return None, f"stale:{age_s:.0f}s"
+    if not ts < expires_at <= ts + max_age_s * 1000:
+        return None, "malformed:expires_at"
+    if now_ms > expires_at:
+        return None, f"expired:{(now_ms - expires_at) / 1000:.0f}s_ago"
+    if ts - now_ms > max_age_s * 1000:
+        return None, f"from_the_future:{(ts - now_ms) / 1000:.0f}s"
     return Request(get("request_id"), get("ack"), get("operator").strip(), get("accept_residual") == "true",
-                   get("action")), None
+                   get("action"), expires_at), None
 
 
 # ---------------------------------------------------------------------------- the decision
@@ -122,6 +150,12 @@ class ResumeFacts:
 
 def resume_refusals(facts, accept_residual):
     """Reasons (strings) to refuse clearing the halt; empty means clear it."""
+    return cheap_refusals(facts) or account_refusals(facts, accept_residual)
+
+
+def cheap_refusals(facts):
+    """Every reason to refuse that needs no exchange read (the account's facts are ignored):
+    the EEW reads the account only when this is empty."""
     reasons = []
     state = facts.state
     if not facts.event_found:
@@ -146,9 +180,17 @@ def resume_refusals(facts, accept_residual):
             reasons.append(f"cooldown: the report is {waited_s:.0f} s old, resume is allowed "
                            f"{facts.cooldown_s - waited_s:.0f} s from now "
                            f"(EEXIT_RESUME_COOLDOWN_S={facts.cooldown_s:g})")
+    return reasons
+
+
+def account_refusals(facts, accept_residual):
+    """The fresh account read's reasons to refuse; an account not read is one."""
     if facts.exchange_error is not None:
-        reasons.append(f"cannot verify the account on the exchange: {facts.exchange_error}")
-    elif facts.positions is not None and not accept_residual:
+        return [f"cannot verify the account on the exchange: {facts.exchange_error}"]
+    if facts.positions is None:
+        return ["the account was not read: nothing shows it is flat"]
+    reasons = []
+    if not accept_residual:
         if facts.positions:
             listed = ", ".join(f"{p.symbol} {p.side} {p.contracts:g}" for p in facts.positions)
             reasons.append(f"the account is not flat: {listed} (close them, or pass --accept-residual)")
@@ -156,6 +198,64 @@ def resume_refusals(facts, accept_residual):
             reasons.append(f"{len(facts.open_orders)} open order(s) on the exchange "
                            f"(cancel them, or pass --accept-residual)")
     return reasons
+
+
+def waiting_refusals(waiting):
+    """[] or the one refusal for authorised panics not executed yet (panics_waiting)."""
+    if not waiting:
+        return []
+    shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+    return [f"an authorised panic is not executed yet ({shown}): the EEW halts for it next; wait for "
+            f"its report (`eexit status`), then acknowledge the event that holds the halt"]
+
+
+def waiting_panics(entries, inflight, records, keyring):
+    """["<event_id> (pending|unread|in flight)"] for authorised panics without a final ledger
+    record. entries: [(entry_id, fields, where)] of the panic stream (pending in the EEW's group
+    or after its last-delivered id); inflight: event ids in eexit:eew:inflight; records:
+    {event_id: ledger record dict or None}. Pure."""
+    waiting = []
+    for entry_id, fields, where in entries:
+        event_id = fields.get("event_id") or f"entry-{entry_id}"     # as the EEW derives it
+        if signing.verify_fields(fields, keyring)[0] and (records.get(event_id) or {}).get("stage") != "done":
+            waiting.append(f"{event_id} ({where})")
+    waiting.extend(f"{event_id} (in flight)" for event_id in sorted(inflight)
+                   if (records.get(event_id) or {}).get("stage") != "done")
+    return list(dict.fromkeys(waiting))
+
+
+def panics_waiting(client, keyring, limit=WAITING_SCAN):
+    """waiting_panics() over what Redis holds now. More than `limit` entries pending or unread
+    cannot all be checked: that refuses too (fail-closed; the EEW works the backlog down).
+    Raises the client's errors."""
+    try:
+        groups = client.xinfo_groups(schema.PANIC_STREAM)
+    except redis.ResponseError as exc:
+        if "no such key" not in str(exc):
+            raise
+        groups = None                  # no panic stream: nothing pending or unread
+    mine = [g for g in groups or [] if bus.as_text(g.get("name")) == schema.EEW_GROUP]
+    # No group: the EEW creates it at 0 and reads the whole stream, so all of it is unread.
+    last = bus.as_text(mine[0].get("last-delivered-id")) if mine else "0-0"
+    pending = [bus.as_text(item["message_id"]) for item in client.xpending_range(
+        schema.PANIC_STREAM, schema.EEW_GROUP, "-", "+", limit + 1)] if mine else []
+    unread = client.xrange(schema.PANIC_STREAM, "(" + last, "+", count=limit + 1) if groups is not None else []
+    if len(pending) > limit or len(unread) > limit:
+        return [f"more than {limit} panic entries pending or unread, not all checked"]
+    entries = [(bus.as_text(entry_id), bus.decoded(fields), "unread") for entry_id, fields in unread]
+    if pending:
+        pipe = client.pipeline(transaction=False)
+        for entry_id in pending:
+            pipe.xrange(schema.PANIC_STREAM, entry_id, entry_id)
+        # An entry deleted while pending has no content the EEW could execute: skipped here
+        # (the EEW's tamper check reports deletions).
+        entries += [(entry_id, bus.decoded(found[0][1]), "pending")
+                    for entry_id, found in zip(pending, pipe.execute()) if found]
+    inflight = {bus.as_text(event_id) for event_id in client.smembers(INFLIGHT_KEY)}
+    ids = sorted(inflight | {fields.get("event_id") or f"entry-{entry_id}" for entry_id, fields, _ in entries})
+    raws = client.hmget(schema.PROCESSED_KEY, ids) if ids else []
+    records = {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
+    return waiting_panics(entries, inflight, records, keyring)
 
 
 def residual_list(positions):
@@ -188,9 +288,10 @@ def verdict_fields(request_id, ack, operator, refusals, audit_id=None, positions
 
 def serve_request(client, fields, keyring, cooldown_s, read_account, stream_broken, consumer):
     """Answer one request from the request stream: (verdict fields, None), or (None, why) when
-    nothing is answered (a forged or stale request, or one another instance took: no verdict,
-    so a flood of forgeries writes nothing). Raises the client's errors; read_account() ->
-    (positions, open_orders, error_text) never raises."""
+    nothing is answered (a forged, stale or expired request, or one another instance took: no
+    verdict, so a flood of forgeries writes nothing). Raises the client's errors;
+    read_account() -> (positions, open_orders, error_text) never raises and is called only
+    when every cheap check passed (a request costs no exchange read it cannot use)."""
     fields = bus.decoded(fields)
     request, why = check_request(fields, keyring, bus.server_time_ms(client))
     if request is None:
@@ -198,7 +299,7 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
     if not client.hsetnx(schema.PROCESSED_KEY, LEDGER_PREFIX + request.request_id, str(bus.server_time_ms(client))):
         return None, "already_answered"
     if request.action == "init":
-        audit_id, refusals = _init(client, request, consumer)
+        audit_id, refusals = _init(client, request, consumer, keyring)
         verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, action="init")
         client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
         return verdict, None
@@ -212,43 +313,46 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
         if found:
             report, _ = schema.CompletionReport.from_fields(bus.decoded(found[0][1]))
             final = (bus.as_text(found[0][0]), report) if report.event_id == request.ack else None
-    positions = orders = error = None
-    if record is not None and final is not None:
-        positions, orders, error = read_account()
     facts = ResumeFacts(ack=request.ack, now_ms=bus.server_time_ms(client), state=state, state_present=bool(state_raw),
-                        event_found=record is not None, final=final, positions=positions, open_orders=orders,
-                        exchange_error=error, cooldown_s=cooldown_s, stream_broken=stream_broken)
-    refusals = resume_refusals(facts, request.accept_residual)
+                        event_found=record is not None, final=final, positions=None, open_orders=None,
+                        exchange_error=None, cooldown_s=cooldown_s, stream_broken=stream_broken)
+    # Cheapest first: the halt and the ledger (read above), then the panic stream, and the
+    # exchange only when nothing else refuses.
+    refusals = cheap_refusals(facts) or waiting_refusals(panics_waiting(client, keyring))
+    if not refusals:
+        facts.positions, facts.open_orders, facts.exchange_error = read_account()
+        refusals = account_refusals(facts, request.accept_residual)
     audit_id = None
     if not refusals:
-        audit_id, refusals = _clear(client, facts, request, consumer)
-    verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, positions)
+        audit_id, refusals = _clear(client, facts, request, consumer, keyring)
+    verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, facts.positions)
     client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
     return verdict, None
 
 
-def _init(client, request, consumer):
+def _init(client, request, consumer, keyring):
     """halted=false with who/when and an audit entry, only where no trading state exists (the
     first start). (audit id, []) or (None, [refusal])."""
     from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
-    return _lift(client, request, lambda raw, _state: not raw, lambda now_ms, _state: {
+    return _lift(client, request, keyring, lambda raw, _state: not raw, lambda now_ms, _state: {
         "action": "init", "operator": request.operator, "ts": str(now_ms), "version": __version__,
         "request_id": request.request_id, "cleared_by_consumer": consumer},
         "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)")
 
 
-def _clear(client, facts, request, consumer):
+def _clear(client, facts, request, consumer, keyring):
     """Clear the halt, only if it is still what the checks saw. (audit id, []) or (None, [refusal])."""
-    return _lift(client, request,
+    return _lift(client, request, keyring,
                  lambda _raw, state: (state.event_id, state.halted) == (facts.state.event_id, facts.state.halted),
                  lambda now_ms, state: audit_fields(facts, request, state, now_ms, consumer),
                  "the halt changed meanwhile (a new panic?); run `eexit status` and try again")
 
 
-def _lift(client, request, still_as_checked, audit, refusal):
+def _lift(client, request, keyring, still_as_checked, audit, refusal):
     """halted=false (cleared_by/at) and the eexit:ops:audit entry in one MULTI under WATCH of
-    the halt, if still_as_checked(raw, state): (the audit entry id, []), or (None, [refusal])
-    if nothing was written."""
+    the halt, if the request has not expired, no authorised panic waits (checked again: the
+    account read took up to seconds) and still_as_checked(raw, state): (the audit entry id,
+    []), or (None, [refusal]) if nothing was written."""
     with client.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(schema.TRADING_STATE_KEY)
@@ -256,7 +360,13 @@ def _lift(client, request, still_as_checked, audit, refusal):
             state, _ = schema.TradingState.from_fields(raw)
             if not still_as_checked(raw, state):
                 return None, [refusal]
+            waiting = waiting_refusals(panics_waiting(pipe, keyring))
+            if waiting:
+                return None, waiting
             now_ms = bus.server_time_ms(pipe)
+            if now_ms > request.expires_at:
+                return None, [f"the request expired {now_ms - request.expires_at} ms before the halt could be "
+                              f"written (it is valid EEXIT_RESUME_TIMEOUT_S): nothing changed; ask again"]
             pipe.multi()
             pipe.hset(schema.TRADING_STATE_KEY, mapping={
                 "halted": "false", "requires_manual_reset": "false",

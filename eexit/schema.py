@@ -33,7 +33,7 @@ HEARTBEAT_MAXLEN = 1000
 
 SEVERITIES = ("CRITICAL",)
 KNOWN_ISSUERS = ("risk_kernel", "exit_brain", "watchdog", "ops")
-HEARTBEAT_STATUSES = ("OK", "DEGRADED")
+HEARTBEAT_STATUSES = ("OK", "DEGRADED", "STOPPED")   # STOPPED: the last beat of a clean stop
 REPORT_STATUSES = ("FLAT", "RESIDUAL", "FAILED", "REJECTED", "DUPLICATE")
 
 # Bounds that make a value absurd rather than merely surprising.
@@ -296,12 +296,13 @@ class Heartbeat:
     last_decision_ts: int | None
     latency_ms: float | None
     ts: int | None
+    instance: str = ""      # the producer's process identity, new at every start ("" = not sent)
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
         latency = None if self.latency_ms is None else round(self.latency_ms, 3)
-        return _encode([(name, latency if name == "latency_ms" else value) for name, value in _declared(self)],
-                       self.extra)
+        return _encode([(name, latency if name == "latency_ms" else None if value == "" and name == "instance"
+                         else value) for name, value in _declared(self)], self.extra)
 
     @classmethod
     def from_fields(cls, raw):
@@ -313,6 +314,7 @@ class Heartbeat:
             last_decision_ts=r.integer("last_decision_ts", MAX_TS_MS),
             latency_ms=r.number("latency_ms", MAX_DURATION_MS),
             ts=r.integer("ts", MAX_TS_MS),
+            instance=r.text("instance", required=False),
             extra=r.extra(),     # last: what no reader above consumed
         ), r.problems
 

@@ -26,6 +26,9 @@ blank lines and lines starting with `#` are ignored. Generate a key with
 
 API
     load_keys(env=None) -> KeyRing        ConfigError on a malformed file; empty ring if none
+    key_source(env=None)                  -> the credential file's path, or the variable's name
+    check_own_keys(keyring, issuer, origin)  a signer's ring holds its own key only, else
+                                          ConfigError (exit 2) naming origin
     sign_fields(fields, kid, keyring)     -> new dict with `kid` and `sig`; ValueError if the
                                              kid is unknown, belongs to another issuer, or a
                                              core field is missing (a caller bug, not input)
@@ -48,6 +51,7 @@ material in a repr, an exception message or a return value.
 
 import hashlib
 import hmac
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -147,6 +151,31 @@ def load_keys(env=None):
     if not ring.configured:
         raise ConfigError(f"credential {CREDENTIAL_FILE} / {ENV_VARIABLE} holds no key")
     return ring
+
+
+def key_source(env=None):
+    """Where load_keys reads the ring from: the credential file's path, else the variable."""
+    env = os.environ if env is None else env
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if directory and os.path.exists(os.path.join(directory, CREDENTIAL_FILE)):
+        return os.path.join(directory, CREDENTIAL_FILE)
+    return ENV_VARIABLE
+
+
+def check_own_keys(keyring, issuer, origin):
+    """A SIGNER's key ring (watchdog, crash hook, risk kernel, ops tools) must hold its own
+    issuer's key and nothing else: a key of another issuer would let it sign as that issuer
+    (a watchdog signing as ops). ConfigError (exit 2) naming `origin` (the file or variable)
+    and the other issuers -- never key material. An empty ring (signing not configured) passes.
+    The EEW verifies and holds every issuer's key: it does not call this."""
+    if not keyring.configured:
+        return
+    others = sorted({keyring.issuer_of(kid) for kid in keyring.kids()} - {issuer})
+    if others:
+        raise ConfigError(f"{origin} holds keys of other issuers ({', '.join(others)}): the {issuer} "
+                          f"must hold only its own key; remove those lines")
+    if keyring.kid_for(issuer) is None:
+        raise ConfigError(f"{origin} holds no key for issuer {issuer}: its panics would be rejected")
 
 
 def _text(value):

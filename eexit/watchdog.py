@@ -8,8 +8,10 @@ Rules (SPEC §3), evaluated by the pure `evaluate(state, now, limits)`:
     2 status DEGRADED continuously for > EEXIT_DEGRADED_S (5)         EXIT_BRAIN_DEGRADED_TOO_LONG
     3 positions open and last decision older than EEXIT_STAGNANT_S    EXIT_BRAIN_DECISION_STAGNANT
     4 positions open and no heartbeat for > EEXIT_UNGUARDED_S (3)     POSITIONS_UNGUARDED
+    R a new brain process after a beat with positions open and no     EXIT_BRAIN_RESTARTED
+      clean stop (an event, not a state: `restarted`, below)
 
-Rule 4 is checked first, then 1, 2, 3: when several hold, the most specific reason is named.
+Rule 4 is checked first, then 1, 2, 3 (then R): when several hold, the most specific reason is named.
 "> threshold" is strict: exactly at the threshold nothing fires.
 
 Clocks (SPEC §4.7). A heartbeat's age is measured on THIS process's monotonic clock from the
@@ -29,7 +31,7 @@ clock: `time.time` is used only to stamp outgoing messages. Rule 3 compares the 
 since receipt on our monotonic clock.
 
 Fail-closed readings of a heartbeat: active_positions missing or unreadable counts as
-positions open; a status other than OK counts as DEGRADED; an unknown decision age (missing
+positions open; a status other than OK or STOPPED counts as DEGRADED; an unknown decision age (missing
 ts or last_decision_ts) with positions open counts as stagnant once it has been unknown for
 longer than the stagnant threshold.
 
@@ -47,21 +49,51 @@ detected within its threshold (3 s unguarded) of Redis answering again. "Did not
 what the watchdog saw: from its last successful evaluation to its last failed call, or to the
 end of a call Redis held (a stalled Redis answers it only when the stall ends).
 
-Incidents. The first trigger opens an incident: a new event_id is written to the hash
-`eexit:watchdog:incident` BEFORE the panic is published, so a crash in between re-publishes
-the same id after restart. While the incident is open no new event_id is created. Until the
-OWNER of the event_id reports FLAT, RESIDUAL or FAILED on `system:panic_close:completed`
-(`report_outcome`; the EEW writes those only for the entry that owns the event_id) the SAME
-event is re-published after EEXIT_REPUBLISH_S, then with doubling delays up to 30 s (the EEW
-de-duplicates by event_id; re-publishing covers a panic entry lost with a Redis restart). A
-REJECTED report never completes the incident: it is logged CRITICAL
-(`incident_panic_rejected` with the EEW's reason and whether the rejected entry was ours: a
-forged copy of our event_id published first is REJECTED too), the heartbeat turns DEGRADED
-with reason=panic_rejected, and the republishing goes on. DUPLICATE means another entry owns
-the event_id: we wait for its final report. The incident closes, re-arming the watchdog,
-only when a completing report has been seen AND heartbeats have been healthy (status OK,
-fresh, no rule firing) continuously for EEXIT_REARM_S. A restarted watchdog recovers the
-open incident from the hash.
+Incidents: one pure function, `step(incident, inputs, now)` -> (incident, commands), over the
+rule that fires, the brain's restart, completion reports, the halt and the shared incident
+hash; the shell performs its commands (claim, publish, store, close, log). The lifecycle is
+tied to the halt, not to a timer:
+- A trigger with no incident open opens one: a new event_id is claimed in the hash
+  `eexit:watchdog:incident` (HSETNX; watchdogs and the crash hook share it) BEFORE the panic
+  is published, in the same step, so a crash in between re-publishes the same id.
+- While it is open no new one starts; every further trigger is absorbed by it.
+- Closing: the current round's panic is re-published (same event_id) after EEXIT_REPUBLISH_S,
+  then with doubling delays up to 30 s, until the owner of the event_id reports (the EEW
+  de-duplicates; re-publishing covers a panic lost with a Redis restart). FLAT ends the
+  closing. RESIDUAL or FAILED does not: CRITICAL `incident_not_flat`, our heartbeat DEGRADED
+  (reason=incident_not_flat), and after the back-off the next round's panic, with a new
+  event_id derived from the incident's (uuid5: every watchdog derives the same one), so the
+  EEW executes it again; this repeats until a FLAT report, whatever the EEW's halt guard is
+  set to. A REJECTED report never completes a round: logged CRITICAL
+  (`incident_panic_rejected` with the EEW's reason and whether the rejected entry was ours:
+  a forged copy of our event_id published first is REJECTED too), the heartbeat turns
+  DEGRADED with reason=panic_rejected, and the republishing goes on. DUPLICATE means another
+  entry owns the event_id: we wait for its final report.
+- The incident ends only when a human resumes: `system:state:trading` halted=false with
+  `cleared_at` later than the incident's `opened_at_ms`. Both are Redis TIME (the watchdog
+  reads TIME with the halt every step), so no host's clock skew matters. From then on any
+  rule that fires opens a new incident and publishes at once, also in the very step of the
+  resume. `eexit resume` does not look at the brain (a choice: resuming beside a dead or
+  degraded brain is answered by a new panic within the rule's threshold, which also covers a
+  brain that dies a second after the resume).
+- Adoption: an incident someone else opened (the crash hook, opened_by=hook; another watchdog)
+  is adopted when our claim loses, when a report arrives while we have none, and at start
+  (a restarted watchdog recovers its own the same way). A claim that has no panic in the
+  stream yet is published at once with its id (its opener may have died between claim and
+  XADD); one older than CLAIM_GRACE_S (10 s, the hook's longest bound) in its first round is
+  stale: it is deleted, so it neither blocks the next crash nor flattens a healthy brain.
+
+A fast restart is a crash. Heartbeats carry `instance` (new at every process start) and a
+clean stop sends a last beat with status STOPPED. A beat from a new instance after one that
+reported open or unknown positions and was not STOPPED is trigger EXIT_BRAIN_RESTARTED (once;
+`restarted`): one panic even when the crash hook failed and systemd restarted the brain
+before any silence threshold. Only restarts seen live count: beats replayed at the first
+start do not (a restart before the watchdog ran is the crash hook's).
+
+Whose heartbeats. Only beats with the brain's `service_id` (EEXIT_BRAIN_SERVICE_ID, default
+exit_brain) are judged; another producer on the stream (a bot's own heartbeat) is ignored and
+logged once per service_id (`heartbeat_ignored`). Redis ACLs cannot refuse it: they scope
+keys, not field values.
 
 Panics the EEW would reject are visible before any incident: every EEW heartbeat says which
 issuers it authorises and which signing keys it holds (`signing.advertise`: key id, issuer,
@@ -76,15 +108,7 @@ CRITICAL redis_unreachable / blind with the cause each attempt, say it in STATUS
 WATCHDOG=1 pings once no evaluation succeeded for longer than the systemd watchdog
 interval, so systemd sees a watchdog that cannot watch. The watchdog publishes its own
 heartbeat on `eexit:watchdog:heartbeat` every EEXIT_WATCHDOG_HEARTBEAT_S: status OK, or
-DEGRADED with `reason` (panic_rejected, eew_would_reject) and `detail`.
-
-Other openers of the incident (opened_by=hook: the brain unit's ExecStopPost= hook, eexit/hook.py,
-which publishes the moment the brain's process dies): the watchdog adopts such an incident
-when its rules fire or when a report arrives, and closes it by the same re-arm rule, so one
-death is one event id. An incident it would adopt (on a rule, a report or a restart) is
-closed instead when the brain sent an OK heartbeat after that event's final report: it
-belongs to an earlier outage, and a rule that fires opens a new one. An adopted id that has
-no panic entry yet is published at once.
+DEGRADED with `reason` (panic_rejected, incident_not_flat, eew_would_reject) and `detail`.
 
 This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
@@ -93,10 +117,13 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import redis
 
 from . import bus, daemon, schema, signing
-from .config import ConfigError, env_float, env_int
+from .config import env_float, env_int, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -108,9 +135,11 @@ HEARTBEAT_LOST = "EXIT_BRAIN_HEARTBEAT_LOST"
 DEGRADED_TOO_LONG = "EXIT_BRAIN_DEGRADED_TOO_LONG"
 DECISION_STAGNANT = "EXIT_BRAIN_DECISION_STAGNANT"
 POSITIONS_UNGUARDED = "POSITIONS_UNGUARDED"
+BRAIN_RESTARTED = "EXIT_BRAIN_RESTARTED"
 
 BACKLOG_REPLAY = 50          # heartbeats replayed on (re)connect to rebuild degraded_since
 REPORT_SCAN = 1000           # completion reports / panics scanned when recovering an incident
+CLAIM_GRACE_S = 10.0         # a claim without its panic this long (the hook's longest bound) is stale
 MAX_REPUBLISH_S = 30.0       # cap of the doubling republish delay
 ENTRIES_KEPT = 100           # our own panic entry ids remembered per incident
 BACKOFF_START_S = 0.1
@@ -136,11 +165,13 @@ class WatchState:
 
     observing_since: float                  # start, or the last Redis (re)connect
     last_beat_at: float | None = None       # when the last heartbeat was sent
-    status: str | None = None               # "OK" or "DEGRADED" (anything unreadable: DEGRADED)
+    status: str | None = None               # "OK", "DEGRADED" (anything unreadable) or "STOPPED"
     active_positions: int | None = None     # None: unknown, counted as open
     degraded_since: float | None = None
     decision_age_s: float | None = None     # producer's ts - last_decision_ts, at the beat
     decision_unknown_since: float | None = None
+    instance: str = ""                      # the guard's process identity in its last beat
+    stopped: bool = False                   # its last beat was a clean stop (STOPPED)
 
 
 @dataclass(frozen=True)
@@ -150,9 +181,12 @@ class Trigger:
 
 
 def observe(state, beat, received_at):
-    """The state after heartbeat `beat` (a schema.Heartbeat) sent at monotonic `received_at`."""
-    status = "OK" if beat.status == "OK" else "DEGRADED"
-    degraded_since = None if status == "OK" else (state.degraded_since if state.degraded_since is not None else received_at)
+    """The state after heartbeat `beat` (a schema.Heartbeat) sent at monotonic `received_at`.
+    STOPPED (a clean stop's last beat) is no DEGRADED: the guard is gone, and the silence rules
+    run from this beat exactly as if it had been the last OK one."""
+    status = beat.status if beat.status in ("OK", "STOPPED") else "DEGRADED"
+    degraded_since = None if status != "DEGRADED" else (
+        state.degraded_since if state.degraded_since is not None else received_at)
     decision_age_s = None
     if beat.ts is not None and beat.last_decision_ts is not None and beat.last_decision_ts <= beat.ts:
         decision_age_s = (beat.ts - beat.last_decision_ts) / 1000.0
@@ -160,7 +194,8 @@ def observe(state, beat, received_at):
         state.decision_unknown_since if state.decision_unknown_since is not None else received_at)
     return replace(state, last_beat_at=received_at, status=status,
                    active_positions=beat.active_positions, degraded_since=degraded_since,
-                   decision_age_s=decision_age_s, decision_unknown_since=unknown_since)
+                   decision_age_s=decision_age_s, decision_unknown_since=unknown_since,
+                   instance=beat.instance, stopped=beat.status == "STOPPED")
 
 
 def evaluate(state, now, limits=Limits()):
@@ -216,13 +251,6 @@ def next_deadline(state, now, limits=Limits()):
     return min(future) if future else None
 
 
-def healthy(state, now, limits=Limits()):
-    """Heartbeats fresh, status OK and no rule firing: what re-arming requires."""
-    return (state.last_beat_at is not None and state.status == "OK"
-            and now - state.last_beat_at <= limits.unguarded_s
-            and evaluate(state, now, limits) is None)
-
-
 def after_outage(prior, replayed, lost_at, answered_at):
     """The state to evaluate from when Redis did not answer the watchdog from monotonic
     `lost_at` (its last successful evaluation) until `answered_at` (its last failed call, or
@@ -247,16 +275,211 @@ COMPLETING_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 
 
 def report_outcome(status):
-    """What a completion report for the incident's event id means for the incident:
-        "complete"   FLAT, RESIDUAL or FAILED: the EEW writes these only for the entry that
-                     owns the event id, so the panic was executed (the incident may re-arm)
-        "rejected"   REJECTED: that entry was refused (our key or issuer, or a forged copy
-                     of our event id); the panic is NOT executed: keep republishing, CRITICAL
+    """What a completion report's status means for the incident:
+        "complete"   FLAT, RESIDUAL, FAILED: the owner of the event id executed it
+        "rejected"   REJECTED: not executed (bad signature, unauthorised issuer, ...)
         "duplicate"  DUPLICATE: another entry owns the event id; wait for ITS final report
         "unreadable" anything else: not proof of anything, keep republishing (fail-closed)"""
     if status in COMPLETING_STATUSES:
         return "complete"
     return {"REJECTED": "rejected", "DUPLICATE": "duplicate"}.get(status, "unreadable")
+
+
+def restarted(state, beat):
+    """Trigger EXIT_BRAIN_RESTARTED when `beat` comes from a new process of the guard (another
+    `instance`) after a beat that reported positions open or unknown and was no clean stop
+    (STOPPED): a crash, however fast systemd restarted it (~2 s, under every silence threshold)."""
+    if not beat.instance or state.instance in ("", beat.instance) or state.stopped or state.active_positions == 0:
+        return None
+    positions = "unknown" if state.active_positions is None else state.active_positions
+    return Trigger(BRAIN_RESTARTED, f"instance {state.instance} -> {beat.instance} without a clean stop, "
+                                    f"positions={positions}")
+
+
+ROUND_NAMESPACE = uuid.UUID("6c1f6f4e-2f3a-4b8e-9a51-0e5e7e1d2c44")
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One outage, from the first trigger until a resume clears the halt after it opened."""
+
+    event_id: str               # its first panic's event id: the identity of the shared claim
+    reason: str
+    detail: str
+    opened_at_ms: int           # Redis TIME: one clock with the resume's cleared_at
+    opened_by: str = ISSUER
+    round: int = 0              # closing round: a RESIDUAL or FAILED report starts the next one
+    publish_count: int = 0      # panics published in this round (0: none found in the stream)
+    outcome: str = ""           # "FLAT" once the current round's panic reported FLAT: closing done
+    refused: str = ""           # the last REJECTED (or unreadable) report, until one is not
+    delay_s: float = 5.0        # the next republish back-off (doubles up to MAX_REPUBLISH_S)
+    next_publish_at: float = 0.0    # monotonic
+
+    @property
+    def current(self):
+        """The event id of this round's panics: round 0 the incident's own; later rounds an id
+        derived from it, the same in every watchdog (HA watchdogs publish each round once)."""
+        return self.event_id if self.round == 0 else str(uuid.uuid5(ROUND_NAMESPACE, f"{self.event_id}/{self.round}"))
+
+    def to_fields(self):
+        return {"event_id": self.event_id, "reason": self.reason, "detail": self.detail,
+                "opened_at_ms": str(self.opened_at_ms), "opened_by": self.opened_by, "round": str(self.round),
+                "current_event_id": self.current, "publish_count": str(self.publish_count),
+                "completed_status": self.outcome}
+
+    @classmethod
+    def from_fields(cls, stored, republish_s):
+        """From the shared hash (ours, or the hook's: it writes event_id, reason, opened_by,
+        opened_at_ms); unreadable numbers are 0 (an opened_at of 0 is older than any resume)."""
+        def number(name):
+            text = stored.get(name) or "0"
+            return int(text) if text.isdigit() else 0
+        return cls(stored["event_id"], stored.get("reason") or HEARTBEAT_LOST, stored.get("detail", ""),
+                   number("opened_at_ms"), stored.get("opened_by", ""), number("round"), number("publish_count"),
+                   "FLAT" if stored.get("completed_status") == "FLAT" else "", delay_s=republish_s)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the shell read since the last step."""
+
+    redis_ms: int                           # Redis TIME now
+    trigger: Trigger | None = None          # a rule firing now, or the brain's restart (once)
+    reports: tuple = ()                     # schema.CompletionReport, in stream order
+    halt: object = None                     # schema.TradingState read this step, None if unread
+    found: Incident | None = None           # the shared incident another opener holds; publish_count
+                                            # 0 when the stream has no panic of its current id
+    new_id: str = ""                        # the event id a new incident takes
+    own_entries: tuple = ()                 # stream ids of the panics this process published
+
+
+class Do(str, Enum):
+    CLAIM = "claim"         # HSETNX the shared incident; lost: drop the rest, step again with `found`
+    PUBLISH = "publish"     # XADD the signed panic for incident.current, then STORE
+    STORE = "store"         # write the incident's hash
+    CLOSE = "close"         # delete the hash if it still holds this incident
+    NOTE = "note"           # log only
+
+
+@dataclass(frozen=True)
+class Command:
+    do: Do
+    incident: Incident
+    level: str = ""         # the log line that goes with it ("" none)
+    event: str = ""
+    fields: tuple = ()      # (key, value) pairs
+
+
+def resumed(incident, halt):
+    """A human cleared the halt after the incident opened: the incident is over."""
+    return (halt is not None and halt.halted is False and halt.cleared_at is not None
+            and halt.cleared_at > incident.opened_at_ms)
+
+
+def step(incident, inputs, now, republish_s):
+    """(incident, commands): the incident lifecycle at monotonic `now`, pure.
+
+    - No incident: a trigger opens one (CLAIM, PUBLISH at once). A `found` incident is adopted,
+      unless it is a stale claim (round 0, no panic in the stream, older than CLAIM_GRACE_S):
+      that is dropped, so it neither blocks a crash nor flattens a healthy brain.
+    - A resume (the halt cleared after the incident opened) ends it at once; a trigger in the
+      same step opens the next one.
+    - Reports for the current round's event id: FLAT ends the closing (the incident stays,
+      absorbing triggers, until the resume); RESIDUAL or FAILED starts the next round, a new
+      event id published after the back-off; REJECTED, DUPLICATE or unreadable keep the
+      round's panic being re-published.
+    - Until FLAT: re-publish on the back-off (republish_s, doubling up to MAX_REPUBLISH_S)."""
+    commands = []
+    if incident is None and inputs.found is not None:
+        incident = _take_over(inputs.found, inputs, now, commands)
+    if incident is not None and resumed(incident, inputs.halt):
+        commands.append(Command(Do.CLOSE, incident, "info", "incident_closed",
+                                (("why", "resumed"), ("cleared_by", inputs.halt.cleared_by or "-"),
+                                 ("outcome", incident.outcome or "closing"))))
+        incident = None
+    if incident is None:
+        if inputs.trigger is None:
+            return None, commands
+        incident = Incident(inputs.new_id, inputs.trigger.reason, inputs.trigger.detail, inputs.redis_ms,
+                            delay_s=republish_s)
+        commands.append(Command(Do.CLAIM, incident, "critical", "incident_opened",
+                                (("reason", incident.reason), ("detail", incident.detail))))
+    for report in inputs.reports:
+        incident = _on_report(incident, report, inputs.own_entries, now, commands)
+    if incident.outcome != "FLAT" and now >= incident.next_publish_at:
+        incident = replace(incident, publish_count=incident.publish_count + 1, next_publish_at=now + incident.delay_s,
+                           delay_s=min(incident.delay_s * 2, MAX_REPUBLISH_S))
+        commands.append(Command(Do.PUBLISH, incident))
+    return incident, commands
+
+
+def _take_over(found, inputs, now, commands):
+    stale = found.round == 0 and found.publish_count == 0 and \
+        inputs.redis_ms - found.opened_at_ms > CLAIM_GRACE_S * 1000
+    if stale:
+        commands.append(Command(Do.CLOSE, found, "warning", "stale_claim_dropped",
+                                (("opened_by", found.opened_by or "-"), ("opened_at_ms", found.opened_at_ms))))
+        return None
+    # A claim without its panic yet (its opener may have died between claim and XADD):
+    # publish the same id at once; the EEW de-duplicates if the opener's XADD lands too.
+    adopted = replace(found, next_publish_at=now + (found.delay_s if found.publish_count else 0.0))
+    event = "incident_adopted" if found.opened_by not in (ISSUER, "") else "incident_recovered"
+    commands.append(Command(Do.NOTE, adopted, "critical", event,
+                            (("reason", found.reason), ("opened_by", found.opened_by or "-"),
+                             ("round", found.round), ("outcome", found.outcome or "closing"))))
+    return adopted
+
+
+def _on_report(incident, report, own_entries, now, commands):
+    if report.event_id != incident.current or incident.outcome == "FLAT":
+        return incident
+    outcome = report_outcome(report.status)
+    entry_id = report.extra.get("entry_id", "") or "-"
+    ours = "unknown" if not own_entries else ("yes" if entry_id in own_entries else "no")
+    facts = (("event_id", incident.current), ("status", report.status or "unreadable"), ("entry_id", entry_id))
+    if report.status == "FLAT":
+        incident = replace(incident, outcome="FLAT", refused="")
+        commands.append(Command(Do.STORE, incident, "info", "incident_report_seen", facts + (("round", incident.round),)))
+    elif outcome == "complete":
+        # Not flat: keep closing with a new event id (the EEW executes each id once), on the
+        # back-off, whatever the EEW's halt guard is set to. CRITICAL each round; the alert
+        # notifier also sees the EEW's report of each round.
+        incident = replace(incident, round=incident.round + 1, publish_count=0, refused="",
+                           next_publish_at=now + incident.delay_s)
+        commands.append(Command(Do.STORE, incident, "critical", "incident_not_flat",
+                                facts + (("failed_symbols", ",".join(report.failed_symbols or []) or "-"),
+                                         ("next_round", incident.round), ("next_event_id", incident.current),
+                                         ("next_publish_in_s", round(incident.next_publish_at - now, 3)))))
+    elif outcome == "duplicate":
+        # Another entry owns the event id (the EEW authorised and claimed it): its owner's
+        # final report completes the round.
+        incident = replace(incident, refused="")
+        commands.append(Command(Do.NOTE, incident, "warning", "incident_report_not_final",
+                                facts + (("ours", ours), ("detail", report.detail or "-"))))
+    else:
+        incident = replace(incident, refused=f"{report.status or 'unreadable'}: {report.detail or '-'} "
+                                             f"entry={entry_id} ours={ours}")
+        commands.append(Command(Do.NOTE, incident, "critical", "incident_panic_rejected",
+                                facts[:2] + (("why", report.detail or "-"), ("entry_id", entry_id), ("ours", ours),
+                                         ("publish_count", incident.publish_count),
+                                         ("next_publish_in_s", round(max(0.0, incident.next_publish_at - now), 3)))))
+    return incident
+
+
+def health(incident, eew_risks):
+    """(status, fields) of our own heartbeat: DEGRADED with `reason` and `detail` while our
+    incident's panic is refused or its closing is not flat yet, or while an EEW says it
+    would reject our panics. A watchdog whose panics are not executed must be visible to
+    `eexit status` and alerts."""
+    if incident is not None and incident.refused:
+        return "DEGRADED", {"reason": "panic_rejected", "detail": incident.refused}
+    if incident is not None and incident.round > 0 and incident.outcome != "FLAT":
+        return "DEGRADED", {"reason": "incident_not_flat",
+                            "detail": f"round {incident.round} event_id={incident.current}"}
+    if eew_risks:
+        consumer, (code, detail) = min(eew_risks.items())
+        return "DEGRADED", {"reason": "eew_would_reject", "detail": f"{consumer}: {code}: {detail}"}
+    return "OK", {}
 
 
 def rejection_risk(eew_beat, keyring, issuer=ISSUER):
@@ -287,7 +510,7 @@ class Config:
     limits: Limits
     poll_ms: int
     republish_s: float
-    rearm_s: float
+    brain_service_id: str
     heartbeat_s: float
     redis_replicas: int
     redis_wait_ms: int
@@ -309,7 +532,8 @@ class Config:
             # default); near a rule deadline the loop waits on its own clock instead.
             poll_ms=env_int("EEXIT_WATCHDOG_POLL_MS", 25, minimum=1, maximum=100, env=env),
             republish_s=env_float("EEXIT_REPUBLISH_S", 5.0, minimum=0.1, maximum=600, env=env),
-            rearm_s=env_float("EEXIT_REARM_S", 5.0, minimum=0.0, maximum=3600, env=env),
+            # The brain's service_id: only its beats are judged (another producer is ignored).
+            brain_service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
             heartbeat_s=env_float("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, minimum=0.05, maximum=60, env=env),
             # With Sentinel: replicas that must hold a panic before it counts as published.
             redis_replicas=env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, maximum=16, env=env),
@@ -319,24 +543,34 @@ class Config:
 
 # ---------------------------------------------------------------------------- shell
 
-@dataclass
-class Incident:
-    event_id: str
-    reason: str
-    detail: str
-    opened_at_ms: int
-    publish_count: int = 0
-    completed_status: str = ""      # status of the first completion report seen
-    next_publish_at: float = 0.0    # monotonic
-    republish_delay_s: float = 0.0
-    healthy_since: float | None = None
-    refused: str = ""               # the last REJECTED (or unreadable) report, until one is not
-    entries: list = field(default_factory=list)    # our panic entry ids (in memory only)
+def time_and_halt(client):
+    """(Redis TIME in ms, the halt as schema.TradingState or None) in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.hgetall(schema.TRADING_STATE_KEY)
+    (seconds, micros), raw_halt = pipe.execute()
+    halt = schema.TradingState.from_fields(raw_halt)[0] if raw_halt else None     # None: no halt hash
+    return int(seconds) * 1000 + int(micros) // 1000, halt
 
-    def to_fields(self):
-        return {"event_id": self.event_id, "reason": self.reason, "detail": self.detail,
-                "opened_at_ms": str(self.opened_at_ms), "publish_count": str(self.publish_count),
-                "completed_status": self.completed_status}
+
+def find_entry(client, stream, event_id, wanted):
+    """The newest entry of `stream` (among REPORT_SCAN) with this event_id and wanted(fields)."""
+    for _entry_id, fields in client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
+        if bus.as_text(fields.get(b"event_id", fields.get("event_id", b""))) == event_id and wanted(fields):
+            return fields
+    return None
+
+
+def final_reports(client, event_id):
+    """The newest FLAT / RESIDUAL / FAILED report for event_id, as a 0- or 1-tuple."""
+    fields = find_entry(client, schema.COMPLETED_STREAM, event_id,
+                        lambda f: report_outcome(bus.as_text(f.get(b"status", f.get("status", b"")))) == "complete")
+    return () if fields is None else (schema.CompletionReport.from_fields(fields)[0],)
+
+
+def stream_id(entry_id):
+    """A stream entry id as a comparable (ms, seq)."""
+    return tuple(int(part or 0) for part in bus.as_text(entry_id).partition("-")[::2])
 
 
 class Watchdog:
@@ -353,8 +587,11 @@ class Watchdog:
         self.own_beat = Heartbeat(client, "watchdog", schema.WATCHDOG_HEARTBEAT_STREAM)
         self.state = WatchState(observing_since=monotonic())
         self.incident = None
+        self.own_entries = []           # stream ids of the panics we published for self.incident
+        self.restart = None             # a restart seen in a beat, until the next step acts on it
         self.last_trigger = None
         self.last_problems = []
+        self.ignored_services = set()   # other producers on the brain's stream, logged once each
         self.beat_id = "0-0"
         self.report_id = "0-0"
         self.eew_beat_id = "0-0"
@@ -384,14 +621,16 @@ class Watchdog:
 
     def _resync(self):
         asked_at = self.monotonic()
-        server_ms = bus.server_time_ms(self.client)
+        server_ms, halt = time_and_halt(self.client)
         now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
         state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
         for entry_id, fields in reversed(recent):
             entry_ms = schema.entry_id_ms(entry_id)
             age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
-            state = self._observe(state, fields, now - age_s)
+            # A restart is acted on only when seen live: beats after the last one we read.
+            live = self.synced_before and stream_id(entry_id) > stream_id(self.beat_id)
+            state = self._observe(state, fields, now - age_s, live)
         if self.synced_before:
             # Credited: up to our last failed call, or to now if Redis held this one (stalled).
             answered_at = now if now - asked_at > LOCAL_WAIT_S else max(self.failed_at, self.last_evaluated)
@@ -406,84 +645,53 @@ class Watchdog:
         if eew_fields is not None:
             self._check_eew(eew_fields)
         self.report_id, _report = self._newest(schema.COMPLETED_STREAM)
-        self._recover_incident(now)
+        if self.incident is None:
+            found, reports = self._read_found()
+        else:
+            found, reports = None, final_reports(self.client, self.incident.current)
+            if not self.client.hget(INCIDENT_KEY, "event_id"):
+                # Redis lost the hash (restart without persistence): our memory is the record.
+                self.client.hset(INCIDENT_KEY, mapping=self.incident.to_fields())
+        self._advance(now, server_ms, halt, reports, found)
 
     def _newest(self, stream):
         """(entry id, fields) of the newest entry of `stream`; ("0-0", None) when it is empty."""
         newest = self.client.xrevrange(stream, "+", "-", count=1)
         return (bus.as_text(newest[0][0]), newest[0][1]) if newest else ("0-0", None)
 
-    def _recover_incident(self, now):
+    def _read_found(self):
+        """(Incident or None, its final reports) from the shared hash: another opener's claim
+        (the hook, another watchdog) or our own from before a restart. publish_count 0 means
+        the panic stream holds no panic of its current event id."""
         stored = {bus.as_text(k): bus.as_text(v) for k, v in self.client.hgetall(INCIDENT_KEY).items()}
-        if self.incident is None and stored.get("event_id"):
-            if self._drop_if_outlived(stored["event_id"]):
-                return
-            try:
-                opened_at_ms = int(stored.get("opened_at_ms", "0"))
-            except ValueError:
-                opened_at_ms = 0
-            self.incident = Incident(stored["event_id"], stored.get("reason") or HEARTBEAT_LOST,
-                                     stored.get("detail", ""), opened_at_ms,
-                                     republish_delay_s=self.cfg.republish_s)
-            self.log.critical("incident_recovered", event_id=self.incident.event_id,
-                              reason=self.incident.reason)
-        if self.incident is None:
-            return
-        incident = self.incident
         if not stored.get("event_id"):
-            # Redis lost the hash (restart without persistence): our memory is the record.
-            self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
-        if not incident.completed_status:
-            incident.completed_status = self._find_report(incident.event_id)
-        if incident.completed_status:
-            return
-        # No panic entry: we crashed between the hash and the XADD, or Redis lost it: publish now.
-        incident.next_publish_at = now + (incident.republish_delay_s if self._panic_published(incident.event_id) else 0.0)
-
-    def _find(self, stream, message, event_id):
-        """(entry id, message) of the newest `message` (schema class) on `stream` with this
-        event_id: for a report, only one that completes the incident (report_outcome).
-        (None, None) if there is none."""
-        for entry_id, fields in self.client.xrevrange(stream, "+", "-", count=REPORT_SCAN):
-            found, _problems = message.from_fields(fields)
-            if found.event_id == event_id and (message is schema.PanicEvent
-                                               or report_outcome(found.status) == "complete"):
-                return entry_id, found
-        return None, None
-
-    def _drop_if_outlived(self, event_id):
-        """Close the shared incident event_id, and return True, when that event has a final
-        report and the brain sent an OK heartbeat after it: the incident belongs to an earlier
-        outage (a hook's incident nobody adopted, or one planted with a used event id, which
-        the EEW would only answer DUPLICATE), so adopting it would suppress this outage's
-        panic. Two watchdogs doing this at once can open two incidents: a needless second
-        flatten, never a missed one."""
-        entry_id, _report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
-        if entry_id is None:
-            return False
-        later = self.client.xrange(schema.HEARTBEAT_STREAM, bus.as_text(entry_id), "+", count=REPORT_SCAN)
-        if any(schema.Heartbeat.from_fields(beat)[0].status == "OK" for _id, beat in later):
-            self.log.warning("incident_outlived", event_id=event_id)
-            self._close_incident(Incident(event_id, "", "", 0))
-            return True
-        return False
-
-    def _panic_published(self, event_id):
-        return self._find(schema.PANIC_STREAM, schema.PanicEvent, event_id)[1] is not None
-
-    def _find_report(self, event_id):
-        _entry_id, report = self._find(schema.COMPLETED_STREAM, schema.CompletionReport, event_id)
-        return "" if report is None else report.status
+            return None, ()
+        found = Incident.from_fields(stored, self.cfg.republish_s)
+        published = find_entry(self.client, schema.PANIC_STREAM, found.current, lambda fields: True)
+        found = replace(found, publish_count=max(found.publish_count, 1) if published else 0)
+        return found, final_reports(self.client, found.current)
 
     # -- one iteration -------------------------------------------------------------------
 
-    def _observe(self, state, fields, sent_at):
+    def _observe(self, state, fields, sent_at, live=True):
         beat, problems = schema.Heartbeat.from_fields(fields)
+        if beat.service_id != self.cfg.brain_service_id:
+            # Only the brain's own beats are judged: a bot beating here must neither hide the
+            # brain's death nor overwrite its positions. ACLs cannot refuse it (they scope keys,
+            # not field values), so it is ignored and said once per producer.
+            if beat.service_id not in self.ignored_services:
+                self.ignored_services.add(beat.service_id)
+                self.log.warning("heartbeat_ignored", service_id=beat.service_id or "-",
+                                 watching=self.cfg.brain_service_id)
+            return state
         if problems != self.last_problems:
             # Kept and read fail-closed (see observe); logged when the set changes, so the
             # producer gets fixed without a line per beat.
             self.last_problems = problems
             self.log.warning("heartbeat_problems", problems=",".join(problems) or "none")
+        restart = restarted(state, beat) if live else None
+        if restart is not None and self.restart is None:
+            self.restart = restart
         return observe(state, beat, sent_at)
 
     def step(self):
@@ -496,19 +704,14 @@ class Watchdog:
                    schema.EEW_HEARTBEAT_STREAM: self.eew_beat_id}
         before = self.monotonic()
         deadline = next_deadline(self.state, before, self.cfg.limits)
-        if deadline is not None and deadline - before <= LOCAL_WAIT_S:
+        near = deadline is not None and deadline - before <= LOCAL_WAIT_S
+        if near:
             # Redis times out a blocked XREAD only as finely as its `hz` (100 ms at the
             # default 10), so near a deadline we sleep on our own clock and then read without
             # blocking. Anything that arrived meanwhile is backdated by its age on Redis's
             # clock, bounded by how long we slept (a Redis clock step cannot age it further).
             time.sleep(max(0.0, deadline - before) + 0.001)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.time()
-            pipe.xread(streams, count=100)
-            (seconds, micros), reply = pipe.execute()
-            server_ms = int(seconds) * 1000 + int(micros) // 1000
-            received_at = self.monotonic()
-            max_age_s = received_at - before
+            block_ms = None
         else:
             # A heartbeat wakes the XREAD at once, so blocking until just before the next rule
             # deadline (or our own heartbeat, or a systemd ping) costs no detection time and
@@ -516,51 +719,84 @@ class Watchdog:
             wait_s = IDLE_BLOCK_S if deadline is None else deadline - before - LOCAL_WAIT_S
             wait_s = min(wait_s, self.next_own_beat - before, self.notifier.max_block_s(IDLE_BLOCK_S))
             block_ms = max(self.cfg.poll_ms, int(wait_s * 1000))
-            reply = self.client.xread(streams, count=100, block=block_ms)
-            server_ms = None
-            received_at = self.monotonic()
+        reply = self.client.xread(streams, count=100, block=block_ms)
+        server_ms, halt = time_and_halt(self.client)
+        received_at = self.monotonic()
+        max_age_s = received_at - before if near else 0.0
+        reports = []
         for stream, entries in reply or []:
             stream = bus.as_text(stream)
             for entry_id, fields in entries:
                 if stream == schema.HEARTBEAT_STREAM:
                     self.beat_id = bus.as_text(entry_id)
-                    sent_at = received_at
                     entry_ms = schema.entry_id_ms(entry_id)
-                    if server_ms is not None and entry_ms is not None:
-                        sent_at -= min(max(0, server_ms - entry_ms) / 1000.0, max_age_s)
-                    self.state = self._observe(self.state, fields, sent_at)
+                    age_s = 0.0 if entry_ms is None else min(max(0, server_ms - entry_ms) / 1000.0, max_age_s)
+                    self.state = self._observe(self.state, fields, received_at - age_s)
                 elif stream == schema.EEW_HEARTBEAT_STREAM:
                     self.eew_beat_id = bus.as_text(entry_id)
                     self._check_eew(fields)
                 else:
                     self.report_id = bus.as_text(entry_id)
-                    if self.incident is None:
-                        # Another opener's incident (the ExecStopPost hook, another watchdog)
-                        # is adopted when a report arrives, so it closes by our re-arm rule.
-                        self._recover_incident(received_at)
-                    self._on_report(fields)
+                    reports.append(schema.CompletionReport.from_fields(fields)[0])
+        found = None
+        if reports and self.incident is None:
+            # Another opener's incident (the crash hook, another watchdog) is adopted when a
+            # report arrives, so it lives and ends by the same rules as our own.
+            found, _final = self._read_found()
         now = self.monotonic()
-        trigger = evaluate(self.state, now, self.cfg.limits)
-        self._act(trigger, now)
+        self._advance(now, server_ms, halt, tuple(reports), found)
         self.last_evaluated = now
         self.last_evaluated_ms = self.clock_ms()
         if now >= self.next_own_beat:
             self.next_own_beat = now + self.cfg.heartbeat_s
-            status, why = self._health()
+            status, why = health(self.incident, self.eew_risks)
             self.own_beat.publish(status, 0, self.last_evaluated_ms, latency_ms=(now - received_at) * 1000,
                                   extra={"incident": self.incident.event_id if self.incident else "",
                                          "brain_status": self.state.status or "none", **why})
 
-    def _health(self):
-        """(status, fields) of our own heartbeat: DEGRADED with `reason` and `detail` while our
-        incident's panic is refused, or while an EEW says it would reject our panics. A
-        watchdog whose panics are not executed must be visible to `eexit status` and alerts."""
-        if self.incident is not None and self.incident.refused:
-            return "DEGRADED", {"reason": "panic_rejected", "detail": self.incident.refused}
-        if self.eew_risks:
-            consumer, (code, detail) = min(self.eew_risks.items())
-            return "DEGRADED", {"reason": "eew_would_reject", "detail": f"{consumer}: {code}: {detail}"}
-        return "OK", {}
+    def _advance(self, now, server_ms, halt, reports, found, attempts=3):
+        """Evaluate the rules, run the incident function and perform its commands."""
+        trigger = evaluate(self.state, now, self.cfg.limits) or self.restart
+        if trigger is not None and (self.last_trigger is None or trigger.reason != self.last_trigger.reason):
+            self.log.critical("rule_fired", reason=trigger.reason, detail=trigger.detail,
+                              incident=self.incident.event_id if self.incident else "")
+        self.last_trigger = trigger
+        inputs = Inputs(server_ms, trigger, reports, halt, found, str(uuid.uuid4()), tuple(self.own_entries))
+        incident, commands = step(self.incident, inputs, now, self.cfg.republish_s)
+        for command in commands:
+            if command.do is Do.CLAIM and not self._claim(command.incident):
+                if attempts == 0:
+                    raise redis.ResponseError(f"{INCIDENT_KEY}: claimed and lost three times in one step")
+                # Another opener holds the incident: adopt it (or drop it if stale) and decide again.
+                found, final = self._read_found()
+                return self._advance(now, server_ms, halt, reports + final, found, attempts - 1)
+            self._perform(command)
+        self.restart = None         # acted on: a restart is one trigger, not a standing rule
+        self.incident = incident
+
+    def _claim(self, incident):
+        # The hash first: a crash before the XADD then re-publishes THIS id after restart.
+        # Watchdogs on several hosts and the crash hook share INCIDENT_KEY: the first claim
+        # (HSETNX event_id) wins and the others adopt its event_id (docs/HA.md).
+        _event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, incident.to_fields())
+        return won
+
+    def _perform(self, command):
+        incident = command.incident
+        if command.do is Do.PUBLISH:
+            self._publish_panic(incident)
+        elif command.do is Do.STORE:
+            self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
+        elif command.do is Do.CLOSE:
+            # Delete only this incident: never a hash a concurrent opener rewrote.
+            stored = self.client.hget(INCIDENT_KEY, "event_id")
+            if stored is not None and bus.as_text(stored) == incident.event_id:
+                self.client.delete(INCIDENT_KEY)
+            self.incident, self.own_entries = None, []
+        if command.do is Do.CLAIM or command.event in ("incident_adopted", "incident_recovered"):
+            self.own_entries = []
+        if command.event:
+            getattr(self.log, command.level)(command.event, **{"event_id": incident.event_id, **dict(command.fields)})
 
     def _check_eew(self, fields):
         """Compare one EEW heartbeat's advertised keys with ours (rejection_risk); log when
@@ -574,89 +810,11 @@ class Watchdog:
         elif risk is None and self.eew_risks.pop(consumer, None):
             self.log.info("eew_accepts_our_panics", consumer=consumer)
 
-    def _on_report(self, fields):
-        """Only the owner's FLAT / RESIDUAL / FAILED completes the incident (report_outcome).
-        A REJECTED report never does: the panic was not executed, so we keep republishing
-        on the backoff schedule, and say so at CRITICAL and in our heartbeat."""
-        report, _problems = schema.CompletionReport.from_fields(fields)
-        incident = self.incident
-        if incident is None or report.event_id != incident.event_id or incident.completed_status:
-            return
-        outcome = report_outcome(report.status)
-        entry_id = report.extra.get("entry_id", "") or "-"
-        ours = "unknown" if not incident.entries else ("yes" if entry_id in incident.entries else "no")
-        if outcome == "complete":
-            incident.completed_status, incident.refused = report.status, ""
-            level = self.log.info if report.status == "FLAT" else self.log.critical
-            level("incident_report_seen", event_id=incident.event_id, status=report.status, entry_id=entry_id)
-            self.client.hset(INCIDENT_KEY, "completed_status", report.status)
-        elif outcome == "duplicate":
-            # Another entry owns the event id (the EEW authorised and claimed it): the panic
-            # is being executed; its owner's final report completes the incident.
-            incident.refused = ""
-            self.log.warning("incident_report_not_final", event_id=incident.event_id, status=report.status,
-                             entry_id=entry_id, ours=ours, detail=report.detail or "-")
-        else:
-            incident.refused = f"{report.status or 'unreadable'}: {report.detail or '-'} entry={entry_id} ours={ours}"
-            self.log.critical("incident_panic_rejected", event_id=incident.event_id,
-                              status=report.status or "unreadable", why=report.detail or "-", entry_id=entry_id,
-                              ours=ours, publish_count=incident.publish_count,
-                              next_publish_in_s=round(max(0.0, incident.next_publish_at - self.monotonic()), 3))
-
-    def _act(self, trigger, now):
-        if trigger is not None and (self.last_trigger is None or trigger.reason != self.last_trigger.reason):
-            self.log.critical("rule_fired", reason=trigger.reason, detail=trigger.detail,
-                              incident=self.incident.event_id if self.incident else "")
-        self.last_trigger = trigger
-        if self.incident is None:
-            if trigger is not None:
-                self._open_incident(trigger, now)
-            return
-        incident = self.incident
-        if not incident.completed_status and now >= incident.next_publish_at:
-            self._publish_panic(incident, now)
-        if healthy(self.state, now, self.cfg.limits):
-            if incident.healthy_since is None:
-                incident.healthy_since = now
-            if incident.completed_status and now - incident.healthy_since >= self.cfg.rearm_s:
-                self._close_incident(incident)
-        else:
-            incident.healthy_since = None
-
-    def _open_incident(self, trigger, now):
-        candidate = Incident(str(uuid.uuid4()), trigger.reason, trigger.detail, self.clock_ms(),
-                             republish_delay_s=self.cfg.republish_s)
-        # The hash first: a crash before the XADD then re-publishes THIS id after restart.
-        # Watchdogs on several hosts share INCIDENT_KEY: the first claim (HSETNX event_id) wins
-        # and the others adopt its event_id, so one outage is one execution (docs/HA.md).
-        claim = {**candidate.to_fields(), "opened_by": ISSUER}
-        event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
-        if not won and self._drop_if_outlived(event_id):
-            event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, claim)
-        if won:
-            self.incident = candidate
-            self.log.critical("incident_opened", event_id=event_id, reason=trigger.reason,
-                              detail=trigger.detail)
-            self._publish_panic(candidate, now)
-            return
-        adopted = Incident(event_id, trigger.reason, trigger.detail, self.clock_ms(),
-                           republish_delay_s=self.cfg.republish_s)
-        adopted.completed_status = self._find_report(event_id)
-        # The winner publishes; we re-publish the SAME id only if no report appears in time
-        # (covers a winner that died between its claim and its XADD): fail-closed, and never
-        # a second execution.
-        # No panic entry at all for it: its opener died (or was stopped) between claim and
-        # XADD; publish now rather than after the republish delay.
-        adopted.next_publish_at = now + (self.cfg.republish_s if self._panic_published(event_id) else 0.0)
-        self.incident = adopted
-        opened_by = bus.as_text(self.client.hget(INCIDENT_KEY, "opened_by") or b"")
-        self.log.critical("incident_adopted", event_id=event_id, reason=trigger.reason, opened_by=opened_by,
-                          completed_status=adopted.completed_status)
-
-    def _publish_panic(self, incident, now):
-        context = {"detail": incident.detail, "publish_count": incident.publish_count + 1,
-                   "brain_status": self.state.status, "brain_positions": self.state.active_positions}
-        event = schema.PanicEvent(event_id=incident.event_id, reason=incident.reason,
+    def _publish_panic(self, incident):
+        context = {"detail": incident.detail, "publish_count": incident.publish_count, "incident": incident.event_id,
+                   "round": incident.round, "brain_status": self.state.status,
+                   "brain_positions": self.state.active_positions}
+        event = schema.PanicEvent(event_id=incident.current, reason=incident.reason,
                                   issued_by=ISSUER, ts=self.clock_ms(),
                                   extra={"context": json.dumps(context, sort_keys=True)})
         fields = event.to_fields()
@@ -665,30 +823,17 @@ class Watchdog:
         published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields,
                                         self.cfg.redis_replicas, self.cfg.redis_wait_ms,
                                         give_up_after_s=2.0)
-        entry_id = published.entry_id
         if not published.confirmed:
-            # Written, but a failover could still lose it: the republish schedule below keeps
-            # publishing the same event_id until a completion report appears.
-            self.log.critical("panic_replication_unconfirmed", event_id=incident.event_id,
+            # Written, but a failover could still lose it: the republish schedule keeps
+            # publishing this round's event_id until a completion report appears.
+            self.log.critical("panic_replication_unconfirmed", event_id=incident.current,
                               replicas_acked=published.replicas_acked)
-        if incident.publish_count > 0:
-            incident.republish_delay_s = min(incident.republish_delay_s * 2, MAX_REPUBLISH_S)
-        incident.publish_count += 1
-        incident.entries = [*incident.entries[-(ENTRIES_KEPT - 1):], bus.as_text(entry_id)]
-        incident.next_publish_at = now + incident.republish_delay_s
+        self.own_entries = [*self.own_entries[-(ENTRIES_KEPT - 1):], bus.as_text(published.entry_id)]
         self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
-        self.log.critical("panic_published", event_id=incident.event_id, reason=incident.reason,
-                          entry_id=entry_id, publish_count=incident.publish_count,
-                          signed=self.kid is not None)
+        self.log.critical("panic_published", event_id=incident.current, incident=incident.event_id,
+                          round=incident.round, reason=incident.reason, entry_id=published.entry_id,
+                          publish_count=incident.publish_count, signed=self.kid is not None)
 
-    def _close_incident(self, incident):
-        # Delete only our own incident: never a hash a concurrent tool rewrote.
-        stored = self.client.hget(INCIDENT_KEY, "event_id")
-        if stored is not None and bus.as_text(stored) == incident.event_id:
-            self.client.delete(INCIDENT_KEY)
-        self.log.info("incident_closed", event_id=incident.event_id,
-                      completed_status=incident.completed_status, rearmed=True)
-        self.incident = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -748,7 +893,7 @@ PROBES = (("XREVRANGE", schema.HEARTBEAT_STREAM, "+", "-", "COUNT", "1"),
           ("XREAD", "COUNT", "1", "STREAMS", schema.COMPLETED_STREAM, "$"),
           ("XADD", schema.PANIC_STREAM, "0-0", "f", "v"),
           ("XADD", schema.WATCHDOG_HEARTBEAT_STREAM, "0-0", "f", "v"),
-          ("HGETALL", INCIDENT_KEY), ("TIME",))
+          ("HGETALL", INCIDENT_KEY), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
 
 
 def main():
@@ -757,9 +902,7 @@ def main():
     def start():
         cfg = Config.from_env()
         keyring = signing.load_keys()
-        if keyring.configured and keyring.kid_for(ISSUER) is None:
-            raise ConfigError(f"{signing.ENV_VARIABLE} / {signing.CREDENTIAL_FILE} has keys but none for "
-                              f"issuer {ISSUER}: its panics would be rejected")
+        signing.check_own_keys(keyring, ISSUER, signing.key_source())
         client = bus.connect()
         notifier = Notifier()
         watchdog = Watchdog(cfg, client, keyring, notifier, log)

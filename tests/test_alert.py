@@ -15,7 +15,7 @@ import threading
 import unittest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from eexit import alert, ops, schema
+from eexit import alert, bus, schema
 from eexit.config import ConfigError
 from tests.harness import (ROOT, NotifySocket, RedisTestCase, free_port, python_env, start_module, stop_process,
                            wait_for)
@@ -452,7 +452,7 @@ class AlertDaemonTest(RedisTestCase):
             with open(self.outbox, encoding="utf-8") as f:
                 self.assertNotIn(secret, f.read())
         # `eexit status` reads the outbox from the notifier's heartbeat.
-        wait_for(lambda: (s := ops.gather_status(self.redis)["alerts"])["pending"] == 0
+        wait_for(lambda: (s := alert.read_outbox_status(self.redis, bus.server_time_ms(self.redis)))["pending"] == 0
                  and s["sinks"].get("webhook", {}).get("last_id") == last, 20, message="status shows the outbox")
         status = subprocess.run([sys.executable, "-m", "eexit.cli", "status"], capture_output=True, text=True,
                                 env=python_env(REDIS_URL=self.redis_server.url), cwd=ROOT, timeout=60)

@@ -169,6 +169,24 @@ class ChainTests(TempDirMixin, unittest.TestCase):
             f.write("{}")
         self.assert_broken_at(None, "malformed")
 
+    def test_an_emptied_file_without_its_head_is_broken_and_the_daemon_refuses_it(self):
+        """Issue 26, finding 13: emptying the file and deleting the head is never "OK: 0 lines"."""
+        write_lines(self.path, [])
+        os.unlink(audit.head_path(self.path))
+        self.assert_broken_at(None, ".head file is missing")
+        with self.assertRaises(audit.ChainBroken):
+            audit.AuditFile(self.path, quiet_log()).open()
+
+    def test_first_start_writes_the_head_before_the_file(self):
+        fresh = os.path.join(self.make_dir(), "fresh.jsonl")
+        audit.AuditFile(fresh, quiet_log()).open().close()
+        self.assertEqual(audit.verify_file(fresh)[:2], (True, None))
+        self.assertEqual(json.loads(open(audit.head_path(fresh), "rb").read())["seq"], 0)
+        # A crash after the head and before the file: the next start is a clean first start.
+        os.unlink(fresh)
+        audit.AuditFile(fresh, quiet_log()).open().close()
+        self.assertEqual(audit.verify_file(fresh)[:2], (True, None))
+
     def forge_appended_line(self):
         """A line appended by someone else, with a correctly recomputed chain."""
         last = parsed(self.path)[-1]

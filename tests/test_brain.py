@@ -2,11 +2,16 @@
 a NOTIFY_SOCKET owned by the test. No timed assertions."""
 
 import os
+import signal
 import tempfile
+import threading
 import time
 import unittest
 
+from eexit import brain as brain_module
 from eexit import exchange, schema
+from eexit.brain import GUARD_STATE_KEY
+from eexit.log import Logger
 from eexit.paper import PaperExchange
 from tests.harness import NotifySocket, RedisTestCase, python_env, start_module, stop_process, wait_for
 
@@ -133,6 +138,61 @@ class BrainProcessTest(RedisTestCase):
                  15, message=f"countdownCancelAll for ETHUSDT; requests: "
                              f"{self.paper.requests(path='countdownCancelAll')}; log:\n{self.log_text()[-2000:]}")
         self.wait_beat(lambda b, p: b.status == "OK", message="OK with dead-man armed")
+
+
+    def test_trailing_marks_survive_a_restart_and_a_clean_stop_says_stopped(self):
+        self.start_brain(EEXIT_TRAILING_STOP_PCT="5")
+        first, _ = self.wait_beat(lambda b, p: b.status == "OK" and b.active_positions == 2, message="guarding 2")
+        self.paper.set_mark("BTCUSDT", 70000)                  # the long's high-water mark
+        wait_for(lambda: "70000" in (self.redis.hget(GUARD_STATE_KEY, "exit_brain") or b"").decode(), 15,
+                 message=f"guard state saved\n{self.log_text()[-2000:]}")
+        brain = self.processes[-1]
+        brain.send_signal(signal.SIGTERM)
+        self.assertEqual(brain.wait(timeout=15), 0)
+        stopped = self.latest_beat()[0]
+        self.assertEqual((stopped.status, stopped.instance), ("STOPPED", first.instance))
+        self.paper.set_mark("BTCUSDT", 67000)                  # 4.3 % below the mark: no exit yet
+        self.start_brain(EEXIT_TRAILING_STOP_PCT="5")
+        restarted, _ = self.wait_beat(lambda b, p: b.status == "OK" and b.instance != first.instance,
+                                      message="the new instance guarding")
+        self.assertEqual(self.paper.position_amount("BTCUSDT"), 0.01)
+        self.assertIn("event=guard_state_loaded positions=2", self.log_text())
+        # 5.7 % below the high-water mark of the PREVIOUS process, 1.5 % below what the new one
+        # saw first: only a resumed mark closes it.
+        self.paper.set_mark("BTCUSDT", 66000)
+        wait_for(lambda: self.paper.position_amount("BTCUSDT") == 0, 15,
+                 message=f"trailing stop from the resumed mark\n{self.log_text()[-2000:]}")
+        self.assertIn("rule=trailing_stop", self.log_text())
+
+
+class CycleTimeoutTest(RedisTestCase):
+    """Issue 26 finding 7: a built-in TimeoutError raised INSIDE cycle() (on 3.11 it is also
+    concurrent.futures.TimeoutError) is a failed cycle, not an overrun to wait out: one
+    DEGRADED beat, no busy loop."""
+
+    def test_a_timeout_error_inside_the_cycle_is_one_degraded_beat(self):
+        paper = PaperExchange(seed="BTCUSDT:0.01")
+        url = paper.start()
+        self.addCleanup(paper.stop)
+        ex = exchange.build_exchange(exchange.ExchangeConfig.from_env(
+            {"EEXIT_EXCHANGE_URL": url, "EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret"}))
+
+        class TimingOutBrain(brain_module.Brain):
+            def cycle(self):
+                raise TimeoutError("timed out")                 # what a socket read raises
+
+        cfg = brain_module.Config.from_env({})
+        log = Logger("brain", stream=open(os.devnull, "w"))
+        self.addCleanup(log.stream.close)
+        brain = TimingOutBrain(cfg, exchange, ex, self.redis, log=log)
+        self.addCleanup(brain.cycle_thread.shutdown)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (brain.run_once(), done.set()), daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        self.assertTrue(done.is_set(), "run_once did not return")
+        [(_id, (beat, _problems))] = beats(self.redis)
+        self.assertEqual((beat.status, beat.extra.get("degraded_reason")), ("DEGRADED", "cycle_failed:TimeoutError"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import unittest
 
-from eexit.brain import Config, ExitRules, Tracked, decide_exits, position_key
+from eexit.brain import Config, ExitRules, Tracked, decide_exits, decode_tracked, encode_tracked, position_key
 from eexit.exchange import Position
 
 NOW = 1_700_000_000_000
@@ -101,6 +101,25 @@ class ConfigFromEnv(unittest.TestCase):
     def test_bad_value_names_the_variable(self):
         with self.assertRaisesRegex(ValueError, "EEXIT_STOP_LOSS_PCT"):
             Config.from_env({"EEXIT_STOP_LOSS_PCT": "-1"})
+
+
+class GuardStateTest(unittest.TestCase):
+    """What a restarted brain reads back (exit_brain:guard)."""
+
+    def test_same_boot_keeps_clocks_and_marks_another_boot_keeps_marks_only(self):
+        tracked = {"BTC/USDT:USDT|BOTH|long": Tracked(5_000, 70000.0), "ETH/USDT:USDT|BOTH|short": Tracked(6_000)}
+        text = encode_tracked(tracked, "boot-a")
+        self.assertEqual(decode_tracked(text, "boot-a", 9_000), tracked)
+        other = decode_tracked(text, "boot-b", 100)
+        self.assertEqual(other["BTC/USDT:USDT|BOTH|long"], Tracked(100, 70000.0))
+        self.assertEqual(other["ETH/USDT:USDT|BOTH|short"], Tracked(100, None))
+
+    def test_a_first_seen_in_the_future_restarts_at_now_and_garbage_raises(self):
+        text = encode_tracked({"k": Tracked(50_000, 1.0)}, "boot-a")
+        self.assertEqual(decode_tracked(text, "boot-a", 9_000), {"k": Tracked(9_000, 1.0)})
+        for bad in ("", "[]", '{"boot": "b"}', '{"boot": "b", "tracked": {"k": ["x", 1]}}'):
+            with self.subTest(bad=bad), self.assertRaises((ValueError, KeyError, TypeError)):
+                decode_tracked(bad, "b", 1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import threading
 import time
 import unittest
 
-from eexit import ops, resume, schema, signing
+from eexit import health, ops, resume, schema, signing
 from eexit.localredis import free_port
 from tests.harness import ROOT, RedisTestCase, python_env, wait_for
 from tests.test_eew import EEWCase
@@ -56,14 +56,34 @@ def report(event_id, status):
                                    ts_started=now - 5, ts_completed=now, execution_time_ms=5)
 
 
-def beat(client, stream, status="OK"):
-    client.xadd(stream, schema.Heartbeat("x", status, 0, int(time.time() * 1000), 1.0,
+def beat(client, stream, status="OK", service_id=None):
+    """A heartbeat now; on the brain's stream it is the brain's own (service_id exit_brain)
+    unless service_id names another producer."""
+    service_id = service_id or ("exit_brain" if stream == schema.HEARTBEAT_STREAM else "x")
+    client.xadd(stream, schema.Heartbeat(service_id, status, 0, int(time.time() * 1000), 1.0,
                                          int(time.time() * 1000)).to_fields())
 
 
 class StatusTest(RedisTestCase):
     def env(self, **more):
         return python_env(REDIS_URL=self.redis_server.url, **more)
+
+    def test_a_bot_beating_on_the_brains_stream_does_not_make_a_degraded_brain_healthy(self):
+        # Another producer's OK beat is the newest entry; status judges the brain's own beat,
+        # as the watchdog does (issue 26: only the brain's service_id counts).
+        self.redis.hset(schema.TRADING_STATE_KEY, "halted", "false")
+        for stream in (schema.EEW_HEARTBEAT_STREAM, schema.WATCHDOG_HEARTBEAT_STREAM):
+            beat(self.redis, stream)
+        beat(self.redis, schema.HEARTBEAT_STREAM, status="DEGRADED")
+        beat(self.redis, schema.HEARTBEAT_STREAM, service_id="my_bot")
+        result = run_cli(self.env(), "status")
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("exit_brain: DEGRADED", result.stdout)
+        self.redis.delete(schema.HEARTBEAT_STREAM)
+        beat(self.redis, schema.HEARTBEAT_STREAM, service_id="my_bot")
+        result = run_cli(self.env(), "status")
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("exit_brain: SILENT", result.stdout)
 
     def test_redis_unreachable_is_2(self):
         result = run_cli(python_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"), "status")
@@ -74,7 +94,7 @@ class StatusTest(RedisTestCase):
         result = run_cli(self.env(), "status")
         self.assertEqual(result.returncode, 2, result.stdout)
         self.assertIn("SILENT", result.stdout)
-        for _name, stream in ops.DAEMON_STREAMS:
+        for _name, stream in health.DAEMON_STREAMS:
             beat(self.redis, stream)
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "event_id": "e1",
                                                            "reason": "X", "halted_by": "watchdog"})
@@ -87,7 +107,7 @@ class StatusTest(RedisTestCase):
         self.assertIn("HEALTHY", result.stdout)
 
     def test_json_lists_panics_reports_and_pending(self):
-        for _name, stream in ops.DAEMON_STREAMS:
+        for _name, stream in health.DAEMON_STREAMS:
             beat(self.redis, stream)
         self.redis.xgroup_create(schema.PANIC_STREAM, schema.EEW_GROUP, id="0", mkstream=True)
         event = schema.PanicEvent("ev-1", "MANUAL", "ops", int(time.time() * 1000))
@@ -106,7 +126,7 @@ class StatusTest(RedisTestCase):
         self.assertEqual(group["consumers"], {"eew@test": 1})
 
     def test_stale_heartbeat_is_silent(self):
-        for _name, stream in ops.DAEMON_STREAMS:
+        for _name, stream in health.DAEMON_STREAMS:
             self.redis.xadd(stream, {"service_id": "x", "status": "OK"}, id="1000-0")
         self.redis.hset(schema.TRADING_STATE_KEY, "halted", "false")
         result = run_cli(self.env(), "status", "--json")
@@ -166,7 +186,9 @@ class PanicTest(RedisTestCase):
 class ResumeCase(EEWCase):
     """`eexit resume` as a subprocess, answered by the real EEW, which makes every check."""
 
-    eew_env = {"EEXIT_RESUME_COOLDOWN_S": "0"}
+    # Guard off: while halted it closes a test's deliberate residual within EEXIT_HALT_GUARD_S,
+    # and a resume that takes longer than that under load then finds the account flat.
+    eew_env = {"EEXIT_RESUME_COOLDOWN_S": "0", "EEXIT_HALT_GUARD_S": "0"}
     cli_keys = None
 
     @classmethod
@@ -265,6 +287,7 @@ class ResumeTest(ResumeCase):
                              EEXIT_RESUME_TIMEOUT_S="1")
         self.assertEqual(result.returncode, 3, result.stdout + result.stderr)
         self.assertIn("no verdict from the EEW", result.stderr)
+        self.assertIn("outcome unknown, check `eexit status`", result.stderr)
         self.assert_still_halted()
 
 
@@ -349,14 +372,26 @@ class ResumeRequestTest(unittest.TestCase):
     KEYS = signing.parse_keys(OPS_KEY + "," + WATCHDOG_KEY, "test")
 
     def test_signed_request_checks_and_every_tampering_fails(self):
-        fields = resume.build_request("alice", "ev-1", False, self.KEYS, now_ms=1_000_000, request_id="r1")
+        fields = resume.build_request("alice", "ev-1", False, self.KEYS, now_ms=1_000_000, request_id="r1",
+                                      valid_s=30)
         request, why = resume.check_request(fields, self.KEYS, now_ms=1_010_000)
-        self.assertEqual((request, why), (resume.Request("r1", "ev-1", "alice", False), None))
+        self.assertEqual((request, why), (resume.Request("r1", "ev-1", "alice", False, "resume", 1_030_000), None))
         for name, value in (("ack", "ev-2"), ("accept_residual", "true"), ("operator", "mallory"),
-                            ("ts", "1000001"), ("request_id", "r2")):
+                            ("ts", "1000001"), ("request_id", "r2"), ("expires_at", "1090000")):
             with self.subTest(field=name):
                 self.assertIsNone(resume.check_request(dict(fields, **{name: value}), self.KEYS, 1_000_000)[0])
-        self.assertEqual(resume.check_request(fields, self.KEYS, 1_000_000 + 61_000), (None, "stale:61s"))
+
+    def test_a_request_expires_with_the_wait_of_its_cli(self):
+        fields = resume.build_request("alice", "ev-1", False, signing.KeyRing(), now_ms=1_000_000, valid_s=30)
+        self.assertEqual(fields["expires_at"], "1030000")
+        self.assertIsNotNone(resume.check_request(fields, signing.KeyRing(), 1_030_000)[0])
+        self.assertEqual(resume.check_request(fields, signing.KeyRing(), 1_031_000), (None, "expired:1s_ago"))
+        too_long = dict(fields, expires_at=str(1_000_000 + int(resume.REQUEST_MAX_AGE_S * 1000) + 1))
+        self.assertEqual(resume.check_request(too_long, signing.KeyRing(), 1_000_000)[1], "malformed:expires_at")
+        self.assertEqual(resume.check_request(dict(fields, expires_at="999999"), signing.KeyRing(), 1_000_000)[1],
+                         "malformed:expires_at")
+        without = {k: v for k, v in fields.items() if k != "expires_at"}
+        self.assertEqual(resume.check_request(without, signing.KeyRing(), 1_000_000)[1], "malformed:ts")
 
     def test_a_panic_signature_is_no_resume_signature_and_the_watchdog_cannot_resume(self):
         panic = signing.sign_fields({"event_id": "r1", "reason": "x", "severity": "CRITICAL", "issued_by": "ops",
@@ -371,15 +406,27 @@ class ResumeRequestTest(unittest.TestCase):
 
 
 class StatusDecisionTest(unittest.TestCase):
-    def status(self, ages, halted):
-        return {"daemons": {n: {"age_ms": a} for n, a in zip("abc", ages)}, "trading": {"halted": halted}}
+    def status(self, ages, halted, statuses="OK OK OK", reasons=(None, None, None)):
+        return {"daemons": {n: {"age_ms": a, "status": s if s != "-" else None, "reason": r}
+                            for n, a, s, r in zip("abc", ages, statuses.split(), reasons)},
+                "trading": {"halted": halted}}
 
     def test_exit_codes(self):
-        self.assertEqual(ops.status_exit_code(self.status([1, 2, 3], False), 5000), 0)
-        self.assertEqual(ops.status_exit_code(self.status([1, 2, 3], True), 5000), 1)
-        self.assertEqual(ops.status_exit_code(self.status([1, 2, 3], None), 5000), 1)
-        self.assertEqual(ops.status_exit_code(self.status([1, None, 3], False), 5000), 2)
-        self.assertEqual(ops.status_exit_code(self.status([1, 5001, 3], True), 5000), 2)
+        self.assertEqual(health.status_exit_code(self.status([1, 2, 3], False), 5000), 0)
+        self.assertEqual(health.status_exit_code(self.status([1, 2, 3], True), 5000), 1)
+        self.assertEqual(health.status_exit_code(self.status([1, 2, 3], None), 5000), 1)
+        self.assertEqual(health.status_exit_code(self.status([1, None, 3], False), 5000), 2)
+        self.assertEqual(health.status_exit_code(self.status([1, 5001, 3], True), 5000), 2)
+
+    def test_never_healthy_beside_a_degraded_daemon(self):
+        degraded = self.status([1, 2, 3], False, "DEGRADED OK OK", ("cycle_overrun", None, None))
+        self.assertEqual(health.status_exit_code(degraded, 5000), 2)
+        self.assertEqual(health.daemon_problems(degraded, 5000), ["a: DEGRADED: cycle overrun"])
+        for statuses in ("DEGRADED OK OK", "OK - OK"):      # no reason given; a status unknown
+            with self.subTest(statuses=statuses):
+                self.assertEqual(health.status_exit_code(self.status([1, 2, 3], False, statuses), 5000), 2)
+        self.assertEqual(health.daemon_problems(self.status([1, 2, 3], True, "OK - OK"), 5000),
+                         ["b: unknown status: no reason given"])
 
 
 class AuditVerifyTest(unittest.TestCase):

@@ -17,7 +17,7 @@ import sys
 import time
 import unittest
 
-from eexit import demo, ops, schema
+from eexit import demo, health, schema
 from eexit.demo import Stack
 from eexit.localredis import free_port
 from tests.harness import ROOT, RedisTestCase, python_env
@@ -67,14 +67,14 @@ class StatusCannotAnswer(RedisTestCase):
 
     def test_any_unexpected_error_is_2_never_1(self):
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "event_id": "e1"})
-        for patch in ("eexit.ops.gather_status", "eexit.ops.status_exit_code", "eexit.cli.fmt_ts"):
+        for patch in ("eexit.health.gather_status", "eexit.health.status_exit_code", "eexit.cli.fmt_ts"):
             with self.subTest(patch=patch):
                 result = run_cli(self.env(), "status", patch=patch)
                 self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
                 self.assertIn("unexpected error RuntimeError: simulated bug (exit 2)", result.stderr)
 
     def test_daemon_naming_a_reason_is_2_and_named(self):
-        for _name, stream in ops.DAEMON_STREAMS:
+        for _name, stream in health.DAEMON_STREAMS:
             beat(self.redis, stream)
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false"})
         self.assertEqual(run_cli(self.env(), "status").returncode, 0)
@@ -90,9 +90,11 @@ class StatusCannotAnswer(RedisTestCase):
         self.assertEqual(data["exit_code"], 2)
         self.assertEqual(data["daemons"]["eew"]["reason"], "exchange_authentication")
         self.assertEqual(data["problems"], ["eew: DEGRADED: exchange authentication (AuthenticationError -2015)"])
-        # DEGRADED without a reason keeps its old meaning: shown, not a failure of status.
+        # DEGRADED without a reason is no less degraded (issue 26: never HEALTHY beside it).
         beat(self.redis, schema.EEW_HEARTBEAT_STREAM, status="DEGRADED")
-        self.assertEqual(run_cli(self.env(), "status").returncode, 0)
+        result = run_cli(self.env(), "status")
+        self.assertEqual(result.returncode, 2, result.stdout)
+        self.assertIn("eew: DEGRADED: no reason given", result.stdout.splitlines()[-1])
 
     def test_closed_pipe_is_no_traceback_and_keeps_the_exit_code(self):
         fields = schema.PanicEvent("e", "A_REASON_LONG_ENOUGH_TO_FILL_THE_PIPE", "ops", 1).to_fields()

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import unittest
 
-from eexit import __version__, ops, schema
+from eexit import __version__, bus, ops, resume, schema
 from tests.harness import RedisTestCase, python_env
 from tests.test_cli import run_cli
 from tests.test_eew import EEWCase
@@ -62,7 +62,12 @@ class InitTest(RedisTestCase):
         result = run_cli(python_env(REDIS_URL=self.redis_server.url, EEXIT_RESUME_TIMEOUT_S="1"),
                          "init", "--operator", "alice")
         self.assertEqual(result.returncode, 3, result.stdout + result.stderr)
+        self.assertIn("outcome unknown, check `eexit status`", result.stderr)
+        self.assertNotIn("nothing written", result.stdout + result.stderr)   # it cannot know that
         self.assertEqual(self.redis.exists(schema.TRADING_STATE_KEY), 0)
+        # The request it left is dead: expired on Redis's clock when the CLI gave up.
+        [(_, request)] = self.redis.xrange(resume.REQUEST_STREAM)
+        self.assertLess(int(request[b"expires_at"]), bus.server_time_ms(self.redis))
 
     def test_an_existing_halt_is_never_cleared(self):
         halt = {"halted": "true", "event_id": "ev-9", "reason": "POSITIONS_UNGUARDED", "requires_manual_reset": "true"}
@@ -126,6 +131,12 @@ class VersionAndAuditVerifyTest(unittest.TestCase):
         self.assertEqual(out["broken_line"], 1)
         empty = os.path.join(tmp, "empty.jsonl")
         open(empty, "w").close()
+        # Issue 26: an emptied file whose head was deleted proves nothing: BROKEN, never OK.
+        result = run_cli(python_env(), "audit", "verify", empty, "--json")
+        self.assertEqual((result.returncode, json.loads(result.stdout)["verdict"]), (1, "BROKEN"), result.stdout)
+        self.assertIn(".head file is missing", json.loads(result.stdout)["reason"])
+        with open(empty + ".head", "w", encoding="ascii") as f:
+            json.dump({"seq": 0, "hash": "0" * 64}, f)          # what the daemon writes first
         result = run_cli(python_env(), "audit", "verify", empty, "--json")
         self.assertEqual((result.returncode, json.loads(result.stdout)["verdict"]), (0, "OK"), result.stdout)
         missing = run_cli(python_env(), "audit", "verify", os.path.join(tmp, "absent"), "--json")

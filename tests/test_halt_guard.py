@@ -15,7 +15,7 @@ import os
 import signal
 import uuid
 
-from eexit import guard_policy, ops, schema
+from eexit import guard_policy, health, schema
 from tests.harness import python_env, start_module, stop_process, wait_for
 from tests.test_cli import run_cli
 from tests.test_eew import EEWCase
@@ -92,7 +92,7 @@ class ViolationTest(GuardCase):
         status = self.guard_status()
         self.assertEqual(("eew-a", "flat", report.event_id),
                          (status["holder"], status["last_check"], status["last_enforcement_event_id"]))
-        guard = ops.gather_status(self.redis)["guard"]
+        guard = health.gather_status(self.redis)["guard"]
         self.assertEqual("eew-a", guard["lease_holder"])
         self.assertEqual("HALT_VIOLATION FLAT", guard["last_enforcement"])
         shown = run_cli(python_env(REDIS_URL=self.redis_server.url), "status").stdout

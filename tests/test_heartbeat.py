@@ -37,6 +37,22 @@ class HeartbeatPublisherTest(RedisTestCase):
         self.assertLess(self.redis.xlen(schema.EEW_HEARTBEAT_STREAM), 1200)
         self.assertEqual(self.redis.xlen(schema.HEARTBEAT_STREAM), 0)
 
+    def test_every_beat_carries_this_process_instance_and_a_clean_stop_says_stopped(self):
+        import subprocess
+        import sys
+        from eexit.heartbeat import INSTANCE
+        from tests.harness import python_env
+        first, second = Heartbeat(self.redis, "my_bot"), Heartbeat(self.redis, "my_bot")
+        first.ok(1, 1)
+        second.stopped(1, 1, 0.0)                   # one process, one identity
+        [(ok, _), (stopped, problems)] = self.read_all()
+        self.assertEqual(problems, [])
+        self.assertEqual((ok.instance, stopped.instance, stopped.status), (INSTANCE, INSTANCE, "STOPPED"))
+        other = subprocess.run([sys.executable, "-c", "from eexit.heartbeat import INSTANCE; print(INSTANCE)"],
+                               env=python_env(), capture_output=True, text=True, timeout=30).stdout.strip()
+        self.assertNotEqual(other, INSTANCE)        # a new process, a new identity
+        self.assertRegex(other, "^[0-9a-f]{16}$")
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -375,23 +375,27 @@ class WatchdogAdoptionTest(RedisTestCase):
         used = "aaaaaaaa-1111-4111-8111-111111111111"
         self.redis.xadd(schema.PANIC_STREAM, {"event_id": used, "reason": "EXIT_BRAIN_DIED", "issued_by": "exit_brain"})
         self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": used, "status": "FLAT"})
+        # A human resumed after it (cleared_at on Redis's clock, later than the claim's opened_at).
+        self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "cleared_by": "alice",
+                                                          "cleared_at": str(bus.server_time_ms(self.redis))})
         self.start(active_positions=2)          # healthy heartbeats after that report
         self.redis.hsetnx(hook.INCIDENT_KEY, "event_id", used)
         self.redis.hsetnx(hook.INCIDENT_KEY, "opened_by", "hook")
         if replay:      # a replay of the used id: the EEW answers DUPLICATE, the watchdog sees a report
             self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": used, "status": "DUPLICATE"})
-            wait_for(lambda: "incident_outlived" in self.log(), 20, message=f"dropped\n{self.log()}")
+            wait_for(lambda: "incident_closed" in self.log(), 20, message=f"dropped\n{self.log()}")
         self.beaters[0].stop()
         new = wait_for(lambda: [e for e in panics(self.redis) if e.event_id != used], 20,
                        message=f"a new panic\n{self.log()}")
         self.assertEqual([(e.issued_by, e.reason) for e in new], [("watchdog", "POSITIONS_UNGUARDED")])
-        self.assertIn("incident_outlived", self.log())
+        self.assertIn("event=incident_closed event_id=" + used + " why=resumed", self.log())
         self.assertEqual(self.redis.hget(hook.INCIDENT_KEY, "event_id").decode(), new[0].event_id)
 
     def test_a_claim_without_a_panic_is_published_at_once(self):
         claimed = "bbbbbbbb-2222-4222-8222-222222222222"
         self.start(active_positions=2)
         self.redis.hsetnx(hook.INCIDENT_KEY, "event_id", claimed)     # the hook died after its claim
+        self.redis.hsetnx(hook.INCIDENT_KEY, "opened_at_ms", bus.server_time_ms(self.redis))
         self.beaters[0].stop()
         # SCALED re-publishes only after 30 s: a panic well before that is the at-once path.
         event = wait_for(lambda: panics(self.redis), 20, message=f"panic\n{self.log()}")[0]

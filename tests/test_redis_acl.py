@@ -76,6 +76,8 @@ class RedisAclTest(unittest.TestCase):
     def test_brain(self):
         brain = self.client("eexit-brain")
         brain.xadd(schema.HEARTBEAT_STREAM, {"status": "OK", "ts": "2"}, maxlen=schema.HEARTBEAT_MAXLEN)
+        brain.hset("exit_brain:guard", "exit_brain", "{}")          # its guard state: its own key only
+        self.assertEqual(brain.hget("exit_brain:guard", "exit_brain"), "{}")
         self.assertEqual(brain.hget(schema.TRADING_STATE_KEY, "halted"), "true")
         self.assertEqual(brain.hgetall(schema.TRADING_STATE_KEY)["reason"], "test")
         forbidden = [
@@ -88,6 +90,8 @@ class RedisAclTest(unittest.TestCase):
             (brain.xtrim, schema.HEARTBEAT_STREAM, 0),
             (brain.xreadgroup, schema.EEW_GROUP, "x", {schema.PANIC_STREAM: ">"}),
             (brain.set, "anything", "1"),
+            (brain.hset, "exit_brain:other", "x", "1"),
+            (brain.delete, "exit_brain:guard"),
             (brain.flushall,),
             (brain.config_get, "requirepass"),
             (brain.keys, "*"),
@@ -132,8 +136,8 @@ class RedisAclTest(unittest.TestCase):
         watchdog.xadd(schema.WATCHDOG_HEARTBEAT_STREAM, {"ts": "1"}, maxlen=100)
         watchdog.delete(WATCHDOG_INCIDENT)
         self.assertEqual(len(watchdog.xrevrange(schema.COMPLETED_STREAM, count=1)), 0)
+        self.assertIn("halted", watchdog.hgetall(schema.TRADING_STATE_KEY))    # read-only: a resume ends its incident
         forbidden = [
-            (watchdog.hget, schema.TRADING_STATE_KEY, "halted"),
             (watchdog.xreadgroup, schema.EEW_GROUP, "wd", {schema.PANIC_STREAM: ">"}),
             (watchdog.xack, schema.PANIC_STREAM, schema.EEW_GROUP, "0-1"),
             (watchdog.xgroup_create, schema.PANIC_STREAM, "rogue", "0"),

@@ -9,7 +9,7 @@ import unittest
 from pathlib import Path
 
 from eexit.config import ConfigError
-from eexit.signing import (CORE_FIELDS, KeyRing, canonical_bytes, load_keys, parse_keys,
+from eexit.signing import (CORE_FIELDS, KeyRing, canonical_bytes, check_own_keys, key_source, load_keys, parse_keys,
                            sign_fields, verify_fields)
 
 WATCHDOG_KEY = "11" * 32
@@ -215,6 +215,31 @@ class FuzzTest(unittest.TestCase):
                     self.assertEqual(str(plain.get(name) or plain.get("source")), good[name], name)
         self.assertGreaterEqual(cases, 10000)
         self.assertLess(accepted, cases)
+
+
+class SignerKeysTest(unittest.TestCase):
+    """A signer's ring holds its own issuer's key only (issue 26 finding 9)."""
+
+    OWN = "wd1 watchdog " + "ab" * 32
+    OPS = "ops1 ops " + "cd" * 32
+
+    def test_own_key_only_passes_and_an_empty_ring_passes(self):
+        check_own_keys(parse_keys(self.OWN, "t"), "watchdog", "f")
+        check_own_keys(KeyRing(), "watchdog", "f")
+
+    def test_another_issuers_key_names_the_origin_and_the_issuer_never_the_key(self):
+        with self.assertRaises(ConfigError) as caught:
+            check_own_keys(parse_keys(f"{self.OWN}\n{self.OPS}", "t"), "watchdog", "/run/creds/panic_hmac_keys")
+        self.assertIn("/run/creds/panic_hmac_keys holds keys of other issuers (ops)", str(caught.exception))
+        self.assertNotIn("cd" * 32, str(caught.exception))
+        with self.assertRaises(ConfigError):
+            check_own_keys(parse_keys(self.OPS, "t"), "watchdog", "f")      # no own key at all
+
+    def test_key_source_names_the_credential_file_or_the_variable(self):
+        directory = tempfile.mkdtemp()
+        self.assertEqual(key_source({"CREDENTIALS_DIRECTORY": directory}), "EEXIT_PANIC_HMAC_KEYS")
+        Path(directory, "panic_hmac_keys").write_text(self.OWN)
+        self.assertEqual(key_source({"CREDENTIALS_DIRECTORY": directory}), os.path.join(directory, "panic_hmac_keys"))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ from tests.harness import NotifySocket, RedisTestCase, python_env, start_module,
 
 SCALED = {"EEXIT_HEARTBEAT_LOST_S": "1.0", "EEXIT_UNGUARDED_S": "0.6", "EEXIT_DEGRADED_S": "1.0",
           "EEXIT_STAGNANT_S": "1.5", "EEXIT_STARTUP_GRACE_S": "0.5", "EEXIT_REPUBLISH_S": "30",
-          "EEXIT_REARM_S": "0.5", "EEXIT_WATCHDOG_HEARTBEAT_S": "0.2"}
+          "EEXIT_WATCHDOG_HEARTBEAT_S": "0.2"}
 
 
 class Beater:
     """Publishes heartbeats every 0.1 s from a thread; the test changes `fields` on the fly."""
 
-    def __init__(self, client, **fields):
-        self.publisher = Heartbeat(client, "exit_brain")
+    def __init__(self, client, service_id="exit_brain", **fields):
+        self.publisher = Heartbeat(client, service_id)
         self.fields = {"status": "OK", "active_positions": 0, "decision": "fresh", **fields}
         self._stop = threading.Event()
         self._thread = None
@@ -57,6 +57,20 @@ class Beater:
 
 def panics(client):
     return [schema.PanicEvent.from_fields(fields)[0] for _id, fields in client.xrange(schema.PANIC_STREAM)]
+
+
+def halt(client, event_id):
+    """What the EEW writes when it executes a panic (the test plays it)."""
+    client.delete(schema.TRADING_STATE_KEY)
+    client.hset(schema.TRADING_STATE_KEY, mapping={"halted": "true", "event_id": event_id, "reason": "test",
+                                                  "halted_at": str(bus.server_time_ms(client))})
+
+
+def resume(client):
+    """What the EEW writes when it executes a human's resume (the test plays it): the halt
+    cleared, cleared_at on Redis's clock."""
+    client.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "cleared_by": "test",
+                                                  "cleared_at": str(bus.server_time_ms(client))})
 
 
 def publish_report(client, event_id, status="FLAT"):
@@ -141,18 +155,24 @@ class WatchdogProcessTest(RedisTestCase):
         [event] = self.wait_panics(1)
         self.assertEqual(event.reason, "EXIT_BRAIN_DECISION_STAGNANT")
 
-    def test_republish_same_event_then_rearm_after_report_and_health(self):
+    def test_republish_same_event_until_flat_then_a_resume_ends_the_incident(self):
         beater = self.beater(active_positions=1)
         self.start_watchdog(EEXIT_REPUBLISH_S="0.3")
         wait_for(lambda: self.redis.xlen(schema.WATCHDOG_HEARTBEAT_STREAM) >= 3, 10, message="watchdog heartbeat")
         beater.stop()
         first = self.wait_panics(2)
         self.assertEqual({event.event_id for event in first}, {first[0].event_id})
+        halt(self.redis, first[0].event_id)
         publish_report(self.redis, first[0].event_id)
         wait_for(lambda: self.redis.hget(INCIDENT_KEY, "completed_status") == b"FLAT", 10, message="report seen")
         count_after_report = len(panics(self.redis))
         beater = self.beater(active_positions=0)
-        wait_for(lambda: not self.redis.exists(INCIDENT_KEY), 10, message="incident closed after healthy beats")
+        # Healthy beats do not end it: only a human's resume does (the halt is the latch).
+        wait_for(lambda: self.redis.xlen(schema.WATCHDOG_HEARTBEAT_STREAM) >= 15, 10, message="beats")
+        self.assertTrue(self.redis.exists(INCIDENT_KEY))
+        resume(self.redis)
+        wait_for(lambda: not self.redis.exists(INCIDENT_KEY), 10, message="incident closed by the resume")
+        self.assertIn("event=incident_closed", self.log_text())
         self.assertEqual(len(panics(self.redis)), count_after_report)   # nothing re-published after the report
         beater.stop()
         events = self.wait_panics(count_after_report + 1)
@@ -184,8 +204,10 @@ class WatchdogProcessTest(RedisTestCase):
         self.assertEqual({e.event_id for e in events}, {event.event_id})
 
     def test_crash_between_incident_and_publish_publishes_the_recorded_id(self):
+        # Claimed a moment ago (within CLAIM_GRACE_S): its opener may have died before the XADD.
         self.redis.hset(INCIDENT_KEY, mapping={"event_id": "11111111-2222-4333-8444-555555555555",
-                                               "reason": "POSITIONS_UNGUARDED", "opened_at_ms": "1"})
+                                               "reason": "POSITIONS_UNGUARDED",
+                                               "opened_at_ms": str(bus.server_time_ms(self.redis))})
         self.beater(active_positions=0)
         self.start_watchdog()
         [event] = self.wait_panics(1)
@@ -193,7 +215,7 @@ class WatchdogProcessTest(RedisTestCase):
 
     def test_signed_panic_verifies(self):
         keys = "wd1 watchdog " + "ab" * 32 + ",ops1 ops " + "cd" * 32
-        self.start_watchdog(EEXIT_PANIC_HMAC_KEYS=keys)
+        self.start_watchdog(EEXIT_PANIC_HMAC_KEYS="wd1 watchdog " + "ab" * 32)
         self.wait_panics(1)
         _id, fields = self.redis.xrange(schema.PANIC_STREAM)[0]
         ring = signing.load_keys({"EEXIT_PANIC_HMAC_KEYS": keys})
@@ -202,6 +224,19 @@ class WatchdogProcessTest(RedisTestCase):
     def test_keys_without_a_watchdog_key_is_a_config_error(self):
         process = self.start_watchdog(EEXIT_PANIC_HMAC_KEYS="ops1 ops " + "cd" * 32)
         self.assertEqual(process.wait(timeout=10), 2)
+
+    def test_a_key_file_holding_another_issuers_key_is_refused_naming_the_file(self):
+        # The watchdog must not be able to sign as ops (issue 26 finding 9).
+        credentials = tempfile.mkdtemp(prefix="eexit-creds-")
+        path = os.path.join(credentials, "panic_hmac_keys")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("wd1 watchdog " + "ab" * 32 + "\nops1 ops " + "cd" * 32 + "\n")
+        process = self.start_watchdog(CREDENTIALS_DIRECTORY=credentials)
+        self.assertEqual(process.wait(timeout=10), 2)
+        log = self.log_text()
+        self.assertIn(f"{path} holds keys of other issuers (ops)", log)
+        self.assertNotIn("cd" * 32, log)
+        self.assertEqual(self.redis.xlen(schema.PANIC_STREAM), 0)
 
     def test_redis_outage_stops_pings_then_resumes(self):
         notify = NotifySocket()

@@ -28,6 +28,7 @@ from tests.harness import ROOT, RedisTestCase, python_env, start_module, stop_pr
 from tests.test_watchdog import SCALED, Beater, panics
 
 EEW_KEYS = "wd1 watchdog " + "ab" * 32 + ",ops1 ops " + "cd" * 32
+WATCHDOG_KEY = "wd1 watchdog " + "ab" * 32
 WRONG_WATCHDOG_KEY = "wd1 watchdog " + "ef" * 32
 EXCHANGE = {"EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret", "EEXIT_EXCHANGE_TIMEOUT_MS": "2000"}
 
@@ -60,7 +61,9 @@ class IncidentProcessTest(RedisTestCase):
     def start(self, module, **env):
         merged = {"REDIS_URL": self.redis_server.url, "EEXIT_EXCHANGE_URL": self.paper_url,
                   "EEXIT_JOURNAL": os.path.join(self.dir, "journal.jsonl"), "EEXIT_CONSUMER": "eew-incident",
-                  "EEXIT_PANIC_HMAC_KEYS": EEW_KEYS, **EXCHANGE, **SCALED, **env}
+                  # The EEW verifies every issuer; the watchdog holds its own key only.
+                  "EEXIT_PANIC_HMAC_KEYS": WATCHDOG_KEY if module == "eexit.watchdog" else EEW_KEYS,
+                  **EXCHANGE, **SCALED, **env}
         process = start_module(module, python_env(**merged), os.path.join(self.dir, module + ".log"))
         self.processes.append(process)
         return process

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from eexit import schema, signing
 from eexit.watchdog import (DECISION_STAGNANT, DEGRADED_TOO_LONG, HEARTBEAT_LOST, POSITIONS_UNGUARDED,
-                            Config, Limits, WatchState, after_outage, evaluate, healthy, next_deadline,
+                            Config, Limits, WatchState, after_outage, evaluate, next_deadline,
                             observe, rejection_risk, report_outcome)
 
 LIMITS = Limits(heartbeat_lost_s=5.0, unguarded_s=3.0, degraded_s=5.0, stagnant_s=30.0, startup_grace_s=5.0)
@@ -198,14 +198,6 @@ class NextDeadline(unittest.TestCase):
     def test_no_deadline_once_firing(self):
         state = state_after(beat(positions=2))
         self.assertIsNone(next_deadline(state, T0 + 100.0, LIMITS))
-
-
-class Healthy(unittest.TestCase):
-    def test_healthy_requires_fresh_ok_beats(self):
-        self.assertTrue(healthy(state_after(beat()), T0 + 1.0, LIMITS))
-        self.assertFalse(healthy(state_after(beat(status="DEGRADED")), T0 + 1.0, LIMITS))
-        self.assertFalse(healthy(state_after(beat()), T0 + 3.0 + EPS, LIMITS))
-        self.assertFalse(healthy(WatchState(observing_since=START), T0, LIMITS))
 
 
 class IncidentCompletion(unittest.TestCase):

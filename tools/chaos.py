@@ -65,7 +65,7 @@ ORDERS = (   # demo.DEMO_ORDERS format: market id, side, quantity, price, trigge
 FAST = {
     "EEXIT_UNGUARDED_S": "1", "EEXIT_HEARTBEAT_LOST_S": "1.5", "EEXIT_DEGRADED_S": "1.5",
     "EEXIT_STARTUP_GRACE_S": "0.5", "EEXIT_BRAIN_INTERVAL_S": "0.2", "EEXIT_REPUBLISH_S": "1",
-    "EEXIT_REARM_S": "1", "EEXIT_WATCHDOG_HEARTBEAT_S": "0.2", "EEXIT_HEARTBEAT_INTERVAL_S": "0.2",
+    "EEXIT_WATCHDOG_HEARTBEAT_S": "0.2", "EEXIT_HEARTBEAT_INTERVAL_S": "0.2",
     "EEXIT_CLAIM_IDLE_MS": "1000", "EEXIT_SWEEP_INTERVAL_S": "0.5", "EEXIT_EXCHANGE_TIMEOUT_MS": "1000",
     "EEXIT_BLOCK_MS": "200", "EEXIT_CLOSE_DEADLINE_S": "15",
 }
@@ -298,7 +298,8 @@ class SkewedGuard:
     def _run(self):
         while not self.stopped.is_set():
             ts = int(time.time() * 1000) + self.skew_ms
-            beat = schema.Heartbeat("skewed_brain", "OK", 3, ts - 50, 5.0, ts)
+            # The brain's service_id: the watchdog judges only that one (EEXIT_BRAIN_SERVICE_ID).
+            beat = schema.Heartbeat("exit_brain", "OK", 3, ts - 50, 5.0, ts)
             try:
                 bus.publish(self.client, schema.HEARTBEAT_STREAM, beat, maxlen=schema.HEARTBEAT_MAXLEN)
             except bus.REDIS_ERRORS:

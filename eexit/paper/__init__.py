@@ -24,8 +24,22 @@ real venues do. In-process:
 Admin (unsigned, not logged, never faulted): GET/POST /_paper/state, POST/DELETE
 /_paper/faults, GET/DELETE /_paper/requests, POST /_paper/reset.
 
+Risk model (what the risk kernel reads, the same Account in every dialect; Account.risk_view):
+equity = wallet + unrealised PnL at the marks; maintenance margin = sum of |amount| x mark x
+the market's rate (MM_RATE 0.5 % unless set); liquidation price per position computed for
+cross margin on one collateral (risk_view's docstring), "0"/"" when none, or set raw; the account
+mode (Binance multiAssetsMargin, Bybit marginMode, OKX acctLv; set_account_mode); the ledger of
+deposits, withdrawals and booked PnL with ids and timestamps (Binance /fapi/v1/income, Bybit
+/v5/account/transaction-log, OKX /api/v5/account/bills[-archive]). Python: set_mark, deposit,
+withdraw, book_pnl, set_account_mode, set_liquidation, set_risk_field, set_mm_rate,
+account_unreadable. HTTP: POST /_paper/state with "marks", "transfers", "account_mode",
+"liquidation", "risk_fields", "position_fields", "mm_rates" (Account.apply_state) and
+"account_unreadable" (a fault on the dialect's account path; DELETE /_paper/faults ends it).
+
 Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "count"
-(number of matching requests) and "duration_s"):
+(number of matching requests) and "duration_s"; a batch order request is faulted as its
+orders, and as a whole only by a fault with "batch": true, e.g. {"kind": "error",
+"status": 404, "batch": true, "path": "/v5/order/create-batch"}):
   latency      ms, jitter_ms           sleep before answering
   error        status, code, msg, retry_after   e.g. 503, or 429/-1003, 418 with Retry-After
   hang         seconds (default 30)    no answer; the client times out
@@ -34,6 +48,9 @@ Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "
   partial_fill ratio                   market orders fill only ratio of the quantity (EXPIRED)
   weight_limit limit                   per-minute request weight; over it: 429 -1003
   order_limit  limit                   orders per 10 s; over it: 429 -1015
+  drop_field   field, row              the answer's rows lose `field` (only the rows of market
+                                       `row`, e.g. "ETHUSDT", when given): a position row
+                                       without its size, in any dialect
 
 Symbols with a small MARKET_LOT_SIZE maxQty (so closes must be split): ORDIUSDT (100),
 TIAUSDT (500), BTCUSDT (120, realistic).
@@ -116,6 +133,9 @@ _MARKETS = [
     ("COMPUSDT", "50.00", "0.01", "0.001", "0.001", "100000", "10000", "5"),
 ]
 
+MM_RATE = Decimal("0.005")     # the paper's maintenance margin rate unless mm_rates says otherwise
+LEDGER_KINDS = ("deposit", "withdraw", "pnl")
+BINANCE_MODES = {"single_asset": False, "multi_assets": True}   # -> multiAssetsMargin
 CONDITIONAL_TYPES = {"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"}
 ORDER_TYPES = ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET",
                "TRAILING_STOP_MARKET"]
@@ -141,6 +161,11 @@ def _fmt(value):
     if isinstance(value, Decimal):
         return format(value.normalize() if value == value.to_integral() else value, "f")
     return f"{value:.8f}"
+
+
+def _text_or(value, default):
+    """value unless None (an override of "" or "0" passes as is)."""
+    return default if value is None else value
 
 
 def _now_ms():
@@ -251,7 +276,8 @@ def default_markets(synthetic=0, venue="binanceusdm"):
 class Faults:
     """Active faults; matching and expiry are O(number of faults), normally 0-3."""
 
-    KINDS = {"latency", "error", "hang", "reset", "reject", "partial_fill", "weight_limit", "order_limit"}
+    KINDS = {"latency", "error", "hang", "reset", "reject", "partial_fill", "weight_limit", "order_limit",
+             "drop_field"}
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -269,6 +295,8 @@ class Faults:
                 value = float(fault[key])
                 if not math.isfinite(value) or value < (-100000 if key == "code" else 0):
                     raise ValueError(f"fault {key}={fault[key]!r} is invalid")
+        if kind == "drop_field" and not fault.get("field"):
+            raise ValueError("a drop_field fault needs a field")
         if fault.get("duration_s") is not None:
             fault["expires_at"] = time.monotonic() + float(fault["duration_s"])
         if fault.get("symbol"):
@@ -286,10 +314,12 @@ class Faults:
         with self._lock:
             return [dict(f) for f in self._faults]
 
-    def take(self, kinds, path, method, symbol=None, scoped_only=False):
+    def take(self, kinds, path, method, symbol=None, scoped_only=False, batch=None):
         """Matching faults of the given kinds, consuming one unit of each one's count. path
         None: only faults without a "path" match (a batch request as a whole: one latency,
-        one 503); scoped_only: only faults with one (the orders of a batch, see batch_item)."""
+        one 503); scoped_only: only faults with one (the orders of a batch, see batch_item).
+        batch: the path of a batch request as a whole, which a fault marked "batch": true
+        (and only such a fault, besides the path-less ones) matches by its "path"."""
         if not self._faults:
             return []
         now = time.monotonic()
@@ -302,7 +332,10 @@ class Faults:
                 keep.append(fault)
                 if fault["kind"] not in kinds:
                     continue
-                if fault.get("path") and (path is None or fault["path"] not in path) or \
+                if fault.get("batch"):
+                    if batch is None or fault.get("path") and fault["path"] not in batch:
+                        continue
+                elif fault.get("path") and (path is None or fault["path"] not in path) or \
                         scoped_only and not fault.get("path"):
                     continue
                 if fault.get("method") and fault["method"].upper() != method:
@@ -337,6 +370,16 @@ class Account:
         self.client_ids = {}         # clientOrderId -> orderId
         self.countdowns = {}         # market_id -> (deadline monotonic, countdown ms)
         self.margin_modes = {}       # (market_id, positionSide) -> "isolated" (dialects with tdMode)
+        # The risk model (the risk kernel's reads; see risk_view): maintenance margin rate per
+        # market, raw liquidation-price answers and account-level wire fields set by tests
+        # ("0", "", "NaN"...), the account mode (None: the dialect's default) and the ledger.
+        self.mm_rates = {}           # market_id -> Decimal rate (MM_RATE when absent)
+        self.liquidation_overrides = {}   # market_id -> raw text every dialect answers as is
+        self.risk_fields = {}        # wire field -> raw value, over the account-level answer
+        self.position_fields = {}    # market_id -> {wire field: raw}, over its position rows
+        self.account_mode = None
+        self.ledger = []             # {"id", "ts", "amount" Decimal signed, "kind", "asset"}
+        self._ledger_ids = itertools.count(5000001)
         self._order_ids = itertools.count(8000000)
         self._algo_ids = itertools.count(3000000)
 
@@ -709,11 +752,68 @@ class Account:
                     self.cancel_all(market_id)
                     self.cancel_all_algo(market_id)
 
+    # -- the risk model
+
+    def transfer(self, amount, kind=None, ts_ms=None, asset="USDT"):
+        """A ledger entry moving the wallet by amount: kind "deposit" (+), "withdraw" (-), or
+        "pnl" (realised PnL/fees: moves the wallet but is no transfer). Returns its id."""
+        amount = Decimal(str(amount))
+        kind = kind or ("deposit" if amount > 0 else "withdraw")
+        if not amount.is_finite() or kind not in LEDGER_KINDS or \
+                kind == "deposit" and amount <= 0 or kind == "withdraw" and amount >= 0:
+            raise ValueError(f"ledger entry {kind} {amount} is invalid (deposit > 0, withdraw < 0)")
+        with self.lock:
+            entry = {"id": next(self._ledger_ids), "ts": int(ts_ms) if ts_ms is not None else _now_ms(),
+                     "amount": amount, "kind": kind, "asset": str(asset)}
+            self.ledger.append(entry)
+            self.balance += amount
+            return entry["id"]
+
+    def ledger_rows(self, start_ms=None, end_ms=None, kinds=None):
+        with self.lock:
+            return [dict(e) for e in self.ledger if (start_ms is None or e["ts"] >= start_ms)
+                    and (end_ms is None or e["ts"] <= end_ms) and (kinds is None or e["kind"] in kinds)]
+
+    def risk_view(self):
+        """wallet, upl, equity (= wallet + upl at the marks), maintenance margin (sum of
+        |amount| x mark x the market's rate) and per position its liquidation price: the mark
+        at which equity would equal maintenance margin with every other mark held (cross
+        margin, one collateral): p = (MM' - W' + entry x amt) / (amt - |amt| x rate), where
+        W' = wallet + the others' upl and MM' = the others' MM; None when no positive price
+        liquidates it (Binance answers "0", Bybit and OKX ""); liquidation_overrides replace
+        the text in every dialect, as is. One linear
+        formula for every market (Bybit's inverse contracts too: a paper simplification), and
+        a hedge pair on one market is priced as if only its own side's mark moved."""
+        with self.lock:
+            rows = []
+            for (market_id, position_side), (amount, entry, _) in self.positions.items():
+                mark = self.marks[market_id]
+                rate = self.mm_rates.get(market_id, MM_RATE)
+                rows.append({"market_id": market_id, "position_side": position_side, "amount": amount,
+                             "entry": entry, "mark": mark, "rate": rate, "upl": (mark - entry) * amount,
+                             "mm": abs(amount) * mark * rate})
+            upl = sum((r["upl"] for r in rows), ZERO)
+            mm = sum((r["mm"] for r in rows), ZERO)
+            for r in rows:
+                others_wallet = self.balance + upl - r["upl"]
+                divisor = r["amount"] - abs(r["amount"]) * r["rate"]
+                price = (mm - r["mm"] - others_wallet + r["entry"] * r["amount"]) / divisor if divisor else ZERO
+                r["liq"] = self.liquidation_overrides.get(r["market_id"], f"{price:.8f}" if price > 0 else None)
+            return {"wallet": self.balance, "upl": upl, "equity": self.balance + upl, "mm": mm,
+                    "positions": {(r["market_id"], r["position_side"]): r for r in rows}}
+
+    def with_risk_fields(self, row, market_id=None):
+        """row with the test-set raw fields laid over it (malformed-answer and flag tests):
+        the account-level ones, or market_id's position ones."""
+        with self.lock:
+            return dict(row, **(self.risk_fields if market_id is None else self.position_fields.get(market_id, {})))
+
     # -- views
 
     def position_rows(self, version):
         with self.lock:
             rows = []
+            risk = self.risk_view()["positions"]
             keys = list(self.positions)
             if version != 3:  # v1/v2 list every symbol and side, zero or not
                 sides = ("LONG", "SHORT") if self.hedge else ("BOTH",)
@@ -726,13 +826,16 @@ class Account:
                 row = {
                     "symbol": market_id, "positionSide": position_side, "positionAmt": _fmt(amount),
                     "entryPrice": _fmt(entry), "breakEvenPrice": _fmt(entry), "markPrice": _fmt(mark),
-                    "unRealizedProfit": f"{pnl:.8f}", "liquidationPrice": "0", "isolatedMargin": "0",
+                    "unRealizedProfit": f"{pnl:.8f}", "isolatedMargin": "0",
+                    "liquidationPrice": _text_or(risk[(market_id, position_side)]["liq"] if amount else None, "0"),
                     "notional": f"{notional:.8f}", "marginAsset": "USDT", "isolatedWallet": "0",
                     "updateTime": updated,
                 }
+                row = self.with_risk_fields(row, market_id) if amount else row
                 if version == 3:
                     initial = abs(notional) / 20
-                    row.update(initialMargin=f"{initial:.8f}", maintMargin=f"{abs(notional) / 200:.8f}",
+                    maint = risk[(market_id, position_side)]["mm"] if amount else ZERO
+                    row.update(initialMargin=f"{initial:.8f}", maintMargin=f"{maint:.8f}",
                                positionInitialMargin=f"{initial:.8f}", openOrderInitialMargin="0",
                                adl=0, bidNotional="0", askNotional="0")
                 else:
@@ -743,13 +846,14 @@ class Account:
 
     def account_view(self):
         with self.lock:
-            pnl = sum(((self.marks[m] - e) * a for (m, _), (a, e, _) in self.positions.items()), ZERO)
+            risk = self.risk_view()
+            pnl = risk["upl"]
             margin = sum((abs(a * self.marks[m]) / 20 for (m, _), (a, _, _) in self.positions.items()), ZERO)
             wallet = self.balance
             available = wallet + pnl - margin
             asset = {
                 "asset": "USDT", "walletBalance": f"{wallet:.8f}", "unrealizedProfit": f"{pnl:.8f}",
-                "marginBalance": f"{wallet + pnl:.8f}", "maintMargin": f"{margin / 10:.8f}",
+                "marginBalance": f"{wallet + pnl:.8f}", "maintMargin": f"{risk['mm']:.8f}",
                 "initialMargin": f"{margin:.8f}", "positionInitialMargin": f"{margin:.8f}",
                 "openOrderInitialMargin": "0.00000000", "crossWalletBalance": f"{wallet:.8f}",
                 "crossUnPnl": f"{pnl:.8f}", "availableBalance": f"{available:.8f}",
@@ -759,20 +863,22 @@ class Account:
                 "symbol": m, "positionSide": s, "positionAmt": _fmt(a),
                 "unrealizedProfit": f"{(self.marks[m] - e) * a:.8f}", "isolatedMargin": "0",
                 "notional": f"{a * self.marks[m]:.8f}", "isolatedWallet": "0",
-                "initialMargin": f"{abs(a * self.marks[m]) / 20:.8f}", "maintMargin": "0", "updateTime": u,
+                "initialMargin": f"{abs(a * self.marks[m]) / 20:.8f}",
+                "maintMargin": f"{risk['positions'][(m, s)]['mm']:.8f}", "updateTime": u,
             } for (m, s), (a, e, u) in self.positions.items()]
-            return {
+            return self.with_risk_fields({
                 "totalInitialMargin": asset["initialMargin"], "totalMaintMargin": asset["maintMargin"],
                 "totalWalletBalance": asset["walletBalance"], "totalUnrealizedProfit": asset["unrealizedProfit"],
                 "totalMarginBalance": asset["marginBalance"], "totalPositionInitialMargin": asset["initialMargin"],
                 "totalOpenOrderInitialMargin": "0.00000000", "totalCrossWalletBalance": asset["walletBalance"],
                 "totalCrossUnPnl": asset["unrealizedProfit"], "availableBalance": asset["availableBalance"],
                 "maxWithdrawAmount": asset["maxWithdrawAmount"], "assets": [asset], "positions": positions,
-            }
+            })
 
     def state(self):
         """Plain-JSON snapshot for GET /_paper/state and tests."""
         with self.lock:
+            risk = self.risk_view()
             return {
                 "hedge": self.hedge,
                 "balance": _fmt(self.balance),
@@ -782,6 +888,10 @@ class Account:
                 "open_algo_orders": [dict(o) for o in self.open_algo.values()],
                 "marks": {m: _fmt(p) for m, p in self.marks.items()},
                 "countdowns": {m: ms for m, (_, ms) in self.countdowns.items()},
+                "risk": {"wallet": _fmt(self.balance), "equity": _fmt(risk["equity"]), "mm": _fmt(risk["mm"]),
+                         "account_mode": self.account_mode,
+                         "liquidation": {m: r["liq"] for (m, _), r in risk["positions"].items()},
+                         "ledger": [dict(e, amount=_fmt(e["amount"])) for e in self.ledger]},
             }
 
     def apply_state(self, body):
@@ -805,6 +915,28 @@ class Account:
                 self.seed(body["seed"])
             for row in body.get("positions") or []:
                 self.set_position(row["symbol"], row["amount"], row.get("position_side"), row.get("entry_price"))
+            # The risk model: {"mm_rates": {id: rate}, "liquidation": {id: "0" | "" | price |
+            # null (computed)}, "risk_fields": {wire field: raw | null}, "position_fields": {id: {field: raw | null}}, "transfers": [{"amount",
+            # "kind", "ts_ms", "asset"}]} ("account_mode": PaperExchange.set_state).
+            for market_id, rate in (body.get("mm_rates") or {}).items():
+                self.mm_rates[self.market(market_id).id] = Decimal(str(rate))
+            for market_id, raw in (body.get("liquidation") or {}).items():
+                self._override(self.liquidation_overrides, self.market(market_id).id, raw)
+            for name, raw in (body.get("risk_fields") or {}).items():
+                self._override(self.risk_fields, str(name), raw)
+            for market_id, fields in (body.get("position_fields") or {}).items():
+                table = self.position_fields.setdefault(self.market(market_id).id, {})
+                for name, raw in fields.items():
+                    self._override(table, str(name), raw)
+            for row in body.get("transfers") or []:
+                self.transfer(row["amount"], row.get("kind"), row.get("ts_ms"), row.get("asset", "USDT"))
+
+    @staticmethod
+    def _override(table, key, raw):
+        if raw is None:
+            table.pop(key, None)
+        else:
+            table[key] = raw
 
 
 def _bool_param(p, name):
@@ -871,6 +1003,8 @@ ROUTES = {
     ("GET", "/fapi/v1/openAlgoOrders"): ("open_algo_orders", 1, True),
     ("DELETE", "/fapi/v1/algoOpenOrders"): ("cancel_all_algo", 1, True),
     ("POST", "/fapi/v1/countdownCancelAll"): ("countdown", 10, True),
+    ("GET", "/fapi/v1/multiAssetsMargin"): ("multi_assets", 30, True),
+    ("GET", "/fapi/v1/income"): ("income", 30, True),
 }
 BATCH_PATH = "/fapi/v1/batchOrders"
 ORDER_PATHS = {"/fapi/v1/order", "/fapi/v1/algoOrder"}     # a batch counts its orders (batch_item)
@@ -1016,7 +1150,69 @@ class PaperExchange:
         return self.account.state()
 
     def set_state(self, body):
+        """Account.apply_state, plus "account_mode" (set_account_mode) and "account_unreadable":
+        true or {"duration_s", "status"} (account_unreadable), which need the dialect."""
+        if isinstance(body, dict) and "account_mode" in body:
+            self.set_account_mode(body["account_mode"])
         self.account.apply_state(body)
+        unreadable = body.get("account_unreadable") if isinstance(body, dict) else None
+        if unreadable:
+            self.account_unreadable(**(unreadable if isinstance(unreadable, dict) else {}))
+
+    # -- the risk model (what the risk kernel reads, in every dialect)
+
+    def account_modes(self):
+        """The normalised account modes this dialect answers (RiskSnapshot.margin_mode); the
+        first is the default."""
+        return tuple(self.dialect.ACCOUNT_MODES if self.dialect else BINANCE_MODES)
+
+    def set_account_mode(self, mode):
+        """Switch the account mode the dialect reports (Binance multiAssetsMargin, Bybit
+        marginMode, OKX acctLv); None: the default. Unknown to this dialect: ValueError."""
+        if mode is not None and mode not in self.account_modes():
+            raise ValueError(f"account mode {mode!r} is not one of {self.account_modes()} ({self.venue})")
+        self.account.account_mode = mode
+
+    def account_mode(self):
+        return self.account.account_mode or self.account_modes()[0]
+
+    def deposit(self, amount, ts_ms=None, asset="USDT"):
+        """A transfer in: the wallet grows, the ledger gets an entry (returns its id)."""
+        return self.account.transfer(abs(Decimal(str(amount))), "deposit", ts_ms, asset)
+
+    def withdraw(self, amount, ts_ms=None, asset="USDT"):
+        return self.account.transfer(-abs(Decimal(str(amount))), "withdraw", ts_ms, asset)
+
+    def book_pnl(self, amount, ts_ms=None, asset="USDT"):
+        """Realised PnL or fees booked to the wallet: a ledger entry that is no transfer."""
+        return self.account.transfer(amount, "pnl", ts_ms, asset)
+
+    def set_liquidation(self, market_id, raw):
+        """The raw liquidation price every dialect answers for market_id's positions ("0",
+        "", "abc", a price); None: computed again (Account.risk_view)."""
+        self.account.apply_state({"liquidation": {market_id: raw}})
+
+    def set_risk_field(self, name, raw):
+        """Lay a raw value over the account-level risk answer's wire field name (Binance
+        totalMarginBalance, Bybit totalEquity, OKX adjEq, ...); None removes it."""
+        self.account.apply_state({"risk_fields": {name: raw}})
+
+    def set_position_field(self, market_id, name, raw):
+        """Lay a raw value over market_id's position rows' wire field (Bybit positionStatus
+        "Liq", a malformed markPrice...); None removes it."""
+        self.account.apply_state({"position_fields": {market_id: {name: raw}}})
+
+    def set_mm_rate(self, market_id, rate):
+        self.account.apply_state({"mm_rates": {market_id: rate}})
+
+    def risk_view(self):
+        return self.account.risk_view()
+
+    def account_unreadable(self, duration_s=None, status=503):
+        """Every read of the account-level risk answer fails (an "error" fault on its path)
+        for duration_s (None: until clear_faults). Returns the fault id."""
+        path = self.dialect.ACCOUNT_PATH if self.dialect else "/fapi/v3/account"
+        return self.add_fault(kind="error", status=status, path=path, duration_s=duration_s)
 
     def set_mark(self, market_id, price):
         self.account.set_mark(market_id, price)
@@ -1116,14 +1312,36 @@ def _fault_delay_s(fault):
     return (float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0
 
 
-def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error):
+def drop_fields(paper, result, fault_path, method):
+    """The answer with the drop_field faults applied: every row (a JSON object, at any depth)
+    holding the fault's field loses it; a fault with "row" touches only the rows of that
+    market (Binance/Bybit "symbol", OKX "instId" as BTC-USDT-SWAP -> BTCUSDT)."""
+    for fault in paper.faults.take({"drop_field"}, fault_path, method):
+        _drop(result, fault["field"], str(fault.get("row") or "").upper() or None)
+    return result
+
+
+def _drop(value, field, market_id):
+    if isinstance(value, list):
+        for item in value:
+            _drop(item, field, market_id)
+    elif isinstance(value, dict):
+        row_id = value.get("symbol") or "".join(str(value.get("instId") or "").split("-")[:2])
+        if field in value and (market_id is None or row_id == market_id):
+            del value[field]
+        for item in value.values():
+            _drop(item, field, market_id)
+
+
+def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error, batch=None):
     """The latency, then hang/reset/error faults of one HTTP request, in every dialect. True
     when the request ended here (hung or reset): the caller returns without an answer; an
-    error fault raises fault_error(fault), answered as the dialect answers errors."""
+    error fault raises fault_error(fault), answered as the dialect answers errors. batch: the
+    path of a batch request, faulted as a whole only by faults marked "batch"."""
     paper = handler.paper
-    for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+    for fault in paper.faults.take({"latency"}, fault_path, method, symbol, batch=batch):
         time.sleep(_fault_delay_s(fault))
-    for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
+    for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol, batch=batch):
         if fault["kind"] == "hang":
             entry["status"] = "hang"
             paper._stopping.wait(float(fault.get("seconds", 30)))
@@ -1259,7 +1477,10 @@ class _Handler(BaseHTTPRequestHandler):
             entry["params"] = {k: v for k, v in params.items() if k != "signature"}
             symbol = (params.get("symbol") or "").upper() or None
             fault_path = None if path == BATCH_PATH else path  # a batch is faulted as its orders
-            if _take_request_faults(self, entry, fault_path, method, symbol, _fault_error):
+            if path == BATCH_PATH:
+                entry["batch"] = True
+            if _take_request_faults(self, entry, fault_path, method, symbol, _fault_error,
+                                    path if path == BATCH_PATH else None):
                 return
             route = ROUTES.get((method, path))
             if route is None:
@@ -1287,7 +1508,7 @@ class _Handler(BaseHTTPRequestHandler):
             if signed:
                 self._authenticate(split.query, body, params)
             paper.account.expire_countdowns()
-            result = getattr(self, "_ep_" + name)(params, path, method)
+            result = drop_fields(paper, getattr(self, "_ep_" + name)(params, path, method), path, method)
             entry["status"] = 200
             self._send(200, result, headers)
         except HangUp:
@@ -1525,6 +1746,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.paper.account.cancel_all_algo(self.paper.account.market(p.get("symbol")).id)
         return {"code": 200, "msg": "The operation of cancel all open order is done."}
 
+    def _ep_multi_assets(self, p, path, method):
+        return {"multiAssetsMargin": BINANCE_MODES[self.paper.account_mode()]}
+
+    def _ep_income(self, p, path, method):
+        """The ledger as Binance's income history: deposits and withdrawals are TRANSFER,
+        booked PnL REALIZED_PNL; oldest first, `page`/`limit` (max 1000) pages."""
+        kinds = {"TRANSFER": ("deposit", "withdraw"), "REALIZED_PNL": ("pnl",)}
+        try:
+            start, end = (int(p[k]) if p.get(k) else None for k in ("startTime", "endTime"))
+            limit, page = min(int(p.get("limit", 100)), 1000), max(int(p.get("page", 1)), 1)
+        except ValueError:
+            raise _bad_param("startTime/endTime/limit/page") from None
+        wanted = kinds.get(p.get("incomeType"), ()) if p.get("incomeType") else None
+        rows = [{"symbol": "", "incomeType": "REALIZED_PNL" if e["kind"] == "pnl" else "TRANSFER",
+                 "income": _fmt(e["amount"]), "asset": e["asset"], "info": "", "time": e["ts"],
+                 "tranId": e["id"], "tradeId": ""}
+                for e in sorted(self.paper.account.ledger_rows(start, end, wanted), key=lambda e: (e["ts"], e["id"]))]
+        return rows[(page - 1) * limit:page * limit]
+
     def _ep_countdown(self, p, path, method):
         market_id = self.paper.account.market(p.get("symbol")).id
         try:
@@ -1567,11 +1807,12 @@ def serve_dialect(h, method, path, query, d):
             symbol = d.symbol_of(items[0]) if items and isinstance(items[0], dict) else None
             fault_path = path + "?" + "&".join(f"{k}={v}" for item in items if isinstance(item, dict)
                                                for k, v in item.items())
+            batch = None
             if d.ROUTES.get((method, path), ("",))[0] in getattr(d, "BATCHES", ()):
                 # Logged and faulted as its orders (batch_item), not as one request.
                 entry["batch"] = True
-                fault_path = None
-            if _take_request_faults(h, entry, fault_path, method, symbol, d.fault_error):
+                fault_path, batch = None, path
+            if _take_request_faults(h, entry, fault_path, method, symbol, d.fault_error, batch):
                 return
             route = d.ROUTES.get((method, path))
             if route is None:
@@ -1585,7 +1826,8 @@ def serve_dialect(h, method, path, query, d):
             if signed:
                 d.authenticate(h, method, path, query, body)
             paper.account.expire_countdowns()
-            result = getattr(d, "ep_" + name)(paper, params, fault_path, method)
+            result = drop_fields(paper, getattr(d, "ep_" + name)(paper, params, fault_path, method), fault_path,
+                                 method)
         except BinanceError as exc:
             raise d.translate(exc) from None
     except DialectError as exc:

@@ -171,20 +171,23 @@ def ep_positions(paper, p, path, method):
     account = paper.account
     with account.lock:
         rows = []
+        risk = account.risk_view()["positions"]
         for (market_id, position_side), (amount, entry, updated) in sorted(account.positions.items()):
             if market_id not in ids:
                 continue
-            mark = account.marks[market_id]
+            mark, model = account.marks[market_id], risk[(market_id, position_side)]
             rows.append({
                 "positionIdx": {"BOTH": 0, "LONG": 1, "SHORT": 2}[position_side], "riskId": 1,
                 "symbol": market_id, "side": "Buy" if amount > 0 else "Sell", "size": core._fmt(abs(amount)),
                 "avgPrice": core._fmt(entry), "positionValue": core._fmt(abs(amount) * entry),
                 "tradeMode": 0, "autoAddMargin": 0, "positionStatus": "Normal", "leverage": "10",
-                "markPrice": core._fmt(mark), "liqPrice": "", "bustPrice": "", "positionIM": "0",
-                "positionMM": "0", "takeProfit": "", "stopLoss": "", "trailingStop": "",
+                "markPrice": core._fmt(mark), "liqPrice": core._text_or(model["liq"], ""),
+                "bustPrice": "", "positionIM": "0", "positionMM": f"{model['mm']:.8f}",
+                "takeProfit": "", "stopLoss": "", "trailingStop": "",
                 "unrealisedPnl": f"{(mark - entry) * amount:.8f}", "curRealisedPnl": "0", "cumRealisedPnl": "0",
                 "adlRankIndicator": 2, "createdTime": str(updated), "updatedTime": str(updated), "seq": 1,
                 "isReduceOnly": False})
+            rows[-1] = account.with_risk_fields(rows[-1], market_id)
     return dict(_page(rows, p, 20, 200), category=category)
 
 
@@ -322,6 +325,63 @@ def _qty(raw):
         raise _error(10001, "params error: qty invalid") from None
 
 
+# ------------------------------------------------------------------------------- risk model
+
+# normalised account mode -> /v5/account/info marginMode; the first is the default
+ACCOUNT_MODES = {"cross": "REGULAR_MARGIN", "isolated": "ISOLATED_MARGIN", "portfolio": "PORTFOLIO_MARGIN"}
+ACCOUNT_PATH = "/v5/account/wallet-balance"
+_WEEK_MS = 7 * 86_400_000
+_ACCOUNT_WIDE = ("accountIMRate", "accountMMRate", "totalMarginBalance", "totalAvailableBalance",
+                 "totalInitialMargin", "totalMaintenanceMargin")
+
+
+def ep_wallet_balance(paper, p, path, method):
+    """UNIFIED only; USD totals = the paper's one collateral. In isolated margin mode the
+    account-wide fields are "" (as Bybit documents)."""
+    if p.get("accountType") != "UNIFIED":
+        raise _error(10001, "accountType only support UNIFIED")
+    risk = paper.risk_view()
+    equity, mm, wallet, upl = risk["equity"], risk["mm"], risk["wallet"], risk["upl"]
+    row = {"accountType": "UNIFIED", "accountLTV": "0", "accountIMRate": f"{mm * 2 / equity:.4f}" if equity else "0",
+           "accountMMRate": f"{mm / equity:.4f}" if equity else "0", "totalEquity": f"{equity:.8f}",
+           "totalWalletBalance": f"{wallet:.8f}", "totalMarginBalance": f"{equity:.8f}",
+           "totalAvailableBalance": f"{equity - mm * 2:.8f}", "totalPerpUPL": f"{upl:.8f}",
+           "totalInitialMargin": f"{mm * 2:.8f}", "totalMaintenanceMargin": f"{mm:.8f}",
+           "coin": [{"coin": "USDT", "equity": f"{equity:.8f}", "usdValue": f"{equity:.8f}",
+                     "walletBalance": f"{wallet:.8f}", "unrealisedPnl": f"{upl:.8f}",
+                     "totalPositionMM": f"{mm:.8f}", "totalPositionIM": f"{mm * 2:.8f}"}]}
+    if paper.account_mode() == "isolated":
+        row.update({name: "" for name in _ACCOUNT_WIDE})
+    return {"list": [paper.account.with_risk_fields(row)]}
+
+
+def ep_account_info(paper, p, path, method):
+    return {"unifiedMarginStatus": 5, "marginMode": ACCOUNT_MODES[paper.account_mode()],
+            "isMasterTrader": False, "spotHedgingStatus": "OFF", "updatedTime": str(core._now_ms()),
+            "dcpStatus": "OFF", "timeWindow": 10, "smpGroup": 0}
+
+
+def ep_transaction_log(paper, p, path, method):
+    """The ledger: deposits TRANSFER_IN, withdrawals TRANSFER_OUT, booked PnL TRADE; newest
+    first; startTime..endTime at most 7 days apart (default: the last 24 h), cursor pages."""
+    kinds = {"deposit": "TRANSFER_IN", "withdraw": "TRANSFER_OUT", "pnl": "TRADE"}
+    try:
+        end = int(p["endTime"]) if p.get("endTime") else core._now_ms()
+        start = int(p["startTime"]) if p.get("startTime") else end - 86_400_000
+    except ValueError:
+        raise _error(10001, "params error: startTime or endTime") from None
+    if not 0 <= end - start <= _WEEK_MS:
+        raise _error(10001, "The time range between startTime and endTime cannot exceed 7 days")
+    rows = [{"id": f"{e['id']}-{e['asset']}", "symbol": "", "category": "", "side": "None",
+             "transactionTime": str(e["ts"]), "type": kinds[e["kind"]], "qty": "0", "size": "0",
+             "currency": e["asset"], "tradePrice": "", "funding": "", "fee": "0", "cashFlow": core._fmt(e["amount"]),
+             "change": core._fmt(e["amount"]), "cashBalance": "", "feeRate": "", "bonusChange": "",
+             "tradeId": "", "orderId": "", "orderLinkId": ""}
+            for e in sorted(paper.account.ledger_rows(start, end), key=lambda e: (e["ts"], e["id"]), reverse=True)
+            if p.get("type") in (None, "", kinds[e["kind"]])]
+    return _page(rows, p, 20, 50)
+
+
 # (method, path) -> (endpoint, signed, counts as an order)
 ROUTES = {
     ("GET", "/v5/market/time"): ("time", False, False),
@@ -332,4 +392,7 @@ ROUTES = {
     ("POST", "/v5/order/cancel-all"): ("cancel_all", True, False),
     ("POST", "/v5/order/create"): ("create", True, True),
     ("POST", "/v5/order/create-batch"): ("create_batch", True, False),   # counts its orders
+    ("GET", "/v5/account/wallet-balance"): ("wallet_balance", True, False),
+    ("GET", "/v5/account/info"): ("account_info", True, False),
+    ("GET", "/v5/account/transaction-log"): ("transaction_log", True, False),
 }

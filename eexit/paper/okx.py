@@ -159,15 +159,19 @@ def ep_positions(paper, p, path, method):
     account = paper.account
     with account.lock:
         rows = []
+        risk = account.risk_view()["positions"]
         for (market_id, position_side), (amount, entry, updated) in sorted(account.positions.items()):
             market, mark = account.markets[market_id], account.marks[market_id]
+            model = risk[(market_id, position_side)]
             rows.append({
                 "instType": "SWAP", "instId": _inst_id(market), "posId": str(abs(hash((market_id, position_side)))),
                 "posSide": {"BOTH": "net", "LONG": "long", "SHORT": "short"}[position_side],
                 "pos": core._fmt(amount if position_side == "BOTH" else abs(amount)),
                 "mgnMode": account.margin_modes.get((market_id, position_side), "cross"),
                 "avgPx": core._fmt(entry), "markPx": core._fmt(mark), "ccy": market.quote, "lever": "10",
+                "liqPx": core._text_or(model["liq"], ""), "mmr": f"{model['mm']:.8f}", "adl": "1",
                 "upl": f"{(mark - entry) * amount:.8f}", "cTime": str(updated), "uTime": str(updated)})
+            rows[-1] = account.with_risk_fields(rows[-1], market_id)
     return rows
 
 
@@ -311,6 +315,67 @@ def ep_cancel_all_after(paper, p, path, method):
              "tag": "", "ts": str(core._now_ms())}]
 
 
+# ------------------------------------------------------------------------------- risk model
+
+# normalised account mode -> /account/config acctLv; the first is the default
+ACCOUNT_MODES = {"multi_currency": "3", "portfolio": "4", "futures": "2", "spot": "1"}
+ACCOUNT_PATH = "/api/v5/account/balance"
+_MARGIN_FIELDS = ("adjEq", "imr", "mmr", "mgnRatio", "notionalUsd", "ordFroz", "borrowFroz")
+_BILLS_KEPT_MS = {"bills": 7 * 86_400_000, "bills_archive": 92 * 86_400_000}
+
+
+def ep_balance(paper, p, path, method):
+    """USD totals of the one collateral; in spot and futures mode (acctLv 1, 2) the
+    account-level margin fields are "" (details[] carries them per currency)."""
+    risk = paper.risk_view()
+    equity, mm, upl = risk["equity"], risk["mm"], risk["upl"]
+    ratio = f"{equity / mm:.4f}" if mm else ""
+    detail = {"ccy": "USDT", "eq": f"{equity:.8f}", "cashBal": f"{risk['wallet']:.8f}", "upl": f"{upl:.8f}",
+              "mmr": f"{mm:.8f}", "mgnRatio": ratio, "eqUsd": f"{equity:.8f}", "availEq": f"{equity - mm * 2:.8f}",
+              "uTime": str(core._now_ms())}
+    row = {"totalEq": f"{equity:.8f}", "adjEq": f"{equity:.8f}", "isoEq": "0", "imr": f"{mm * 2:.8f}",
+           "mmr": f"{mm:.8f}", "mgnRatio": ratio, "notionalUsd": "0", "ordFroz": "0", "borrowFroz": "0",
+           "upl": f"{upl:.8f}", "uTime": str(core._now_ms()), "details": [detail]}
+    if paper.account_mode() in ("spot", "futures"):
+        row.update({name: "" for name in _MARGIN_FIELDS})
+    return [paper.account.with_risk_fields(row)]
+
+
+def ep_config(paper, p, path, method):
+    return [{"acctLv": ACCOUNT_MODES[paper.account_mode()], "uid": "44705892343619584", "mainUid": "44705892343619584",
+             "posMode": "long_short_mode" if paper.account.hedge else "net_mode", "autoLoan": False,
+             "greeksType": "PA", "level": "Lv1", "ctIsoMode": "automatic", "mgnIsoMode": "automatic"}]
+
+
+def _bills(paper, p, name):
+    """type 1 = transfer (subType 11 in, 12 out), 2 = trade (booked PnL); newest first by
+    billId, `after`/`before` billId, begin/end ms; bills keeps 7 days, the archive 3 months."""
+    kinds = {"deposit": ("1", "11"), "withdraw": ("1", "12"), "pnl": ("2", "1")}
+    try:
+        begin = max(int(p["begin"]) if p.get("begin") else 0, core._now_ms() - _BILLS_KEPT_MS[name])
+        end = int(p["end"]) if p.get("end") else None
+        after, before = (int(p[k]) if p.get(k) else None for k in ("after", "before"))
+        limit = min(int(p.get("limit", 100)), 100)
+    except ValueError:
+        raise _error(51000, "Parameter error") from None
+    rows = [{"billId": str(e["id"]), "ts": str(e["ts"]), "type": kinds[e["kind"]][0], "subType": kinds[e["kind"]][1],
+             "balChg": core._fmt(e["amount"]), "bal": "", "ccy": e["asset"], "sz": core._fmt(abs(e["amount"])),
+             "instId": "", "instType": "", "mgnMode": "", "notes": "", "ordId": "", "pnl": "0", "fee": "0",
+             "execType": "", "from": "", "to": "", "posBal": "0", "posBalChg": "0"}
+            for e in sorted(paper.account.ledger_rows(begin, end), key=lambda e: e["id"], reverse=True)
+            if p.get("type") in (None, "", kinds[e["kind"]][0])
+            and (after is None or e["id"] < after) and (before is None or e["id"] > before)]
+    return rows[:limit]
+
+
+def ep_bills(paper, p, path, method):
+    return _bills(paper, p, "bills")
+
+
+def ep_bills_archive(paper, p, path, method):
+    return _bills(paper, p, "bills_archive")
+
+
 # (method, path) -> (endpoint, signed, counts as an order)
 ROUTES = {
     ("GET", "/api/v5/public/time"): ("time", False, False),
@@ -323,4 +388,8 @@ ROUTES = {
     ("POST", "/api/v5/trade/order"): ("create", True, True),
     ("POST", "/api/v5/trade/batch-orders"): ("batch_orders", True, False),   # counts its orders
     ("POST", "/api/v5/trade/cancel-all-after"): ("cancel_all_after", True, False),
+    ("GET", "/api/v5/account/balance"): ("balance", True, False),
+    ("GET", "/api/v5/account/config"): ("config", True, False),
+    ("GET", "/api/v5/account/bills"): ("bills", True, False),
+    ("GET", "/api/v5/account/bills-archive"): ("bills_archive", True, False),
 }

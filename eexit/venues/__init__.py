@@ -20,8 +20,11 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        at load_markets beyond trading permission)
   load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the
                                        venue's maximum MARKET order size
-  read_positions(ex, segment)          [base.Position]: every non-zero position of one
-                                       segment, all pages; raises on any failure
+  read_positions(ex, segment)          (positions, unreadable): every non-zero position of one
+                                       segment, all pages, and every row it cannot read
+                                       (base.read_rows: such a row is named, never dropped
+                                       and never fatal for the others); raises when the
+                                       answer as a whole is unreadable or the request fails
   BOOKS            the order reads of a segment: "regular" plus the conditional/algo ones
                    (one name per request the venue needs; read in parallel)
   read_orders(ex, segment, book)       [base.OpenOrder] of one book of one segment, all
@@ -45,6 +48,21 @@ _submit_order; here synchronous and limited to what an emergency close needs):
   classify_error(exc, ex)              base.ErrorClass by the venue's own codes: rate_limited
                                        (with the venue's retry hint), transient, auth,
                                        position_side, reduce_only_rejected, rejected, unknown
+
+The risk kernel's reads (read-only key; docs/RISK.md):
+  RISK_INPUTS      which of "equity", "maintenance_margin", "liquidation_price", "cash_flows",
+                   "margin_mode" the venue provides in its fullest mode
+  RISK_INPUTS_BY_MODE  {margin_mode: inputs} for the modes that provide less (a snapshot's
+                   maintenance_margin is None exactly there); exchange.risk_inputs(ex, mode)
+  LEDGER_KEPT_MS   how far back the venue keeps its ledger: read_cash_flows from before
+                   that raises base.LedgerGapError (the answer could only be incomplete)
+  read_risk_snapshot(ex)               base.RiskSnapshot from the venue's raw fields (never
+                                       ccxt's unified `total`); raises on anything malformed
+                                       or non-finite, never a partial or default snapshot
+  read_cash_flows(ex, since_ms, until_ms)
+                                       [base.CashFlow] of the venue's transfer ledger with
+                                       since_ms <= ts_ms < until_ms, oldest first, every page
+                                       and window the venue needs; raises on failure
 
 Adding a venue: one module here, one registry line below, one paper dialect
 (eexit/paper/<id>.py) and the parametrised tests; docs/VENUES.md has the checklist.

@@ -60,6 +60,36 @@ class ExchangeDataError(ccxt.ExchangeError):
     instead of guessing, so the caller treats the read as failed."""
 
 
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A position row the venue answered that cannot be read (a field missing or not a
+    number): its exposure is unknown. It is never dropped (a FLAT over it would be false) and
+    never fails the rows beside it (those are still closed): it is reported as not flat."""
+    segment: str
+    symbol: str        # the row's instrument as far as it can be read, else "row <n>"
+    why: str
+
+    def describe(self):
+        return f"{self.segment}:{self.symbol}:{self.why}"
+
+
+def read_rows(ex, rows, segment, id_key, parse, category=None):
+    """(positions, unreadable) of one segment's rows: parse(row) -> Position, or None for a
+    zero row; a row parse cannot read becomes an UnreadableRow named by its id_key field."""
+    positions, unreadable = [], []
+    for index, row in enumerate(rows):
+        try:
+            position = parse(row)
+        except Exception as exc:  # noqa: BLE001 - the row is reported unreadable, never dropped
+            # Not raised: one bad row must not keep the readable positions beside it open.
+            symbol = unified_symbol(ex, str(row[id_key]), category) if row.get(id_key) else f"row {index}"
+            unreadable.append(UnreadableRow(segment, symbol, str(exc)[:100]))
+            continue
+        if position is not None:
+            positions.append(position)
+    return positions, unreadable
+
+
 def num(value, what):
     try:
         result = float(value)
@@ -229,3 +259,125 @@ def header(ex, name):
         if key.lower() == name.lower():
             return value
     return None
+
+
+# ---------------------------------------------------------------------------- risk snapshot
+
+@dataclass(frozen=True)
+class RiskPosition:
+    symbol: str                      # ccxt unified symbol
+    side: str                        # "long" | "short"
+    contracts: float                 # > 0
+    mark_price: float | None         # None: the venue gave none
+    liquidation_price: float | None  # None: unknown (venue gave 0, "" or nothing), never "far away"
+
+
+@dataclass(frozen=True)
+class RiskSnapshot:
+    """One read of the account for the risk kernel, from the venue's raw fields (never ccxt's
+    unified `total`, which means different things per venue). margin_mode is the venue's
+    account mode, normalised to one of MARGIN_MODES."""
+    equity: float                    # E: margin balance incl. unrealised PnL, in `currency`
+    maintenance_margin: float | None  # MM, same currency; None only in a mode whose
+                                      # RISK_INPUTS_BY_MODE lacks "maintenance_margin"
+    margin_mode: str
+    currency: str                    # "USDT" / "USD" ...
+    positions: tuple[RiskPosition, ...]
+    venue_ts_ms: int                 # the venue's own time of the snapshot
+    venue_flags: tuple[str, ...] = ()   # venue risk flags where the venue has them
+
+
+@dataclass(frozen=True)
+class CashFlow:
+    flow_id: str                     # the venue's ledger id (dedupe)
+    ts_ms: int
+    amount: float                    # + in (deposit / transfer in), - out
+    kind: str                        # the venue's type text
+    asset: str = ""                  # the coin of `amount` (may differ from the snapshot's currency)
+
+
+# The account modes, normalised: binanceusdm "single_asset" | "multi_assets"
+# (/fapi/v1/multiAssetsMargin); bybit "isolated" | "cross" | "portfolio" (/v5/account/info
+# marginMode ISOLATED_MARGIN | REGULAR_MARGIN | PORTFOLIO_MARGIN); okx "spot" | "futures" |
+# "multi_currency" | "portfolio" (/api/v5/account/config acctLv 1..4).
+MARGIN_MODES = frozenset({"single_asset", "multi_assets", "isolated", "cross", "portfolio",
+                          "spot", "futures", "multi_currency"})
+
+class LedgerGapError(ExchangeDataError):
+    """Cash flows asked from before the venue's ledger retention: the entries are gone, so
+    the answer could only be incomplete. Raised instead (the kernel cannot tell a transfer
+    from PnL over that gap: a human re-bases)."""
+
+
+RISK_INPUT_NAMES = frozenset({"equity", "maintenance_margin", "liquidation_price", "cash_flows", "margin_mode"})
+DAY_MS = 86_400_000
+
+
+def obj(value, what):
+    if not isinstance(value, dict):
+        raise ExchangeDataError(f"{what} returned {type(value).__name__}, not an object")
+    return value
+
+
+def field(row, key, what):
+    """row[key] as a finite float; missing, empty, unreadable or non-finite raises."""
+    if key not in row:
+        raise ExchangeDataError(f"{what} without {key}")
+    return num(row[key], f"{what} {key}")
+
+
+def price_or_none(row, key, what):
+    """A price field: None when the venue gave nothing, "" or 0 (unknown, never "far away");
+    anything else must be a finite positive number, or the read raises."""
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    price = num(value, f"{what} {key}")
+    if price < 0:
+        raise ExchangeDataError(f"negative {what} {key}: {value!r}")
+    return price or None
+
+
+def risk_position(symbol, side, contracts, mark_price, liquidation_price):
+    if side not in ("long", "short") or not contracts > 0:
+        raise ExchangeDataError(f"position {symbol}: side {side!r} / contracts {contracts!r}")
+    return RiskPosition(symbol, side, float(contracts), mark_price, liquidation_price)
+
+
+def risk_snapshot(equity, maintenance_margin, margin_mode, currency, positions, venue_ts_ms, venue_flags=()):
+    """The snapshot, checked as a whole: a mode outside MARGIN_MODES, a negative maintenance
+    margin or a missing venue time raises (E <= 0 is returned: the kernel judges it)."""
+    if margin_mode not in MARGIN_MODES:
+        raise ExchangeDataError(f"unknown account mode {margin_mode!r}")
+    if maintenance_margin is not None and maintenance_margin < 0:
+        raise ExchangeDataError(f"negative maintenance margin {maintenance_margin!r}")
+    if not venue_ts_ms > 0:
+        raise ExchangeDataError(f"no venue time for the snapshot: {venue_ts_ms!r}")
+    return RiskSnapshot(float(equity), maintenance_margin, margin_mode, str(currency), tuple(positions),
+                        int(venue_ts_ms), tuple(venue_flags))
+
+
+def cash_flow(flow_id, ts_ms, amount, kind, asset):
+    if flow_id in (None, "") or not ts_ms > 0:
+        raise ExchangeDataError(f"ledger entry without an id or time: {flow_id!r} {ts_ms!r}")
+    return CashFlow(str(flow_id), int(ts_ms), float(amount), str(kind), str(asset or ""))
+
+
+def check_kept(ex, since_ms, kept_ms):
+    """LedgerGapError when since_ms is older than the venue keeps its ledger (kept_ms)."""
+    if since_ms < ex.milliseconds() - kept_ms:
+        raise LedgerGapError(f"{ex.id} keeps its ledger {kept_ms // DAY_MS} days: "
+                             f"cash flows since {since_ms} cannot be read completely")
+
+
+def windows(since_ms, until_ms, span_ms):
+    """[since, until) in consecutive windows of at most span_ms (the venue's query limit)."""
+    since_ms, until_ms = int(since_ms), int(until_ms)
+    return [(start, min(start + span_ms, until_ms)) for start in range(since_ms, until_ms, span_ms)]
+
+
+def flows_between(flows, since_ms, until_ms):
+    """Each ledger id once, since_ms <= ts < until_ms, oldest first: windows and pages that
+    overlap at their edges never count an entry twice."""
+    unique = {flow.flow_id: flow for flow in flows if since_ms <= flow.ts_ms < until_ms}
+    return sorted(unique.values(), key=lambda flow: (flow.ts_ms, flow.flow_id))

@@ -61,21 +61,27 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
+    """(positions, unreadable rows): a row without a readable instId or pos is unreadable (never "no
+    position": a missing pos was once read as 0, a false FLAT with 70 contracts open)."""
     ex.load_markets()
-    positions = []
-    for row in _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions"):
-        amount = base.num(row.get("pos") or 0, "pos")
-        if amount == 0:
-            continue
-        pos_side = str(row.get("posSide") or "net")
-        side = {"long": "long", "short": "short"}.get(pos_side, "long" if amount > 0 else "short")
-        market_id = str(row.get("instId"))
-        positions.append(base.Position(
-            symbol=base.unified_symbol(ex, market_id), market_id=market_id, side=side,
-            contracts=abs(amount), position_side={"long": "LONG", "short": "SHORT"}.get(pos_side, "BOTH"),
-            entry_price=base.opt_num(row.get("avgPx")) or 0.0, mark_price=base.opt_num(row.get("markPx")),
-            margin_mode=str(row.get("mgnMode") or "cross")))
-    return positions
+    rows = _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions")
+    return base.read_rows(ex, rows, segment, "instId", lambda row: _position(ex, row))
+
+
+def _position(ex, row):
+    if not row.get("instId"):
+        raise base.ExchangeDataError("position row without an instId")
+    amount = base.num(row.get("pos"), "pos")
+    if amount == 0:
+        return None
+    pos_side = str(row.get("posSide") or "net")
+    side = {"long": "long", "short": "short"}.get(pos_side, "long" if amount > 0 else "short")
+    market_id = str(row["instId"])
+    return base.Position(
+        symbol=base.unified_symbol(ex, market_id), market_id=market_id, side=side,
+        contracts=abs(amount), position_side={"long": "LONG", "short": "SHORT"}.get(pos_side, "BOTH"),
+        entry_price=base.opt_num(row.get("avgPx")) or 0.0, mark_price=base.opt_num(row.get("markPx")),
+        margin_mode=str(row.get("mgnMode") or "cross"))
 
 
 def _pages(call, params, id_key, what):
@@ -170,3 +176,73 @@ def classify_error(exc, ex=None):
         seconds = base.opt_num(base.header(ex, "Retry-After"))
         return seconds if seconds is not None and seconds >= 0 else 1.0
     return base.classify(exc, ERRORS, retry_after)
+
+
+# ---------------------------------------------------------------------------- risk kernel
+# GET /api/v5/account/balance (USD): in multi-currency and portfolio mode (GET
+# /api/v5/account/config acctLv 3, 4) E = adjEq and MM = mmr (mgnRatio = adjEq / mmr,
+# liquidation at 1). In spot and futures mode (acctLv 1, 2) those account-level fields are ""
+# (details[].mgnRatio applies per currency): E = totalEq and MM is None. Positions of every
+# segment: liqPx ("" = unknown), markPx. Venue time: GET /api/v5/public/time, read just
+# before the balance (the data is at least that new).
+# Cash flows: GET /api/v5/account/bills type 1 (transfer), 100 a page (newest first, `after`
+# = billId); it keeps 7 days: an older start reads /account/bills-archive (3 months).
+
+RISK_INPUTS = base.RISK_INPUT_NAMES
+LEDGER_KEPT_MS = 90 * base.DAY_MS     # bills-archive: the last 3 months
+RISK_INPUTS_BY_MODE = {mode: base.RISK_INPUT_NAMES - {"maintenance_margin"} for mode in ("spot", "futures")}
+_ACCT_LV = {"1": "spot", "2": "futures", "3": "multi_currency", "4": "portfolio"}
+_BILLS_KEPT_MS = 7 * base.DAY_MS - 3_600_000   # an hour's margin for clocks
+
+
+def _one(response, what):
+    rows = _data(response, what)
+    if len(rows) != 1:
+        raise base.ExchangeDataError(f"{what} answered {len(rows)} rows, not 1")
+    return rows[0]
+
+
+def read_risk_snapshot(ex):
+    ex.load_markets()
+    acct_lv = str(_one(ex.privateGetAccountConfig(), "account/config").get("acctLv"))
+    mode = _ACCT_LV.get(acct_lv)
+    if mode is None:
+        raise base.ExchangeDataError(f"account/config acctLv {acct_lv!r}")
+    venue_ms = base.field(_one(ex.publicGetPublicTime(), "public/time"), "ts", "public/time")
+    balance = _one(ex.privateGetAccountBalance(), "account/balance")
+    positions = []
+    for segment in SEGMENTS:
+        for row in _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions"):
+            amount = base.field(row, "pos", "account/positions")
+            if amount == 0:
+                continue
+            side = {"long": "long", "short": "short"}.get(row.get("posSide"), "long" if amount > 0 else "short")
+            positions.append(base.risk_position(
+                base.unified_symbol(ex, str(row.get("instId"))), side, abs(amount),
+                base.price_or_none(row, "markPx", "account/positions"),
+                base.price_or_none(row, "liqPx", "account/positions")))
+    margin = mode in ("multi_currency", "portfolio")
+    return base.risk_snapshot(
+        base.field(balance, "adjEq" if margin else "totalEq", "account/balance"),
+        base.field(balance, "mmr", "account/balance") if margin else None, mode, "USD", positions, venue_ms)
+
+
+def read_cash_flows(ex, since_ms, until_ms):
+    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
+    archive = since_ms < ex.milliseconds() - _BILLS_KEPT_MS
+    call = ex.privateGetAccountBillsArchive if archive else ex.privateGetAccountBills
+    flows, after = [], None
+    while True:
+        page = _data(call({"type": "1", "begin": str(int(since_ms)), "end": str(int(until_ms) - 1),
+                           "limit": _ORDER_PAGE, **({"after": after} if after else {})}), "account/bills")
+        for row in page:
+            if str(row.get("type")) != "1":
+                raise base.ExchangeDataError(f"account/bills asked type 1, got {row.get('type')!r}")
+            flows.append(base.cash_flow(row.get("billId"), base.field(row, "ts", "account/bills"),
+                                        base.field(row, "balChg", "account/bills"),
+                                        f"transfer/{row.get('subType')}", row.get("ccy")))
+        if len(page) < _ORDER_PAGE:
+            return base.flows_between(flows, since_ms, until_ms)
+        after = page[-1].get("billId")
+        if not after:
+            raise base.ExchangeDataError("account/bills: a full page without a billId to go on from")
