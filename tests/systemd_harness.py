@@ -54,6 +54,7 @@ Everything the tests do inside waits for events (wait_for polls a condition; no 
 """
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -453,8 +454,15 @@ def build_wheelhouse(cache_root=ROOT / "build"):
     this Python, gets async-timeout's wheel added to the wheelhouse, its lock and SHA256SUMS."""
     Path(cache_root).mkdir(parents=True, exist_ok=True)
     out = Path(cache_root) / f"eexit-wheelhouse-{source_digest()}"
-    if (out / "SHA256SUMS").is_file():
-        return out
+    # One builder at a time (test classes run in parallel): the others wait and reuse it.
+    with open(Path(cache_root) / ".wheelhouse.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "SHA256SUMS").is_file():
+            _build_wheelhouse(cache_root, out)
+    return out
+
+
+def _build_wheelhouse(cache_root, out):
     build = Path(tempfile.mkdtemp(prefix="eexit-wheelhouse-build-", dir=cache_root))
     try:
         venv = build / "venv"
@@ -471,9 +479,8 @@ def build_wheelhouse(cache_root=ROOT / "build"):
         if made.returncode != 0:
             raise AssertionError(f"wheelhouse build failed: {made.stdout[-2000:]} {made.stderr[-2000:]}")
         _add_missing_requirements(python, wheels)
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)      # an interrupted earlier build (no SHA256SUMS)
         wheels.rename(out)
-        return out
     finally:
         shutil.rmtree(build, ignore_errors=True)
 
