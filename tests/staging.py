@@ -2,7 +2,10 @@
 (it is the slow part, ~10-30 s: it downloads the locked files from the package index, as the
 connected machine does) and removed at exit. Not a test module.
 
-wheelhouse()          the wheelhouse of this source tree (tools/install_offline.py wheelhouse)
+distro_python()       the distribution's own interpreter (Debian 12: /usr/bin/python3, 3.11.2):
+                      the docs' `python3` on the target and on the connected machine
+wheelhouse()          the wheelhouse of this source tree (tools/install_offline.py wheelhouse), built
+                      with distro_python() as the docs say
 bumped(version)       a copy of it whose eexit wheel says `version` (an upgrade release)
 install(wh, root)     tools/install_offline.py install into root, pip cut off from any index
 unit_process(...)     start a daemon the way its systemd unit would, from the staged tree
@@ -14,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +24,27 @@ from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools/install_offline.py"
+DISTRO_PYTHON = "/usr/bin/python3"
 _CACHE = {}
+
+
+def distro_python():
+    """/usr/bin/python3 once it can build a wheelhouse (pip) and a venv (ensurepip): Debian
+    needs python3-pip and python3-venv for that, which .ci/run installs. Without them this
+    is an AssertionError saying so (the install test fails rather than test another Python)."""
+    if "python" not in _CACHE:
+        probe = subprocess.run([DISTRO_PYTHON, "-c", "import ensurepip, pip, platform; ensurepip.version(); "
+                                "print(platform.python_version())"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise AssertionError(f"{DISTRO_PYTHON} cannot build a wheelhouse and a venv (Debian: "
+                                 f"apt-get install python3-venv python3-pip): {probe.stderr[-500:]}")
+        _CACHE["python"] = (DISTRO_PYTHON, probe.stdout.strip())
+    return _CACHE["python"][0]
+
+
+def distro_python_version():
+    distro_python()
+    return _CACHE["python"][1]
 
 
 def installer():
@@ -56,7 +78,7 @@ def source_copy(name, version=None):
 def wheelhouse():
     if "wheelhouse" not in _CACHE:
         out = workspace() / "wheelhouse"
-        built = subprocess.run([sys.executable, str(SCRIPT), "wheelhouse", "--out", str(out),
+        built = subprocess.run([distro_python(), str(SCRIPT), "wheelhouse", "--out", str(out),
                                 "--project", str(source_copy("source"))],
                                capture_output=True, text=True, timeout=900)
         if built.returncode != 0:
@@ -74,7 +96,7 @@ def bumped(version):
     shutil.copytree(wheelhouse(), out)
     for old in out.glob("eexit-*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out),
+    subprocess.run([distro_python(), "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out),
                     str(source_copy(f"source-{version}", version))],
                    check=True, capture_output=True, timeout=600)
     (out / module.WHEELHOUSE_LOCK).write_text("".join(
@@ -95,7 +117,9 @@ def offline_env():
 
 
 def install(wheelhouse_dir, root, cwd=None):
-    return subprocess.run([sys.executable, str(SCRIPT), "install", "--wheelhouse", str(wheelhouse_dir),
+    """As the docs say (`python3 tools/install_offline.py install`), with the distribution's
+    python3: the venv is made by it."""
+    return subprocess.run([distro_python(), str(SCRIPT), "install", "--wheelhouse", str(wheelhouse_dir),
                            "--root", str(root)], capture_output=True, text=True, timeout=600,
                           env=offline_env(), cwd=cwd or workspace())
 
