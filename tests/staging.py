@@ -5,7 +5,7 @@ connected machine does) and removed at exit. Not a test module.
 distro_python()       the distribution's own interpreter (Debian 12: /usr/bin/python3, 3.11.2):
                       the docs' `python3` on the target and on the connected machine
 wheelhouse()          the wheelhouse of this source tree (tools/install_offline.py wheelhouse), built
-                      with distro_python() as the docs say
+                      as the docs say: in a venv of distro_python()
 bumped(version)       a copy of it whose eexit wheel says `version` (an upgrade release)
 install(wh, root)     tools/install_offline.py install into root, pip cut off from any index
 unit_process(...)     start a daemon the way its systemd unit would, from the staged tree
@@ -29,15 +29,15 @@ _CACHE = {}
 
 
 def distro_python():
-    """/usr/bin/python3 once it can build a wheelhouse (pip) and a venv (ensurepip): Debian
-    needs python3-pip and python3-venv for that, which .ci/run installs. Without them this
-    is an AssertionError saying so (the install test fails rather than test another Python)."""
+    """/usr/bin/python3 once it can make a venv (ensurepip): Debian needs python3-venv for
+    that, which .ci/run installs. Without it this is an AssertionError saying so (the install
+    tests fail rather than test another Python)."""
     if "python" not in _CACHE:
-        probe = subprocess.run([DISTRO_PYTHON, "-c", "import ensurepip, pip, platform; ensurepip.version(); "
+        probe = subprocess.run([DISTRO_PYTHON, "-c", "import ensurepip, platform; ensurepip.version(); "
                                 "print(platform.python_version())"], capture_output=True, text=True)
         if probe.returncode != 0:
-            raise AssertionError(f"{DISTRO_PYTHON} cannot build a wheelhouse and a venv (Debian: "
-                                 f"apt-get install python3-venv python3-pip): {probe.stderr[-500:]}")
+            raise AssertionError(f"{DISTRO_PYTHON} cannot make a venv (Debian: apt-get install "
+                                 f"python3-venv): {probe.stderr[-500:]}")
         _CACHE["python"] = (DISTRO_PYTHON, probe.stdout.strip())
     return _CACHE["python"][0]
 
@@ -45,6 +45,15 @@ def distro_python():
 def distro_python_version():
     distro_python()
     return _CACHE["python"][1]
+
+
+def build_python():
+    """The wheelhouse builder of docs/DEPLOY.md: a venv of the distribution's python3 (its pip)."""
+    if "build_python" not in _CACHE:
+        venv = workspace() / "build-venv"
+        subprocess.run([distro_python(), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+        _CACHE["build_python"] = str(venv / "bin/python")
+    return _CACHE["build_python"]
 
 
 def installer():
@@ -78,7 +87,7 @@ def source_copy(name, version=None):
 def wheelhouse():
     if "wheelhouse" not in _CACHE:
         out = workspace() / "wheelhouse"
-        built = subprocess.run([distro_python(), str(SCRIPT), "wheelhouse", "--out", str(out),
+        built = subprocess.run([build_python(), str(SCRIPT), "wheelhouse", "--out", str(out),
                                 "--project", str(source_copy("source"))],
                                capture_output=True, text=True, timeout=900)
         if built.returncode != 0:
@@ -96,7 +105,7 @@ def bumped(version):
     shutil.copytree(wheelhouse(), out)
     for old in out.glob("eexit-*.whl"):
         old.unlink()
-    subprocess.run([distro_python(), "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out),
+    subprocess.run([build_python(), "-m", "pip", "wheel", "--no-deps", "--use-pep517", "--wheel-dir", str(out),
                     str(source_copy(f"source-{version}", version))],
                    check=True, capture_output=True, timeout=600)
     (out / module.WHEELHOUSE_LOCK).write_text("".join(

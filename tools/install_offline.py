@@ -105,9 +105,9 @@ def build_wheelhouse(args):
         if archive.name.endswith(".whl"):
             archive.rename(out / archive.name)
         else:
-            run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", out, archive])
+            run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--use-pep517", "--wheel-dir", out, archive])
     shutil.rmtree(download)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", out, args.project])
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--use-pep517", "--wheel-dir", out, args.project])
     wheels = sorted(out.glob("*.whl"))
     (out / WHEELHOUSE_LOCK).write_text("".join(
         f"{wheel_requirement(wheel.name)} --hash=sha256:{sha256_file(wheel)}\n" for wheel in wheels))
