@@ -8,7 +8,6 @@ wheelhouse()          the wheelhouse of this source tree (tools/install_offline.
                       as the docs say: in a venv of distro_python()
 bumped(version)       a copy of it whose eexit wheel says `version` (an upgrade release)
 install(wh, root)     tools/install_offline.py install into root, pip cut off from any index
-unit_process(...)     start a daemon the way its systemd unit would, from the staged tree
 """
 
 import atexit
@@ -131,63 +130,3 @@ def install(wheelhouse_dir, root, cwd=None):
     return subprocess.run([distro_python(), str(SCRIPT), "install", "--wheelhouse", str(wheelhouse_dir),
                            "--root", str(root)], capture_output=True, text=True, timeout=600,
                           env=offline_env(), cwd=cwd or workspace())
-
-
-def staged(root, path):
-    """An absolute host path inside the staged root."""
-    return Path(root) / str(path).lstrip("/")
-
-
-def read_unit(path):
-    """[(key, value)] of a unit file's settings, in order (keys repeat)."""
-    settings = []
-    for raw in Path(path).read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            settings.append((key.strip(), value.strip()))
-    return settings
-
-
-def read_env_file(path):
-    """An EnvironmentFile= (KEY=VALUE lines, comments, no quoting used by eexit's)."""
-    env = {}
-    for raw in Path(path).read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip()
-    return env
-
-
-def unit_process(root, unit, run_dir, log_path, extra_env=None):
-    """Start the unit's ExecStart from the staged tree as systemd would, minus PID 1: its
-    EnvironmentFile=, a private credentials directory holding exactly its LoadCredential= files
-    and SetCredential= values, STATE_DIRECTORY for StateDirectory=, JOURNAL_STREAM as for a
-    journal stderr. Returns the Popen."""
-    settings = read_unit(staged(root, f"/etc/systemd/system/{unit}"))
-    credentials = Path(run_dir) / "credentials"
-    credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "JOURNAL_STREAM": "8:424242",
-           "CREDENTIALS_DIRECTORY": str(credentials), "PYTHONUNBUFFERED": "1"}
-    command = None
-    for key, value in settings:
-        if key == "EnvironmentFile":
-            env.update(read_env_file(staged(root, value.lstrip("-"))))
-        elif key == "LoadCredential":
-            name, _, source = value.partition(":")
-            shutil.copy(staged(root, source), credentials / name)
-        elif key == "SetCredential":
-            name, _, text = value.partition(":")
-            (credentials / name).write_text(text)
-        elif key == "StateDirectory":
-            state = staged(root, f"/var/lib/{value}")
-            state.mkdir(parents=True, exist_ok=True, mode=0o700)
-            env["STATE_DIRECTORY"] = str(state)
-        elif key == "ExecStart":
-            command = [str(staged(root, part)) if part.startswith("/opt/eexit/") else part
-                       for part in value.split()]
-    env.update(extra_env or {})
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
-                                start_new_session=True)
