@@ -105,34 +105,23 @@ def _credential_file(directory, file_name):
     path = directory / file_name
     try:
         value = path.read_text(encoding="utf-8").strip()
+        problem = None if value else f"{path} is empty"
     except FileNotFoundError:
         if os.path.isdir(directory):
             return None
-        raise ConfigError(f"credential {file_name}: CREDENTIALS_DIRECTORY={directory} does not exist; "
-                          f"{credential_provider(directory, file_name)}") from None
+        problem = f"CREDENTIALS_DIRECTORY={directory} does not exist"
     except UnicodeDecodeError:
-        # The type only: the decoder's message quotes bytes of the secret.
-        raise ConfigError(f"credential {file_name}: {path} is not UTF-8 text; "
-                          f"{credential_provider(directory, file_name)}") from None
+        problem = f"{path} is not UTF-8 text"    # not the decoder's message: it quotes the secret
     except OSError as exc:
-        raise ConfigError(f"credential {file_name}: cannot read {path} ({type(exc).__name__}: "
-                          f"{exc.strerror}); {credential_provider(directory, file_name)}") from None
-    if not value:
-        raise ConfigError(f"credential {file_name}: {path} is empty; "
-                          f"{credential_provider(directory, file_name)}")
+        problem = f"cannot read {path} ({type(exc).__name__}: {exc.strerror})"
+    if problem:
+        raise ConfigError(f"credential {file_name}: {problem}; {credential_provider(directory, file_name)}")
     return value
-
-
-SYSTEMD_CREDENTIALS = Path("/run/credentials")
 
 
 def credential_provider(directory, file_name):
     """Which setting should provide a credential, for an error message: systemd hands a unit
-    its credentials in /run/credentials/<unit>, so there it is that unit's LoadCredential=;
-    elsewhere (an ops shell) the directory holds the files itself."""
-    directory = Path(directory)
-    if directory.parent == SYSTEMD_CREDENTIALS:
-        return (f"{directory.name}'s LoadCredential={file_name}:<file> provides it (the file, mode 0600, "
-                "owned by root; docs/DEPLOY.md, Credentials)")
-    return (f"a unit's LoadCredential={file_name}:<file> provides it, or for a shell the file {file_name} "
-            f"readable in CREDENTIALS_DIRECTORY (docs/DEPLOY.md, Credentials)")
+    its credentials in /run/credentials/<unit>, so there it is that unit's LoadCredential=."""
+    unit = Path(directory).name if Path(directory).parent == Path("/run/credentials") else "a unit"
+    return (f"{unit}'s LoadCredential={file_name}:<file> provides it, or for a shell the file in "
+            f"CREDENTIALS_DIRECTORY (docs/DEPLOY.md, Credentials)")
