@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Install eexit on a machine with no network, from a wheelhouse built on a connected one.
 
-On a connected machine (same OS and Python minor version as the target; the committed lock is
-resolved for Python 3.11, Debian 12, x86_64, and holds every PyPI file's hash of each pin):
-    python3 tools/install_offline.py wheelhouse --out eexit-wheelhouse
+On a connected machine of the target's kind, with the target's own Python (Debian 12:
+/usr/bin/python3, 3.11.2; the wheelhouse holds the files for the Python that builds it, and
+the committed lock's markers are evaluated for it), in a throwaway venv that brings pip:
+    python3 -m venv /tmp/eexit-build
+    /tmp/eexit-build/bin/python tools/install_offline.py wheelhouse --out eexit-wheelhouse
     tar czf eexit-offline.tgz eexit-wheelhouse tools/install_offline.py systemd docs
 On the target, as root:
     python3 tools/install_offline.py install --wheelhouse eexit-wheelhouse
