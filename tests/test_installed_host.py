@@ -189,7 +189,7 @@ class InstalledHostTest(unittest.TestCase):
         self.assertTrue(drill["passed"], drill)
         self.assertEqual(drill["report"]["status"], "FLAT")
         self.assertIn("RESUMED", runbook)
-        self.assertRegex(runbook, r"(?m)^OK: /var/lib/eexit-audit/audit.jsonl: hash chain intact")
+        self.assertRegex(runbook, r"(?m)^OK: /var/lib/eexit-audit/audit.jsonl: \d+ lines, chain intact")
 
     def test_units_verify_clean_and_security_online_matches_the_table(self):
         verify = self.sd.run(["systemd-analyze", "verify", *[f"/etc/systemd/system/{unit}" for unit in unit_table()]],
