@@ -231,7 +231,7 @@ class InstalledHostTest(unittest.TestCase):
         self.assertEqual(value_of(families, "eexit_orders_rejected_total"), 0)
         self.assertEqual(value_of(families, "eexit_build_info", version=__version__), 1)
 
-    def test_zz_a_configuration_error_is_in_journalctl_p_err(self):
+    def test_zz_a_bad_setting_is_in_journalctl_p_err(self):
         """Last (it stops the EEW): a bad REDIS_URL from a drop-in's extra EnvironmentFile= (a
         later file wins), restart refused with exit 2, and the reason at priority err or above,
         summary line included; then the drop-in goes and the EEW is READY again."""
@@ -250,6 +250,26 @@ class InstalledHostTest(unittest.TestCase):
         finally:
             sd.run(["rm", "-rf", "/etc/systemd/system/eexit-eew.service.d", BAD_SETTINGS])
             sd.systemctl("daemon-reload")
+            sd.systemctl("reset-failed", "eexit-eew", check=False)
+            sd.systemctl("start", "eexit-eew")
+        sd.wait_active("eexit-eew")
+
+    def test_zz_an_empty_credential_is_exit_2_naming_it_and_its_load_credential(self):
+        """Last too (it stops the EEW): the key file the installer created empty, as an
+        operator who has not filled it in leaves it; then the key goes back."""
+        self.assert_doc_ran("docs/DEPLOY.md")
+        sd, key = self.sd, "/etc/eexit/credentials/eew/api_key"
+        saved = sd.read(key)
+        sd.write(key, "")
+        try:
+            sd.systemctl("restart", "eexit-eew", check=False)
+            sd.wait_for(lambda: sd.show("eexit-eew", "ExecMainStatus") == "2", 60, "the EEW to exit 2")
+            shown = sd.run(["journalctl", "--no-pager", "-o", "cat", "-p", "err", "-u", "eexit-eew"]).stdout
+            self.assertIn("eexit.eew: configuration error: credential api_key: /run/credentials/eexit-eew.service/"
+                          "api_key is empty; eexit-eew.service's LoadCredential=api_key:<file> provides it", shown)
+            self.assertNotIn("Traceback", sd.journal_text("eexit-eew", 200))
+        finally:
+            sd.write(key, saved)
             sd.systemctl("reset-failed", "eexit-eew", check=False)
             sd.systemctl("start", "eexit-eew")
         sd.wait_active("eexit-eew")

@@ -96,6 +96,12 @@ class OfflineInstallTest(unittest.TestCase):
             self.assertEqual(mode(etc / "credentials" / daemon), 0o700)
             self.assertEqual(mode(etc / "credentials" / daemon / "redis_password"), 0o600)
         self.assertEqual(mode(etc / "redis-acl.conf"), 0o640)
+        # The keys a daemon reads at start exist, empty, so that an unfilled one stops the
+        # daemon with exit 2 naming it rather than systemd's nameless 243/CREDENTIALS.
+        for daemon, name in (("brain", "api_key"), ("brain", "api_secret"), ("eew", "api_key"),
+                             ("eew", "api_secret"), ("eew", "panic_hmac_keys"), ("watchdog", "panic_hmac_keys")):
+            self.assertEqual(((etc / "credentials" / daemon / name).read_text(),
+                              mode(etc / "credentials" / daemon / name)), ("", 0o600), f"{daemon}/{name}")
         # eexit's own redis-server instance config (redis-server@eexit), rendered as shipped.
         redis_conf = self.root / "etc/redis/redis-eexit.conf"
         self.assertEqual(redis_conf.read_text(), (ROOT / "systemd/redis-eexit.conf").read_text())
