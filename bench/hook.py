@@ -1,4 +1,4 @@
-"""Crash path benchmark: kill -9 of the Exit Brain -> verified FLAT through the ExecStopPost= hook.
+"""Crash path benchmark without systemd: kill -9 of the Exit Brain -> verified FLAT through the hook.
 
     python bench/hook.py [--kills 20] [--latency-ms 25] [--out bench/results/hook.json]
 
@@ -6,9 +6,9 @@ Plays systemd's part as tests/test_hook.py does: a private redis-server, the pap
 with L ms on every request, `python -m eexit.eew` (signing on) and `python -m eexit.brain` as
 processes; each round seeds 3 positions, starts a brain, waits for its healthy heartbeat,
 waits a random 0-1 s, kills it with SIGKILL, reaps it (systemd learns of the death from
-SIGCHLD the same way) and runs the unit's ExecStopPost= command line, parsed from
-systemd/eexit-brain.service (the `eexit` console script), with SERVICE_RESULT=signal
-EXIT_CODE=killed EXIT_STATUS=KILL. No watchdog: its rules fire seconds later and are
+SIGCHLD the same way) and runs what the crash unit runs (`python -m eexit.hook` with the
+Environment= lines of systemd/eexit-brain-crash@.service, EEXIT_CRASH=signal:killed:KILL).
+The same under the real systemd, with the crash unit's start: bench/crash_systemd.py. No watchdog: its rules fire seconds later and are
 measured by bench/detection.py; between rounds the halt and the incident are cleared as a
 human's resume would.
 
@@ -17,7 +17,7 @@ human's resume would.
   hook wall    = spawn of the hook -> its exit        (this process's monotonic clock)
   hook elapsed = the hook's own elapsed_ms log field  (after its imports)
 Target (issue 19): kill->FLAT <= 3 x L + 300 ms. Also: interpreter start and the hook's
-import time (`python -X importtime`, cumulative us of eexit.cli + eexit.hook). Writes JSON.
+import time (`python -X importtime`, cumulative us of eexit.hook). Writes JSON.
 """
 
 import argparse
@@ -39,14 +39,16 @@ from eexit import bus, schema  # noqa: E402
 from eexit.localredis import RedisServer  # noqa: E402
 from eexit.paper import PaperExchange  # noqa: E402
 from tests.harness import python_env, start_module, stop_process, wait_for  # noqa: E402
-from tests.test_hook import EEW_KEYS, HOOK_KEY, KILLED, console_script, exec_stop_post  # noqa: E402
+from tests.test_hook import EEW_KEYS, HOOK_KEY, KILLED, crash_unit_env  # noqa: E402
+
+COMMAND = [sys.executable, "-m", "eexit.hook"]
 
 SEED = "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:3"
 SEED_COUNT = 3
 
 
 def import_costs(runs=7):
-    """(interpreter start ms, import eexit.cli + eexit.hook ms) as medians: wall time of an
+    """(interpreter start ms, import eexit.hook ms) as medians: wall time of an
     empty `python -c pass`, and the importtime cumulative figures."""
     starts, imports = [], []
     env = python_env()
@@ -54,10 +56,10 @@ def import_costs(runs=7):
         began = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
         starts.append((time.monotonic() - began) * 1000)
-        out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import eexit.cli, eexit.hook"],
+        out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import eexit.hook"],
                              env=env, capture_output=True, text=True, check=True).stderr
         total = 0
-        for name in ("eexit.cli", "eexit.hook"):
+        for name in ("eexit.hook",):
             match = re.search(rf"\|\s+(\d+) \| {re.escape(name)}$", out, re.M)
             total += int(match.group(1)) if match else 0
         imports.append(total / 1000)
@@ -73,8 +75,7 @@ class Bench:
         self.paper = PaperExchange(seed=SEED, latency_ms=args.latency_ms)
         self.url = self.paper.start()
         self.processes = []
-        console_script(self.dir)
-        self.argv, self.unit_env = exec_stop_post(self.dir)
+        self.argv, self.unit_env = COMMAND, crash_unit_env(KILLED)
         self.credentials = os.path.join(self.dir, "credentials")
         os.mkdir(self.credentials, 0o700)
         with open(os.path.join(self.credentials, "hook_hmac_key"), "w", encoding="ascii") as f:
@@ -125,7 +126,7 @@ class Bench:
         began = time.monotonic()
         done = subprocess.run(self.argv, env=python_env(**{"REDIS_URL": self.redis_server.url,
                                                            "CREDENTIALS_DIRECTORY": self.credentials,
-                                                           **self.unit_env, **KILLED}),
+                                                           **self.unit_env}),
                               capture_output=True, text=True, timeout=30)
         hook_wall_ms = (time.monotonic() - began) * 1000
         if done.returncode != 0:
@@ -173,7 +174,7 @@ def main():
     target_ms = 3 * args.latency_ms + 300
     data = {"kills": args.kills, "latency_ms": args.latency_ms, "positions": SEED_COUNT, "target_ms": target_ms,
             "hook_timeout_s": float(bench.unit_env.get("EEXIT_HOOK_TIMEOUT_S", 5)),
-            "command": " ".join(exec_stop_post("/opt/eexit/venv/bin")[0]),
+            "command": "/opt/eexit/venv/bin/python -m eexit.hook (EEXIT_CRASH=signal:killed:KILL)",
             "kill_to_panic_ms": summary([r["kill_to_panic_ms"] for r in rows]),
             "kill_to_flat_ms": summary([r["kill_to_flat_ms"] for r in rows]),
             "hook_wall_ms": summary([r["hook_wall_ms"] for r in rows]),

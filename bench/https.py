@@ -80,6 +80,9 @@ class Bench:
 
     def panic(self, paper, process, n, quiet_s, faults=(), timeout_s=300):
         """Seed n positions, wait quiet_s, XADD, wait for the report: (ms, status, flat, cpu_s)."""
+        # The last run's halt stands: the halt guard would close this seed before the panic
+        # (a panic on a flat account is not what this measures). An operator's resume, in effect.
+        self.client.delete(schema.TRADING_STATE_KEY)
         paper.reset(seed=seed_for(n))
         for fault in ({"kind": "latency", "ms": self.latency},) + tuple(faults):
             paper.add_fault(dict(fault))

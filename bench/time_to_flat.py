@@ -67,6 +67,7 @@ def reset(paper, n, latency):
 
 
 def eew_run(client, paper, n, latency, timeout_s):
+    client.delete(schema.TRADING_STATE_KEY)     # the last run's halt: its guard would close the seed
     reset(paper, n, latency)
     time.sleep(quiet_period_s(n))
     last = client.xrevrange(schema.COMPLETED_STREAM, count=1)

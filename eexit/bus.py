@@ -281,7 +281,8 @@ class DurablePublish:
 
 
 def publish_durable(client, stream, message, replicas, timeout_ms,
-                    give_up_after_s=DURABLE_GIVE_UP_S, sleep=time.sleep, monotonic=time.monotonic):
+                    give_up_after_s=DURABLE_GIVE_UP_S, sleep=time.sleep, monotonic=time.monotonic,
+                    entry_id=None):
     """XADD `message` (a schema message or a ready field map, e.g. signed fields), then WAIT
     until `replicas` replicas hold it. Until that is confirmed or give_up_after_s has passed:
 
@@ -293,6 +294,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
 
     So a panic survives a failover at-least-once; the copies carry one event_id and the EEW
     executes it once (idempotency by event_id). With replicas=0 this is a plain XADD.
+    entry_id: the entry is already written (claim_and_publish did it): only confirm it.
 
     Returns DurablePublish; confirmed=False means the entry was written but replication was
     never confirmed: the caller logs it CRITICAL and keeps its own re-publish schedule (the
@@ -303,7 +305,9 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
     fields = message.to_fields() if hasattr(message, "to_fields") else dict(message)
     deadline = monotonic() + give_up_after_s
     backoff = DURABLE_BACKOFF_START_S
-    entry_id, writes, acked = None, 0, 0
+    writes, acked = int(entry_id is not None), 0
+    if entry_id is not None and replicas <= 0:
+        return DurablePublish(entry_id, True, 0, writes)
     while True:
         try:
             if entry_id is None or not _entry_holds(client, stream, entry_id, fields):
@@ -364,3 +368,36 @@ def claim_incident(client, key, fields, id_field="event_id"):
         # Deleted between our HSETNX and HGET (the other watchdog closed its incident): the
         # next HSETNX decides again.
     raise redis.ResponseError(f"{key}: could not claim or read the incident after 3 attempts")
+
+
+# KEYS: the incident hash, the panic stream. ARGV: the event id, n, n claim field pairs, then
+# the panic's field pairs. Checked first, written after the XADD: a script is not rolled back
+# on an error, so a refused XADD leaves no claim behind. One clock: opened_at_ms is Redis's.
+_CLAIM_AND_PUBLISH = """
+local holder = redis.call('HGET', KEYS[1], 'event_id')
+if holder then return {0, holder} end
+local n = tonumber(ARGV[2])
+local message = {}
+for i = 3 + 2 * n, #ARGV do message[#message + 1] = ARGV[i] end
+local entry_id = redis.call('XADD', KEYS[2], '*', unpack(message))
+redis.call('HSETNX', KEYS[1], 'event_id', ARGV[1])
+for i = 3, 2 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local now = redis.call('TIME')
+redis.call('HSETNX', KEYS[1], 'opened_at_ms', string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000)))
+redis.call('HSETNX', KEYS[1], 'entry_id', entry_id)
+return {1, entry_id}
+"""
+
+
+def claim_and_publish(client, key, stream, event_id, claim_fields, message_fields):
+    """Open the incident `key` with event_id AND publish its panic, as one atomic step (a Lua
+    script: no claim can exist without its panic, issue 26 finding 4). Returns (won, value):
+    won -> value is the panic's entry id; lost -> value is the event id already in force (the
+    incident was open: nothing written). The claim records opened_at_ms from Redis's clock and
+    the entry id. ACL: EVALSHA and SCRIPT LOAD; the script's own commands (HGET, HSETNX, XADD,
+    TIME) are checked against the caller's user like any other."""
+    flat_claim = [str(x) for pair in claim_fields.items() for x in pair]
+    flat_message = [str(x) for pair in message_fields.items() for x in pair]
+    won, value = client.register_script(_CLAIM_AND_PUBLISH)(
+        keys=[key, stream], args=[event_id, len(claim_fields), *flat_claim, *flat_message])
+    return bool(int(won)), as_text(value)

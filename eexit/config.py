@@ -80,22 +80,48 @@ def env_list(name, default, env=None):
 def credential(file_name, env_names=(), env=None):
     """A secret from $CREDENTIALS_DIRECTORY/<file_name>, else from the first set variable of
     env_names, else None. systemd's LoadCredential= is the recommended path: the secret never
-    appears in the unit, the environment of other processes, or `systemctl show`."""
+    appears in the unit, the environment of other processes, or `systemctl show`.
+    A file that is there but cannot be read (permissions, a directory systemd did not make
+    accessible to this process, not UTF-8) or is empty, and a CREDENTIALS_DIRECTORY that does
+    not exist, are a ConfigError naming the file and the unit setting that should provide it:
+    someone meant to configure the secret, and guessing past it could start a daemon without
+    its key (fail-closed: exit 2, never a traceback). Only a file absent from an existing
+    directory falls through to env_names (the setting is optional where the caller allows it)."""
     env = os.environ if env is None else env
     directory = env.get("CREDENTIALS_DIRECTORY")
     if directory:
-        path = Path(directory) / file_name
-        if path.exists():
-            try:
-                value = path.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"credential {file_name} in CREDENTIALS_DIRECTORY is unreadable: "
-                                  f"{type(exc).__name__}") from None
-            if not value:
-                raise ConfigError(f"credential {file_name} in CREDENTIALS_DIRECTORY is empty")
+        value = _credential_file(Path(directory), file_name)
+        if value is not None:
             return value
     for name in env_names:
         value = env.get(name)
         if value is not None and value.strip():
             return value.strip()
     return None
+
+
+def _credential_file(directory, file_name):
+    """The stripped text of directory/file_name; None if the directory exists without it."""
+    path = directory / file_name
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+        problem = None if value else f"{path} is empty"
+    except FileNotFoundError:
+        if os.path.isdir(directory):
+            return None
+        problem = f"CREDENTIALS_DIRECTORY={directory} does not exist"
+    except UnicodeDecodeError:
+        problem = f"{path} is not UTF-8 text"    # not the decoder's message: it quotes the secret
+    except OSError as exc:
+        problem = f"cannot read {path} ({type(exc).__name__}: {exc.strerror})"
+    if problem:
+        raise ConfigError(f"credential {file_name}: {problem}; {credential_provider(directory, file_name)}")
+    return value
+
+
+def credential_provider(directory, file_name):
+    """Which setting should provide a credential, for an error message: systemd hands a unit
+    its credentials in /run/credentials/<unit>, so there it is that unit's LoadCredential=."""
+    unit = Path(directory).name if Path(directory).parent == Path("/run/credentials") else "a unit"
+    return (f"{unit}'s LoadCredential={file_name}:<file> provides it, or for a shell the file in "
+            f"CREDENTIALS_DIRECTORY (docs/DEPLOY.md, Credentials)")

@@ -23,8 +23,8 @@ retrying ten times a second neither hides nor floods the reason.
 """
 
 import signal
-import sys
 import time
+import traceback
 
 import redis
 
@@ -36,15 +36,24 @@ CAUSE_LOG_INTERVAL_S = 30.0
 
 
 def main(log, start):
-    """Run start() -> exit code; a ConfigError anywhere before or during it is exit 2."""
+    """Run start() -> exit code; a ConfigError anywhere before or during it is exit 2, any
+    other exception exit 1; both logged at CRITICAL, every line with its journal priority."""
     try:
         return start() or 0
     except ConfigError as exc:
         # The only exit on our own: running a configuration nobody intended is worse than
         # not running, and systemd shows the failed unit (exit code 2, never retried).
         log.critical("config_error", detail=str(exc))
-        print(f"eexit.{log.daemon}: configuration error: {exc}", file=sys.stderr)
+        log.summary("CRITICAL", f"eexit.{log.daemon}: configuration error: {exc}")
         return CONFIG_EXIT_CODE
+    except Exception as exc:
+        # Broad on purpose: a bug. Its traceback goes to the journal line by line at CRITICAL
+        # (printed bare it would be filed at info), then exit 1 as an uncaught exception
+        # would, so systemd restarts the unit (its restart policy decides what follows).
+        log.critical("unhandled_exception", error=type(exc).__name__)
+        for line in traceback.format_exc().rstrip().splitlines():
+            log.summary("CRITICAL", f"eexit.{log.daemon}: {line}")
+        return 1
 
 
 def on_stop_signal(callback):

@@ -14,9 +14,11 @@ Reading order
     Journal                  local append-only outbox for reports Redis could not take
     Pacer, ExchangePool      order pacing and one ccxt client per worker thread
     Closer                   one panic against the exchange -> CompletionReport
-    Worker                   the loop: iteration() does one pass, run() repeats it; its
-                             guard() runs the lost-panic checks (eexit/tamper.py) and serves
-                             resume/init requests (eexit/resume.py)
+    Job, Entries             one entry: eexit/eew_core.py decides, Entries.perform acts
+    LostPanics               lost-panic checks (eexit/tamper.py), resume requests (eexit/resume.py)
+    OwnAuthority             the bus-loss close and the halt guard
+    Worker                   the loop: iteration() does one pass, run() repeats it; whether a
+                             pass was clean, and the bus-loss timer, is core.Liveness
     main()
 
 Idempotency. The hash `system:panic_close:processed` maps each executed event_id to a JSON
@@ -25,7 +27,9 @@ with HSETNX after authorisation, so exactly one stream entry owns an event_id: a
 of that entry (crash, restart, claim by another instance) resumes it; any other entry with
 the same event_id gets a DUPLICATE report naming the owner and no exchange action. The final
 report, the record's stage "done" and the XACK are written by one Lua script: a report is
-never written twice and an entry is never acknowledged without its report. DUPLICATE entries
+never written twice and an entry is never acknowledged without its report. The set
+eexit:eew:reported holds every event id with a final report, so a report published straight
+onto the stream while the ledger refused (fail-closed handling, below) is not written again. DUPLICATE entries
 are recorded under the field "entry:<stream id>" with the same script, so their redelivery
 does not repeat the report either. A missing event_id is "entry-<stream id>": deterministic,
 never random. Unauthorised entries claim nothing, so a forger cannot pre-empt a real event_id.
@@ -96,8 +100,13 @@ flat through the same Closer, reporting it as its own event (guard-<consumer>-<m
 HALT_VIOLATION or RESIDUAL_RETRY); EEXIT_HALT_GUARD_POLICY=alert reports and sends nothing.
 Decisions: eexit/guard_policy.py; shell: Worker.halt_guard; status: the hash eexit:eew:guard.
 
-Entry isolation. One entry's failure never blocks the others (handle_isolated); an entry
-failing EEXIT_MAX_DELIVERIES times gets a FAILED report with internal_error:<type>. A journal
+Fail-closed handling (eexit/eew_core.py decides, Worker.drive performs). Whatever fails while
+handling an authorised panic (a bug, a Redis command error, unexpected exchange data), the EEW
+halts (or keeps the halt), closes by the simplest path, reports what it could, and names the
+event in its heartbeat (panic_unreported:<event_id>) until a final report stands. A report the
+ledger refuses goes straight onto the completed stream and into the journal, which later marks
+it done and acknowledges without writing it twice. Only an entry that is NOT authorised and
+whose rejection fails EEXIT_MAX_DELIVERIES times gets FAILED without any action. A journal
 line that cannot be used is quarantined (<journal>.quarantine), never fatal.
 
 Exchange key. markets load from public endpoints, so a private read-only call (the balance)
@@ -105,7 +114,9 @@ runs every EEXIT_ACCOUNT_CHECK_S; a refused key makes the heartbeat DEGRADED wit
 degraded_reason=exchange_authentication. Panics are still halted and attempted.
 
 systemd. Before READY=1 the preflight (eexit/daemon.py) checks Redis's version and the ACL
-(exit 2 naming the command and user). READY=1 once Redis answers and the markets are loaded;
+(exit 2 naming the command and user). READY=1 once Redis answers, the markets are loaded, the
+first round of warm connections is open and the first pass (journal, lost-panic checks,
+pending entries) is done: a panic published at READY=1 meets a worker that can act at once;
 WATCHDOG=1 only from the loop (and between close attempts, which are loop progress), blocking
 reads at most half of WatchdogSec; EEXIT_EXCHANGE_TIMEOUT_MS must be below half of it (exit 2).
 A blind EEW stops WATCHDOG=1 once its close on own authority has run (see Worker).
@@ -125,6 +136,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import bus, daemon, exchange, flatten, guard_policy, resume, schema, signing, tamper
+from . import eew_core as core
 from .config import ConfigError, env_float, env_int, env_list, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -153,20 +165,19 @@ PROBES = (
     ("HGETALL", schema.GUARD_KEY), ("HGETALL", _STATE),
     # lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
     ("XINFO", "STREAM", _PANIC), ("XINFO", "GROUPS", _PANIC), ("XRANGE", _PANIC, "-", "+", "COUNT", "1"),
-    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("HMGET", schema.PROCESSED_KEY, "x"),
+    ("SMEMBERS", "eexit:eew:inflight"), ("SREM", "eexit:eew:inflight", "x"), ("SADD", "eexit:eew:reported", "x"), ("SISMEMBER", "eexit:eew:reported", "x"), ("EVALSHA", "0" * 40, "1", "eexit:eew:reported"), ("HMGET", schema.PROCESSED_KEY, "x"),
     ("XREAD", "COUNT", "1", "STREAMS", resume.REQUEST_STREAM, "0"),
     ("XADD", resume.VERDICT_STREAM, "*", "f", "v"), ("XADD", resume.OPS_AUDIT_STREAM, "*", "f", "v"))
-# Test-only fault hook: an entry whose reason equals this variable's value raises in handling,
-# so the entry-isolation path runs against real code. Unset (the default) it does nothing.
-FAULT_REASON_ENV = "EEXIT_TEST_FAULT_REASON"
 PACING_MARGIN_S = 0.1
 # Venues and their load balancers drop kept-alive connections idle for about a minute or
 # more; a ping every 20 s keeps the warm ones well inside that (0 disables it).
 DEFAULT_KEEPALIVE_S = 20
 INFLIGHT_KEY = "eexit:eew:inflight"   # event ids claimed and not yet final (the ledger sweep)
+REPORTED_KEY = "eexit:eew:reported"   # event ids with a final report (once per id, ledger or not)
 READ_BATCH = 512                      # entries per read: a flood costs O(1) round trips per batch
 REJECTED_IDS_SHOWN = 20               # entry ids a rejection summary names
 RESUME_READ_S = 5.0                   # the account read behind a resume verdict
+SIMPLE_CLOSE_ATTEMPT = 1000           # the fail-closed close's first attempt number
 
 
 # ------------------------------------------------------------------------------ config
@@ -188,7 +199,6 @@ class Config:
     account_check_s: float
     keepalive_s: float
     max_deliveries: int
-    fault_reason: str
     halt_guard_s: float
     halt_guard_policy: str
     resume_cooldown_s: float
@@ -227,7 +237,6 @@ class Config:
             keepalive_s=env_float("EEXIT_EXCHANGE_KEEPALIVE_S", DEFAULT_KEEPALIVE_S, minimum=0, maximum=3600,
                                   env=env),
             max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
-            fault_reason=(env.get(FAULT_REASON_ENV) or "").strip(),
             halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
             halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
             resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
@@ -347,26 +356,48 @@ def authorise(fields, authorized_sources, keyring):
 
 # ------------------------------------------------------------------------------ ledger (Redis)
 
-# KEYS: processed hash, completed stream, panic stream, in-flight set.
+# KEYS: processed hash, completed stream, panic stream, in-flight set, reported set.
 # ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
-# Writes the report only if the field is not already "done"; always acknowledges the entry
-# and takes the field out of the in-flight set.
+# Writes the report only if the field is not already "done" and no report of it stands (the
+# reported set: a report published straight onto the stream while the ledger refused, see
+# DIRECT_LUA); always acknowledges the entry and takes the field out of the in-flight set. An
+# entry whose event another entry finished gets its own report, as a DUPLICATE: no entry is
+# acknowledged without a report.
 FINISH_LUA = """
 redis.call('SREM', KEYS[4], ARGV[1])
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
   local ok, rec = pcall(cjson.decode, existing)
   if ok and type(rec) == 'table' and rec['stage'] == 'done' then
+    if ARGV[4] ~= '' and type(rec['entry']) == 'string' and rec['entry'] ~= ARGV[4] then
+      for i = 5, #ARGV - 1, 2 do if ARGV[i] == 'status' then ARGV[i + 1] = 'DUPLICATE' end end
+      redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+      redis.call('HSET', KEYS[1], 'entry:' .. ARGV[4], cjson.encode({entry = ARGV[4], stage = 'done', status = 'DUPLICATE'}))
+    end
     if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
     return {0, tostring(rec['report'] or '')}
   end
 end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+local id = ''
+if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then
+  id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('SADD', KEYS[5], ARGV[1])
+end
 local rec = cjson.decode(ARGV[2])
 rec['report'] = id
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
 if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
-return {1, id}
+return {id ~= '' and 1 or 0, id}
+"""
+
+# KEYS: reported set, completed stream. ARGV: event id, report field/value pairs. The report
+# straight onto the stream (the ledger refused it), once per event id: '' if one stands.
+# Writes in this order because a script is not rolled back: a refused XADD leaves no mark.
+DIRECT_LUA = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return '' end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('SADD', KEYS[1], ARGV[1])
+return id
 """
 
 # KEYS: completed stream, panic stream. ARGV: group, number of report pairs N, N*2 report
@@ -413,6 +444,7 @@ class Ledger:
         self._update = client.register_script(UPDATE_LUA)
         self._lease = client.register_script(LEASE_LUA)
         self._reject = client.register_script(REJECT_LUA)
+        self._direct = client.register_script(DIRECT_LUA)
 
     def hold_lease(self, consumer, lease_ms):
         return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
@@ -450,13 +482,19 @@ class Ledger:
         self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
 
     def finish(self, ledger_field, done_record, entry_id, report_fields):
-        """Write the report unless already written, mark done, XACK. Returns (written, report id)."""
+        """Write the report unless one stands, mark done, XACK. Returns (written, report id)."""
         pairs = [item for name_value in report_fields.items() for item in name_value]
         written, report_id = self._finish(
-            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY],
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY, REPORTED_KEY],
             args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
             client=self.client)
         return bool(written), _text(report_id)
+
+    def publish_direct(self, event_id, report_fields):
+        """The report onto the completed stream without the ledger; its id, "" if one stood."""
+        pairs = [item for name_value in report_fields.items() for item in name_value]
+        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *pairs],
+                                  client=self.client))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
@@ -660,21 +698,26 @@ class ExchangePool:
         finally:
             self._give(client)
 
-    def maintain(self, now, warm, interval_s):
+    def maintain(self, now, warm, interval_s, pacer):
         """Keep `warm` connections alive: every interval_s (0: never) one ping on each, and
         right after the markets loaded, so a panic finds them open. Returns the failures of
         the previous round (texts): a failed ping says nothing about the account, and the
-        panic that needs the connection opens a new one."""
+        panic that needs the connection opens a new one. A 429/418 (a ping's or a panic's)
+        pauses the pacer, and no ping goes out inside that ban window: Binance answers
+        requests during a ban with a longer (418) IP ban, which would cost the next close."""
         failures = []
         if self.warming and all(f.done() for f in self.warming):
             failures = [_error_text(f.exception(), self.exchange_id) for f in self.warming if f.exception()]
             self.warming = []
-        if self.ready and not self.warming and interval_s > 0 and now >= self.next_warm:
+        paused = pacer.paused_for()
+        if paused > 0:
+            self.next_warm = max(self.next_warm, now + paused)
+        elif self.ready and not self.warming and interval_s > 0 and now >= self.next_warm:
             self.next_warm = now + interval_s
-            self.warming = self.keep_warm(warm)
+            self.warming = self.keep_warm(warm, pacer)
         return failures
 
-    def keep_warm(self, count):
+    def keep_warm(self, count, pacer):
         """One cheap request on each of the `count` most recently used connections at once
         (opening the missing ones), so they are alive when a panic comes. Returns the futures;
         never blocks the caller."""
@@ -688,7 +731,13 @@ class ExchangePool:
                 barrier.wait()
             except threading.BrokenBarrierError:
                 pass  # a slow start only means fewer distinct connections this time
-            exchange.ping(client)
+            try:
+                exchange.ping(client)
+            except Exception as exc:  # noqa: BLE001 - classified for the ban window, then re-raised
+                kind = exchange.classify_error(exc, client)    # this client holds the Retry-After
+                if kind.kind == "rate_limited":
+                    pacer.pause(kind.retry_after_s or 1.0)
+                raise                                          # maintain() reports the failure
         return [self.submit(ping) for _ in range(count)]
 
 
@@ -714,6 +763,7 @@ def _error_text(exc, exchange_id):
 class Account:
     positions: list
     orders: list
+    unreadable: list = field(default_factory=list)   # venues.base.UnreadableRow: never flat
 
 
 @dataclass
@@ -753,8 +803,14 @@ class Closer:
                 positions = [self.pool.submit(exchange.read_segment_positions, segment) for segment in venue.SEGMENTS]
                 books = [self.pool.submit(exchange.read_segment_orders, segment, book)
                          for segment in venue.SEGMENTS for book in venue.BOOKS]
-                return Account([p for part in positions for p in part.result()],
-                               [o for book in books for o in book.result()])
+                reads = [part.result() for part in positions]     # (positions, unreadable rows)
+                account = Account([p for readable, _ in reads for p in readable],
+                                  [o for book in books for o in book.result()],
+                                  [u for _, unreadable in reads for u in unreadable])
+                if account.unreadable:
+                    log.error("position_rows_unreadable", event_id=event_id,
+                              rows=";".join(u.describe() for u in account.unreadable))
+                return account
             except Exception as exc:  # noqa: BLE001 - any failure means "account unknown"
                 # Unknown is never empty: wait and read again until the deadline; the caller
                 # reports FAILED if no read ever succeeds.
@@ -836,7 +892,9 @@ class Closer:
                     errors[i] = "deadline"
                 break
             try:
-                results = exchange.place_close_orders(client, [orders[i] for i in pending])
+                results = exchange.place_close_orders(client, [orders[i] for i in pending], lambda exc: log.warning(
+                    "close_batch_refused", orders=len(pending), error=_error_text(exc, self.pool.exchange_id),
+                    then="single_orders"))
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
                 # The request itself failed: the same outcome for every order in it.
                 results = [exc] * len(pending)
@@ -879,7 +937,7 @@ class Closer:
         cancelled, errors, failed_rounds, sent = 0, [], 0, 0
         while True:
             rules = self.pool.rules or {}
-            if not flatten.closable(account.positions, rules) and not account.orders:
+            if not flatten.closable(account.positions, rules) and not account.orders and not account.unreadable:
                 break
             if time.monotonic() >= deadline:
                 break
@@ -889,9 +947,10 @@ class Closer:
             result = self.run_round(account, attempt, event_id, deadline, keepalive)
             cancelled, sent = cancelled + result.cancelled, sent + result.orders_sent
             errors.extend(result.errors)
-            if result.errors:
-                # Progress stalls on errors: back off a little so a stuck position does not
-                # hammer the exchange, but keep trying until the deadline.
+            if result.errors or account.unreadable:
+                # Progress stalls on errors (or on a row that cannot be read): back off a little
+                # so a stuck position does not hammer the exchange, but keep trying (re-reading
+                # the row) until the deadline.
                 failed_rounds += 1
                 _sleep(min(0.05 * 2 ** failed_rounds, 1.0, deadline - time.monotonic()), keepalive)
             verified = self.read_account(deadline, event_id, keepalive)
@@ -918,373 +977,69 @@ class Closer:
         residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
         left = {"|".join(flatten.position_key(p)) for p in account.positions}
         detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
-        return dict(fields, status=flatten.decide_status(account.positions, account.orders),
-                    positions_closed=len(initial - left), positions_failed=len(left),
-                    failed_symbols=sorted({p.symbol for p in account.positions}),
+        status = flatten.decide_status(account.positions, account.orders)
+        if account.unreadable:
+            # A row whose exposure is unknown: the account was not read whole, never FLAT.
+            status, rows = flatten.FAILED, account.unreadable
+            fields["positions_total"] += len(rows)
+            detail = " ".join(filter(None, ["position_rows_unreadable:" + ";".join(
+                u.describe() for u in rows[:5]) + (f";+{len(rows) - 5}_more" if len(rows) > 5 else ""), detail]))
+        return dict(fields, status=status,
+                    positions_closed=len(initial - left), positions_failed=len(left) + len(account.unreadable),
+                    failed_symbols=sorted({p.symbol for p in account.positions} | {u.symbol for u in account.unreadable}),
                     residual_positions=residual, dust=dust, detail=detail)
 
 
 # ------------------------------------------------------------------------------ the loop
 
-class Worker:
-    """The loop. Blindness: the EEW is "unable" from the first moment it cannot do its job
-    (Redis unreachable, or a command error on reading, claiming, recording or reporting
-    panics) until a pass reads entries cleanly again; a reconnect alone does not end it. Once
-    unable for longer than EEXIT_BUS_LOSS_CLOSE_S it closes on its own authority, either way.
+@dataclass
+class Job:
+    """What the shell keeps while it performs one panic's commands (the decisions are the
+    core's): the event, the report base, the ledger record, the close's report fields."""
+    event: schema.PanicEvent
+    base: dict
+    why: str = ""
+    rejected: list = field(default_factory=list)
+    record: dict = None
+    fields: dict = None
+    halt_state: schema.TradingState = None
 
-    WATCHDOG=1 while blind by a command error: pings continue until that close has run (it is
-    loop progress; stopping earlier would let systemd kill us before the close, and the units
-    never retry exit 2), then stop, with the reason in STATUS= and the heartbeat, so systemd
-    restarts the EEW and the restarted one runs its preflight again. With the close disabled
-    (EEXIT_BUS_LOSS_CLOSE_S=0) the pings stop at once. Redis merely unreachable is not
-    blindness of the EEW itself: pings continue and reconnecting is the job."""
+    def halt(self, event_id):
+        """The halt of this event, built once (halted_at is when it was first written)."""
+        if self.halt_state is None:
+            self.halt_state = schema.TradingState(
+                halted=True, reason=self.event.reason or "UNSPECIFIED", event_id=event_id, halted_at=wall_ms(),
+                halted_by=self.event.issued_by or "unknown", requires_manual_reset=True)
+        return self.halt_state
 
-    def __init__(self, config, notifier=None):
-        self.config = config
-        self.notifier = notifier or Notifier()
-        self.block_ms = int(min(config.block_ms, self.notifier.max_block_s(config.block_ms / 1000) * 1000))
-        self.pool = ExchangePool(config.exchange_config, config.concurrency)
-        venue = exchange.venue(config.exchange_config.exchange_id)
-        self.warm = warm_connections(venue.SEGMENTS, venue.BOOKS, venue.BATCH_ORDERS, config.order_limits,
-                                     config.concurrency)
-        self.closer = Closer(config, self.pool, Pacer(config.order_limits))
-        self.journal = Journal(config.journal_path)
-        self.trouble = daemon.RedisTrouble(log)
-        self.backoff = daemon.Backoff(0.1, 2.0)
-        self.redis = None
-        self.ledger = None
-        self.heartbeat = None
-        self.stopping = False
-        self.preflighted = False
-        self.ready_sent = False
-        self.status_text = ""
-        self.next_sweep = 0.0
-        self.next_beat = 0.0
-        self.next_markets_try = 0.0
-        self.next_reconnect = 0.0
-        self.next_account_check = 0.0
-        self.account_future = None
-        self.account_problem = None       # "exchange_authentication" while the key is refused
-        self.journal_backlog = True       # a previous run may have left reports on disk
-        self.redis_down_since = time.monotonic()   # until the first successful connect
-        self.unable_since = time.monotonic()       # until the first clean pass
-        self.blind = None                 # why the last pass could not do the job (command error)
-        self.pass_blind = None
-        self.blind_closed = False         # the close on own authority ran during this blindness
-        self.next_bus_loss_close = None
-        self.next_lease_step = self.next_guard_check = 0.0   # halt guard: lease step, account check
-        self.guard_alerted = None         # exposure_key of the last alert-policy report
-        self.entry_tracebacks = set()     # entries whose handling failure was logged
-        self.current_event = "-"
-        self.last_positions = None
-        self.tamper_seen = set()          # tamper findings already closed for (keys)
-        self.stream_broken = None         # the panic stream cannot take entries (reason)
-        self.group_info = None            # the EEW group, as the last tamper check saw it
-        self.audit_cursor = "0-0"         # the stream audit checked entries up to here
-        self.resume_cursor = "0-0"
-        self.next_guard_sweep = 0.0
-        self.peek_cursor = "0-0"          # newest entry screened ahead of a backlog
 
-    # -- lifecycle
-
-    def run(self):
-        daemon.on_stop_signal(self._stop)
-        log.info("starting", consumer=self.config.consumer, block_ms=self.block_ms,
-                 deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
-                 bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
-                 authorized=",".join(self.config.authorized_sources),
-                 signatures="required" if self.config.keyring.configured else "not_configured")
-        while not self.stopping:
-            self.iteration()
-        self.notifier.stopping()
-        log.info("stopped", consumer=self.config.consumer)
-
-    def _stop(self):
-        self.stopping = True
-
-    def iteration(self):
-        """One pass: liveness, Redis, markets, journal, then at most one batch of entries."""
-        self.pass_blind = None
-        try:
-            self.beat()
-            if not self.bus_ok():
-                self.on_unable()
-                return
-            self.ensure_markets()
-            self.check_account()
-            self.job_step("publish_journal", schema.PROCESSED_KEY, self.publish_journal)
-            self.job_step("guard", schema.PANIC_STREAM, self.guard)
-            entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
-            self.handle_batch(entries or [])
-            if self.pass_blind is None and entries is not None:
-                self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
-            if self.pass_blind is None and entries is not None:
-                if self.blind is not None:
-                    log.info("blind_ended", was=self.blind)
-                self.unable_since = self.next_bus_loss_close = self.blind = None
-                self.blind_closed = False
-                self.backoff.reset()
-            else:
-                self.went_blind(self.pass_blind or "read_entries")
-                self.on_unable()
-        except ConfigError:
-            raise
-        except bus.REDIS_ERRORS as exc:
-            if not bus.is_transport_error(exc):
-                # A command error outside the steps above (e.g. the heartbeat): the job may
-                # still be possible; the next pass tells.
-                self.trouble.report(exc, "iteration")
-                return
-            # Redis went away mid-pass. The entry being handled stays pending (no XACK without
-            # a report) and is resumed after reconnecting.
-            self.lost_redis(exc)
-        except Exception as exc:  # noqa: BLE001 - the loop must never die
-            # A bug outside entry handling. Sleeping keeps it from spinning the CPU; dying
-            # instead would stop all panics.
-            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
-                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
-            time.sleep(1.0)
-        finally:
-            self.current_event = "-"
-
-    def job_step(self, step, key, fn):
-        """fn() with command errors logged and turned into blindness (None); transport errors
-        propagate to iteration()."""
-        try:
-            return fn()
-        except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, step, key) == "transport":
-                raise
-            # No reconnect: the same command would fail the same way. The EEW is blind on
-            # this path; on_unable() closes on own authority once that lasts too long.
-            self.pass_blind = f"{step}:{daemon.cause(exc)}"
-            return None
-
-    def went_blind(self, why):
-        if self.unable_since is None:
-            self.unable_since = time.monotonic()
-        if why != self.blind:
-            log.critical("blind", why=why, close_in_s=self.config.bus_loss_close_s)
-            self.blind = why
-
-    # -- liveness
-
-    def beat(self):
-        """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
-        if self.pings_allowed():
-            self.notifier.ping()
-        now = time.monotonic()
-        if self.heartbeat is None or now < self.next_beat:
-            return
-        self.next_beat = now + self.config.heartbeat_interval_s
-        reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
-                                        ("journal_backlog", self.journal_backlog),
-                                        (self.account_problem, self.account_problem),
-                                        (f"blind:{self.blind}", self.blind),
-                                        (self.stream_broken, self.stream_broken)) if bad]
-        extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
-                 "authorized": ",".join(self.config.authorized_sources),
-                 **signing.advertise(self.config.keyring)}
-        if reasons:
-            # `reason` is what `eexit status` and the alert notifier read from any heartbeat.
-            extra["reason"] = extra["degraded_reason"] = ",".join(reasons)
-        try:
-            self.heartbeat.publish("DEGRADED" if reasons else "OK", self.last_positions, wall_ms(), extra=extra)
-        except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, "XADD", schema.EEW_HEARTBEAT_STREAM) == "transport":
-                raise
-            # Our heartbeat refused (NOPERM, WRONGTYPE): `eexit status` sees it go stale; the
-            # panic path is separate and still served.
-
-    def pings_allowed(self):
-        return self.blind is None or not (self.blind_closed or self.config.bus_loss_close_s <= 0)
-
-    def set_status(self, text):
-        if text != self.status_text:
-            self.status_text = text
-            self.notifier.status(text)
-
-    # -- Redis
-
-    def bus_ok(self):
-        if self.redis is not None:
-            return True
-        if time.monotonic() < self.next_reconnect:
-            return False
-        try:
-            client = bus.connect(self.config.redis_url)
-            if not self.preflighted:
-                # Before READY=1, once: version, ACL. Refusals are ConfigError (exit 2).
-                daemon.preflight(client, PROBES, multi=True)
-                self.preflighted = True
-            client.ping()
-            bus.ensure_group(client, schema.PANIC_STREAM, schema.EEW_GROUP, start_id="0")
-        except bus.REDIS_ERRORS as exc:
-            if not bus.is_transport_error(exc):
-                # Reachable but refusing our group (NOPERM, WRONGTYPE): blind, not down.
-                self.trouble.report(exc, "XGROUP CREATE", schema.PANIC_STREAM)
-                self.next_reconnect = time.monotonic() + self.backoff.next()
-                self.went_blind(f"connect:{daemon.cause(exc)}")
-                client.close()
-                return False
-            # Still down: back off and let on_unable decide about a bus-loss close.
-            self.lost_redis(exc)
-            return False
-        down_s = time.monotonic() - self.redis_down_since
-        self.redis, self.ledger = client, Ledger(client)
-        self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
-        self.redis_down_since = None
-        self.next_sweep = 0.0          # a restart may have left our entries pending
-        self.audit_cursor = "0-0"      # check the whole stream against the group once more
-        self.next_guard_sweep = 0.0
-        self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
-        log.info("redis_connected", down_s=round(down_s, 3))
-        return True
-
-    def lost_redis(self, exc):
-        self.trouble.report(exc, "connect")
-        if self.redis_down_since is None:
-            self.redis_down_since = time.monotonic()
-            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__,
-                      cause=daemon.cause(exc))
-        if self.unable_since is None:
-            self.unable_since = time.monotonic()
-        if self.redis is not None:
-            try:
-                self.redis.close()
-            except bus.REDIS_ERRORS:
-                # Closing a dead connection may fail; the client is dropped either way and
-                # a fresh one is built on reconnect.
-                pass
-        self.redis = self.ledger = self.heartbeat = None
-        self.next_reconnect = time.monotonic() + self.backoff.next()
-        self.set_status(f"redis unreachable for {time.monotonic() - self.redis_down_since:.0f}s: "
-                        f"{daemon.cause(exc)}")
-
-    def on_unable(self):
-        """Unable to do the job: maybe flatten on our own authority, then wait a little."""
-        limit = self.config.bus_loss_close_s
-        unable_s = time.monotonic() - self.unable_since
-        if limit > 0 and unable_s > limit and (self.next_bus_loss_close is None
-                                               or time.monotonic() >= self.next_bus_loss_close):
-            status = self.bus_loss_close(unable_s, repeat=self.next_bus_loss_close is not None)
-            self.blind_closed = self.blind is not None
-            self.next_bus_loss_close = time.monotonic() + guard_policy.repeat_close_s(
-                self.config.halt_guard_s, limit, status)
-        if self.blind is not None and not self.pings_allowed():
-            self.set_status(f"blind ({self.blind}): watchdog pings stopped"
-                            + (", closed on own authority" if self.blind_closed else ""))
-        wait = self.next_reconnect - time.monotonic() if self.redis is None else self.backoff.next()
-        time.sleep(max(0.0, min(wait, 0.5)))
-
-    def ensure_markets(self):
-        if self.pool.ready or time.monotonic() < self.next_markets_try:
-            return
-        try:
-            self.pool.load_markets()
-            log.info("markets_loaded", markets=len(self.pool.rules))
-        except Exception as exc:  # noqa: BLE001 - retried; events are still handled meanwhile
-            # Not ready: READY=1 is withheld and the heartbeat says DEGRADED; a panic arriving
-            # now still runs and retries the markets inside its own deadline.
-            self.next_markets_try = time.monotonic() + 2.0
-            log.error("markets_load_failed", error=_error_text(exc, self.pool.exchange_id))
-            return
-        if not self.ready_sent:
-            self.notifier.ready("waiting for panic events")
-            self.ready_sent = True
-        self.set_status("waiting for panic events")
-
-    def check_account(self):
-        """One private read-only call every EEXIT_ACCOUNT_CHECK_S, on a pool thread (never
-        blocking the loop): markets load from a public endpoint, so only this shows a wrong
-        or revoked key before a panic needs it. A refused key makes the heartbeat DEGRADED
-        (degraded_reason=exchange_authentication); panics are still halted and attempted."""
-        if self.account_future is not None and self.account_future.done():
-            try:
-                self.account_future.result()
-                if self.account_problem:
-                    log.info("exchange_account_ok", was=self.account_problem)
-                self.account_problem = None
-            except Exception as exc:  # noqa: BLE001 - classified: only a refused key degrades
-                # A transient failure says nothing about the key: keep the last verdict.
-                kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
-                if kind.kind == "auth":
-                    if self.account_problem is None:
-                        log.critical("exchange_authentication_failed", error=_error_text(exc, self.pool.exchange_id),
-                                     note="panics will halt trading but cannot close positions")
-                    self.account_problem = "exchange_authentication"
-                else:
-                    log.warning("account_check_failed", error=_error_text(exc, self.pool.exchange_id))
-            self.account_future = None
-        failures = self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s)
-        if failures:
-            log.warning("keepalive_failed", failed=len(failures), of=self.warm, error=failures[0])
-        if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check:
-            self.next_account_check = time.monotonic() + self.config.account_check_s
-            # The venue's cheapest signed read: no position-read weight on Binance, and it does
-            # not show in a panic's own reads.
-            self.account_future = self.pool.submit(exchange.check_key)
-
-    # -- reading entries
+class Entries:
+    """One entry at a time (part of Worker): screen it, let the core decide (eexit/eew_core.py),
+    perform its commands (perform), report (finish_report, with the journal when Redis cannot
+    take it). Uses the Worker's redis, ledger, closer, journal and config."""
 
     def next_entries(self):
-        """Own pending entries first, then idle entries of other consumers, then new ones."""
+        """Own pending entries first, then idle entries of other consumers, then new ones.
+        Own pending entries once per sweep interval (again at once only after a full batch):
+        an entry left pending on purpose (its report waits in the journal) must not keep the
+        read of new entries from ever running."""
         cfg = self.config
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + cfg.sweep_interval_s
             own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
                                  block_ms=0, pending=True, count=READ_BATCH)
             if own:
-                self.next_sweep = 0.0      # keep sweeping until our backlog is empty
+                if len(own) == READ_BATCH:
+                    self.next_sweep = 0.0      # more of our backlog: next pass
                 return own
             claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
                                      cfg.consumer, cfg.claim_idle_ms)
             if claimed:
                 log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
                 return claimed
+        # Before READY=1 the first pass does not block: READY follows it at once.
         return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                              block_ms=self.block_ms, count=READ_BATCH)
-
-    # -- one entry
-
-    def handle_isolated(self, entry_id, raw, screened=None):
-        """handle_entry(), with one entry's failure kept from blocking the others. A transport
-        error propagates (the pass ends, Redis is reconnected). A command error makes this
-        pass blind and leaves the entry pending for the next sweep. Any other exception is a
-        bug on this entry: logged once with its traceback, retried at the next sweep, and
-        after EEXIT_MAX_DELIVERIES deliveries reported FAILED with internal_error:<type>. No
-        halt is written for it (the entry may be an unauthenticated forgery that crashes
-        us); a halt already written stays."""
-        try:
-            self.handle_entry(entry_id, raw, screened)
-            return
-        except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, "handle_entry", f"{schema.PANIC_STREAM}/{entry_id}") == "transport":
-                raise
-            self.pass_blind = f"handle_entry:{daemon.cause(exc)}"
-            return
-        except Exception as exc:  # noqa: BLE001 - isolate this entry; classified below
-            error = exc
-        if entry_id not in self.entry_tracebacks:
-            self.entry_tracebacks.add(entry_id)
-            log.error("entry_failed", event_id=self.current_event, entry_id=entry_id,
-                      error=type(error).__name__, message=str(error)[:300],
-                      traceback=traceback.format_exc()[-2000:])
-        self.next_sweep = min(self.next_sweep, time.monotonic() + 1.0)
-        pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
-                                            max=entry_id, count=1)
-        deliveries = int(pending[0]["times_delivered"]) if pending else 0
-        if deliveries < self.config.max_deliveries:
-            return
-        event, problems = schema.PanicEvent.from_fields(raw)
-        event_id = event.event_id or derive_event_id(entry_id)
-        log.critical("entry_given_up", event_id=event_id, entry_id=entry_id, deliveries=deliveries,
-                     error=type(error).__name__)
-        self.report_without_action(entry_id, dict(
-            event_id=event_id, issued_by=event.issued_by, reason=event.reason, event_age_ms=None,
-            problems=[*problems, f"internal_error:{type(error).__name__}"], ts_started=wall_ms(),
-            status=flatten.FAILED, detail=f"handling failed {deliveries} times; see the EEW log"))
-        self.entry_tracebacks.discard(entry_id)
+                              block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
 
     def screen(self, entry_id, raw):
         """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
@@ -1304,16 +1059,41 @@ class Worker:
     def handle_batch(self, entries):
         """Authorised entries first, in stream order; then every rejected entry of the batch
         in one script (one summary report + XACK): forged entries cannot delay a real panic
-        by more than their local signature check, nor leave more than one report per batch."""
+        by more than their local signature check, nor leave more than one report per batch.
+        Redis lost mid-batch: the rest stays pending for the next delivery."""
         rejected = []
         for entry_id, raw in entries:
+            if self.redis is None:
+                return
             screened = self.screen(entry_id, raw)
             if screened[3]:
-                self.handle_isolated(entry_id, raw, screened)
+                self.handle_entry(entry_id, raw, screened)
             else:
                 rejected.append((entry_id, screened))
         if rejected:
-            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.report_rejected(rejected))
+            self.job_step("report_rejected", schema.COMPLETED_STREAM, lambda: self.reject_batch(rejected))
+
+    def reject_batch(self, rejected):
+        """REJECTED for the batch's rejected entries. A bug while reporting them leaves them
+        pending; after EEXIT_MAX_DELIVERIES each gets FAILED without any action
+        (core.give_up_unauthorised): never a halt for an entry that is not authorised."""
+        try:
+            self.report_rejected(rejected)
+            return
+        except bus.REDIS_ERRORS:
+            raise                      # job_step tells transport from command errors
+        except Exception as exc:  # noqa: BLE001 - classified below: these entries are not authorised
+            log.error("rejection_failed", entries=len(rejected), error=type(exc).__name__,
+                      traceback=traceback.format_exc()[-1500:])
+            error = type(exc).__name__
+        for entry_id, (event, event_id, _problems, _allowed, why) in rejected:
+            pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
+                                                max=entry_id, count=1)
+            if core.give_up_unauthorised(int(pending[0]["times_delivered"]) if pending else 0,
+                                         self.config.max_deliveries):
+                self.report_without_action(entry_id, dict(
+                    event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms(),
+                    problems=(f"internal_error:{error}",)), "FAILED", f"not_authorised:{why}; handling failed")
 
     def report_rejected(self, rejected):
         """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
@@ -1324,84 +1104,123 @@ class Worker:
             event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
             why = collections.Counter(screened[4] for _, screened in rejected)
             detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
-        now = wall_ms()
-        report = schema.CompletionReport(
-            event_id=event_id[:schema.MAX_TEXT], status="REJECTED", issued_by=event.issued_by[:schema.MAX_TEXT],
-            reason=event.reason[:schema.MAX_TEXT], detail=detail, ts_started=now, ts_completed=now,
-            execution_time_ms=0, positions_total=None, positions_closed=None, positions_failed=None)
-        report.extra.update(entry_id=ids[0], rejected_count=str(len(ids)), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
-                            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms())
+        report = core.report(base, dict(status="REJECTED", detail=detail, extra=dict(
+            entry_id=ids[0], rejected_count=len(ids), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
+            event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))),
+            base["ts_started"])
         report_id = self.ledger.reject(ids, report.to_fields())
         log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
 
     def handle_entry(self, entry_id, raw, screened=None):
-        event, event_id, problems, allowed, why = screened or self.screen(entry_id, raw)
-        if self.config.fault_reason and event.reason == self.config.fault_reason:
-            raise RuntimeError(f"test fault: {FAULT_REASON_ENV} matches the reason")
+        screened = screened or self.screen(entry_id, raw)
+        event, event_id, problems, allowed, why = screened
         self.current_event = event_id
-        received_ms = bus.server_time_ms(self.redis)
-        sent_ms = schema.entry_id_ms(entry_id)
-        age_ms = received_ms - sent_ms if sent_ms is not None else None
         base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    event_age_ms=age_ms, problems=problems, ts_started=wall_ms())
+                    problems=tuple(problems), ts_started=wall_ms())
         log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
-                 reason=event.reason, age_ms=age_ms, problems=",".join(problems))
-        if not allowed:
-            self.report_rejected([(entry_id, (event, event_id, problems, allowed, why))])
-            return
+                 reason=event.reason, problems=",".join(problems))
+        panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
+        record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
+        self.drive(panic, commands, Job(event, base, why, [(entry_id, screened)], record=record))
 
-        outcome, record = self.ledger.claim(event_id, entry_id, self.config.consumer, base["ts_started"], event)
-        if outcome == "duplicate":
-            original = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
-            log.info("panic_duplicate", event_id=event_id, entry_id=entry_id, original=record.get("entry"))
-            self.report_without_action(entry_id, dict(base, status="DUPLICATE", detail=original))
+    def drive(self, panic, commands, job):
+        """Perform the core's commands in order, feeding each result or error back."""
+        while commands:
+            command, commands = commands[0], commands[1:]
+            try:
+                result = self.perform(panic, command, job)
+            except bus.REDIS_ERRORS as exc:
+                kind = core.ErrorKind(self.trouble.report(exc, command.do.value, panic.event_id))
+                if kind is core.ErrorKind.TRANSPORT:
+                    self.lost_redis(exc)
+                else:
+                    self.pass_blind = self.pass_blind or f"{command.do.value}:{daemon.cause(exc)}"
+                panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
+            except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
+                log.error("entry_failed", event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value,
+                          error=type(exc).__name__, message=str(exc)[:300],
+                          traceback=traceback.format_exc()[-2000:])
+                panic, more = core.on_error(panic, command, core.ErrorKind.BUG, type(exc).__name__)
+            else:
+                panic, more = core.on_result(panic, command, result)
+            commands = more + commands
+        if panic.degraded and not panic.final:
+            self.unreported[panic.event_id] = panic.failures[-1] if panic.failures else ""
+            log.critical("panic_unreported", event_id=panic.event_id, failures=";".join(panic.failures)[-500:])
+        elif panic.final:
+            self.unreported.pop(panic.event_id, None)
+        self.set_status("waiting for panic events")
+        return panic
+
+    def perform(self, panic, command, job):
+        """One command of the core, against Redis or the exchange; its result for the core."""
+        do, event_id, entry_id = command.do, panic.event_id, panic.entry_id
+        if do is core.Do.CLAIM:
+            sent_ms = schema.entry_id_ms(entry_id)
+            job.base["event_age_ms"] = bus.server_time_ms(self.redis) - sent_ms if sent_ms is not None else None
+            outcome, job.record = self.ledger.claim(event_id, entry_id, self.config.consumer,
+                                                    job.base["ts_started"], job.event)
+            job.base["ts_started"] = job.record.get("ts_started") or job.base["ts_started"]
+            log.info("panic_claimed", event_id=event_id, entry_id=entry_id, outcome=outcome,
+                     age_ms=job.base["event_age_ms"], attempt=job.record.get("attempt", 0))
+            return core.Claim(outcome)
+        if do is core.Do.WRITE_HALT:
+            self.ledger.halt(job.halt(event_id))
+            job.record.update(stage="halted", consumer=self.config.consumer)
+            self.save_progress(event_id, entry_id, job.record)
+            return None
+        if do in (core.Do.CLOSE, core.Do.SIMPLE_CLOSE):
+            self.set_status(f"closing event {event_id}")
+            if do is core.Do.SIMPLE_CLOSE:
+                # Nothing from the ledger record (it may be what failed), no bookkeeping: a fresh
+                # record whose attempt numbers (client order ids) no normal attempt uses.
+                job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT}, lambda _r: None,
+                                                 self.notifier.ping)
+            else:
+                job.fields = self.closer.execute(event_id, job.record, *self.close_hooks(event_id, entry_id, job.record))
+            return job.fields["status"]
+        if do is core.Do.REPORT:
+            fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
+                dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
+            if panic.failures and not command.status:
+                fields.setdefault("extra", {})["failures"] = ";".join(panic.failures)[-1000:]
+            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id))
+        if do is core.Do.REPORT_NO_ACTION:
+            record = job.record or {}
+            detail = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
             if record.get("stage") != tamper.FINAL_STAGE:
                 self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
-            return
-        if outcome == "done":
-            # Report already written by the same atomic script that acknowledges; only the
-            # XACK can be missing (e.g. the group was recreated). Acknowledge, write nothing.
-            self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
-            return
-        log.info("panic_executing", event_id=event_id, entry_id=entry_id, resumed=outcome == "resume",
-                 attempt=record.get("attempt", 0))
-        self.set_status(f"closing event {event_id}")
-        self.execute_and_report(event, event_id, entry_id, record, base)
-        self.set_status("waiting for panic events")
+            return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
+        if do is core.Do.TOUCH:
+            return self.touch_entry(event_id, entry_id)
+        if do is core.Do.ACK:
+            # The report stands (written by the script that acknowledges); only the XACK is missing.
+            return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
+        return self.report_rejected(job.rejected)
 
-    def report_without_action(self, entry_id, fields):
-        now = wall_ms()
-        report = schema.CompletionReport(**dict(fields, ts_completed=now,
-                                                execution_time_ms=now - fields["ts_started"],
-                                                positions_total=None, positions_closed=None,
-                                                positions_failed=None))
-        report.extra["entry_id"] = entry_id
-        done = {"entry": entry_id, "stage": "done", "status": report.status}
-        self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
-
-    def execute_and_report(self, event, event_id, entry_id, record, base):
-        """Halt, close, report. Redis failures after the halt do not stop the close: the
-        report goes to the journal if Redis cannot take it."""
-        halt = schema.TradingState(halted=True, reason=event.reason or "UNSPECIFIED",
-                                   event_id=event_id, halted_at=wall_ms(),
-                                   halted_by=event.issued_by or "unknown", requires_manual_reset=True)
-        self.ledger.halt(halt)          # a Redis error here aborts before any exchange call
-        record.update(stage="halted", consumer=self.config.consumer)
-        self.save_progress(event_id, entry_id, record)
-
+    def close_hooks(self, event_id, entry_id, record):
+        """(on_progress, keepalive) for a close: persist the attempt number (a resumed close
+        uses new client order ids), keep our entry fresh, ping the watchdog while the
+        exchange answers (progress of the loop's own work)."""
         def keepalive():
             self.touch_entry(event_id, entry_id)
             if wall_ms() - record.get("ts_updated", 0) > 1000:
                 self.save_progress(event_id, entry_id, record)   # the record is not stranded
-            self.notifier.ping()     # progress of the loop's own work, waiting on the exchange
+            self.notifier.ping()
 
         def on_progress(progress):
             self.save_progress(event_id, entry_id, progress)
             keepalive()
+        return on_progress, keepalive
 
-        fields = self.closer.execute(event_id, record, on_progress, keepalive)
-        self.finish_report(event_id, entry_id, record, dict(base, ts_started=record.get("ts_started") or base["ts_started"]),
-                           fields, halt)
+    def report_without_action(self, entry_id, base, status, detail):
+        """DUPLICATE (or FAILED for an entry that is not authorised): report + ack, recorded
+        under "entry:<stream id>" so its redelivery does not repeat the report."""
+        report = core.report(base, dict(status=status, detail=detail, extra={"entry_id": entry_id}), wall_ms())
+        done = {"entry": entry_id, "stage": "done", "status": report.status}
+        self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
+        return "ledger"
 
     def save_progress(self, event_id, entry_id, record):
         """Persist the attempt counter, so a resumed close uses new client order ids. Best
@@ -1431,22 +1250,23 @@ class Worker:
             log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
 
     def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
-        """Report, done record, XACK (none without an entry); journaled if Redis cannot take
-        it. force_halt (default: no entry, i.e. our own authority) writes the halt; otherwise
-        it is only restored if it vanished."""
+        """Report, done record, XACK (none without an entry): "ledger". If Redis cannot take
+        it, journaled ("journal"); on a command error (Redis reachable, the ledger refusing)
+        also published straight to the completed stream ("direct"): the report stands, and
+        the journal later marks it done and acknowledges without writing it again. force_halt
+        (default: no entry, i.e. our own authority) writes the halt; otherwise it is only
+        restored if it vanished."""
         now = wall_ms()
         force_halt = entry_id is None if force_halt is None else force_halt
-        extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.pop("extra", {})}
-        report = schema.CompletionReport(**dict(base, **fields, ts_completed=now,
-                                                execution_time_ms=now - base["ts_started"]))
-        report.extra.update(extra)
+        extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.get("extra", {})}
+        report = core.report(base, dict(fields, extra=extra), now)
         self.last_positions = report.positions_failed
         log.info("panic_completed", event_id=event_id, status=report.status,
                  positions_total=report.positions_total, positions_closed=report.positions_closed,
                  positions_failed=report.positions_failed, orders_cancelled=report.orders_cancelled,
                  attempts=report.attempts, execution_time_ms=report.execution_time_ms)
         done = {"entry": entry_id, "consumer": self.config.consumer, "stage": "done",
-                "status": report.status, "attempt": record.get("attempt", 0),
+                "status": report.status, "attempt": (record or {}).get("attempt", 0),
                 "ts_started": base["ts_started"], "ts_completed": now}
         item = {"type": "report", "key": event_id, "entry_id": entry_id, "done": done,
                 "report": report.to_fields(), "halt": halt.to_fields(),
@@ -1458,21 +1278,36 @@ class Worker:
                 else:
                     self.ledger.ensure_halted(halt)
                 self.ledger.finish(event_id, done, entry_id, item["report"])
-                return
+                return "ledger"
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
                 # pending; after reconnecting the journal is published (report + done + XACK
                 # in one script) before any entry is read, so the redelivery finds "done".
-                # A command error (blind) keeps the connection: reconnecting fixes nothing.
                 if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
                     self.lost_redis(exc)
+                else:
+                    item["published"] = self.publish_direct(event_id, item["report"])
         self.journal.append(item)
-        self.journal_backlog = True
-        log.error("report_journaled", event_id=event_id, status=report.status,
+        self.journaled.add(event_id)
+        log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
                   path=self.config.journal_path)
+        return "direct" if item.get("published") else "journal"
+
+    def publish_direct(self, event_id, report_fields):
+        """The report straight onto the completed stream (the ledger refused it): True once a
+        final report of this event stands (this one, or one before it), False if Redis
+        refused that too (logged: the journal still holds the report)."""
+        try:
+            report_id = self.ledger.publish_direct(event_id, report_fields)
+            log.warning("report_published_without_ledger", event_id=event_id, report_id=report_id or "(one stood)")
+            return True
+        except bus.REDIS_ERRORS as exc:
+            # The journal keeps the report; the heartbeat names the event until it stands.
+            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
+            return False
 
     def publish_journal(self):
-        if not self.journal_backlog:
+        if not self.journaled:
             return
         for item in self.journal.unpublished():
             halt, _ = schema.TradingState.from_fields(item["halt"])
@@ -1480,17 +1315,22 @@ class Worker:
                 self.ledger.halt(halt)
             else:
                 self.ledger.ensure_halted(halt)
-            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"),
-                                                    item["report"])
+            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
+            self.journaled.discard(item["key"])
+            self.unreported.pop(item["key"], None)
             log.info("journal_published", event_id=item["key"], report_id=report_id, written=written)
-        self.journal_backlog = False
+        self.journaled = set()
 
-    # -- lost panics (eexit/tamper.py) and resume requests (eexit/resume.py)
+
+class LostPanics:
+    """Panics that never reach the group's read (part of Worker): the tamper check, stranded
+    ledger records, entries the group skipped, a backlog's newest batch (eexit/tamper.py); and
+    resume requests (eexit/resume.py), one a pass and only in a pass without panics."""
 
     def guard(self):
-        """Every pass: the tamper check and resume requests (one round trip each when idle).
-        Every sweep interval: stranded ledger records and entries the group skipped. A bug
+        """Every pass: the tamper check (one round trip when idle). Every sweep interval:
+        stranded ledger records and entries the group skipped. A bug
         here is logged and the pass goes on to read entries: these checks are a second line;
         dying or skipping the read would stop the first."""
         try:
@@ -1512,7 +1352,6 @@ class Worker:
             self.tamper_close(finding)
         if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
             self.peek_tail()
-        self.serve_resume_requests()
         if time.monotonic() >= self.next_guard_sweep:
             self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
             self.sweep_ledger()
@@ -1531,7 +1370,7 @@ class Worker:
             screened = self.screen(_text(entry_id), raw)
             if screened[3] and self.ledger.record(screened[1]) is None:
                 log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
-                self.handle_isolated(_text(entry_id), raw, screened)
+                self.handle_entry(_text(entry_id), raw, screened)
 
     def tamper_close(self, finding):
         """A lost panic of unknown content: close on our own authority, once per finding."""
@@ -1549,10 +1388,10 @@ class Worker:
     def run_recorded(self, event, record, problems):
         """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
         self.current_event = event.event_id
-        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason, event_age_ms=None,
-                    problems=problems, ts_started=record.get("ts_started") or wall_ms())
-        self.execute_and_report(event, event.event_id, record.get("entry"), record, base)
-        self.set_status("waiting for panic events")
+        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
+                    problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
+        panic = core.Panic(event.event_id, record.get("entry"), True, stage=core.Stage.HALTING)
+        self.drive(panic, [core.Command(core.Do.WRITE_HALT)], Job(event, base, record=record))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1588,8 +1427,9 @@ class Worker:
             if screened[3]:
                 candidates.append((_text(entry_id), raw, screened[1]))
         if candidates:
+            low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
             pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
-                schema.PANIC_STREAM, schema.EEW_GROUP, candidates[0][0], candidates[-1][0], len(candidates))}
+                schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
             raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
             records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
             for entry_id, raw in tamper.skipped_entries(candidates, pending, records):
@@ -1600,8 +1440,10 @@ class Worker:
         if len(batch) == READ_BATCH:
             self.next_guard_sweep = 0.0    # more to check: next pass
 
-    def serve_resume_requests(self):
-        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=16)
+    def serve_resume_request(self):
+        """At most one resume request per pass, and only in a pass without panics: each may
+        cost a full account read (eexit/resume.py)."""
+        reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=1)
         for _stream, items in reply or []:
             for entry_id, fields in items:
                 self.resume_cursor = _text(entry_id)
@@ -1620,7 +1462,15 @@ class Worker:
         account = self.closer.read_account(time.monotonic() + RESUME_READ_S, "resume", self.notifier.ping)
         if account is None:
             return None, None, f"positions_unreadable_for_{RESUME_READ_S:g}s"
+        if account.unreadable:
+            return None, None, "position_rows_unreadable:" + ";".join(u.describe() for u in account.unreadable)
         return account.positions, account.orders, None
+
+
+class OwnAuthority:
+    """Closes on the EEW's own authority (part of Worker): the bus-loss close while the EEW
+    cannot do its job, and the halt guard while trading is halted (decisions:
+    eexit/guard_policy.py)."""
 
     # -- bus loss
 
@@ -1674,11 +1524,13 @@ class Worker:
                   "last_check_ms": wall_ms(), "last_check": "waiting_for_report" if last is None else "unreadable"}
         if account is not None:
             key = guard_policy.exposure_key(account.positions, account.orders)
-            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions,
+            # An unreadable row is exposure (never "flat"), though nothing a close can act on.
+            action, reason = guard_policy.decide(cfg.halt_guard_policy, last, account.positions or account.unreadable,
                                                  flatten.closable(account.positions, self.pool.rules or {}),
                                                  account.orders, key == self.guard_alerted)
             status["last_check"] = (f"positions={len(account.positions)} orders={len(account.orders)}"
-                                    if account.positions or account.orders else "flat")
+                                    f" unreadable_rows={len(account.unreadable)}"
+                                    if account.positions or account.orders or account.unreadable else "flat")
             # Still the holder after the read (renewed): a holder cut off during a long read
             # may have lost the lease, and then its successor acts, not both.
             if action in ("enforce", "alert") and self.hold_guard():
@@ -1741,6 +1593,324 @@ class Worker:
             # Keep closing: the close is reduce-only and re-reads before it ends. If the lease
             # lapses meanwhile another EEW's guard may act too, reduce-only on what is left.
             log.warning("guard_lease_not_renewed", event_id=self.current_event, error=type(exc).__name__)
+
+
+class Worker(Entries, LostPanics, OwnAuthority):
+    """The loop: performs the core's commands (eexit/eew_core.py) and feeds results back.
+
+    Blindness: the EEW is "unable" from the first moment it cannot do its job (Redis
+    unreachable, or a command error on reading, claiming, recording or reporting panics) until
+    a pass reads entries cleanly again (core.Liveness); a reconnect alone does not end it. Once
+    unable for longer than EEXIT_BUS_LOSS_CLOSE_S it closes on its own authority, either way.
+
+    WATCHDOG=1 while blind by a command error: pings continue until that close has run (it is
+    loop progress; stopping earlier would let systemd kill us before the close, and the units
+    never retry exit 2), then stop, with the reason in STATUS= and the heartbeat, so systemd
+    restarts the EEW and the restarted one runs its preflight again. With the close disabled
+    (EEXIT_BUS_LOSS_CLOSE_S=0) the pings stop at once. Redis merely unreachable is not
+    blindness of the EEW itself: pings continue and reconnecting is the job."""
+
+    def __init__(self, config, notifier=None):
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.block_ms = int(min(config.block_ms, self.notifier.max_block_s(config.block_ms / 1000) * 1000))
+        self.pool = ExchangePool(config.exchange_config, config.concurrency)
+        venue = exchange.venue(config.exchange_config.exchange_id)
+        self.warm = warm_connections(venue.SEGMENTS, venue.BOOKS, venue.BATCH_ORDERS, config.order_limits,
+                                     config.concurrency)
+        self.closer = Closer(config, self.pool, Pacer(config.order_limits))
+        self.journal = Journal(config.journal_path)
+        self.journaled = {item["key"] for item in self.journal.unpublished()}   # reports waiting on disk
+        self.trouble = daemon.RedisTrouble(log)
+        self.backoff = daemon.Backoff(0.1, 2.0)
+        self.redis = self.ledger = self.heartbeat = None
+        self.stopping = self.preflighted = self.ready_sent = False
+        self.status_text = ""
+        self.next_sweep = self.next_beat = self.next_markets_try = self.next_reconnect = 0.0
+        self.next_account_check = self.next_guard_sweep = 0.0
+        self.account_future = None
+        self.account_problem = None       # "exchange_authentication" while the key is refused
+        self.redis_down_since = time.monotonic()                      # until the first connect
+        self.live = core.Liveness(unable_since=time.monotonic())      # until the first clean pass
+        self.pass_blind, self.pass_lost = None, False
+        self.unreported = {}              # event_id -> why: authorised panics without a final report
+        self.next_lease_step = self.next_guard_check = 0.0   # halt guard: lease step, account check
+        self.guard_alerted = None         # exposure_key of the last alert-policy report
+        self.current_event = "-"
+        self.last_positions = None
+        self.tamper_seen = set()          # tamper findings already closed for (keys)
+        self.stream_broken = None         # the panic stream cannot take entries (reason)
+        self.group_info = None            # the EEW group, as the last tamper check saw it
+        self.audit_cursor = self.resume_cursor = "0-0"   # stream audit / resume requests read to here
+        self.peek_cursor = "0-0"          # newest entry screened ahead of a backlog
+
+    # -- lifecycle
+
+    def run(self):
+        daemon.on_stop_signal(self._stop)
+        log.info("starting", consumer=self.config.consumer, block_ms=self.block_ms,
+                 deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
+                 bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
+                 authorized=",".join(self.config.authorized_sources),
+                 signatures="required" if self.config.keyring.configured else "not_configured")
+        while not self.stopping:
+            self.iteration()
+        self.notifier.stopping()
+        log.info("stopped", consumer=self.config.consumer)
+
+    def _stop(self):
+        self.stopping = True
+
+    def iteration(self):
+        """One pass, then core.pass_ended decides whether the EEW was able to do its job."""
+        self.pass_blind, self.pass_lost, entries = None, False, None
+        try:
+            entries = self.one_pass()
+        except ConfigError:
+            raise
+        except bus.REDIS_ERRORS as exc:
+            if self.trouble.report(exc, "iteration") == "transport":
+                # The entry being handled stays pending (no XACK without a report) and is
+                # resumed after reconnecting; the pass is not clean.
+                self.lost_redis(exc)
+            else:
+                self.pass_blind = f"iteration:{daemon.cause(exc)}"
+        except Exception as exc:  # noqa: BLE001 - the loop must never die
+            # A bug outside entry handling. Not a clean pass: if it repeats, the bus-loss close
+            # runs (fail-closed); dying instead would stop all panics.
+            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
+                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
+            self.pass_blind = f"loop_error:{type(exc).__name__}"
+            time.sleep(0.2)
+        finally:
+            self.current_event = "-"
+        self.end_pass(entries is not None and self.pass_blind is None and not self.pass_lost)
+
+    def one_pass(self):
+        """Liveness, Redis, markets, journal, the lost-panic checks, at most one batch of
+        entries; then (only after the panics) the halt guard and one resume request. Returns
+        the entries read, None if none could be read."""
+        self.beat()
+        if not self.bus_ok():
+            return None
+        self.ensure_markets()
+        self.check_account()
+        self.job_step("publish_journal", schema.PROCESSED_KEY, self.publish_journal)
+        self.job_step("guard", schema.PANIC_STREAM, self.guard)
+        entries = self.job_step("read_entries", schema.PANIC_STREAM, self.next_entries)
+        self.handle_batch(entries or [])
+        if entries is not None and self.pass_blind is None:
+            if not entries:    # panics first: a resume request only in a pass that had none
+                self.job_step("resume", resume.REQUEST_STREAM, self.serve_resume_request)
+            self.job_step("halt_guard", schema.GUARD_KEY, self.halt_guard)
+        self.send_ready()
+        return entries
+
+    def end_pass(self, clean):
+        before, now = self.live, time.monotonic()
+        outcome = core.PassEnd.CLEAN if clean else core.PassEnd.BLIND if self.pass_blind else core.PassEnd.LOST
+        self.live = core.pass_ended(self.live, outcome, now, self.pass_blind)
+        if before.blind and not self.live.blind:
+            log.info("blind_ended", was=before.blind)
+        if clean:
+            self.backoff.reset()
+            return
+        if self.live.blind and self.live.blind != before.blind:
+            log.critical("blind", why=self.live.blind, close_in_s=self.config.bus_loss_close_s)
+        try:
+            self.on_unable()
+        except Exception as exc:  # noqa: BLE001 - the loop must never die; the next pass retries
+            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
+                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
+            time.sleep(0.2)
+
+    def job_step(self, step, key, fn):
+        """fn() with command errors logged and turned into blindness (None); transport errors
+        propagate to iteration(). Skipped (None) once Redis was lost in this pass."""
+        if self.redis is None:
+            return None
+        try:
+            return fn()
+        except bus.REDIS_ERRORS as exc:
+            if self.trouble.report(exc, step, key) == "transport":
+                raise
+            # No reconnect: the same command would fail the same way. The EEW is blind on
+            # this path; on_unable() closes on own authority once that lasts too long.
+            self.pass_blind = f"{step}:{daemon.cause(exc)}"
+            return None
+
+    # -- liveness
+
+    def beat(self):
+        """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
+        if core.pings_allowed(self.live, self.config.bus_loss_close_s):
+            self.notifier.ping()
+        now = time.monotonic()
+        if self.heartbeat is None or now < self.next_beat:
+            return
+        self.next_beat = now + self.config.heartbeat_interval_s
+        # Named until the report stands in Redis: failed handling, or a report only on disk
+        # (the journal survives a restart, this process's memory does not).
+        waiting = list(self.unreported) + sorted(set(self.journaled) - set(self.unreported))
+        unreported = ",".join(f"panic_unreported:{event_id}" for event_id in waiting[:3])
+        reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
+                                        ("journal_backlog", self.journaled),
+                                        (unreported, unreported),
+                                        (self.account_problem, self.account_problem),
+                                        (f"blind:{self.live.blind}", self.live.blind),
+                                        (self.stream_broken, self.stream_broken)) if bad]
+        extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
+                 "authorized": ",".join(self.config.authorized_sources),
+                 **signing.advertise(self.config.keyring)}
+        if reasons:
+            # `reason` is what `eexit status` and the alert notifier read from any heartbeat.
+            extra["reason"] = extra["degraded_reason"] = ",".join(reasons)
+        try:
+            self.heartbeat.publish("DEGRADED" if reasons else "OK", self.last_positions, wall_ms(), extra=extra)
+        except bus.REDIS_ERRORS as exc:
+            if self.trouble.report(exc, "XADD", schema.EEW_HEARTBEAT_STREAM) == "transport":
+                raise
+            # Our heartbeat refused (NOPERM, WRONGTYPE): `eexit status` sees it go stale; the
+            # panic path is separate and still served.
+
+    def set_status(self, text):
+        if text != self.status_text:
+            self.status_text = text
+            self.notifier.status(text)
+
+    def send_ready(self):
+        """READY=1 once the EEW can act at once: Redis read, markets loaded, the first round
+        of warm connections open and the first pass's work (journal, lost-panic checks,
+        pending entries) done. systemd restarts an EEW exactly when a panic may be pending:
+        a panic published at READY=1 then meets warm connections, not a start-up."""
+        if self.ready_sent or not self.pool.ready or self.pool.warming or self.pass_blind or self.pass_lost:
+            return
+        self.notifier.ready("waiting for panic events")
+        self.ready_sent = True
+        self.set_status("waiting for panic events")
+
+    # -- Redis
+
+    def bus_ok(self):
+        if self.redis is not None:
+            return True
+        if time.monotonic() < self.next_reconnect:
+            self.pass_lost = True
+            return False
+        client = None
+        try:
+            client = bus.connect(self.config.redis_url)
+            if not self.preflighted:
+                # Before READY=1, once: version, ACL. Refusals are ConfigError (exit 2).
+                daemon.preflight(client, PROBES, multi=True)
+                self.preflighted = True
+            client.ping()
+            bus.ensure_group(client, schema.PANIC_STREAM, schema.EEW_GROUP, start_id="0")
+        except bus.REDIS_ERRORS as exc:
+            if not bus.is_transport_error(exc):
+                # Reachable but refusing our group (NOPERM, WRONGTYPE): blind, not down.
+                self.trouble.report(exc, "XGROUP CREATE", schema.PANIC_STREAM)
+                self.next_reconnect = time.monotonic() + self.backoff.next()
+                self.pass_blind = f"connect:{daemon.cause(exc)}"
+                client.close()
+                return False
+            # Still down: back off and let on_unable decide about a bus-loss close.
+            self.lost_redis(exc)
+            return False
+        down_s = time.monotonic() - self.redis_down_since
+        self.redis, self.ledger = client, Ledger(client)
+        self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
+        self.redis_down_since = None
+        self.next_sweep = 0.0          # a restart may have left our entries pending
+        self.audit_cursor = "0-0"      # check the whole stream against the group once more
+        self.next_guard_sweep = 0.0
+        self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
+        log.info("redis_connected", down_s=round(down_s, 3))
+        return True
+
+    def lost_redis(self, exc):
+        """Redis went away: this pass is not clean (core.PassEnd.LOST), the client is dropped."""
+        self.pass_lost = True
+        self.trouble.report(exc, "connect")
+        if self.redis_down_since is None:
+            self.redis_down_since = time.monotonic()
+            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__,
+                      cause=daemon.cause(exc))
+        if self.redis is not None:
+            try:
+                self.redis.close()
+            except bus.REDIS_ERRORS:
+                # Closing a dead connection may fail; the client is dropped either way and
+                # a fresh one is built on reconnect.
+                pass
+        self.redis = self.ledger = self.heartbeat = None
+        self.next_reconnect = time.monotonic() + self.backoff.next()
+        self.set_status(f"redis unreachable for {time.monotonic() - self.redis_down_since:.0f}s: "
+                        f"{daemon.cause(exc)}")
+
+    def on_unable(self):
+        """Unable to do the job: maybe flatten on our own authority, then wait a little."""
+        limit = self.config.bus_loss_close_s
+        if core.close_due(self.live, time.monotonic(), limit):
+            status = self.bus_loss_close(core.unable_for(self.live, time.monotonic()),
+                                         repeat=self.live.next_close is not None)
+            self.live = core.closed(self.live, time.monotonic(), guard_policy.repeat_close_s(
+                self.config.halt_guard_s, limit, status))
+        if self.live.blind is not None and not core.pings_allowed(self.live, limit):
+            self.set_status(f"blind ({self.live.blind}): watchdog pings stopped"
+                            + (", closed on own authority" if self.live.blind_closed else ""))
+        wait = self.next_reconnect - time.monotonic() if self.redis is None else self.backoff.next()
+        time.sleep(max(0.0, min(wait, 0.5)))
+
+    def ensure_markets(self):
+        if self.pool.ready or time.monotonic() < self.next_markets_try:
+            return
+        try:
+            self.pool.load_markets()
+            log.info("markets_loaded", markets=len(self.pool.rules))
+        except Exception as exc:  # noqa: BLE001 - retried; events are still handled meanwhile
+            # Not ready: READY=1 is withheld and the heartbeat says DEGRADED; a panic arriving
+            # now still runs and retries the markets inside its own deadline.
+            self.next_markets_try = time.monotonic() + 2.0
+            log.error("markets_load_failed", error=_error_text(exc, self.pool.exchange_id))
+            return
+        if not self.ready_sent and self.config.keepalive_s > 0:
+            # Warm the connections before READY=1 (send_ready waits for the round to end).
+            self.pool.warming = self.pool.keep_warm(self.warm, self.closer.pacer)
+            self.pool.next_warm = time.monotonic() + self.config.keepalive_s
+            futures.wait(self.pool.warming, timeout=self.config.exchange_config.timeout_ms / 1000 + 1)
+
+    def check_account(self):
+        """One private read-only call every EEXIT_ACCOUNT_CHECK_S, on a pool thread (never
+        blocking the loop): markets load from a public endpoint, so only this shows a wrong
+        or revoked key before a panic needs it. A refused key makes the heartbeat DEGRADED
+        (degraded_reason=exchange_authentication); panics are still halted and attempted."""
+        if self.account_future is not None and self.account_future.done():
+            try:
+                self.account_future.result()
+                if self.account_problem:
+                    log.info("exchange_account_ok", was=self.account_problem)
+                self.account_problem = None
+            except Exception as exc:  # noqa: BLE001 - classified: only a refused key degrades
+                # A transient failure says nothing about the key: keep the last verdict.
+                kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
+                if kind.kind == "auth":
+                    if self.account_problem is None:
+                        log.critical("exchange_authentication_failed", error=_error_text(exc, self.pool.exchange_id),
+                                     note="panics will halt trading but cannot close positions")
+                    self.account_problem = "exchange_authentication"
+                else:
+                    log.warning("account_check_failed", error=_error_text(exc, self.pool.exchange_id))
+            self.account_future = None
+        failures = self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s, self.closer.pacer)
+        if failures:
+            log.warning("keepalive_failed", failed=len(failures), of=self.warm, error=failures[0])
+        if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check \
+                and self.closer.pacer.paused_for() <= 0:
+            self.next_account_check = time.monotonic() + self.config.account_check_s
+            # The venue's cheapest signed read: no position-read weight on Binance, and it does
+            # not show in a panic's own reads.
+            self.account_future = self.pool.submit(exchange.check_key)
 
 
 def main(argv=None):

@@ -172,7 +172,8 @@ def check_key(ex):
 
 
 def read_segment_positions(ex, segment):
-    """The positions of one segment; a failure carries the segment (exc.eexit_segment)."""
+    """(positions, unreadable rows) of one segment; a failure carries the segment
+    (exc.eexit_segment)."""
     return in_segment(segment, lambda: venue_of(ex).read_positions(ex, segment))
 
 
@@ -191,8 +192,19 @@ def load_market_rules(ex):
 
 
 def read_positions(ex):
-    """Every non-zero position of every segment. Raises; never [] for an error."""
-    return [p for segment in segments(ex) for p in read_segment_positions(ex, segment)]
+    """Every non-zero position of every segment. Raises; never [] for an error. A row that
+    cannot be read fails the whole read here (ExchangeDataError naming it, tagged with its
+    segment): callers without a per-row report (brain, operator tools) never act on a part
+    of the account as if it were all of it. The EEW reads per segment and closes the rest."""
+    positions = []
+    for segment in segments(ex):
+        readable, unreadable = read_segment_positions(ex, segment)
+        if unreadable:
+            error = ExchangeDataError("unreadable position rows: " + "; ".join(u.describe() for u in unreadable))
+            error.eexit_segment = segment
+            raise error
+        positions.extend(readable)
+    return positions
 
 
 def read_open_orders_book(ex, conditional):
@@ -237,16 +249,47 @@ def batch_size(exchange_id):
     return venue(exchange_id).BATCH_ORDERS
 
 
-def place_close_orders(ex, orders):
+def place_close_orders(ex, orders, on_batch_refused=None):
     """flatten.CloseOrder items, at most batch_size: [order id | exception] in order. An
     exception in the list is that order's rejection (classify_error sorts it like a single
-    order's); a failure of the request itself raises and concerns every order of it."""
+    order's). A batch request that fails as a whole falls back to the single-order endpoint
+    for its orders, in this same call (on_batch_refused(exc) is told): batching is an
+    optimisation, and a venue refusing it may cost time, never the close. Two failures are
+    raised instead, concerning every order: a rate limit (more requests would deepen the ban;
+    the caller waits and retries) and a timeout (the batch may have been placed, and singles
+    would wait out the same timeout; the caller's re-read decides). A single order
+    rate-limited during the fallback ends it: the orders not yet sent get that answer."""
     module = venue_of(ex)
-    if len(orders) == 1:      # the single endpoint: same weight, and its answer is simpler
-        o = orders[0]
-        return [module.place_close(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id,
-                                   o.margin_mode)["id"]]
-    return module.place_closes(ex, orders)
+    if len(orders) > 1:
+        try:
+            return module.place_closes(ex, orders)
+        except Exception as exc:  # noqa: BLE001 - sorted by batch_falls_back: raised or sent singly
+            if not batch_falls_back(exc, ex):
+                raise
+            if on_batch_refused is not None:
+                on_batch_refused(exc)
+    results, limited = [], None
+    for order in orders:
+        result = limited or _place_single(module, ex, order)
+        if limited is None and isinstance(result, Exception) and classify_error(result, ex).kind == "rate_limited":
+            limited = result
+        results.append(result)
+    return results
+
+
+def batch_falls_back(exc, ex):
+    """Whether the orders of a batch request that failed as a whole are sent singly now."""
+    return not isinstance(exc, ccxt.RequestTimeout) and classify_error(exc, ex).kind != "rate_limited"
+
+
+def _place_single(module, ex, o):
+    """One order's id, or the exception that is its result (never raised: the other orders of
+    the call are still sent, and the caller classifies it like a batch item's rejection)."""
+    try:
+        return module.place_close(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id,
+                                  o.margin_mode)["id"]
+    except Exception as exc:  # noqa: BLE001 - returned as this order's result, never swallowed
+        return exc
 
 
 def ping(ex):

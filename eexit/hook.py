@@ -1,65 +1,75 @@
-"""`eexit panic --on-service-failure`: the Exit Brain unit's ExecStopPost= hook.
+"""The Exit Brain's crash path: one signed panic the moment the brain's process dies.
 
-When the brain's process dies, systemd knows at once and runs ExecStopPost= with
-SERVICE_RESULT, EXIT_CODE and EXIT_STATUS set (systemd.exec(5)). This publishes one signed
-panic for it, so a crash is handled in milliseconds instead of after the watchdog's heartbeat
-thresholds (which stay, for hangs and degradation, and as the backstop for this hook).
+How systemd runs it (systemd/eexit-brain.service, systemd/eexit-brain-crash@.service,
+docs/DEPLOY.md "The crash path"):
+    brain unit   ExecStopPost=+/bin/sh -c ...: unless SERVICE_RESULT is `success` (a deliberate
+                 stop), it starts eexit-brain-crash@<SERVICE_RESULT>:<EXIT_CODE>:<EXIT_STATUS>.service
+                 and waits for it; if that unit fails, it writes a CRITICAL line naming the
+                 unit, its result and any unreadable credential file.
+    crash unit   Type=oneshot, `python -m eexit.hook`, its own DynamicUser= sandbox, its own
+                 LoadCredential= (hook_hmac_key, redis_password) and Redis user eexit-hook;
+                 EEXIT_CRASH=%i carries the three facts.
+Why not this module in ExecStopPost= itself, nor OnFailure= (measured with systemd 252 booted
+in tests/systemd_harness.py, docs/SPEC §8): ExecStopPost= processes get no credentials (the
+directory is unmounted when the main process exits), and OnFailure= does not fire when
+Restart= schedules a restart (the unit passes through auto-restart, never failed; RestartMode=
+only exists from 254). A unit started by systemctl gets its own credentials on every version
+from 247 on.
 
-    SERVICE_RESULT=success        a deliberate stop: publish nothing, exit 0, no Redis contact
-                                  (positions left open are still the watchdog's rules' job)
-    anything else, or unset       one panic: issued_by=exit_brain, reason=EXIT_BRAIN_DIED,
-                                  context = JSON with service_result, exit_code, exit_status
+Facts: EEXIT_CRASH=result:code:status, else SERVICE_RESULT / EXIT_CODE / EXIT_STATUS (the
+legacy `eexit panic --on-service-failure` ExecStopPost= form). SERVICE_RESULT=success
+publishes nothing; anything else, or unset, publishes (issued_by=exit_brain,
+reason=EXIT_BRAIN_DIED, context JSON with the facts).
 
-Exit codes (systemd logs a non-zero one and shows the unit as failed; it never hangs the stop):
+The latch (one crash, one executed panic; a restart loop does not flatten twice):
+    1 the halt holds (system:state:trading halted=true naming an event) -> publish nothing: a
+      panic was executed and no human has resumed since.
+    2 otherwise claim the incident the watchdogs share (eexit:watchdog:incident) AND publish a
+      new event, in one atomic step (bus.claim_and_publish): no claim exists without its panic.
+    3 the claim was held by event X: X's execution finished (its record in
+      system:panic_close:processed has stage "done") and the halt is off since -> a human
+      resumed after it: X was an earlier outage, publish the new event unclaimed. Otherwise re-publish X under
+      our signature: if X was never published (its publisher died) it runs now, if it was,
+      the EEW answers DUPLICATE. Nothing here compares clocks.
+    Fail-closed: whatever cannot be read publishes; a refused claim (an old ACL without
+    EVALSHA) publishes unclaimed.
+
+Exit codes (the brain unit's ExecStopPost= logs a CRITICAL line for any non-zero one):
     0  the panic is durable (XADD answered, and WAIT saw EEXIT_REDIS_REPLICAS replicas), or
-       nothing to publish (result success, or the latch below holds)
-    2  configuration error (a malformed variable or credential, no exit_brain key)
+       nothing to publish (a deliberate stop, or the halt holds)
+    2  configuration error: a credential file unreadable or malformed (the line names it),
+       no exit_brain key, a bad setting
     3  the bound EEXIT_HOOK_TIMEOUT_S passed before the panic was durable
-    4  Redis unreachable or refused a command (transport error, NOPERM, ...)
+    4  Redis unreachable (transport) or refused a command (NOPERM, ...): the line says which
     5  the panic was written but replication to the replicas was not confirmed
     1  anything else (a bug): logged with the exception's type
-Every outcome is exactly one key=value line on stderr (the journal). It does not wait for
-the EEW's report.
+Every outcome is one key=value line on stderr (the journal), CRITICAL whenever no panic was
+published for a crash. The watchdog remains the backstop: it treats the brain's restart
+after a beat with open positions as the crash it was (issue 23 point 3).
 
-Bound: EEXIT_HOOK_TIMEOUT_S (5 s; 0.5 to 10) covers the whole run after start-up, enforced by
-a real-time timer on top of the Redis socket timeouts; it must stay well under the unit's
-TimeoutStopSec (15 s in systemd/eexit-brain.service), so a dead Redis never makes systemd
-kill the hook or delay the brain's restart by more than the bound.
+Bound: EEXIT_HOOK_TIMEOUT_S (5 s; 0.5 to 10) covers the run after start-up, enforced by a
+real-time timer on top of the Redis socket timeouts; the crash unit's TimeoutStartSec=15 and
+the brain's TimeoutStopSec=15 stay above it.
 
-The latch (one incident, one panic; a restart loop publishes once):
-    1 trading halted (system:state:trading halted=true) by an event not yet cleared by a
-      human -> publish nothing: the EEW has acted on that event and nobody resumed.
-    2 otherwise claim the incident the watchdogs share (eexit:watchdog:incident, HSETNX of the
-      event id, opened_by=hook): won -> publish; lost -> an incident is open, whoever opened it
-      publishes and re-publishes its id -> publish nothing. Exception: an open incident opened
-      before a human's resume (cleared_at later than its opened_at_ms) belongs to an earlier
-      outage -> publish a new event anyway, without a claim.
-    Fail-closed: if the state or the incident cannot be read, publish.
-The watchdog adopts the hook's incident (when its rules fire, or when the report arrives)
-and closes it like its own, so its later rules add no second event id.
-
-Credentials (systemd LoadCredential= of the brain's unit; see docs/DEPLOY.md, SECURITY.md):
-    hook_hmac_key          `kid exit_brain hexkey` (signing.py's format); fallback, for tests
-                           and tools: EEXIT_PANIC_HMAC_KEYS / panic_hmac_keys. No key at all:
-                           unsigned (works only with an EEW that verifies nothing).
-    redis_hook_password    the Redis user eexit-hook's password (user: redis_hook_username,
-                           default eexit-hook); without it the ordinary Redis credentials.
-Settings: EEXIT_HOOK_TIMEOUT_S, EEXIT_REDIS_REPLICAS (0), EEXIT_REDIS_WAIT_MS (500) -- the
-watchdog's replica settings.
-
-Imports: redis and the small eexit modules only; never ccxt (bench/hook.py measures it).
+Credentials ($CREDENTIALS_DIRECTORY of the crash unit): hook_hmac_key `kid exit_brain hexkey`
+(fallback for tools: EEXIT_PANIC_HMAC_KEYS / panic_hmac_keys), redis_password and
+redis_username (eexit-hook). Settings: EEXIT_HOOK_TIMEOUT_S, EEXIT_REDIS_REPLICAS (0),
+EEXIT_REDIS_WAIT_MS (500). Imports: redis and the small eexit modules only.
 """
 
+import json
 import os
 import signal
 import socket
 import sys
 import time
+import uuid
+from pathlib import Path
 
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import bus, ops, schema, signing
+from . import bus, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, credential, env_float, env_int
 from .log import Logger
 
@@ -68,14 +78,12 @@ REASON = "EXIT_BRAIN_DIED"
 INCIDENT_KEY = "eexit:watchdog:incident"      # the watchdog's key (tests check they agree)
 OPENED_BY = "hook"
 HOOK_KEY_CREDENTIAL = "hook_hmac_key"
-HOOK_PASSWORD_CREDENTIAL = "redis_hook_password"
-HOOK_USERNAME_CREDENTIAL = "redis_hook_username"
-HOOK_REDIS_USER = "eexit-hook"
 SERVICE_VARIABLES = ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS")
 
 EXIT_OK, EXIT_BUG, EXIT_TIMEOUT, EXIT_REDIS, EXIT_UNCONFIRMED = 0, 1, 3, 4, 5
 
-PUBLISH, SKIP_SUCCESS, SKIP_LATCHED, SKIP_INCIDENT_OPEN = "publish", "success", "latched", "incident_open"
+# How the published event id was chosen.
+CLAIMED, ADOPTED, EARLIER_OUTAGE, UNCLAIMED = "claimed", "adopted", "earlier_outage", "unclaimed"
 
 
 class HookTimeout(Exception):
@@ -85,125 +93,146 @@ class HookTimeout(Exception):
 # ---------------------------------------------------------------------------- pure core
 
 def service_facts(env):
-    """The three values systemd sets for ExecStopPost=, "" when unset."""
-    return {name.lower(): (env.get(name) or "").strip() for name in SERVICE_VARIABLES}
+    """service_result, exit_code, exit_status ("" when unknown): from EEXIT_CRASH
+    (`result:code:status`, the crash unit's instance name), else systemd's ExecStopPost=
+    variables."""
+    crash = (env.get("EEXIT_CRASH") or "").strip()
+    if crash:
+        values = (crash.split(":", 2) + ["", ""])[:3]
+    else:
+        values = [env.get(name) or "" for name in SERVICE_VARIABLES]
+    names = [name.lower() for name in SERVICE_VARIABLES]
+    return {name: "" if value.strip() in ("", "none") else value.strip() for name, value in zip(names, values)}
 
 
-def latch(state, incident, claimed):
-    """PUBLISH or a SKIP_* reason, from plain data:
-    state    schema.TradingState, or None when it could not be read (-> publish)
-    incident the incident hash as {str: str} when our claim lost, else None
-    claimed  True: we won the claim; False: lost; None: the claim could not be made."""
-    if state is not None and state.halted is True and state.event_id:
-        return SKIP_LATCHED
-    if claimed is not False or state is None:
-        return PUBLISH
-    opened = _int(incident.get("opened_at_ms")) if incident else None
-    if state.halted is False and state.cleared_at is not None and opened is not None \
-            and state.cleared_at > opened:
-        return PUBLISH      # the open incident predates a human's resume: an earlier outage
-    return SKIP_INCIDENT_OPEN
+def latched(state):
+    """The halt holds for an executed panic that no human has cleared: nothing to publish.
+    state None (unreadable) is not latched: fail-closed."""
+    return state is not None and state.halted is True and bool(state.event_id)
 
 
-def _int(text):
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
+def after_lost_claim(state, holder_done):
+    """The claim was held by another event X. X's execution finished (holder_done: its
+    idempotency record's stage is "done") and the halt is off since (a resume came after it)
+    -> EARLIER_OUTAGE: a new event. Anything else, including an execution in flight or an
+    unreadable state or record -> ADOPTED: re-publish X (a duplicate is answered DUPLICATE, a
+    panic whose publisher died runs now)."""
+    if holder_done is True and (state is None or state.halted is not True):
+        return EARLIER_OUTAGE
+    return ADOPTED
+
+
+def panic_fields(event_id, context, keyring, now_ms):
+    """The panic's wire fields for event_id, signed with the exit_brain key when keys exist."""
+    event = schema.PanicEvent(event_id=event_id, reason=REASON, issued_by=ISSUER, ts=now_ms)
+    event.extra["context"] = json.dumps(context, separators=(",", ":"), sort_keys=True)
+    fields = event.to_fields()
+    # load_credentials refused a configured ring without an exit_brain key.
+    return signing.sign_fields(fields, keyring.kid_for(ISSUER), keyring) if keyring.configured else fields
 
 
 # ---------------------------------------------------------------------------- shell
 
-def hook_keyring(env):
-    """The hook's own key (hook_hmac_key), else the shared variable/credential of signing."""
-    text = credential(HOOK_KEY_CREDENTIAL, (), env)
-    ring = signing.parse_keys(text, f"credential {HOOK_KEY_CREDENTIAL}") if text else signing.load_keys(env)
+def load_credentials(env):
+    """The signing key ring, after reading every credential file the hook uses, so that an
+    unreadable or malformed one is a ConfigError naming its file, never a Redis error (issue
+    23 found a PermissionError logged as redis_unreachable)."""
+    ring = _credential_file(HOOK_KEY_CREDENTIAL, env,
+                            lambda text: signing.parse_keys(text, f"credential {HOOK_KEY_CREDENTIAL}"))
+    for name in ("redis_password", "redis_username"):
+        _credential_file(name, env, lambda text: text)      # read now: connect() cannot fail on it
+    ring = ring if ring is not None else signing.load_keys(env)
     if ring.configured and ring.kid_for(ISSUER) is None:
         raise ConfigError(f"the hook's signing keys hold none for issuer {ISSUER}: its panic would be REJECTED")
     return ring
 
 
-def hook_redis_env(env):
-    """An environment for bus.connect that logs in as the hook's Redis user when its password
-    credential exists. The credential directory is dropped from the copy because bus reads
-    `redis_password` from it first, and that file is the brain's, not the hook's."""
-    password = credential(HOOK_PASSWORD_CREDENTIAL, (), env)
-    if password is None:
-        return env
-    connect_env = {k: v for k, v in env.items() if k != "CREDENTIALS_DIRECTORY"}
-    connect_env["REDIS_PASSWORD"] = password
-    connect_env["REDIS_USERNAME"] = credential(HOOK_USERNAME_CREDENTIAL, (), env) or HOOK_REDIS_USER
-    for name in ("redis_sentinel_username", "redis_sentinel_password"):
-        value = credential(name, (name.upper(),), env)
-        if value is not None:
-            connect_env[name.upper()] = value
-    return connect_env
+def _credential_file(name, env, parse):
+    """parse(text) of credential `name`, None when absent; any failure names the file."""
+    try:
+        text = credential(name, (), env)
+        return parse(text) if text is not None else None
+    except (OSError, ConfigError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        path = Path(env.get("CREDENTIALS_DIRECTORY") or ".") / name
+        raise ConfigError(f"credential file {path} unreadable: {cause} (the crash unit's LoadCredential=)") from None
 
 
-def _decoded(raw):
-    return {bus.as_text(k): bus.as_text(v) for k, v in (raw or {}).items()}
+def read_state(client, notes):
+    try:
+        state, _problems = schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))
+        return state
+    except bus.REDIS_ERRORS as exc:
+        # Fail-closed: an unknown halt publishes. The publish below says whether Redis is
+        # really gone (then exit 4) or only this read was refused.
+        notes["state"] = f"unreadable:{type(exc).__name__}"
+        return None
+
+
+def claim(client, event_id, fields, facts, state, notes):
+    """(how, event id to publish, entry id already written or None), by the latch's rules 2-3."""
+    claim_fields = {"reason": REASON, "opened_by": OPENED_BY, "issued_by": ISSUER,
+                    "detail": " ".join(f"{k}={v or '-'}" for k, v in facts.items())}
+    try:
+        won, value = bus.claim_and_publish(client, INCIDENT_KEY, schema.PANIC_STREAM, event_id,
+                                           claim_fields, fields)
+    except bus.REDIS_ERRORS as exc:
+        if bus.is_transport_error(exc):
+            raise
+        # A command error (NOPERM: an ACL from before the script): publish unclaimed.
+        notes["claim"] = f"refused:{type(exc).__name__}:{str(exc)[:80]}"
+        return UNCLAIMED, event_id, None
+    if won:
+        return CLAIMED, event_id, value
+    notes["held_by_event"] = value
+    try:
+        raw = client.hget(schema.PROCESSED_KEY, value)
+        record = json.loads(raw) if raw is not None else {}
+        # Only a FINISHED execution counts: "claimed"/"halted" records are in flight, the
+        # halt is about to be (or is) written.
+        done = isinstance(record, dict) and record.get("stage") == "done"
+    except (*bus.REDIS_ERRORS, ValueError) as exc:
+        notes["holder_record"] = f"unreadable:{type(exc).__name__}"
+        done = None
+    how = after_lost_claim(state, done)
+    return how, (event_id if how == EARLIER_OUTAGE else value), None
 
 
 def publish_on_failure(env, log, started, notes):
     """The whole hook after the success check; returns an exit code, raises only HookTimeout
-    and the exceptions run() turns into codes. `notes` collects what went wrong on the way,
-    for the one line that ends the run."""
+    and the exceptions run() turns into codes."""
     timeout_s = env_float("EEXIT_HOOK_TIMEOUT_S", 5.0, minimum=0.5, maximum=10.0, env=env)
     replicas = env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, env=env)
     wait_ms = env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, env=env)
+    keyring = load_credentials(env)
     remaining = lambda: timeout_s - (time.monotonic() - started)   # noqa: E731
     signal.signal(signal.SIGALRM, _raise_timeout)
     signal.setitimer(signal.ITIMER_REAL, max(0.01, remaining()))
     facts = service_facts(env)
-    keyring = hook_keyring(env)
-    client = bus.connect(env=hook_redis_env(env), read_timeout_s=max(0.1, remaining()))
+    client = bus.connect(env=env, read_timeout_s=max(0.1, remaining()))
     # No retries inside redis-py: publish_durable retries within OUR bound, and the reads
     # before it fail closed at once instead of spending the bound on a refused port.
     client.set_retry(Retry(NoBackoff(), 0))
-    context = {**facts, "host": socket.gethostname(), "hook": "ExecStopPost"}
-    event, fields = ops.build_panic(REASON, ISSUER, keyring, context=context)
-
-    state = incident = None
-    try:
-        pipe = client.pipeline(transaction=False)
-        pipe.hgetall(schema.TRADING_STATE_KEY)
-        pipe.time()
-        raw_state, (seconds, micros) = pipe.execute()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        state, _problems = schema.TradingState.from_fields(_decoded(raw_state))
-    except bus.REDIS_ERRORS as exc:
-        # Fail-closed: an unknown latch publishes. The XADD below will say whether Redis is
-        # really gone (then exit 4) or only this read was refused.
-        notes["state"] = f"unreadable:{type(exc).__name__}"
-        now_ms = event.ts
-    claimed = None
-    if state is None or not (state.halted is True and state.event_id):
-        try:
-            held, won = bus.claim_incident(client, INCIDENT_KEY, {
-                "event_id": event.event_id, "reason": REASON, "opened_by": OPENED_BY,
-                "issued_by": ISSUER, "opened_at_ms": now_ms,
-                "detail": " ".join(f"{k}={v or '-'}" for k, v in facts.items())})
-            claimed = won
-            if not won:
-                incident = _decoded(client.hgetall(INCIDENT_KEY)) or {"event_id": held}
-        except bus.REDIS_ERRORS as exc:
-            notes["claim"] = f"failed:{type(exc).__name__}"
-    decision = latch(state, incident, claimed)
-    if decision != PUBLISH:
+    context = {**facts, "host": socket.gethostname(), "hook": "crash-unit" if env.get("EEXIT_CRASH") else "ExecStopPost"}
+    now_ms = int(time.time() * 1000)
+    state = read_state(client, notes)
+    if latched(state):
         signal.setitimer(signal.ITIMER_REAL, 0)
-        held = state.event_id if decision == SKIP_LATCHED else (incident or {}).get("event_id", "")
-        log.info("panic_skipped", why=decision, held_by_event=held,
-                 opened_by=(incident or {}).get("opened_by", ""), **notes, **facts)
+        log.info("panic_skipped", why="latched", held_by_event=state.event_id, **notes, **facts)
         return EXIT_OK
+    new_id = str(uuid.uuid4())
+    fields = panic_fields(new_id, context, keyring, now_ms)
+    how, event_id, written = claim(client, new_id, fields, facts, state, notes)
+    if event_id != new_id:
+        fields = panic_fields(event_id, context, keyring, now_ms)
     published = bus.publish_durable(client, schema.PANIC_STREAM, fields, replicas, wait_ms,
                                     # its backoff sleeps up to 0.5 s: stop retrying before
                                     # the timer, so a refused Redis says 4, a stalled one 3
-                                    give_up_after_s=max(0.05, remaining() - 0.75))
+                                    give_up_after_s=max(0.05, remaining() - 0.75), entry_id=written)
     signal.setitimer(signal.ITIMER_REAL, 0)
-    elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-    outcome = dict(event_id=event.event_id, entry_id=published.entry_id, reason=REASON, issued_by=ISSUER,
-                   incident="claimed" if claimed else ("stale" if claimed is False else "unknown"), **notes,
-                   signed="sig" in fields, replicas_acked=published.replicas_acked, elapsed_ms=elapsed_ms, **facts)
+    outcome = dict(event_id=event_id, entry_id=published.entry_id, reason=REASON, issued_by=ISSUER,
+                   incident=how, **notes, signed="sig" in fields, replicas_acked=published.replicas_acked,
+                   elapsed_ms=round((time.monotonic() - started) * 1000, 1), **facts)
     if not published.confirmed:
         log.critical("panic_replication_unconfirmed", **outcome)
         return EXIT_UNCONFIRMED
@@ -222,27 +251,28 @@ def run(env=None, log=None):
     log = log or Logger("hook")
     facts = service_facts(env)
     if facts["service_result"] == "success":
-        log.info("panic_skipped", why=SKIP_SUCCESS, **facts)
+        log.info("panic_skipped", why="success", **facts)
         return EXIT_OK
     notes = {}
     try:
         return publish_on_failure(env, log, started, notes)
     except HookTimeout:
-        # Redis (or the host) stalled: give systemd its stop back. The watchdog's heartbeat
-        # rules still catch the death; this line says why the fast path did not.
-        code, event, detail = EXIT_TIMEOUT, "hook_timeout", "bound EEXIT_HOOK_TIMEOUT_S passed"
+        # Redis (or the host) stalled: give systemd its stop back. The watchdog's rules still
+        # catch the death; this line says why the fast path did not.
+        code, event, cause = EXIT_TIMEOUT, "hook_timeout", "bound EEXIT_HOOK_TIMEOUT_S passed"
     except (ConfigError, ValueError) as exc:
-        # ValueError: build_panic found keys but none for exit_brain -- configuration too.
-        code, event, detail = CONFIG_EXIT_CODE, "config_error", str(exc)
+        # A credential file or setting: the message names it. No Redis contact was made.
+        code, event, cause = CONFIG_EXIT_CODE, "hook_config_error", str(exc)
     except bus.REDIS_ERRORS as exc:
-        # Transport or command error (NOPERM included): nothing was published, or not known
-        # to be; the watchdog's heartbeat rules remain the way this death gets handled.
-        code, event, detail = EXIT_REDIS, "redis_unreachable", f"{type(exc).__name__}: {str(exc)[:200]}"
+        # Credentials were read before any Redis call, so this is Redis: gone (transport) or
+        # refusing (NOPERM, ...). Nothing was published, or not known to be.
+        code, event = EXIT_REDIS, "redis_unreachable" if bus.is_transport_error(exc) else "redis_refused"
+        cause = f"{type(exc).__name__}: {str(exc)[:200]}"
     except Exception as exc:  # noqa: BLE001 - last resort: systemd must get a code and a line, not a trace
-        code, event, detail = EXIT_BUG, "hook_failed", f"{type(exc).__name__}: {str(exc)[:200]}"
+        code, event, cause = EXIT_BUG, "hook_failed", f"{type(exc).__name__}: {str(exc)[:200]}"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    log.critical(event, hook_exit_code=code, detail=detail,
+    log.critical(event, hook_exit_code=code, cause=cause, published="no",
                  elapsed_ms=round((time.monotonic() - started) * 1000, 1), **notes, **facts)
     return code
 

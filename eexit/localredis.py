@@ -71,6 +71,7 @@ class RedisServer:
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
         self.process = None
+        self.started = False      # once up, restart() keeps the port: clients hold its URL
 
     @property
     def url(self):
@@ -84,20 +85,29 @@ class RedisServer:
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         preexec_fn=die_with_parent if self.die_with_parent else None)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             if self.process.poll() is not None:
+                if not self.started and "Address already in use" in self.log_tail():
+                    # Another process took the free port between free_port() and this start
+                    # (parallel test workers): a first start may take another one.
+                    self.port = free_port()
+                    return self.start(timeout_s)
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer PING within {timeout_s}s: {self.log_tail()}")
             try:
+                # Ours, not another process's server on a port taken meanwhile (its pid).
                 if redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                               socket_connect_timeout=0.5).ping():
+                               socket_connect_timeout=0.5).info("server").get("process_id") == self.process.pid:
+                    self.started = True
                     return self
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
                 # ResponseError: with an ACL file the default user may be disabled; the
                 # server is up if it answers at all.
-                if self._answers_at_all():
+                if self._answers_at_all() and self.process.poll() is None:
+                    self.started = True
                     return self
             time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not answer PING within {timeout_s}s: {self.log_tail()}")
 
     def _answers_at_all(self):
         try:

@@ -45,8 +45,17 @@ class Logger:
         if not self.version_logged:
             fields = {"version": __version__, **fields}
             self.version_logged = True
+        self._emit(level, f"ts={int(time.time() * 1000)} daemon={self.daemon} " + format_line(level, event, fields))
+
+    def summary(self, level, text):
+        """One line for a person, not key=value (`eexit.eew: configuration error: ...`), at
+        its level: under the journal it carries the priority prefix like every other line, so
+        `journalctl -p err` shows why a unit refused to start."""
+        self._emit(level, text)
+
+    def _emit(self, level, text):
         prefix = f"<{PRIORITIES[level]}>" if self.journal else ""
-        line = f"{prefix}ts={int(time.time() * 1000)} daemon={self.daemon} " + format_line(level, event, fields)
+        line = prefix + text.replace("\n", " ")
         out = self.stream or sys.stderr
         try:
             out.write(line + "\n")

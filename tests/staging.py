@@ -2,10 +2,12 @@
 (it is the slow part, ~10-30 s: it downloads the locked files from the package index, as the
 connected machine does) and removed at exit. Not a test module.
 
-wheelhouse()          the wheelhouse of this source tree (tools/install_offline.py wheelhouse)
+distro_python()       the distribution's own interpreter (Debian 12: /usr/bin/python3, 3.11.2):
+                      the docs' `python3` on the target and on the connected machine
+wheelhouse()          the wheelhouse of this source tree (tools/install_offline.py wheelhouse), built
+                      as the docs say: in a venv of distro_python()
 bumped(version)       a copy of it whose eexit wheel says `version` (an upgrade release)
 install(wh, root)     tools/install_offline.py install into root, pip cut off from any index
-unit_process(...)     start a daemon the way its systemd unit would, from the staged tree
 """
 
 import atexit
@@ -14,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,36 @@ from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools/install_offline.py"
+DISTRO_PYTHON = "/usr/bin/python3"
 _CACHE = {}
+
+
+def distro_python():
+    """/usr/bin/python3 once it can make a venv (ensurepip): Debian needs python3-venv for
+    that, which .ci/run installs. Without it this is an AssertionError saying so (the install
+    tests fail rather than test another Python)."""
+    if "python" not in _CACHE:
+        probe = subprocess.run([DISTRO_PYTHON, "-c", "import ensurepip, platform; ensurepip.version(); "
+                                "print(platform.python_version())"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise AssertionError(f"{DISTRO_PYTHON} cannot make a venv (Debian: apt-get install "
+                                 f"python3-venv): {probe.stderr[-500:]}")
+        _CACHE["python"] = (DISTRO_PYTHON, probe.stdout.strip())
+    return _CACHE["python"][0]
+
+
+def distro_python_version():
+    distro_python()
+    return _CACHE["python"][1]
+
+
+def build_python():
+    """The wheelhouse builder of docs/DEPLOY.md: a venv of the distribution's python3 (its pip)."""
+    if "build_python" not in _CACHE:
+        venv = workspace() / "build-venv"
+        subprocess.run([distro_python(), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+        _CACHE["build_python"] = str(venv / "bin/python")
+    return _CACHE["build_python"]
 
 
 def installer():
@@ -56,7 +86,7 @@ def source_copy(name, version=None):
 def wheelhouse():
     if "wheelhouse" not in _CACHE:
         out = workspace() / "wheelhouse"
-        built = subprocess.run([sys.executable, str(SCRIPT), "wheelhouse", "--out", str(out),
+        built = subprocess.run([build_python(), str(SCRIPT), "wheelhouse", "--out", str(out),
                                 "--project", str(source_copy("source"))],
                                capture_output=True, text=True, timeout=900)
         if built.returncode != 0:
@@ -74,7 +104,7 @@ def bumped(version):
     shutil.copytree(wheelhouse(), out)
     for old in out.glob("eexit-*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out),
+    subprocess.run([build_python(), "-m", "pip", "wheel", "--no-deps", "--use-pep517", "--wheel-dir", str(out),
                     str(source_copy(f"source-{version}", version))],
                    check=True, capture_output=True, timeout=600)
     (out / module.WHEELHOUSE_LOCK).write_text("".join(
@@ -95,66 +125,8 @@ def offline_env():
 
 
 def install(wheelhouse_dir, root, cwd=None):
-    return subprocess.run([sys.executable, str(SCRIPT), "install", "--wheelhouse", str(wheelhouse_dir),
+    """As the docs say (`python3 tools/install_offline.py install`), with the distribution's
+    python3: the venv is made by it."""
+    return subprocess.run([distro_python(), str(SCRIPT), "install", "--wheelhouse", str(wheelhouse_dir),
                            "--root", str(root)], capture_output=True, text=True, timeout=600,
                           env=offline_env(), cwd=cwd or workspace())
-
-
-def staged(root, path):
-    """An absolute host path inside the staged root."""
-    return Path(root) / str(path).lstrip("/")
-
-
-def read_unit(path):
-    """[(key, value)] of a unit file's settings, in order (keys repeat)."""
-    settings = []
-    for raw in Path(path).read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            settings.append((key.strip(), value.strip()))
-    return settings
-
-
-def read_env_file(path):
-    """An EnvironmentFile= (KEY=VALUE lines, comments, no quoting used by eexit's)."""
-    env = {}
-    for raw in Path(path).read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip()
-    return env
-
-
-def unit_process(root, unit, run_dir, log_path, extra_env=None):
-    """Start the unit's ExecStart from the staged tree as systemd would, minus PID 1: its
-    EnvironmentFile=, a private credentials directory holding exactly its LoadCredential= files
-    and SetCredential= values, STATE_DIRECTORY for StateDirectory=, JOURNAL_STREAM as for a
-    journal stderr. Returns the Popen."""
-    settings = read_unit(staged(root, f"/etc/systemd/system/{unit}"))
-    credentials = Path(run_dir) / "credentials"
-    credentials.mkdir(parents=True, exist_ok=True, mode=0o700)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "JOURNAL_STREAM": "8:424242",
-           "CREDENTIALS_DIRECTORY": str(credentials), "PYTHONUNBUFFERED": "1"}
-    command = None
-    for key, value in settings:
-        if key == "EnvironmentFile":
-            env.update(read_env_file(staged(root, value.lstrip("-"))))
-        elif key == "LoadCredential":
-            name, _, source = value.partition(":")
-            shutil.copy(staged(root, source), credentials / name)
-        elif key == "SetCredential":
-            name, _, text = value.partition(":")
-            (credentials / name).write_text(text)
-        elif key == "StateDirectory":
-            state = staged(root, f"/var/lib/{value}")
-            state.mkdir(parents=True, exist_ok=True, mode=0o700)
-            env["STATE_DIRECTORY"] = str(state)
-        elif key == "ExecStart":
-            command = [str(staged(root, part)) if part.startswith("/opt/eexit/") else part
-                       for part in value.split()]
-    env.update(extra_env or {})
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
-                                start_new_session=True)

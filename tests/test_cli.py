@@ -186,7 +186,9 @@ class PanicTest(RedisTestCase):
 class ResumeCase(EEWCase):
     """`eexit resume` as a subprocess, answered by the real EEW, which makes every check."""
 
-    eew_env = {"EEXIT_RESUME_COOLDOWN_S": "0"}
+    # Guard off: while halted it closes a test's deliberate residual within EEXIT_HALT_GUARD_S,
+    # and a resume that takes longer than that under load then finds the account flat.
+    eew_env = {"EEXIT_RESUME_COOLDOWN_S": "0", "EEXIT_HALT_GUARD_S": "0"}
     cli_keys = None
 
     @classmethod

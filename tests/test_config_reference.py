@@ -65,7 +65,7 @@ class ConfigReferenceTest(unittest.TestCase):
         self.assertLessEqual({"REDIS_URL", "EEXIT_UNGUARDED_S", "EEXIT_SANDBOX", "EEXIT_API_KEY",
                               "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"}, variables)
         self.assertLessEqual({"api_key", "api_secret", "api_password", "redis_password", "redis_username",
-                              "panic_hmac_keys", "hook_hmac_key", "redis_hook_password", "redis_hook_username",
+                              "panic_hmac_keys", "hook_hmac_key",
                               "telegram_bot_token", "alert_webhook_key"}, credentials)
 
     def test_a_planted_variable_or_credential_fails_the_comparison(self):

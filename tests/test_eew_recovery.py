@@ -80,6 +80,72 @@ class KillMidCloseTest(EEWCase):
         self.assertEqual(1, len(self.reports(event_id)))
 
 
+class RedisKilledBeforeTheAckTest(EEWCase):
+    """Redis dies while the close runs, so neither the report nor the XACK can be written;
+    it comes back with its data (AOF, fsync always): exactly one report, written from the
+    journal, the entry acknowledged, nothing closed twice."""
+
+    redis_args = ("--appendonly", "yes", "--appendfsync", "always")
+
+    def test_redis_killed_between_the_close_and_the_report_then_back_gives_one_report(self):
+        self.paper.set_state({"seed": "BTCUSDT:0.02,ETHUSDT:-0.5,SOLUSDT:30"})
+        self.paper.add_fault(kind="latency", ms=SLOW_ORDERS_MS, path="/fapi/v1/order")
+        self.start_eew("eew-a", EEXIT_CLOSE_CONCURRENCY=1)
+        journal = os.path.join(self.tmp, "eew-a-journal.jsonl")
+        event_id = str(uuid.uuid4())
+        self.publish(event_id)
+        wait_for(lambda: len(self.paper.positions()) == 2, 15, message="first close filled")
+        self.redis_server.kill()
+
+        def journaled():
+            if not os.path.exists(journal):
+                return None
+            with open(journal, encoding="utf-8") as handle:
+                return [json.loads(line) for line in handle if line.strip() and event_id in line] or None
+        try:
+            [item] = wait_for(journaled, 20, message=f"report journaled\n{self.log('eew-a')}")
+            self.assertEqual(("report", "FLAT"), (item["type"], item["report"]["status"]))
+        finally:
+            self.redis_server.start()
+        [report] = self.wait_reports(event_id)
+        self.assertEqual("FLAT", report.status)
+        wait_for(lambda: self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"] == 0, 10,
+                 message="acknowledged after the report")
+        self.assertEqual(1, len(self.reports(event_id)))
+        self.assertEqual({}, self.paper.positions())
+        self.assertEqual(3, len([r for r in self.order_requests() if r["status"] == 200]), "nothing doubled")
+
+
+    def test_redis_lost_mid_batch_leaves_the_rest_pending_and_no_loop_error(self):
+        # Finding 2: two panics in one batch; Redis dies during the first one's close. The
+        # second is not handled without Redis (it used to fail with AttributeError on
+        # self.redis and escape to loop_error); after Redis returns both end with one report.
+        self.paper.set_state({"seed": "BTCUSDT:0.02,ETHUSDT:-0.5,SOLUSDT:30"})
+        self.paper.add_fault(kind="latency", ms=SLOW_ORDERS_MS, path="/fapi/v1/order")
+        self.start_eew("eew-b", EEXIT_CLOSE_CONCURRENCY=1, EEXIT_BLOCK_MS=1000)
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        pipe = self.redis.pipeline(transaction=True)
+        for event_id in (first, second):
+            pipe.xadd(schema.PANIC_STREAM, {"event_id": event_id, "reason": "TEST", "severity": "CRITICAL",
+                                            "issued_by": "watchdog", "ts": "1"})
+        pipe.execute()
+        wait_for(lambda: len(self.paper.positions()) == 2, 15, message="first close filled")
+        self.redis_server.kill()
+        try:
+            wait_for(lambda: "redis_lost" in self.log("eew-b"), 20, message="the EEW saw Redis go")
+        finally:
+            self.redis_server.start()
+        for event_id in (first, second):
+            self.assertEqual(1, len(self.wait_reports(event_id)))
+        wait_for(lambda: self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"] == 0, 10,
+                 message="both acknowledged")
+        self.assertEqual({}, self.paper.positions())
+        with open(os.path.join(self.tmp, "eew-b.log"), encoding="utf-8") as handle:
+            whole = handle.read()
+        self.assertNotIn("loop_error", whole)
+        self.assertNotIn("AttributeError", whole)
+
+
 class TwoInstancesTest(EEWCase):
     def test_second_instance_claims_the_entry_of_a_killed_one_and_finishes(self):
         self.paper.set_state({"seed": "BTCUSDT:0.02,ETHUSDT:-0.5,SOLUSDT:30,XRPUSDT:500"})

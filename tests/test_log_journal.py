@@ -29,6 +29,12 @@ class JournalPriorityTest(unittest.TestCase):
         for env in ({}, {"JOURNAL_STREAM": ""}):
             self.assertTrue(all(line.startswith("ts=") for line in lines_of(env)), env)
 
+    def test_a_summary_line_carries_its_priority_and_stays_one_line(self):
+        for env, prefix in (({"JOURNAL_STREAM": "8:12345"}, "<2>"), ({}, "")):
+            out = io.StringIO()
+            Logger("eew", stream=out, env=env).summary("CRITICAL", "eexit.eew: configuration error: A\nB")
+            self.assertEqual(out.getvalue(), f"{prefix}eexit.eew: configuration error: A B\n")
+
     def test_first_line_names_the_version_once(self):
         lines = lines_of({})
         self.assertIn(f" version={__version__} consumer=c", lines[0])

@@ -178,6 +178,9 @@ class EEWCase(RedisTestCase):
             return None
         return wait_for(find, timeout_s, message=f"report for {event_id}\n{self.logs()}")
 
+    def reports_of(self, event_id):
+        return [raw for _id, raw in self.redis.xrange(schema.COMPLETED_STREAM) if raw.get(b"event_id") == event_id.encode()]
+
     def eew_beat(self, predicate):
         def find():
             for _id, raw in reversed(self.redis.xrevrange(schema.EEW_HEARTBEAT_STREAM, count=5)):
@@ -193,17 +196,82 @@ class EEWCase(RedisTestCase):
 
 
 class EntryIsolation(EEWCase):
-    def test_entry_whose_handling_raises_is_failed_after_n_deliveries_and_the_next_is_flat(self):
-        self.start_eew(EEXIT_TEST_FAULT_REASON="BOOM", EEXIT_MAX_DELIVERIES="3", EEXIT_SWEEP_INTERVAL_S="0.2")
+    def test_authorised_panic_whose_handling_keeps_failing_is_halted_closed_and_reported_once(self):
+        # The ledger hash and the completed stream both refuse (WRONGTYPE): every delivery's
+        # claim fails and no report can be written. Fail-closed (issue 24): halted, closed,
+        # the report journaled and the heartbeat DEGRADED naming the event until it stands;
+        # once Redis takes it, exactly one report, and the next panic is FLAT.
+        self.start_eew(EEXIT_SWEEP_INTERVAL_S="0.2", EEXIT_BUS_LOSS_CLOSE_S="600")
         self.wait_ready()
-        self.panic("boom-1", reason="BOOM")
-        failed = self.report("boom-1")
-        self.assertEqual(failed.status, "FAILED")
-        self.assertIn("internal_error:RuntimeError", failed.problems)
-        self.assertEqual(len(self.log_lines("entry_failed")), 1, self.logs())
-        self.panic("after-boom")
-        self.assertEqual(self.report("after-boom").status, "FLAT")
+        self.redis.set(schema.PROCESSED_KEY, "not a hash")
+        self.redis.set(schema.COMPLETED_STREAM, "not a stream")
+        self.panic("keeps-failing")
+        try:
+            wait_for(self.eew_beat(lambda b: "panic_unreported:keeps-failing" in b.extra.get("degraded_reason", "")),
+                     40, message="DEGRADED naming the event")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
         self.assertEqual(self.paper.positions(), {})
+        state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
+        self.assertEqual((state.halted, state.event_id), (True, "keeps-failing"))
+        self.assertTrue(self.log_lines("entry_failed") or self.log_lines("redis_command_error"), self.logs())
+        self.redis.delete(schema.PROCESSED_KEY, schema.COMPLETED_STREAM)
+        report = self.report("keeps-failing")
+        self.assertEqual(report.status, "FLAT")
+        self.assertIn("claim:command:", report.extra.get("failures", ""))
+        self.panic("after-failing")
+        self.assertEqual(self.report("after-failing").status, "FLAT")
+        reports = self.reports_of("keeps-failing")
+        self.assertEqual(len(reports), 1, reports)
+        self.assertEqual(self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"], 0)
+        wait_for(self.eew_beat(lambda b: "panic_unreported" not in b.extra.get("degraded_reason", "")), 20,
+                 message="the heartbeat stops naming the event once its report stands")
+
+    def test_authorised_panic_with_only_the_ledger_refusing_gets_its_report_at_once(self):
+        # Finding 2's kin: the idempotency hash turned into a string. The panic is halted,
+        # closed and reported at once (straight onto the completed stream), not left silent.
+        self.start_eew(EEXIT_SWEEP_INTERVAL_S="0.2", EEXIT_BUS_LOSS_CLOSE_S="600")
+        self.wait_ready()
+        self.redis.set(schema.PROCESSED_KEY, "not a hash")
+        self.panic("ledger-refused")
+        self.assertEqual(self.report("ledger-refused", timeout_s=20).status, "FLAT")
+        self.assertEqual(self.paper.positions(), {})
+        self.redis.delete(schema.PROCESSED_KEY)
+        wait_for(lambda: self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"] == 0, 20,
+                 message=f"acknowledged once the ledger takes it\n{self.logs()}")
+        self.panic("after-refused")
+        self.assertEqual(self.report("after-refused").status, "FLAT")
+        reports = self.reports_of("ledger-refused")
+        self.assertEqual(len(reports), 1, reports)
+
+    def test_unexpected_ledger_data_fails_closed_with_a_real_traceback(self):
+        # A record for this entry whose attempt is not a number (written by another version, or
+        # tampered with): resuming it raises inside the close. Fail-closed: the simple close
+        # (nothing taken from the record) goes FLAT, one report names the failure, and the log
+        # holds the real traceback (finding 3: it used to say "NoneType: None").
+        self.start_eew(EEXIT_BUS_LOSS_CLOSE_S="600")
+        self.wait_ready()
+        entry_id = "1000000000000-0"
+        self.redis.hset(schema.PROCESSED_KEY, "bad-record",
+                        json.dumps({"entry": entry_id, "stage": "halted", "attempt": "seven", "ts_started": 1}))
+        self.redis.xadd(schema.PANIC_STREAM, {"event_id": "bad-record", "reason": "TEST", "issued_by": "ops",
+                                              "ts": "1"}, id=entry_id)
+        report = self.report("bad-record")
+        self.assertEqual(report.status, "FLAT")
+        self.assertIn("close:bug:TypeError", report.extra.get("failures", ""))
+        self.assertEqual(self.paper.positions(), {})
+        [failed] = self.log_lines("entry_failed")
+        self.assertIn("TypeError", failed)
+        self.assertNotIn("NoneType: None", failed)
+        self.assertEqual(len(self.reports_of("bad-record")), 1)
+
+    def test_unauthorised_entry_is_rejected_with_no_action(self):
+        self.start_eew()
+        self.wait_ready()
+        self.redis.xadd(schema.PANIC_STREAM, {"event_id": "forged", "reason": "X", "issued_by": "nobody", "ts": "1"})
+        self.assertEqual(self.report("forged").status, "REJECTED")
+        self.assertEqual(self.redis.hgetall(schema.TRADING_STATE_KEY), {})
+        self.assertEqual(len(self.paper.positions()), 2)
 
     def test_poisoned_journal_line_is_quarantined_and_the_next_panic_is_flat(self):
         poisoned = json.dumps({"type": "report", "key": "poisoned", "entry_id": None}) + "\n"
@@ -212,10 +280,11 @@ class EntryIsolation(EEWCase):
         self.start_eew()
         self.wait_ready()
         quarantine = self.journal + ".quarantine"
-        wait_for(lambda: os.path.exists(quarantine), 20, message=f"quarantine file\n{self.logs()}")
+        # The CRITICAL line is written once the quarantine file is complete (written, synced):
+        # wait for that event, never for the file to exist (it exists before it is written).
+        wait_for(lambda: self.log_lines("journal_lines_quarantined"), 20, message=f"CRITICAL log\n{self.logs()}")
         with open(quarantine, encoding="utf-8") as handle:
             self.assertEqual(handle.read(), poisoned)
-        wait_for(lambda: self.log_lines("journal_lines_quarantined"), 20, message=f"CRITICAL log\n{self.logs()}")
         self.panic("after-poison")
         self.assertEqual(self.report("after-poison").status, "FLAT")
         self.assertEqual(self.paper.positions(), {})
@@ -288,6 +357,42 @@ class ExchangeKey(EEWCase):
                  message=f"DEGRADED after revocation\n{self.logs()}")
         self.paper.clear_faults()
         wait_for(self.eew_beat(lambda b: b.status == "OK"), 30, message="OK again after the key works")
+
+
+class StreamAudit(EEWCase):
+    def test_panics_pending_with_another_consumer_are_not_run_again_by_the_audit(self):
+        # Finding 6: a dead instance holds two panics and a forgery between them. The audit
+        # asked XPENDING for len(candidates) = 2 entries of that range, got the first panic and
+        # the forgery, took the second panic for skipped and ran it while it was pending
+        # (twice, with the claim). Now: the claim runs each once, the audit none.
+        for fields in ({"event_id": "held-1", "reason": "TEST", "issued_by": "ops", "ts": "1"},
+                       {"event_id": "forged", "reason": "TEST", "issued_by": "nobody", "ts": "1"},
+                       {"event_id": "held-2", "reason": "TEST", "issued_by": "ops", "ts": "1"}):
+            self.redis.xadd(schema.PANIC_STREAM, fields)
+        self.redis.xgroup_create(schema.PANIC_STREAM, schema.EEW_GROUP, id="0")
+        self.redis.xreadgroup(schema.EEW_GROUP, "dead-instance", {schema.PANIC_STREAM: ">"}, count=3)
+        self.assertEqual(3, self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"])
+        self.start_eew(EEXIT_CLAIM_IDLE_MS="3000", EEXIT_SWEEP_INTERVAL_S="0.2")
+        self.assertEqual(self.report("held-1").status, "FLAT")
+        self.assertEqual(self.report("held-2").status, "FLAT")
+        self.assertEqual(self.report("forged").status, "REJECTED")
+        self.assertEqual([], self.log_lines("panic_skipped_by_group"), self.logs())
+        self.assertEqual(1, len([line for line in self.log_lines("panic_claimed") if "held-2" in line]), self.logs())
+
+
+class ReadyMeansReady(EEWCase):
+    def test_ready_comes_after_the_warm_up_round_so_a_panic_at_ready_meets_warm_connections(self):
+        # Finding 9: READY=1 used to precede the connection warm-up and the first pass. The
+        # warm-up pings are slowed to 1.5 s: every one of them must be answered when READY=1
+        # arrives (an ordering, not a timing: a READY sent before them finds them unanswered).
+        self.paper.add_fault(kind="latency", ms=1500, path="/fapi/v1/time")
+        self.start_eew()
+        self.wait_ready()
+        pings = self.paper.requests(path="/fapi/v1/time")
+        self.assertTrue(pings, self.logs())
+        self.assertEqual({200}, {ping["status"] for ping in pings}, "READY=1 before the warm-up round ended")
+        self.panic("at-ready")
+        self.assertEqual(self.report("at-ready").status, "FLAT")
 
 
 class UndrainedNotifySocket(EEWCase):

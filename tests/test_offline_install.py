@@ -1,6 +1,8 @@
 """The air-gapped install: build a wheelhouse (the one step that may use the network, as on
 the connected machine), then tools/install_offline.py installs into a fresh venv under a
-temporary root while pip cannot reach any index, and the result works.
+temporary root while pip cannot reach any index, and the result works. Both steps run with
+the distribution's own python3 (Debian 12: /usr/bin/python3, 3.11.2, below the 3.11.3 where
+redis-py stops needing async-timeout), as docs/DEPLOY.md says (tests/staging.py).
 
 About 20-30 s (ccxt is large). Building the wheelhouse needs the package index; on a machine
 without it the test fails, saying so, rather than skipping."""
@@ -39,6 +41,14 @@ class LockTest(unittest.TestCase):
             name = requirement.split(">=")[0]
             self.assertRegex(lock, rf"(?m)^{re.escape(name)}==\S+ \\\n    --hash=sha256:[0-9a-f]{{64}}")
 
+    def test_every_pin_has_hashes_and_the_lock_serves_python_before_3_11_3(self):
+        """Debian 12's python3 is 3.11.2: redis-py needs async-timeout there (not from 3.11.3),
+        so the lock carries it under that marker; every pin is followed by its hashes."""
+        lock = (ROOT / "requirements.lock").read_text()
+        pins = re.findall(r"(?m)^([a-z0-9][a-z0-9_.-]*)==(\S+)(?: ;[^\\]*)? \\\n    --hash=sha256:[0-9a-f]{64}", lock)
+        self.assertEqual(len(pins), len(re.findall(r"(?m)^[a-z0-9][a-z0-9_.-]*==", lock)), lock[:500])
+        self.assertRegex(lock, r"(?m)^async-timeout==\S+ ; python_full_version < '3\.11\.3' \\$")
+
 
 class OfflineInstallTest(unittest.TestCase):
     @classmethod
@@ -67,12 +77,14 @@ class OfflineInstallTest(unittest.TestCase):
 
     def test_venv_runs_eexit_and_its_dependencies(self):
         python = self.root / "opt/eexit/venv/bin/python"
-        code = ("import eexit, eexit.signing, eexit.bus, eexit.notify, ccxt, redis; "
-                "print(eexit.__file__); print(ccxt.__version__)")
+        code = ("import eexit, eexit.signing, eexit.bus, eexit.notify, ccxt, redis, redis.asyncio, platform; "
+                "print(eexit.__file__); print(ccxt.__version__); print(platform.python_version())")
         result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120,
                                 env=offline_env(), cwd=self.tmp)
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         self.assertIn(str(self.root / "opt/eexit/venv"), result.stdout.splitlines()[0])
+        # The venv is the distribution's interpreter, not the one running the tests.
+        self.assertEqual(result.stdout.splitlines()[2], staging.distro_python_version())
 
     def test_files_and_modes(self):
         etc = self.root / "etc/eexit"
@@ -84,6 +96,12 @@ class OfflineInstallTest(unittest.TestCase):
             self.assertEqual(mode(etc / "credentials" / daemon), 0o700)
             self.assertEqual(mode(etc / "credentials" / daemon / "redis_password"), 0o600)
         self.assertEqual(mode(etc / "redis-acl.conf"), 0o640)
+        # The keys a daemon reads at start exist, empty, so that an unfilled one stops the
+        # daemon with exit 2 naming it rather than systemd's nameless 243/CREDENTIALS.
+        for daemon, name in (("brain", "api_key"), ("brain", "api_secret"), ("eew", "api_key"),
+                             ("eew", "api_secret"), ("eew", "panic_hmac_keys"), ("watchdog", "panic_hmac_keys")):
+            self.assertEqual(((etc / "credentials" / daemon / name).read_text(),
+                              mode(etc / "credentials" / daemon / name)), ("", 0o600), f"{daemon}/{name}")
         # eexit's own redis-server instance config (redis-server@eexit), rendered as shipped.
         redis_conf = self.root / "etc/redis/redis-eexit.conf"
         self.assertEqual(redis_conf.read_text(), (ROOT / "systemd/redis-eexit.conf").read_text())

@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
          "eexit-alert.service", "eexit-risk.service")
+# The brain's crash path (a oneshot template started by the brain's ExecStopPost=): analysed
+# and verified like the others; its text is checked in tests/test_hook.py.
+CRASH_UNIT = "eexit-brain-crash@.service"
 MAX_EXPOSURE = 1.1
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 HOST_UNITS = Path("/usr/lib/systemd/system")
@@ -54,10 +57,12 @@ def make_verify_root(directory):
     python.parent.mkdir(parents=True)
     python.write_text("#!/bin/sh\nexit 0\n")
     python.chmod(0o755)
-    shutil.copy(python, python.with_name("eexit"))   # the console script of ExecStopPost=
+    shell = root / "bin/sh"                            # the brain's ExecStopPost=+/bin/sh
+    shell.parent.mkdir(parents=True)
+    shutil.copy(python, shell)
     target = root / "etc/systemd/system"
     target.mkdir(parents=True)
-    for name in UNITS:
+    for name in (*UNITS, CRASH_UNIT):
         shutil.copy(UNIT_DIR / name, target / name)
     return root, target
 
@@ -72,7 +77,7 @@ def verify(root, unit_path):
                  "the unit hardening and verify checks did NOT run")
 class SystemdAnalyzeTest(unittest.TestCase):
     def test_security_exposure_at_most_1_1(self):
-        figures = {name: exposure(name) for name in UNITS}
+        figures = {name: exposure(name) for name in (*UNITS, CRASH_UNIT)}
         print(f"\nsystemd-analyze security exposure: {figures}")
         for name, figure in figures.items():
             with self.subTest(unit=name):
@@ -82,7 +87,7 @@ class SystemdAnalyzeTest(unittest.TestCase):
     def test_verify_prints_nothing(self):
         with tempfile.TemporaryDirectory() as directory:
             root, target = make_verify_root(directory)
-            for name in UNITS:
+            for name in (*UNITS, CRASH_UNIT.replace("@", "@verify")):
                 with self.subTest(unit=name):
                     result = verify(root, target / name)
                     self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))

@@ -20,17 +20,23 @@ DIALECTS = {
         order_path="/fapi/v1/order", client_id="newClientOrderId", qty="quantity", limited=429,
         rate_fault=dict(kind="error", status=429, code=-1015, retry_after=1, path="/fapi/v1/order"),
         segment_fault=dict(kind="error", status=401, code=-2015, path="positionRisk"), segment="usdm",
-        scope="binanceusdm:usdm"),
+        scope="binanceusdm:usdm",
+        batch_refusal=dict(kind="error", status=404, code=-5000, batch=True, path="/fapi/v1/batchOrders"),
+        position_size=dict(path="positionRisk", field="positionAmt")),
     "bybit": dict(
         order_path="/v5/order/create", client_id="orderLinkId", qty="qty", limited=10006,
         rate_fault=dict(kind="error", status=429, retry_after=1, path="/v5/order/create"),
         segment_fault=dict(kind="error", status=200, code=10005, path="settleCoin=USDC"),
-        segment="linear/USDC", scope="bybit:linear/USDT,linear/USDC,inverse"),
+        segment="linear/USDC", scope="bybit:linear/USDT,linear/USDC,inverse",
+        batch_refusal=dict(kind="error", status=404, batch=True, path="/v5/order/create-batch"),
+        position_size=dict(path="/v5/position/list", field="size")),
     "okx": dict(
         order_path="/api/v5/trade/order", client_id="clOrdId", qty="sz", limited=50011,
         rate_fault=dict(kind="error", status=429, path="/api/v5/trade/order?"), order_fault="/api/v5/trade/order?",
         segment_fault=dict(kind="error", status=200, code=50120, path="instType=FUTURES"),
-        segment="FUTURES", scope="okx:SWAP,FUTURES"),
+        segment="FUTURES", scope="okx:SWAP,FUTURES",
+        batch_refusal=dict(kind="error", status=200, code=50005, batch=True, path="/api/v5/trade/batch-orders"),
+        position_size=dict(path="/api/v5/account/positions", field="pos")),
 }
 REDUCE_ONLY = {"binanceusdm": ("reduceOnly", "true"), "bybit": ("reduceOnly", True), "okx": ("reduceOnly", True)}
 
@@ -57,7 +63,8 @@ class VenueCase(EEWCase):
         # Guard off: one test's panic can outlive it on this class-wide EEW and restore its
         # halt into the next test (ensure_halted), where the guard would rightly close that
         # test's positions. The guard's own tests: tests/test_halt_guard.py.
-        cls.eew_env = {**venue_env(cls.venue), "EEXIT_ORDER_LIMITS": "1000/1", "EEXIT_HALT_GUARD_S": "0"}
+        cls.eew_env = {**venue_env(cls.venue), "EEXIT_ORDER_LIMITS": "1000/1", "EEXIT_HALT_GUARD_S": "0",
+                       "EEXIT_RESUME_COOLDOWN_S": "0"}
         cls.dialect = DIALECTS[cls.venue]
         super().setUpClass()
         cls.start_eew("eew-v")
@@ -133,6 +140,50 @@ class VenueCase(EEWCase):
         self.assertIsNone(report.positions_total)
         self.assertIn(f"segment={self.dialect['segment']}", report.detail)
         self.assertIn(self.dialect["segment"], report.scope)
+
+    def test_a_batch_endpoint_refused_as_a_whole_is_flat_through_single_orders(self):
+        # Finding 5b of issue 24: the batch request is an optimisation; refused as a whole, its
+        # orders go to the single-order endpoint in the same attempt (no RESIDUAL after 8 s).
+        self.paper.set_state({"seed": "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:10,XRPUSDT:-1000,BNBUSDT:1"})
+        self.paper.add_fault(self.dialect["batch_refusal"])
+        report = self.run_panic()
+        self.assert_flat(report, 5)
+        self.assertEqual(1, report.attempts, "flat in the first attempt")
+        refused = self.paper.requests(path=self.dialect["batch_refusal"]["path"], batches=True)
+        self.assertTrue(refused and all(r["status"] != 200 for r in refused), refused)
+        singles = [r for r in self.orders() if r["status"] == 200 and not r.get("in_batch")]
+        self.assertEqual(5, len(singles))
+
+    def test_a_position_row_without_its_size_is_named_never_flat_and_the_rest_is_closed(self):
+        # Finding 4 of issue 24: OKX read such a row as no position (a false FLAT), Bybit let
+        # it fail the whole read (nothing closed). Now: what can be read is closed, the
+        # orders are cancelled, and the report is FAILED naming the row.
+        self.paper.set_state({"seed": "BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:10"})
+        self.paper.add_order("SOLUSDT", "SELL", "10", trigger="140")
+        self.paper.add_order("BTCUSDT", "BUY", "0.01", price="60000")
+        self.paper.add_fault(kind="drop_field", row="ETHUSDT", **self.dialect["position_size"])
+        report = self.run_panic()
+        self.assertEqual("FAILED", report.status, report)
+        self.assertEqual((3, 2, 1), (report.positions_total, report.positions_closed, report.positions_failed))
+        self.assertEqual(["ETH/USDT:USDT"], report.failed_symbols)
+        self.assertIn(f"position_rows_unreadable:", report.detail)
+        self.assertIn("ETH/USDT:USDT", report.detail)
+        self.assertEqual(2, report.orders_cancelled)
+        state = self.paper.state()
+        self.assertEqual({("ETHUSDT", "BOTH"): -0.5}, self.paper.positions(), "the readable positions closed")
+        self.assertEqual(([], []), (state["open_orders"], state["open_algo_orders"]))
+        # A caller without a per-row report (operator tools, the brain) gets an error, never a part.
+        positions, orders, error = ops.read_account(python_env(
+            EEXIT_EXCHANGE_URL=self.paper_url, EEXIT_API_KEY="paper-key", EEXIT_API_SECRET="paper-secret",
+            **venue_env(self.venue)))
+        self.assertEqual((None, None), (positions, orders))
+        self.assertIn("unreadable position rows", error)
+        # Nor does a human resume over it: the EEW's flat check refuses, naming the row.
+        result = subprocess.run([sys.executable, "-m", "eexit.cli", "resume", "--operator", "alice", "--ack",
+                                 report.event_id], env=python_env(REDIS_URL=self.redis_server.url),
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertEqual(1, result.returncode, result.stdout + result.stderr)
+        self.assertIn("position_rows_unreadable:", result.stdout)
 
     def test_unsupported_ids_exit_2_naming_the_supported_venues(self):
         for exchange_id in ("gate", self.venue + "x", "okex", "binance"):
@@ -268,6 +319,16 @@ class OkxVenueTest(VenueCase):
             self.assertRegex(request["params"]["clOrdId"], r"^[A-Za-z0-9]{1,32}$")
 
 
+    def test_a_position_row_without_pos_is_never_flat(self):
+        # Finding 4 of issue 24, as tried: the only position's row lacks "pos" -> was FLAT.
+        self.paper.set_position("ETHUSDT", "7")
+        self.paper.add_fault(kind="drop_field", field="pos", path="/api/v5/account/positions")
+        report = self.run_panic()
+        self.assertEqual("FAILED", report.status, report)
+        self.assertEqual((1, 0, 1), (report.positions_total, report.positions_closed, report.positions_failed))
+        self.assertEqual(["ETH/USDT:USDT"], report.failed_symbols)
+        self.assertEqual(7.0, self.paper.position_amount("ETHUSDT"))
+
     def test_markets_load_without_asset_permission_calls(self):
         self.assertFalse(self.paper.requests(path="/api/v5/asset"))
         self.assertFalse(self.paper.requests(path="/api/v5/account/config"))
@@ -301,6 +362,34 @@ class OkxKillRestartTest(KillRestartCase):
 
     def test_kill_9_mid_close_then_restart_is_one_flat(self):
         self.run_kill_restart()
+
+
+class BatchFallbackTest(unittest.TestCase):
+    """exchange.place_close_orders on every venue: a batch refused as a whole goes singly in
+    the same call; a single rate-limited during that fallback ends it (the rest not sent)."""
+
+    def test_refused_batch_goes_singly_and_a_rate_limited_single_ends_the_fallback(self):
+        from eexit import exchange, flatten   # noqa: PLC0415
+        from eexit.paper import PaperExchange   # noqa: PLC0415
+        for venue in venues.VENUES:
+            with self.subTest(venue=venue):
+                paper = PaperExchange(venue=venue, seed="BTCUSDT:0.01,ETHUSDT:-0.5,SOLUSDT:10")
+                paper.start()
+                self.addCleanup(paper.stop)
+                ex = exchange.build_exchange(exchange.ExchangeConfig.from_env({
+                    "EEXIT_EXCHANGE_URL": paper.base_url, "EEXIT_API_KEY": "paper-key",
+                    "EEXIT_API_SECRET": "paper-secret", **venue_env(venue)}))
+                plan = sorted(flatten.plan_close(exchange.read_positions(ex), exchange.load_market_rules(ex), 1, "ev"),
+                              key=lambda order: order.symbol)        # BTC, ETH, SOL
+                paper.add_fault(DIALECTS[venue]["batch_refusal"])
+                paper.add_fault(dict(DIALECTS[venue]["rate_fault"], symbol="ETHUSDT", count=1))
+                refused = []
+                results = exchange.place_close_orders(ex, plan, refused.append)
+                self.assertEqual(1, len(refused))
+                self.assertIsInstance(results[0], str)
+                self.assertEqual("rate_limited", exchange.classify_error(results[1], ex).kind)
+                self.assertIs(results[1], results[2], "SOL not sent after ETH's rate limit")
+                self.assertEqual({("ETHUSDT", "BOTH"): -0.5, ("SOLUSDT", "BOTH"): 10.0}, paper.positions())
 
 
 class PaperCommandLineTest(unittest.TestCase):

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Install eexit on a machine with no network, from a wheelhouse built on a connected one.
 
-On a connected machine (same OS and Python minor version as the target; the committed lock is
-resolved for Python 3.11, Debian 12, x86_64, and holds every PyPI file's hash of each pin):
-    python3 tools/install_offline.py wheelhouse --out eexit-wheelhouse
+On a connected machine of the target's kind, with the target's own Python (Debian 12:
+/usr/bin/python3, 3.11.2; the wheelhouse holds the files for the Python that builds it, and
+the committed lock's markers are evaluated for it), in a throwaway venv that brings pip:
+    python3 -m venv /tmp/eexit-build
+    /tmp/eexit-build/bin/python tools/install_offline.py wheelhouse --out eexit-wheelhouse
     tar czf eexit-offline.tgz eexit-wheelhouse tools/install_offline.py systemd docs
 On the target, as root:
     python3 tools/install_offline.py install --wheelhouse eexit-wheelhouse
@@ -15,7 +17,9 @@ writes the wheelhouse's own requirements.lock (each wheel with its hash) and SHA
   - creates the venv /opt/eexit/venv and installs the wheelhouse's lock into it with
     --require-hashes: a wheelhouse with a newer eexit version upgrades eexit;
   - creates /etc/eexit (0755), /etc/eexit/eexit.env from the example if absent (0640),
-    /etc/eexit/credentials/<daemon>/ (0700) for brain, watchdog, eew, audit, ops, hook;
+    /etc/eexit/credentials/<daemon>/ (0700) for brain, watchdog, eew, audit, ops, hook, and
+    in them the key files the daemons read at start, empty (0600) until the operator fills
+    them in (EMPTY_CREDENTIALS);
   - generates a random Redis password per ACL user into credentials/<daemon>/redis_password
     unless one exists (0600), writes credentials/ops/redis_username, and renders
     /etc/eexit/redis-acl.conf from the template with their SHA-256 hashes (0640, group
@@ -42,12 +46,20 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
-         "eexit-alert.service", "eexit-risk.service")     # eexit-risk: installed, never enabled (opt-in)
-# bot: the trading bot's read-only user; hook: the brain unit's ExecStopPost=
+         "eexit-alert.service", "eexit-risk.service",     # eexit-risk: installed, never enabled (opt-in)
+         # the brain's crash path: started by the brain unit's ExecStopPost=, never enabled
+         "eexit-brain-crash@.service")
+# bot: the trading bot's read-only user; hook: the brain's crash path (eexit-brain-crash@.service)
 DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook", "risk")
-# Optional secrets created empty (an empty file means "not used"), so that the unit's
-# LoadCredential= finds a file: fill them in to enable the sink or the signature.
-EMPTY_CREDENTIALS = {"alert": ("telegram_bot_token", "alert_webhook_key")}
+# Secrets created empty so that the unit's LoadCredential= finds a file. Optional ones (an
+# empty file means "not used"): fill them in to enable the sink or the signature. Required
+# ones, read by the daemon at start: until filled in, the daemon stops with exit 2 and a
+# CRITICAL journal line naming the credential and its LoadCredential= (a missing file would
+# fail the unit with systemd's 243/CREDENTIALS "Protocol error", which names nothing).
+EMPTY_CREDENTIALS = {"alert": ("telegram_bot_token", "alert_webhook_key"),
+                     "brain": ("api_key", "api_secret"), "eew": ("api_key", "api_secret", "panic_hmac_keys"),
+                     "watchdog": ("panic_hmac_keys",),
+                     "risk": ("api_key", "api_secret", "panic_hmac_keys", "risk_rebase_key")}
 PASSWORD_PLACEHOLDER = "@PASSWORD_HASH@"
 WHEELHOUSE_LOCK = "requirements.lock"   # inside the wheelhouse: every wheel with its own hash
 SUMS = "SHA256SUMS"
@@ -105,9 +117,9 @@ def build_wheelhouse(args):
         if archive.name.endswith(".whl"):
             archive.rename(out / archive.name)
         else:
-            run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", out, archive])
+            run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--use-pep517", "--wheel-dir", out, archive])
     shutil.rmtree(download)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", out, args.project])
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--use-pep517", "--wheel-dir", out, args.project])
     wheels = sorted(out.glob("*.whl"))
     (out / WHEELHOUSE_LOCK).write_text("".join(
         f"{wheel_requirement(wheel.name)} --hash=sha256:{sha256_file(wheel)}\n" for wheel in wheels))

@@ -37,7 +37,9 @@ account_unreadable. HTTP: POST /_paper/state with "marks", "transfers", "account
 "account_unreadable" (a fault on the dialect's account path; DELETE /_paper/faults ends it).
 
 Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "count"
-(number of matching requests) and "duration_s"):
+(number of matching requests) and "duration_s"; a batch order request is faulted as its
+orders, and as a whole only by a fault with "batch": true, e.g. {"kind": "error",
+"status": 404, "batch": true, "path": "/v5/order/create-batch"}):
   latency      ms, jitter_ms           sleep before answering
   error        status, code, msg, retry_after   e.g. 503, or 429/-1003, 418 with Retry-After
   hang         seconds (default 30)    no answer; the client times out
@@ -46,6 +48,9 @@ Fault kinds (each optionally scoped by "path" (substring), "method", "symbol", "
   partial_fill ratio                   market orders fill only ratio of the quantity (EXPIRED)
   weight_limit limit                   per-minute request weight; over it: 429 -1003
   order_limit  limit                   orders per 10 s; over it: 429 -1015
+  drop_field   field, row              the answer's rows lose `field` (only the rows of market
+                                       `row`, e.g. "ETHUSDT", when given): a position row
+                                       without its size, in any dialect
 
 Symbols with a small MARKET_LOT_SIZE maxQty (so closes must be split): ORDIUSDT (100),
 TIAUSDT (500), BTCUSDT (120, realistic).
@@ -271,7 +276,8 @@ def default_markets(synthetic=0, venue="binanceusdm"):
 class Faults:
     """Active faults; matching and expiry are O(number of faults), normally 0-3."""
 
-    KINDS = {"latency", "error", "hang", "reset", "reject", "partial_fill", "weight_limit", "order_limit"}
+    KINDS = {"latency", "error", "hang", "reset", "reject", "partial_fill", "weight_limit", "order_limit",
+             "drop_field"}
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -289,6 +295,8 @@ class Faults:
                 value = float(fault[key])
                 if not math.isfinite(value) or value < (-100000 if key == "code" else 0):
                     raise ValueError(f"fault {key}={fault[key]!r} is invalid")
+        if kind == "drop_field" and not fault.get("field"):
+            raise ValueError("a drop_field fault needs a field")
         if fault.get("duration_s") is not None:
             fault["expires_at"] = time.monotonic() + float(fault["duration_s"])
         if fault.get("symbol"):
@@ -306,10 +314,12 @@ class Faults:
         with self._lock:
             return [dict(f) for f in self._faults]
 
-    def take(self, kinds, path, method, symbol=None, scoped_only=False):
+    def take(self, kinds, path, method, symbol=None, scoped_only=False, batch=None):
         """Matching faults of the given kinds, consuming one unit of each one's count. path
         None: only faults without a "path" match (a batch request as a whole: one latency,
-        one 503); scoped_only: only faults with one (the orders of a batch, see batch_item)."""
+        one 503); scoped_only: only faults with one (the orders of a batch, see batch_item).
+        batch: the path of a batch request as a whole, which a fault marked "batch": true
+        (and only such a fault, besides the path-less ones) matches by its "path"."""
         if not self._faults:
             return []
         now = time.monotonic()
@@ -322,7 +332,10 @@ class Faults:
                 keep.append(fault)
                 if fault["kind"] not in kinds:
                     continue
-                if fault.get("path") and (path is None or fault["path"] not in path) or \
+                if fault.get("batch"):
+                    if batch is None or fault.get("path") and fault["path"] not in batch:
+                        continue
+                elif fault.get("path") and (path is None or fault["path"] not in path) or \
                         scoped_only and not fault.get("path"):
                     continue
                 if fault.get("method") and fault["method"].upper() != method:
@@ -1299,14 +1312,36 @@ def _fault_delay_s(fault):
     return (float(fault.get("ms", 0)) + random.uniform(0, float(fault.get("jitter_ms", 0)))) / 1000.0
 
 
-def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error):
+def drop_fields(paper, result, fault_path, method):
+    """The answer with the drop_field faults applied: every row (a JSON object, at any depth)
+    holding the fault's field loses it; a fault with "row" touches only the rows of that
+    market (Binance/Bybit "symbol", OKX "instId" as BTC-USDT-SWAP -> BTCUSDT)."""
+    for fault in paper.faults.take({"drop_field"}, fault_path, method):
+        _drop(result, fault["field"], str(fault.get("row") or "").upper() or None)
+    return result
+
+
+def _drop(value, field, market_id):
+    if isinstance(value, list):
+        for item in value:
+            _drop(item, field, market_id)
+    elif isinstance(value, dict):
+        row_id = value.get("symbol") or "".join(str(value.get("instId") or "").split("-")[:2])
+        if field in value and (market_id is None or row_id == market_id):
+            del value[field]
+        for item in value.values():
+            _drop(item, field, market_id)
+
+
+def _take_request_faults(handler, entry, fault_path, method, symbol, fault_error, batch=None):
     """The latency, then hang/reset/error faults of one HTTP request, in every dialect. True
     when the request ended here (hung or reset): the caller returns without an answer; an
-    error fault raises fault_error(fault), answered as the dialect answers errors."""
+    error fault raises fault_error(fault), answered as the dialect answers errors. batch: the
+    path of a batch request, faulted as a whole only by faults marked "batch"."""
     paper = handler.paper
-    for fault in paper.faults.take({"latency"}, fault_path, method, symbol):
+    for fault in paper.faults.take({"latency"}, fault_path, method, symbol, batch=batch):
         time.sleep(_fault_delay_s(fault))
-    for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol):
+    for fault in paper.faults.take({"hang", "reset", "error"}, fault_path, method, symbol, batch=batch):
         if fault["kind"] == "hang":
             entry["status"] = "hang"
             paper._stopping.wait(float(fault.get("seconds", 30)))
@@ -1442,7 +1477,10 @@ class _Handler(BaseHTTPRequestHandler):
             entry["params"] = {k: v for k, v in params.items() if k != "signature"}
             symbol = (params.get("symbol") or "").upper() or None
             fault_path = None if path == BATCH_PATH else path  # a batch is faulted as its orders
-            if _take_request_faults(self, entry, fault_path, method, symbol, _fault_error):
+            if path == BATCH_PATH:
+                entry["batch"] = True
+            if _take_request_faults(self, entry, fault_path, method, symbol, _fault_error,
+                                    path if path == BATCH_PATH else None):
                 return
             route = ROUTES.get((method, path))
             if route is None:
@@ -1470,7 +1508,7 @@ class _Handler(BaseHTTPRequestHandler):
             if signed:
                 self._authenticate(split.query, body, params)
             paper.account.expire_countdowns()
-            result = getattr(self, "_ep_" + name)(params, path, method)
+            result = drop_fields(paper, getattr(self, "_ep_" + name)(params, path, method), path, method)
             entry["status"] = 200
             self._send(200, result, headers)
         except HangUp:
@@ -1769,11 +1807,12 @@ def serve_dialect(h, method, path, query, d):
             symbol = d.symbol_of(items[0]) if items and isinstance(items[0], dict) else None
             fault_path = path + "?" + "&".join(f"{k}={v}" for item in items if isinstance(item, dict)
                                                for k, v in item.items())
+            batch = None
             if d.ROUTES.get((method, path), ("",))[0] in getattr(d, "BATCHES", ()):
                 # Logged and faulted as its orders (batch_item), not as one request.
                 entry["batch"] = True
-                fault_path = None
-            if _take_request_faults(h, entry, fault_path, method, symbol, d.fault_error):
+                fault_path, batch = None, path
+            if _take_request_faults(h, entry, fault_path, method, symbol, d.fault_error, batch):
                 return
             route = d.ROUTES.get((method, path))
             if route is None:
@@ -1787,7 +1826,8 @@ def serve_dialect(h, method, path, query, d):
             if signed:
                 d.authenticate(h, method, path, query, body)
             paper.account.expire_countdowns()
-            result = getattr(d, "ep_" + name)(paper, params, fault_path, method)
+            result = drop_fields(paper, getattr(d, "ep_" + name)(paper, params, fault_path, method), fault_path,
+                                 method)
         except BinanceError as exc:
             raise d.translate(exc) from None
     except DialectError as exc:

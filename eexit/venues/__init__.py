@@ -20,8 +20,11 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        at load_markets beyond trading permission)
   load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the
                                        venue's maximum MARKET order size
-  read_positions(ex, segment)          [base.Position]: every non-zero position of one
-                                       segment, all pages; raises on any failure
+  read_positions(ex, segment)          (positions, unreadable): every non-zero position of one
+                                       segment, all pages, and every row it cannot read
+                                       (base.read_rows: such a row is named, never dropped
+                                       and never fatal for the others); raises when the
+                                       answer as a whole is unreadable or the request fails
   BOOKS            the order reads of a segment: "regular" plus the conditional/algo ones
                    (one name per request the venue needs; read in parallel)
   read_orders(ex, segment, book)       [base.OpenOrder] of one book of one segment, all

@@ -60,6 +60,36 @@ class ExchangeDataError(ccxt.ExchangeError):
     instead of guessing, so the caller treats the read as failed."""
 
 
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A position row the venue answered that cannot be read (a field missing or not a
+    number): its exposure is unknown. It is never dropped (a FLAT over it would be false) and
+    never fails the rows beside it (those are still closed): it is reported as not flat."""
+    segment: str
+    symbol: str        # the row's instrument as far as it can be read, else "row <n>"
+    why: str
+
+    def describe(self):
+        return f"{self.segment}:{self.symbol}:{self.why}"
+
+
+def read_rows(ex, rows, segment, id_key, parse, category=None):
+    """(positions, unreadable) of one segment's rows: parse(row) -> Position, or None for a
+    zero row; a row parse cannot read becomes an UnreadableRow named by its id_key field."""
+    positions, unreadable = [], []
+    for index, row in enumerate(rows):
+        try:
+            position = parse(row)
+        except Exception as exc:  # noqa: BLE001 - the row is reported unreadable, never dropped
+            # Not raised: one bad row must not keep the readable positions beside it open.
+            symbol = unified_symbol(ex, str(row[id_key]), category) if row.get(id_key) else f"row {index}"
+            unreadable.append(UnreadableRow(segment, symbol, str(exc)[:100]))
+            continue
+        if position is not None:
+            positions.append(position)
+    return positions, unreadable
+
+
 def num(value, what):
     try:
         result = float(value)

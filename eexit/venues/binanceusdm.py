@@ -53,26 +53,28 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
+    """(positions, unreadable rows): a row without a readable symbol or positionAmt is unreadable."""
     ex.load_markets()
     rows = base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk")
     if any(row.get("symbol") not in ex.markets_by_id for row in rows):
         ex.load_markets(True)   # a newly listed symbol; one reload, then report what we have
-    positions = []
-    for row in rows:
-        if "symbol" not in row or "positionAmt" not in row:
-            raise base.ExchangeDataError(f"positionRisk row without symbol/positionAmt: {row!r}")
-        amount = base.num(row["positionAmt"], "positionAmt")
-        if amount == 0:
-            continue
-        position_side = str(row.get("positionSide") or "BOTH").upper()
-        side = {"LONG": "long", "SHORT": "short"}.get(position_side, "long" if amount > 0 else "short")
-        market_id = str(row["symbol"])
-        positions.append(base.Position(
-            symbol=base.unified_symbol(ex, market_id), market_id=market_id, side=side,
-            contracts=abs(amount), position_side=position_side,
-            entry_price=base.opt_num(row.get("entryPrice")) or 0.0,
-            mark_price=base.opt_num(row.get("markPrice"))))
-    return positions
+    return base.read_rows(ex, rows, segment, "symbol", lambda row: _position(ex, row))
+
+
+def _position(ex, row):
+    if not row.get("symbol"):
+        raise base.ExchangeDataError("positionRisk row without a symbol")
+    amount = base.num(row.get("positionAmt"), "positionAmt")
+    if amount == 0:
+        return None
+    position_side = str(row.get("positionSide") or "BOTH").upper()
+    side = {"LONG": "long", "SHORT": "short"}.get(position_side, "long" if amount > 0 else "short")
+    market_id = str(row["symbol"])
+    return base.Position(
+        symbol=base.unified_symbol(ex, market_id), market_id=market_id, side=side,
+        contracts=abs(amount), position_side=position_side,
+        entry_price=base.opt_num(row.get("entryPrice")) or 0.0,
+        mark_price=base.opt_num(row.get("markPrice")))
 
 
 def read_orders(ex, segment, book):

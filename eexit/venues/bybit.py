@@ -77,25 +77,31 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
+    """(positions, unreadable rows): a row without a readable symbol, size or (size not 0) side is
+    unreadable; the rows beside it are read."""
     ex.load_markets()
     category = _request(segment)["category"]
-    positions = []
-    for row in _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list"):
-        size = base.num(row.get("size"), "size")
-        if size == 0:
-            continue
-        side = {"Buy": "long", "Sell": "short"}.get(row.get("side"))
-        if side is None:
-            raise base.ExchangeDataError(f"position without a side: {row.get('symbol')!r}")
-        idx = str(row.get("positionIdx", "0"))
-        positions.append(base.Position(
-            symbol=base.unified_symbol(ex, str(row.get("symbol")), category),
-            market_id=str(row.get("symbol")), side=side, contracts=abs(size),
-            position_side={"0": "BOTH", "1": "LONG", "2": "SHORT"}.get(idx, "BOTH"),
-            entry_price=base.opt_num(row.get("avgPrice")) or 0.0,
-            mark_price=base.opt_num(row.get("markPrice")),
-            margin_mode="isolated" if str(row.get("tradeMode")) == "1" else "cross"))
-    return positions
+    rows = _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list")
+    return base.read_rows(ex, rows, segment, "symbol", lambda row: _position(ex, row, category), category)
+
+
+def _position(ex, row, category):
+    if not row.get("symbol"):
+        raise base.ExchangeDataError("position row without a symbol")
+    size = base.num(row.get("size"), "size")
+    if size == 0:
+        return None
+    side = {"Buy": "long", "Sell": "short"}.get(row.get("side"))
+    if side is None:
+        raise base.ExchangeDataError(f"unreadable side: {row.get('side')!r}")
+    idx = str(row.get("positionIdx", "0"))
+    return base.Position(
+        symbol=base.unified_symbol(ex, str(row["symbol"]), category),
+        market_id=str(row["symbol"]), side=side, contracts=abs(size),
+        position_side={"0": "BOTH", "1": "LONG", "2": "SHORT"}.get(idx, "BOTH"),
+        entry_price=base.opt_num(row.get("avgPrice")) or 0.0,
+        mark_price=base.opt_num(row.get("markPrice")),
+        margin_mode="isolated" if str(row.get("tradeMode")) == "1" else "cross")
 
 
 def read_orders(ex, segment, book):
@@ -154,15 +160,25 @@ def _close_body(ex, symbol, side, amount, position_side, client_order_id):
 
 def place_closes(ex, orders):
     """Up to BATCH_ORDERS closes; one create-batch per category (a batch holds one). Per
-    order: its id, or the exception its retCode (retExtInfo.list) means."""
+    order: its id, or the exception its retCode (retExtInfo.list) means. A category's
+    request failing gives its orders that exception when another category's request stood
+    (the next attempt re-plans them alone), and is raised when none did (the whole batch
+    failed: eexit.exchange then sends the orders singly)."""
     ex.load_markets()
     bodies = [_close_body(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id) for o in orders]
-    results = [None] * len(bodies)
-    for category in sorted({body["category"] for body in bodies}):
+    results, failures = [None] * len(bodies), []
+    categories = sorted({body["category"] for body in bodies})
+    for category in categories:
         indexes = [i for i, body in enumerate(bodies) if body["category"] == category]
-        response = ex.privatePostV5OrderCreateBatch(
-            {"category": category, "request": [{k: v for k, v in bodies[i].items() if k != "category"}
-                                               for i in indexes]}) or {}
+        try:
+            response = ex.privatePostV5OrderCreateBatch(
+                {"category": category, "request": [{k: v for k, v in bodies[i].items() if k != "category"}
+                                                   for i in indexes]}) or {}
+        except Exception as exc:  # noqa: BLE001 - its orders' result, or raised below if no request stood
+            failures.append(exc)
+            for i in indexes:
+                results[i] = exc
+            continue
         rows = ((response.get("result") or {}).get("list"))
         codes = base.rows_of(((response.get("retExtInfo") or {}).get("list")) or [{}] * len(indexes), "retExtInfo")
         merged = [dict(row, **code) for row, code in zip(base.rows_of(rows, "create-batch"), codes)]
@@ -170,6 +186,8 @@ def place_closes(ex, orders):
                 str(row.get("orderId")) if str(row.get("code", 0)) == "0" and row.get("orderId") else
                 base.item_error(ID, f'{{"retCode":{row.get("code")},"retMsg":{row.get("msg")!r}}}')))):
             results[i] = result
+    if failures and len(failures) == len(categories):
+        raise failures[0]
     return results
 
 

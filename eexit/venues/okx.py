@@ -61,21 +61,27 @@ def check_key(ex):
 
 
 def read_positions(ex, segment):
+    """(positions, unreadable rows): a row without a readable instId or pos is unreadable (never "no
+    position": a missing pos was once read as 0, a false FLAT with 70 contracts open)."""
     ex.load_markets()
-    positions = []
-    for row in _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions"):
-        amount = base.num(row.get("pos") or 0, "pos")
-        if amount == 0:
-            continue
-        pos_side = str(row.get("posSide") or "net")
-        side = {"long": "long", "short": "short"}.get(pos_side, "long" if amount > 0 else "short")
-        market_id = str(row.get("instId"))
-        positions.append(base.Position(
-            symbol=base.unified_symbol(ex, market_id), market_id=market_id, side=side,
-            contracts=abs(amount), position_side={"long": "LONG", "short": "SHORT"}.get(pos_side, "BOTH"),
-            entry_price=base.opt_num(row.get("avgPx")) or 0.0, mark_price=base.opt_num(row.get("markPx")),
-            margin_mode=str(row.get("mgnMode") or "cross")))
-    return positions
+    rows = _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions")
+    return base.read_rows(ex, rows, segment, "instId", lambda row: _position(ex, row))
+
+
+def _position(ex, row):
+    if not row.get("instId"):
+        raise base.ExchangeDataError("position row without an instId")
+    amount = base.num(row.get("pos"), "pos")
+    if amount == 0:
+        return None
+    pos_side = str(row.get("posSide") or "net")
+    side = {"long": "long", "short": "short"}.get(pos_side, "long" if amount > 0 else "short")
+    market_id = str(row["instId"])
+    return base.Position(
+        symbol=base.unified_symbol(ex, market_id), market_id=market_id, side=side,
+        contracts=abs(amount), position_side={"long": "LONG", "short": "SHORT"}.get(pos_side, "BOTH"),
+        entry_price=base.opt_num(row.get("avgPx")) or 0.0, mark_price=base.opt_num(row.get("markPx")),
+        margin_mode=str(row.get("mgnMode") or "cross"))
 
 
 def _pages(call, params, id_key, what):

@@ -1,0 +1,238 @@
+"""The EEW's decisions, sans I/O: pure functions of (state, input, now) -> (state, commands).
+
+eexit/eew.py (the shell) performs each command (Redis, the exchange, the journal) and feeds
+its result or its error back; it decides nothing about a panic itself. tests/sim.py drives
+these functions through seeded fault schedules and checks the invariants after every step.
+
+One panic entry (Panic, start/on_result/on_error):
+
+    unauthorised -------------------------------------------> REJECT (report, ack; no action)
+    authorised --> CLAIM --new/resume--> WRITE_HALT --> CLOSE --> REPORT --> done
+                         --duplicate--> REPORT_NO_ACTION (DUPLICATE)
+                         --done-------> ACK (the report stands; only the ack was missing)
+
+Fail-closed (issue 24): whatever fails while handling an AUTHORISED panic (a bug, a Redis
+command error, unexpected exchange data), the EEW still halts (or keeps the halt), attempts
+the close by the simplest path (SIMPLE_CLOSE: a fresh close with no ledger bookkeeping),
+reports what it could, and marks the panic `degraded` (the heartbeat names it) until a final
+report stands. A transport error (Redis unreachable) leaves the entry pending: it is resumed
+after the reconnect, and the bus-loss close covers the gap (Liveness). FAILED without a halt
+is only for entries that are not authorised (give_up_unauthorised). One final report per
+event id: the report script writes it once per event id (eexit/eew.py, FINISH_LUA); a panic
+whose report waits in the journal is never executed again (start(journaled=True)).
+
+The worker (Liveness, pass_ended/close_due/closed): the bus-loss timer measures continuous
+inability to do the job; only a clean pass (entries read, nothing refused, Redis kept) ends it.
+"""
+
+import enum
+from dataclasses import dataclass, replace
+
+from . import schema
+
+
+class Stage(str, enum.Enum):
+    RECEIVED = "received"
+    CLAIMING = "claiming"
+    HALTING = "halting"
+    CLOSING = "closing"
+    REPORTING = "reporting"
+    WAITING = "waiting"          # left pending: resumed at the next delivery
+    DONE = "done"
+
+
+class ErrorKind(str, enum.Enum):
+    TRANSPORT = "transport"      # Redis unreachable: nothing was decided by the server
+    COMMAND = "command"          # Redis refused (NOPERM, WRONGTYPE, ...): retrying fixes nothing
+    BUG = "bug"                  # an exception of ours or data we did not expect
+
+
+class Claim(str, enum.Enum):
+    NEW = "new"
+    RESUME = "resume"
+    DONE = "done"
+    DUPLICATE = "duplicate"
+
+
+class Do(str, enum.Enum):
+    REJECT = "reject"                        # one REJECTED report + ack, no ledger field
+    CLAIM = "claim"                          # HSETNX the ledger record
+    WRITE_HALT = "write_halt"                # system:state:trading halted
+    CLOSE = "close"                          # read, cancel + close, verify (the Closer)
+    SIMPLE_CLOSE = "simple_close"            # the same without ledger bookkeeping
+    REPORT = "report"                        # final report + done + ack (journal if Redis cannot)
+    REPORT_NO_ACTION = "report_no_action"    # DUPLICATE / FAILED without action, + ack
+    ACK = "ack"
+    TOUCH = "touch"                          # keep the entry ours (reset its idle time)
+
+
+class PassEnd(str, enum.Enum):
+    CLEAN = "clean"              # entries read and every job step done
+    BLIND = "blind"              # a command error on the job path
+    LOST = "lost"                # Redis went away during the pass
+
+
+@dataclass(frozen=True)
+class Command:
+    do: Do
+    status: str = ""             # the report's status for REPORT_NO_ACTION / a failed close
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Panic:
+    event_id: str
+    entry_id: str | None
+    authorised: bool
+    stage: Stage = Stage.RECEIVED
+    halted: bool = False
+    closed_by: Do | None = None
+    failures: tuple = ()         # "<command>:<kind>:<detail>", in order
+    degraded: bool = False       # a failure happened: the heartbeat names the event
+    final: bool = False          # a final report stands (ledger) or waits in the journal
+
+
+def start(event_id, entry_id, authorised, journaled=False):
+    """A delivered entry. journaled: its final report waits in the local journal (the ledger
+    could not take it): never execute again, the journal publishes it and acknowledges."""
+    panic = Panic(event_id, entry_id, authorised)
+    if not authorised:
+        return replace(panic, stage=Stage.REPORTING), [Command(Do.REJECT, "REJECTED")]
+    if journaled:
+        # Kept ours (no other instance claims it idle and runs it again) until published.
+        return replace(panic, stage=Stage.WAITING), [Command(Do.TOUCH)]
+    return replace(panic, stage=Stage.CLAIMING), [Command(Do.CLAIM)]
+
+
+def on_result(panic, command, result=None):
+    """The command succeeded with `result` (a Claim for CLAIM, a status for closes and
+    REPORT: "ledger" or "journal")."""
+    do = command.do
+    if do is Do.CLAIM:
+        if result in (Claim.NEW, Claim.RESUME):
+            return replace(panic, stage=Stage.HALTING), [Command(Do.WRITE_HALT)]
+        if result is Claim.DUPLICATE:
+            return replace(panic, stage=Stage.REPORTING), [Command(Do.REPORT_NO_ACTION, "DUPLICATE")]
+        return replace(panic, stage=Stage.REPORTING), [Command(Do.ACK)]
+    if do is Do.WRITE_HALT:
+        return replace(panic, stage=Stage.CLOSING, halted=True), [Command(Do.CLOSE)]
+    if do in (Do.CLOSE, Do.SIMPLE_CLOSE):
+        return replace(panic, stage=Stage.REPORTING, closed_by=do), [Command(Do.REPORT)]
+    if do is Do.TOUCH:
+        return panic, []
+    # The event's final report stands after REPORT "ledger"/"direct" ("journal": it waits for
+    # Redis) and for ACK (written before); a DUPLICATE report is this entry's, not the event's.
+    stands = (do is Do.REPORT and result != "journal") or do is Do.ACK
+    return replace(panic, stage=Stage.DONE, final=panic.final or stands), []
+
+
+def on_error(panic, command, kind, detail=""):
+    """The command failed. Authorised panics fail closed; see the module docstring."""
+    failed = replace(panic, failures=panic.failures + (f"{command.do.value}:{kind.value}:{detail}",))
+    if kind is ErrorKind.TRANSPORT and command.do is not Do.CLOSE:
+        # Redis unreachable: the entry stays pending and is resumed after the reconnect (a
+        # report the shell could not write is already journaled by it).
+        return replace(failed, stage=Stage.WAITING), []
+    if not panic.authorised:
+        return replace(failed, stage=Stage.WAITING), []      # give_up_unauthorised decides
+    failed = replace(failed, degraded=True)
+    do = command.do
+    if do is Do.CLAIM:
+        # No record could be claimed: halt and close all the same (a close acts only on what
+        # the exchange says is left, so an instance that does own the record loses nothing).
+        return replace(failed, stage=Stage.HALTING), [Command(Do.WRITE_HALT)]
+    if do is Do.WRITE_HALT:
+        # The halt is refused: the close still runs, the report says the halt is missing.
+        return replace(failed, stage=Stage.CLOSING), [Command(Do.SIMPLE_CLOSE)]
+    if do is Do.CLOSE:
+        return replace(failed, stage=Stage.CLOSING), [Command(Do.SIMPLE_CLOSE)]
+    if do is Do.SIMPLE_CLOSE:
+        return replace(failed, stage=Stage.REPORTING, closed_by=do), [
+            Command(Do.REPORT, "FAILED", f"close_failed:{detail}")]
+    if do is Do.REPORT and not command.status:
+        # Building or writing the report failed: the simplest report, FAILED naming why.
+        return replace(failed, stage=Stage.REPORTING), [Command(Do.REPORT, "FAILED", f"report_failed:{detail}")]
+    # The simplest report failed too, or an ack / DUPLICATE report did: left pending, the
+    # heartbeat names the event until a later delivery gets a final report written.
+    return replace(failed, stage=Stage.WAITING), []
+
+
+def pending_query(batch_ids, candidate_ids):
+    """(min, max, count) of the XPENDING that tells which candidates of an audited batch are
+    pending: count covers every entry of the range (other pending entries of the batch could
+    fill a count of len(candidates), and a pending panic would look skipped: run twice)."""
+    return candidate_ids[0], candidate_ids[-1], len(batch_ids)
+
+
+def give_up_unauthorised(deliveries, max_deliveries):
+    """An entry that is not authorised and whose rejection keeps failing: after
+    EEXIT_MAX_DELIVERIES a FAILED report without any action (never a halt: it may be a
+    forgery built to crash us)."""
+    return deliveries >= max_deliveries
+
+
+# ------------------------------------------------------------------------------ the worker
+
+@dataclass(frozen=True)
+class Liveness:
+    """Continuous inability to do the job: since when, why (command errors: "blind"), and
+    the close on own authority while it lasts."""
+    unable_since: float | None = None
+    blind: str | None = None
+    blind_closed: bool = False
+    next_close: float | None = None
+
+
+def pass_ended(state, outcome, now, why=None):
+    """A pass ended. Only a clean one ends the inability; a reconnect alone does not."""
+    if outcome is PassEnd.CLEAN:
+        return Liveness()
+    return replace(state, unable_since=now if state.unable_since is None else state.unable_since,
+                   blind=why if outcome is PassEnd.BLIND else state.blind)
+
+
+def unable_for(state, now):
+    return 0.0 if state.unable_since is None else max(0.0, now - state.unable_since)
+
+
+def close_due(state, now, limit_s):
+    """Whether the close on own authority (bus loss / blindness) runs now."""
+    return (limit_s > 0 and state.unable_since is not None and unable_for(state, now) > limit_s
+            and (state.next_close is None or now >= state.next_close))
+
+
+def closed(state, now, repeat_in_s):
+    return replace(state, blind_closed=state.blind is not None, next_close=now + repeat_in_s)
+
+
+def pings_allowed(state, limit_s):
+    """WATCHDOG=1 while blind only until the close on own authority ran (or never, without
+    that close): systemd then restarts the EEW, whose preflight says what is wrong."""
+    return state.blind is None or not (state.blind_closed or limit_s <= 0)
+
+
+# ------------------------------------------------------------------------------ reports
+
+NO_COUNTS = dict(positions_total=None, positions_closed=None, positions_failed=None)
+
+
+def report(base, fields, now_ms):
+    """The one place a CompletionReport is built. base: event_id, issued_by, reason,
+    ts_started, optionally event_age_ms, problems; fields: status, counts, detail, scope ...
+    and "extra" (extra wire fields)."""
+    fields = dict(fields)
+    extra = fields.pop("extra", {})
+    built = schema.CompletionReport(
+        event_id=base["event_id"][:schema.MAX_TEXT], issued_by=(base.get("issued_by") or "")[:schema.MAX_TEXT],
+        reason=(base.get("reason") or "")[:schema.MAX_TEXT], event_age_ms=base.get("event_age_ms"),
+        problems=list(base.get("problems") or ()), ts_started=base["ts_started"], ts_completed=now_ms,
+        execution_time_ms=max(0, now_ms - base["ts_started"]), **{**NO_COUNTS, **fields})
+    built.extra.update({key: str(value) for key, value in extra.items()})
+    return built
+
+
+def failed_fields(panic, detail, scope=""):
+    """A FAILED report's fields for a panic whose close could not run to a verdict."""
+    halt = "" if panic.halted else "halt_not_written;"
+    return dict(status="FAILED", detail=f"{halt}{detail}"[:schema.MAX_TEXT], scope=scope,
+                extra={"failures": ";".join(panic.failures)[-1000:]} if panic.failures else {})
