@@ -12,6 +12,7 @@ Missing or unreadable numbers parse to None, never to 0: "0 positions" must only
 producer said 0 (SPEC §4.1, §4.6).
 """
 
+import functools
 import json
 import math
 from dataclasses import MISSING, dataclass, field, fields
@@ -197,9 +198,18 @@ def _encode(pairs, extra):
     return encoded
 
 
+@functools.cache
+def _wire_fields(cls):
+    """Every field of a message class but `extra`, in wire order: declaration order, unless the
+    class names another (WIRE_ORDER: a PanicEvent keeps its constructor's order and the old
+    wire order)."""
+    declared = {f.name: f for f in fields(cls) if f.name != "extra"}
+    return tuple(declared[name] for name in getattr(cls, "WIRE_ORDER", declared))
+
+
 def _declared(message):
-    """(name, value) of every field but `extra`, in declaration order, which is the wire order."""
-    return [(f.name, getattr(message, f.name)) for f in fields(message) if f.name != "extra"]
+    """(name, value) of every field but `extra`, in wire order."""
+    return [(f.name, getattr(message, f.name)) for f in _wire_fields(type(message))]
 
 
 def _wire(read, *args, default=MISSING, factory=MISSING, **options):
@@ -208,48 +218,34 @@ def _wire(read, *args, default=MISSING, factory=MISSING, **options):
 
 
 class _Message:
-    """from_fields for a message whose fields say how they are read (_wire): in declaration
-    order, then `extra`, the fields no reader consumed."""
+    """to_fields and from_fields of a message whose fields say how they are read (_wire): in
+    wire order, then `extra`, the fields no reader consumed."""
+
+    def to_fields(self):
+        return _encode(_declared(self), self.extra)
 
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
         values = {}
-        for f in fields(cls):
-            if f.name != "extra":
-                read, args, options = f.metadata["read"]
-                values[f.name] = getattr(r, read)(f.name, *args, **options)
+        for f in _wire_fields(cls):
+            read, args, options = f.metadata["read"]
+            values[f.name] = getattr(r, read)(f.name, *args, **options)
         return cls(**values, extra=r.extra()), r.problems
 
 
 @dataclass
-class PanicEvent:
+class PanicEvent(_Message):
     """An order to go flat now. Published on PANIC_STREAM by the watchdog, risk kernel or ops."""
 
-    event_id: str
-    reason: str
-    issued_by: str
-    ts: int | None
-    severity: str = "CRITICAL"
+    WIRE_ORDER = ("event_id", "reason", "severity", "issued_by", "ts")
+
+    event_id: str = _wire("text")
+    reason: str = _wire("text")
+    issued_by: str = _wire("text", aliases=("source",))
+    ts: int | None = _wire("integer", MAX_TS_MS)
+    severity: str = _wire("choice", SEVERITIES, default="CRITICAL")
     extra: dict = field(default_factory=dict)   # unknown fields, e.g. sig, kid, context
-
-    def to_fields(self):
-        return _encode([("event_id", self.event_id), ("reason", self.reason),
-                        ("severity", self.severity), ("issued_by", self.issued_by),
-                        ("ts", self.ts)], self.extra)
-
-    @classmethod
-    def from_fields(cls, raw):
-        # Read in wire order (severity before issued_by), not declaration order: not _Message.
-        r = _FieldReader(raw)
-        return cls(
-            event_id=r.text("event_id"),
-            reason=r.text("reason"),
-            severity=r.choice("severity", SEVERITIES),
-            issued_by=r.text("issued_by", aliases=("source",)),
-            ts=r.integer("ts", MAX_TS_MS),
-            extra=r.extra(),     # last: what no reader above consumed
-        ), r.problems
 
 
 @dataclass
@@ -277,9 +273,6 @@ class CompletionReport(_Message):
     # venue:segments the account read covered (what FLAT means)
     scope: str = _wire("text", required=False, default="")
     extra: dict = field(default_factory=dict)
-
-    def to_fields(self):
-        return _encode(_declared(self), self.extra)
 
 
 @dataclass
