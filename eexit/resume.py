@@ -5,8 +5,9 @@ may write the halt may lift it without any check. Hence only the EEW's Redis use
 the trading state; `eexit resume` asks, the EEW decides:
 
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual]
-      -> XADD system:resume_request (built by ops.build_request)  {request_id, action=resume, ack, operator,
+      -> XADD system:resume_request  {request_id, action=resume, ack, operator,
                                       accept_residual, issued_by=ops, ts, expires_at, kid, sig}
+         (built by ops.build_request: the EEW only checks and serves requests)
     EEW: signature (ops key, domain "eexit-resume-v1"), not expired (Redis clock),
          request_id claimed once in its ledger (a replayed copy gets no second verdict),
          then resume_refusals() over facts it gathers itself, the cheap ones first: the halt,
