@@ -236,7 +236,7 @@ def ask_eew(client, env, cfg, action, operator, ack="-", accept_residual=False):
 
     def build(now_ms, valid_s):
         try:
-            return resume.build_request(operator, ack, accept_residual, keyring, now_ms, action=action,
+            return ops.build_request(operator, ack, accept_residual, keyring, now_ms, action=action,
                                         valid_s=valid_s)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
