@@ -9,6 +9,10 @@ docs/DEPLOY.md "The crash path"):
     crash unit   Type=oneshot, `python -m eexit.hook`, its own DynamicUser= sandbox, its own
                  LoadCredential= (hook_hmac_key, redis_password) and Redis user eexit-hook;
                  EEXIT_CRASH=%i carries the three facts.
+    listener     the warm path, tried first by that shell: eexit/crash_listener.py (a running
+                 unit, same credentials and Redis user) calls run() below with its open
+                 Redis connection for each `result:code:status` written into its FIFO; the
+                 shell starts the crash unit unless it answers 0.
 Why not this module in ExecStopPost= itself, nor OnFailure= (measured with systemd 252 booted
 in tests/systemd_harness.py, docs/SPEC §8): ExecStopPost= processes get no credentials (the
 directory is unmounted when the main process exits), and OnFailure= does not fire when
