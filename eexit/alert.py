@@ -63,7 +63,9 @@ from .notify import Notifier
 
 OPS_AUDIT_STREAM = "eexit:ops:audit"          # written by eexit/ops.py (not imported: a daemon)
 ALERT_HEARTBEAT_STREAM = "eexit:alert:heartbeat"
-FOLLOWED = (schema.PANIC_STREAM, schema.COMPLETED_STREAM, OPS_AUDIT_STREAM)
+RISK_EVENTS_STREAM = "eexit:risk:events"     # written by eexit/risk.py (not imported: ccxt-free but not needed)
+FOLLOWED = (schema.PANIC_STREAM, schema.COMPLETED_STREAM, OPS_AUDIT_STREAM, RISK_EVENTS_STREAM)
+RISK_ALERTED = ("risk_warning", "breach_while_halted")   # the risk kernel's kinds a human hears of
 DAEMONS = (("exit_brain", schema.HEARTBEAT_STREAM), ("eew", schema.EEW_HEARTBEAT_STREAM),
            ("watchdog", schema.WATCHDOG_HEARTBEAT_STREAM))
 ROUTINE = ("FLAT", "DUPLICATE")    # any other report status (RESIDUAL, FAILED, REJECTED, unknown) needs a human
@@ -113,6 +115,16 @@ def alerts_for_entry(stream, entry_id, fields):
         return [make_message(kind, message_id(kind, entry_id), report.event_id, report.status or "?",
                              report.reason, report.ts_completed or ts, detail,
                              needs_human=kind == "halt_violation" or report.status not in ROUTINE)]
+    if stream == RISK_EVENTS_STREAM:
+        # The risk kernel's warnings (once per crossing, hysteresis: the kernel decides), its
+        # breaches while trading is halted, and refused rebase requests: kind risk_warning.
+        kind = fields.get("kind", "")
+        if kind in RISK_ALERTED or (kind == "rebase" and fields.get("status") == "refused"):
+            detail = f"rule={fields.get('rule', '-')} {fields.get('context', fields.get('why', ''))[:300]}"
+            return [make_message("risk_warning", message_id("risk_warning", entry_id), status=kind.upper(),
+                                 reason=fields.get("rule", ""), ts=ts, detail=detail,
+                                 needs_human=kind != "risk_warning")]
+        return []
     if stream == OPS_AUDIT_STREAM and fields.get("action") == "resume":
         # Same id as the trading-state change it wrote (cleared_at == ts): one message.
         return [resume_message(fields.get("ts") or entry_id, fields.get("event_id", ""),

@@ -7,6 +7,7 @@ copies three sources into one file (EEXIT_AUDIT_FILE), one JSON line per event:
 
     panic          system:panic_close             followed with a plain XREAD (no consumer group)
     completed      system:panic_close:completed   followed with a plain XREAD, in the same call
+    risk           eexit:risk:events              the risk kernel's baselines and rebases, same call
     trading_state  system:state:trading, polled every EEXIT_AUDIT_POLL_S; a line when it changes
 
 The audit logger reads, never consumes: it has no consumer group, and its Redis user may not
@@ -65,8 +66,9 @@ from .log import Logger
 from .notify import Notifier
 
 GENESIS = "0" * 64
-KIND_BY_STREAM = {schema.PANIC_STREAM: "panic", schema.COMPLETED_STREAM: "completed"}
-KINDS = ("panic", "completed", "trading_state")
+# eexit:risk:events: the risk kernel's baselines, rebase verdicts, warnings and panics (issue 25).
+KIND_BY_STREAM = {schema.PANIC_STREAM: "panic", schema.COMPLETED_STREAM: "completed", "eexit:risk:events": "risk"}
+KINDS = ("panic", "completed", "trading_state", "risk")
 CHAIN_KEYS = ("seq", "prev", "hash")
 
 IO_ERROR_EXIT_CODE = 1

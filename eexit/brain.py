@@ -8,7 +8,7 @@ Each cycle (EEXIT_BRAIN_INTERVAL_S, default 1 s):
   2. apply the pure exit rules (`decide_exits`) per position: stop-loss %, take-profit %,
      trailing stop % (from the most favourable mark seen), maximum holding time,
   3. close a position that hits one with one reduce-only market order (hedge mode:
-     positionSide), the order side opposite to the position,
+     positionSide), the order side opposite to the position (flatten.closing_side),
   4. optionally arm the exchange's dead-man switch (EEXIT_DEADMAN_S, below),
   5. publish a heartbeat on `exit_brain:heartbeat`: status, active_positions (the count just
      read), last_decision_ts (end of the last completed evaluation), latency_ms, ts,
@@ -71,7 +71,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass, field
 
-from . import bus, daemon, schema
+from . import bus, daemon, flatten, schema
 from .config import ConfigError, env_float, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -122,10 +122,6 @@ class Exit:
     position: object                 # exchange.Position
     rule: str                        # stop_loss | take_profit | trailing_stop | max_holding
     detail: str
-
-    @property
-    def order_side(self):
-        return "sell" if self.position.side == "long" else "buy"
 
 
 def position_key(position):
@@ -280,7 +276,7 @@ class Brain:
         self.log.info("exit_rule_hit", symbol=position.symbol, side=position.side, rule=exit_.rule,
                       detail=exit_.detail, contracts=position.contracts, client_order_id=client_order_id)
         try:
-            order = self.exchange.place_close_order(self.ex, position.symbol, exit_.order_side,
+            order = self.exchange.place_close_order(self.ex, position.symbol, flatten.closing_side(position),
                                                     position.contracts, position.position_side,
                                                     client_order_id, position.margin_mode)
         except Exception as exc:  # noqa: BLE001 - any failure of one close

@@ -201,10 +201,6 @@ def ensure_group(client, stream, group, start_id="0"):
         raise
 
 
-def is_nogroup(exc):
-    return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)
-
-
 def read_group(client, stream, group, consumer, block_ms, count=16, pending=False):
     """XREADGROUP one batch: new entries (">"), or with pending=True this consumer's own
     delivered-but-unacknowledged entries ("0"). Returns [(entry_id, fields)]; a lost group is
@@ -218,7 +214,7 @@ def read_group(client, stream, group, consumer, block_ms, count=16, pending=Fals
                                       block=None if pending else block_ms)
             break
         except redis.ResponseError as exc:
-            if attempt == 2 or not is_nogroup(exc):
+            if attempt == 2 or "NOGROUP" not in str(exc):     # a lost group is recreated
                 raise
             ensure_group(client, stream, group)
     entries = []

@@ -16,6 +16,9 @@
         status`); the request expired first on Redis's clock, so the EEW acts on it no more
     eexit panic --on-service-failure
         systemd's ExecStopPost= hook of the Exit Brain's unit (eexit/hook.py has its exit codes)
+    eexit risk rebase --operator NAME [--json]
+        asks the risk kernel to take its next valid snapshot as the new peak and window
+        (eexit/risk_ops.py): exit 0 accepted, 1 refused, 2 configuration or Redis, 3 no answer
     eexit audit verify FILE [--json]
         exit 0 the audit file's hash chain holds; 1 it is broken; 2 it cannot be read
     eexit init --operator NAME [--json]
@@ -48,7 +51,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import __version__, bus, health, ops, resume, schema, signing
+from . import __version__, bus, health, ops, resume, risk_ops, schema, signing
 from .config import CONFIG_EXIT_CODE, ConfigError, env_float, env_int
 from .console import Progress, emit, known, report_line
 
@@ -103,6 +106,7 @@ def cmd_status(args, cfg, env):
                                       brain_service_id=os.environ.get("EEXIT_BRAIN_SERVICE_ID") or "exit_brain")
         from . import alert   # noqa: PLC0415 - the notifier's module, only for this section
         status["alerts"] = alert.read_outbox_status(client, status["now_ms"])
+        status["risk"] = risk_ops.gather(client, status["now_ms"])     # None: the kernel never ran
     except bus.REDIS_ERRORS as exc:
         # Nothing can be known without Redis: that is the "unhealthy" answer, not a crash.
         if args.json:
@@ -113,6 +117,7 @@ def cmd_status(args, cfg, env):
     code = health.status_exit_code(status, cfg.silent_s * 1000)
     status["silent_after_ms"] = int(cfg.silent_s * 1000)
     status["problems"] = health.daemon_problems(status, cfg.silent_s * 1000)
+    code = risk_ops.amend(status, cfg.silent_s * 1000, code)
     status["exit_code"] = code
     if args.json:
         print_json(status)
@@ -155,6 +160,7 @@ def cmd_status(args, cfg, env):
             lag = "" if info["lag"] is None else f" unread={info['lag']}"
             emit(f"  {stream} / {group}: pending={info['pending']}{lag} ({consumers})")
     print_alerts(status["alerts"])
+    risk_ops.print_status(status["risk"], fmt_age)
     emit({0: "HEALTHY", 1: "HALTED"}.get(code) or "UNHEALTHY: " + "; ".join(status["problems"]))
     return code
 
@@ -230,7 +236,7 @@ def ask_eew(client, env, cfg, action, operator, ack="-", accept_residual=False):
 
     def build(now_ms, valid_s):
         try:
-            return resume.build_request(operator, ack, accept_residual, keyring, now_ms, action=action,
+            return ops.build_request(operator, ack, accept_residual, keyring, now_ms, action=action,
                                         valid_s=valid_s)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -286,6 +292,7 @@ def cmd_resume(args, cfg, env):
     else:
         emit(f"RESUMED: trading allowed again; cleared_by={args.operator} event={args.ack} "
               f"audit={ops.OPS_AUDIT_STREAM} {audit_id}" + (f" accepted residual: {residual}" if residual else ""))
+        risk_ops.print_baseline_after_resume(env)
     return EXIT_FAIL if reasons else EXIT_OK
 
 
@@ -392,6 +399,8 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_resume)
 
+    risk_ops.add_parser(sub, lambda args, cfg, env: risk_ops.cmd_rebase(args, cfg, env, print_json))
+
     p = sub.add_parser("audit", help="audit file tools")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
     v = audit_sub.add_parser("verify", help="check the hash chain of an audit file")
@@ -428,7 +437,7 @@ def main(argv=None):
     env = os.environ
     try:
         cfg = Config.from_env(env)
-        if args.command in ("resume", "init") and not args.operator.strip():
+        if args.command in ("resume", "init", "risk") and not args.operator.strip():
             raise ConfigError("--operator must name a person")
         return args.handler(args, cfg, env)
     except ConfigError as exc:

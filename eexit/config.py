@@ -28,26 +28,21 @@ def env_str(name, default=None, env=None):
 
 
 def env_float(name, default, minimum=None, maximum=None, env=None):
-    raw = env_str(name, str(default), env)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r} is not a finite number")
-    return _within(name, raw, value, minimum, maximum)
+    return _env_number(name, default, float, "a number", minimum, maximum, env)
 
 
 def env_int(name, default, minimum=None, maximum=None, env=None):
+    return _env_number(name, default, int, "a whole number", minimum, maximum, env)
+
+
+def _env_number(name, default, parse, kind, minimum, maximum, env):
     raw = env_str(name, str(default), env)
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    return _within(name, raw, value, minimum, maximum)
-
-
-def _within(name, raw, value, minimum, maximum):
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={raw!r} is below the minimum {minimum}")
     if maximum is not None and value > maximum:

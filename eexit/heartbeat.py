@@ -21,6 +21,7 @@ fast the restart was.
 Exit Brain logs it and keeps guarding, and the missing beats make the watchdog act).
 """
 
+import functools
 import time
 import uuid
 
@@ -54,12 +55,9 @@ class Heartbeat:
             instance=self.instance, extra={key: str(value) for key, value in (extra or {}).items()})
         return bus.publish(self.client, self.stream, message, maxlen=schema.HEARTBEAT_MAXLEN)
 
-    def ok(self, active_positions, last_decision_ts, latency_ms=None, extra=None):
-        return self.publish("OK", active_positions, last_decision_ts, latency_ms, extra)
-
-    def degraded(self, active_positions, last_decision_ts, latency_ms=None, extra=None):
-        return self.publish("DEGRADED", active_positions, last_decision_ts, latency_ms, extra)
-
-    def stopped(self, active_positions, last_decision_ts, latency_ms=None, extra=None):
-        """The last beat of a clean stop: the next instance is then a restart, not a crash."""
-        return self.publish("STOPPED", active_positions, last_decision_ts, latency_ms, extra)
+    # ok / degraded / stopped(active_positions, last_decision_ts, latency_ms=None, extra=None):
+    # publish() with that status. STOPPED is the last beat of a clean stop: the next instance
+    # is then a restart, not a crash.
+    ok = functools.partialmethod(publish, "OK")
+    degraded = functools.partialmethod(publish, "DEGRADED")
+    stopped = functools.partialmethod(publish, "STOPPED")

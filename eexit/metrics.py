@@ -12,6 +12,7 @@ unreadable `halted` counts as halted (as the trading code must read it); an unkn
 NaN, never 0.
 """
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 
@@ -82,6 +83,7 @@ class Snapshot:
     completed_entries: int = 0
     groups: tuple = ()                           # ({name, pending, consumers, undelivered}, ...)
     counters: Counters | None = None             # from the audit file; None: not known
+    risk_values: dict = field(default_factory=dict)  # the risk kernel's rule -> value (issue 25); {}: not running
 
 
 def _text(value):
@@ -122,7 +124,23 @@ def read_snapshot(client, base):
         panic_entries=panic_entries,
         completed_entries=client.xlen(schema.COMPLETED_STREAM),
         groups=tuple(_read_groups(client, panic_entries)),
+        risk_values=_read_risk_values(client),
     )
+
+
+def _read_risk_values(client):
+    """The risk kernel's last values per rule (eexit:risk:state, written by eexit/risk.py)."""
+    raw = client.get(RISK_STATE_KEY)
+    if raw is None:
+        return {}
+    try:
+        values = json.loads(_text(raw)).get("values") or {}
+    except ValueError:
+        return {"unreadable": None}     # shown as NaN: the state is there but not readable
+    return {str(rule): value for rule, value in values.items()}
+
+
+RISK_STATE_KEY = "eexit:risk:state"
 
 
 def _server_ms(client):
@@ -256,6 +274,10 @@ def render(snapshot, up_max_age_s=5.0):
         out.add(f"eexit_group_{name}", "gauge", help_text,
                 [({"stream": schema.PANIC_STREAM, "group": group["name"]}, group[name])
                  for group in snapshot.groups])
+    if snapshot.risk_values:
+        out.add("eexit_risk_value", "gauge", "The risk kernel's value per rule at its last valid snapshot "
+                "(drawdown, daily_loss, margin: fractions; liquidation: distance; NaN: unknown).",
+                [({"rule": rule}, value) for rule, value in sorted(snapshot.risk_values.items())])
     out.add("eexit_metrics_timestamp_seconds", "gauge", "Redis server time of this snapshot.",
             [({}, _seconds(snapshot.server_ms))])
     return out.text()

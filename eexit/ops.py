@@ -1,10 +1,10 @@
 """What the operator tools do, as functions over a Redis client: read the system's state,
 publish a panic and wait for ITS report, and ask the EEW to clear a halt (eexit/resume.py).
 `eexit/cli.py` renders the results; the drill, the demo and `tools/chaos.py` reuse them. No
-daemon imports it, but the crash hook does (build_panic): so what only `eexit status` needs
-lives in eexit/health.py, off the hook's path. Ages are measured on ONE clock, the Redis
-server's (TIME against the millisecond part of stream entry ids), so a skewed operator laptop
-changes nothing.
+daemon imports it, nor does the crash hook (it builds its own panic); what only `eexit status`
+needs lives in eexit/health.py. Building a resume request is here too (build_request): the EEW
+only checks and serves it. Ages are measured on ONE clock, the Redis server's (TIME against
+the millisecond part of stream entry ids), so a skewed operator laptop changes nothing.
 
 Streams written here besides panics: `system:resume_request` (see docs/REDIS_STREAMS_SCHEMA.md,
 "Resume"); the EEW answers on `system:resume_verdict` and writes `eexit:ops:audit`.
@@ -261,6 +261,27 @@ def read_account(env=None):
 
 
 VERDICT_GRACE_S = 2.0   # the CLI waits this much longer than its request stays valid
+
+
+def build_request(operator, ack, accept_residual, keyring, now_ms=None, request_id=None, action="resume",
+                  valid_s=30.0):
+    """A resume/init request for the EEW (eexit/resume.py serves it): its fields, signed with
+    the ops key when a key ring is configured. Raises ValueError if keys are configured but
+    none belongs to ops (the EEW would refuse).
+    action "init" (`eexit init`, ack "-") asks for halted=false where no trading state exists.
+    now_ms should be Redis's clock (the EEW's); the request expires valid_s after it."""
+    now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    fields = {"request_id": request_id or str(uuid.uuid4()), "action": action, "ack": ack,
+              "operator": operator, "accept_residual": "true" if accept_residual else "false",
+              "issued_by": resume.REQUEST_ISSUER, "ts": str(now_ms),
+              "expires_at": str(now_ms + int(valid_s * 1000))}
+    if not keyring.configured:
+        return fields
+    kid = keyring.kid_for(resume.REQUEST_ISSUER)
+    if kid is None:
+        raise ValueError("keys are configured but none belongs to issuer 'ops': the EEW would "
+                         "refuse the resume request (add an ops key)")
+    return signing.sign_fields(fields, kid, keyring, resume.REQUEST_CORE, resume.REQUEST_DOMAIN)
 
 
 @dataclass

@@ -7,6 +7,7 @@ the trading state; `eexit resume` asks, the EEW decides:
     eexit resume --operator NAME --ack EVENT_ID [--accept-residual]
       -> XADD system:resume_request  {request_id, action=resume, ack, operator,
                                       accept_residual, issued_by=ops, ts, expires_at, kid, sig}
+         (built by ops.build_request: the EEW only checks and serves requests)
     EEW: signature (ops key, domain "eexit-resume-v1"), not expired (Redis clock),
          request_id claimed once in its ledger (a replayed copy gets no second verdict),
          then resume_refusals() over facts it gathers itself, the cheap ones first: the halt,
@@ -43,13 +44,11 @@ panic reports, read by the watchdog and the audit logger as such; a verdict is n
 Unsigned requests pass only where panics pass unsigned too (no key ring configured); then
 the ACL (only ops may XADD a request) is the only check of who asked.
 
-Pure: build_request, check_request, resume_refusals, audit_fields, verdict_fields.
+Pure: check_request, resume_refusals, audit_fields, verdict_fields.
 Shell (the EEW calls it, with its own exchange read): serve_request.
 """
 
 import json
-import time
-import uuid
 from dataclasses import dataclass
 
 import redis
@@ -75,25 +74,6 @@ WAITING_SCAN = 512                     # entries (pending, unread) checked; more
 
 
 # ---------------------------------------------------------------------------- the request
-
-def build_request(operator, ack, accept_residual, keyring, now_ms=None, request_id=None, action="resume",
-                  valid_s=30.0):
-    """The request's fields, signed with the ops key when a key ring is configured. Raises
-    ValueError if keys are configured but none belongs to ops (the EEW would refuse).
-    action "init" (`eexit init`, ack "-") asks for halted=false where no trading state exists.
-    now_ms should be Redis's clock (the EEW's); the request expires valid_s after it."""
-    now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
-    fields = {"request_id": request_id or str(uuid.uuid4()), "action": action, "ack": ack,
-              "operator": operator, "accept_residual": "true" if accept_residual else "false",
-              "issued_by": REQUEST_ISSUER, "ts": str(now_ms), "expires_at": str(now_ms + int(valid_s * 1000))}
-    if not keyring.configured:
-        return fields
-    kid = keyring.kid_for(REQUEST_ISSUER)
-    if kid is None:
-        raise ValueError("keys are configured but none belongs to issuer 'ops': the EEW would "
-                         "refuse the resume request (add an ops key)")
-    return signing.sign_fields(fields, kid, keyring, REQUEST_CORE, REQUEST_DOMAIN)
-
 
 @dataclass(frozen=True)
 class Request:

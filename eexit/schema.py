@@ -1,7 +1,8 @@
 """The wire contract: key names and one dataclass per message (SPEC §2). Pure: no I/O.
 
 Every message has `to_fields()` (str -> str, ready for XADD/HSET) and a classmethod
-`from_fields(raw)` returning `(message, problems)`. `from_fields` never raises: a safety daemon
+`from_fields(raw)` returning `(message, problems)`; each field of a message says how it is read
+(`_wire`: which _FieldReader method, its bound, whether it is required). `from_fields` never raises: a safety daemon
 that crashes on a malformed entry is a daemon an attacker (or a bug) can switch off with one
 XADD. Problems are short codes such as `missing:event_id` or `bad_int:ts`; the caller decides
 what a problem means (the EEW still executes an authorised but malformed panic, except one
@@ -11,9 +12,10 @@ Missing or unreadable numbers parse to None, never to 0: "0 positions" must only
 producer said 0 (SPEC §4.1, §4.6).
 """
 
+import functools
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
 # Stream and key names (fixed by SPEC §2).
@@ -196,64 +198,28 @@ def _encode(pairs, extra):
     return encoded
 
 
+@functools.cache
+def _wire_fields(cls):
+    """Every field of a message class but `extra`, in wire order: declaration order, unless the
+    class names another (WIRE_ORDER: a PanicEvent keeps its constructor's order and the old
+    wire order)."""
+    declared = {f.name: f for f in fields(cls) if f.name != "extra"}
+    return tuple(declared[name] for name in getattr(cls, "WIRE_ORDER", declared))
+
+
 def _declared(message):
-    """(name, value) of every field but `extra`, in declaration order, which is the wire order."""
-    return [(f.name, getattr(message, f.name)) for f in fields(message) if f.name != "extra"]
+    """(name, value) of every field but `extra`, in wire order."""
+    return [(f.name, getattr(message, f.name)) for f in _wire_fields(type(message))]
 
 
-@dataclass
-class PanicEvent:
-    """An order to go flat now. Published on PANIC_STREAM by the watchdog, risk kernel or ops."""
-
-    event_id: str
-    reason: str
-    issued_by: str
-    ts: int | None
-    severity: str = "CRITICAL"
-    extra: dict = field(default_factory=dict)   # unknown fields, e.g. sig, kid, context
-
-    def to_fields(self):
-        return _encode([("event_id", self.event_id), ("reason", self.reason),
-                        ("severity", self.severity), ("issued_by", self.issued_by),
-                        ("ts", self.ts)], self.extra)
-
-    @classmethod
-    def from_fields(cls, raw):
-        r = _FieldReader(raw)
-        return cls(
-            event_id=r.text("event_id"),
-            reason=r.text("reason"),
-            severity=r.choice("severity", SEVERITIES),
-            issued_by=r.text("issued_by", aliases=("source",)),
-            ts=r.integer("ts", MAX_TS_MS),
-            extra=r.extra(),     # last: what no reader above consumed
-        ), r.problems
+def _wire(read, *args, default=MISSING, factory=MISSING, **options):
+    """A message field and how from_fields reads it: _FieldReader.<read>(name, *args, **options)."""
+    return field(default=default, default_factory=factory, metadata={"read": (read, args, options)})
 
 
-@dataclass
-class CompletionReport:
-    """What the EEW did about one panic event. Published on COMPLETED_STREAM."""
-
-    event_id: str
-    status: str
-    issued_by: str = ""
-    reason: str = ""
-    positions_total: int | None = 0
-    positions_closed: int | None = 0
-    positions_failed: int | None = 0
-    failed_symbols: list = field(default_factory=list)
-    ts_started: int | None = None
-    ts_completed: int | None = None
-    execution_time_ms: int | None = None
-    residual_positions: list = field(default_factory=list)  # [{"symbol","side","contracts"}]
-    dust: list = field(default_factory=list)
-    orders_cancelled: int | None = 0
-    attempts: int | None = 0
-    event_age_ms: int | None = None
-    detail: str = ""              # why REJECTED / FAILED, or the original of a DUPLICATE
-    problems: list = field(default_factory=list)   # schema problems of the panic event
-    scope: str = ""               # venue:segments the account read covered (what FLAT means)
-    extra: dict = field(default_factory=dict)
+class _Message:
+    """to_fields and from_fields of a message whose fields say how they are read (_wire): in
+    wire order, then `extra`, the fields no reader consumed."""
 
     def to_fields(self):
         return _encode(_declared(self), self.extra)
@@ -261,42 +227,67 @@ class CompletionReport:
     @classmethod
     def from_fields(cls, raw):
         r = _FieldReader(raw)
-        return cls(
-            event_id=r.text("event_id"),
-            status=r.choice("status", REPORT_STATUSES),
-            issued_by=r.text("issued_by", required=False),
-            reason=r.text("reason", required=False),
-            positions_total=r.integer("positions_total", MAX_COUNT),
-            positions_closed=r.integer("positions_closed", MAX_COUNT),
-            positions_failed=r.integer("positions_failed", MAX_COUNT),
-            failed_symbols=r.json_list("failed_symbols"),
-            ts_started=r.integer("ts_started", MAX_TS_MS),
-            ts_completed=r.integer("ts_completed", MAX_TS_MS),
-            execution_time_ms=r.integer("execution_time_ms", MAX_DURATION_MS),
-            residual_positions=r.json_list("residual_positions", required=False),
-            dust=r.json_list("dust", required=False),
-            orders_cancelled=r.integer("orders_cancelled", MAX_COUNT, required=False),
-            attempts=r.integer("attempts", MAX_COUNT, required=False),
-            event_age_ms=r.integer("event_age_ms", MAX_TS_MS, required=False),
-            detail=r.text("detail", required=False),
-            problems=r.json_list("problems", required=False),
-            scope=r.text("scope", required=False),
-            extra=r.extra(),     # last: what no reader above consumed
-        ), r.problems
+        values = {}
+        for f in _wire_fields(cls):
+            read, args, options = f.metadata["read"]
+            values[f.name] = getattr(r, read)(f.name, *args, **options)
+        return cls(**values, extra=r.extra()), r.problems
 
 
 @dataclass
-class Heartbeat:
+class PanicEvent(_Message):
+    """An order to go flat now. Published on PANIC_STREAM by the watchdog, risk kernel or ops."""
+
+    WIRE_ORDER = ("event_id", "reason", "severity", "issued_by", "ts")
+
+    event_id: str = _wire("text")
+    reason: str = _wire("text")
+    issued_by: str = _wire("text", aliases=("source",))
+    ts: int | None = _wire("integer", MAX_TS_MS)
+    severity: str = _wire("choice", SEVERITIES, default="CRITICAL")
+    extra: dict = field(default_factory=dict)   # unknown fields, e.g. sig, kid, context
+
+
+@dataclass
+class CompletionReport(_Message):
+    """What the EEW did about one panic event. Published on COMPLETED_STREAM."""
+
+    event_id: str = _wire("text")
+    status: str = _wire("choice", REPORT_STATUSES)
+    issued_by: str = _wire("text", required=False, default="")
+    reason: str = _wire("text", required=False, default="")
+    positions_total: int | None = _wire("integer", MAX_COUNT, default=0)
+    positions_closed: int | None = _wire("integer", MAX_COUNT, default=0)
+    positions_failed: int | None = _wire("integer", MAX_COUNT, default=0)
+    failed_symbols: list = _wire("json_list", factory=list)
+    ts_started: int | None = _wire("integer", MAX_TS_MS, default=None)
+    ts_completed: int | None = _wire("integer", MAX_TS_MS, default=None)
+    execution_time_ms: int | None = _wire("integer", MAX_DURATION_MS, default=None)
+    residual_positions: list = _wire("json_list", required=False, factory=list)  # [{"symbol","side","contracts"}]
+    dust: list = _wire("json_list", required=False, factory=list)
+    orders_cancelled: int | None = _wire("integer", MAX_COUNT, required=False, default=0)
+    attempts: int | None = _wire("integer", MAX_COUNT, required=False, default=0)
+    event_age_ms: int | None = _wire("integer", MAX_TS_MS, required=False, default=None)
+    detail: str = _wire("text", required=False, default="")     # why REJECTED / FAILED, or the original of a DUPLICATE
+    problems: list = _wire("json_list", required=False, factory=list)   # schema problems of the panic event
+    # venue:segments the account read covered (what FLAT means)
+    scope: str = _wire("text", required=False, default="")
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Heartbeat(_Message):
     """A guard's sign of life. The Exit Brain publishes on HEARTBEAT_STREAM; the EEW and the
     watchdog publish the same shape on their own streams."""
 
-    service_id: str
-    status: str
-    active_positions: int | None
-    last_decision_ts: int | None
-    latency_ms: float | None
-    ts: int | None
-    instance: str = ""      # the producer's process identity, new at every start ("" = not sent)
+    service_id: str = _wire("text")
+    status: str = _wire("choice", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"})
+    active_positions: int | None = _wire("integer", MAX_COUNT)
+    last_decision_ts: int | None = _wire("integer", MAX_TS_MS)
+    latency_ms: float | None = _wire("number", MAX_DURATION_MS)
+    ts: int | None = _wire("integer", MAX_TS_MS)
+    # The producer's process identity, new at every start ("" = not sent).
+    instance: str = _wire("text", required=False, default="")
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
@@ -304,34 +295,20 @@ class Heartbeat:
         return _encode([(name, latency if name == "latency_ms" else None if value == "" and name == "instance"
                          else value) for name, value in _declared(self)], self.extra)
 
-    @classmethod
-    def from_fields(cls, raw):
-        r = _FieldReader(raw)
-        return cls(
-            service_id=r.text("service_id"),
-            status=r.choice("status", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"}),
-            active_positions=r.integer("active_positions", MAX_COUNT),
-            last_decision_ts=r.integer("last_decision_ts", MAX_TS_MS),
-            latency_ms=r.number("latency_ms", MAX_DURATION_MS),
-            ts=r.integer("ts", MAX_TS_MS),
-            instance=r.text("instance", required=False),
-            extra=r.extra(),     # last: what no reader above consumed
-        ), r.problems
-
 
 @dataclass
-class TradingState:
+class TradingState(_Message):
     """The halt flag in TRADING_STATE_KEY. Trading code must treat a missing or unreadable
     `halted` as halted."""
 
-    halted: bool | None
-    reason: str = ""
-    event_id: str = ""
-    halted_at: int | None = None
-    halted_by: str = ""
-    requires_manual_reset: bool | None = None
-    cleared_by: str = ""
-    cleared_at: int | None = None
+    halted: bool | None = _wire("boolean")
+    reason: str = _wire("text", required=False, default="")
+    event_id: str = _wire("text", required=False, default="")
+    halted_at: int | None = _wire("integer", MAX_TS_MS, required=False, default=None)
+    halted_by: str = _wire("text", required=False, default="")
+    requires_manual_reset: bool | None = _wire("boolean", required=False, default=None)
+    cleared_by: str = _wire("text", required=False, default="")
+    cleared_at: int | None = _wire("integer", MAX_TS_MS, required=False, default=None)
     extra: dict = field(default_factory=dict)
 
     def to_fields(self):
@@ -341,21 +318,6 @@ class TradingState:
     @property
     def trading_allowed(self):
         return self.halted is False
-
-    @classmethod
-    def from_fields(cls, raw):
-        r = _FieldReader(raw)
-        return cls(
-            halted=r.boolean("halted"),
-            reason=r.text("reason", required=False),
-            event_id=r.text("event_id", required=False),
-            halted_at=r.integer("halted_at", MAX_TS_MS, required=False),
-            halted_by=r.text("halted_by", required=False),
-            requires_manual_reset=r.boolean("requires_manual_reset", required=False),
-            cleared_by=r.text("cleared_by", required=False),
-            cleared_at=r.integer("cleared_at", MAX_TS_MS, required=False),
-            extra=r.extra(),     # last: what no reader above consumed
-        ), r.problems
 
 
 def entry_id_ms(entry_id):

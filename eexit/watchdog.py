@@ -609,17 +609,8 @@ class Watchdog:
     def resync(self):
         """Rebuild state from Redis after start or reconnect: the recent heartbeats (aged on
         Redis's clock), the open incident, what the EEWs accept, and the read positions of
-        the streams. The start-up grace starts at the first sync only (see after_outage)."""
-        self._noting_failure(self._resync)
-
-    def _noting_failure(self, work):
-        try:
-            work()
-        except bus.REDIS_ERRORS:
-            self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
-            raise
-
-    def _resync(self):
+        the streams. The start-up grace starts at the first sync only (see after_outage).
+        Raises REDIS_ERRORS (run() notes when: failed_at)."""
         asked_at = self.monotonic()
         server_ms, halt = time_and_halt(self.client)
         now = self.monotonic()      # after Redis answered: a stall ends only now
@@ -663,7 +654,7 @@ class Watchdog:
         """(Incident or None, its final reports) from the shared hash: another opener's claim
         (the hook, another watchdog) or our own from before a restart. publish_count 0 means
         the panic stream holds no panic of its current event id."""
-        stored = {bus.as_text(k): bus.as_text(v) for k, v in self.client.hgetall(INCIDENT_KEY).items()}
+        stored = bus.decoded(self.client.hgetall(INCIDENT_KEY))
         if not stored.get("event_id"):
             return None, ()
         found = Incident.from_fields(stored, self.cfg.republish_s)
@@ -696,10 +687,7 @@ class Watchdog:
 
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
-        REDIS_ERRORS."""
-        self._noting_failure(self._step)
-
-    def _step(self):
+        REDIS_ERRORS (run() notes when: failed_at)."""
         streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id,
                    schema.EEW_HEARTBEAT_STREAM: self.eew_beat_id}
         before = self.monotonic()
@@ -764,7 +752,11 @@ class Watchdog:
         inputs = Inputs(server_ms, trigger, reports, halt, found, str(uuid.uuid4()), tuple(self.own_entries))
         incident, commands = step(self.incident, inputs, now, self.cfg.republish_s)
         for command in commands:
-            if command.do is Do.CLAIM and not self._claim(command.incident):
+            # CLAIM: the hash first, so a crash before the XADD re-publishes THIS id after a
+            # restart. Watchdogs on several hosts and the crash hook share INCIDENT_KEY: the
+            # first claim (HSETNX event_id) wins and the others adopt its event_id (docs/HA.md).
+            if command.do is Do.CLAIM and not bus.claim_incident(self.client, INCIDENT_KEY,
+                                                                 command.incident.to_fields())[1]:
                 if attempts == 0:
                     raise redis.ResponseError(f"{INCIDENT_KEY}: claimed and lost three times in one step")
                 # Another opener holds the incident: adopt it (or drop it if stale) and decide again.
@@ -773,13 +765,6 @@ class Watchdog:
             self._perform(command)
         self.restart = None         # acted on: a restart is one trigger, not a standing rule
         self.incident = incident
-
-    def _claim(self, incident):
-        # The hash first: a crash before the XADD then re-publishes THIS id after restart.
-        # Watchdogs on several hosts and the crash hook share INCIDENT_KEY: the first claim
-        # (HSETNX event_id) wins and the others adopt its event_id (docs/HA.md).
-        _event_id, won = bus.claim_incident(self.client, INCIDENT_KEY, incident.to_fields())
-        return won
 
     def _perform(self, command):
         incident = command.incident
@@ -864,6 +849,7 @@ class Watchdog:
                     self.notifier.status("watching")
                 self.step()
             except bus.REDIS_ERRORS as exc:
+                self.failed_at = self.monotonic()    # Redis did not answer until here (after_outage)
                 # Cannot read heartbeats or publish: reconnect with backoff and re-sync, which
                 # re-reads the stream on Redis's clock (no new start-up grace: after_outage). The
                 # pings stop once this lasts longer than the systemd interval (fail-closed:

@@ -119,7 +119,15 @@ class AlertsForEntryTest(unittest.TestCase):
              "halt_violation", "FLAT", True),
             (alert.OPS_AUDIT_STREAM, {"action": "resume", "event_id": "e1", "ts": "77", "operator": "ann"},
              "resume", "RESUMED", False),
+            (alert.RISK_EVENTS_STREAM, {"kind": "risk_warning", "rule": "drawdown", "context": "{}"},
+             "risk_warning", "RISK_WARNING", False),
+            (alert.RISK_EVENTS_STREAM, {"kind": "breach_while_halted", "rule": "margin"},
+             "risk_warning", "BREACH_WHILE_HALTED", True),
+            (alert.RISK_EVENTS_STREAM, {"kind": "rebase", "status": "refused", "why": "signature: sig_mismatch"},
+             "risk_warning", "REBASE", True),
         ]
+        for quiet in ({"kind": "risk_recovered"}, {"kind": "baseline"}, {"kind": "rebase", "status": "accepted"}):
+            self.assertEqual(alert.alerts_for_entry(alert.RISK_EVENTS_STREAM, "1-0", quiet), [])
         for stream, fields, kind, status, human in rows:
             with self.subTest(stream=stream, fields=fields):
                 (msg,) = alert.alerts_for_entry(stream, "1700000000000-3", fields)

@@ -281,7 +281,8 @@ class ChainTests(TempDirMixin, unittest.TestCase):
         chain = audit.AuditFile(self.path, quiet_log()).open()
         self.addCleanup(chain.close)
         written = chain.written
-        self.assertEqual(written.positions, {schema.COMPLETED_STREAM: "4-0", schema.PANIC_STREAM: "5-0"})
+        self.assertEqual(written.positions, {schema.COMPLETED_STREAM: "4-0", schema.PANIC_STREAM: "5-0",
+                                             "eexit:risk:events": "0-0"})
         self.assertTrue(written.has(schema.PANIC_STREAM, "1-0", {"event_id": "ev-1"}))
         self.assertFalse(written.has(schema.PANIC_STREAM, "1-0", {"event_id": "other"}))
         self.assertFalse(written.has(schema.PANIC_STREAM, "7-0", {"event_id": "ev-7"}))

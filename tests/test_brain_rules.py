@@ -4,6 +4,7 @@ import unittest
 
 from eexit.brain import Config, ExitRules, Tracked, decide_exits, decode_tracked, encode_tracked, position_key
 from eexit.exchange import Position
+from eexit.flatten import closing_side
 
 NOW = 1_700_000_000_000
 
@@ -89,7 +90,7 @@ class HoldingAndUnpriced(unittest.TestCase):
     def test_order_side_closes(self):
         exits, _, _ = decide_exits([pos("long", mark=1.0), pos("short", mark=1000.0, symbol="ETH/USDT:USDT")],
                                    {}, ExitRules(stop_loss_pct=1.0), NOW)
-        self.assertEqual([(e.position.side, e.order_side) for e in exits], [("long", "sell"), ("short", "buy")])
+        self.assertEqual([(e.position.side, closing_side(e.position)) for e in exits], [("long", "sell"), ("short", "buy")])
 
 
 class ConfigFromEnv(unittest.TestCase):

@@ -372,7 +372,7 @@ class ResumeRequestTest(unittest.TestCase):
     KEYS = signing.parse_keys(OPS_KEY + "," + WATCHDOG_KEY, "test")
 
     def test_signed_request_checks_and_every_tampering_fails(self):
-        fields = resume.build_request("alice", "ev-1", False, self.KEYS, now_ms=1_000_000, request_id="r1",
+        fields = ops.build_request("alice", "ev-1", False, self.KEYS, now_ms=1_000_000, request_id="r1",
                                       valid_s=30)
         request, why = resume.check_request(fields, self.KEYS, now_ms=1_010_000)
         self.assertEqual((request, why), (resume.Request("r1", "ev-1", "alice", False, "resume", 1_030_000), None))
@@ -382,7 +382,7 @@ class ResumeRequestTest(unittest.TestCase):
                 self.assertIsNone(resume.check_request(dict(fields, **{name: value}), self.KEYS, 1_000_000)[0])
 
     def test_a_request_expires_with_the_wait_of_its_cli(self):
-        fields = resume.build_request("alice", "ev-1", False, signing.KeyRing(), now_ms=1_000_000, valid_s=30)
+        fields = ops.build_request("alice", "ev-1", False, signing.KeyRing(), now_ms=1_000_000, valid_s=30)
         self.assertEqual(fields["expires_at"], "1030000")
         self.assertIsNotNone(resume.check_request(fields, signing.KeyRing(), 1_030_000)[0])
         self.assertEqual(resume.check_request(fields, signing.KeyRing(), 1_031_000), (None, "expired:1s_ago"))
@@ -396,10 +396,10 @@ class ResumeRequestTest(unittest.TestCase):
     def test_a_panic_signature_is_no_resume_signature_and_the_watchdog_cannot_resume(self):
         panic = signing.sign_fields({"event_id": "r1", "reason": "x", "severity": "CRITICAL", "issued_by": "ops",
                                      "ts": "1000000"}, "ops-1", self.KEYS)
-        request = dict(resume.build_request("alice", "ev-1", False, signing.KeyRing(), 1_000_000, "r1"),
+        request = dict(ops.build_request("alice", "ev-1", False, signing.KeyRing(), 1_000_000, "r1"),
                        kid="ops-1", sig=panic["sig"])
         self.assertEqual(resume.check_request(request, self.KEYS, 1_000_000)[1], "bad_signature:sig_mismatch")
-        watchdog = dict(resume.build_request("alice", "ev-1", False, signing.KeyRing(), 1_000_000, "r1"),
+        watchdog = dict(ops.build_request("alice", "ev-1", False, signing.KeyRing(), 1_000_000, "r1"),
                         issued_by="watchdog")
         signed = signing.sign_fields(watchdog, "wd-1", self.KEYS, resume.REQUEST_CORE, resume.REQUEST_DOMAIN)
         self.assertEqual(resume.check_request(signed, self.KEYS, 1_000_000)[1], "not_a_resume_request_by_ops")

@@ -159,7 +159,7 @@ class OperatorSideTest(ResumeCase):
         self.halted_by("ev-1")
         self.paper.add_fault(kind="latency", ms=2500, path="positionRisk", duration_s=60)
         now_ms = bus.server_time_ms(self.redis)
-        fields = resume.build_request("alice", "ev-1", False, signing.KeyRing(), now_ms, valid_s=1.0)
+        fields = ops.build_request("alice", "ev-1", False, signing.KeyRing(), now_ms, valid_s=1.0)
         self.redis.xadd(resume.REQUEST_STREAM, fields)
         verdict = wait_for(lambda: [f for _, f in self.redis.xrange(resume.VERDICT_STREAM)
                                     if f[b"request_id"].decode() == fields["request_id"]], 30, message="verdict")
@@ -240,7 +240,7 @@ class ResumeUnderTheShippedAcl(AclRedisTestCase):
         reads = []
 
         def serve():
-            asked = ops.ask_resume(ops_client, lambda now_ms, valid_s: resume.build_request(
+            asked = ops.ask_resume(ops_client, lambda now_ms, valid_s: ops.build_request(
                 "alice", "ev-1", False, signing.KeyRing(), now_ms, valid_s=valid_s), 30)
             [(_, fields)] = eew.xrange(resume.REQUEST_STREAM, "-", "+")[-1:]
             verdict, why = resume.serve_request(eew, fields, signing.KeyRing(), 0, lambda: reads.append(1) or ([], [], None),

@@ -25,7 +25,7 @@ from tests.staging import offline_env
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools/install_offline.py"
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
-         "eexit-alert.service")
+         "eexit-alert.service", "eexit-risk.service")
 DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "hook")
 
 

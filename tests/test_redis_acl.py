@@ -152,6 +152,32 @@ class RedisAclTest(unittest.TestCase):
         ]
         self.check_forbidden(forbidden)
 
+    def test_risk_kernel(self):
+        """eexit-risk: publishes panics and writes its own state, events and heartbeat; reads
+        the halt and the rebase requests; nothing else (issue 25)."""
+        from eexit import daemon, risk
+        kernel = self.client("eexit-risk")
+        daemon.preflight(kernel, risk.PROBES)
+        kernel.xadd(schema.PANIC_STREAM, {"event_id": "r1", "issued_by": "risk_kernel"})
+        kernel.set(risk.STATE_KEY, "{}")
+        self.assertEqual(kernel.get(risk.STATE_KEY), "{}")
+        kernel.xadd(risk.EVENTS_STREAM, {"kind": "baseline"})
+        kernel.xadd(risk.HEARTBEAT_STREAM, {"status": "OK"})
+        self.assertEqual(kernel.hgetall(schema.TRADING_STATE_KEY)["halted"], "true")
+        self.client("eexit-ops").xadd(risk.REBASE_STREAM, {"request_id": "q1"})
+        self.assertEqual(len(kernel.xread({risk.REBASE_STREAM: "0-0"})[0][1]), 1)
+        self.assertNoPerm(kernel.xadd, risk.REBASE_STREAM, {"request_id": "forged"})
+        self.assertNoPerm(kernel.hset, schema.TRADING_STATE_KEY, "halted", "false")
+        self.assertNoPerm(kernel.xreadgroup, schema.EEW_GROUP, "x", {schema.PANIC_STREAM: ">"})
+        self.assertNoPerm(kernel.xtrim, schema.PANIC_STREAM, maxlen=0)
+        self.assertNoPerm(kernel.delete, risk.STATE_KEY)
+        self.assertNoPerm(kernel.set, WATCHDOG_INCIDENT, "x")
+        self.assertNoPerm(kernel.xadd, schema.COMPLETED_STREAM, {"event_id": "r1"})
+        # Only the kernel writes its state: not ops, not the watchdog.
+        self.assertNoPerm(self.client("eexit-ops").set, risk.STATE_KEY, "{}")
+        self.assertNoPerm(self.client("eexit-watchdog").set, risk.STATE_KEY, "{}")
+        self.assertEqual(len(self.client("eexit-alert").xrange(risk.EVENTS_STREAM)), 1)
+
     def test_eew(self):
         eew = self.client("eexit-eew")
         eew.xgroup_create(schema.PANIC_STREAM, "second_group_after_restart", id="0")

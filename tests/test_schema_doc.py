@@ -4,7 +4,7 @@ what it stores parses with schema.py without problems: the doc cannot drift from
 import os
 import shlex
 
-from eexit import resume, schema, signing
+from eexit import ops, resume, schema, signing
 from tests.harness import ROOT, RedisTestCase
 
 DOC = os.path.join(ROOT, "docs", "REDIS_STREAMS_SCHEMA.md")
@@ -17,7 +17,7 @@ PARSER_BY_KEY = {
 }
 
 RESUME_FIELDS = {
-    resume.REQUEST_STREAM: set(resume.build_request("alice", "ev", False, signing.KeyRing())),
+    resume.REQUEST_STREAM: set(ops.build_request("alice", "ev", False, signing.KeyRing())),
     resume.VERDICT_STREAM: set(resume.verdict_fields("r", "ev", "alice", [])),
 }
 

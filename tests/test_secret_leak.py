@@ -36,7 +36,7 @@ class AclStack(Stack):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.passwords = {name: secrets.token_urlsafe(24) for name in (*MODULES, "ops", "bot", "hook", "alert")}
+        self.passwords = {name: secrets.token_urlsafe(24) for name in (*MODULES, "ops", "bot", "hook", "alert", "risk")}
         self.api = (secrets.token_hex(20), secrets.token_hex(32))
 
     def secrets(self):

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
-         "eexit-alert.service")
+         "eexit-alert.service", "eexit-risk.service")
 # The brain's crash path (a oneshot template started by the brain's ExecStopPost=): analysed
 # and verified like the others; its text is checked in tests/test_hook.py.
 CRASH_UNIT = "eexit-brain-crash@.service"
@@ -171,7 +171,8 @@ class UnitTextTest(unittest.TestCase):
 
     def test_exchange_credentials_only_where_needed(self):
         for name, wants_exchange in (("eexit-brain.service", True), ("eexit-eew.service", True),
-                                     ("eexit-watchdog.service", False), ("eexit-audit.service", False)):
+                                     ("eexit-watchdog.service", False), ("eexit-audit.service", False),
+                                     ("eexit-risk.service", True)):
             with self.subTest(unit=name):
                 credentials = {v.split(":")[0] for v in read_unit(name)["Service"]["LoadCredential"]}
                 self.assertEqual({"api_key", "api_secret"} <= credentials, wants_exchange)
@@ -179,7 +180,7 @@ class UnitTextTest(unittest.TestCase):
                     self.assertFalse({"api_key", "api_secret"} & credentials)
 
     def test_signing_keys_for_issuer_and_verifier(self):
-        for name in ("eexit-watchdog.service", "eexit-eew.service"):
+        for name in ("eexit-watchdog.service", "eexit-eew.service", "eexit-risk.service"):
             credentials = {v.split(":")[0] for v in read_unit(name)["Service"]["LoadCredential"]}
             self.assertIn("panic_hmac_keys", credentials, name)
 

@@ -46,14 +46,14 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
-         "eexit-alert.service",
+         "eexit-alert.service", "eexit-risk.service",     # eexit-risk: installed, never enabled (opt-in)
          # the brain's warm crash path (enabled; the brain's ExecStopPost= writes to its FIFO)
          "eexit-crash-listener.service",
          # the brain's crash path: started by the brain unit's ExecStopPost=, never enabled
          "eexit-brain-crash@.service")
 # bot: the trading bot's read-only user; hook: the brain's crash path (eexit-brain-crash@.service
 # and eexit-crash-listener.service share it)
-DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook")
+DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook", "risk")
 # Secrets created empty so that the unit's LoadCredential= finds a file. Optional ones (an
 # empty file means "not used"): fill them in to enable the sink or the signature. Required
 # ones, read by the daemon at start: until filled in, the daemon stops with exit 2 and a
@@ -61,7 +61,8 @@ DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook")
 # fail the unit with systemd's 243/CREDENTIALS "Protocol error", which names nothing).
 EMPTY_CREDENTIALS = {"alert": ("telegram_bot_token", "alert_webhook_key"),
                      "brain": ("api_key", "api_secret"), "eew": ("api_key", "api_secret", "panic_hmac_keys"),
-                     "watchdog": ("panic_hmac_keys",)}
+                     "watchdog": ("panic_hmac_keys",),
+                     "risk": ("api_key", "api_secret", "panic_hmac_keys", "risk_rebase_key")}
 PASSWORD_PLACEHOLDER = "@PASSWORD_HASH@"
 WHEELHOUSE_LOCK = "requirements.lock"   # inside the wheelhouse: every wheel with its own hash
 SUMS = "SHA256SUMS"
@@ -313,7 +314,11 @@ eexit installed. Next steps (details: docs/DEPLOY.md; every setting: docs/CONFIG
       /opt/eexit/venv/bin/eexit init --operator "$USER"    # halted=false, audited; never clears a halt
       /opt/eexit/venv/bin/eexit status                     # HEALTHY
  7. Drill against the exchange testnet before going live: /opt/eexit/venv/bin/eexit drill,
-    then eexit resume --operator "$USER" --ack <event_id> (docs/CHAOS_TEST_RUNBOOK.md).""")
+    then eexit resume --operator "$USER" --ack <event_id> (docs/CHAOS_TEST_RUNBOOK.md).
+ 8. Optional, opt-in: the risk kernel (docs/RISK.md): a READ-ONLY exchange key in
+      {etc}/credentials/risk/api_key .../risk/api_secret, {etc}/credentials/risk/panic_hmac_keys
+      (rk1 risk_kernel <hexkey>; the EEW's file gets this line too) and .../risk/risk_rebase_key
+      (rb1 risk_rebase <hexkey>; ops's file gets this line too), then systemctl enable --now eexit-risk""")
 
 
 def main(argv=None):

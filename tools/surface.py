@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "eexit"
 ENTRY_POINTS = ("brain", "watchdog", "eew", "hook", "crash_listener")
-BUDGETS = {"core": 3600, "class": 250, "function": 60, "venue": 250}
+BUDGETS = {"core": 3600, "class": 250, "function": 60, "venue": 250, "risk": 600}
 
 
 def parse(path):
@@ -132,7 +132,10 @@ def measure():
             "max_function": {"lines": maxima["function"][0], "name": maxima["function"][1]},
             "over_budget": {kind: [{"lines": lines, "name": name} for lines, name in items]
                             for kind, items in over.items()},
-            "budgets": BUDGETS}
+            "budgets": BUDGETS,
+            # The risk kernel (issue 25) is a daemon beside the core, not in it: its own file
+            # is counted apart; what it imports is core, measured above when the core uses it.
+            "risk": code_lines(module_path("eexit.risk"))}
 
 
 def main():
@@ -146,6 +149,7 @@ def main():
           f"(budget {BUDGETS['core']:,})")
     for name, count in figures["venues"].items():
         print(f"{count:6d}  {name} (budget {BUDGETS['venue']})")
+    print(f"{figures['risk']:6d}  eexit.risk, own code (budget {BUDGETS['risk']})")
     for kind in ("class", "function"):
         top = figures[f"max_{kind}"]
         print(f"{top['lines']:6d}  longest {kind}: {top['name']} (budget {BUDGETS[kind]})")
