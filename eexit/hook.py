@@ -9,6 +9,10 @@ docs/DEPLOY.md "The crash path"):
     crash unit   Type=oneshot, `python -m eexit.hook`, its own DynamicUser= sandbox, its own
                  LoadCredential= (hook_hmac_key, redis_password) and Redis user eexit-hook;
                  EEXIT_CRASH=%i carries the three facts.
+    listener     the warm path, tried first by that shell: eexit/crash_listener.py (a running
+                 unit, same credentials and Redis user) calls run() below with its open
+                 Redis connection for each `result:code:status` written into its FIFO; the
+                 shell starts the crash unit unless it answers 0.
 Why not this module in ExecStopPost= itself, nor OnFailure= (measured with systemd 252 booted
 in tests/systemd_harness.py, docs/SPEC §8): ExecStopPost= processes get no credentials (the
 directory is unmounted when the main process exits), and OnFailure= does not fire when
@@ -198,9 +202,10 @@ def claim(client, event_id, fields, facts, state, notes):
     return how, (event_id if how == EARLIER_OUTAGE else value), None
 
 
-def publish_on_failure(env, log, started, notes):
+def publish_on_failure(env, log, started, notes, client=None, origin=None):
     """The whole hook after the success check; returns an exit code, raises only HookTimeout
-    and the exceptions run() turns into codes."""
+    and the exceptions run() turns into codes. client: a connection kept warm by the crash
+    listener (eexit/crash_listener.py), else a new one."""
     timeout_s = env_float("EEXIT_HOOK_TIMEOUT_S", 5.0, minimum=0.5, maximum=10.0, env=env)
     replicas = env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, env=env)
     wait_ms = env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, env=env)
@@ -209,11 +214,12 @@ def publish_on_failure(env, log, started, notes):
     signal.signal(signal.SIGALRM, _raise_timeout)
     signal.setitimer(signal.ITIMER_REAL, max(0.01, remaining()))
     facts = service_facts(env)
-    client = bus.connect(env=env, read_timeout_s=max(0.1, remaining()))
+    client = client or bus.connect(env=env, read_timeout_s=max(0.1, remaining()))
     # No retries inside redis-py: publish_durable retries within OUR bound, and the reads
     # before it fail closed at once instead of spending the bound on a refused port.
     client.set_retry(Retry(NoBackoff(), 0))
-    context = {**facts, "host": socket.gethostname(), "hook": "crash-unit" if env.get("EEXIT_CRASH") else "ExecStopPost"}
+    origin = origin or ("crash-unit" if env.get("EEXIT_CRASH") else "ExecStopPost")
+    context = {**facts, "host": socket.gethostname(), "hook": origin}
     now_ms = int(time.time() * 1000)
     state = read_state(client, notes)
     if latched(state):
@@ -244,8 +250,10 @@ def _raise_timeout(_signum, _frame):
     raise HookTimeout()
 
 
-def run(env=None, log=None):
-    """The hook; returns its exit code and never raises (systemd must get a code, not a trace)."""
+def run(env=None, log=None, client=None, origin=None):
+    """The hook; returns its exit code and never raises (systemd must get a code, not a trace).
+    The crash listener passes its warm client and origin="crash-listener" (the panic's
+    context says which path published)."""
     started = time.monotonic()
     env = os.environ if env is None else env
     log = log or Logger("hook")
@@ -255,7 +263,7 @@ def run(env=None, log=None):
         return EXIT_OK
     notes = {}
     try:
-        return publish_on_failure(env, log, started, notes)
+        return publish_on_failure(env, log, started, notes, client, origin)
     except HookTimeout:
         # Redis (or the host) stalled: give systemd its stop back. The watchdog's rules still
         # catch the death; this line says why the fast path did not.

@@ -512,7 +512,9 @@ EEXIT = "/opt/eexit/venv/bin/eexit"
 PAPER_PORT = 8899
 PAPER_URL = f"http://127.0.0.1:{PAPER_PORT}"
 REDIS_SOCKET = "/run/redis-eexit/redis-server.sock"
-DAEMON_UNITS = ("eexit-eew.service", "eexit-audit.service", "eexit-watchdog.service", "eexit-brain.service")
+# The crash listener before the brain: the brain's crash path is warm from its first crash.
+DAEMON_UNITS = ("eexit-eew.service", "eexit-audit.service", "eexit-watchdog.service", "eexit-crash-listener.service",
+                "eexit-brain.service")
 # Paper exchange control from the test: stdlib only, run inside with the distribution's Python.
 # argv: base method path json-body signed(0/1) key secret -> the JSON answer on stdout.
 PAPER_CTL = r"""

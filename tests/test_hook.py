@@ -272,6 +272,80 @@ class HookRedisTest(RedisTestCase):
                                            "eexit.schema", "eexit.signing"]))
 
 
+def brain_stop_post_shell(fifo_dir):
+    """The brain unit's ExecStopPost= shell text as systemd hands it to /bin/sh ($$ -> $,
+    \\" -> "), the listener's runtime directory replaced by fifo_dir."""
+    text = (ROOT / "systemd/eexit-brain.service").read_text().replace("\\\n", " ")
+    (line,) = [raw[len("ExecStopPost="):] for raw in text.splitlines() if raw.startswith("ExecStopPost=")]
+    script = line[len("+/bin/sh -c '"):-1].replace("$$", "$").replace('\\"', '"')
+    return script.replace("/run/eexit-crash-listener", str(fifo_dir))
+
+
+class CrashListenerTest(RedisTestCase):
+    """`python -m eexit.crash_listener` against a real Redis, driven by the brain unit's own
+    ExecStopPost= shell text (what systemd's part does is tested in test_real_systemd.py)."""
+
+    def setUp(self):
+        super().setUp()
+        self.hook = HookProcess(self)
+        self.fifo_dir = Path(self.hook.dir) / "run"
+        self.fifo_dir.mkdir(mode=0o700)
+        env = python_env(REDIS_URL=self.redis_server.url, CREDENTIALS_DIRECTORY=str(self.hook.credentials),
+                         RUNTIME_DIRECTORY=str(self.fifo_dir), EEXIT_HOOK_TIMEOUT_S="5")
+        self.log = Path(self.hook.dir) / "listener.log"
+        self.listener = start_module("eexit.crash_listener", env, self.log)
+        self.addCleanup(stop_process, self.listener)
+        wait_for(lambda: "event=ready" in self.log.read_text(), 60, message="the listener READY")
+
+    def stop_post(self, result, code, status):
+        env = {"PATH": os.environ["PATH"], "SERVICE_RESULT": result, "EXIT_CODE": code, "EXIT_STATUS": status}
+        return subprocess.run(["/bin/sh", "-c", brain_stop_post_shell(self.fifo_dir)], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    def test_fifos_are_owner_only(self):
+        for name in ("request", "reply"):
+            mode = (self.fifo_dir / name).stat().st_mode
+            self.assertEqual((oct(mode & 0o777), bool(mode & 0o010000)), ("0o600", True), name)
+
+    def test_the_brains_shell_gets_0_and_the_listener_publishes_one_signed_panic(self):
+        done = self.stop_post("signal", "killed", "KILL")
+        self.assertEqual((done.returncode, done.stdout), (0, ""), done.stderr)
+        (raw,) = [fields for _id, fields in self.redis.xrange(schema.PANIC_STREAM)]
+        event = schema.PanicEvent.from_fields(raw)[0]
+        self.assertEqual((event.issued_by, event.reason, event.extra["kid"]), ("exit_brain", "EXIT_BRAIN_DIED", "hk1"))
+        context = json.loads(event.extra["context"])
+        self.assertEqual((context["hook"], context["service_result"], context["exit_status"]),
+                         ("crash-listener", "signal", "KILL"))
+        self.assertIn(f"event=panic_published event_id={event.event_id}", self.log.read_text())
+        # The same crash again (the incident is open): the same event id, which the EEW answers DUPLICATE.
+        self.assertEqual(self.stop_post("watchdog", "dumped", "ABRT").returncode, 0)
+        self.assertEqual({schema.PanicEvent.from_fields(f)[0].event_id
+                          for _id, f in self.redis.xrange(schema.PANIC_STREAM)}, {event.event_id})
+
+    def test_a_deliberate_stop_sends_nothing(self):
+        done = self.stop_post("success", "exited", "0")
+        self.assertEqual((done.returncode, self.redis.xlen(schema.PANIC_STREAM)), (0, 0))
+        self.assertNotIn("panic_", self.log.read_text())
+
+    def test_a_hook_failure_is_a_miss_and_the_shell_falls_back(self):
+        """The key turned malformed: the listener's hook answers 2 (naming the file), the shell
+        logs crash_listener_missed and goes on to the oneshot (here `systemctl start` of a unit
+        this host lacks fails: the CRITICAL line follows)."""
+        (self.hook.credentials / "hook_hmac_key").write_text("not a key\n")
+        done = self.stop_post("signal", "killed", "KILL")
+        self.assertEqual(done.returncode, 1, done.stdout)
+        self.assertEqual(self.redis.xlen(schema.PANIC_STREAM), 0)
+        self.assertIn("event=hook_config_error", self.log.read_text())
+        self.assertIn("event=crash_listener_missed answer=2", done.stdout)
+        self.assertIn("event=crash_path_failed unit=eexit-brain-crash@signal:killed:KILL.service", done.stdout)
+
+    def test_parse_requests_keeps_partial_lines_and_bounds_length(self):
+        from eexit.crash_listener import MAX_LINE, parse_requests
+        self.assertEqual(parse_requests(b"signal:killed:KILL\nwatch"), (["signal:killed:KILL"], b"watch"))
+        facts, rest = parse_requests(b"x" * 1000 + b"\n" + b"y" * 1000)
+        self.assertEqual((len(facts[0]), len(rest)), (MAX_LINE, MAX_LINE))
+
+
 class HookAclTest(unittest.TestCase):
     """Under the shipped ACL (rendered as the installer does), as eexit-hook (the crash unit's
     SetCredential=/LoadCredential=): that user can do nothing but run the claim-and-publish

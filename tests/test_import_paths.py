@@ -34,14 +34,14 @@ def offending(modules):
 
 class ImportPathsTest(unittest.TestCase):
     def test_the_hook_and_the_daemons_load_neither_the_paper_exchange_nor_alert(self):
-        for entry in ("eexit.hook", "eexit.brain", "eexit.watchdog", "eexit.eew"):
+        for entry in ("eexit.hook", "eexit.crash_listener", "eexit.brain", "eexit.watchdog", "eexit.eew"):
             with self.subTest(entry=entry):
                 self.assertEqual(offending(loaded_after(entry)), [])
 
     def test_the_counted_surface_holds_the_hook_and_none_of_them(self):
         reachable = surface.reachable()
         # eexit.ops is no longer on it: the crash hook builds its panic itself (issue 23).
-        self.assertTrue({"eexit.hook", "eexit.brain", "eexit.watchdog", "eexit.eew"} <= reachable)
+        self.assertTrue({"eexit.hook", "eexit.crash_listener", "eexit.brain", "eexit.watchdog", "eexit.eew"} <= reachable)
         self.assertNotIn("eexit.ops", reachable)
         self.assertEqual(offending(sorted(reachable)), [])
         figures = surface.measure()

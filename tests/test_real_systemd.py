@@ -5,7 +5,9 @@ the venue, all on the namespace's loopback. One boot for the class; each test st
 resumed, healthy system with positions and resting + conditional orders (setUp).
 
 What systemd does here is the subject: READY and StatusText of Type=notify units, the crash
-path (ExecStopPost=+ starting eexit-brain-crash@.service with its own credentials), restarts
+path (ExecStopPost=+ handing the crash to the running eexit-crash-listener.service through its
+root-only FIFO, and, when the listener is stopped, starting eexit-brain-crash@.service with its
+own credentials: the fallback), restarts
 after kill -9, systemd's watchdog kills of a SIGSTOPped brain and EEW, a crash unit that
 cannot start. Not testable here: an OOM kill (this host binds the memory controller to cgroup
 v1, so MemoryMax= is not enforced inside; systemd reports it as SERVICE_RESULT=oom-kill
@@ -23,6 +25,9 @@ from tests.systemd_harness import DAEMON_UNITS, EexitHost, require_systemd
 SEED = [{"symbol": "BTCUSDT", "amount": "0.01"}, {"symbol": "ETHUSDT", "amount": "-0.5"},
         {"symbol": "SOLUSDT", "amount": "3"}]
 HOOK_KEY_FILE = "/etc/eexit/credentials/hook/hook_hmac_key"
+LISTENER = "eexit-crash-listener.service"
+# The crash path's journal identifiers: the oneshot crash unit and the crash listener.
+ONESHOT_ID, LISTENER_ID = "eexit-hook", "eexit-crash-listener"
 FINAL = ("FLAT", "RESIDUAL", "FAILED")
 
 
@@ -117,8 +122,13 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         self.host.wait_for(lambda: self.redis.xlen(schema.WATCHDOG_HEARTBEAT_STREAM) > watchdog_beats + 1, 30,
                            "the watchdog's heartbeats after it")
 
-    def hook_runs(self):
-        return len(self.host.journal(identifier="eexit-hook"))
+    def hook_runs(self, grep=None):
+        """Lines of the oneshot crash unit (the fallback)."""
+        return len(self.host.journal(identifier=ONESHOT_ID, grep=grep))
+
+    def crash_path_lines(self, grep=None):
+        """The hook's lines from either path (listener, then oneshot)."""
+        return [*self.host.journal(identifier=LISTENER_ID, grep=grep), *self.host.journal(identifier=ONESHOT_ID, grep=grep)]
 
     # ------------------------------------------------------------------ tests
 
@@ -132,6 +142,9 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         verify = self.host.run(["systemd-analyze", "verify", *units,
                                 "/etc/systemd/system/eexit-brain-crash@.service"], check=False)
         self.assertEqual((verify.returncode, verify.stdout + verify.stderr), (0, ""))
+        self.assertEqual(self.host.run(["stat", "-c", "%F %a", "/run/eexit-crash-listener/request",
+                                        "/run/eexit-crash-listener"]).stdout.split("\n")[:2],
+                         ["fifo 600", "directory 700"])
         for unit in (*DAEMON_UNITS, "eexit-brain-crash@signal:killed:KILL.service"):
             with self.subTest(security=unit):
                 out = self.host.run(["systemd-analyze", "security", unit], check=False).stdout
@@ -140,21 +153,26 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         self.assertEqual(self.start_warnings, [])
 
     def test_kill_9_one_panic_flat_halted_and_a_second_kill_adds_none(self):
+        """The crash listener publishes (its journal line names the event), not the oneshot."""
+        missed = self.host.journal("eexit-brain.service", grep="crash_listener_missed")
         old = self.kill_brain()
         event_id = self.wait_flat()
         panic = self.new_panics()[0]
         self.assertEqual((panic["issued_by"], panic["reason"], panic["kid"]), ("exit_brain", "EXIT_BRAIN_DIED", "hook1"))
-        self.assertIn('"hook":"crash-unit"', panic["context"])
+        self.assertIn('"hook":"crash-listener"', panic["context"])
         self.assertIn('"service_result":"signal"', panic["context"])
+        self.host.wait_journal(None, f"event=panic_published .*event_id={event_id}", identifier=LISTENER_ID)
         self.wait_brain_back(old)
         # A second crash before any human resumed: the crash path stays quiet (the halt holds).
-        runs = len(self.host.journal(identifier="eexit-hook", grep="event=panic_skipped"))
+        runs = len(self.crash_path_lines("event=panic_skipped"))
         old = self.kill_brain()
-        self.host.wait_for(lambda: len(self.host.journal(identifier="eexit-hook", grep="event=panic_skipped")) > runs,
+        self.host.wait_for(lambda: len(self.crash_path_lines("event=panic_skipped")) > runs,
                            60, "the crash path's second run")
         self.wait_brain_back(old)
         self.settle()
-        self.assertIn("why=latched", self.host.journal(identifier="eexit-hook")[-1]["MESSAGE"])
+        self.assertIn("why=latched", self.host.journal(identifier=LISTENER_ID)[-1]["MESSAGE"])
+        self.assertEqual(self.hook_runs(), self.hook_runs_before, "the oneshot ran although the listener answered")
+        self.assertEqual(self.host.journal("eexit-brain.service", grep="crash_listener_missed"), missed)
         self.assertEqual({p["event_id"] for p in self.new_panics()}, {event_id})
         self.assertEqual([p["status"] for _i, p in self.redis.xrange(schema.COMPLETED_STREAM)
                           if p.get("event_id") == event_id and p.get("status") in FINAL], ["FLAT"])
@@ -200,7 +218,8 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         event_id = self.wait_flat()
         # The brain's start (imports, then the refusal) may outlast the watchdog's 3 s: then
         # the watchdog published first and the crash path adopted its id or found the halt.
-        line = self.host.wait_journal(None, "service_result=exit-code", identifier="eexit-hook", timeout=60)
+        line = self.host.wait_for(lambda: next(iter(self.crash_path_lines("service_result=exit-code")), None), 60,
+                                  "the crash path's line")
         self.assertIn("exit_status=2", line["MESSAGE"])
         self.assertRegex(line["MESSAGE"], "event=panic_published|why=latched")
         self.assertEqual({p["event_id"] for p in self.new_panics()}, {event_id})
@@ -212,6 +231,9 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         restart after a beat with open positions and flattens (issue 23 point 3: the heartbeat's
         `instance` and the watchdog's EXIT_BRAIN_RESTARTED trigger, issue 26). Without that
         trigger this fails: systemd has the brain beating again under the 3 s threshold."""
+        # The listener holds its copy of the key since its start: stopped, the oneshot (which
+        # loads the key at its own start) is the path that fails here.
+        self.host.systemctl("stop", LISTENER)
         self.host.run(["mv", HOOK_KEY_FILE, HOOK_KEY_FILE + ".away"])
         self.addCleanup(self.host.run, ["mv", HOOK_KEY_FILE + ".away", HOOK_KEY_FILE])
         old = self.kill_brain()
@@ -221,6 +243,23 @@ class RealSystemdCrashPathTest(unittest.TestCase):
         self.wait_brain_back(old)
         event_id = self.wait_flat()
         self.assertEqual(self.new_panics()[0]["issued_by"], "watchdog")
+        self.settle()
+        self.assertEqual({p["event_id"] for p in self.new_panics()}, {event_id})
+
+    def test_listener_stopped_the_oneshot_publishes_one_panic_flat(self):
+        """The fallback: no listener, so the brain's shell logs crash_listener_missed and starts
+        eexit-brain-crash@signal:killed:KILL.service, which publishes (context hook=crash-unit)."""
+        self.host.systemctl("stop", LISTENER)                # setUp starts it again for the next test
+        missed = len(self.host.journal("eexit-brain.service", grep="event=crash_listener_missed"))
+        old = self.kill_brain()
+        event_id = self.wait_flat()
+        panic = self.new_panics()[0]
+        self.assertEqual((panic["issued_by"], panic["reason"]), ("exit_brain", "EXIT_BRAIN_DIED"))
+        self.assertIn('"hook":"crash-unit"', panic["context"])
+        # (the oneshot's first line carries version= between the two)
+        self.host.wait_journal(None, f"event=panic_published .*event_id={event_id}", identifier=ONESHOT_ID)
+        self.assertGreater(len(self.host.journal("eexit-brain.service", grep="event=crash_listener_missed")), missed)
+        self.wait_brain_back(old)
         self.settle()
         self.assertEqual({p["event_id"] for p in self.new_panics()}, {event_id})
 

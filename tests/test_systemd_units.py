@@ -17,6 +17,8 @@ UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "
 # The brain's crash path (a oneshot template started by the brain's ExecStopPost=): analysed
 # and verified like the others; its text is checked in tests/test_hook.py.
 CRASH_UNIT = "eexit-brain-crash@.service"
+# The warm crash path: a daemon like the others, but with the crash unit's Redis user and key.
+LISTENER_UNIT = "eexit-crash-listener.service"
 MAX_EXPOSURE = 1.1
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 HOST_UNITS = Path("/usr/lib/systemd/system")
@@ -62,7 +64,7 @@ def make_verify_root(directory):
     shutil.copy(python, shell)
     target = root / "etc/systemd/system"
     target.mkdir(parents=True)
-    for name in (*UNITS, CRASH_UNIT):
+    for name in (*UNITS, LISTENER_UNIT, CRASH_UNIT):
         shutil.copy(UNIT_DIR / name, target / name)
     return root, target
 
@@ -77,7 +79,7 @@ def verify(root, unit_path):
                  "the unit hardening and verify checks did NOT run")
 class SystemdAnalyzeTest(unittest.TestCase):
     def test_security_exposure_at_most_1_1(self):
-        figures = {name: exposure(name) for name in (*UNITS, CRASH_UNIT)}
+        figures = {name: exposure(name) for name in (*UNITS, LISTENER_UNIT, CRASH_UNIT)}
         print(f"\nsystemd-analyze security exposure: {figures}")
         for name, figure in figures.items():
             with self.subTest(unit=name):
@@ -87,7 +89,7 @@ class SystemdAnalyzeTest(unittest.TestCase):
     def test_verify_prints_nothing(self):
         with tempfile.TemporaryDirectory() as directory:
             root, target = make_verify_root(directory)
-            for name in (*UNITS, CRASH_UNIT.replace("@", "@verify")):
+            for name in (*UNITS, LISTENER_UNIT, CRASH_UNIT.replace("@", "@verify")):
                 with self.subTest(unit=name):
                     result = verify(root, target / name)
                     self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
@@ -130,9 +132,32 @@ class UnitTextTest(unittest.TestCase):
                         self.assertNotIn(key, section)
                 self.assertEqual(service["SetCredential"], [f"redis_username:{name[:-len('.service')]}"])
 
+    def test_crash_listener_is_a_hardened_daemon_with_the_crash_units_credentials(self):
+        """Issue 23: the same hardening as the daemons, the same grant as the oneshot crash unit
+        (Redis user eexit-hook, its key), a root-only runtime directory for its FIFO."""
+        listener, crash = read_unit(LISTENER_UNIT), read_unit(CRASH_UNIT)
+        service = listener["Service"]
+        for key, value in (("Type", ["notify"]), ("NotifyAccess", ["main"]), ("DynamicUser", ["yes"]),
+                           ("Restart", ["always"]), ("EnvironmentFile", ["/etc/eexit/eexit.env"]),
+                           ("ExecStart", [f"{PYTHON_IN_UNITS} -m eexit.crash_listener"]),
+                           ("RuntimeDirectory", ["eexit-crash-listener"]), ("RuntimeDirectoryMode", ["0700"])):
+            self.assertEqual(service[key], value, key)
+        self.assertIn("WatchdogSec", service)
+        self.assertEqual(service["RestartPreventExitStatus"][0].split()[0], "2")
+        for key in ("SetCredential", "LoadCredential"):
+            self.assertEqual(service[key], crash["Service"][key], key)
+        self.assertEqual(service["Environment"], ["EEXIT_HOOK_TIMEOUT_S=5"])
+        self.assertIn("StartLimitIntervalSec", listener["Unit"])
+        for section in listener.values():
+            for key in ("BindsTo", "PartOf", "Requires", "Requisite"):
+                self.assertNotIn(key, section)
+        brain = (UNIT_DIR / "eexit-brain.service").read_text()
+        self.assertIn("/run/eexit-crash-listener", brain)
+        self.assertIn("eexit-brain-crash@", brain)
+
     def test_memory_and_tasks_are_bounded_on_every_unit(self):
         """Issue 14, behaviour 8; the sizing is argued in each unit's header comment."""
-        units = {name: read_unit(name)["Service"] for name in UNITS}
+        units = {name: read_unit(name)["Service"] for name in (*UNITS, LISTENER_UNIT)}
         for name, service in units.items():
             with self.subTest(unit=name):
                 self.assertRegex(service["MemoryMax"][0], r"^\d+[MG]$")

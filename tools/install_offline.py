@@ -47,9 +47,12 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 UNITS = ("eexit-brain.service", "eexit-watchdog.service", "eexit-eew.service", "eexit-audit.service",
          "eexit-alert.service", "eexit-risk.service",     # eexit-risk: installed, never enabled (opt-in)
+         # the brain's warm crash path (enabled; the brain's ExecStopPost= writes to its FIFO)
+         "eexit-crash-listener.service",
          # the brain's crash path: started by the brain unit's ExecStopPost=, never enabled
          "eexit-brain-crash@.service")
-# bot: the trading bot's read-only user; hook: the brain's crash path (eexit-brain-crash@.service)
+# bot: the trading bot's read-only user; hook: the brain's crash path (eexit-brain-crash@.service
+# and eexit-crash-listener.service share it)
 DAEMONS = ("brain", "watchdog", "eew", "audit", "alert", "ops", "bot", "hook", "risk")
 # Secrets created empty so that the unit's LoadCredential= finds a file. Optional ones (an
 # empty file means "not used"): fill them in to enable the sink or the signature. Required
