@@ -326,6 +326,10 @@ def derive_event_id(entry_id):
     return f"entry-{entry_id}"
 
 
+def _pairs(fields):
+    return [item for name_value in fields.items() for item in name_value]
+
+
 def _text(value):
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -483,24 +487,21 @@ class Ledger:
 
     def finish(self, ledger_field, done_record, entry_id, report_fields):
         """Write the report unless one stands, mark done, XACK. Returns (written, report id)."""
-        pairs = [item for name_value in report_fields.items() for item in name_value]
         written, report_id = self._finish(
             keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY, REPORTED_KEY],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *_pairs(report_fields)],
             client=self.client)
         return bool(written), _text(report_id)
 
     def publish_direct(self, event_id, report_fields):
         """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        pairs = [item for name_value in report_fields.items() for item in name_value]
-        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *pairs],
+        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *_pairs(report_fields)],
                                   client=self.client))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
-        pairs = [item for name_value in report_fields.items() for item in name_value]
         return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
-                                  args=[schema.EEW_GROUP, len(report_fields), *pairs, *entry_ids],
+                                  args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields), *entry_ids],
                                   client=self.client))
 
     def in_flight(self):
@@ -509,16 +510,13 @@ class Ledger:
         raws = self.client.hmget(schema.PROCESSED_KEY, ids) if ids else []
         return {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
 
-    def ensure_halted(self, state):
-        """Write the halt again if the trading state vanished (Redis restarted without
+    def halt(self, state, force=True):
+        """Write the halt; a previous reset's cleared_by/cleared_at no longer apply. force=False
+        (beside a report) writes it only if the trading state vanished (Redis restarted without
         persistence between our halt and our report), so a final report never exists without
-        its halt. An existing state is left alone: it is our halt, a newer one, or an
-        operator's deliberate reset."""
-        if not self.client.exists(schema.TRADING_STATE_KEY):
-            self.halt(state)
-
-    def halt(self, state):
-        """Write the halt; a previous reset's cleared_by/cleared_at no longer apply."""
+        its halt; an existing state is our halt, a newer one, or an operator's deliberate reset."""
+        if not force and self.client.exists(schema.TRADING_STATE_KEY):
+            return
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(schema.TRADING_STATE_KEY, "cleared_by", "cleared_at")
         pipe.hset(schema.TRADING_STATE_KEY, mapping=state.to_fields())
@@ -535,11 +533,7 @@ class Journal:
         self.path = path
 
     def append(self, item):
-        line = json.dumps(item, separators=(",", ":"), sort_keys=True) + "\n"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_synced(self.path, "a", [json.dumps(item, separators=(",", ":"), sort_keys=True) + "\n"])
 
     def unpublished(self):
         """Reports not yet marked published. A line that cannot be used (torn by a crash,
@@ -563,19 +557,19 @@ class Journal:
         return list(waiting.values())
 
     def _quarantine(self, bad, keep):
-        quarantine = self.path + ".quarantine"
-        with open(quarantine, "a", encoding="utf-8") as handle:
-            handle.writelines(bad)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary = self.path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.writelines(keep)
-            handle.flush()
-            os.fsync(handle.fileno())
+        quarantine, temporary = self.path + ".quarantine", self.path + ".tmp"
+        _write_synced(quarantine, "a", bad)
+        _write_synced(temporary, "w", keep)
         os.replace(temporary, self.path)
         log.critical("journal_lines_quarantined", lines=len(bad), path=self.path, quarantine=quarantine,
                      note="look at them: a report there never reached Redis")
+
+
+def _write_synced(path, mode, lines):
+    with open(path, mode, encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _journal_item(line):
@@ -682,11 +676,6 @@ class ExchangePool:
         client.set_markets_from_exchange(self.primary)
         return client
 
-    def _give(self, client):
-        with self.lock:
-            self.idle.append(client)
-            self.lock.notify()
-
     def submit(self, fn, *args):
         """Run fn(client, *args) on a worker thread with a client of its own."""
         return self.executor.submit(self._with_client, fn, args)
@@ -696,7 +685,9 @@ class ExchangePool:
         try:
             return fn(client, *args)
         finally:
-            self._give(client)
+            with self.lock:
+                self.idle.append(client)
+                self.lock.notify()
 
     def maintain(self, now, warm, interval_s, pacer):
         """Keep `warm` connections alive: every interval_s (0: never) one ping on each, and
@@ -766,13 +757,6 @@ class Account:
     unreadable: list = field(default_factory=list)   # venues.base.UnreadableRow: never flat
 
 
-@dataclass
-class RoundResult:
-    cancelled: int = 0
-    orders_sent: int = 0
-    errors: list = field(default_factory=list)
-
-
 # ------------------------------------------------------------------------------ one panic
 
 class Closer:
@@ -827,16 +811,16 @@ class Closer:
                 _sleep(wait, keepalive)
 
     def run_round(self, account, attempt, event_id, deadline, keepalive):
-        """Cancel all orders on every symbol where the fresh read saw orders, and send every
+        """Cancel all orders on every book where the fresh read saw orders, and send every
         close of the plan, concurrently. Waits for all of them, calling keepalive() about every
-        KEEPALIVE_S from this (the main) thread meanwhile."""
+        KEEPALIVE_S from this (the main) thread meanwhile. Returns (cancelled, sent, errors)."""
         plan = flatten.plan_close(account.positions, self.pool.rules or {}, attempt, event_id)
+        books = collections.defaultdict(list)
+        for order in account.orders:
+            books[order.symbol, order.conditional].append(order)
         # Only the books that had orders: an empty book's cancel finds nothing the read did not.
-        books = sorted({(o.symbol, o.conditional) for o in account.orders})
-        cancels = {self.pool.submit(self._cancel, symbol, conditional,
-                                    [o for o in account.orders
-                                     if o.symbol == symbol and o.conditional == conditional]): (symbol, conditional)
-                   for symbol, conditional in books}
+        cancels = {self.pool.submit(self._cancel, *book, orders): (book[0], orders)
+                   for book, orders in sorted(books.items())}
         # A batch never holds more orders than the tightest limit lets out at once.
         size = min(exchange.batch_size(self.pool.exchange_id), min(count for count, _ in self.pacer.limits))
         closes = {self.pool.submit(self._close, plan[i:i + size], deadline): plan[i:i + size]
@@ -846,24 +830,15 @@ class Closer:
             _done, waiting = futures.wait(waiting, timeout=KEEPALIVE_S)
             if waiting:
                 keepalive()
-        result = RoundResult()
-        for future, (symbol, conditional) in cancels.items():
-            error = future.result()
-            if error is None:
-                result.cancelled += sum(1 for o in account.orders
-                                        if o.symbol == symbol and o.conditional == conditional)
-            else:
-                result.errors.append(f"cancel:{symbol}:{error}")
-        for future, batch in closes.items():
-            for order, error in zip(batch, future.result()):
-                if error is None:
-                    result.orders_sent += 1
-                else:
-                    result.errors.append(f"close:{order.symbol}:{order.position_side}:{error}")
+        errors = [f"cancel:{symbol}:{f.result()}" for f, (symbol, _) in cancels.items() if f.result()]
+        cancelled = sum(len(orders) for f, (_, orders) in cancels.items() if f.result() is None)
+        results = [(order, error) for f, batch in closes.items() for order, error in zip(batch, f.result())]
+        errors += [f"close:{order.symbol}:{order.position_side}:{error}" for order, error in results if error]
+        sent = sum(1 for _, error in results if error is None)
         log.info("close_round", event_id=event_id, attempt=attempt, positions=len(account.positions),
-                 orders_seen=len(account.orders), planned=len(plan), sent=result.orders_sent,
-                 cancelled=result.cancelled, errors=len(result.errors))
-        return result
+                 orders_seen=len(account.orders), planned=len(plan), sent=sent, cancelled=cancelled,
+                 errors=len(errors))
+        return cancelled, sent, errors
 
     def _cancel(self, client, symbol, conditional, orders):
         """None on success, else a short error text. Runs on a pool thread."""
@@ -916,78 +891,32 @@ class Closer:
         return errors
 
     def execute(self, event_id, record, on_progress, keepalive):
-        """Halt is the caller's job. Reads, closes and verifies until flat or the deadline;
-        returns the report fields that depend on the exchange (a dict for CompletionReport).
-        on_progress(record) runs before every attempt (persist the attempt number);
-        keepalive() runs while an attempt waits for the exchange."""
+        """Halt is the caller's job. Reads, then closes and verifies as core.close_next says
+        (until flat or the deadline); returns the report fields that depend on the exchange
+        (core.close_summary). on_progress(record) runs before every attempt (persist the
+        attempt number); keepalive() runs while an attempt waits for the exchange."""
         started = time.monotonic()
-        deadline = started + self.config.close_deadline_s
-        account = self.read_account(deadline, event_id, keepalive)
-        if account is not None:
-            # The work is known now: the deadline grows with the closes the limits must pace.
-            deadline = started + close_deadline_s(self.config.close_deadline_s, len(account.positions),
-                                                  self.pacer.limits)
+        account = self.read_account(started + self.config.close_deadline_s, event_id, keepalive)
         if account is None:
-            return dict(status=flatten.FAILED, positions_total=None, positions_closed=None,
-                        positions_failed=None, scope=self.scope, attempts=record.get("attempt", 0),
+            return dict(status=flatten.FAILED, scope=self.scope, attempts=record.get("attempt", 0),
                         detail=f"positions_unreadable_until_deadline:{self.last_read_error}")
+        # The work is known now: the deadline grows with the closes the limits must pace.
+        deadline = started + close_deadline_s(self.config.close_deadline_s, len(account.positions),
+                                              self.pacer.limits)
         if record.get("initial") is None:
             record["initial"] = sorted({"|".join(flatten.position_key(p)) for p in account.positions})
-        attempt = record.get("attempt", 0)
-        cancelled, errors, failed_rounds, sent = 0, [], 0, 0
-        while True:
-            rules = self.pool.rules or {}
-            if not flatten.closable(account.positions, rules) and not account.orders and not account.unreadable:
-                break
-            if time.monotonic() >= deadline:
-                break
-            attempt += 1
-            record["attempt"] = attempt
+        cancelled, sent, errors, failed_rounds = 0, 0, [], 0
+        while core.close_next(account, self.pool.rules or {}, time.monotonic(), deadline):
+            record["attempt"] = record.get("attempt", 0) + 1
             on_progress(record)
-            result = self.run_round(account, attempt, event_id, deadline, keepalive)
-            cancelled, sent = cancelled + result.cancelled, sent + result.orders_sent
-            errors.extend(result.errors)
-            if result.errors or account.unreadable:
-                # Progress stalls on errors (or on a row that cannot be read): back off a little
-                # so a stuck position does not hammer the exchange, but keep trying (re-reading
-                # the row) until the deadline.
+            done, accepted, failed = self.run_round(account, record["attempt"], event_id, deadline, keepalive)
+            cancelled, sent, errors = cancelled + done, sent + accepted, errors + failed
+            if failed or account.unreadable:
                 failed_rounds += 1
-                _sleep(min(0.05 * 2 ** failed_rounds, 1.0, deadline - time.monotonic()), keepalive)
-            verified = self.read_account(deadline, event_id, keepalive)
-            if verified is None:
-                account = None
-                break
-            account = verified
-        return self._summary(record, account, attempt, cancelled, errors, sent)
-
-    def _summary(self, record, account, attempts, cancelled, errors, sent=0):
-        initial = set(record.get("initial") or [])
-        fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts,
-                      scope=self.scope)
-        # orders_sent/orders_rejected (close orders accepted / refused or failed, this run of
-        # the close) feed the metrics counters (eexit/metrics.py).
-        fields["extra"] = {"orders_sent": str(sent),
-                           "orders_rejected": str(sum(1 for e in errors if e.startswith("close:")))}
-        if errors:
-            fields["extra"]["errors"] = json.dumps(errors[-50:])
-        if account is None:
-            # Orders were sent but nothing confirms what happened: not FLAT, not RESIDUAL.
-            return dict(fields, status=flatten.FAILED, positions_closed=None, positions_failed=None,
-                        detail=f"verify_unreadable_until_deadline:{self.last_read_error}")
-        residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
-        left = {"|".join(flatten.position_key(p)) for p in account.positions}
-        detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
-        status = flatten.decide_status(account.positions, account.orders)
-        if account.unreadable:
-            # A row whose exposure is unknown: the account was not read whole, never FLAT.
-            status, rows = flatten.FAILED, account.unreadable
-            fields["positions_total"] += len(rows)
-            detail = " ".join(filter(None, ["position_rows_unreadable:" + ";".join(
-                u.describe() for u in rows[:5]) + (f";+{len(rows) - 5}_more" if len(rows) > 5 else ""), detail]))
-        return dict(fields, status=status,
-                    positions_closed=len(initial - left), positions_failed=len(left) + len(account.unreadable),
-                    failed_symbols=sorted({p.symbol for p in account.positions} | {u.symbol for u in account.unreadable}),
-                    residual_positions=residual, dust=dust, detail=detail)
+                _sleep(core.round_pause(failed_rounds, deadline - time.monotonic()), keepalive)
+            account = self.read_account(deadline, event_id, keepalive)
+        return core.close_summary(record, account, self.pool.rules or {}, cancelled, sent, errors,
+                                  scope=self.scope, read_error=self.last_read_error)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -1273,10 +1202,7 @@ class Entries:
                 "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                if force_halt:
-                    self.ledger.halt(halt)      # our own authority: nobody has halted yet
-                else:
-                    self.ledger.ensure_halted(halt)
+                self.ledger.halt(halt, force=force_halt)    # our own authority: nobody has halted yet
                 self.ledger.finish(event_id, done, entry_id, item["report"])
                 return "ledger"
             except bus.REDIS_ERRORS as exc:
@@ -1311,10 +1237,7 @@ class Entries:
             return
         for item in self.journal.unpublished():
             halt, _ = schema.TradingState.from_fields(item["halt"])
-            if item.get("force_halt"):
-                self.ledger.halt(halt)
-            else:
-                self.ledger.ensure_halted(halt)
+            self.ledger.halt(halt, force=bool(item.get("force_halt")))
             written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             self.journaled.discard(item["key"])
@@ -1334,28 +1257,25 @@ class LostPanics:
         here is logged and the pass goes on to read entries: these checks are a second line;
         dying or skipping the read would stop the first."""
         try:
-            self._guard()
+            stream_info, self.group_info = tamper.read_stream_state(self.redis)
+            if self.group_info is None:
+                return                     # no group (yet): the next read recreates it
+            finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
+            self.stream_broken = "panic_stream_exhausted" if \
+                stream_info.get("last-generated-id") == tamper.MAX_ID else None
+            if finding is not None:
+                self.tamper_close(finding)
+            if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
+                self.peek_tail()
+            if time.monotonic() >= self.next_guard_sweep:
+                self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
+                self.sweep_ledger()
+                self.audit_stream()
         except bus.REDIS_ERRORS:
             raise                      # job_step tells transport from command errors
         except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
             log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
                       traceback=traceback.format_exc()[-1500:])
-
-    def _guard(self):
-        stream_info, self.group_info = tamper.read_stream_state(self.redis)
-        if self.group_info is None:
-            return                     # no group (yet): the next read recreates it
-        finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
-        self.stream_broken = "panic_stream_exhausted" if \
-            stream_info.get("last-generated-id") == tamper.MAX_ID else None
-        if finding is not None:
-            self.tamper_close(finding)
-        if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
-            self.peek_tail()
-        if time.monotonic() >= self.next_guard_sweep:
-            self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
-            self.sweep_ledger()
-            self.audit_stream()
 
     def peek_tail(self):
         """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
@@ -1557,12 +1477,9 @@ class OwnAuthority:
         log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
                      positions=len(account.positions), orders=len(account.orders))
         if action == "alert":
-            residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
-            fields = dict(status=flatten.RESIDUAL, positions_total=len(account.positions), positions_closed=0,
-                          positions_failed=len(account.positions), residual_positions=residual, dust=dust,
-                          failed_symbols=sorted({p.symbol for p in account.positions}), orders_cancelled=0,
-                          attempts=0, scope=self.closer.scope,
-                          detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
+            seen = {"initial": ["|".join(flatten.position_key(p)) for p in account.positions]}
+            fields = dict(core.close_summary(seen, account, self.pool.rules or {}, 0, 0, [], self.closer.scope, ""),
+                          status=flatten.RESIDUAL, detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
             fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),
@@ -1647,7 +1564,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
     # -- lifecycle
 
     def run(self):
-        daemon.on_stop_signal(self._stop)
+        daemon.on_stop_signal(lambda: setattr(self, "stopping", True))
         log.info("starting", consumer=self.config.consumer, block_ms=self.block_ms,
                  deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
                  bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
@@ -1657,9 +1574,6 @@ class Worker(Entries, LostPanics, OwnAuthority):
             self.iteration()
         self.notifier.stopping()
         log.info("stopped", consumer=self.config.consumer)
-
-    def _stop(self):
-        self.stopping = True
 
     def iteration(self):
         """One pass, then core.pass_ended decides whether the EEW was able to do its job."""
