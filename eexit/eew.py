@@ -890,11 +890,11 @@ class Closer:
             pending = limited
         return errors
 
-    def execute(self, event_id, record, on_progress, keepalive):
+    def execute(self, event_id, record, keepalive):
         """Halt is the caller's job. Reads, then closes and verifies as core.close_next says
         (until flat or the deadline); returns the report fields that depend on the exchange
-        (core.close_summary). on_progress(record) runs before every attempt (persist the
-        attempt number); keepalive() runs while an attempt waits for the exchange."""
+        (core.close_summary). keepalive() runs while an attempt waits for the exchange,
+        keepalive(True) before every attempt (persist the attempt number in the record)."""
         started = time.monotonic()
         account = self.read_account(started + self.config.close_deadline_s, event_id, keepalive)
         if account is None:
@@ -908,7 +908,7 @@ class Closer:
         cancelled, sent, errors, failed_rounds = 0, 0, [], 0
         while core.close_next(account, self.pool.rules or {}, time.monotonic(), deadline):
             record["attempt"] = record.get("attempt", 0) + 1
-            on_progress(record)
+            keepalive(True)
             done, accepted, failed = self.run_round(account, record["attempt"], event_id, deadline, keepalive)
             cancelled, sent, errors = cancelled + done, sent + accepted, errors + failed
             if failed or account.unreadable:
@@ -1104,10 +1104,10 @@ class Entries:
             if do is core.Do.SIMPLE_CLOSE:
                 # Nothing from the ledger record (it may be what failed), no bookkeeping: a fresh
                 # record whose attempt numbers (client order ids) no normal attempt uses.
-                job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT}, lambda _r: None,
-                                                 self.notifier.ping)
+                job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT},
+                                                 lambda _save=False: self.notifier.ping())
             else:
-                job.fields = self.closer.execute(event_id, job.record, *self.close_hooks(event_id, entry_id, job.record))
+                job.fields = self.closer.execute(event_id, job.record, self.close_keepalive(event_id, entry_id, job.record))
             return job.fields["status"]
         if do is core.Do.REPORT:
             fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
@@ -1128,20 +1128,17 @@ class Entries:
             return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
         return self.report_rejected(job.rejected)
 
-    def close_hooks(self, event_id, entry_id, record):
-        """(on_progress, keepalive) for a close: persist the attempt number (a resumed close
-        uses new client order ids), keep our entry fresh, ping the watchdog while the
-        exchange answers (progress of the loop's own work)."""
-        def keepalive():
+    def close_keepalive(self, event_id, entry_id, record):
+        """keepalive(save=False) for a close: keep our entry fresh, ping the watchdog while the
+        exchange answers (progress of the loop's own work), and persist the record before
+        every attempt (save: a resumed close uses new client order ids) and every second (it
+        is not stranded)."""
+        def keepalive(save=False):
             self.touch_entry(event_id, entry_id)
-            if wall_ms() - record.get("ts_updated", 0) > 1000:
-                self.save_progress(event_id, entry_id, record)   # the record is not stranded
+            if save or wall_ms() - record.get("ts_updated", 0) > 1000:
+                self.save_progress(event_id, entry_id, record)
             self.notifier.ping()
-
-        def on_progress(progress):
-            self.save_progress(event_id, entry_id, progress)
-            keepalive()
-        return on_progress, keepalive
+        return keepalive
 
     def report_without_action(self, entry_id, base, status, detail):
         """DUPLICATE (or FAILED for an entry that is not authorised): report + ack, recorded
@@ -1412,8 +1409,7 @@ class OwnAuthority:
         halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
                                    halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
                                    requires_manual_reset=True)
-        fields = self.closer.execute(event_id, record, lambda _record: self.notifier.ping(),
-                                     self.notifier.ping)
+        fields = self.closer.execute(event_id, record, lambda _save=False: self.notifier.ping())
         if not (repeat and guard_policy.quiet_repeat(fields)):
             self.finish_report(event_id, None, record, base, fields, halt)
         return fields["status"]
@@ -1482,8 +1478,7 @@ class OwnAuthority:
                           status=flatten.RESIDUAL, detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
-            fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),
-                                         self.guard_keepalive)
+            fields = self.closer.execute(event_id, record, self.guard_keepalive)
             self.set_status("waiting for panic events")
         fields.setdefault("extra", {})["halt_event_id"] = state.event_id
         self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
@@ -1496,7 +1491,7 @@ class OwnAuthority:
     def hold_guard(self):
         return self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s))
 
-    def guard_keepalive(self):
+    def guard_keepalive(self, _save=False):
         """While the guard reads or closes: watchdog pings, and the lease renewed every step
         so that no other EEW starts guarding meanwhile."""
         self.notifier.ping()
