@@ -632,14 +632,13 @@ class ExchangePool:
     def __init__(self, cfg, size):
         self.cfg = cfg
         self.exchange_id = cfg.exchange_id
-        self.size = size
         self.rules = None
         self.primary = None            # the client that loaded the markets; others share them
         self.idle = []                 # most recently used last
         self.built = 0
         self.warming = []
         self.next_warm = 0.0
-        self.lock = threading.Condition()
+        self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="eew-exchange")
 
     @property
@@ -651,26 +650,19 @@ class ExchangePool:
         primary = exchange.build_exchange(self.cfg)
         rules = exchange.load_market_rules(primary)
         with self.lock:
-            self.primary = primary
-            if self.built < self.size:
-                self.built += 1
-                self.idle.append(primary)
-                self.lock.notify()
+            self.primary, self.built = primary, self.built + 1
+            self.idle.append(primary)
         self.rules = rules
 
     def _take(self):
+        """The most recently used idle client, else a new one. Never more than `size` in use:
+        only the executor's `size` threads take clients (load_markets runs once, at start)."""
         with self.lock:
-            while not self.idle and self.built >= self.size:
-                self.lock.wait()
             if self.idle:
                 return self.idle.pop()
+        client = exchange.build_exchange(self.cfg)
+        with self.lock:
             self.built += 1
-        try:
-            client = exchange.build_exchange(self.cfg)
-        except Exception:
-            with self.lock:
-                self.built -= 1
-            raise
         # By reference (ccxt's set_markets would deep-copy every market into every client: 64
         # copies of 600 markets). ccxt only reads them; a reload replaces, never mutates.
         client.set_markets_from_exchange(self.primary)
@@ -687,7 +679,6 @@ class ExchangePool:
         finally:
             with self.lock:
                 self.idle.append(client)
-                self.lock.notify()
 
     def maintain(self, now, warm, interval_s, pacer):
         """Keep `warm` connections alive: every interval_s (0: never) one ping on each, and
@@ -927,8 +918,6 @@ class Job:
     core's): the event, the report base, the ledger record, the close's report fields."""
     event: schema.PanicEvent
     base: dict
-    why: str = ""
-    rejected: list = field(default_factory=list)
     record: dict = None
     fields: dict = None
     halt_state: schema.TradingState = None
@@ -1043,7 +1032,7 @@ class Entries:
 
     def handle_entry(self, entry_id, raw, screened=None):
         screened = screened or self.screen(entry_id, raw)
-        event, event_id, problems, allowed, why = screened
+        event, event_id, problems, allowed, _why = screened     # allowed: rejections go by batch
         self.current_event = event_id
         base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
                     problems=tuple(problems), ts_started=wall_ms())
@@ -1051,7 +1040,7 @@ class Entries:
                  reason=event.reason, problems=",".join(problems))
         panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
         record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
-        self.drive(panic, commands, Job(event, base, why, [(entry_id, screened)], record=record))
+        self.drive(panic, commands, Job(event, base, record=record))
 
     def drive(self, panic, commands, job):
         """Perform the core's commands in order, feeding each result or error back."""
@@ -1123,10 +1112,9 @@ class Entries:
             return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
         if do is core.Do.TOUCH:
             return self.touch_entry(event_id, entry_id)
-        if do is core.Do.ACK:
-            # The report stands (written by the script that acknowledges); only the XACK is missing.
-            return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
-        return self.report_rejected(job.rejected)
+        # ACK (REJECT never comes here: rejected entries go by batch, reject_batch). The report
+        # stands (written by the script that acknowledges); only the XACK is missing.
+        return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
 
     def close_keepalive(self, event_id, entry_id, record):
         """keepalive(save=False) for a close: keep our entry fresh, ping the watchdog while the
@@ -1542,7 +1530,6 @@ class Worker(Entries, LostPanics, OwnAuthority):
         self.next_account_check = self.next_guard_sweep = 0.0
         self.account_future = None
         self.account_problem = None       # "exchange_authentication" while the key is refused
-        self.redis_down_since = time.monotonic()                      # until the first connect
         self.live = core.Liveness(unable_since=time.monotonic())      # until the first clean pass
         self.pass_blind, self.pass_lost = None, False
         self.unreported = {}              # event_id -> why: authorised panics without a final report
@@ -1662,12 +1649,9 @@ class Worker(Entries, LostPanics, OwnAuthority):
         # (the journal survives a restart, this process's memory does not).
         waiting = list(self.unreported) + sorted(set(self.journaled) - set(self.unreported))
         unreported = ",".join(f"panic_unreported:{event_id}" for event_id in waiting[:3])
-        reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
-                                        ("journal_backlog", self.journaled),
-                                        (unreported, unreported),
-                                        (self.account_problem, self.account_problem),
-                                        (f"blind:{self.live.blind}", self.live.blind),
-                                        (self.stream_broken, self.stream_broken)) if bad]
+        reasons = [why for why in ("" if self.pool.ready else "markets_not_loaded", self.journaled and "journal_backlog",
+                                   unreported, self.account_problem, self.live.blind and f"blind:{self.live.blind}",
+                                   self.stream_broken) if why]
         extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
                  "authorized": ",".join(self.config.authorized_sources),
                  **signing.advertise(self.config.keyring)}
@@ -1726,26 +1710,21 @@ class Worker(Entries, LostPanics, OwnAuthority):
             # Still down: back off and let on_unable decide about a bus-loss close.
             self.lost_redis(exc)
             return False
-        down_s = time.monotonic() - self.redis_down_since
         self.redis, self.ledger = client, Ledger(client)
         self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
-        self.redis_down_since = None
         self.next_sweep = 0.0          # a restart may have left our entries pending
         self.audit_cursor = "0-0"      # check the whole stream against the group once more
         self.next_guard_sweep = 0.0
         self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
-        log.info("redis_connected", down_s=round(down_s, 3))
+        log.info("redis_connected", down_s=round(core.unable_for(self.live, time.monotonic()), 3))
         return True
 
     def lost_redis(self, exc):
         """Redis went away: this pass is not clean (core.PassEnd.LOST), the client is dropped."""
         self.pass_lost = True
         self.trouble.report(exc, "connect")
-        if self.redis_down_since is None:
-            self.redis_down_since = time.monotonic()
-            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__,
-                      cause=daemon.cause(exc))
         if self.redis is not None:
+            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__, cause=daemon.cause(exc))
             try:
                 self.redis.close()
             except bus.REDIS_ERRORS:
@@ -1754,7 +1733,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
                 pass
         self.redis = self.ledger = self.heartbeat = None
         self.next_reconnect = time.monotonic() + self.backoff.next()
-        self.set_status(f"redis unreachable for {time.monotonic() - self.redis_down_since:.0f}s: "
+        self.set_status(f"redis unreachable for {core.unable_for(self.live, time.monotonic()):.0f}s: "
                         f"{daemon.cause(exc)}")
 
     def on_unable(self):
