@@ -1175,10 +1175,9 @@ class Entries:
         extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.get("extra", {})}
         report = core.report(base, dict(fields, extra=extra), now)
         self.last_positions = report.positions_failed
-        log.info("panic_completed", event_id=event_id, status=report.status,
-                 positions_total=report.positions_total, positions_closed=report.positions_closed,
-                 positions_failed=report.positions_failed, orders_cancelled=report.orders_cancelled,
-                 attempts=report.attempts, execution_time_ms=report.execution_time_ms)
+        log.info("panic_completed", event_id=event_id, **{name: getattr(report, name) for name in (
+            "status", "positions_total", "positions_closed", "positions_failed", "orders_cancelled", "attempts",
+            "execution_time_ms")})
         done = {"entry": entry_id, "consumer": self.config.consumer, "stage": "done",
                 "status": report.status, "attempt": (record or {}).get("attempt", 0),
                 "ts_started": base["ts_started"], "ts_completed": now}
@@ -1358,9 +1357,8 @@ class LostPanics:
                 if verdict is None:
                     log.warning("resume_request_ignored", entry_id=self.resume_cursor, why=why)
                 else:
-                    log.info("resume_verdict", request_id=verdict["request_id"], status=verdict["status"],
-                             event_id=verdict["event_id"], operator=verdict["operator"],
-                             refusals=len(json.loads(verdict["refusals"])))
+                    log.info("resume_verdict", refusals=len(json.loads(verdict["refusals"])), **{
+                        name: verdict[name] for name in ("request_id", "status", "event_id", "operator")})
 
     def account_for_resume(self):
         """(positions, open_orders, error) from a fresh read of the whole account."""
@@ -1764,8 +1762,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
             return
         if not self.ready_sent and self.config.keepalive_s > 0:
             # Warm the connections before READY=1 (send_ready waits for the round to end).
-            self.pool.warming = self.pool.keep_warm(self.warm, self.closer.pacer)
-            self.pool.next_warm = time.monotonic() + self.config.keepalive_s
+            self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s, self.closer.pacer)
             futures.wait(self.pool.warming, timeout=self.config.exchange_config.timeout_ms / 1000 + 1)
 
     def check_account(self):
