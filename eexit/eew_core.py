@@ -21,6 +21,12 @@ is only for entries that are not authorised (give_up_unauthorised). One final re
 event id: the report script writes it once per event id (eexit/eew.py, FINISH_LUA); a panic
 whose report waits in the journal is never executed again (start(journaled=True)).
 
+One close (close_next, round_pause, close_summary): eexit/eew.py's Closer.execute reads the
+account, then asks close_next after every read whether another round (cancel + close) runs,
+round_pause how long to back off after a round with errors, and close_summary what the report
+says (never FLAT over an unreadable row, a failed read or an open order). tests/sim.py's
+close_run explores that loop.
+
 The worker (Liveness, pass_ended/close_due/closed): the bus-loss timer measures continuous
 inability to do the job; only a clean pass (entries read, nothing refused, Redis kept) ends it.
 """

@@ -23,6 +23,10 @@ invariants are checked:
   - the stream audit never executes an entry that is pending (it would run twice);
   - no exception escapes the loop.
 
+Each seed also runs close_run: Closer.execute's loop (read -> round -> re-read until flat or
+the deadline) over a simulated account, every decision the core's (close_next, round_pause,
+close_summary), with its own invariants after every read (see close_run).
+
 A failing seed prints its trace (one line a step) and the command to replay it.
 
 --legacy swaps in the decisions of the code before issue 24 (a model of them: that code was
