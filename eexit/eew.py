@@ -764,12 +764,14 @@ class Closer:
     def read_account(self, deadline, event_id, keepalive):
         """Positions and open orders, fresh, retried until the deadline; None if never read
         (self.last_read_error then says why, naming the segment that failed)."""
+        wait = 0.0
         for attempt in itertools.count():
-            paused = self.pacer.paused_for()
-            if paused > 0:
-                if time.monotonic() + paused > deadline:
+            # A 429's pause (any thread's) or the back-off after a failed read.
+            wait = max(wait, self.pacer.paused_for())
+            if wait > 0:
+                if time.monotonic() + wait > deadline:
                     return None
-                _sleep(paused, keepalive)
+                _sleep(wait, keepalive)
             try:
                 if not self.pool.ready:
                     self.pool.load_markets()
@@ -797,9 +799,6 @@ class Closer:
                     self.pacer.pause(wait)
                 log.warning("account_read_failed", event_id=event_id, error=self.last_read_error,
                             retry_in_s=wait)
-                if time.monotonic() + wait > deadline:
-                    return None
-                _sleep(wait, keepalive)
 
     def run_round(self, account, attempt, event_id, deadline, keepalive):
         """Cancel all orders on every book where the fresh read saw orders, and send every
@@ -1096,7 +1095,8 @@ class Entries:
                 job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT},
                                                  lambda _save=False: self.notifier.ping())
             else:
-                job.fields = self.closer.execute(event_id, job.record, self.close_keepalive(event_id, entry_id, job.record))
+                keepalive = self.close_keepalive(event_id, entry_id, job.record)
+                job.fields = self.closer.execute(event_id, job.record, keepalive)
             return job.fields["status"]
         if do is core.Do.REPORT:
             fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
@@ -1241,32 +1241,32 @@ class LostPanics:
         here is logged and the pass goes on to read entries: these checks are a second line;
         dying or skipping the read would stop the first."""
         try:
-            stream_info, self.group_info = tamper.read_stream_state(self.redis)
-            if self.group_info is None:
+            stream_info, group = tamper.read_stream_state(self.redis)
+            if group is None:
                 return                     # no group (yet): the next read recreates it
-            finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
+            finding = tamper.decide_tampering(stream_info, group, self.tamper_seen)
             self.stream_broken = "panic_stream_exhausted" if \
                 stream_info.get("last-generated-id") == tamper.MAX_ID else None
             if finding is not None:
                 self.tamper_close(finding)
-            if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
-                self.peek_tail()
+            if int(stream_info.get("entries-added") or 0) - int(group.get("entries-read") or 0) > READ_BATCH:
+                self.peek_tail(group)
             if time.monotonic() >= self.next_guard_sweep:
                 self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
                 self.sweep_ledger()
-                self.audit_stream()
+                self.audit_stream(group)
         except bus.REDIS_ERRORS:
             raise                      # job_step tells transport from command errors
         except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
             log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
                       traceback=traceback.format_exc()[-1500:])
 
-    def peek_tail(self):
+    def peek_tail(self, group):
         """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
         the newest batch too, and execute an authorised entry found there now, so the real
         panic does not wait for the whole backlog; its turn in the group later finds its ledger
         record done and only acknowledges it. Each entry is peeked at most once."""
-        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(self.group_info.get("last-delivered-id")))
+        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(group.get("last-delivered-id")))
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
             self.peek_cursor = _text(batch[0][0])
@@ -1318,10 +1318,10 @@ class LostPanics:
                                       issued_by=record.get("issued_by") or "unknown", ts=record.get("ts_started"))
             self.run_recorded(event, record, ["resumed_from_ledger"])
 
-    def audit_stream(self):
+    def audit_stream(self, group):
         """Authorised entries up to the group's last-delivered-id that are neither pending nor
         recorded were taken past us (NOACK read, group created at `$`): execute them."""
-        last = self.group_info.get("last-delivered-id") or "0-0"
+        last = group.get("last-delivered-id") or "0-0"
         if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
             return
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
@@ -1461,7 +1461,8 @@ class OwnAuthority:
         if action == "alert":
             seen = {"initial": ["|".join(flatten.position_key(p)) for p in account.positions]}
             fields = dict(core.close_summary(seen, account, self.pool.rules or {}, 0, 0, [], self.closer.scope, ""),
-                          status=flatten.RESIDUAL, detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
+                          status=flatten.RESIDUAL,
+                          detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
             fields = self.closer.execute(event_id, record, self.guard_keepalive)
@@ -1537,7 +1538,6 @@ class Worker(Entries, LostPanics, OwnAuthority):
         self.last_positions = None
         self.tamper_seen = set()          # tamper findings already closed for (keys)
         self.stream_broken = None         # the panic stream cannot take entries (reason)
-        self.group_info = None            # the EEW group, as the last tamper check saw it
         self.audit_cursor = self.resume_cursor = "0-0"   # stream audit / resume requests read to here
         self.peek_cursor = "0-0"          # newest entry screened ahead of a backlog
 
@@ -1647,9 +1647,9 @@ class Worker(Entries, LostPanics, OwnAuthority):
         # (the journal survives a restart, this process's memory does not).
         waiting = list(self.unreported) + sorted(set(self.journaled) - set(self.unreported))
         unreported = ",".join(f"panic_unreported:{event_id}" for event_id in waiting[:3])
-        reasons = [why for why in ("" if self.pool.ready else "markets_not_loaded", self.journaled and "journal_backlog",
-                                   unreported, self.account_problem, self.live.blind and f"blind:{self.live.blind}",
-                                   self.stream_broken) if why]
+        reasons = [why for why in ("" if self.pool.ready else "markets_not_loaded",
+                                   self.journaled and "journal_backlog", unreported, self.account_problem,
+                                   self.live.blind and f"blind:{self.live.blind}", self.stream_broken) if why]
         extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
                  "authorized": ",".join(self.config.authorized_sources),
                  **signing.advertise(self.config.keyring)}
