@@ -326,6 +326,10 @@ def derive_event_id(entry_id):
     return f"entry-{entry_id}"
 
 
+def _pairs(fields):
+    return [item for name_value in fields.items() for item in name_value]
+
+
 def _text(value):
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -483,24 +487,21 @@ class Ledger:
 
     def finish(self, ledger_field, done_record, entry_id, report_fields):
         """Write the report unless one stands, mark done, XACK. Returns (written, report id)."""
-        pairs = [item for name_value in report_fields.items() for item in name_value]
         written, report_id = self._finish(
             keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY, REPORTED_KEY],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *pairs],
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *_pairs(report_fields)],
             client=self.client)
         return bool(written), _text(report_id)
 
     def publish_direct(self, event_id, report_fields):
         """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        pairs = [item for name_value in report_fields.items() for item in name_value]
-        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *pairs],
+        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *_pairs(report_fields)],
                                   client=self.client))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
-        pairs = [item for name_value in report_fields.items() for item in name_value]
         return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
-                                  args=[schema.EEW_GROUP, len(report_fields), *pairs, *entry_ids],
+                                  args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields), *entry_ids],
                                   client=self.client))
 
     def in_flight(self):
@@ -509,16 +510,13 @@ class Ledger:
         raws = self.client.hmget(schema.PROCESSED_KEY, ids) if ids else []
         return {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
 
-    def ensure_halted(self, state):
-        """Write the halt again if the trading state vanished (Redis restarted without
+    def halt(self, state, force=True):
+        """Write the halt; a previous reset's cleared_by/cleared_at no longer apply. force=False
+        (beside a report) writes it only if the trading state vanished (Redis restarted without
         persistence between our halt and our report), so a final report never exists without
-        its halt. An existing state is left alone: it is our halt, a newer one, or an
-        operator's deliberate reset."""
-        if not self.client.exists(schema.TRADING_STATE_KEY):
-            self.halt(state)
-
-    def halt(self, state):
-        """Write the halt; a previous reset's cleared_by/cleared_at no longer apply."""
+        its halt; an existing state is our halt, a newer one, or an operator's deliberate reset."""
+        if not force and self.client.exists(schema.TRADING_STATE_KEY):
+            return
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(schema.TRADING_STATE_KEY, "cleared_by", "cleared_at")
         pipe.hset(schema.TRADING_STATE_KEY, mapping=state.to_fields())
@@ -535,11 +533,7 @@ class Journal:
         self.path = path
 
     def append(self, item):
-        line = json.dumps(item, separators=(",", ":"), sort_keys=True) + "\n"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_synced(self.path, "a", [json.dumps(item, separators=(",", ":"), sort_keys=True) + "\n"])
 
     def unpublished(self):
         """Reports not yet marked published. A line that cannot be used (torn by a crash,
@@ -563,19 +557,19 @@ class Journal:
         return list(waiting.values())
 
     def _quarantine(self, bad, keep):
-        quarantine = self.path + ".quarantine"
-        with open(quarantine, "a", encoding="utf-8") as handle:
-            handle.writelines(bad)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary = self.path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.writelines(keep)
-            handle.flush()
-            os.fsync(handle.fileno())
+        quarantine, temporary = self.path + ".quarantine", self.path + ".tmp"
+        _write_synced(quarantine, "a", bad)
+        _write_synced(temporary, "w", keep)
         os.replace(temporary, self.path)
         log.critical("journal_lines_quarantined", lines=len(bad), path=self.path, quarantine=quarantine,
                      note="look at them: a report there never reached Redis")
+
+
+def _write_synced(path, mode, lines):
+    with open(path, mode, encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _journal_item(line):
@@ -638,14 +632,13 @@ class ExchangePool:
     def __init__(self, cfg, size):
         self.cfg = cfg
         self.exchange_id = cfg.exchange_id
-        self.size = size
         self.rules = None
         self.primary = None            # the client that loaded the markets; others share them
         self.idle = []                 # most recently used last
         self.built = 0
         self.warming = []
         self.next_warm = 0.0
-        self.lock = threading.Condition()
+        self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="eew-exchange")
 
     @property
@@ -657,35 +650,23 @@ class ExchangePool:
         primary = exchange.build_exchange(self.cfg)
         rules = exchange.load_market_rules(primary)
         with self.lock:
-            self.primary = primary
-            if self.built < self.size:
-                self.built += 1
-                self.idle.append(primary)
-                self.lock.notify()
+            self.primary, self.built = primary, self.built + 1
+            self.idle.append(primary)
         self.rules = rules
 
     def _take(self):
+        """The most recently used idle client, else a new one. Never more than `size` in use:
+        only the executor's `size` threads take clients (load_markets runs once, at start)."""
         with self.lock:
-            while not self.idle and self.built >= self.size:
-                self.lock.wait()
             if self.idle:
                 return self.idle.pop()
+        client = exchange.build_exchange(self.cfg)
+        with self.lock:
             self.built += 1
-        try:
-            client = exchange.build_exchange(self.cfg)
-        except Exception:
-            with self.lock:
-                self.built -= 1
-            raise
         # By reference (ccxt's set_markets would deep-copy every market into every client: 64
         # copies of 600 markets). ccxt only reads them; a reload replaces, never mutates.
         client.set_markets_from_exchange(self.primary)
         return client
-
-    def _give(self, client):
-        with self.lock:
-            self.idle.append(client)
-            self.lock.notify()
 
     def submit(self, fn, *args):
         """Run fn(client, *args) on a worker thread with a client of its own."""
@@ -696,7 +677,8 @@ class ExchangePool:
         try:
             return fn(client, *args)
         finally:
-            self._give(client)
+            with self.lock:
+                self.idle.append(client)
 
     def maintain(self, now, warm, interval_s, pacer):
         """Keep `warm` connections alive: every interval_s (0: never) one ping on each, and
@@ -766,13 +748,6 @@ class Account:
     unreadable: list = field(default_factory=list)   # venues.base.UnreadableRow: never flat
 
 
-@dataclass
-class RoundResult:
-    cancelled: int = 0
-    orders_sent: int = 0
-    errors: list = field(default_factory=list)
-
-
 # ------------------------------------------------------------------------------ one panic
 
 class Closer:
@@ -789,12 +764,14 @@ class Closer:
     def read_account(self, deadline, event_id, keepalive):
         """Positions and open orders, fresh, retried until the deadline; None if never read
         (self.last_read_error then says why, naming the segment that failed)."""
+        wait = 0.0
         for attempt in itertools.count():
-            paused = self.pacer.paused_for()
-            if paused > 0:
-                if time.monotonic() + paused > deadline:
+            # A 429's pause (any thread's) or the back-off after a failed read.
+            wait = max(wait, self.pacer.paused_for())
+            if wait > 0:
+                if time.monotonic() + wait > deadline:
                     return None
-                _sleep(paused, keepalive)
+                _sleep(wait, keepalive)
             try:
                 if not self.pool.ready:
                     self.pool.load_markets()
@@ -822,21 +799,18 @@ class Closer:
                     self.pacer.pause(wait)
                 log.warning("account_read_failed", event_id=event_id, error=self.last_read_error,
                             retry_in_s=wait)
-                if time.monotonic() + wait > deadline:
-                    return None
-                _sleep(wait, keepalive)
 
     def run_round(self, account, attempt, event_id, deadline, keepalive):
-        """Cancel all orders on every symbol where the fresh read saw orders, and send every
+        """Cancel all orders on every book where the fresh read saw orders, and send every
         close of the plan, concurrently. Waits for all of them, calling keepalive() about every
-        KEEPALIVE_S from this (the main) thread meanwhile."""
+        KEEPALIVE_S from this (the main) thread meanwhile. Returns (cancelled, sent, errors)."""
         plan = flatten.plan_close(account.positions, self.pool.rules or {}, attempt, event_id)
+        books = collections.defaultdict(list)
+        for order in account.orders:
+            books[order.symbol, order.conditional].append(order)
         # Only the books that had orders: an empty book's cancel finds nothing the read did not.
-        books = sorted({(o.symbol, o.conditional) for o in account.orders})
-        cancels = {self.pool.submit(self._cancel, symbol, conditional,
-                                    [o for o in account.orders
-                                     if o.symbol == symbol and o.conditional == conditional]): (symbol, conditional)
-                   for symbol, conditional in books}
+        cancels = {self.pool.submit(self._cancel, *book, orders): (book[0], orders)
+                   for book, orders in sorted(books.items())}
         # A batch never holds more orders than the tightest limit lets out at once.
         size = min(exchange.batch_size(self.pool.exchange_id), min(count for count, _ in self.pacer.limits))
         closes = {self.pool.submit(self._close, plan[i:i + size], deadline): plan[i:i + size]
@@ -846,24 +820,15 @@ class Closer:
             _done, waiting = futures.wait(waiting, timeout=KEEPALIVE_S)
             if waiting:
                 keepalive()
-        result = RoundResult()
-        for future, (symbol, conditional) in cancels.items():
-            error = future.result()
-            if error is None:
-                result.cancelled += sum(1 for o in account.orders
-                                        if o.symbol == symbol and o.conditional == conditional)
-            else:
-                result.errors.append(f"cancel:{symbol}:{error}")
-        for future, batch in closes.items():
-            for order, error in zip(batch, future.result()):
-                if error is None:
-                    result.orders_sent += 1
-                else:
-                    result.errors.append(f"close:{order.symbol}:{order.position_side}:{error}")
+        errors = [f"cancel:{symbol}:{f.result()}" for f, (symbol, _) in cancels.items() if f.result()]
+        cancelled = sum(len(orders) for f, (_, orders) in cancels.items() if f.result() is None)
+        results = [(order, error) for f, batch in closes.items() for order, error in zip(batch, f.result())]
+        errors += [f"close:{order.symbol}:{order.position_side}:{error}" for order, error in results if error]
+        sent = sum(1 for _, error in results if error is None)
         log.info("close_round", event_id=event_id, attempt=attempt, positions=len(account.positions),
-                 orders_seen=len(account.orders), planned=len(plan), sent=result.orders_sent,
-                 cancelled=result.cancelled, errors=len(result.errors))
-        return result
+                 orders_seen=len(account.orders), planned=len(plan), sent=sent, cancelled=cancelled,
+                 errors=len(errors))
+        return cancelled, sent, errors
 
     def _cancel(self, client, symbol, conditional, orders):
         """None on success, else a short error text. Runs on a pool thread."""
@@ -915,79 +880,33 @@ class Closer:
             pending = limited
         return errors
 
-    def execute(self, event_id, record, on_progress, keepalive):
-        """Halt is the caller's job. Reads, closes and verifies until flat or the deadline;
-        returns the report fields that depend on the exchange (a dict for CompletionReport).
-        on_progress(record) runs before every attempt (persist the attempt number);
-        keepalive() runs while an attempt waits for the exchange."""
+    def execute(self, event_id, record, keepalive):
+        """Halt is the caller's job. Reads, then closes and verifies as core.close_next says
+        (until flat or the deadline); returns the report fields that depend on the exchange
+        (core.close_summary). keepalive() runs while an attempt waits for the exchange,
+        keepalive(True) before every attempt (persist the attempt number in the record)."""
         started = time.monotonic()
-        deadline = started + self.config.close_deadline_s
-        account = self.read_account(deadline, event_id, keepalive)
-        if account is not None:
-            # The work is known now: the deadline grows with the closes the limits must pace.
-            deadline = started + close_deadline_s(self.config.close_deadline_s, len(account.positions),
-                                                  self.pacer.limits)
+        account = self.read_account(started + self.config.close_deadline_s, event_id, keepalive)
         if account is None:
-            return dict(status=flatten.FAILED, positions_total=None, positions_closed=None,
-                        positions_failed=None, scope=self.scope, attempts=record.get("attempt", 0),
+            return dict(status=flatten.FAILED, scope=self.scope, attempts=record.get("attempt", 0),
                         detail=f"positions_unreadable_until_deadline:{self.last_read_error}")
+        # The work is known now: the deadline grows with the closes the limits must pace.
+        deadline = started + close_deadline_s(self.config.close_deadline_s, len(account.positions),
+                                              self.pacer.limits)
         if record.get("initial") is None:
             record["initial"] = sorted({"|".join(flatten.position_key(p)) for p in account.positions})
-        attempt = record.get("attempt", 0)
-        cancelled, errors, failed_rounds, sent = 0, [], 0, 0
-        while True:
-            rules = self.pool.rules or {}
-            if not flatten.closable(account.positions, rules) and not account.orders and not account.unreadable:
-                break
-            if time.monotonic() >= deadline:
-                break
-            attempt += 1
-            record["attempt"] = attempt
-            on_progress(record)
-            result = self.run_round(account, attempt, event_id, deadline, keepalive)
-            cancelled, sent = cancelled + result.cancelled, sent + result.orders_sent
-            errors.extend(result.errors)
-            if result.errors or account.unreadable:
-                # Progress stalls on errors (or on a row that cannot be read): back off a little
-                # so a stuck position does not hammer the exchange, but keep trying (re-reading
-                # the row) until the deadline.
+        cancelled, sent, errors, failed_rounds = 0, 0, [], 0
+        while core.close_next(account, self.pool.rules or {}, time.monotonic(), deadline):
+            record["attempt"] = record.get("attempt", 0) + 1
+            keepalive(True)
+            done, accepted, failed = self.run_round(account, record["attempt"], event_id, deadline, keepalive)
+            cancelled, sent, errors = cancelled + done, sent + accepted, errors + failed
+            if failed or account.unreadable:
                 failed_rounds += 1
-                _sleep(min(0.05 * 2 ** failed_rounds, 1.0, deadline - time.monotonic()), keepalive)
-            verified = self.read_account(deadline, event_id, keepalive)
-            if verified is None:
-                account = None
-                break
-            account = verified
-        return self._summary(record, account, attempt, cancelled, errors, sent)
-
-    def _summary(self, record, account, attempts, cancelled, errors, sent=0):
-        initial = set(record.get("initial") or [])
-        fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=attempts,
-                      scope=self.scope)
-        # orders_sent/orders_rejected (close orders accepted / refused or failed, this run of
-        # the close) feed the metrics counters (eexit/metrics.py).
-        fields["extra"] = {"orders_sent": str(sent),
-                           "orders_rejected": str(sum(1 for e in errors if e.startswith("close:")))}
-        if errors:
-            fields["extra"]["errors"] = json.dumps(errors[-50:])
-        if account is None:
-            # Orders were sent but nothing confirms what happened: not FLAT, not RESIDUAL.
-            return dict(fields, status=flatten.FAILED, positions_closed=None, positions_failed=None,
-                        detail=f"verify_unreadable_until_deadline:{self.last_read_error}")
-        residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
-        left = {"|".join(flatten.position_key(p)) for p in account.positions}
-        detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
-        status = flatten.decide_status(account.positions, account.orders)
-        if account.unreadable:
-            # A row whose exposure is unknown: the account was not read whole, never FLAT.
-            status, rows = flatten.FAILED, account.unreadable
-            fields["positions_total"] += len(rows)
-            detail = " ".join(filter(None, ["position_rows_unreadable:" + ";".join(
-                u.describe() for u in rows[:5]) + (f";+{len(rows) - 5}_more" if len(rows) > 5 else ""), detail]))
-        return dict(fields, status=status,
-                    positions_closed=len(initial - left), positions_failed=len(left) + len(account.unreadable),
-                    failed_symbols=sorted({p.symbol for p in account.positions} | {u.symbol for u in account.unreadable}),
-                    residual_positions=residual, dust=dust, detail=detail)
+                _sleep(core.round_pause(failed_rounds, deadline - time.monotonic()), keepalive)
+            account = self.read_account(deadline, event_id, keepalive)
+        return core.close_summary(record, account, self.pool.rules or {}, cancelled, sent, errors,
+                                  scope=self.scope, read_error=self.last_read_error)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -998,8 +917,6 @@ class Job:
     core's): the event, the report base, the ledger record, the close's report fields."""
     event: schema.PanicEvent
     base: dict
-    why: str = ""
-    rejected: list = field(default_factory=list)
     record: dict = None
     fields: dict = None
     halt_state: schema.TradingState = None
@@ -1114,7 +1031,7 @@ class Entries:
 
     def handle_entry(self, entry_id, raw, screened=None):
         screened = screened or self.screen(entry_id, raw)
-        event, event_id, problems, allowed, why = screened
+        event, event_id, problems, allowed, _why = screened     # allowed: rejections go by batch
         self.current_event = event_id
         base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
                     problems=tuple(problems), ts_started=wall_ms())
@@ -1122,7 +1039,7 @@ class Entries:
                  reason=event.reason, problems=",".join(problems))
         panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
         record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
-        self.drive(panic, commands, Job(event, base, why, [(entry_id, screened)], record=record))
+        self.drive(panic, commands, Job(event, base, record=record))
 
     def drive(self, panic, commands, job):
         """Perform the core's commands in order, feeding each result or error back."""
@@ -1175,10 +1092,11 @@ class Entries:
             if do is core.Do.SIMPLE_CLOSE:
                 # Nothing from the ledger record (it may be what failed), no bookkeeping: a fresh
                 # record whose attempt numbers (client order ids) no normal attempt uses.
-                job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT}, lambda _r: None,
-                                                 self.notifier.ping)
+                job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT},
+                                                 lambda _save=False: self.notifier.ping())
             else:
-                job.fields = self.closer.execute(event_id, job.record, *self.close_hooks(event_id, entry_id, job.record))
+                keepalive = self.close_keepalive(event_id, entry_id, job.record)
+                job.fields = self.closer.execute(event_id, job.record, keepalive)
             return job.fields["status"]
         if do is core.Do.REPORT:
             fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
@@ -1194,25 +1112,21 @@ class Entries:
             return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
         if do is core.Do.TOUCH:
             return self.touch_entry(event_id, entry_id)
-        if do is core.Do.ACK:
-            # The report stands (written by the script that acknowledges); only the XACK is missing.
-            return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
-        return self.report_rejected(job.rejected)
+        # ACK (REJECT never comes here: rejected entries go by batch, reject_batch). The report
+        # stands (written by the script that acknowledges); only the XACK is missing.
+        return self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, entry_id)
 
-    def close_hooks(self, event_id, entry_id, record):
-        """(on_progress, keepalive) for a close: persist the attempt number (a resumed close
-        uses new client order ids), keep our entry fresh, ping the watchdog while the
-        exchange answers (progress of the loop's own work)."""
-        def keepalive():
+    def close_keepalive(self, event_id, entry_id, record):
+        """keepalive(save=False) for a close: keep our entry fresh, ping the watchdog while the
+        exchange answers (progress of the loop's own work), and persist the record before
+        every attempt (save: a resumed close uses new client order ids) and every second (it
+        is not stranded)."""
+        def keepalive(save=False):
             self.touch_entry(event_id, entry_id)
-            if wall_ms() - record.get("ts_updated", 0) > 1000:
-                self.save_progress(event_id, entry_id, record)   # the record is not stranded
+            if save or wall_ms() - record.get("ts_updated", 0) > 1000:
+                self.save_progress(event_id, entry_id, record)
             self.notifier.ping()
-
-        def on_progress(progress):
-            self.save_progress(event_id, entry_id, progress)
-            keepalive()
-        return on_progress, keepalive
+        return keepalive
 
     def report_without_action(self, entry_id, base, status, detail):
         """DUPLICATE (or FAILED for an entry that is not authorised): report + ack, recorded
@@ -1261,10 +1175,9 @@ class Entries:
         extra = {"entry_id": entry_id or "", "consumer": self.config.consumer, **fields.get("extra", {})}
         report = core.report(base, dict(fields, extra=extra), now)
         self.last_positions = report.positions_failed
-        log.info("panic_completed", event_id=event_id, status=report.status,
-                 positions_total=report.positions_total, positions_closed=report.positions_closed,
-                 positions_failed=report.positions_failed, orders_cancelled=report.orders_cancelled,
-                 attempts=report.attempts, execution_time_ms=report.execution_time_ms)
+        log.info("panic_completed", event_id=event_id, **{name: getattr(report, name) for name in (
+            "status", "positions_total", "positions_closed", "positions_failed", "orders_cancelled", "attempts",
+            "execution_time_ms")})
         done = {"entry": entry_id, "consumer": self.config.consumer, "stage": "done",
                 "status": report.status, "attempt": (record or {}).get("attempt", 0),
                 "ts_started": base["ts_started"], "ts_completed": now}
@@ -1273,10 +1186,7 @@ class Entries:
                 "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                if force_halt:
-                    self.ledger.halt(halt)      # our own authority: nobody has halted yet
-                else:
-                    self.ledger.ensure_halted(halt)
+                self.ledger.halt(halt, force=force_halt)    # our own authority: nobody has halted yet
                 self.ledger.finish(event_id, done, entry_id, item["report"])
                 return "ledger"
             except bus.REDIS_ERRORS as exc:
@@ -1311,10 +1221,7 @@ class Entries:
             return
         for item in self.journal.unpublished():
             halt, _ = schema.TradingState.from_fields(item["halt"])
-            if item.get("force_halt"):
-                self.ledger.halt(halt)
-            else:
-                self.ledger.ensure_halted(halt)
+            self.ledger.halt(halt, force=bool(item.get("force_halt")))
             written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             self.journaled.discard(item["key"])
@@ -1334,35 +1241,32 @@ class LostPanics:
         here is logged and the pass goes on to read entries: these checks are a second line;
         dying or skipping the read would stop the first."""
         try:
-            self._guard()
+            stream_info, group = tamper.read_stream_state(self.redis)
+            if group is None:
+                return                     # no group (yet): the next read recreates it
+            finding = tamper.decide_tampering(stream_info, group, self.tamper_seen)
+            self.stream_broken = "panic_stream_exhausted" if \
+                stream_info.get("last-generated-id") == tamper.MAX_ID else None
+            if finding is not None:
+                self.tamper_close(finding)
+            if int(stream_info.get("entries-added") or 0) - int(group.get("entries-read") or 0) > READ_BATCH:
+                self.peek_tail(group)
+            if time.monotonic() >= self.next_guard_sweep:
+                self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
+                self.sweep_ledger()
+                self.audit_stream(group)
         except bus.REDIS_ERRORS:
             raise                      # job_step tells transport from command errors
         except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
             log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
                       traceback=traceback.format_exc()[-1500:])
 
-    def _guard(self):
-        stream_info, self.group_info = tamper.read_stream_state(self.redis)
-        if self.group_info is None:
-            return                     # no group (yet): the next read recreates it
-        finding = tamper.decide_tampering(stream_info, self.group_info, self.tamper_seen)
-        self.stream_broken = "panic_stream_exhausted" if \
-            stream_info.get("last-generated-id") == tamper.MAX_ID else None
-        if finding is not None:
-            self.tamper_close(finding)
-        if int(stream_info.get("entries-added") or 0) - int(self.group_info.get("entries-read") or 0) > READ_BATCH:
-            self.peek_tail()
-        if time.monotonic() >= self.next_guard_sweep:
-            self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
-            self.sweep_ledger()
-            self.audit_stream()
-
-    def peek_tail(self):
+    def peek_tail(self, group):
         """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
         the newest batch too, and execute an authorised entry found there now, so the real
         panic does not wait for the whole backlog; its turn in the group later finds its ledger
         record done and only acknowledges it. Each entry is peeked at most once."""
-        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(self.group_info.get("last-delivered-id")))
+        low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(group.get("last-delivered-id")))
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
             self.peek_cursor = _text(batch[0][0])
@@ -1414,10 +1318,10 @@ class LostPanics:
                                       issued_by=record.get("issued_by") or "unknown", ts=record.get("ts_started"))
             self.run_recorded(event, record, ["resumed_from_ledger"])
 
-    def audit_stream(self):
+    def audit_stream(self, group):
         """Authorised entries up to the group's last-delivered-id that are neither pending nor
         recorded were taken past us (NOACK read, group created at `$`): execute them."""
-        last = self.group_info.get("last-delivered-id") or "0-0"
+        last = group.get("last-delivered-id") or "0-0"
         if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
             return
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
@@ -1453,9 +1357,8 @@ class LostPanics:
                 if verdict is None:
                     log.warning("resume_request_ignored", entry_id=self.resume_cursor, why=why)
                 else:
-                    log.info("resume_verdict", request_id=verdict["request_id"], status=verdict["status"],
-                             event_id=verdict["event_id"], operator=verdict["operator"],
-                             refusals=len(json.loads(verdict["refusals"])))
+                    log.info("resume_verdict", refusals=len(json.loads(verdict["refusals"])), **{
+                        name: verdict[name] for name in ("request_id", "status", "event_id", "operator")})
 
     def account_for_resume(self):
         """(positions, open_orders, error) from a fresh read of the whole account."""
@@ -1492,8 +1395,7 @@ class OwnAuthority:
         halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
                                    halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
                                    requires_manual_reset=True)
-        fields = self.closer.execute(event_id, record, lambda _record: self.notifier.ping(),
-                                     self.notifier.ping)
+        fields = self.closer.execute(event_id, record, lambda _save=False: self.notifier.ping())
         if not (repeat and guard_policy.quiet_repeat(fields)):
             self.finish_report(event_id, None, record, base, fields, halt)
         return fields["status"]
@@ -1557,16 +1459,13 @@ class OwnAuthority:
         log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
                      positions=len(account.positions), orders=len(account.orders))
         if action == "alert":
-            residual, dust = flatten.classify_residual(account.positions, self.pool.rules or {})
-            fields = dict(status=flatten.RESIDUAL, positions_total=len(account.positions), positions_closed=0,
-                          positions_failed=len(account.positions), residual_positions=residual, dust=dust,
-                          failed_symbols=sorted({p.symbol for p in account.positions}), orders_cancelled=0,
-                          attempts=0, scope=self.closer.scope,
+            seen = {"initial": ["|".join(flatten.position_key(p)) for p in account.positions]}
+            fields = dict(core.close_summary(seen, account, self.pool.rules or {}, 0, 0, [], self.closer.scope, ""),
+                          status=flatten.RESIDUAL,
                           detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
-            fields = self.closer.execute(event_id, record, lambda _record: self.guard_keepalive(),
-                                         self.guard_keepalive)
+            fields = self.closer.execute(event_id, record, self.guard_keepalive)
             self.set_status("waiting for panic events")
         fields.setdefault("extra", {})["halt_event_id"] = state.event_id
         self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
@@ -1579,7 +1478,7 @@ class OwnAuthority:
     def hold_guard(self):
         return self.ledger.hold_lease(self.config.consumer, guard_policy.lease_ms(self.config.halt_guard_s))
 
-    def guard_keepalive(self):
+    def guard_keepalive(self, _save=False):
         """While the guard reads or closes: watchdog pings, and the lease renewed every step
         so that no other EEW starts guarding meanwhile."""
         self.notifier.ping()
@@ -1630,7 +1529,6 @@ class Worker(Entries, LostPanics, OwnAuthority):
         self.next_account_check = self.next_guard_sweep = 0.0
         self.account_future = None
         self.account_problem = None       # "exchange_authentication" while the key is refused
-        self.redis_down_since = time.monotonic()                      # until the first connect
         self.live = core.Liveness(unable_since=time.monotonic())      # until the first clean pass
         self.pass_blind, self.pass_lost = None, False
         self.unreported = {}              # event_id -> why: authorised panics without a final report
@@ -1640,14 +1538,13 @@ class Worker(Entries, LostPanics, OwnAuthority):
         self.last_positions = None
         self.tamper_seen = set()          # tamper findings already closed for (keys)
         self.stream_broken = None         # the panic stream cannot take entries (reason)
-        self.group_info = None            # the EEW group, as the last tamper check saw it
         self.audit_cursor = self.resume_cursor = "0-0"   # stream audit / resume requests read to here
         self.peek_cursor = "0-0"          # newest entry screened ahead of a backlog
 
     # -- lifecycle
 
     def run(self):
-        daemon.on_stop_signal(self._stop)
+        daemon.on_stop_signal(lambda: setattr(self, "stopping", True))
         log.info("starting", consumer=self.config.consumer, block_ms=self.block_ms,
                  deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
                  bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
@@ -1657,9 +1554,6 @@ class Worker(Entries, LostPanics, OwnAuthority):
             self.iteration()
         self.notifier.stopping()
         log.info("stopped", consumer=self.config.consumer)
-
-    def _stop(self):
-        self.stopping = True
 
     def iteration(self):
         """One pass, then core.pass_ended decides whether the EEW was able to do its job."""
@@ -1753,12 +1647,9 @@ class Worker(Entries, LostPanics, OwnAuthority):
         # (the journal survives a restart, this process's memory does not).
         waiting = list(self.unreported) + sorted(set(self.journaled) - set(self.unreported))
         unreported = ",".join(f"panic_unreported:{event_id}" for event_id in waiting[:3])
-        reasons = [why for why, bad in (("markets_not_loaded", not self.pool.ready),
-                                        ("journal_backlog", self.journaled),
-                                        (unreported, unreported),
-                                        (self.account_problem, self.account_problem),
-                                        (f"blind:{self.live.blind}", self.live.blind),
-                                        (self.stream_broken, self.stream_broken)) if bad]
+        reasons = [why for why in ("" if self.pool.ready else "markets_not_loaded",
+                                   self.journaled and "journal_backlog", unreported, self.account_problem,
+                                   self.live.blind and f"blind:{self.live.blind}", self.stream_broken) if why]
         extra = {"consumer": self.config.consumer,   # what we accept: watchdogs check it
                  "authorized": ",".join(self.config.authorized_sources),
                  **signing.advertise(self.config.keyring)}
@@ -1817,26 +1708,21 @@ class Worker(Entries, LostPanics, OwnAuthority):
             # Still down: back off and let on_unable decide about a bus-loss close.
             self.lost_redis(exc)
             return False
-        down_s = time.monotonic() - self.redis_down_since
         self.redis, self.ledger = client, Ledger(client)
         self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
-        self.redis_down_since = None
         self.next_sweep = 0.0          # a restart may have left our entries pending
         self.audit_cursor = "0-0"      # check the whole stream against the group once more
         self.next_guard_sweep = 0.0
         self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
-        log.info("redis_connected", down_s=round(down_s, 3))
+        log.info("redis_connected", down_s=round(core.unable_for(self.live, time.monotonic()), 3))
         return True
 
     def lost_redis(self, exc):
         """Redis went away: this pass is not clean (core.PassEnd.LOST), the client is dropped."""
         self.pass_lost = True
         self.trouble.report(exc, "connect")
-        if self.redis_down_since is None:
-            self.redis_down_since = time.monotonic()
-            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__,
-                      cause=daemon.cause(exc))
         if self.redis is not None:
+            log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__, cause=daemon.cause(exc))
             try:
                 self.redis.close()
             except bus.REDIS_ERRORS:
@@ -1845,7 +1731,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
                 pass
         self.redis = self.ledger = self.heartbeat = None
         self.next_reconnect = time.monotonic() + self.backoff.next()
-        self.set_status(f"redis unreachable for {time.monotonic() - self.redis_down_since:.0f}s: "
+        self.set_status(f"redis unreachable for {core.unable_for(self.live, time.monotonic()):.0f}s: "
                         f"{daemon.cause(exc)}")
 
     def on_unable(self):
@@ -1876,8 +1762,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
             return
         if not self.ready_sent and self.config.keepalive_s > 0:
             # Warm the connections before READY=1 (send_ready waits for the round to end).
-            self.pool.warming = self.pool.keep_warm(self.warm, self.closer.pacer)
-            self.pool.next_warm = time.monotonic() + self.config.keepalive_s
+            self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s, self.closer.pacer)
             futures.wait(self.pool.warming, timeout=self.config.exchange_config.timeout_ms / 1000 + 1)
 
     def check_account(self):

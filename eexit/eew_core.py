@@ -21,14 +21,21 @@ is only for entries that are not authorised (give_up_unauthorised). One final re
 event id: the report script writes it once per event id (eexit/eew.py, FINISH_LUA); a panic
 whose report waits in the journal is never executed again (start(journaled=True)).
 
+One close (close_next, round_pause, close_summary): eexit/eew.py's Closer.execute reads the
+account, then asks close_next after every read whether another round (cancel + close) runs,
+round_pause how long to back off after a round with errors, and close_summary what the report
+says (never FLAT over an unreadable row, a failed read or an open order). tests/sim.py's
+close_run explores that loop.
+
 The worker (Liveness, pass_ended/close_due/closed): the bus-loss timer measures continuous
 inability to do the job; only a clean pass (entries read, nothing refused, Redis kept) ends it.
 """
 
 import enum
+import json
 from dataclasses import dataclass, replace
 
-from . import schema
+from . import flatten, schema
 
 
 class Stage(str, enum.Enum):
@@ -236,3 +243,47 @@ def failed_fields(panic, detail, scope=""):
     halt = "" if panic.halted else "halt_not_written;"
     return dict(status="FAILED", detail=f"{halt}{detail}"[:schema.MAX_TEXT], scope=scope,
                 extra={"failures": ";".join(panic.failures)[-1000:]} if panic.failures else {})
+
+
+# ------------------------------------------------------------------------------ one close
+
+def close_next(account, rules, now, deadline):
+    """After every account read: another round (cancel + close) while the read holds anything
+    to act on (a closable position, an open order, a row that could not be read: never
+    flat) and the deadline is ahead; None (no read) stops too, and close_summary says why."""
+    return account is not None and now < deadline and bool(
+        account.orders or account.unreadable or flatten.closable(account.positions, rules))
+
+
+def round_pause(failed_rounds, left_s):
+    """Seconds to back off after a round with errors (or an unreadable row): a stuck position
+    must not hammer the exchange, but the close keeps trying until the deadline."""
+    return min(0.05 * 2 ** failed_rounds, 1.0, left_s)
+
+
+def close_summary(record, account, rules, cancelled, sent, errors, scope, read_error):
+    """The report fields of a close from its last read (None: it failed until the deadline).
+    orders_sent/orders_rejected (close orders accepted / refused or failed, this run of the
+    close) feed the metrics counters (eexit/metrics.py)."""
+    initial = set(record.get("initial") or [])
+    extra = {"orders_sent": str(sent), "orders_rejected": str(sum(1 for e in errors if e.startswith("close:")))}
+    if errors:
+        extra["errors"] = json.dumps(errors[-50:])
+    fields = dict(positions_total=len(initial), orders_cancelled=cancelled, attempts=record.get("attempt", 0),
+                  scope=scope, extra=extra)
+    if account is None:
+        # Orders were sent but nothing confirms what happened: not FLAT, not RESIDUAL.
+        return dict(fields, status=flatten.FAILED, detail=f"verify_unreadable_until_deadline:{read_error}")
+    residual, dust = flatten.classify_residual(account.positions, rules)
+    left = {"|".join(flatten.position_key(p)) for p in account.positions}
+    detail = f"open_orders_remaining:{len(account.orders)}" if account.orders else ""
+    status, rows = flatten.decide_status(account.positions, account.orders), account.unreadable
+    if rows:
+        # A row whose exposure is unknown: the account was not read whole, never FLAT.
+        status, fields["positions_total"] = flatten.FAILED, len(initial) + len(rows)
+        more = f";+{len(rows) - 5}_more" if len(rows) > 5 else ""
+        detail = " ".join(filter(None, ["position_rows_unreadable:" + ";".join(
+            u.describe() for u in rows[:5]) + more, detail]))
+    return dict(fields, status=status, positions_closed=len(initial - left), positions_failed=len(left) + len(rows),
+                failed_symbols=sorted({p.symbol for p in account.positions} | {u.symbol for u in rows}),
+                residual_positions=residual, dust=dust, detail=detail)

@@ -23,6 +23,10 @@ invariants are checked:
   - the stream audit never executes an entry that is pending (it would run twice);
   - no exception escapes the loop.
 
+Each seed also runs close_run: Closer.execute's loop (read -> round -> re-read until flat or
+the deadline) over a simulated account, every decision the core's (close_next, round_pause,
+close_summary), with its own invariants after every read (see close_run).
+
 A failing seed prints its trace (one line a step) and the command to replay it.
 
 --legacy swaps in the decisions of the code before issue 24 (a model of them: that code was
@@ -40,6 +44,7 @@ from random import Random
 
 from eexit import eew_core as core
 from eexit import flatten, tamper
+from eexit.venues.base import MarketRules, Position, UnreadableRow
 
 BUS_LOSS_S = 10.0
 IDLE_S = 15.0
@@ -428,6 +433,106 @@ class SimWorker:
         return "direct" if published else "journal"
 
 
+# ------------------------------------------------------------------------------ one close
+
+@dataclass
+class Read:
+    """One account read as eexit/eew.py's Account holds it."""
+    positions: list
+    orders: list
+    unreadable: list
+
+
+CLOSE_RULES = {f"S{i}": MarketRules(f"S{i}", f"S{i}", 0.01, 0.1, None, None, None, 1.0) for i in range(4)}
+
+
+def close_run(seed):
+    """Closer.execute's loop over a simulated account, every decision the core's (close_next,
+    round_pause, close_summary): reads that fail (now and then until the deadline), closes
+    refused / rate-limited / partly filled, open orders, a bot re-opening, a row that cannot
+    be read (and may become readable), positions below the minimum quantity (dust), a clock
+    the exchange's latency and the pauses advance. After every read: the loop stops only
+    with nothing closable left, no order, no unreadable row, or at the deadline. At the end:
+    FLAT only over an empty last read, an unreadable row or a failed read never FLAT, the
+    counts consistent. Returns (ok, trace, why) like run()."""
+    rng, trace, now, deadline = Random(seed), [], 0.0, 30.0
+    positions = {f"S{i}": rng.choice((0.05, 0.5, 2.0)) for i in range(rng.randint(0, 4))}
+    rows, orders = {"ROW"} if rng.random() < 0.2 else set(), rng.randint(0, 2)
+    p_fail, exchange_down = rng.choice((0.0, 0.1, 0.3)), rng.random() < 0.05
+
+    def read():
+        nonlocal now
+        while True:                                         # Closer.read_account retries
+            now += rng.choice((0.025, 0.1, 0.5, 5.0))       # 5 s: a timeout
+            if not exchange_down and rng.random() >= p_fail:
+                held = [Position(s, s, "long", q, "BOTH", 1.0) for s, q in sorted(positions.items())]
+                return Read(held, [object()] * orders, [UnreadableRow("swap", r, "pos_missing") for r in rows])
+            if now + 0.5 > deadline:
+                return None
+
+    def check(account, why):
+        if account is not None and now < deadline and not core.close_next(account, CLOSE_RULES, now, deadline) \
+                and (orders or rows or flatten.closable(account.positions, CLOSE_RULES)):
+            raise Violation(f"the close stopped with work left and time ahead ({why})")
+
+    try:
+        record = {"attempt": 0}
+        account = read()
+        trace.append(f"t={now:5.2f} read {account}")
+        if account is not None:
+            record["initial"] = sorted("|".join(flatten.position_key(p)) for p in account.positions)
+        failed_rounds, errors = 0, []
+        while core.close_next(account, CLOSE_RULES, now, deadline):
+            record["attempt"] += 1
+            failed = []
+            orders = 0 if rng.random() >= p_fail else orders          # cancel-all
+            for symbol in list(positions):
+                if flatten.unplaceable(Position(symbol, symbol, "long", positions[symbol], "BOTH", 1.0),
+                                       CLOSE_RULES.get(symbol)):
+                    continue                                           # dust: no order can take it
+                roll = rng.random()
+                if roll < p_fail / 2:
+                    failed.append(f"close:{symbol}:refused")
+                elif roll < p_fail:
+                    positions[symbol] = round(positions[symbol] / 2, 2)   # partial fill
+                else:
+                    del positions[symbol]
+            if rows and rng.random() < 0.3:
+                rows.clear()
+                positions["ROW"] = 1.0                         # the row reads again: a position
+            if rng.random() < 0.05:
+                positions["BOT"], orders = 1.0, orders + 1     # a bot re-opens after the halt
+            errors += failed
+            trace.append(f"t={now:5.2f} round {record['attempt']}: left {positions} orders={orders} rows={rows}")
+            if failed or account.unreadable:
+                failed_rounds += 1
+                pause = core.round_pause(failed_rounds, deadline - now)
+                if pause > max(0.0, deadline - now) + 1e-9 or pause > 1.0:
+                    raise Violation(f"pause {pause} past the deadline or over a second")
+                now += max(0.0, pause)
+            account = read()
+            trace.append(f"t={now:5.2f} read {account}")
+            check(account, f"round {record['attempt']}")
+            if record["attempt"] > 10_000:
+                raise Violation("the close never ends")
+        check(account, "first read")
+        fields = core.close_summary(record, account, CLOSE_RULES, 0, 0, errors, "sim", "timeout")
+        trace.append(f"summary {fields['status']} {fields.get('detail')}")
+        if fields["status"] == flatten.FLAT and (account is None or account.positions or account.orders
+                                                 or account.unreadable):
+            raise Violation(f"FLAT over the read {account}")
+        if account is not None and account.unreadable and (
+                fields["status"] != flatten.FAILED or fields["positions_failed"] < len(account.unreadable)):
+            raise Violation(f"an unreadable row reported {fields['status']} failed={fields['positions_failed']}")
+        if account is not None and fields["positions_closed"] > fields["positions_total"]:
+            raise Violation(f"closed {fields['positions_closed']} of {fields['positions_total']}")
+    except Violation as exc:
+        return False, trace, str(exc)
+    except Exception as exc:  # noqa: BLE001 - the invariant "no exception escapes"
+        return False, trace, f"exception escaped: {type(exc).__name__}: {exc}"
+    return True, trace, ""
+
+
 # ------------------------------------------------------------------------------ one schedule
 
 def run(seed, legacy=(), steps=40):
@@ -507,6 +612,8 @@ def explore(seeds, start=0, legacy=()):
     failures = []
     for seed in range(start, start + seeds):
         ok, trace, why = run(seed, legacy)
+        if ok and not legacy:
+            ok, trace, why = close_run(seed)
         if not ok:
             failures.append((seed, why, trace))
     return failures
@@ -526,6 +633,8 @@ def main(argv=None):
         parser.error(f"--legacy: unknown {','.join(sorted(unknown))}")
     if args.trace is not None:
         ok, trace, why = run(args.trace, args.legacy)
+        if ok and not args.legacy:
+            ok, trace, why = close_run(args.trace)
         print("\n".join(trace))
         print("OK" if ok else f"VIOLATION: {why}")
         return 0 if ok else 1
