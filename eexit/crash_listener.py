@@ -130,7 +130,14 @@ def serve(env, log):
                 code = hook.run({**env, "EEXIT_CRASH": facts}, log, client, ORIGIN)
                 answer(directory / "reply", code, log)
         if time.monotonic() - last_ping >= KEEPALIVE_S:
+            was_healthy = healthy
             healthy, last_ping = keepalive(client, log, healthy), time.monotonic()
+            if healthy != was_healthy:
+                # Pings go on while Redis is gone (a restart cannot bring Redis back, and each
+                # request still runs the hook and answers its code, so the brain's shell falls
+                # back on the oneshot); STATUS= says why this listener cannot publish now.
+                notifier.status(f"listening on {directory}/request" if healthy
+                                else "Redis unreachable: crashes go to the oneshot crash unit")
     notifier.stopping()
     return 0
 
