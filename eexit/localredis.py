@@ -96,9 +96,12 @@ class RedisServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not answer PING within {timeout_s}s: {self.log_tail()}")
             try:
-                # Ours, not another process's server on a port taken meanwhile (its pid).
-                if redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                               socket_connect_timeout=0.5).info("server").get("process_id") == self.process.pid:
+                # Ours, not another process's server on a port taken meanwhile (its pid), and
+                # done loading its AOF/RDB: INFO answers while loading, every data command
+                # then fails with BusyLoadingError.
+                info = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                                   socket_connect_timeout=0.5).info()
+                if info.get("process_id") == self.process.pid and not info.get("loading"):
                     self.started = True
                     return self
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
