@@ -16,10 +16,10 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import ccxt
 import certifi
 from requests.adapters import HTTPAdapter
 
+from eexit.ccxt_lite import ccxt   # before eexit.venues: the stand-in, not every exchange
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
 from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
