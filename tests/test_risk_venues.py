@@ -287,6 +287,33 @@ class OkxRiskTest(RiskVenueCase, unittest.TestCase):
         self.assertEqual(["/api/v5/account/bills", "/api/v5/account/bills-archive"],
                          [r["path"] for r in self.paper.requests()])
 
+    def test_futures_mode_margin_comes_from_details_worst_currency(self):
+        """acctLv 2: the account-level mmr is "" and details[] carries each currency's eq and
+        mmr; MM/E is the margin use of the currency nearest its own liquidation."""
+        self.paper.set_account_mode("futures")
+        snap = self.snapshot()
+        model = self.paper.risk_view()
+        self.assertEqual(("futures", float(model["equity"])), (snap.margin_mode, snap.equity))
+        self.assertAlmostEqual(float(model["mm"]), snap.maintenance_margin, places=6)   # one currency: its mmr
+        details = [{"ccy": "USDT", "eq": "4000", "mmr": "400"},    # 0.1 of its equity
+                   {"ccy": "BTC", "eq": "0.1", "mmr": "0.06"},     # 0.6: the worst, in BTC units
+                   {"ccy": "ETH", "eq": "2", "mmr": ""}]           # no cross position
+        self.paper.set_risk_field("details", details)
+        snap = self.snapshot()
+        self.assertAlmostEqual(0.6, snap.maintenance_margin / snap.equity, places=9)
+        self.paper.set_risk_field("details", details[:1] + [{"ccy": "BTC", "eq": "0", "mmr": "0.01"}])
+        snap = self.snapshot()
+        self.assertEqual(1.0, snap.maintenance_margin / snap.equity)     # no equity left under a margin
+        for bad in ({"ccy": "BTC", "eq": "0.1", "mmr": "abc"}, {"ccy": "BTC", "eq": "", "mmr": "0.01"},
+                    {"ccy": "BTC", "eq": "0.1", "mmr": "-1"}):
+            with self.subTest(detail=bad):
+                self.paper.set_risk_field("details", [bad])
+                with self.assertRaises(ExchangeDataError):
+                    self.snapshot()
+        self.paper.set_risk_field("details", None)
+        self.assertIn("maintenance_margin", exchange.risk_inputs(self.ex, "futures"))
+        self.assertNotIn("maintenance_margin", exchange.risk_inputs(self.ex, "spot"))
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -190,7 +190,7 @@ def classify_error(exc, ex=None):
 
 RISK_INPUTS = base.RISK_INPUT_NAMES
 LEDGER_KEPT_MS = 90 * base.DAY_MS     # bills-archive: the last 3 months
-RISK_INPUTS_BY_MODE = {mode: base.RISK_INPUT_NAMES - {"maintenance_margin"} for mode in ("spot", "futures")}
+RISK_INPUTS_BY_MODE = {"spot": base.RISK_INPUT_NAMES - {"maintenance_margin"}}
 _ACCT_LV = {"1": "spot", "2": "futures", "3": "multi_currency", "4": "portfolio"}
 _BILLS_KEPT_MS = 7 * base.DAY_MS - 3_600_000   # an hour's margin for clocks
 
@@ -222,9 +222,29 @@ def read_risk_snapshot(ex):
                 base.price_or_none(row, "markPx", "account/positions"),
                 base.price_or_none(row, "liqPx", "account/positions")))
     margin = mode in ("multi_currency", "portfolio")
-    return base.risk_snapshot(
-        base.field(balance, "adjEq" if margin else "totalEq", "account/balance"),
-        base.field(balance, "mmr", "account/balance") if margin else None, mode, "USD", positions, venue_ms)
+    equity = base.field(balance, "adjEq" if margin else "totalEq", "account/balance")
+    mm = base.field(balance, "mmr", "account/balance") if margin else None
+    if mode == "futures":
+        mm = equity * _worst_currency_margin_use(balance)
+    return base.risk_snapshot(equity, mm, mode, "USD", positions, venue_ms)
+
+
+def _worst_currency_margin_use(balance):
+    """Futures mode (acctLv 2) margins each currency on its own: the account-level mmr is ""
+    and details[].mmr (in that currency) against details[].eq applies; a currency is liquidated
+    when its own mmr reaches its eq. The worst currency's mmr/eq, never an average over
+    currencies that would hide it (the caller scales it to the account's equity, so MM/E is
+    that currency's margin use). mmr "" or 0: no cross position in that currency; eq <= 0
+    with a maintenance margin: at liquidation (1.0)."""
+    worst = 0.0
+    for row in base.rows_of(balance.get("details"), "account/balance details"):
+        if row.get("mmr") in ("", None) or (mm := base.field(row, "mmr", "account/balance details")) == 0:
+            continue
+        if mm < 0:
+            raise base.ExchangeDataError(f"account/balance details {row.get('ccy')} mmr {mm!r} < 0")
+        equity = base.field(row, "eq", "account/balance details")
+        worst = max(worst, mm / equity if equity > 0 else 1.0)
+    return worst
 
 
 def read_cash_flows(ex, since_ms, until_ms):
