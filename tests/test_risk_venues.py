@@ -4,6 +4,8 @@ read through eexit.exchange must equal the paper's own model (Account.risk_view,
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 import unittest
 from urllib.parse import urlsplit
@@ -246,6 +248,41 @@ class SharedParsingTest(unittest.TestCase):
             base.risk_position("BTC/USDT:USDT", None, 1.0, None, None)
         with self.assertRaises(ExchangeDataError):
             base.cash_flow("", 1, 1.0, "T", "USDT")
+
+
+class CcxtStandInTest(unittest.TestCase):
+    """eexit/ccxt_lite.py, in fresh interpreters: a daemon loads only the exchange it builds,
+    and ccxt stays whole for anyone who asks more of it."""
+
+    def run_python(self, code):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual(0, done.returncode, done.stdout + done.stderr)
+        return json.loads(done.stdout)
+
+    def test_only_the_built_exchange_is_imported_and_the_rest_on_demand(self):
+        facts = self.run_python(
+            "import json, sys\n"
+            "from eexit import exchange\n"
+            "import ccxt, ccxt.base.errors as errors\n"
+            "ex = exchange.build_exchange(exchange.ExchangeConfig(exchange_id='okx', url='http://127.0.0.1:9'))\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('ccxt.') and m.count('.') == 1\n"
+            "                and m[5:] in ('binance', 'binanceusdm', 'bybit', 'okx', 'kraken'))\n"
+            "facts = dict(loaded=loaded, cls=isinstance(ccxt.okx, type) and isinstance(ex, ccxt.okx),\n"
+            "             errors=ccxt.ExchangeError is errors.ExchangeError and ccxt.NotSupported is errors.NotSupported,\n"
+            "             tick=ccxt.TICK_SIZE, same=ccxt is exchange.ccxt)\n"
+            "facts.update(exchanges=len(ccxt.exchanges), after=isinstance(ccxt.okx, type) and\n"
+            "             isinstance(ccxt.kraken, type), version=ccxt.__version__)\n"
+            "print(json.dumps(facts))\n")
+        self.assertEqual(["ccxt.okx"], facts["loaded"])
+        self.assertTrue(facts["cls"] and facts["errors"] and facts["same"] and facts["after"])
+        self.assertEqual(ccxt.TICK_SIZE, facts["tick"])
+        self.assertGreater(facts["exchanges"], 100)          # ccxt.exchanges: the real __init__ ran
+        self.assertEqual(ccxt.__version__, facts["version"])
+
+    def test_an_already_imported_ccxt_is_used_unchanged(self):
+        facts = self.run_python("import json, ccxt\nfrom eexit import exchange\n"
+                                "print(json.dumps(dict(same=exchange.ccxt is ccxt, whole='exchanges' in vars(ccxt))))")
+        self.assertEqual({"same": True, "whole": True}, facts)
 
 
 class BinanceRiskTest(RiskVenueCase, unittest.TestCase):
