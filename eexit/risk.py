@@ -58,7 +58,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 
-from . import bus, daemon, schema, signing
+from . import bus, daemon, hook, schema, signing
 from .config import ConfigError, credential, env_bool, env_float, env_int, env_str
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -80,8 +80,7 @@ REASONS = {"drawdown": "RISK_DRAWDOWN", "daily_loss": "RISK_DAILY_LOSS", "margin
 NEEDS = {"drawdown": {"equity", "cash_flows"}, "daily_loss": {"equity", "cash_flows"},
          "margin": {"equity", "maintenance_margin"}, "liquidation": {"liquidation_price"},
          "mode": {"margin_mode"}}
-SWITCH = {"drawdown": "EEXIT_RISK_DRAWDOWN_WARN/_PANIC", "daily_loss": "EEXIT_RISK_DAILY_LOSS_WARN/_PANIC",
-          "margin": "EEXIT_RISK_MARGIN_WARN/_PANIC", "liquidation": "EEXIT_RISK_LIQUIDATION_WARN/_PANIC",
+SWITCH = {**{rule: f"EEXIT_RISK_{rule.upper()}_WARN/_PANIC" for rule in RULES},
           "mode": "EEXIT_RISK_MARGIN_MODE"}
 WINDOW_MS = 24 * 3600 * 1000
 BUCKET_MS = 60_000           # window resolution: one max per minute (1,440 entries at most)
@@ -212,8 +211,7 @@ def snapshot_problem(reading, rules, now_ms):
             return f"{name} not finite: {value!r}"
     if snap.equity <= 0:
         return f"equity {snap.equity} <= 0"
-    if (snap.maintenance_margin or 0) < 0:
-        return f"maintenance_margin {snap.maintenance_margin} < 0"
+    # A negative maintenance margin never gets here: the venue seam refuses it (base.risk_snapshot).
     if snap.venue_ts_ms is not None and now_ms - snap.venue_ts_ms > rules.stale_s * 1000:
         return f"stale: venue time {(now_ms - snap.venue_ts_ms) / 1000:.1f}s behind"
     return ""
@@ -475,7 +473,8 @@ def threshold(name, default, env, maximum=1.0):
     return None if raw.lower() == "off" else env_float(name, default, minimum=1e-6, maximum=maximum, env=env)
 
 
-def pair(warn_name, panic_name, warn, panic, env, lower_is_worse=False):
+def pair(rule, warn, panic, env, lower_is_worse=False):
+    warn_name, panic_name = f"EEXIT_RISK_{rule.upper()}_WARN", f"EEXIT_RISK_{rule.upper()}_PANIC"
     result = Threshold(threshold(warn_name, warn, env), threshold(panic_name, panic, env), lower_is_worse)
     if result.warn is not None and result.panic is not None and not result.crossed(result.panic, result.warn):
         raise ConfigError(f"{warn_name}={result.warn} must come before {panic_name}={result.panic} "
@@ -493,11 +492,10 @@ class Config:
     @classmethod
     def from_env(cls, env=None):
         rules = Rules(
-            drawdown=pair("EEXIT_RISK_DRAWDOWN_WARN", "EEXIT_RISK_DRAWDOWN_PANIC", 0.10, 0.20, env),
-            daily_loss=pair("EEXIT_RISK_DAILY_LOSS_WARN", "EEXIT_RISK_DAILY_LOSS_PANIC", 0.05, 0.10, env),
-            margin=pair("EEXIT_RISK_MARGIN_WARN", "EEXIT_RISK_MARGIN_PANIC", 0.30, 0.50, env),
-            liquidation=pair("EEXIT_RISK_LIQUIDATION_WARN", "EEXIT_RISK_LIQUIDATION_PANIC", 0.10, 0.05, env,
-                             lower_is_worse=True),
+            drawdown=pair("drawdown", 0.10, 0.20, env),
+            daily_loss=pair("daily_loss", 0.05, 0.10, env),
+            margin=pair("margin", 0.30, 0.50, env),
+            liquidation=pair("liquidation", 0.10, 0.05, env, lower_is_worse=True),
             margin_mode=env_str("EEXIT_RISK_MARGIN_MODE", "auto", env).lower(),
             venue_flags=env_bool("EEXIT_RISK_VENUE_FLAGS", True, env),
             blind_s=env_float("EEXIT_RISK_BLIND_S", 60.0, minimum=1.0, maximum=3600, env=env),
@@ -602,7 +600,7 @@ class Kernel:
 
     def read(self, now_ms):
         """One Reading: snapshot, then the ledger up to its venue time, then the halt."""
-        from . import exchange   # noqa: PLC0415 - ccxt (~0.5 s, ~78 MB) only in the daemon, not for status
+        from . import exchange   # noqa: PLC0415 - ccxt only in the daemon, not for status
         # Only an explicit halt mutes a panic: a missing or unreadable state publishes (fail-closed).
         halted = schema.TradingState.from_fields(bus.decoded(self.client.hgetall(schema.TRADING_STATE_KEY)))[0].halted
         try:
@@ -663,17 +661,15 @@ class Kernel:
         return bool(fresh)
 
     def health(self):
-        if self.lost:
-            return "DEGRADED", {"reason": "baseline_lost", "detail": self.lost}
-        if self.state.problem:
-            return "DEGRADED", {"reason": "blind", "detail": self.state.problem}
+        for reason, detail in (("baseline_lost", self.lost), ("blind", self.state.problem)):
+            if detail:
+                return "DEGRADED", {"reason": reason, "detail": detail}
         return "OK", {}
 
     def save(self, state):
         self.state = state
-        document = json.loads(to_json(state))
-        document["rules"] = asdict(self.cfg.rules)
-        document["interval_s"] = self.cfg.interval_s
+        document = {**json.loads(to_json(state)), "rules": asdict(self.cfg.rules),
+                    "interval_s": self.cfg.interval_s}
         previous = self.client.set(STATE_KEY, json.dumps(document, sort_keys=True, separators=(",", ":")), get=True)
         if previous is None and self.saved and state.baseline is not None:
             self.save(self.restored(state))     # the key vanished since our last write
@@ -704,17 +700,41 @@ class Kernel:
         self.event(command.kind, rule=command.rule, context=command.context)
 
     def publish(self, event_id, reason, context):
+        """Through the incident the watchdogs and the crash hook share (eexit:watchdog:incident,
+        bus.claim_and_publish: the claim and the panic in one step). Won: our panic opens it.
+        Lost to an open incident X (another producer fired first, even in the same instant):
+        our panic goes out under X's event id, which the EEW executes once (the copy is
+        DUPLICATE; it runs if X's own panic was lost): one incident, one halt. X finished and a
+        human resumed since (no watchdog closed it): our own event, unclaimed. The hook's rule
+        (hook.after_lost_claim) decides, so both producers read a held incident alike."""
+        fields = self.panic_fields(event_id, reason, context)
+        claim = {"reason": reason, "opened_by": ISSUER, "issued_by": ISSUER}
+        won, written = bus.claim_and_publish(self.client, hook.INCIDENT_KEY, schema.PANIC_STREAM,
+                                             event_id, claim, fields)
+        incident = event_id if won else self.after_lost_claim(event_id, holder=written)
+        fields = fields if incident == event_id else self.panic_fields(incident, reason, context)
+        published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields, self.cfg.redis_replicas,
+                                        self.cfg.redis_wait_ms, give_up_after_s=2.0,
+                                        entry_id=written if won else None)
+        self.save(mark_published(self.state, event_id))
+        self.event("panic", event_id=incident, reason=reason, entry_id=published.entry_id)
+        self.log.critical("panic_published", event_id=incident, reason=reason, entry_id=published.entry_id,
+                          confirmed=published.confirmed, signed=self.kid is not None, rule_event=event_id)
+
+    def after_lost_claim(self, event_id, holder):
+        record = self.client.hget(schema.PROCESSED_KEY, holder)
+        try:
+            done = json.loads(record).get("stage") == "done" if record is not None else False
+        except (ValueError, AttributeError):    # an unreadable record: not finished (fail-closed: join X)
+            done = None
+        halt = schema.TradingState.from_fields(bus.decoded(self.client.hgetall(schema.TRADING_STATE_KEY)))[0]
+        return event_id if hook.after_lost_claim(halt, done) == hook.EARLIER_OUTAGE else holder
+
+    def panic_fields(self, event_id, reason, context):
         event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=ISSUER, ts=wall_ms(),
                                   extra={"context": json.dumps(context, sort_keys=True, default=str)})
         fields = event.to_fields()
-        if self.kid is not None:
-            fields = signing.sign_fields(fields, self.kid, self.keyring)
-        published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields, self.cfg.redis_replicas,
-                                        self.cfg.redis_wait_ms, give_up_after_s=2.0)
-        self.save(mark_published(self.state, event_id))
-        self.event("panic", event_id=event_id, reason=reason, entry_id=published.entry_id)
-        self.log.critical("panic_published", event_id=event_id, reason=reason, entry_id=published.entry_id,
-                          confirmed=published.confirmed, signed=self.kid is not None)
+        return fields if self.kid is None else signing.sign_fields(fields, self.kid, self.keyring)
 
     def take_rebases(self, now_ms):
         reply = self.client.xread({REBASE_STREAM: self.rebase_cursor}, count=10)
@@ -766,6 +786,8 @@ class Kernel:
 
 
 PROBES = (("XADD", schema.PANIC_STREAM, "0-0", "f", "v"), ("XADD", EVENTS_STREAM, "0-0", "f", "v"),
+          ("EVALSHA", "0" * 40, "2", hook.INCIDENT_KEY, schema.PANIC_STREAM), ("SCRIPT", "LOAD", "return 1"),
+          ("HGET", hook.INCIDENT_KEY, "event_id"), ("HGET", schema.PROCESSED_KEY, "x"),
           ("XADD", HEARTBEAT_STREAM, "0-0", "f", "v"), ("GET", STATE_KEY), ("XLEN", EVENTS_STREAM),
           ("XREVRANGE", REBASE_STREAM, "+", "-", "COUNT", "1"), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
 

@@ -20,6 +20,8 @@ KERNEL = {"EEXIT_RISK_INTERVAL_S": "1", "EEXIT_RISK_BLIND_S": "3"}
 BTC = "BTCUSDT"
 KERNEL_KEY = f"rk1 risk_kernel {'a1' * 32}"
 REBASE_KEY = f"rb1 risk_rebase {'b2' * 32}"
+WATCHDOG_KEY = f"wd1 watchdog {'d4' * 32}"
+WATCHDOG_INCIDENT = "eexit:watchdog:incident"
 
 
 class RiskEndToEnd(RedisTestCase):
@@ -264,6 +266,69 @@ class RiskEndToEnd(RedisTestCase):
             30, message=f"breach while halted\n{self.logs()}")
         self.assertEqual({p.issued_by for p in self.panics()}, {"watchdog"})
         self.assertEqual(self.halted().event_id, first.event_id)
+
+    def reports(self, event_id):
+        return sorted(r.status for r in (schema.CompletionReport.from_fields(raw)[0]
+                                         for _id, raw in self.redis.xrange(schema.COMPLETED_STREAM))
+                      if r.event_id == event_id)
+
+    def start_signed(self, module, **env):
+        """Panics signed: the kernel with its own key, the watchdog with its own; the EEW
+        verifies both (an unsigned or foreign-signed panic would be refused)."""
+        keys = {"eexit.risk": KERNEL_KEY, "eexit.watchdog": WATCHDOG_KEY, "eexit.eew": f"{KERNEL_KEY}\n{WATCHDOG_KEY}"}
+        if module == "eexit.risk":
+            return self.kernel(EEXIT_PANIC_HMAC_KEYS=KERNEL_KEY, EEXIT_RISK_REBASE_KEY=REBASE_KEY, **env)
+        return self.start(module, EEXIT_PANIC_HMAC_KEYS=keys[module], **env)
+
+    def test_both_fire_before_a_halt_one_incident_one_halt(self):
+        """The watchdog and the kernel both fire before the EEW halts (the EEW is not running
+        yet: the same window as firing in one instant). The kernel's claim loses to the
+        watchdog's open incident, so its panic carries the incident's event id: the EEW
+        executes the incident once (the copy is DUPLICATE), one halt."""
+        self.start_signed("eexit.risk")
+        self.ready()
+        self.start_signed("eexit.watchdog", EEXIT_STARTUP_GRACE_S="0.5", EEXIT_HEARTBEAT_LOST_S="1")
+        first = wait_for(lambda: self.panics(), 30, message=f"watchdog panic\n{self.logs()}")[0]
+        self.assertEqual(first.issued_by, "watchdog")
+        self.paper.set_mark(BTC, 40_000)
+        joined = self.wait_panic("RISK_DRAWDOWN")
+        self.assertEqual((joined.issued_by, joined.event_id), ("risk_kernel", first.event_id))
+        self.assertIn(b"sig", self.redis.xrange(schema.PANIC_STREAM)[-1][1])      # the kernel signs its copy
+        self.start_signed("eexit.eew")
+        wait_for(lambda: "FLAT" in self.reports(first.event_id), 60, message=f"FLAT\n{self.logs()}")
+        self.assertEqual(self.paper.positions(), {})
+        halt = self.halted()
+        self.assertEqual((halt.halted, halt.event_id, halt.halted_by), (True, first.event_id, "watchdog"))
+        wait_for(lambda: len(self.reports(first.event_id)) >= len(self.panics()), 30, message=self.logs())
+        self.settle(3)
+        self.assertEqual({first.event_id}, {p.event_id for p in self.panics()})     # one incident
+        self.assertEqual(["FLAT"], [s for s in self.reports(first.event_id) if s != "DUPLICATE"])   # one halt
+        self.assertEqual(first.event_id, self.redis.hget(WATCHDOG_INCIDENT, "event_id").decode())
+
+    def test_kernel_first_its_signed_panic_is_executed_and_the_watchdog_joins(self):
+        """The kernel's signed panic (issued_by=risk_kernel) opens the shared incident; an EEW
+        that verifies signatures executes it to FLAT and halts; the watchdog firing after
+        adopts that incident instead of opening a second one."""
+        self.start_signed("eexit.risk")
+        self.ready()
+        self.paper.set_mark(BTC, 40_000)
+        panic = self.wait_panic("RISK_DRAWDOWN")
+        [(_entry, raw)] = self.redis.xrange(schema.PANIC_STREAM)
+        self.assertEqual((b"risk_kernel", True), (raw[b"issued_by"], b"sig" in raw))
+        incident = {k.decode(): v.decode() for k, v in self.redis.hgetall(WATCHDOG_INCIDENT).items()}
+        self.assertEqual((panic.event_id, "risk_kernel", "RISK_DRAWDOWN"),
+                         (incident["event_id"], incident["opened_by"], incident["reason"]))
+        self.start_signed("eexit.watchdog", EEXIT_STARTUP_GRACE_S="0.5", EEXIT_HEARTBEAT_LOST_S="1")
+        wait_for(lambda: "incident_adopted" in self.logs(), 30, message=f"watchdog adopts\n{self.logs()}")
+        self.start_signed("eexit.eew")
+        wait_for(lambda: "FLAT" in self.reports(panic.event_id), 60, message=f"FLAT\n{self.logs()}")
+        self.assertEqual(self.paper.positions(), {})
+        halt = self.halted()
+        self.assertEqual((halt.halted, halt.event_id, halt.reason, halt.halted_by),
+                         (True, panic.event_id, "RISK_DRAWDOWN", "risk_kernel"))
+        self.settle(3)
+        self.assertEqual({panic.event_id}, {p.event_id for p in self.panics()})
+        self.assertEqual(["FLAT"], [s for s in self.reports(panic.event_id) if s != "DUPLICATE"])
 
 
 class BybitRiskEndToEnd(RiskEndToEnd):
