@@ -35,7 +35,9 @@ between its warn and panic thresholds): so a resume after a risk panic never re-
 the old peak, and a further loss is still caught. Several rules breaching in one read are one
 panic (the first named in RULES order gives the reason; the others are in its context). While
 trading is halted the kernel latches and warns but publishes nothing: the halt stands already,
-one incident is one halt.
+one incident is one halt. Before a halt, a panic goes through the incident the watchdogs and the
+crash hook share (Kernel.publish, bus.claim_and_publish): another producer's open incident is
+joined under its event id, never doubled.
 
 Baseline. The peak, the window and the latches live in Redis (eexit:risk:state, written by this
 kernel alone) and survive restarts. Only `eexit risk rebase --operator NAME` moves the baseline
