@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 
-import ccxt
+from eexit.ccxt_lite import ccxt   # the stand-in: only the exchanges built (eexit/ccxt_lite.py)
 
 
 @dataclass(frozen=True)
