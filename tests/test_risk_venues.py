@@ -284,6 +284,12 @@ class CcxtStandInTest(unittest.TestCase):
                                 "print(json.dumps(dict(same=exchange.ccxt is ccxt, whole='exchanges' in vars(ccxt))))")
         self.assertEqual({"same": True, "whole": True}, facts)
 
+    def test_the_venue_modules_imported_first_load_no_exchange_either(self):
+        facts = self.run_python("import json, sys\nfrom eexit import venues\n"
+                                "print(json.dumps(sorted(m for m in sys.modules if m.startswith('ccxt.')\n"
+                                "                        and m.count('.') == 1 and m != 'ccxt.base')))")
+        self.assertEqual([], facts)
+
 
 class BinanceRiskTest(RiskVenueCase, unittest.TestCase):
     venue = "binanceusdm"
