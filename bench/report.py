@@ -381,10 +381,16 @@ def risk_section(data, summary):
     for venue, v in data["venues"].items():
         paths = ", ".join(f"`{p}` {n:g}" for p, n in v["requests_per_min"].items())
         lines.append(f"| {venue} | {sum(v['requests_per_min'].values()):g} | {v['weight_per_min']:g} | {v['limit']} | {paths} |")
-    lines += ["", "The RSS target (≤ 60 MB) is missed on every venue: `import ccxt` alone costs ~78 MB (SPEC §5) and "
-              "the kernel reads the account through the venue seam, which is ccxt; the kernel's own state adds little "
-              "(the figure is flat across venues and equals the idle EEW's within a few MB). The unit's MemoryMax=256M "
-              "is sized from it. Binance weights (USDⓈ-M docs): time 1, multiAssetsMargin 30, account 5, positionRisk 5, "
+    kernel_rss = [v["daemons"]["eexit.risk"]["rss_mb"] for v in data["venues"].values()]
+    lines += ["", f"Kernel RSS {min(kernel_rss):.1f}–{max(kernel_rss):.1f} MB against ≤ 60 MB: the daemons import "
+              "ccxt through `eexit/ccxt_lite.py`, which loads only the configured venue's exchange class, not the "
+              "~110 that `import ccxt` loads (~78 MB, SPEC §5; docs/VENUES.md). Before it, the same bench gave "
+              "86.0–86.4 MB for the kernel and 89–108 MB for the idle EEW (2026-12-07, load 11.5): MISS. The rest is "
+              "Python, redis-py, requests and ccxt's base (the figure is flat across venues). The unit's MemoryMax=256M "
+              "is unchanged. Start-up, measured apart (2026-12-07, load1 14–16; `from eexit import exchange` and "
+              "`build_exchange` for binanceusdm, 5 fresh interpreters each): median 1.67 s and 46 MB peak with the "
+              "stand-in, 3.25 s and 80 MB with `import ccxt` first. Idle CPU comes from /proc ticks over the idle window on a shared machine: the EEW's and "
+              "the watchdog's rise with the load. Binance weights (USDⓈ-M docs): time 1, multiAssetsMargin 30, account 5, positionRisk 5, "
               "income 30 — 852 of the IP's 2,400 per minute at the default 5 s interval, shared with the EEW and the "
               "brain on one IP (docs/RISK.md recommends 10 s there); Bybit and OKX limits are per endpoint and far "
               "away. Weight per minute is counted from the paper's request log while the kernel ran alone."]
