@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis
 
-from eexit import resume, schema, tamper
+from eexit import bus, resume, schema, tamper
 from eexit import ops as ops_module
 from eexit.eew import Ledger
 from tests.acl_harness import ADMIN, ROOT, USERS, password, write_acl_file
@@ -172,6 +172,15 @@ class RedisAclTest(unittest.TestCase):
         self.assertNoPerm(kernel.xtrim, schema.PANIC_STREAM, maxlen=0)
         self.assertNoPerm(kernel.delete, risk.STATE_KEY)
         self.assertNoPerm(kernel.set, WATCHDOG_INCIDENT, "x")
+        # It opens the shared incident as the hook does (claim and panic in one script), and
+        # can never rewrite or delete an open one.
+        won, _entry = bus.claim_and_publish(kernel, WATCHDOG_INCIDENT, schema.PANIC_STREAM, "r2",
+                                            {"opened_by": "risk_kernel"}, {"event_id": "r2"})
+        self.assertTrue(won)
+        self.assertEqual(kernel.hget(WATCHDOG_INCIDENT, "event_id"), "r2")
+        self.assertNoPerm(kernel.hset, WATCHDOG_INCIDENT, "event_id", "r3")
+        self.assertNoPerm(kernel.delete, WATCHDOG_INCIDENT)
+        self.assertIsNone(kernel.hget(schema.PROCESSED_KEY, "r2"))
         self.assertNoPerm(kernel.xadd, schema.COMPLETED_STREAM, {"event_id": "r1"})
         # Only the kernel writes its state: not ops, not the watchdog.
         self.assertNoPerm(self.client("eexit-ops").set, risk.STATE_KEY, "{}")
