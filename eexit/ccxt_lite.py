@@ -12,8 +12,12 @@ fills an attribute on first use:
 - anything else (ccxt.exchanges, ccxt.Exchange, __version__, ...) runs ccxt's own __init__.py in
   the stand-in, which from then on IS the full package: a name that exists in ccxt resolves.
 If ccxt is imported already (a tool or a test imported it first), that module is used unchanged.
-Measured (docs/BENCHMARKS.md §9): RSS and start-up of a process that builds one exchange fall
-from ~76 MB / 0.69 s to ~45 MB / 0.27 s. Checked with ccxt 4.5.90 (requirements.lock).
+Where it lives: in the core, imported by eexit/exchange.py and eexit/venues/base.py (so any
+import order gets it), not on the risk kernel's path only: every daemon that builds an exchange
+gains (the EEW's RSS and start-up most), for about 20 code lines.
+Measured (docs/BENCHMARKS.md §9): a process that builds one exchange peaks at ~46 MB instead of
+~80 MB and starts in about half the time; the risk kernel runs at 54-56 MB (target 60).
+Checked with ccxt 4.5.90 (requirements.lock).
 """
 
 import importlib
@@ -27,12 +31,13 @@ def _stand_in():
     package = importlib.util.module_from_spec(spec)      # __path__, __file__, __spec__ of the real one
 
     def attribute(name):
+        public = name.isidentifier() and not name.startswith("_")     # dunders: the full package
         for home in ("ccxt.base.errors", "ccxt.base.decimal_to_precision"):
-            found = importlib.import_module(home).__dict__.get(name)
-            if found is not None and not name.startswith("_"):
+            found = importlib.import_module(home).__dict__.get(name) if public else None
+            if found is not None:
                 setattr(package, name, found)
                 return found
-        if name.isidentifier() and not name.startswith("_") and os.path.isfile(os.path.join(package.__path__[0], name + ".py")):
+        if public and os.path.isfile(os.path.join(package.__path__[0], name + ".py")):
             setattr(package, name, getattr(importlib.import_module("ccxt." + name), name))
             return package.__dict__[name]
         del package.__getattr__             # the full package from here on: no stand-in left
