@@ -190,7 +190,8 @@ class GroupBypassedTest(TheftCase):
         self.publish()                                          # the watchdog's republish
         report = self.wait_flat()
         self.assertEqual(report.event_id, "ev-1")
-        duplicate = [r for r in self.reports("DUPLICATE")]
+        # The republished copy's DUPLICATE report may land after the FLAT one: wait for it.
+        duplicate = wait_for(lambda: self.reports("DUPLICATE"), 30, message=f"the DUPLICATE\n{self.logs()}")
         self.assertEqual(len(duplicate), 1)
         self.assertIn("original_status=", duplicate[0].detail)
 
