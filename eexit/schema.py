@@ -47,6 +47,33 @@ MAX_COUNT = 1_000_000                 # positions, orders, attempts
 MAX_DURATION_MS = 10 * 365 * 86400 * 1000
 
 
+def _whole(text):
+    """int of "7", or of an integral float: producers in other languages write "1.0"."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        as_float = float(text)                  # not a number at all: ValueError
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise ValueError(text) from None
+        return int(as_float)
+
+
+def _flag(text):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ValueError(text)
+
+
+def _json_list(text):
+    parsed = json.loads(text)
+    if not isinstance(parsed, list):
+        raise ValueError(text)
+    return parsed
+
+
 class _FieldReader:
     """Collects typed values out of a raw Redis field map, recording problems instead of
     raising. Consumed names are tracked so the rest can be kept as `extra`."""
@@ -111,37 +138,31 @@ class _FieldReader:
             self.problems.append(f"unknown_value:{name}")
         return value
 
-    def _typed(self, name, required, parse, problem, default=None):
-        """parse(raw text) of field `name`, or `default` when it is absent (missing:<name> if
-        required) or when parse raises (<problem>:<name>)."""
+    def _typed(self, parse, problem, name, maximum=None, required=True):
+        """parse(raw text) of field `name`; None when it is absent (missing:<name> if required),
+        when parse raises (<problem>:<name>), or when a number is outside 0..maximum
+        (absurd:<name>; NaN and infinities compare false, so they are absurd too)."""
         value = self._take(name, required)
         if value is None:
-            return default
+            return None
         try:
-            return parse(value)
+            value = parse(value)
         except (ValueError, RecursionError):
             self.problems.append(f"{problem}:{name}")
-            return default
-
-    def _bounded(self, name, number, maximum):
-        """number if it is None or within 0..maximum, else None and absurd:<name>. NaN and
-        infinities compare false, so they are absurd too."""
-        if number is None or 0 <= number <= maximum:
-            return number
+            return None
+        if maximum is None or 0 <= value <= maximum:
+            return value
         self.problems.append(f"absurd:{name}")
         return None
 
-    def integer(self, name, maximum, required=True):
-        return self._bounded(name, self._typed(name, required, _whole, "bad_int"), maximum)
-
-    def number(self, name, maximum, required=True):
-        return self._bounded(name, self._typed(name, required, float, "bad_number"), maximum)
-
-    def boolean(self, name, required=True):
-        return self._typed(name, required, _flag, "bad_bool")
+    integer = functools.partialmethod(_typed, _whole, "bad_int")          # (name, maximum, required)
+    number = functools.partialmethod(_typed, float, "bad_number")         # (name, maximum, required)
+    boolean = functools.partialmethod(_typed, _flag, "bad_bool")          # (name, required=...)
 
     def json_list(self, name, required=True):
-        return self._typed(name, required, _json_list, "bad_json", default=[])
+        """A JSON array; [] when absent or unreadable."""
+        value = self._typed(_json_list, "bad_json", name, required=required)
+        return [] if value is None else value
 
     def extra(self):
         kept = {}
@@ -154,40 +175,16 @@ class _FieldReader:
         return kept
 
 
-def _whole(text):
-    """int of "7", or of an integral float: producers in other languages write "1.0"."""
-    try:
-        return int(text.strip())
-    except ValueError:
-        as_float = float(text)                  # not a number at all: ValueError
-        if not math.isfinite(as_float) or as_float != int(as_float):
-            raise ValueError(text) from None
-        return int(as_float)
-
-
-def _flag(text):
-    lowered = text.strip().lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise ValueError(text)
-
-
-def _json_list(text):
-    parsed = json.loads(text)
-    if not isinstance(parsed, list):
-        raise ValueError(text)
-    return parsed
-
-
-def _encode(pairs, extra):
-    """Known fields first, None omitted; extra fields never override known ones."""
+def _encode(pairs, extra, omit_empty=False):
+    """Known fields first, None (and with omit_empty "") omitted; a float with 3 decimals at
+    most (a latency); extra fields never override known ones."""
     encoded = {}
     for name, value in pairs:
-        if value is None:
+        if value is None or (omit_empty and value == ""):
             continue
-        if isinstance(value, bool):
+        if isinstance(value, float):
+            encoded[name] = str(round(value, 3))
+        elif isinstance(value, bool):
             encoded[name] = "true" if value else "false"
         elif isinstance(value, (list, dict)):
             encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
@@ -207,11 +204,6 @@ def _wire_fields(cls):
     return tuple(declared[name] for name in getattr(cls, "WIRE_ORDER", declared))
 
 
-def _declared(message):
-    """(name, value) of every field but `extra`, in wire order."""
-    return [(f.name, getattr(message, f.name)) for f in _wire_fields(type(message))]
-
-
 def _wire(read, *args, default=MISSING, factory=MISSING, **options):
     """A message field and how from_fields reads it: _FieldReader.<read>(name, *args, **options)."""
     return field(default=default, default_factory=factory, metadata={"read": (read, args, options)})
@@ -221,8 +213,11 @@ class _Message:
     """to_fields and from_fields of a message whose fields say how they are read (_wire): in
     wire order, then `extra`, the fields no reader consumed."""
 
+    OMIT_EMPTY = False      # True: an empty text field is left out, not written as ""
+
     def to_fields(self):
-        return _encode(_declared(self), self.extra)
+        declared = [(f.name, getattr(self, f.name)) for f in _wire_fields(type(self))]
+        return _encode(declared, self.extra, self.OMIT_EMPTY)
 
     @classmethod
     def from_fields(cls, raw):
@@ -280,6 +275,8 @@ class Heartbeat(_Message):
     """A guard's sign of life. The Exit Brain publishes on HEARTBEAT_STREAM; the EEW and the
     watchdog publish the same shape on their own streams."""
 
+    OMIT_EMPTY = True       # an old producer sends no `instance`; we send none when we have none
+
     service_id: str = _wire("text")
     status: str = _wire("choice", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"})
     active_positions: int | None = _wire("integer", MAX_COUNT)
@@ -290,16 +287,13 @@ class Heartbeat(_Message):
     instance: str = _wire("text", required=False, default="")
     extra: dict = field(default_factory=dict)
 
-    def to_fields(self):
-        latency = None if self.latency_ms is None else round(self.latency_ms, 3)
-        return _encode([(name, latency if name == "latency_ms" else None if value == "" and name == "instance"
-                         else value) for name, value in _declared(self)], self.extra)
-
 
 @dataclass
 class TradingState(_Message):
     """The halt flag in TRADING_STATE_KEY. Trading code must treat a missing or unreadable
     `halted` as halted."""
+
+    OMIT_EMPTY = True
 
     halted: bool | None = _wire("boolean")
     reason: str = _wire("text", required=False, default="")
@@ -310,10 +304,6 @@ class TradingState(_Message):
     cleared_by: str = _wire("text", required=False, default="")
     cleared_at: int | None = _wire("integer", MAX_TS_MS, required=False, default=None)
     extra: dict = field(default_factory=dict)
-
-    def to_fields(self):
-        # An empty text field is omitted, not written as "".
-        return _encode([(name, None if value == "" else value) for name, value in _declared(self)], self.extra)
 
     @property
     def trading_allowed(self):
