@@ -7,7 +7,7 @@ block time well below the read timeout; `BLOCK_MS_MAX` enforces that.
 
 import os
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -80,25 +80,20 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
     A redis+sentinel:// URL gives a client that asks the Sentinels for the master on every
     new connection, so a daemon's ordinary reconnect after an error follows a failover."""
     url = url or redis_url(env)
-    password = credential("redis_password", ("REDIS_PASSWORD",), env)
-    username = credential("redis_username", ("REDIS_USERNAME",), env)
-    if urlsplit(url).scheme == SENTINEL_SCHEME:
-        return _connect_sentinel(url, env, read_timeout_s, username, password)
     parts = urlsplit(url)
-    options = _data_options(read_timeout_s)
+    # credential() gives None or a non-empty text; the URL's own credentials are the fallback.
+    username = credential("redis_username", ("REDIS_USERNAME",), env) or unquote(parts.username or "") or None
+    password = credential("redis_password", ("REDIS_PASSWORD",), env) or unquote(parts.password or "") or None
+    if parts.scheme == SENTINEL_SCHEME:
+        return _connect_sentinel(url, env, read_timeout_s, username, password)
+    options = dict(_data_options(read_timeout_s), username=username, password=password)
     if parts.scheme != "unix":
         # TCP only: redis-py's unix-socket connection refuses socket_keepalive (TypeError at
         # the first command), and a local socket has no half-open peer to detect anyway.
         options["socket_keepalive"] = True
-    if password is not None or username is not None:
-        # redis-py lets a password in the URL override keyword arguments, so the URL's
-        # credentials are removed before the credential files' values are applied.
-        options["username"] = username if username is not None else (
-            unquote(parts.username) if parts.username else None)
-        options["password"] = password if password is not None else (
-            unquote(parts.password) if parts.password else None)
-        # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
-        url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    # redis-py lets credentials in the URL override keyword arguments, so the URL loses them.
+    # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
+    url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{parts.query}" if parts.query else "")
     return redis.Redis.from_url(url, **options)
 
 
@@ -111,13 +106,9 @@ def _data_options(read_timeout_s):
 SENTINEL_TIMEOUT_S = 1.0
 
 
-@dataclass(frozen=True)
-class SentinelUrl:
-    sentinels: tuple          # ((host, port), ...)
-    service: str              # the master's name in `sentinel monitor <name> ...`
-    db: int
-    username: str | None      # the data nodes' user and password, as in a redis:// URL
-    password: str | None
+# sentinels: ((host, port), ...); service: the master's name in `sentinel monitor <name> ...`;
+# username, password: the data nodes' (None: not in the URL), as in a redis:// URL.
+SentinelUrl = namedtuple("SentinelUrl", "sentinels service db username password")
 
 
 def parse_sentinel_url(url):
@@ -134,16 +125,12 @@ def parse_sentinel_url(url):
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
     sentinels = []
     for item in hostlist.split(","):
-        item = item.strip()
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port_text = rest[1:] if rest.startswith(":") else ""
-        else:
-            host, _, port_text = item.partition(":")
         try:
-            port = int(port_text) if port_text else SENTINEL_DEFAULT_PORT
+            address = urlsplit("//" + item.strip())       # the stdlib reads host, [v6 host], port
+            host, port = address.hostname, address.port
         except ValueError:
             raise ConfigError(f"REDIS_URL: sentinel {item!r} has a malformed port") from None
+        port = SENTINEL_DEFAULT_PORT if port is None else port
         if not host or not 0 < port < 65536:
             raise ConfigError(f"REDIS_URL: sentinel {item!r} is not host:port")
         sentinels.append((host, port))
@@ -179,8 +166,8 @@ def _connect_sentinel(url, env, read_timeout_s, username, password):
     return manager.master_for(
         parsed.service,
         db=parsed.db,
-        username=username if username is not None else parsed.username,
-        password=password if password is not None else parsed.password,
+        username=username,          # connect(): the credential files', else the URL's
+        password=password,
         socket_keepalive=True,
         check_connection=True,
         **_data_options(read_timeout_s),
@@ -217,12 +204,8 @@ def read_group(client, stream, group, consumer, block_ms, count=16, pending=Fals
             if attempt == 2 or "NOGROUP" not in str(exc):     # a lost group is recreated
                 raise
             ensure_group(client, stream, group)
-    entries = []
-    for _stream, items in reply or []:
-        for entry_id, fields in items:
-            # A pending entry deleted from the stream comes back with fields None.
-            entries.append((as_text(entry_id), fields or {}))
-    return entries
+    # A pending entry deleted from the stream comes back with fields None.
+    return [(as_text(entry_id), fields or {}) for _stream, items in reply or [] for entry_id, fields in items]
 
 
 def claim_idle(client, stream, group, consumer, min_idle_ms, count=16):
@@ -248,17 +231,20 @@ def publish(client, stream, message, maxlen=None):
     return as_text(entry_id)
 
 
+def _decode(value):
+    """bytes (from a decode_responses=False client) as str; anything else as it is."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
+
+
 def as_text(value):
-    """A reply value (bytes from a decode_responses=False client) as str."""
-    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    """A reply value as str."""
+    return str(_decode(value))
 
 
 def decoded(mapping, drop=()):
     """A reply map (None: empty) with its bytes keys and values decoded; other values, such
     as XINFO's counters and None, are kept as they are. Keys in `drop` are left out."""
-    def text(value):
-        return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
-    return {text(k): text(v) for k, v in (mapping or {}).items() if k not in drop}
+    return {_decode(k): _decode(v) for k, v in (mapping or {}).items() if k not in drop}
 
 
 # ---------------------------------------------------------------- high availability (docs/HA.md)
@@ -268,12 +254,10 @@ DURABLE_BACKOFF_START_S = 0.05
 DURABLE_BACKOFF_MAX_S = 0.5
 
 
-@dataclass(frozen=True)
-class DurablePublish:
-    entry_id: str        # the entry on the master that last held it
-    confirmed: bool      # WAIT saw at least `replicas` replicas acknowledge it
-    replicas_acked: int  # the last WAIT's answer
-    writes: int          # XADDs performed: more than 1 only when a failover lost the entry
+# entry_id: the entry on the master that last held it; confirmed: WAIT saw at least
+# `replicas` replicas acknowledge it; replicas_acked: the last WAIT's answer; writes: XADDs
+# performed, more than 1 only when a failover lost the entry.
+DurablePublish = namedtuple("DurablePublish", "entry_id confirmed replicas_acked writes")
 
 
 def publish_durable(client, stream, message, replicas, timeout_ms,

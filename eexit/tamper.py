@@ -137,7 +137,8 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
         # group read recreates stream and group (bus.read_group on NOGROUP).
         return {}, None
     mine = [g for g in groups if bus.as_text(g.get("name")) == group]
-    stream_info, group_info = _plain(stream_info), (_plain(mine[0]) if mine else None)
+    stream_info = bus.decoded(stream_info, drop=("first-entry", "last-entry"))
+    group_info = bus.decoded(mine[0]) if mine else None
     if group_info is not None:
         undelivered = int(stream_info.get("entries-added") or 0) - int(group_info.get("entries-read") or 0)
         if 0 < undelivered <= COUNT_LIMIT:
@@ -145,10 +146,6 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
                                   count=undelivered)
             stream_info["entries-after-last-delivered"] = len(after)
     return stream_info, group_info
-
-
-def _plain(info):
-    return bus.decoded(info, drop=("first-entry", "last-entry"))
 
 
 def skipped_entries(candidates, pending_ids, records):
