@@ -350,18 +350,15 @@ def claim_incident(client, key, fields, id_field="event_id"):
     raise redis.ResponseError(f"{key}: could not claim or read the incident after 3 attempts")
 
 
-# KEYS: the incident hash, the panic stream. ARGV: the event id, n, n claim field pairs, then
-# the panic's field pairs. Checked first, written after the XADD: a script is not rolled back
-# on an error, so a refused XADD leaves no claim behind. One clock: opened_at_ms is Redis's.
+# KEYS: the incident hash, the panic stream. ARGV: n, n claim field pairs (event_id among them),
+# then the panic's field pairs. Checked first, written after the XADD: a script is not rolled
+# back on an error, so a refused XADD leaves no claim behind. One clock: opened_at_ms is Redis's.
 _CLAIM_AND_PUBLISH = """
 local holder = redis.call('HGET', KEYS[1], 'event_id')
 if holder then return {0, holder} end
-local n = tonumber(ARGV[2])
-local message = {}
-for i = 3 + 2 * n, #ARGV do message[#message + 1] = ARGV[i] end
-local entry_id = redis.call('XADD', KEYS[2], '*', unpack(message))
-redis.call('HSETNX', KEYS[1], 'event_id', ARGV[1])
-for i = 3, 2 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[1])
+local entry_id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2 + 2 * n))
+for i = 2, 1 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local now = redis.call('TIME')
 redis.call('HSETNX', KEYS[1], 'opened_at_ms', string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000)))
 redis.call('HSETNX', KEYS[1], 'entry_id', entry_id)
@@ -376,8 +373,8 @@ def claim_and_publish(client, key, stream, event_id, claim_fields, message_field
     incident was open: nothing written). The claim records opened_at_ms from Redis's clock and
     the entry id. ACL: EVALSHA and SCRIPT LOAD; the script's own commands (HGET, HSETNX, XADD,
     TIME) are checked against the caller's user like any other."""
-    flat_claim = [str(x) for pair in claim_fields.items() for x in pair]
-    flat_message = [str(x) for pair in message_fields.items() for x in pair]
-    won, value = client.register_script(_CLAIM_AND_PUBLISH)(
-        keys=[key, stream], args=[event_id, len(claim_fields), *flat_claim, *flat_message])
+    claim = {**claim_fields, "event_id": event_id}
+    pairs = [*claim.items(), *message_fields.items()]
+    args = [len(claim), *(str(x) for pair in pairs for x in pair)]
+    won, value = client.register_script(_CLAIM_AND_PUBLISH)(keys=[key, stream], args=args)
     return bool(int(won)), as_text(value)
