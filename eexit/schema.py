@@ -58,20 +58,38 @@ def _whole(text):
         return int(as_float)
 
 
-def _flag(text):
-    lowered = text.strip().lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise ValueError(text)
+_FLAGS = {"true": True, "1": True, "false": False, "0": False}
 
 
-def _json_list(text):
-    parsed = json.loads(text)
-    if not isinstance(parsed, list):
-        raise ValueError(text)
-    return parsed
+def text_map(raw):
+    """(values, problems): a raw Redis field map as str -> str, never raising. UTF-8 bytes are
+    decoded (otherwise non_utf8:<name>, kept with replacement characters), a number is kept
+    as its repr, any other key or value is left out (bad_type:<name>); not_a_map: no map."""
+    values, problems = {}, []
+    if not isinstance(raw, Mapping):
+        return values, ["not_a_map"]
+    for key, value in raw.items():
+        name = _text(key, "key", problems)
+        text = None if name is None else _text(value, name, problems)
+        if text is not None:
+            values[name] = text
+    return values, problems
+
+
+def _text(item, label, problems):
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        item = bytes(item)
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"non_utf8:{label}")
+            return item.decode("utf-8", errors="replace")
+    if isinstance(item, str):
+        return item
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        return repr(item)
+    problems.append(f"bad_type:{label}")
+    return None
 
 
 class _FieldReader:
@@ -79,34 +97,8 @@ class _FieldReader:
     raising. Consumed names are tracked so the rest can be kept as `extra`."""
 
     def __init__(self, raw):
-        self.problems = []
-        self.values = {}
+        self.values, self.problems = text_map(raw)
         self.consumed = set()
-        if not isinstance(raw, Mapping):
-            self.problems.append("not_a_map")
-            return
-        for key, value in raw.items():
-            name = self._text(key, "key")
-            if name is None:
-                continue
-            text = self._text(value, name)
-            if text is not None:
-                self.values[name] = text
-
-    def _text(self, item, label):
-        if isinstance(item, (bytes, bytearray, memoryview)):
-            item = bytes(item)
-            try:
-                return item.decode("utf-8")
-            except UnicodeDecodeError:
-                self.problems.append(f"non_utf8:{label}")
-                return item.decode("utf-8", errors="replace")
-        if isinstance(item, str):
-            return item
-        if isinstance(item, (int, float)) and not isinstance(item, bool):
-            return repr(item)
-        self.problems.append(f"bad_type:{label}")
-        return None
 
     def _take(self, name, required, aliases=()):
         """The raw text of `name` (or the first alias present; all present ones are consumed),
@@ -147,7 +139,7 @@ class _FieldReader:
             return None
         try:
             value = parse(value)
-        except (ValueError, RecursionError):
+        except (ValueError, LookupError, RecursionError):   # unreadable (_FLAGS: LookupError)
             self.problems.append(f"{problem}:{name}")
             return None
         if maximum is None or 0 <= value <= maximum:
@@ -157,12 +149,14 @@ class _FieldReader:
 
     integer = functools.partialmethod(_typed, _whole, "bad_int")          # (name, maximum, required)
     number = functools.partialmethod(_typed, float, "bad_number")         # (name, maximum, required)
-    boolean = functools.partialmethod(_typed, _flag, "bad_bool")          # (name, required=...)
+    boolean = functools.partialmethod(_typed, lambda text: _FLAGS[text.strip().lower()], "bad_bool")
 
     def json_list(self, name, required=True):
-        """A JSON array; [] when absent or unreadable."""
-        value = self._typed(_json_list, "bad_json", name, required=required)
-        return [] if value is None else value
+        """A JSON array; [] when absent or unreadable (valid JSON that is no array too)."""
+        value = self._typed(json.loads, "bad_json", name, required=required)
+        if value is not None and not isinstance(value, list):
+            self.problems.append(f"bad_json:{name}")
+        return value if isinstance(value, list) else []
 
     def extra(self):
         kept = {}

@@ -55,6 +55,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from eexit import schema
 from eexit.config import ConfigError, credential
 
 CREDENTIAL_FILE = "panic_hmac_keys"
@@ -171,24 +172,11 @@ def check_own_keys(keyring, issuer, origin):
         raise ConfigError(f"{origin} holds no key for issuer {issuer}: its panics would be rejected")
 
 
-def _text(value):
-    """A wire value as str: str as it is, bytes decoded as UTF-8 (UnicodeDecodeError, a
-    ValueError, if they are not); TypeError for anything else."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8")
-    if not isinstance(value, str):
-        raise TypeError(type(value).__name__)
-    return value
-
-
 def _normalise(fields):
-    """str -> str copy of a str- or bytes-keyed mapping; None if it is not one."""
-    if not hasattr(fields, "items"):
-        return None
-    try:
-        return {_text(key): _text(value) for key, value in fields.items()}
-    except (TypeError, ValueError):     # a key or value that is not text: not a wire map
-        return None
+    """str -> str copy of a str- or bytes-keyed mapping; None if it is not one, or if a key or
+    value is not text (schema.text_map reads it as Redis fields are read everywhere)."""
+    values, problems = schema.text_map(fields)
+    return None if problems else values
 
 
 def _refusal(plain, kid, keyring, core):
