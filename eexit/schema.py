@@ -112,21 +112,17 @@ class _FieldReader:
             return None
         return value
 
-    def text(self, name, required=True, aliases=()):
+    def text(self, name, required=True, aliases=(), allowed=None, legacy=None):
+        """The text ("" when absent), cut at MAX_TEXT (too_long:<name>); with `allowed`, a
+        value outside it (after the `legacy` renames) is unknown_value:<name>, kept as sent."""
         value = self._take(name, required, aliases)
         if value is None:
             return ""
         if len(value) > MAX_TEXT:
             self.problems.append(f"too_long:{name}")
             value = value[:MAX_TEXT]
-        return value
-
-    def choice(self, name, allowed, legacy=None, required=True, aliases=()):
-        value = self.text(name, required, aliases)
-        if value == "":
-            return value
         value = (legacy or {}).get(value, value)
-        if value not in allowed:
+        if allowed is not None and value not in allowed:
             self.problems.append(f"unknown_value:{name}")
         return value
 
@@ -233,7 +229,7 @@ class PanicEvent(_Message):
     reason: str = _wire("text")
     issued_by: str = _wire("text", aliases=("source",))
     ts: int | None = _wire("integer", MAX_TS_MS)
-    severity: str = _wire("choice", SEVERITIES, default="CRITICAL")
+    severity: str = _wire("text", allowed=SEVERITIES, default="CRITICAL")
     extra: dict = field(default_factory=dict)   # unknown fields, e.g. sig, kid, context
 
 
@@ -242,7 +238,7 @@ class CompletionReport(_Message):
     """What the EEW did about one panic event. Published on COMPLETED_STREAM."""
 
     event_id: str = _wire("text")
-    status: str = _wire("choice", REPORT_STATUSES)
+    status: str = _wire("text", allowed=REPORT_STATUSES)
     issued_by: str = _wire("text", required=False, default="")
     reason: str = _wire("text", required=False, default="")
     positions_total: int | None = _wire("integer", MAX_COUNT, default=0)
@@ -272,7 +268,7 @@ class Heartbeat(_Message):
     OMIT_EMPTY = True       # an old producer sends no `instance`; we send none when we have none
 
     service_id: str = _wire("text")
-    status: str = _wire("choice", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"})
+    status: str = _wire("text", allowed=HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"})
     active_positions: int | None = _wire("integer", MAX_COUNT)
     last_decision_ts: int | None = _wire("integer", MAX_TS_MS)
     latency_ms: float | None = _wire("number", MAX_DURATION_MS)
