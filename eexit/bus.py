@@ -19,7 +19,6 @@ from .config import ConfigError, credential
 
 DEFAULT_URL = "redis://localhost:6379/0"
 SENTINEL_SCHEME = "redis+sentinel"
-SENTINEL_DEFAULT_PORT = 26379
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 10
@@ -130,7 +129,7 @@ def parse_sentinel_url(url):
             host, port = address.hostname, address.port
         except ValueError:
             raise ConfigError(f"REDIS_URL: sentinel {item!r} has a malformed port") from None
-        port = SENTINEL_DEFAULT_PORT if port is None else port
+        port = 26379 if port is None else port        # Sentinel's own default port
         if not host or not 0 < port < 65536:
             raise ConfigError(f"REDIS_URL: sentinel {item!r} is not host:port")
         sentinels.append((host, port))
@@ -249,10 +248,6 @@ def decoded(mapping, drop=()):
 
 # ---------------------------------------------------------------- high availability (docs/HA.md)
 
-DURABLE_GIVE_UP_S = 5.0
-DURABLE_BACKOFF_START_S = 0.05
-DURABLE_BACKOFF_MAX_S = 0.5
-
 
 # entry_id: the entry on the master that last held it; confirmed: WAIT saw at least
 # `replicas` replicas acknowledge it; replicas_acked: the last WAIT's answer; writes: XADDs
@@ -261,7 +256,7 @@ DurablePublish = namedtuple("DurablePublish", "entry_id confirmed replicas_acked
 
 
 def publish_durable(client, stream, message, replicas, timeout_ms,
-                    give_up_after_s=DURABLE_GIVE_UP_S, sleep=time.sleep, monotonic=time.monotonic,
+                    give_up_after_s=5.0, sleep=time.sleep, monotonic=time.monotonic,
                     entry_id=None):
     """XADD `message` (a schema message or a ready field map, e.g. signed fields), then WAIT
     until `replicas` replicas hold it. Until that is confirmed or give_up_after_s has passed:
@@ -284,7 +279,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
         raise ValueError("timeout_ms must be > 0: WAIT with timeout 0 blocks forever")
     fields = message.to_fields() if hasattr(message, "to_fields") else dict(message)
     deadline = monotonic() + give_up_after_s
-    backoff = DURABLE_BACKOFF_START_S
+    backoff = 0.05                  # seconds, doubled after each error up to 0.5
     writes, acked = int(entry_id is not None), 0
     if entry_id is not None and replicas <= 0:
         return DurablePublish(entry_id, True, 0, writes)
@@ -309,7 +304,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
             return DurablePublish(entry_id, False, acked, writes)
         if error is not None:
             sleep(backoff)
-            backoff = min(backoff * 2, DURABLE_BACKOFF_MAX_S)
+            backoff = min(backoff * 2, 0.5)
 
 
 def _entry_holds(client, stream, entry_id, fields):

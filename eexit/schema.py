@@ -14,7 +14,6 @@ producer said 0 (SPEC §4.1, §4.6).
 
 import functools
 import json
-import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
@@ -48,14 +47,13 @@ MAX_DURATION_MS = 10 * 365 * 86400 * 1000
 
 
 def _whole(text):
-    """int of "7", or of an integral float: producers in other languages write "1.0"."""
-    try:
-        return int(text.strip())
-    except ValueError:
-        as_float = float(text)                  # not a number at all: ValueError
-        if not math.isfinite(as_float) or as_float != int(as_float):
-            raise ValueError(text) from None
-        return int(as_float)
+    """int of "7", or of an integral float: producers in other languages write "1.0". Read as
+    a float, which is exact below 2**53, far above every bound here (a larger value is
+    absurd whichever way it is read)."""
+    number = float(text)                      # not a number at all: ValueError
+    if not number.is_integer():               # 1.5, NaN, infinities
+        raise ValueError(text)
+    return int(number)
 
 
 _FLAGS = {"true": True, "1": True, "false": False, "0": False}
