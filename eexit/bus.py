@@ -120,10 +120,8 @@ def parse_sentinel_url(url):
     parts = urlsplit(url)
     if parts.scheme != SENTINEL_SCHEME:
         raise ConfigError(f"REDIS_URL is not a {SENTINEL_SCHEME}:// URL")
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
     sentinels = []
-    for item in hostlist.split(","):
+    for item in parts.netloc.rpartition("@")[2].split(","):
         try:
             address = urlsplit("//" + item.strip())       # the stdlib reads host, [v6 host], port
             host, port = address.hostname, address.port
@@ -133,15 +131,11 @@ def parse_sentinel_url(url):
         if not host or not 0 < port < 65536:
             raise ConfigError(f"REDIS_URL: sentinel {item!r} is not host:port")
         sentinels.append((host, port))
-    path = [piece for piece in parts.path.split("/") if piece]
-    if not path or len(path) > 2:
-        raise ConfigError(f"REDIS_URL: a {SENTINEL_SCHEME} URL ends in /<service>[/<db>]")
-    try:
-        db = int(path[1]) if len(path) == 2 else 0
-    except ValueError:
-        raise ConfigError(f"REDIS_URL: database {path[1]!r} is not a number") from None
-    return SentinelUrl(tuple(sentinels), unquote(path[0]), db,
-                       unquote(username) or None, unquote(password) or None)
+    service, _, db_text = parts.path.strip("/").partition("/")
+    if not service or not (db_text or "0").isdigit():
+        raise ConfigError(f"REDIS_URL: a {SENTINEL_SCHEME} URL ends in /<service>[/<db>], db a whole number")
+    return SentinelUrl(tuple(sentinels), unquote(service), int(db_text or "0"),
+                       unquote(parts.username or "") or None, unquote(parts.password or "") or None)
 
 
 def _connect_sentinel(url, env, read_timeout_s, username, password):
