@@ -53,20 +53,17 @@ def redis_url(env=None):
     if parts.scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url)   # a malformed Sentinel URL is a start-up error, not a runtime one
         return url
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ConfigError("REDIS_URL: a unix:// URL needs the socket path (unix:///run/redis/redis.sock)")
-        db_text = dict(parse_qsl(parts.query)).get("db", "0")
-    else:
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if port is not None and not 0 < port < 65536:
-            raise ConfigError("REDIS_URL: the port must be a number from 1 to 65535")
-        if not parts.hostname:
-            raise ConfigError("REDIS_URL names no host")
-        db_text = parts.path.strip("/") or dict(parse_qsl(parts.query)).get("db", "0")
+    try:
+        port_ok = parts.port != 0                # None: the default port (and a unix:// URL)
+    except ValueError:                           # not a number, or above 65535
+        port_ok = False
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError("REDIS_URL: a unix:// URL needs the socket path (unix:///run/redis/redis.sock)")
+    if parts.scheme != "unix" and not (port_ok and parts.hostname):
+        raise ConfigError("REDIS_URL needs a host and, if it names one, a port from 1 to 65535")
+    # The database: a TCP URL's path ("/3"), else ?db= (a unix:// URL's path is the socket).
+    path_db = "" if parts.scheme == "unix" else parts.path.strip("/")
+    db_text = path_db or dict(parse_qsl(parts.query)).get("db", "0")
     if not db_text.isdigit():
         raise ConfigError(f"REDIS_URL: database {db_text!r} is not a whole number")
     return url
@@ -282,9 +279,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
             if entry_id is None or not _entry_holds(client, stream, entry_id, fields):
                 entry_id = as_text(client.xadd(stream, fields))
                 writes += 1
-            if replicas <= 0:
-                return DurablePublish(entry_id, True, 0, writes)
-            acked = int(client.wait(replicas, timeout_ms))
+            acked = int(client.wait(replicas, timeout_ms)) if replicas > 0 else 0
             if acked >= replicas:
                 return DurablePublish(entry_id, True, acked, writes)
             error = None
