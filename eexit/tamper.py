@@ -41,7 +41,7 @@ Pure functions over plain data; read_stream_state() is the one Redis read they n
 """
 
 import json
-from dataclasses import dataclass
+from collections import namedtuple
 
 import redis
 
@@ -54,12 +54,9 @@ FINAL_STAGE = "done"
 COUNT_LIMIT = 1000       # undelivered entries counted per check; a bigger backlog waits
 
 
-@dataclass(frozen=True)
-class Tampering:
-    reason: str       # panic_stream_exhausted | panic_deleted_before_delivery | ...
-    key: str          # names this finding; the tamper close's event id is "tamper-<key>"
-    detail: str
-
+# reason: panic_stream_exhausted | panic_deleted_before_delivery | ...; key: names this
+# finding, the tamper close's event id is "tamper-<key>"; detail: for the log and the report.
+class Tampering(namedtuple("Tampering", "reason key detail")):
     @property
     def event_id(self):
         return f"tamper-{self.key}"
@@ -87,13 +84,12 @@ def decide_tampering(stream_info, group_info, last_seen=frozenset()):
     XINFO GROUPS dict, or None if the group does not exist (the caller recreates it)."""
     if not stream_info or not group_info:
         return None
-    last_generated = parse_id(stream_info.get("last-generated-id"))
     added = _int(stream_info.get("entries-added")) or 0
     length = _int(stream_info.get("length")) or 0
     delivered_to = parse_id(group_info.get("last-delivered-id"))
     entries_read = _int(group_info.get("entries-read"))
     findings = []
-    if last_generated == parse_id(MAX_ID):
+    if parse_id(stream_info.get("last-generated-id")) == parse_id(MAX_ID):
         findings.append(Tampering("panic_stream_exhausted", f"exhausted-{added}",
                                   "the panic stream's last id is the maximum: no panic can be published"))
     deleted = parse_id(stream_info.get("max-deleted-entry-id"))
