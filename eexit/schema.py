@@ -59,6 +59,13 @@ def _whole(text):
 _FLAGS = {"true": True, "1": True, "false": False, "0": False}
 
 
+def _json_list(text):
+    parsed = json.loads(text)
+    if not isinstance(parsed, list):          # null, a number, an object: not the list we need
+        raise ValueError(text)
+    return parsed
+
+
 def text_map(raw):
     """(values, problems): a raw Redis field map as str -> str, never raising. UTF-8 bytes are
     decoded (otherwise non_utf8:<name>, kept with replacement characters), a number is kept
@@ -147,10 +154,7 @@ class _FieldReader:
 
     def json_list(self, name, required=True):
         """A JSON array; [] when absent or unreadable (valid JSON that is no array too)."""
-        value = self._typed(json.loads, "bad_json", name, required=required)
-        if value is not None and not isinstance(value, list):
-            self.problems.append(f"bad_json:{name}")
-        return value if isinstance(value, list) else []
+        return self._typed(_json_list, "bad_json", name, required=required) or []
 
     def extra(self):
         kept = {}
