@@ -77,7 +77,8 @@ class _Key:
 
 
 class KeyRing:
-    """kid -> (issuer, key), in file order. Immutable. Its repr names kids and issuers, never key bytes."""
+    """kid -> (issuer, key), in file order. Immutable. Its repr names kids and issuers, never
+    key bytes; _secret is the one way to a key."""
 
     def __init__(self, entries=None):
         self._entries = dict(entries or {})
@@ -103,6 +104,9 @@ class KeyRing:
         """The first kid (in file order) that belongs to issuer, or None: what a daemon or
         tool signs with when it holds only its own key."""
         return next((kid for kid, entry in self._entries.items() if entry.issuer == issuer), None)
+
+    def _secret(self, kid):
+        return self._entries[kid].secret
 
     def __repr__(self):
         pairs = ", ".join(f"{kid}:{entry.issuer}" for kid, entry in self._entries.items())
@@ -173,8 +177,8 @@ def check_own_keys(keyring, issuer, origin):
 
 
 def _normalise(fields):
-    """str -> str copy of a str- or bytes-keyed mapping; None if it is not one, or if a key or
-    value is not text (schema.text_map reads it as Redis fields are read everywhere)."""
+    """str -> str copy of a field mapping (str or UTF-8 bytes; numbers as their repr); None if
+    it is not a mapping or holds anything else (schema.text_map: as every Redis field map is read)."""
     values, problems = schema.text_map(fields)
     return None if problems else values
 
@@ -209,8 +213,8 @@ def canonical_bytes(fields, issuer, core=CORE_FIELDS, domain=_DOMAIN):
 
 
 def _mac(keyring, kid, fields, issuer, core, domain):
-    secret = keyring._entries[kid].secret
-    return hmac.new(secret, canonical_bytes(fields, issuer, core, domain), hashlib.sha256).digest()
+    message = canonical_bytes(fields, issuer, core, domain)
+    return hmac.new(keyring._secret(kid), message, hashlib.sha256).digest()
 
 
 def sign_fields(fields, kid, keyring, core=CORE_FIELDS, domain=_DOMAIN):
@@ -256,7 +260,7 @@ def verify_fields(fields, keyring, core=CORE_FIELDS, domain=_DOMAIN):
 
 def key_check(keyring, kid):
     """"kid:issuer:check", check = the first 8 hex digits of HMAC-SHA256(key, "eexit-key-check")."""
-    check = hmac.new(keyring._entries[kid].secret, _KEY_CHECK_DOMAIN, hashlib.sha256).hexdigest()[:8]
+    check = hmac.new(keyring._secret(kid), _KEY_CHECK_DOMAIN, hashlib.sha256).hexdigest()[:8]
     return f"{kid}:{keyring.issuer_of(kid)}:{check}"
 
 
