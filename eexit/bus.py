@@ -59,8 +59,10 @@ def redis_url(env=None):
         port_ok = False
     if parts.scheme == "unix" and not parts.path:
         raise ConfigError("REDIS_URL: a unix:// URL needs the socket path (unix:///run/redis/redis.sock)")
-    if parts.scheme != "unix" and not (port_ok and parts.hostname):
-        raise ConfigError("REDIS_URL needs a host and, if it names one, a port from 1 to 65535")
+    if parts.scheme != "unix" and not port_ok:
+        raise ConfigError("REDIS_URL: the port must be a number from 1 to 65535")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("REDIS_URL names no host")
     # The database: a TCP URL's path ("/3"), else ?db= (a unix:// URL's path is the socket).
     path_db = "" if parts.scheme == "unix" else parts.path.strip("/")
     db_text = path_db or dict(parse_qsl(parts.query)).get("db", "0")
