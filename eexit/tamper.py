@@ -132,9 +132,8 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
         # No stream (Redis lost its data, or a test flushed it): nothing to judge; the next
         # group read recreates stream and group (bus.read_group on NOGROUP).
         return {}, None
-    mine = [g for g in groups if bus.as_text(g.get("name")) == group]
     stream_info = bus.decoded(stream_info, drop=("first-entry", "last-entry"))
-    group_info = bus.decoded(mine[0]) if mine else None
+    group_info = next((bus.decoded(g) for g in groups if bus.as_text(g.get("name")) == group), None)
     if group_info is not None:
         undelivered = int(stream_info.get("entries-added") or 0) - int(group_info.get("entries-read") or 0)
         if 0 < undelivered <= COUNT_LIMIT:
