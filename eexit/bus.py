@@ -5,7 +5,6 @@ half-open connection without timeouts hung the predecessor forever). Blocking re
 block time well below the read timeout; `BLOCK_MS_MAX` enforces that.
 """
 
-import os
 import time
 from collections import namedtuple
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -15,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .config import ConfigError, credential
+from .config import ConfigError, credential, env_str
 
 DEFAULT_URL = "redis://localhost:6379/0"
 SENTINEL_SCHEME = "redis+sentinel"
@@ -44,8 +43,7 @@ def is_transport_error(exc):
 
 def redis_url(env=None):
     """REDIS_URL, checked: scheme, port 1..65535, db a whole number. ConfigError names it."""
-    env = os.environ if env is None else env
-    url = (env.get("REDIS_URL") or DEFAULT_URL).strip()
+    url = env_str("REDIS_URL", DEFAULT_URL, env)        # unset or blank: the default
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
         raise ConfigError(f"REDIS_URL has scheme {parts.scheme!r}; use redis://, rediss://, unix:// "
