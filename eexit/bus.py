@@ -89,7 +89,8 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
         options["socket_keepalive"] = True
     # redis-py lets credentials in the URL override keyword arguments, so the URL loses them.
     # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
-    url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    query = f"?{parts.query}" if parts.query else ""
+    url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"
     return redis.Redis.from_url(url, **options)
 
 
