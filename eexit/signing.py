@@ -87,9 +87,6 @@ class KeyRing:
     def configured(self):
         return bool(self._entries)
 
-    def __len__(self):
-        return len(self._entries)
-
     def kids(self):
         return tuple(self._entries)
 
