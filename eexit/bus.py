@@ -5,9 +5,8 @@ half-open connection without timeouts hung the predecessor forever). Blocking re
 block time well below the read timeout; `BLOCK_MS_MAX` enforces that.
 """
 
-import os
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -15,11 +14,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .config import ConfigError, credential
+from .config import ConfigError, credential, env_str
 
 DEFAULT_URL = "redis://localhost:6379/0"
 SENTINEL_SCHEME = "redis+sentinel"
-SENTINEL_DEFAULT_PORT = 26379
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 10
@@ -45,8 +43,7 @@ def is_transport_error(exc):
 
 def redis_url(env=None):
     """REDIS_URL, checked: scheme, port 1..65535, db a whole number. ConfigError names it."""
-    env = os.environ if env is None else env
-    url = (env.get("REDIS_URL") or DEFAULT_URL).strip()
+    url = env_str("REDIS_URL", DEFAULT_URL, env)        # unset or blank: the default
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
         raise ConfigError(f"REDIS_URL has scheme {parts.scheme!r}; use redis://, rediss://, unix:// "
@@ -54,20 +51,19 @@ def redis_url(env=None):
     if parts.scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url)   # a malformed Sentinel URL is a start-up error, not a runtime one
         return url
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ConfigError("REDIS_URL: a unix:// URL needs the socket path (unix:///run/redis/redis.sock)")
-        db_text = dict(parse_qsl(parts.query)).get("db", "0")
-    else:
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if port is not None and not 0 < port < 65536:
-            raise ConfigError("REDIS_URL: the port must be a number from 1 to 65535")
-        if not parts.hostname:
-            raise ConfigError("REDIS_URL names no host")
-        db_text = parts.path.strip("/") or dict(parse_qsl(parts.query)).get("db", "0")
+    try:
+        port_ok = parts.port != 0                # None: the default port (and a unix:// URL)
+    except ValueError:                           # not a number, or above 65535
+        port_ok = False
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError("REDIS_URL: a unix:// URL needs the socket path (unix:///run/redis/redis.sock)")
+    if parts.scheme != "unix" and not port_ok:
+        raise ConfigError("REDIS_URL: the port must be a number from 1 to 65535")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("REDIS_URL names no host")
+    # The database: a TCP URL's path ("/3"), else ?db= (a unix:// URL's path is the socket).
+    path_db = "" if parts.scheme == "unix" else parts.path.strip("/")
+    db_text = path_db or dict(parse_qsl(parts.query)).get("db", "0")
     if not db_text.isdigit():
         raise ConfigError(f"REDIS_URL: database {db_text!r} is not a whole number")
     return url
@@ -80,25 +76,21 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
     A redis+sentinel:// URL gives a client that asks the Sentinels for the master on every
     new connection, so a daemon's ordinary reconnect after an error follows a failover."""
     url = url or redis_url(env)
-    password = credential("redis_password", ("REDIS_PASSWORD",), env)
-    username = credential("redis_username", ("REDIS_USERNAME",), env)
-    if urlsplit(url).scheme == SENTINEL_SCHEME:
-        return _connect_sentinel(url, env, read_timeout_s, username, password)
     parts = urlsplit(url)
-    options = _data_options(read_timeout_s)
+    # credential() gives None or a non-empty text; the URL's own credentials are the fallback.
+    username = credential("redis_username", ("REDIS_USERNAME",), env) or unquote(parts.username or "") or None
+    password = credential("redis_password", ("REDIS_PASSWORD",), env) or unquote(parts.password or "") or None
+    if parts.scheme == SENTINEL_SCHEME:
+        return _connect_sentinel(url, env, read_timeout_s, username, password)
+    options = dict(_data_options(read_timeout_s), username=username, password=password)
     if parts.scheme != "unix":
         # TCP only: redis-py's unix-socket connection refuses socket_keepalive (TypeError at
         # the first command), and a local socket has no half-open peer to detect anyway.
         options["socket_keepalive"] = True
-    if password is not None or username is not None:
-        # redis-py lets a password in the URL override keyword arguments, so the URL's
-        # credentials are removed before the credential files' values are applied.
-        options["username"] = username if username is not None else (
-            unquote(parts.username) if parts.username else None)
-        options["password"] = password if password is not None else (
-            unquote(parts.password) if parts.password else None)
-        # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
-        url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    # redis-py lets credentials in the URL override keyword arguments, so the URL loses them.
+    # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
+    query = f"?{parts.query}" if parts.query else ""
+    url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"
     return redis.Redis.from_url(url, **options)
 
 
@@ -111,13 +103,9 @@ def _data_options(read_timeout_s):
 SENTINEL_TIMEOUT_S = 1.0
 
 
-@dataclass(frozen=True)
-class SentinelUrl:
-    sentinels: tuple          # ((host, port), ...)
-    service: str              # the master's name in `sentinel monitor <name> ...`
-    db: int
-    username: str | None      # the data nodes' user and password, as in a redis:// URL
-    password: str | None
+# sentinels: ((host, port), ...); service: the master's name in `sentinel monitor <name> ...`;
+# username, password: the data nodes' (None: not in the URL), as in a redis:// URL.
+SentinelUrl = namedtuple("SentinelUrl", "sentinels service db username password")
 
 
 def parse_sentinel_url(url):
@@ -130,32 +118,22 @@ def parse_sentinel_url(url):
     parts = urlsplit(url)
     if parts.scheme != SENTINEL_SCHEME:
         raise ConfigError(f"REDIS_URL is not a {SENTINEL_SCHEME}:// URL")
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
     sentinels = []
-    for item in hostlist.split(","):
-        item = item.strip()
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port_text = rest[1:] if rest.startswith(":") else ""
-        else:
-            host, _, port_text = item.partition(":")
+    for item in parts.netloc.rpartition("@")[2].split(","):
         try:
-            port = int(port_text) if port_text else SENTINEL_DEFAULT_PORT
+            address = urlsplit("//" + item.strip())       # the stdlib reads host, [v6 host], port
+            host, port = address.hostname, address.port
         except ValueError:
             raise ConfigError(f"REDIS_URL: sentinel {item!r} has a malformed port") from None
+        port = 26379 if port is None else port        # Sentinel's own default port
         if not host or not 0 < port < 65536:
             raise ConfigError(f"REDIS_URL: sentinel {item!r} is not host:port")
         sentinels.append((host, port))
-    path = [piece for piece in parts.path.split("/") if piece]
-    if not path or len(path) > 2:
-        raise ConfigError(f"REDIS_URL: a {SENTINEL_SCHEME} URL ends in /<service>[/<db>]")
-    try:
-        db = int(path[1]) if len(path) == 2 else 0
-    except ValueError:
-        raise ConfigError(f"REDIS_URL: database {path[1]!r} is not a number") from None
-    return SentinelUrl(tuple(sentinels), unquote(path[0]), db,
-                       unquote(username) or None, unquote(password) or None)
+    service, _, db_text = parts.path.strip("/").partition("/")
+    if not service or not (db_text or "0").isdigit():
+        raise ConfigError(f"REDIS_URL: a {SENTINEL_SCHEME} URL ends in /<service>[/<db>], db a whole number")
+    return SentinelUrl(tuple(sentinels), unquote(service), int(db_text or "0"),
+                       unquote(parts.username or "") or None, unquote(parts.password or "") or None)
 
 
 def _connect_sentinel(url, env, read_timeout_s, username, password):
@@ -179,8 +157,8 @@ def _connect_sentinel(url, env, read_timeout_s, username, password):
     return manager.master_for(
         parsed.service,
         db=parsed.db,
-        username=username if username is not None else parsed.username,
-        password=password if password is not None else parsed.password,
+        username=username,          # connect(): the credential files', else the URL's
+        password=password,
         socket_keepalive=True,
         check_connection=True,
         **_data_options(read_timeout_s),
@@ -217,12 +195,8 @@ def read_group(client, stream, group, consumer, block_ms, count=16, pending=Fals
             if attempt == 2 or "NOGROUP" not in str(exc):     # a lost group is recreated
                 raise
             ensure_group(client, stream, group)
-    entries = []
-    for _stream, items in reply or []:
-        for entry_id, fields in items:
-            # A pending entry deleted from the stream comes back with fields None.
-            entries.append((as_text(entry_id), fields or {}))
-    return entries
+    # A pending entry deleted from the stream comes back with fields None.
+    return [(as_text(entry_id), fields or {}) for _stream, items in reply or [] for entry_id, fields in items]
 
 
 def claim_idle(client, stream, group, consumer, min_idle_ms, count=16):
@@ -248,36 +222,33 @@ def publish(client, stream, message, maxlen=None):
     return as_text(entry_id)
 
 
+def _decode(value):
+    """bytes (from a decode_responses=False client) as str; anything else as it is."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
+
+
 def as_text(value):
-    """A reply value (bytes from a decode_responses=False client) as str."""
-    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    """A reply value as str."""
+    return str(_decode(value))
 
 
 def decoded(mapping, drop=()):
     """A reply map (None: empty) with its bytes keys and values decoded; other values, such
     as XINFO's counters and None, are kept as they are. Keys in `drop` are left out."""
-    def text(value):
-        return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
-    return {text(k): text(v) for k, v in (mapping or {}).items() if k not in drop}
+    return {_decode(k): _decode(v) for k, v in (mapping or {}).items() if k not in drop}
 
 
 # ---------------------------------------------------------------- high availability (docs/HA.md)
 
-DURABLE_GIVE_UP_S = 5.0
-DURABLE_BACKOFF_START_S = 0.05
-DURABLE_BACKOFF_MAX_S = 0.5
 
-
-@dataclass(frozen=True)
-class DurablePublish:
-    entry_id: str        # the entry on the master that last held it
-    confirmed: bool      # WAIT saw at least `replicas` replicas acknowledge it
-    replicas_acked: int  # the last WAIT's answer
-    writes: int          # XADDs performed: more than 1 only when a failover lost the entry
+# entry_id: the entry on the master that last held it; confirmed: WAIT saw at least
+# `replicas` replicas acknowledge it; replicas_acked: the last WAIT's answer; writes: XADDs
+# performed, more than 1 only when a failover lost the entry.
+DurablePublish = namedtuple("DurablePublish", "entry_id confirmed replicas_acked writes")
 
 
 def publish_durable(client, stream, message, replicas, timeout_ms,
-                    give_up_after_s=DURABLE_GIVE_UP_S, sleep=time.sleep, monotonic=time.monotonic,
+                    give_up_after_s=5.0, sleep=time.sleep, monotonic=time.monotonic,
                     entry_id=None):
     """XADD `message` (a schema message or a ready field map, e.g. signed fields), then WAIT
     until `replicas` replicas hold it. Until that is confirmed or give_up_after_s has passed:
@@ -300,7 +271,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
         raise ValueError("timeout_ms must be > 0: WAIT with timeout 0 blocks forever")
     fields = message.to_fields() if hasattr(message, "to_fields") else dict(message)
     deadline = monotonic() + give_up_after_s
-    backoff = DURABLE_BACKOFF_START_S
+    backoff = 0.05                  # seconds, doubled after each error up to 0.5
     writes, acked = int(entry_id is not None), 0
     if entry_id is not None and replicas <= 0:
         return DurablePublish(entry_id, True, 0, writes)
@@ -309,9 +280,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
             if entry_id is None or not _entry_holds(client, stream, entry_id, fields):
                 entry_id = as_text(client.xadd(stream, fields))
                 writes += 1
-            if replicas <= 0:
-                return DurablePublish(entry_id, True, 0, writes)
-            acked = int(client.wait(replicas, timeout_ms))
+            acked = int(client.wait(replicas, timeout_ms)) if replicas > 0 else 0
             if acked >= replicas:
                 return DurablePublish(entry_id, True, acked, writes)
             error = None
@@ -325,7 +294,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
             return DurablePublish(entry_id, False, acked, writes)
         if error is not None:
             sleep(backoff)
-            backoff = min(backoff * 2, DURABLE_BACKOFF_MAX_S)
+            backoff = min(backoff * 2, 0.5)
 
 
 def _entry_holds(client, stream, entry_id, fields):
@@ -366,18 +335,15 @@ def claim_incident(client, key, fields, id_field="event_id"):
     raise redis.ResponseError(f"{key}: could not claim or read the incident after 3 attempts")
 
 
-# KEYS: the incident hash, the panic stream. ARGV: the event id, n, n claim field pairs, then
-# the panic's field pairs. Checked first, written after the XADD: a script is not rolled back
-# on an error, so a refused XADD leaves no claim behind. One clock: opened_at_ms is Redis's.
+# KEYS: the incident hash, the panic stream. ARGV: n, n claim field pairs (event_id among them),
+# then the panic's field pairs. Checked first, written after the XADD: a script is not rolled
+# back on an error, so a refused XADD leaves no claim behind. One clock: opened_at_ms is Redis's.
 _CLAIM_AND_PUBLISH = """
 local holder = redis.call('HGET', KEYS[1], 'event_id')
 if holder then return {0, holder} end
-local n = tonumber(ARGV[2])
-local message = {}
-for i = 3 + 2 * n, #ARGV do message[#message + 1] = ARGV[i] end
-local entry_id = redis.call('XADD', KEYS[2], '*', unpack(message))
-redis.call('HSETNX', KEYS[1], 'event_id', ARGV[1])
-for i = 3, 2 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[1])
+local entry_id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2 + 2 * n))
+for i = 2, 1 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local now = redis.call('TIME')
 redis.call('HSETNX', KEYS[1], 'opened_at_ms', string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000)))
 redis.call('HSETNX', KEYS[1], 'entry_id', entry_id)
@@ -392,8 +358,8 @@ def claim_and_publish(client, key, stream, event_id, claim_fields, message_field
     incident was open: nothing written). The claim records opened_at_ms from Redis's clock and
     the entry id. ACL: EVALSHA and SCRIPT LOAD; the script's own commands (HGET, HSETNX, XADD,
     TIME) are checked against the caller's user like any other."""
-    flat_claim = [str(x) for pair in claim_fields.items() for x in pair]
-    flat_message = [str(x) for pair in message_fields.items() for x in pair]
-    won, value = client.register_script(_CLAIM_AND_PUBLISH)(
-        keys=[key, stream], args=[event_id, len(claim_fields), *flat_claim, *flat_message])
+    claim = {**claim_fields, "event_id": event_id}
+    pairs = [*claim.items(), *message_fields.items()]
+    args = [len(claim), *(str(x) for pair in pairs for x in pair)]
+    won, value = client.register_script(_CLAIM_AND_PUBLISH)(keys=[key, stream], args=args)
     return bool(int(won)), as_text(value)

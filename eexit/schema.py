@@ -14,7 +14,6 @@ producer said 0 (SPEC §4.1, §4.6).
 
 import functools
 import json
-import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
@@ -47,39 +46,64 @@ MAX_COUNT = 1_000_000                 # positions, orders, attempts
 MAX_DURATION_MS = 10 * 365 * 86400 * 1000
 
 
+def _whole(text):
+    """int of "7", or of an integral float: producers in other languages write "1.0". Read as
+    a float, which is exact below 2**53, far above every bound here (a larger value is
+    absurd whichever way it is read)."""
+    number = float(text)                      # not a number at all: ValueError
+    if not number.is_integer():               # 1.5, NaN, infinities
+        raise ValueError(text)
+    return int(number)
+
+
+_FLAGS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _json_list(text):
+    parsed = json.loads(text)
+    if not isinstance(parsed, list):          # null, a number, an object: not the list we need
+        raise ValueError(text)
+    return parsed
+
+
+def text_map(raw):
+    """(values, problems): a raw Redis field map as str -> str, never raising. UTF-8 bytes are
+    decoded (otherwise non_utf8:<name>, kept with replacement characters), a number is kept
+    as its repr, any other key or value is left out (bad_type:<name>); not_a_map: no map."""
+    values, problems = {}, []
+    if not isinstance(raw, Mapping):
+        return values, ["not_a_map"]
+    for key, value in raw.items():
+        name = _text(key, "key", problems)
+        text = None if name is None else _text(value, name, problems)
+        if text is not None:
+            values[name] = text
+    return values, problems
+
+
+def _text(item, label, problems):
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        item = bytes(item)
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"non_utf8:{label}")
+            return item.decode("utf-8", errors="replace")
+    if isinstance(item, str):
+        return item
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        return repr(item)
+    problems.append(f"bad_type:{label}")
+    return None
+
+
 class _FieldReader:
     """Collects typed values out of a raw Redis field map, recording problems instead of
     raising. Consumed names are tracked so the rest can be kept as `extra`."""
 
     def __init__(self, raw):
-        self.problems = []
-        self.values = {}
+        self.values, self.problems = text_map(raw)
         self.consumed = set()
-        if not isinstance(raw, Mapping):
-            self.problems.append("not_a_map")
-            return
-        for key, value in raw.items():
-            name = self._text(key, "key")
-            if name is None:
-                continue
-            text = self._text(value, name)
-            if text is not None:
-                self.values[name] = text
-
-    def _text(self, item, label):
-        if isinstance(item, (bytes, bytearray, memoryview)):
-            item = bytes(item)
-            try:
-                return item.decode("utf-8")
-            except UnicodeDecodeError:
-                self.problems.append(f"non_utf8:{label}")
-                return item.decode("utf-8", errors="replace")
-        if isinstance(item, str):
-            return item
-        if isinstance(item, (int, float)) and not isinstance(item, bool):
-            return repr(item)
-        self.problems.append(f"bad_type:{label}")
-        return None
 
     def _take(self, name, required, aliases=()):
         """The raw text of `name` (or the first alias present; all present ones are consumed),
@@ -93,55 +117,44 @@ class _FieldReader:
             return None
         return value
 
-    def text(self, name, required=True, aliases=()):
+    def text(self, name, required=True, aliases=(), allowed=None, legacy=None):
+        """The text ("" when absent), cut at MAX_TEXT (too_long:<name>); with `allowed`, a
+        value outside it (after the `legacy` renames) is unknown_value:<name>, kept as sent."""
         value = self._take(name, required, aliases)
         if value is None:
             return ""
         if len(value) > MAX_TEXT:
             self.problems.append(f"too_long:{name}")
             value = value[:MAX_TEXT]
-        return value
-
-    def choice(self, name, allowed, legacy=None, required=True, aliases=()):
-        value = self.text(name, required, aliases)
-        if value == "":
-            return value
         value = (legacy or {}).get(value, value)
-        if value not in allowed:
+        if allowed is not None and value not in allowed:
             self.problems.append(f"unknown_value:{name}")
         return value
 
-    def _typed(self, name, required, parse, problem, default=None):
-        """parse(raw text) of field `name`, or `default` when it is absent (missing:<name> if
-        required) or when parse raises (<problem>:<name>)."""
+    def _typed(self, parse, problem, name, maximum=None, required=True):
+        """parse(raw text) of field `name`; None when it is absent (missing:<name> if required),
+        when parse raises (<problem>:<name>), or when a number is outside 0..maximum
+        (absurd:<name>; NaN and infinities compare false, so they are absurd too)."""
         value = self._take(name, required)
         if value is None:
-            return default
+            return None
         try:
-            return parse(value)
-        except (ValueError, RecursionError):
+            value = parse(value)
+        except (ValueError, LookupError, RecursionError):   # unreadable (_FLAGS: LookupError)
             self.problems.append(f"{problem}:{name}")
-            return default
-
-    def _bounded(self, name, number, maximum):
-        """number if it is None or within 0..maximum, else None and absurd:<name>. NaN and
-        infinities compare false, so they are absurd too."""
-        if number is None or 0 <= number <= maximum:
-            return number
+            return None
+        if maximum is None or 0 <= value <= maximum:
+            return value
         self.problems.append(f"absurd:{name}")
         return None
 
-    def integer(self, name, maximum, required=True):
-        return self._bounded(name, self._typed(name, required, _whole, "bad_int"), maximum)
-
-    def number(self, name, maximum, required=True):
-        return self._bounded(name, self._typed(name, required, float, "bad_number"), maximum)
-
-    def boolean(self, name, required=True):
-        return self._typed(name, required, _flag, "bad_bool")
+    integer = functools.partialmethod(_typed, _whole, "bad_int")          # (name, maximum, required)
+    number = functools.partialmethod(_typed, float, "bad_number")         # (name, maximum, required)
+    boolean = functools.partialmethod(_typed, lambda text: _FLAGS[text.strip().lower()], "bad_bool")
 
     def json_list(self, name, required=True):
-        return self._typed(name, required, _json_list, "bad_json", default=[])
+        """A JSON array; [] when absent or unreadable (valid JSON that is no array too)."""
+        return self._typed(_json_list, "bad_json", name, required=required) or []
 
     def extra(self):
         kept = {}
@@ -154,40 +167,16 @@ class _FieldReader:
         return kept
 
 
-def _whole(text):
-    """int of "7", or of an integral float: producers in other languages write "1.0"."""
-    try:
-        return int(text.strip())
-    except ValueError:
-        as_float = float(text)                  # not a number at all: ValueError
-        if not math.isfinite(as_float) or as_float != int(as_float):
-            raise ValueError(text) from None
-        return int(as_float)
-
-
-def _flag(text):
-    lowered = text.strip().lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise ValueError(text)
-
-
-def _json_list(text):
-    parsed = json.loads(text)
-    if not isinstance(parsed, list):
-        raise ValueError(text)
-    return parsed
-
-
-def _encode(pairs, extra):
-    """Known fields first, None omitted; extra fields never override known ones."""
+def _encode(pairs, extra, omit_empty=False):
+    """Known fields first, None (and with omit_empty "") omitted; a float with 3 decimals at
+    most (a latency); extra fields never override known ones."""
     encoded = {}
     for name, value in pairs:
-        if value is None:
+        if value is None or (omit_empty and value == ""):
             continue
-        if isinstance(value, bool):
+        if isinstance(value, float):
+            encoded[name] = str(round(value, 3))
+        elif isinstance(value, bool):
             encoded[name] = "true" if value else "false"
         elif isinstance(value, (list, dict)):
             encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
@@ -207,11 +196,6 @@ def _wire_fields(cls):
     return tuple(declared[name] for name in getattr(cls, "WIRE_ORDER", declared))
 
 
-def _declared(message):
-    """(name, value) of every field but `extra`, in wire order."""
-    return [(f.name, getattr(message, f.name)) for f in _wire_fields(type(message))]
-
-
 def _wire(read, *args, default=MISSING, factory=MISSING, **options):
     """A message field and how from_fields reads it: _FieldReader.<read>(name, *args, **options)."""
     return field(default=default, default_factory=factory, metadata={"read": (read, args, options)})
@@ -221,8 +205,11 @@ class _Message:
     """to_fields and from_fields of a message whose fields say how they are read (_wire): in
     wire order, then `extra`, the fields no reader consumed."""
 
+    OMIT_EMPTY = False      # True: an empty text field is left out, not written as ""
+
     def to_fields(self):
-        return _encode(_declared(self), self.extra)
+        declared = [(f.name, getattr(self, f.name)) for f in _wire_fields(type(self))]
+        return _encode(declared, self.extra, self.OMIT_EMPTY)
 
     @classmethod
     def from_fields(cls, raw):
@@ -244,7 +231,7 @@ class PanicEvent(_Message):
     reason: str = _wire("text")
     issued_by: str = _wire("text", aliases=("source",))
     ts: int | None = _wire("integer", MAX_TS_MS)
-    severity: str = _wire("choice", SEVERITIES, default="CRITICAL")
+    severity: str = _wire("text", allowed=SEVERITIES, default="CRITICAL")
     extra: dict = field(default_factory=dict)   # unknown fields, e.g. sig, kid, context
 
 
@@ -253,7 +240,7 @@ class CompletionReport(_Message):
     """What the EEW did about one panic event. Published on COMPLETED_STREAM."""
 
     event_id: str = _wire("text")
-    status: str = _wire("choice", REPORT_STATUSES)
+    status: str = _wire("text", allowed=REPORT_STATUSES)
     issued_by: str = _wire("text", required=False, default="")
     reason: str = _wire("text", required=False, default="")
     positions_total: int | None = _wire("integer", MAX_COUNT, default=0)
@@ -280,8 +267,10 @@ class Heartbeat(_Message):
     """A guard's sign of life. The Exit Brain publishes on HEARTBEAT_STREAM; the EEW and the
     watchdog publish the same shape on their own streams."""
 
+    OMIT_EMPTY = True       # an old producer sends no `instance`; we send none when we have none
+
     service_id: str = _wire("text")
-    status: str = _wire("choice", HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"})
+    status: str = _wire("text", allowed=HEARTBEAT_STATUSES, legacy={"ALIVE": "OK"})
     active_positions: int | None = _wire("integer", MAX_COUNT)
     last_decision_ts: int | None = _wire("integer", MAX_TS_MS)
     latency_ms: float | None = _wire("number", MAX_DURATION_MS)
@@ -290,16 +279,13 @@ class Heartbeat(_Message):
     instance: str = _wire("text", required=False, default="")
     extra: dict = field(default_factory=dict)
 
-    def to_fields(self):
-        latency = None if self.latency_ms is None else round(self.latency_ms, 3)
-        return _encode([(name, latency if name == "latency_ms" else None if value == "" and name == "instance"
-                         else value) for name, value in _declared(self)], self.extra)
-
 
 @dataclass
 class TradingState(_Message):
     """The halt flag in TRADING_STATE_KEY. Trading code must treat a missing or unreadable
     `halted` as halted."""
+
+    OMIT_EMPTY = True
 
     halted: bool | None = _wire("boolean")
     reason: str = _wire("text", required=False, default="")
@@ -310,10 +296,6 @@ class TradingState(_Message):
     cleared_by: str = _wire("text", required=False, default="")
     cleared_at: int | None = _wire("integer", MAX_TS_MS, required=False, default=None)
     extra: dict = field(default_factory=dict)
-
-    def to_fields(self):
-        # An empty text field is omitted, not written as "".
-        return _encode([(name, None if value == "" else value) for name, value in _declared(self)], self.extra)
 
     @property
     def trading_allowed(self):

@@ -55,6 +55,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from eexit import schema
 from eexit.config import ConfigError, credential
 
 CREDENTIAL_FILE = "panic_hmac_keys"
@@ -76,7 +77,8 @@ class _Key:
 
 
 class KeyRing:
-    """kid -> (issuer, key). Immutable. Its repr names kids and issuers, never key bytes."""
+    """kid -> (issuer, key), in file order. Immutable. Its repr names kids and issuers, never
+    key bytes; _secret is the one way to a key."""
 
     def __init__(self, entries=None):
         self._entries = dict(entries or {})
@@ -84,9 +86,6 @@ class KeyRing:
     @property
     def configured(self):
         return bool(self._entries)
-
-    def __len__(self):
-        return len(self._entries)
 
     def kids(self):
         return tuple(self._entries)
@@ -101,10 +100,7 @@ class KeyRing:
     def kid_for(self, issuer):
         """The first kid (in file order) that belongs to issuer, or None: what a daemon or
         tool signs with when it holds only its own key."""
-        for kid, entry in self._entries.items():
-            if entry.issuer == issuer:
-                return kid
-        return None
+        return next((kid for kid, entry in self._entries.items() if entry.issuer == issuer), None)
 
     def _secret(self, kid):
         return self._entries[kid].secret
@@ -127,9 +123,8 @@ def parse_keys(text, origin):
         if len(parts) != 3:
             raise ConfigError(f"{origin} entry {number}: expected 'kid issuer hexkey'")
         kid, issuer, hexkey = parts
-        for label, name in (("kid", kid), ("issuer", issuer)):
-            if not _NAME_RE.fullmatch(name):
-                raise ConfigError(f"{origin} entry {number}: {label} must be 1-64 of [A-Za-z0-9._-]")
+        if not (_NAME_RE.fullmatch(kid) and _NAME_RE.fullmatch(issuer)):
+            raise ConfigError(f"{origin} entry {number}: kid and issuer must be 1-64 of [A-Za-z0-9._-]")
         if not _HEX_RE.fullmatch(hexkey) or len(hexkey) % 2:
             raise ConfigError(f"{origin} entry {number}: key is not hexadecimal")
         if len(hexkey) // 2 < MIN_KEY_BYTES:
@@ -178,38 +173,28 @@ def check_own_keys(keyring, issuer, origin):
         raise ConfigError(f"{origin} holds no key for issuer {issuer}: its panics would be rejected")
 
 
-def _text(value):
-    """A wire value as str, or None if it is neither str nor UTF-8 bytes."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return None
-
-
 def _normalise(fields):
-    """str -> str copy of a str- or bytes-keyed mapping; None if it is not one."""
-    if not hasattr(fields, "items"):
-        return None
-    out = {}
-    for key, value in fields.items():
-        key_text, value_text = _text(key), _text(value)
-        if key_text is None or value_text is None:
-            return None
-        out[key_text] = value_text
-    return out
+    """str -> str copy of a field mapping (str or UTF-8 bytes; numbers as their repr); None if
+    it is not a mapping or holds anything else (schema.text_map: as every Redis field map is read)."""
+    values, problems = schema.text_map(fields)
+    return None if problems else values
 
 
-def _claimed_issuer(fields):
-    """(issuer, problem): issued_by, or the legacy `source` when issued_by is absent."""
-    issued_by, source = fields.get("issued_by"), fields.get("source")
+def _refusal(plain, kid, keyring, core):
+    """(issuer, reason): the claimed issuer (issued_by, or the legacy `source` when issued_by
+    is absent), and why `kid` cannot sign these fields -- None when it can. One rule for
+    sign_fields (a refusal is a caller bug) and verify_fields (a refusal is a rejection)."""
+    issued_by, source = plain.get("issued_by"), plain.get("source")
     if issued_by is not None and source is not None and issued_by != source:
         return None, "issuer_ambiguous"
     issuer = issued_by if issued_by is not None else source
-    return issuer, (None if issuer else "missing_field")
+    if not issuer or any(not plain.get(name) for name in core if name not in ("kid", "issued_by")):
+        return issuer, "missing_field"
+    if not keyring.has_kid(kid):
+        return issuer, "unknown_kid"
+    if keyring.issuer_of(kid) != issuer:
+        return issuer, "kid_issuer_mismatch"
+    return issuer, None
 
 
 def canonical_bytes(fields, issuer, core=CORE_FIELDS, domain=_DOMAIN):
@@ -224,8 +209,9 @@ def canonical_bytes(fields, issuer, core=CORE_FIELDS, domain=_DOMAIN):
     return b"".join(parts)
 
 
-def _mac(secret, fields, issuer, core, domain):
-    return hmac.new(secret, canonical_bytes(fields, issuer, core, domain), hashlib.sha256).digest()
+def _mac(keyring, kid, fields, issuer, core, domain):
+    message = canonical_bytes(fields, issuer, core, domain)
+    return hmac.new(keyring._secret(kid), message, hashlib.sha256).digest()
 
 
 def sign_fields(fields, kid, keyring, core=CORE_FIELDS, domain=_DOMAIN):
@@ -234,18 +220,11 @@ def sign_fields(fields, kid, keyring, core=CORE_FIELDS, domain=_DOMAIN):
     plain = _normalise(fields)
     if plain is None:
         raise ValueError("fields must be a mapping of str to str")
-    issuer, problem = _claimed_issuer(plain)
-    if problem:
-        raise ValueError(f"cannot sign: {problem} (issued_by)")
-    if not keyring.has_kid(kid):
-        raise ValueError(f"cannot sign: unknown kid {kid!r}")
-    if keyring.issuer_of(kid) != issuer:
-        raise ValueError(f"cannot sign: kid {kid!r} does not belong to issuer {issuer!r}")
+    issuer, refusal = _refusal(plain, kid, keyring, core)
+    if refusal:
+        raise ValueError(f"cannot sign with kid {kid!r}: {refusal}")
     plain["kid"] = kid
-    missing = [name for name in core if name != "issued_by" and not plain.get(name)]
-    if missing:
-        raise ValueError(f"cannot sign: missing {', '.join(missing)}")
-    plain["sig"] = _mac(keyring._secret(kid), plain, issuer, core, domain).hex()
+    plain["sig"] = _mac(keyring, kid, plain, issuer, core, domain).hex()
     return plain
 
 
@@ -255,28 +234,20 @@ def verify_fields(fields, keyring, core=CORE_FIELDS, domain=_DOMAIN):
     if not keyring.configured:
         return True, "unsigned_allowed"
     plain = _normalise(fields)
-    if plain is None:
-        return False, "malformed"
-    if any(len(value) > _MAX_VALUE_CHARS for value in plain.values()):
+    if plain is None or any(len(value) > _MAX_VALUE_CHARS for value in plain.values()):
         return False, "malformed"
     kid, sig = plain.get("kid"), plain.get("sig")
     if not kid:
         return False, "missing_kid"
     if not sig:
         return False, "missing_sig"
-    issuer, problem = _claimed_issuer(plain)
-    if problem:
-        return False, problem
-    if any(not plain.get(name) for name in core if name != "issued_by"):
-        return False, "missing_field"
-    if not keyring.has_kid(kid):
-        return False, "unknown_kid"
-    if keyring.issuer_of(kid) != issuer:
-        return False, "kid_issuer_mismatch"
+    issuer, refusal = _refusal(plain, kid, keyring, core)
+    if refusal:
+        return False, refusal
     if not _SIG_RE.fullmatch(sig):
         return False, "bad_sig_format"
     try:
-        expected = _mac(keyring._secret(kid), plain, issuer, core, domain)
+        expected = _mac(keyring, kid, plain, issuer, core, domain)
     except UnicodeEncodeError:
         return False, "malformed"
     if not hmac.compare_digest(expected, bytes.fromhex(sig)):

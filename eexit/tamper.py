@@ -41,7 +41,7 @@ Pure functions over plain data; read_stream_state() is the one Redis read they n
 """
 
 import json
-from dataclasses import dataclass
+from collections import namedtuple
 
 import redis
 
@@ -54,12 +54,9 @@ FINAL_STAGE = "done"
 COUNT_LIMIT = 1000       # undelivered entries counted per check; a bigger backlog waits
 
 
-@dataclass(frozen=True)
-class Tampering:
-    reason: str       # panic_stream_exhausted | panic_deleted_before_delivery | ...
-    key: str          # names this finding; the tamper close's event id is "tamper-<key>"
-    detail: str
-
+# reason: panic_stream_exhausted | panic_deleted_before_delivery | ...; key: names this
+# finding, the tamper close's event id is "tamper-<key>"; detail: for the log and the report.
+class Tampering(namedtuple("Tampering", "reason key detail")):
     @property
     def event_id(self):
         return f"tamper-{self.key}"
@@ -87,13 +84,12 @@ def decide_tampering(stream_info, group_info, last_seen=frozenset()):
     XINFO GROUPS dict, or None if the group does not exist (the caller recreates it)."""
     if not stream_info or not group_info:
         return None
-    last_generated = parse_id(stream_info.get("last-generated-id"))
     added = _int(stream_info.get("entries-added")) or 0
     length = _int(stream_info.get("length")) or 0
     delivered_to = parse_id(group_info.get("last-delivered-id"))
     entries_read = _int(group_info.get("entries-read"))
     findings = []
-    if last_generated == parse_id(MAX_ID):
+    if parse_id(stream_info.get("last-generated-id")) == parse_id(MAX_ID):
         findings.append(Tampering("panic_stream_exhausted", f"exhausted-{added}",
                                   "the panic stream's last id is the maximum: no panic can be published"))
     deleted = parse_id(stream_info.get("max-deleted-entry-id"))
@@ -136,8 +132,8 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
         # No stream (Redis lost its data, or a test flushed it): nothing to judge; the next
         # group read recreates stream and group (bus.read_group on NOGROUP).
         return {}, None
-    mine = [g for g in groups if bus.as_text(g.get("name")) == group]
-    stream_info, group_info = _plain(stream_info), (_plain(mine[0]) if mine else None)
+    stream_info = bus.decoded(stream_info, drop=("first-entry", "last-entry"))
+    group_info = next((bus.decoded(g) for g in groups if bus.as_text(g.get("name")) == group), None)
     if group_info is not None:
         undelivered = int(stream_info.get("entries-added") or 0) - int(group_info.get("entries-read") or 0)
         if 0 < undelivered <= COUNT_LIMIT:
@@ -145,10 +141,6 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
                                   count=undelivered)
             stream_info["entries-after-last-delivered"] = len(after)
     return stream_info, group_info
-
-
-def _plain(info):
-    return bus.decoded(info, drop=("first-entry", "last-entry"))
 
 
 def skipped_entries(candidates, pending_ids, records):

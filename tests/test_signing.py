@@ -41,7 +41,7 @@ class LoadKeysTest(unittest.TestCase):
 
     def test_environment_fallback_with_commas(self):
         keys = load_keys({"EEXIT_PANIC_HMAC_KEYS": f"wd1 watchdog {WATCHDOG_KEY}, ops1 ops {OPS_KEY}"})
-        self.assertEqual(len(keys), 2)
+        self.assertEqual(keys.kids(), ("wd1", "ops1"))
 
     def test_nothing_configured_is_an_empty_ring(self):
         keys = load_keys({})
