@@ -145,7 +145,6 @@ from .notify import Notifier
 log = Logger("eew")
 
 SERVICE_ID = "emergency_exit_worker"
-BUS_LOSS_ISSUER = "emergency_exit_worker"
 BUS_LOSS_REASON = "BUS_LOST"
 MAX_RATE_RETRIES = 8          # 429s for one order inside one attempt before the re-read decides
 READ_BACKOFF_S = (0.1, 0.2, 0.5)
@@ -182,28 +181,33 @@ SIMPLE_CLOSE_ATTEMPT = 1000           # the fail-closed close's first attempt nu
 
 # ------------------------------------------------------------------------------ config
 
-@dataclass(frozen=True)
+# The numeric settings: (attribute, env name, parse, default, minimum, maximum). Their meaning
+# is documented in docs/CONFIG.md (one row each); an unparsable or out-of-range value is a
+# ConfigError naming the variable (exit 2).
+NUMBERS = (
+    ("close_deadline_s", "EEXIT_CLOSE_DEADLINE_S", env_float, 30, 1, 3600),
+    ("claim_idle_ms", "EEXIT_CLAIM_IDLE_MS", env_int, 15000, 100, 3_600_000),
+    ("sweep_interval_s", "EEXIT_SWEEP_INTERVAL_S", env_float, 5, 0.05, 3600),
+    ("bus_loss_close_s", "EEXIT_BUS_LOSS_CLOSE_S", env_float, 10, 0, 3600),
+    ("concurrency", "EEXIT_CLOSE_CONCURRENCY", env_int, 64, 1, 256),
+    ("block_ms", "EEXIT_BLOCK_MS", env_int, 1000, 10, bus.BLOCK_MS_MAX),
+    ("heartbeat_interval_s", "EEXIT_HEARTBEAT_INTERVAL_S", env_float, 1, 0.05, 60),
+    ("account_check_s", "EEXIT_ACCOUNT_CHECK_S", env_float, 60, 1, 3600),
+    ("keepalive_s", "EEXIT_EXCHANGE_KEEPALIVE_S", env_float, DEFAULT_KEEPALIVE_S, 0, 3600),
+    ("max_deliveries", "EEXIT_MAX_DELIVERIES", env_int, 3, 1, 100),
+    ("halt_guard_s", "EEXIT_HALT_GUARD_S", env_float, 5, 0, 3600),
+    ("resume_cooldown_s", "EEXIT_RESUME_COOLDOWN_S", env_float, 300, 0, 86400),
+)
+
+
 class Config:
-    redis_url: str
-    consumer: str
-    authorized_sources: tuple
-    close_deadline_s: float
-    claim_idle_ms: int
-    sweep_interval_s: float
-    bus_loss_close_s: float
-    journal_path: str
-    concurrency: int
-    block_ms: int
-    order_limits: tuple           # ((orders, window_s), ...)
-    heartbeat_interval_s: float
-    account_check_s: float
-    keepalive_s: float
-    max_deliveries: int
-    halt_guard_s: float
-    halt_guard_policy: str
-    resume_cooldown_s: float
-    exchange_config: exchange.ExchangeConfig = field(repr=False)
-    keyring: signing.KeyRing = field(repr=False)
+    """Every knob, read once from the environment (ConfigError -> exit 2). Attributes: those
+    of NUMBERS, and redis_url, consumer, authorized_sources, journal_path, order_limits
+    ((orders, window_s), ...), halt_guard_policy, exchange_config, keyring. No __repr__ of the
+    fields: the keyring and the exchange credentials must never reach a log."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
 
     @classmethod
     def from_env(cls, env=None):
@@ -218,31 +222,18 @@ class Config:
             # Refuse to start: without a journal a bus-loss report could not be kept.
             raise ConfigError(f"EEXIT_JOURNAL={journal_path!r} cannot be opened for append: "
                               f"{exc.strerror}") from None
+        numbers = {attribute: parse(name, default, minimum=low, maximum=high, env=env)
+                   for attribute, name, parse, default, low, high in NUMBERS}
+        numbers["halt_guard_s"] = guard_interval(numbers["halt_guard_s"])
         exchange_config = exchange.ExchangeConfig.from_env(env)
         return cls(
-            redis_url=bus.redis_url(env),
+            **numbers, redis_url=bus.redis_url(env), journal_path=journal_path,
             consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
             authorized_sources=known_issuers(env_list("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS, env)),
-            close_deadline_s=env_float("EEXIT_CLOSE_DEADLINE_S", 30, minimum=1, maximum=3600, env=env),
-            claim_idle_ms=env_int("EEXIT_CLAIM_IDLE_MS", 15000, minimum=100, maximum=3_600_000, env=env),
-            sweep_interval_s=env_float("EEXIT_SWEEP_INTERVAL_S", 5, minimum=0.05, maximum=3600, env=env),
-            bus_loss_close_s=env_float("EEXIT_BUS_LOSS_CLOSE_S", 10, minimum=0, maximum=3600, env=env),
-            journal_path=journal_path,
-            concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 64, minimum=1, maximum=256, env=env),
-            block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
             order_limits=parse_order_limits(env_str(
                 "EEXIT_ORDER_LIMITS", exchange.default_order_limits(exchange_config.exchange_id), env)),
-            heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, maximum=60, env=env),
-            account_check_s=env_float("EEXIT_ACCOUNT_CHECK_S", 60, minimum=1, maximum=3600, env=env),
-            keepalive_s=env_float("EEXIT_EXCHANGE_KEEPALIVE_S", DEFAULT_KEEPALIVE_S, minimum=0, maximum=3600,
-                                  env=env),
-            max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
-            halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
             halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
-            resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
-            exchange_config=exchange_config,
-            keyring=signing.load_keys(env),
-        )
+            exchange_config=exchange_config, keyring=signing.load_keys(env))
 
 
 def known_issuers(sources):
@@ -914,12 +905,16 @@ class Closer:
 @dataclass
 class Job:
     """What the shell keeps while it performs one panic's commands (the decisions are the
-    core's): the event, the report base, the ledger record, the close's report fields."""
+    core's): the event, the report base, the ledger record, the close's report fields; for a
+    close on own authority its keepalive, the halt it reports and extra report fields."""
     event: schema.PanicEvent
     base: dict
     record: dict = None
     fields: dict = None
     halt_state: schema.TradingState = None
+    keepalive: object = None            # None: Entries.close_keepalive (entry and record kept fresh)
+    force_halt: bool = None             # None: write the halt with the report when there is no entry
+    extra: dict = field(default_factory=dict)
 
     def halt(self, event_id):
         """The halt of this event, built once (halted_at is when it was first written)."""
@@ -941,13 +936,12 @@ class Entries:
         an entry left pending on purpose (its report waits in the journal) must not keep the
         read of new entries from ever running."""
         cfg = self.config
-        if time.monotonic() >= self.next_sweep:
-            self.next_sweep = time.monotonic() + cfg.sweep_interval_s
+        if core.due(self.at, "sweep", time.monotonic(), cfg.sweep_interval_s):
             own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
                                  block_ms=0, pending=True, count=READ_BATCH)
             if own:
                 if len(own) == READ_BATCH:
-                    self.next_sweep = 0.0      # more of our backlog: next pass
+                    self.at.pop("sweep")       # more of our backlog: next pass
                 return own
             claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
                                      cfg.consumer, cfg.claim_idle_ms)
@@ -1048,11 +1042,7 @@ class Entries:
             try:
                 result = self.perform(panic, command, job)
             except bus.REDIS_ERRORS as exc:
-                kind = core.ErrorKind(self.trouble.report(exc, command.do.value, panic.event_id))
-                if kind is core.ErrorKind.TRANSPORT:
-                    self.lost_redis(exc)
-                else:
-                    self.pass_blind = self.pass_blind or f"{command.do.value}:{daemon.cause(exc)}"
+                kind = self.redis_failed(exc, command.do.value, panic.event_id)
                 panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
             except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
                 log.error("entry_failed", event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value,
@@ -1095,20 +1085,22 @@ class Entries:
                 job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT},
                                                  lambda _save=False: self.notifier.ping())
             else:
-                keepalive = self.close_keepalive(event_id, entry_id, job.record)
+                keepalive = job.keepalive or self.close_keepalive(event_id, entry_id, job.record)
                 job.fields = self.closer.execute(event_id, job.record, keepalive)
-            return job.fields["status"]
+            return job.fields
         if do is core.Do.REPORT:
             fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
                 dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
+            fields["extra"] = {**fields.get("extra", {}), **job.extra}
             if panic.failures and not command.status:
-                fields.setdefault("extra", {})["failures"] = ";".join(panic.failures)[-1000:]
-            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id))
+                fields["extra"]["failures"] = ";".join(panic.failures)[-1000:]
+            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id),
+                                      job.force_halt)
         if do is core.Do.REPORT_NO_ACTION:
             record = job.record or {}
             detail = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
             if record.get("stage") != tamper.FINAL_STAGE:
-                self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
+                self.at.pop("guard_sweep", None)   # the original may be stranded: the sweep looks now
             return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
         if do is core.Do.TOUCH:
             return self.touch_entry(event_id, entry_id)
@@ -1251,8 +1243,7 @@ class LostPanics:
                 self.tamper_close(finding)
             if int(stream_info.get("entries-added") or 0) - int(group.get("entries-read") or 0) > READ_BATCH:
                 self.peek_tail(group)
-            if time.monotonic() >= self.next_guard_sweep:
-                self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
+            if core.due(self.at, "guard_sweep", time.monotonic(), self.config.sweep_interval_s):
                 self.sweep_ledger()
                 self.audit_stream(group)
         except bus.REDIS_ERRORS:
@@ -1294,8 +1285,7 @@ class LostPanics:
         self.current_event = event.event_id
         base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
                     problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
-        panic = core.Panic(event.event_id, record.get("entry"), True, stage=core.Stage.HALTING)
-        self.drive(panic, [core.Command(core.Do.WRITE_HALT)], Job(event, base, record=record))
+        self.drive(*core.resume_recorded(event.event_id, record.get("entry")), Job(event, base, record=record))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1342,7 +1332,7 @@ class LostPanics:
                 self.handle_entry(entry_id, raw)
         self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
         if len(batch) == READ_BATCH:
-            self.next_guard_sweep = 0.0    # more to check: next pass
+            self.at.pop("guard_sweep", None)    # more to check: next pass
 
     def serve_resume_request(self):
         """At most one resume request per pass, and only in a pass without panics: each may
@@ -1375,30 +1365,31 @@ class OwnAuthority:
     cannot do its job, and the halt guard while trading is halted (decisions:
     eexit/guard_policy.py)."""
 
-    # -- bus loss
+    def own_event_id(self, prefix):
+        self.current_event = f"{prefix}-{self.config.consumer}-{wall_ms()}"
+        return self.current_event
 
-    def own_event(self, prefix, reason):
-        """event_id, ledger record and report base of a close on the EEW's own authority."""
+    def own_close(self, event_id, reason, repeat=False, **job):
+        """A close on the EEW's own authority through the core (core.start_own), like a panic's:
+        no entry, a report of its own. job: Job fields (the guard's halt, keepalive, a report
+        without orders). Returns the report fields (None if the close itself kept failing)."""
         now = wall_ms()
-        event_id = self.current_event = f"{prefix}-{self.config.consumer}-{now}"
-        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
-        return event_id, record, dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason,
-                                      event_age_ms=0, problems=[], ts_started=now)
+        event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=SERVICE_ID, ts=now)
+        base = dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason, event_age_ms=0, problems=[],
+                    ts_started=now)
+        job = Job(event, base, record={"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}, **job)
+        self.drive(*core.start_own(event_id, close=job.fields is None, repeat=repeat), job)
+        return job.fields
 
     def bus_loss_close(self, down_s, repeat=False):
         """Flatten without an event: Redis unreachable or refusing our commands, hence the
         whole safety chain, is blind. Repeated every guard interval while that lasts; a repeat
         that found nothing to do writes no report (the first one stands)."""
-        event_id, record, base = self.own_event("busloss", BUS_LOSS_REASON)
+        event_id = self.own_event_id("busloss")
         log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
         self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
-        halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
-                                   halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
-                                   requires_manual_reset=True)
-        fields = self.closer.execute(event_id, record, lambda _save=False: self.notifier.ping())
-        if not (repeat and guard_policy.quiet_repeat(fields)):
-            self.finish_report(event_id, None, record, base, fields, halt)
-        return fields["status"]
+        fields = self.own_close(event_id, BUS_LOSS_REASON, repeat, keepalive=lambda _save=False: self.notifier.ping())
+        return (fields or {}).get("status", flatten.FAILED)
 
     # -- halt guard (decisions: eexit/guard_policy.py)
 
@@ -1409,16 +1400,14 @@ class OwnAuthority:
         loop between entries, so never during this EEW's own panic; reads and closes go
         through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
         cfg, now = self.config, time.monotonic()
-        if cfg.halt_guard_s <= 0 or now < self.next_lease_step:
+        if cfg.halt_guard_s <= 0 or not core.due(self.at, "lease", now, guard_policy.step_s(cfg.halt_guard_s)):
             return
-        self.next_lease_step = now + guard_policy.step_s(cfg.halt_guard_s)
         state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
         if state.halted is not True or not self.hold_guard():
             self.guard_alerted = None
             return
-        if now < self.next_guard_check:
+        if not core.due(self.at, "guard_check", now, cfg.halt_guard_s):
             return
-        self.next_guard_check = now + cfg.halt_guard_s
         last = self.last_final_status(state.event_id)
         account = None if last is None else self.closer.read_account(now + cfg.halt_guard_s, "halt-guard",
                                                                      self.guard_keepalive)
@@ -1455,7 +1444,7 @@ class OwnAuthority:
 
     def guard_close(self, state, action, reason, account):
         """One enforcement (or, policy alert, a report and no orders); the guard status fields."""
-        event_id, record, base = self.own_event("guard", reason)
+        event_id, fields = self.own_event_id("guard"), None
         log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
                      positions=len(account.positions), orders=len(account.orders))
         if action == "alert":
@@ -1465,14 +1454,13 @@ class OwnAuthority:
                           detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
-            fields = self.closer.execute(event_id, record, self.guard_keepalive)
-            self.set_status("waiting for panic events")
-        fields.setdefault("extra", {})["halt_event_id"] = state.event_id
-        self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
+        status = (self.own_close(event_id, reason, fields=fields, halt_state=state, force_halt=False,
+                                 keepalive=self.guard_keepalive, extra={"halt_event_id": state.event_id})
+                  or {}).get("status", flatten.FAILED)
         done = {"last_enforcement_ms": wall_ms(), "last_enforcement_event_id": event_id,
-                "last_enforcement": f"{reason} {fields['status']}"}
+                "last_enforcement": f"{reason} {status}"}
         if action == "enforce":
-            done.update(last_status=fields["status"], last_status_for=state.event_id)
+            done.update(last_status=status, last_status_for=state.event_id)
         return done
 
     def hold_guard(self):
@@ -1482,9 +1470,9 @@ class OwnAuthority:
         """While the guard reads or closes: watchdog pings, and the lease renewed every step
         so that no other EEW starts guarding meanwhile."""
         self.notifier.ping()
-        if time.monotonic() < self.next_lease_step or self.ledger is None:
+        if self.ledger is None or not core.due(self.at, "lease", time.monotonic(),
+                                               guard_policy.step_s(self.config.halt_guard_s)):
             return
-        self.next_lease_step = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
         try:
             if not self.hold_guard():
                 log.warning("guard_lease_lost", event_id=self.current_event)
@@ -1525,14 +1513,12 @@ class Worker(Entries, LostPanics, OwnAuthority):
         self.redis = self.ledger = self.heartbeat = None
         self.stopping = self.preflighted = self.ready_sent = False
         self.status_text = ""
-        self.next_sweep = self.next_beat = self.next_markets_try = self.next_reconnect = 0.0
-        self.next_account_check = self.next_guard_sweep = 0.0
+        self.at = {}                      # timer -> monotonic time it is next due (core.due)
         self.account_future = None
         self.account_problem = None       # "exchange_authentication" while the key is refused
         self.live = core.Liveness(unable_since=time.monotonic())      # until the first clean pass
         self.pass_blind, self.pass_lost = None, False
         self.unreported = {}              # event_id -> why: authorised panics without a final report
-        self.next_lease_step = self.next_guard_check = 0.0   # halt guard: lease step, account check
         self.guard_alerted = None         # exposure_key of the last alert-policy report
         self.current_event = "-"
         self.last_positions = None
@@ -1563,12 +1549,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
         except ConfigError:
             raise
         except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, "iteration") == "transport":
-                # The entry being handled stays pending (no XACK without a report) and is
-                # resumed after reconnecting; the pass is not clean.
-                self.lost_redis(exc)
-            else:
-                self.pass_blind = f"iteration:{daemon.cause(exc)}"
+            self.redis_failed(exc, "iteration")
         except Exception as exc:  # noqa: BLE001 - the loop must never die
             # A bug outside entry handling. Not a clean pass: if it repeats, the bus-loss close
             # runs (fail-closed); dying instead would stop all panics.
@@ -1619,18 +1600,14 @@ class Worker(Entries, LostPanics, OwnAuthority):
             time.sleep(0.2)
 
     def job_step(self, step, key, fn):
-        """fn() with command errors logged and turned into blindness (None); transport errors
-        propagate to iteration(). Skipped (None) once Redis was lost in this pass."""
+        """fn(), or None after a Redis error (redis_failed: transport -> Redis dropped, command
+        -> blind). Skipped (None) once Redis was lost in this pass."""
         if self.redis is None:
             return None
         try:
             return fn()
         except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, step, key) == "transport":
-                raise
-            # No reconnect: the same command would fail the same way. The EEW is blind on
-            # this path; on_unable() closes on own authority once that lasts too long.
-            self.pass_blind = f"{step}:{daemon.cause(exc)}"
+            self.redis_failed(exc, step, key)
             return None
 
     # -- liveness
@@ -1639,10 +1616,8 @@ class Worker(Entries, LostPanics, OwnAuthority):
         """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
         if core.pings_allowed(self.live, self.config.bus_loss_close_s):
             self.notifier.ping()
-        now = time.monotonic()
-        if self.heartbeat is None or now < self.next_beat:
+        if self.heartbeat is None or not core.due(self.at, "beat", time.monotonic(), self.config.heartbeat_interval_s):
             return
-        self.next_beat = now + self.config.heartbeat_interval_s
         # Named until the report stands in Redis: failed handling, or a report only on disk
         # (the journal survives a restart, this process's memory does not).
         waiting = list(self.unreported) + sorted(set(self.journaled) - set(self.unreported))
@@ -1685,7 +1660,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
     def bus_ok(self):
         if self.redis is not None:
             return True
-        if time.monotonic() < self.next_reconnect:
+        if not core.due(self.at, "reconnect", time.monotonic()):
             self.pass_lost = True
             return False
         client = None
@@ -1698,29 +1673,37 @@ class Worker(Entries, LostPanics, OwnAuthority):
             client.ping()
             bus.ensure_group(client, schema.PANIC_STREAM, schema.EEW_GROUP, start_id="0")
         except bus.REDIS_ERRORS as exc:
-            if not bus.is_transport_error(exc):
-                # Reachable but refusing our group (NOPERM, WRONGTYPE): blind, not down.
-                self.trouble.report(exc, "XGROUP CREATE", schema.PANIC_STREAM)
-                self.next_reconnect = time.monotonic() + self.backoff.next()
-                self.pass_blind = f"connect:{daemon.cause(exc)}"
+            # Still down: back off and let on_unable decide about a bus-loss close. Reachable but
+            # refusing our group (NOPERM, WRONGTYPE): blind, not down, and the same back-off.
+            if self.redis_failed(exc, "connect", schema.PANIC_STREAM) is core.ErrorKind.COMMAND:
+                self.at["reconnect"] = time.monotonic() + self.backoff.next()
                 client.close()
-                return False
-            # Still down: back off and let on_unable decide about a bus-loss close.
-            self.lost_redis(exc)
             return False
         self.redis, self.ledger = client, Ledger(client)
         self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
-        self.next_sweep = 0.0          # a restart may have left our entries pending
+        self.at.pop("sweep", None)     # a restart may have left our entries pending
+        self.at.pop("guard_sweep", None)
         self.audit_cursor = "0-0"      # check the whole stream against the group once more
-        self.next_guard_sweep = 0.0
         self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
         log.info("redis_connected", down_s=round(core.unable_for(self.live, time.monotonic()), 3))
         return True
 
+    def redis_failed(self, exc, step, key=""):
+        """The one place a Redis error is classified (bus.is_transport_error, logged by
+        daemon.RedisTrouble): transport -> the client is dropped and the pass is LOST (an
+        entry being handled stays pending, resumed after the reconnect); command -> blind on
+        this path (no reconnect: the same command would fail the same way; on_unable closes on
+        own authority once that lasts too long). Returns the core.ErrorKind."""
+        kind = core.ErrorKind(self.trouble.report(exc, step, key))
+        if kind is core.ErrorKind.TRANSPORT:
+            self.lost_redis(exc)
+        else:
+            self.pass_blind = self.pass_blind or f"{step}:{daemon.cause(exc)}"
+        return kind
+
     def lost_redis(self, exc):
         """Redis went away: this pass is not clean (core.PassEnd.LOST), the client is dropped."""
         self.pass_lost = True
-        self.trouble.report(exc, "connect")
         if self.redis is not None:
             log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__, cause=daemon.cause(exc))
             try:
@@ -1730,7 +1713,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
                 # a fresh one is built on reconnect.
                 pass
         self.redis = self.ledger = self.heartbeat = None
-        self.next_reconnect = time.monotonic() + self.backoff.next()
+        self.at["reconnect"] = time.monotonic() + self.backoff.next()
         self.set_status(f"redis unreachable for {core.unable_for(self.live, time.monotonic()):.0f}s: "
                         f"{daemon.cause(exc)}")
 
@@ -1745,11 +1728,11 @@ class Worker(Entries, LostPanics, OwnAuthority):
         if self.live.blind is not None and not core.pings_allowed(self.live, limit):
             self.set_status(f"blind ({self.live.blind}): watchdog pings stopped"
                             + (", closed on own authority" if self.live.blind_closed else ""))
-        wait = self.next_reconnect - time.monotonic() if self.redis is None else self.backoff.next()
+        wait = self.at.get("reconnect", 0.0) - time.monotonic() if self.redis is None else self.backoff.next()
         time.sleep(max(0.0, min(wait, 0.5)))
 
     def ensure_markets(self):
-        if self.pool.ready or time.monotonic() < self.next_markets_try:
+        if self.pool.ready or not core.due(self.at, "markets", time.monotonic()):
             return
         try:
             self.pool.load_markets()
@@ -1757,7 +1740,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
         except Exception as exc:  # noqa: BLE001 - retried; events are still handled meanwhile
             # Not ready: READY=1 is withheld and the heartbeat says DEGRADED; a panic arriving
             # now still runs and retries the markets inside its own deadline.
-            self.next_markets_try = time.monotonic() + 2.0
+            self.at["markets"] = time.monotonic() + 2.0
             log.error("markets_load_failed", error=_error_text(exc, self.pool.exchange_id))
             return
         if not self.ready_sent and self.config.keepalive_s > 0:
@@ -1790,9 +1773,8 @@ class Worker(Entries, LostPanics, OwnAuthority):
         failures = self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s, self.closer.pacer)
         if failures:
             log.warning("keepalive_failed", failed=len(failures), of=self.warm, error=failures[0])
-        if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check \
-                and self.closer.pacer.paused_for() <= 0:
-            self.next_account_check = time.monotonic() + self.config.account_check_s
+        if self.pool.ready and self.account_future is None and self.closer.pacer.paused_for() <= 0 \
+                and core.due(self.at, "account_check", time.monotonic(), self.config.account_check_s):
             # The venue's cheapest signed read: no position-read weight on Binance, and it does
             # not show in a panic's own reads.
             self.account_future = self.pool.submit(exchange.check_key)

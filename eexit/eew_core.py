@@ -10,6 +10,8 @@ One panic entry (Panic, start/on_result/on_error):
     authorised --> CLAIM --new/resume--> WRITE_HALT --> CLOSE --> REPORT --> done
                          --duplicate--> REPORT_NO_ACTION (DUPLICATE)
                          --done-------> ACK (the report stands; only the ack was missing)
+    a claimed record (resume_recorded) ------> WRITE_HALT --> CLOSE --> REPORT --> done
+    own authority (start_own: bus loss, guard) ----------> CLOSE --> REPORT --> done
 
 Fail-closed (issue 24): whatever fails while handling an AUTHORISED panic (a bug, a Redis
 command error, unexpected exchange data), the EEW still halts (or keeps the halt), attempts
@@ -35,7 +37,7 @@ import enum
 import json
 from dataclasses import dataclass, replace
 
-from . import flatten, schema
+from . import flatten, guard_policy, schema
 
 
 class Stage(str, enum.Enum):
@@ -97,6 +99,7 @@ class Panic:
     failures: tuple = ()         # "<command>:<kind>:<detail>", in order
     degraded: bool = False       # a failure happened: the heartbeat names the event
     final: bool = False          # a final report stands (ledger) or waits in the journal
+    quiet: bool = False          # a repeated bus-loss close: nothing done, no report
 
 
 def start(event_id, entry_id, authorised, journaled=False):
@@ -111,9 +114,23 @@ def start(event_id, entry_id, authorised, journaled=False):
     return replace(panic, stage=Stage.CLAIMING), [Command(Do.CLAIM)]
 
 
+def start_own(event_id, close=True, repeat=False):
+    """A close on the EEW's own authority (bus loss, halt guard): no entry, nothing to claim;
+    the halt is written with the report (Redis may be what is lost; the guard's halt stands).
+    close=False: the report only (the guard's alert policy). repeat: a repeated bus-loss close
+    that found nothing to do writes no report (the first one stands)."""
+    panic = Panic(event_id, None, True, stage=Stage.CLOSING if close else Stage.REPORTING, halted=True, quiet=repeat)
+    return panic, [Command(Do.CLOSE if close else Do.REPORT)]
+
+
+def resume_recorded(event_id, entry_id):
+    """A claimed ledger record to finish (a lost panic's tamper close, a stranded record)."""
+    return Panic(event_id, entry_id, True, stage=Stage.HALTING), [Command(Do.WRITE_HALT)]
+
+
 def on_result(panic, command, result=None):
-    """The command succeeded with `result` (a Claim for CLAIM, a status for closes and
-    REPORT: "ledger" or "journal")."""
+    """The command succeeded with `result` (a Claim for CLAIM, the report fields of a close,
+    for REPORT where it stands: "ledger", "direct" or "journal")."""
     do = command.do
     if do is Do.CLAIM:
         if result in (Claim.NEW, Claim.RESUME):
@@ -124,6 +141,8 @@ def on_result(panic, command, result=None):
     if do is Do.WRITE_HALT:
         return replace(panic, stage=Stage.CLOSING, halted=True), [Command(Do.CLOSE)]
     if do in (Do.CLOSE, Do.SIMPLE_CLOSE):
+        if panic.quiet and guard_policy.quiet_repeat(result):
+            return replace(panic, stage=Stage.DONE, closed_by=do), []
         return replace(panic, stage=Stage.REPORTING, closed_by=do), [Command(Do.REPORT)]
     if do is Do.TOUCH:
         return panic, []
@@ -196,6 +215,16 @@ def pass_ended(state, outcome, now, why=None):
         return Liveness()
     return replace(state, unable_since=now if state.unable_since is None else state.unable_since,
                    blind=why if outcome is PassEnd.BLIND else state.blind)
+
+
+def due(schedule, timer, now, every_s=None):
+    """Whether the worker's `timer` is due now (schedule: timer -> monotonic time it is next
+    due; absent: due now); if so and every_s is given, it is next due every_s from now."""
+    if now < schedule.get(timer, now):
+        return False
+    if every_s is not None:
+        schedule[timer] = now + every_s
+    return True
 
 
 def unable_for(state, now):
