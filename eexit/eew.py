@@ -147,7 +147,6 @@ log = Logger("eew")
 SERVICE_ID = "emergency_exit_worker"
 BUS_LOSS_REASON = "BUS_LOST"
 MAX_RATE_RETRIES = 8          # 429s for one order inside one attempt before the re-read decides
-READ_BACKOFF_S = (0.1, 0.2, 0.5)
 KEEPALIVE_S = 0.5           # while a close attempt runs: ping the watchdog, keep our entry fresh
 # Harmless probes for the preflight, queued inside MULTI and DISCARDed: Redis checks each
 # queued command against the ACL, so a NOPERM names what the EEW may not do. One per command
@@ -626,7 +625,6 @@ class ExchangePool:
         self.rules = None
         self.primary = None            # the client that loaded the markets; others share them
         self.idle = []                 # most recently used last
-        self.built = 0
         self.warming = []
         self.next_warm = 0.0
         self.lock = threading.Lock()
@@ -641,7 +639,7 @@ class ExchangePool:
         primary = exchange.build_exchange(self.cfg)
         rules = exchange.load_market_rules(primary)
         with self.lock:
-            self.primary, self.built = primary, self.built + 1
+            self.primary = primary
             self.idle.append(primary)
         self.rules = rules
 
@@ -652,8 +650,6 @@ class ExchangePool:
             if self.idle:
                 return self.idle.pop()
         client = exchange.build_exchange(self.cfg)
-        with self.lock:
-            self.built += 1
         # By reference (ccxt's set_markets would deep-copy every market into every client: 64
         # copies of 600 markets). ccxt only reads them; a reload replaces, never mutates.
         client.set_markets_from_exchange(self.primary)
@@ -723,6 +719,13 @@ def _sleep(seconds, keepalive):
         keepalive()
 
 
+def log_bug(event, exc, **fields):
+    """An exception of ours, or data we did not expect: one ERROR line with the traceback,
+    taken inside the except block (issue 24, finding 3)."""
+    log.error(event, **fields, error=type(exc).__name__, message=str(exc)[:300],
+              traceback=traceback.format_exc()[-2000:])
+
+
 def _error_text(exc, exchange_id):
     """Short, secret-free description of an exchange failure for logs and reports, naming the
     account segment when the failure concerns one."""
@@ -784,8 +787,7 @@ class Closer:
                 # reports FAILED if no read ever succeeds.
                 kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
                 self.last_read_error = _error_text(exc, self.pool.exchange_id)
-                wait = kind.retry_after_s if kind.retry_after_s is not None else \
-                    READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
+                wait = core.read_retry_s(kind.retry_after_s, attempt)
                 if kind.kind == "rate_limited":
                     self.pacer.pause(wait)
                 log.warning("account_read_failed", event_id=event_id, error=self.last_read_error,
@@ -802,8 +804,7 @@ class Closer:
         # Only the books that had orders: an empty book's cancel finds nothing the read did not.
         cancels = {self.pool.submit(self._cancel, *book, orders): (book[0], orders)
                    for book, orders in sorted(books.items())}
-        # A batch never holds more orders than the tightest limit lets out at once.
-        size = min(exchange.batch_size(self.pool.exchange_id), min(count for count, _ in self.pacer.limits))
+        size = core.batch_size(exchange.batch_size(self.pool.exchange_id), self.pacer.limits)
         closes = {self.pool.submit(self._close, plan[i:i + size], deadline): plan[i:i + size]
                   for i in range(0, len(plan), size)}
         waiting = set(cancels) | set(closes)
@@ -832,14 +833,10 @@ class Closer:
 
     def _close(self, client, orders, deadline):
         """One batch (the venue's batch endpoint; one order alone goes to the single one):
-        per order None once the exchange accepted it, else a short error text. An order
-        refused with 429/418, alone or inside a batch, is retried with the SAME client order id
-        after Retry-After (the request was refused, and a duplicate id would be refused too);
-        anything else ends that order's attempt and the re-read decides, because the outcome
-        may be unknown (timeout) or the position changed (-2022). A rejected order in a batch
-        is treated exactly like a rejected single order; the others of the batch stand."""
-        errors = ["rate_limited:retries_exhausted"] * len(orders)
-        pending = list(range(len(orders)))
+        per order None once the exchange accepted it, else a short error text. Which orders
+        are sent again (429/418, with the same client order id) is core.order_round's call;
+        the others of a batch stand. Runs on a pool thread."""
+        errors, pending = ["rate_limited:retries_exhausted"] * len(orders), list(range(len(orders)))
         for _ in range(MAX_RATE_RETRIES):
             if not pending:
                 break
@@ -851,25 +848,20 @@ class Closer:
                 results = exchange.place_close_orders(client, [orders[i] for i in pending], lambda exc: log.warning(
                     "close_batch_refused", orders=len(pending), error=_error_text(exc, self.pool.exchange_id),
                     then="single_orders"))
-            except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+            except Exception as exc:  # noqa: BLE001 - classified by order_round, never swallowed
                 # The request itself failed: the same outcome for every order in it.
                 results = [exc] * len(pending)
-            limited, wait = [], None
-            for i, result in zip(pending, results):
-                kind = exchange.classify_error(result, client) if isinstance(result, Exception) else None
-                if kind is None:
-                    errors[i] = None
-                elif kind.kind == "rate_limited":
-                    limited.append(i)
-                    wait = max(wait or 0.0, kind.retry_after_s or 1.0)
-                else:
-                    # Not retried blind: the re-read shows what is left and re-plans it.
-                    errors[i] = _error_text(result, self.pool.exchange_id)
-            if wait is not None:
-                # Everyone waits: the limit is per account/IP, not per thread.
-                self.pacer.pause(wait)
-            pending = limited
+            pending, pause = core.order_round(errors, pending, [self._outcome(r, client) for r in results])
+            if pause is not None:
+                self.pacer.pause(pause)
         return errors
+
+    def _outcome(self, result, client):
+        """None for an accepted order, else (error kind, retry_after_s, text) for the core."""
+        if not isinstance(result, Exception):
+            return None
+        kind = exchange.classify_error(result, client)    # this client holds the Retry-After
+        return kind.kind, kind.retry_after_s, _error_text(result, self.pool.exchange_id)
 
     def execute(self, event_id, record, keepalive):
         """Halt is the caller's job. Reads, then closes and verifies as core.close_next says
@@ -931,26 +923,25 @@ class Entries:
     take it). Uses the Worker's redis, ledger, closer, journal and config."""
 
     def next_entries(self):
-        """Own pending entries first, then idle entries of other consumers, then new ones.
-        Own pending entries once per sweep interval (again at once only after a full batch):
-        an entry left pending on purpose (its report waits in the journal) must not keep the
-        read of new entries from ever running."""
+        """The pass's entries, read where core.entry_reads says, in its order."""
         cfg = self.config
-        if core.due(self.at, "sweep", time.monotonic(), cfg.sweep_interval_s):
-            own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                 block_ms=0, pending=True, count=READ_BATCH)
-            if own:
-                if len(own) == READ_BATCH:
+        for read in core.entry_reads(core.due(self.at, "sweep", time.monotonic(), cfg.sweep_interval_s)):
+            if read is core.Read.OWN:
+                entries = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                         block_ms=0, pending=True, count=READ_BATCH)
+                if len(entries) == READ_BATCH:
                     self.at.pop("sweep")       # more of our backlog: next pass
-                return own
-            claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
-                                     cfg.consumer, cfg.claim_idle_ms)
-            if claimed:
-                log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
-                return claimed
-        # Before READY=1 the first pass does not block: READY follows it at once.
-        return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                              block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
+            elif read is core.Read.IDLE:
+                entries = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                         cfg.claim_idle_ms)
+                if entries:
+                    log.info("claimed_idle_entries", entries=",".join(e for e, _ in entries))
+            else:
+                # Before READY=1 the first pass does not block: READY follows it at once.
+                return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                      block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
+            if entries:
+                return entries
 
     def screen(self, entry_id, raw):
         """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
@@ -994,8 +985,7 @@ class Entries:
         except bus.REDIS_ERRORS:
             raise                      # job_step tells transport from command errors
         except Exception as exc:  # noqa: BLE001 - classified below: these entries are not authorised
-            log.error("rejection_failed", entries=len(rejected), error=type(exc).__name__,
-                      traceback=traceback.format_exc()[-1500:])
+            log_bug("rejection_failed", exc, entries=len(rejected))
             error = type(exc).__name__
         for entry_id, (event, event_id, _problems, _allowed, why) in rejected:
             pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
@@ -1045,9 +1035,7 @@ class Entries:
                 kind = self.redis_failed(exc, command.do.value, panic.event_id)
                 panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
             except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
-                log.error("entry_failed", event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value,
-                          error=type(exc).__name__, message=str(exc)[:300],
-                          traceback=traceback.format_exc()[-2000:])
+                log_bug("entry_failed", exc, event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value)
                 panic, more = core.on_error(panic, command, core.ErrorKind.BUG, type(exc).__name__)
             else:
                 panic, more = core.on_result(panic, command, result)
@@ -1249,8 +1237,7 @@ class LostPanics:
         except bus.REDIS_ERRORS:
             raise                      # job_step tells transport from command errors
         except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
-            log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
-                      traceback=traceback.format_exc()[-1500:])
+            log_bug("guard_error", exc)
 
     def peek_tail(self, group):
         """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
@@ -1543,23 +1530,27 @@ class Worker(Entries, LostPanics, OwnAuthority):
 
     def iteration(self):
         """One pass, then core.pass_ended decides whether the EEW was able to do its job."""
-        self.pass_blind, self.pass_lost, entries = None, False, None
+        self.pass_blind, self.pass_lost = None, False
+        entries = self.survive(self.one_pass)
+        self.end_pass(entries is not None and self.pass_blind is None and not self.pass_lost)
+
+    def survive(self, step):
+        """step() for the loop, which must never die: a Redis error is classified
+        (redis_failed); a bug outside entry handling is logged and makes the pass not clean:
+        if it repeats, the bus-loss close runs (fail-closed), where dying would stop all panics."""
         try:
-            entries = self.one_pass()
+            return step()
         except ConfigError:
             raise
         except bus.REDIS_ERRORS as exc:
             self.redis_failed(exc, "iteration")
-        except Exception as exc:  # noqa: BLE001 - the loop must never die
-            # A bug outside entry handling. Not a clean pass: if it repeats, the bus-loss close
-            # runs (fail-closed); dying instead would stop all panics.
-            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
-                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
-            self.pass_blind = f"loop_error:{type(exc).__name__}"
+        except Exception as exc:  # noqa: BLE001 - the loop must never die (see above)
+            log_bug("loop_error", exc, event_id=self.current_event)
+            self.pass_blind = self.pass_blind or f"loop_error:{type(exc).__name__}"
             time.sleep(0.2)
         finally:
             self.current_event = "-"
-        self.end_pass(entries is not None and self.pass_blind is None and not self.pass_lost)
+        return None
 
     def one_pass(self):
         """Liveness, Redis, markets, journal, the lost-panic checks, at most one batch of
@@ -1592,12 +1583,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
             return
         if self.live.blind and self.live.blind != before.blind:
             log.critical("blind", why=self.live.blind, close_in_s=self.config.bus_loss_close_s)
-        try:
-            self.on_unable()
-        except Exception as exc:  # noqa: BLE001 - the loop must never die; the next pass retries
-            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
-                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
-            time.sleep(0.2)
+        self.survive(self.on_unable)
 
     def job_step(self, step, key, fn):
         """fn(), or None after a Redis error (redis_failed: transport -> Redis dropped, command

@@ -183,6 +183,20 @@ def on_error(panic, command, kind, detail=""):
     return replace(failed, stage=Stage.WAITING), []
 
 
+class Read(str, enum.Enum):
+    OWN = "own"                  # this consumer's pending entries (a restart, a journaled report)
+    IDLE = "idle"                # entries other consumers left idle for EEXIT_CLAIM_IDLE_MS
+    NEW = "new"                  # entries never delivered (the read blocks once READY=1 is sent)
+
+
+def entry_reads(sweep_due):
+    """Where a pass's entries come from, tried in order until one read returns entries (NEW
+    always ends it): own pending entries and then idle ones of other consumers once per sweep
+    interval (again at once only after a full batch), then new ones. An entry left pending on
+    purpose (its report waits in the journal) never keeps the read of new entries from running."""
+    return (Read.OWN, Read.IDLE, Read.NEW) if sweep_due else (Read.NEW,)
+
+
 def pending_query(batch_ids, candidate_ids):
     """(min, max, count) of the XPENDING that tells which candidates of an audited batch are
     pending: count covers every entry of the range (other pending entries of the batch could
@@ -275,6 +289,41 @@ def failed_fields(panic, detail, scope=""):
 
 
 # ------------------------------------------------------------------------------ one close
+
+READ_BACKOFF_S = (0.1, 0.2, 0.5)
+
+
+def read_retry_s(retry_after_s, attempt):
+    """Seconds before the account is read again after a failed read: the venue's Retry-After
+    if it gave one, else a short back-off. Unknown is never empty: the read is retried until
+    the deadline (and a close that never read reports FAILED)."""
+    return retry_after_s if retry_after_s is not None else READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
+
+
+def batch_size(venue_batch, limits):
+    """Orders per close request: the venue's batch endpoint, never more than the tightest
+    order limit lets out at once."""
+    return min(venue_batch, min(count for count, _ in limits))
+
+
+def order_round(errors, pending, outcomes):
+    """After one request for the `pending` orders of a batch (outcomes: per order None once
+    the exchange accepted it, else (error kind, retry_after_s, text)): fills `errors` (per
+    order None or a text) and returns (the orders to send again, the seconds every thread
+    pauses or None). A 429/418 is sent again with the SAME client order id after Retry-After
+    (the request was refused; a new id would be refused as a duplicate), and every thread
+    waits: the limit is per account/IP. Anything else ends that order's attempt and the
+    re-read decides: the outcome may be unknown (timeout) or the position changed (-2022). A
+    refused order in a batch is treated exactly like a refused single order."""
+    again, pause = [], None
+    for i, outcome in zip(pending, outcomes):
+        if outcome is not None and outcome[0] == "rate_limited":
+            again.append(i)
+            pause = max(pause or 0.0, outcome[1] or 1.0)
+        else:
+            errors[i] = None if outcome is None else outcome[2]
+    return again, pause
+
 
 def close_next(account, rules, now, deadline):
     """After every account read: another round (cancel + close) while the read holds anything
