@@ -483,6 +483,12 @@ class Ledger:
             client=self.client)
         return bool(written), _text(report_id)
 
+    def publish(self, item, halt=None):
+        """A report item (Entries.finish_report's, or the journal's): its halt (force_halt:
+        written; else only restored if it vanished), then FINISH_LUA. (written, report id)."""
+        self.halt(halt or schema.TradingState.from_fields(item["halt"])[0], force=bool(item.get("force_halt")))
+        return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
+
     def publish_direct(self, event_id, report_fields):
         """The report onto the completed stream without the ledger; its id, "" if one stood."""
         return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *_pairs(report_fields)],
@@ -1166,8 +1172,7 @@ class Entries:
                 "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                self.ledger.halt(halt, force=force_halt)    # our own authority: nobody has halted yet
-                self.ledger.finish(event_id, done, entry_id, item["report"])
+                self.ledger.publish(item, halt)
                 return "ledger"
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
@@ -1200,9 +1205,7 @@ class Entries:
         if not self.journaled:
             return
         for item in self.journal.unpublished():
-            halt, _ = schema.TradingState.from_fields(item["halt"])
-            self.ledger.halt(halt, force=bool(item.get("force_halt")))
-            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
+            written, report_id = self.ledger.publish(item)
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             self.journaled.discard(item["key"])
             self.unreported.pop(item["key"], None)
