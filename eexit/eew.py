@@ -16,9 +16,12 @@ Reading order
     Closer                   one panic against the exchange -> CompletionReport
     Job, Entries             one entry: eexit/eew_core.py decides, Entries.perform acts
     LostPanics               lost-panic checks (eexit/tamper.py), resume requests (eexit/resume.py)
-    OwnAuthority             the bus-loss close and the halt guard
+    OwnAuthority             the bus-loss close and the halt guard: closes on own authority,
+                             through the same core transitions as a panic (core.start_own)
     Worker                   the loop: iteration() does one pass, run() repeats it; whether a
-                             pass was clean, and the bus-loss timer, is core.Liveness
+                             pass was clean, and the bus-loss timer, is core.Liveness; its
+                             timers are one schedule (Worker.at, core.due); every Redis error
+                             is classified in one place (Worker.redis_failed)
     main()
 
 Idempotency. The hash `system:panic_close:processed` maps each executed event_id to a JSON
@@ -434,11 +437,8 @@ class Ledger:
 
     def __init__(self, client):
         self.client = client
-        self._finish = client.register_script(FINISH_LUA)
-        self._update = client.register_script(UPDATE_LUA)
-        self._lease = client.register_script(LEASE_LUA)
-        self._reject = client.register_script(REJECT_LUA)
-        self._direct = client.register_script(DIRECT_LUA)
+        self._finish, self._update, self._lease, self._reject, self._direct = (
+            client.register_script(lua) for lua in (FINISH_LUA, UPDATE_LUA, LEASE_LUA, REJECT_LUA, DIRECT_LUA))
 
     def hold_lease(self, consumer, lease_ms):
         return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
