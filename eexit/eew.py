@@ -1254,11 +1254,15 @@ class LostPanics:
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
             self.peek_cursor = _text(batch[0][0])
-        for entry_id, raw in reversed(batch):
-            screened = self.screen(_text(entry_id), raw)
-            if screened[3] and self.ledger.record(screened[1]) is None:
-                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
-                self.handle_entry(_text(entry_id), raw, screened)
+        for entry_id, raw, screened in self.authorised(reversed(batch)):
+            if self.ledger.record(screened[1]) is None:
+                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=entry_id)
+                self.handle_entry(entry_id, raw, screened)
+
+    def authorised(self, batch):
+        """[(entry id, raw fields, screened)] of the authorised entries of a stream batch."""
+        screened = [(_text(entry_id), raw, self.screen(_text(entry_id), raw)) for entry_id, raw in batch]
+        return [item for item in screened if item[2][3]]
 
     def tamper_close(self, finding):
         """A lost panic of unknown content: close on our own authority, once per finding."""
@@ -1308,11 +1312,7 @@ class LostPanics:
         if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
             return
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
-        candidates = []
-        for entry_id, raw in batch:
-            screened = self.screen(_text(entry_id), raw)
-            if screened[3]:
-                candidates.append((_text(entry_id), raw, screened[1]))
+        candidates = [(entry_id, raw, screened[1]) for entry_id, raw, screened in self.authorised(batch)]
         if candidates:
             low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
             pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
