@@ -436,12 +436,12 @@ class Ledger:
     """The idempotency record and the report/ack script, on one Redis client."""
 
     def __init__(self, client):
-        self.client = client
-        self._finish, self._update, self._lease, self._reject, self._direct = (
-            client.register_script(lua) for lua in (FINISH_LUA, UPDATE_LUA, LEASE_LUA, REJECT_LUA, DIRECT_LUA))
+        self.client = client          # the scripts are registered on it and run there
+        scripts = map(client.register_script, (FINISH_LUA, UPDATE_LUA, LEASE_LUA, REJECT_LUA, DIRECT_LUA))
+        self._finish, self._update, self._lease, self._reject, self._direct = scripts
 
     def hold_lease(self, consumer, lease_ms):
-        return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
+        return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms]))
 
     def claim(self, event_id, entry_id, consumer, now_ms, event=None):
         """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id.
@@ -473,32 +473,33 @@ class Ledger:
         return tamper.parse_record(self.client.hget(schema.PROCESSED_KEY, event_id))
 
     def update(self, event_id, record):
-        self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
+        self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)])
 
     def finish(self, ledger_field, done_record, entry_id, report_fields):
         """Write the report unless one stands, mark done, XACK. Returns (written, report id)."""
         written, report_id = self._finish(
             keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY, REPORTED_KEY],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *_pairs(report_fields)],
-            client=self.client)
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "",
+                  *_pairs(report_fields)])
         return bool(written), _text(report_id)
 
     def publish(self, item, halt=None):
         """A report item (Entries.finish_report's, or the journal's): its halt (force_halt:
         written; else only restored if it vanished), then FINISH_LUA. (written, report id)."""
-        self.halt(halt or schema.TradingState.from_fields(item["halt"])[0], force=bool(item.get("force_halt")))
+        halt = halt or schema.TradingState.from_fields(item["halt"])[0]
+        self.halt(halt, force=bool(item.get("force_halt")))
         return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
 
     def publish_direct(self, event_id, report_fields):
         """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *_pairs(report_fields)],
-                                  client=self.client))
+        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
+                                  args=[event_id, *_pairs(report_fields)]))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
         return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
-                                  args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields), *entry_ids],
-                                  client=self.client))
+                                  args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields),
+                                        *entry_ids]))
 
     def in_flight(self):
         """{event_id: record or None} for every event id in the in-flight set."""
@@ -1044,7 +1045,8 @@ class Entries:
                 kind = self.redis_failed(exc, command.do.value, panic.event_id)
                 panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
             except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
-                log_bug("entry_failed", exc, event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value)
+                log_bug("entry_failed", exc, event_id=panic.event_id, entry_id=panic.entry_id,
+                        stage=command.do.value)
                 panic, more = core.on_error(panic, command, core.ErrorKind.BUG, type(exc).__name__)
             else:
                 panic, more = core.on_result(panic, command, result)
@@ -1282,7 +1284,8 @@ class LostPanics:
         self.current_event = event.event_id
         base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
                     problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
-        self.drive(*core.resume_recorded(event.event_id, record.get("entry")), Job(event, base, record=record))
+        panic, commands = core.resume_recorded(event.event_id, record.get("entry"))
+        self.drive(panic, commands, Job(event, base, record=record))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1370,7 +1373,8 @@ class OwnAuthority:
         event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=SERVICE_ID, ts=now)
         base = dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason, event_age_ms=0, problems=[],
                     ts_started=now)
-        job = Job(event, base, record={"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}, **job)
+        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
+        job = Job(event, base, record=record, **job)
         self.drive(*core.start_own(event_id, close=job.fields is None, repeat=repeat), job)
         return job.fields
 
@@ -1381,7 +1385,8 @@ class OwnAuthority:
         event_id = self.own_event_id("busloss")
         log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
         self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
-        fields = self.own_close(event_id, BUS_LOSS_REASON, repeat, keepalive=lambda _save=False: self.notifier.ping())
+        fields = self.own_close(event_id, BUS_LOSS_REASON, repeat,
+                                keepalive=lambda _save=False: self.notifier.ping())
         return (fields or {}).get("status", flatten.FAILED)
 
     # -- halt guard (decisions: eexit/guard_policy.py)
@@ -1393,7 +1398,8 @@ class OwnAuthority:
         loop between entries, so never during this EEW's own panic; reads and closes go
         through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
         cfg, now = self.config, time.monotonic()
-        if cfg.halt_guard_s <= 0 or not core.due(self.at, "lease", now, guard_policy.step_s(cfg.halt_guard_s)):
+        step_s = guard_policy.step_s(cfg.halt_guard_s)
+        if cfg.halt_guard_s <= 0 or not core.due(self.at, "lease", now, step_s):
             return
         state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
         if state.halted is not True or not self.hold_guard():
@@ -1608,7 +1614,8 @@ class Worker(Entries, LostPanics, OwnAuthority):
         """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
         if core.pings_allowed(self.live, self.config.bus_loss_close_s):
             self.notifier.ping()
-        if self.heartbeat is None or not core.due(self.at, "beat", time.monotonic(), self.config.heartbeat_interval_s):
+        beat_due = core.due(self.at, "beat", time.monotonic(), self.config.heartbeat_interval_s)
+        if self.heartbeat is None or not beat_due:
             return
         # Named until the report stands in Redis: failed handling, or a report only on disk
         # (the journal survives a restart, this process's memory does not).

@@ -119,7 +119,8 @@ def start_own(event_id, close=True, repeat=False):
     the halt is written with the report (Redis may be what is lost; the guard's halt stands).
     close=False: the report only (the guard's alert policy). repeat: a repeated bus-loss close
     that found nothing to do writes no report (the first one stands)."""
-    panic = Panic(event_id, None, True, stage=Stage.CLOSING if close else Stage.REPORTING, halted=True, quiet=repeat)
+    panic = Panic(event_id, None, True, stage=Stage.CLOSING if close else Stage.REPORTING, halted=True,
+                  quiet=repeat)
     return panic, [Command(Do.CLOSE if close else Do.REPORT)]
 
 
@@ -297,7 +298,9 @@ def read_retry_s(retry_after_s, attempt):
     """Seconds before the account is read again after a failed read: the venue's Retry-After
     if it gave one, else a short back-off. Unknown is never empty: the read is retried until
     the deadline (and a close that never read reports FAILED)."""
-    return retry_after_s if retry_after_s is not None else READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
+    if retry_after_s is not None:
+        return retry_after_s
+    return READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
 
 
 def batch_size(venue_batch, limits):

@@ -326,7 +326,8 @@ class SimWorker:
                 own = [i for i, (c, _, _) in w.pending.items() if c == self.name]
                 entries = w.redis("xreadgroup 0", lambda: self.deliver(own)) if own else []
             elif read is core.Read.IDLE:
-                idle = [i for i, (c, since, _) in w.pending.items() if c != self.name and w.now - since > IDLE_S]
+                idle = [i for i, (c, since, _) in w.pending.items()
+                        if c != self.name and w.now - since > IDLE_S]
                 entries = w.redis("xautoclaim", lambda: self.deliver(idle)) if idle else []
             else:
                 return w.redis("xreadgroup >", read_new)
@@ -495,9 +496,9 @@ def close_run(seed):
         for _ in range(8):                                  # MAX_RATE_RETRIES
             if not pending:
                 break
-            outcomes = [rng.choice([None] * 3 + [("rate_limited", rng.choice((None, 0.5)), "rate_limited:429"),
-                                                 ("rejected", None, "rejected:-2022")]) if rng.random() < p_fail
-                        else None for _ in pending]
+            failures = [None] * 3 + [("rate_limited", rng.choice((None, 0.5)), "rate_limited:429"),
+                                     ("rejected", None, "rejected:-2022")]
+            outcomes = [rng.choice(failures) if rng.random() < p_fail else None for _ in pending]
             sent, (pending, pause) = list(pending), core.order_round(errors, pending, outcomes)
             for i, outcome in zip(sent, outcomes):
                 limited = outcome is not None and outcome[0] == "rate_limited"
