@@ -918,6 +918,13 @@ class Job:
     force_halt: bool = None             # None: write the halt with the report when there is no entry
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, event, event_id, record, problems=(), ts_started=None, **job):
+        """The job of an event: its report base (the event's issuer and reason) and record."""
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
+                    problems=tuple(problems), ts_started=ts_started or wall_ms())
+        return cls(event, base, record=record, **job)
+
     def halt(self, event_id):
         """The halt of this event, built once (halted_at is when it was first written)."""
         if self.halt_state is None:
@@ -1026,17 +1033,15 @@ class Entries:
     def handle_entry(self, entry_id, raw, screened=None):
         screened = screened or self.screen(entry_id, raw)
         event, event_id, problems, allowed, _why = screened     # allowed: rejections go by batch
-        self.current_event = event_id
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=wall_ms())
         log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
                  reason=event.reason, problems=",".join(problems))
         panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
         record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
-        self.drive(panic, commands, Job(event, base, record=record))
+        self.drive(panic, commands, Job.of(event, event_id, record, problems))
 
     def drive(self, panic, commands, job):
         """Perform the core's commands in order, feeding each result or error back."""
+        self.current_event = panic.event_id
         while commands:
             command, commands = commands[0], commands[1:]
             try:
@@ -1281,11 +1286,8 @@ class LostPanics:
 
     def run_recorded(self, event, record, problems):
         """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
-        self.current_event = event.event_id
-        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
         panic, commands = core.resume_recorded(event.event_id, record.get("entry"))
-        self.drive(panic, commands, Job(event, base, record=record))
+        self.drive(panic, commands, Job.of(event, event.event_id, record, problems, record.get("ts_started")))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1362,8 +1364,7 @@ class OwnAuthority:
     eexit/guard_policy.py)."""
 
     def own_event_id(self, prefix):
-        self.current_event = f"{prefix}-{self.config.consumer}-{wall_ms()}"
-        return self.current_event
+        return f"{prefix}-{self.config.consumer}-{wall_ms()}"
 
     def own_close(self, event_id, reason, repeat=False, **job):
         """A close on the EEW's own authority through the core (core.start_own), like a panic's:
@@ -1371,10 +1372,9 @@ class OwnAuthority:
         without orders). Returns the report fields (None if the close itself kept failing)."""
         now = wall_ms()
         event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=SERVICE_ID, ts=now)
-        base = dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason, event_age_ms=0, problems=[],
-                    ts_started=now)
-        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
-        job = Job(event, base, record=record, **job)
+        job = Job.of(event, event_id, {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now},
+                     ts_started=now, **job)
+        job.base["event_age_ms"] = 0
         self.drive(*core.start_own(event_id, close=job.fields is None, repeat=repeat), job)
         return job.fields
 
