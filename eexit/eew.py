@@ -16,9 +16,12 @@ Reading order
     Closer                   one panic against the exchange -> CompletionReport
     Job, Entries             one entry: eexit/eew_core.py decides, Entries.perform acts
     LostPanics               lost-panic checks (eexit/tamper.py), resume requests (eexit/resume.py)
-    OwnAuthority             the bus-loss close and the halt guard
+    OwnAuthority             the bus-loss close and the halt guard: closes on own authority,
+                             through the same core transitions as a panic (core.start_own)
     Worker                   the loop: iteration() does one pass, run() repeats it; whether a
-                             pass was clean, and the bus-loss timer, is core.Liveness
+                             pass was clean, and the bus-loss timer, is core.Liveness; its
+                             timers are one schedule (Worker.at, core.due); every Redis error
+                             is classified in one place (Worker.redis_failed)
     main()
 
 Idempotency. The hash `system:panic_close:processed` maps each executed event_id to a JSON
@@ -145,10 +148,8 @@ from .notify import Notifier
 log = Logger("eew")
 
 SERVICE_ID = "emergency_exit_worker"
-BUS_LOSS_ISSUER = "emergency_exit_worker"
 BUS_LOSS_REASON = "BUS_LOST"
 MAX_RATE_RETRIES = 8          # 429s for one order inside one attempt before the re-read decides
-READ_BACKOFF_S = (0.1, 0.2, 0.5)
 KEEPALIVE_S = 0.5           # while a close attempt runs: ping the watchdog, keep our entry fresh
 # Harmless probes for the preflight, queued inside MULTI and DISCARDed: Redis checks each
 # queued command against the ACL, so a NOPERM names what the EEW may not do. One per command
@@ -182,28 +183,33 @@ SIMPLE_CLOSE_ATTEMPT = 1000           # the fail-closed close's first attempt nu
 
 # ------------------------------------------------------------------------------ config
 
-@dataclass(frozen=True)
+# The numeric settings: (attribute, env name, parse, default, minimum, maximum). Their meaning
+# is documented in docs/CONFIG.md (one row each); an unparsable or out-of-range value is a
+# ConfigError naming the variable (exit 2).
+NUMBERS = (
+    ("close_deadline_s", "EEXIT_CLOSE_DEADLINE_S", env_float, 30, 1, 3600),
+    ("claim_idle_ms", "EEXIT_CLAIM_IDLE_MS", env_int, 15000, 100, 3_600_000),
+    ("sweep_interval_s", "EEXIT_SWEEP_INTERVAL_S", env_float, 5, 0.05, 3600),
+    ("bus_loss_close_s", "EEXIT_BUS_LOSS_CLOSE_S", env_float, 10, 0, 3600),
+    ("concurrency", "EEXIT_CLOSE_CONCURRENCY", env_int, 64, 1, 256),
+    ("block_ms", "EEXIT_BLOCK_MS", env_int, 1000, 10, bus.BLOCK_MS_MAX),
+    ("heartbeat_interval_s", "EEXIT_HEARTBEAT_INTERVAL_S", env_float, 1, 0.05, 60),
+    ("account_check_s", "EEXIT_ACCOUNT_CHECK_S", env_float, 60, 1, 3600),
+    ("keepalive_s", "EEXIT_EXCHANGE_KEEPALIVE_S", env_float, DEFAULT_KEEPALIVE_S, 0, 3600),
+    ("max_deliveries", "EEXIT_MAX_DELIVERIES", env_int, 3, 1, 100),
+    ("halt_guard_s", "EEXIT_HALT_GUARD_S", env_float, 5, 0, 3600),
+    ("resume_cooldown_s", "EEXIT_RESUME_COOLDOWN_S", env_float, 300, 0, 86400),
+)
+
+
 class Config:
-    redis_url: str
-    consumer: str
-    authorized_sources: tuple
-    close_deadline_s: float
-    claim_idle_ms: int
-    sweep_interval_s: float
-    bus_loss_close_s: float
-    journal_path: str
-    concurrency: int
-    block_ms: int
-    order_limits: tuple           # ((orders, window_s), ...)
-    heartbeat_interval_s: float
-    account_check_s: float
-    keepalive_s: float
-    max_deliveries: int
-    halt_guard_s: float
-    halt_guard_policy: str
-    resume_cooldown_s: float
-    exchange_config: exchange.ExchangeConfig = field(repr=False)
-    keyring: signing.KeyRing = field(repr=False)
+    """Every knob, read once from the environment (ConfigError -> exit 2). Attributes: those
+    of NUMBERS, and redis_url, consumer, authorized_sources, journal_path, order_limits
+    ((orders, window_s), ...), halt_guard_policy, exchange_config, keyring. No __repr__ of the
+    fields: the keyring and the exchange credentials must never reach a log."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
 
     @classmethod
     def from_env(cls, env=None):
@@ -218,31 +224,18 @@ class Config:
             # Refuse to start: without a journal a bus-loss report could not be kept.
             raise ConfigError(f"EEXIT_JOURNAL={journal_path!r} cannot be opened for append: "
                               f"{exc.strerror}") from None
+        numbers = {attribute: parse(name, default, minimum=low, maximum=high, env=env)
+                   for attribute, name, parse, default, low, high in NUMBERS}
+        numbers["halt_guard_s"] = guard_interval(numbers["halt_guard_s"])
         exchange_config = exchange.ExchangeConfig.from_env(env)
         return cls(
-            redis_url=bus.redis_url(env),
+            **numbers, redis_url=bus.redis_url(env), journal_path=journal_path,
             consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
             authorized_sources=known_issuers(env_list("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS, env)),
-            close_deadline_s=env_float("EEXIT_CLOSE_DEADLINE_S", 30, minimum=1, maximum=3600, env=env),
-            claim_idle_ms=env_int("EEXIT_CLAIM_IDLE_MS", 15000, minimum=100, maximum=3_600_000, env=env),
-            sweep_interval_s=env_float("EEXIT_SWEEP_INTERVAL_S", 5, minimum=0.05, maximum=3600, env=env),
-            bus_loss_close_s=env_float("EEXIT_BUS_LOSS_CLOSE_S", 10, minimum=0, maximum=3600, env=env),
-            journal_path=journal_path,
-            concurrency=env_int("EEXIT_CLOSE_CONCURRENCY", 64, minimum=1, maximum=256, env=env),
-            block_ms=env_int("EEXIT_BLOCK_MS", 1000, minimum=10, maximum=bus.BLOCK_MS_MAX, env=env),
             order_limits=parse_order_limits(env_str(
                 "EEXIT_ORDER_LIMITS", exchange.default_order_limits(exchange_config.exchange_id), env)),
-            heartbeat_interval_s=env_float("EEXIT_HEARTBEAT_INTERVAL_S", 1, minimum=0.05, maximum=60, env=env),
-            account_check_s=env_float("EEXIT_ACCOUNT_CHECK_S", 60, minimum=1, maximum=3600, env=env),
-            keepalive_s=env_float("EEXIT_EXCHANGE_KEEPALIVE_S", DEFAULT_KEEPALIVE_S, minimum=0, maximum=3600,
-                                  env=env),
-            max_deliveries=env_int("EEXIT_MAX_DELIVERIES", 3, minimum=1, maximum=100, env=env),
-            halt_guard_s=guard_interval(env_float("EEXIT_HALT_GUARD_S", 5, minimum=0, maximum=3600, env=env)),
             halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
-            resume_cooldown_s=env_float("EEXIT_RESUME_COOLDOWN_S", 300, minimum=0, maximum=86400, env=env),
-            exchange_config=exchange_config,
-            keyring=signing.load_keys(env),
-        )
+            exchange_config=exchange_config, keyring=signing.load_keys(env))
 
 
 def known_issuers(sources):
@@ -443,15 +436,12 @@ class Ledger:
     """The idempotency record and the report/ack script, on one Redis client."""
 
     def __init__(self, client):
-        self.client = client
-        self._finish = client.register_script(FINISH_LUA)
-        self._update = client.register_script(UPDATE_LUA)
-        self._lease = client.register_script(LEASE_LUA)
-        self._reject = client.register_script(REJECT_LUA)
-        self._direct = client.register_script(DIRECT_LUA)
+        self.client = client          # the scripts are registered on it and run there
+        scripts = map(client.register_script, (FINISH_LUA, UPDATE_LUA, LEASE_LUA, REJECT_LUA, DIRECT_LUA))
+        self._finish, self._update, self._lease, self._reject, self._direct = scripts
 
     def hold_lease(self, consumer, lease_ms):
-        return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms], client=self.client))
+        return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms]))
 
     def claim(self, event_id, entry_id, consumer, now_ms, event=None):
         """("new" | "resume" | "done" | "duplicate", record) for this entry and event_id.
@@ -483,26 +473,33 @@ class Ledger:
         return tamper.parse_record(self.client.hget(schema.PROCESSED_KEY, event_id))
 
     def update(self, event_id, record):
-        self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)], client=self.client)
+        self._update(keys=[schema.PROCESSED_KEY], args=[event_id, json.dumps(record)])
 
     def finish(self, ledger_field, done_record, entry_id, report_fields):
         """Write the report unless one stands, mark done, XACK. Returns (written, report id)."""
         written, report_id = self._finish(
             keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY, REPORTED_KEY],
-            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "", *_pairs(report_fields)],
-            client=self.client)
+            args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "",
+                  *_pairs(report_fields)])
         return bool(written), _text(report_id)
+
+    def publish(self, item, halt=None):
+        """A report item (Entries.finish_report's, or the journal's): its halt (force_halt:
+        written; else only restored if it vanished), then FINISH_LUA. (written, report id)."""
+        halt = halt or schema.TradingState.from_fields(item["halt"])[0]
+        self.halt(halt, force=bool(item.get("force_halt")))
+        return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
 
     def publish_direct(self, event_id, report_fields):
         """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM], args=[event_id, *_pairs(report_fields)],
-                                  client=self.client))
+        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
+                                  args=[event_id, *_pairs(report_fields)]))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
         return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
-                                  args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields), *entry_ids],
-                                  client=self.client))
+                                  args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields),
+                                        *entry_ids]))
 
     def in_flight(self):
         """{event_id: record or None} for every event id in the in-flight set."""
@@ -635,7 +632,7 @@ class ExchangePool:
         self.rules = None
         self.primary = None            # the client that loaded the markets; others share them
         self.idle = []                 # most recently used last
-        self.built = 0
+        self.built = 0                 # clients built so far (tests/test_time_to_flat.py)
         self.warming = []
         self.next_warm = 0.0
         self.lock = threading.Lock()
@@ -732,6 +729,13 @@ def _sleep(seconds, keepalive):
         keepalive()
 
 
+def log_bug(event, exc, **fields):
+    """An exception of ours, or data we did not expect: one ERROR line with the traceback,
+    taken inside the except block (issue 24, finding 3)."""
+    log.error(event, **fields, error=type(exc).__name__, message=str(exc)[:300],
+              traceback=traceback.format_exc()[-2000:])
+
+
 def _error_text(exc, exchange_id):
     """Short, secret-free description of an exchange failure for logs and reports, naming the
     account segment when the failure concerns one."""
@@ -793,8 +797,7 @@ class Closer:
                 # reports FAILED if no read ever succeeds.
                 kind = exchange.classify_error(exc, exchange_id=self.pool.exchange_id)
                 self.last_read_error = _error_text(exc, self.pool.exchange_id)
-                wait = kind.retry_after_s if kind.retry_after_s is not None else \
-                    READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
+                wait = core.read_retry_s(kind.retry_after_s, attempt)
                 if kind.kind == "rate_limited":
                     self.pacer.pause(wait)
                 log.warning("account_read_failed", event_id=event_id, error=self.last_read_error,
@@ -811,8 +814,7 @@ class Closer:
         # Only the books that had orders: an empty book's cancel finds nothing the read did not.
         cancels = {self.pool.submit(self._cancel, *book, orders): (book[0], orders)
                    for book, orders in sorted(books.items())}
-        # A batch never holds more orders than the tightest limit lets out at once.
-        size = min(exchange.batch_size(self.pool.exchange_id), min(count for count, _ in self.pacer.limits))
+        size = core.batch_size(exchange.batch_size(self.pool.exchange_id), self.pacer.limits)
         closes = {self.pool.submit(self._close, plan[i:i + size], deadline): plan[i:i + size]
                   for i in range(0, len(plan), size)}
         waiting = set(cancels) | set(closes)
@@ -841,14 +843,10 @@ class Closer:
 
     def _close(self, client, orders, deadline):
         """One batch (the venue's batch endpoint; one order alone goes to the single one):
-        per order None once the exchange accepted it, else a short error text. An order
-        refused with 429/418, alone or inside a batch, is retried with the SAME client order id
-        after Retry-After (the request was refused, and a duplicate id would be refused too);
-        anything else ends that order's attempt and the re-read decides, because the outcome
-        may be unknown (timeout) or the position changed (-2022). A rejected order in a batch
-        is treated exactly like a rejected single order; the others of the batch stand."""
-        errors = ["rate_limited:retries_exhausted"] * len(orders)
-        pending = list(range(len(orders)))
+        per order None once the exchange accepted it, else a short error text. Which orders
+        are sent again (429/418, with the same client order id) is core.order_round's call;
+        the others of a batch stand. Runs on a pool thread."""
+        errors, pending = ["rate_limited:retries_exhausted"] * len(orders), list(range(len(orders)))
         for _ in range(MAX_RATE_RETRIES):
             if not pending:
                 break
@@ -860,25 +858,20 @@ class Closer:
                 results = exchange.place_close_orders(client, [orders[i] for i in pending], lambda exc: log.warning(
                     "close_batch_refused", orders=len(pending), error=_error_text(exc, self.pool.exchange_id),
                     then="single_orders"))
-            except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+            except Exception as exc:  # noqa: BLE001 - classified by order_round, never swallowed
                 # The request itself failed: the same outcome for every order in it.
                 results = [exc] * len(pending)
-            limited, wait = [], None
-            for i, result in zip(pending, results):
-                kind = exchange.classify_error(result, client) if isinstance(result, Exception) else None
-                if kind is None:
-                    errors[i] = None
-                elif kind.kind == "rate_limited":
-                    limited.append(i)
-                    wait = max(wait or 0.0, kind.retry_after_s or 1.0)
-                else:
-                    # Not retried blind: the re-read shows what is left and re-plans it.
-                    errors[i] = _error_text(result, self.pool.exchange_id)
-            if wait is not None:
-                # Everyone waits: the limit is per account/IP, not per thread.
-                self.pacer.pause(wait)
-            pending = limited
+            pending, pause = core.order_round(errors, pending, [self._outcome(r, client) for r in results])
+            if pause is not None:
+                self.pacer.pause(pause)
         return errors
+
+    def _outcome(self, result, client):
+        """None for an accepted order, else (error kind, retry_after_s, text) for the core."""
+        if not isinstance(result, Exception):
+            return None
+        kind = exchange.classify_error(result, client)    # this client holds the Retry-After
+        return kind.kind, kind.retry_after_s, _error_text(result, self.pool.exchange_id)
 
     def execute(self, event_id, record, keepalive):
         """Halt is the caller's job. Reads, then closes and verifies as core.close_next says
@@ -914,12 +907,23 @@ class Closer:
 @dataclass
 class Job:
     """What the shell keeps while it performs one panic's commands (the decisions are the
-    core's): the event, the report base, the ledger record, the close's report fields."""
+    core's): the event, the report base, the ledger record, the close's report fields; for a
+    close on own authority its keepalive, the halt it reports and extra report fields."""
     event: schema.PanicEvent
     base: dict
     record: dict = None
     fields: dict = None
     halt_state: schema.TradingState = None
+    keepalive: object = None            # None: Entries.close_keepalive (entry and record kept fresh)
+    force_halt: bool = None             # None: write the halt with the report when there is no entry
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, event, event_id, record, problems=(), ts_started=None, **job):
+        """The job of an event: its report base (the event's issuer and reason) and record."""
+        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
+                    problems=tuple(problems), ts_started=ts_started or wall_ms())
+        return cls(event, base, record=record, **job)
 
     def halt(self, event_id):
         """The halt of this event, built once (halted_at is when it was first written)."""
@@ -936,27 +940,25 @@ class Entries:
     take it). Uses the Worker's redis, ledger, closer, journal and config."""
 
     def next_entries(self):
-        """Own pending entries first, then idle entries of other consumers, then new ones.
-        Own pending entries once per sweep interval (again at once only after a full batch):
-        an entry left pending on purpose (its report waits in the journal) must not keep the
-        read of new entries from ever running."""
+        """The pass's entries, read where core.entry_reads says, in its order."""
         cfg = self.config
-        if time.monotonic() >= self.next_sweep:
-            self.next_sweep = time.monotonic() + cfg.sweep_interval_s
-            own = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                 block_ms=0, pending=True, count=READ_BATCH)
-            if own:
-                if len(own) == READ_BATCH:
-                    self.next_sweep = 0.0      # more of our backlog: next pass
-                return own
-            claimed = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP,
-                                     cfg.consumer, cfg.claim_idle_ms)
-            if claimed:
-                log.info("claimed_idle_entries", entries=",".join(e for e, _ in claimed))
-                return claimed
-        # Before READY=1 the first pass does not block: READY follows it at once.
-        return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                              block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
+        for read in core.entry_reads(core.due(self.at, "sweep", time.monotonic(), cfg.sweep_interval_s)):
+            if read is core.Read.OWN:
+                entries = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                         block_ms=0, pending=True, count=READ_BATCH)
+                if len(entries) == READ_BATCH:
+                    self.at.pop("sweep")       # more of our backlog: next pass
+            elif read is core.Read.IDLE:
+                entries = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                         cfg.claim_idle_ms)
+                if entries:
+                    log.info("claimed_idle_entries", entries=",".join(e for e, _ in entries))
+            else:
+                # Before READY=1 the first pass does not block: READY follows it at once.
+                return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
+                                      block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
+            if entries:
+                return entries
 
     def screen(self, entry_id, raw):
         """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
@@ -1000,8 +1002,7 @@ class Entries:
         except bus.REDIS_ERRORS:
             raise                      # job_step tells transport from command errors
         except Exception as exc:  # noqa: BLE001 - classified below: these entries are not authorised
-            log.error("rejection_failed", entries=len(rejected), error=type(exc).__name__,
-                      traceback=traceback.format_exc()[-1500:])
+            log_bug("rejection_failed", exc, entries=len(rejected))
             error = type(exc).__name__
         for entry_id, (event, event_id, _problems, _allowed, why) in rejected:
             pending = self.redis.xpending_range(schema.PANIC_STREAM, schema.EEW_GROUP, min=entry_id,
@@ -1032,32 +1033,25 @@ class Entries:
     def handle_entry(self, entry_id, raw, screened=None):
         screened = screened or self.screen(entry_id, raw)
         event, event_id, problems, allowed, _why = screened     # allowed: rejections go by batch
-        self.current_event = event_id
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=wall_ms())
         log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
                  reason=event.reason, problems=",".join(problems))
         panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
         record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
-        self.drive(panic, commands, Job(event, base, record=record))
+        self.drive(panic, commands, Job.of(event, event_id, record, problems))
 
     def drive(self, panic, commands, job):
         """Perform the core's commands in order, feeding each result or error back."""
+        self.current_event = panic.event_id
         while commands:
             command, commands = commands[0], commands[1:]
             try:
                 result = self.perform(panic, command, job)
             except bus.REDIS_ERRORS as exc:
-                kind = core.ErrorKind(self.trouble.report(exc, command.do.value, panic.event_id))
-                if kind is core.ErrorKind.TRANSPORT:
-                    self.lost_redis(exc)
-                else:
-                    self.pass_blind = self.pass_blind or f"{command.do.value}:{daemon.cause(exc)}"
+                kind = self.redis_failed(exc, command.do.value, panic.event_id)
                 panic, more = core.on_error(panic, command, kind, daemon.cause(exc))
             except Exception as exc:  # noqa: BLE001 - fail closed: the core decides what comes next
-                log.error("entry_failed", event_id=panic.event_id, entry_id=panic.entry_id, stage=command.do.value,
-                          error=type(exc).__name__, message=str(exc)[:300],
-                          traceback=traceback.format_exc()[-2000:])
+                log_bug("entry_failed", exc, event_id=panic.event_id, entry_id=panic.entry_id,
+                        stage=command.do.value)
                 panic, more = core.on_error(panic, command, core.ErrorKind.BUG, type(exc).__name__)
             else:
                 panic, more = core.on_result(panic, command, result)
@@ -1095,20 +1089,22 @@ class Entries:
                 job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT},
                                                  lambda _save=False: self.notifier.ping())
             else:
-                keepalive = self.close_keepalive(event_id, entry_id, job.record)
+                keepalive = job.keepalive or self.close_keepalive(event_id, entry_id, job.record)
                 job.fields = self.closer.execute(event_id, job.record, keepalive)
-            return job.fields["status"]
+            return job.fields
         if do is core.Do.REPORT:
             fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
                 dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
+            fields["extra"] = {**fields.get("extra", {}), **job.extra}
             if panic.failures and not command.status:
-                fields.setdefault("extra", {})["failures"] = ";".join(panic.failures)[-1000:]
-            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id))
+                fields["extra"]["failures"] = ";".join(panic.failures)[-1000:]
+            return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id),
+                                      job.force_halt)
         if do is core.Do.REPORT_NO_ACTION:
             record = job.record or {}
             detail = f"original_entry={record.get('entry')} original_status={record.get('status') or record.get('stage')}"
             if record.get("stage") != tamper.FINAL_STAGE:
-                self.next_guard_sweep = 0.0   # the original may be stranded: the sweep looks now
+                self.at.pop("guard_sweep", None)   # the original may be stranded: the sweep looks now
             return self.report_without_action(entry_id, job.base, "DUPLICATE", detail)
         if do is core.Do.TOUCH:
             return self.touch_entry(event_id, entry_id)
@@ -1186,8 +1182,7 @@ class Entries:
                 "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                self.ledger.halt(halt, force=force_halt)    # our own authority: nobody has halted yet
-                self.ledger.finish(event_id, done, entry_id, item["report"])
+                self.ledger.publish(item, halt)
                 return "ledger"
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
@@ -1220,9 +1215,7 @@ class Entries:
         if not self.journaled:
             return
         for item in self.journal.unpublished():
-            halt, _ = schema.TradingState.from_fields(item["halt"])
-            self.ledger.halt(halt, force=bool(item.get("force_halt")))
-            written, report_id = self.ledger.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
+            written, report_id = self.ledger.publish(item)
             self.journal.append({"type": "published", "key": item["key"], "report_id": report_id})
             self.journaled.discard(item["key"])
             self.unreported.pop(item["key"], None)
@@ -1251,15 +1244,13 @@ class LostPanics:
                 self.tamper_close(finding)
             if int(stream_info.get("entries-added") or 0) - int(group.get("entries-read") or 0) > READ_BATCH:
                 self.peek_tail(group)
-            if time.monotonic() >= self.next_guard_sweep:
-                self.next_guard_sweep = time.monotonic() + self.config.sweep_interval_s
+            if core.due(self.at, "guard_sweep", time.monotonic(), self.config.sweep_interval_s):
                 self.sweep_ledger()
                 self.audit_stream(group)
         except bus.REDIS_ERRORS:
             raise                      # job_step tells transport from command errors
         except Exception as exc:  # noqa: BLE001 - never block the panic path on the checks
-            log.error("guard_error", error=type(exc).__name__, message=str(exc)[:300],
-                      traceback=traceback.format_exc()[-1500:])
+            log_bug("guard_error", exc)
 
     def peek_tail(self, group):
         """A backlog longer than one batch (a flood of forgeries ahead of a real panic): screen
@@ -1270,11 +1261,15 @@ class LostPanics:
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
             self.peek_cursor = _text(batch[0][0])
-        for entry_id, raw in reversed(batch):
-            screened = self.screen(_text(entry_id), raw)
-            if screened[3] and self.ledger.record(screened[1]) is None:
-                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=_text(entry_id))
-                self.handle_entry(_text(entry_id), raw, screened)
+        for entry_id, raw, screened in self.authorised(reversed(batch)):
+            if self.ledger.record(screened[1]) is None:
+                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=entry_id)
+                self.handle_entry(entry_id, raw, screened)
+
+    def authorised(self, batch):
+        """[(entry id, raw fields, screened)] of the authorised entries of a stream batch."""
+        screened = [(_text(entry_id), raw, self.screen(_text(entry_id), raw)) for entry_id, raw in batch]
+        return [item for item in screened if item[2][3]]
 
     def tamper_close(self, finding):
         """A lost panic of unknown content: close on our own authority, once per finding."""
@@ -1291,11 +1286,8 @@ class LostPanics:
 
     def run_recorded(self, event, record, problems):
         """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
-        self.current_event = event.event_id
-        base = dict(event_id=event.event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=record.get("ts_started") or wall_ms())
-        panic = core.Panic(event.event_id, record.get("entry"), True, stage=core.Stage.HALTING)
-        self.drive(panic, [core.Command(core.Do.WRITE_HALT)], Job(event, base, record=record))
+        panic, commands = core.resume_recorded(event.event_id, record.get("entry"))
+        self.drive(panic, commands, Job.of(event, event.event_id, record, problems, record.get("ts_started")))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1325,11 +1317,7 @@ class LostPanics:
         if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
             return
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
-        candidates = []
-        for entry_id, raw in batch:
-            screened = self.screen(_text(entry_id), raw)
-            if screened[3]:
-                candidates.append((_text(entry_id), raw, screened[1]))
+        candidates = [(entry_id, raw, screened[1]) for entry_id, raw, screened in self.authorised(batch)]
         if candidates:
             low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
             pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
@@ -1342,7 +1330,7 @@ class LostPanics:
                 self.handle_entry(entry_id, raw)
         self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
         if len(batch) == READ_BATCH:
-            self.next_guard_sweep = 0.0    # more to check: next pass
+            self.at.pop("guard_sweep", None)    # more to check: next pass
 
     def serve_resume_request(self):
         """At most one resume request per pass, and only in a pass without panics: each may
@@ -1375,30 +1363,31 @@ class OwnAuthority:
     cannot do its job, and the halt guard while trading is halted (decisions:
     eexit/guard_policy.py)."""
 
-    # -- bus loss
+    def own_event_id(self, prefix):
+        return f"{prefix}-{self.config.consumer}-{wall_ms()}"
 
-    def own_event(self, prefix, reason):
-        """event_id, ledger record and report base of a close on the EEW's own authority."""
+    def own_close(self, event_id, reason, repeat=False, **job):
+        """A close on the EEW's own authority through the core (core.start_own), like a panic's:
+        no entry, a report of its own. job: Job fields (the guard's halt, keepalive, a report
+        without orders). Returns the report fields (None if the close itself kept failing)."""
         now = wall_ms()
-        event_id = self.current_event = f"{prefix}-{self.config.consumer}-{now}"
-        record = {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}
-        return event_id, record, dict(event_id=event_id, issued_by=SERVICE_ID, reason=reason,
-                                      event_age_ms=0, problems=[], ts_started=now)
+        event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=SERVICE_ID, ts=now)
+        job = Job.of(event, event_id, {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now},
+                     ts_started=now, **job)
+        job.base["event_age_ms"] = 0
+        self.drive(*core.start_own(event_id, close=job.fields is None, repeat=repeat), job)
+        return job.fields
 
     def bus_loss_close(self, down_s, repeat=False):
         """Flatten without an event: Redis unreachable or refusing our commands, hence the
         whole safety chain, is blind. Repeated every guard interval while that lasts; a repeat
         that found nothing to do writes no report (the first one stands)."""
-        event_id, record, base = self.own_event("busloss", BUS_LOSS_REASON)
+        event_id = self.own_event_id("busloss")
         log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
         self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
-        halt = schema.TradingState(halted=True, reason=BUS_LOSS_REASON, event_id=event_id,
-                                   halted_at=wall_ms(), halted_by=BUS_LOSS_ISSUER,
-                                   requires_manual_reset=True)
-        fields = self.closer.execute(event_id, record, lambda _save=False: self.notifier.ping())
-        if not (repeat and guard_policy.quiet_repeat(fields)):
-            self.finish_report(event_id, None, record, base, fields, halt)
-        return fields["status"]
+        fields = self.own_close(event_id, BUS_LOSS_REASON, repeat,
+                                keepalive=lambda _save=False: self.notifier.ping())
+        return (fields or {}).get("status", flatten.FAILED)
 
     # -- halt guard (decisions: eexit/guard_policy.py)
 
@@ -1409,16 +1398,15 @@ class OwnAuthority:
         loop between entries, so never during this EEW's own panic; reads and closes go
         through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
         cfg, now = self.config, time.monotonic()
-        if cfg.halt_guard_s <= 0 or now < self.next_lease_step:
+        step_s = guard_policy.step_s(cfg.halt_guard_s)
+        if cfg.halt_guard_s <= 0 or not core.due(self.at, "lease", now, step_s):
             return
-        self.next_lease_step = now + guard_policy.step_s(cfg.halt_guard_s)
         state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
         if state.halted is not True or not self.hold_guard():
             self.guard_alerted = None
             return
-        if now < self.next_guard_check:
+        if not core.due(self.at, "guard_check", now, cfg.halt_guard_s):
             return
-        self.next_guard_check = now + cfg.halt_guard_s
         last = self.last_final_status(state.event_id)
         account = None if last is None else self.closer.read_account(now + cfg.halt_guard_s, "halt-guard",
                                                                      self.guard_keepalive)
@@ -1455,7 +1443,7 @@ class OwnAuthority:
 
     def guard_close(self, state, action, reason, account):
         """One enforcement (or, policy alert, a report and no orders); the guard status fields."""
-        event_id, record, base = self.own_event("guard", reason)
+        event_id, fields = self.own_event_id("guard"), None
         log.critical("halt_guard_" + action, event_id=event_id, halt_event_id=state.event_id, reason=reason,
                      positions=len(account.positions), orders=len(account.orders))
         if action == "alert":
@@ -1465,14 +1453,13 @@ class OwnAuthority:
                           detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
-            fields = self.closer.execute(event_id, record, self.guard_keepalive)
-            self.set_status("waiting for panic events")
-        fields.setdefault("extra", {})["halt_event_id"] = state.event_id
-        self.finish_report(event_id, None, record, base, fields, state, force_halt=False)
+        status = (self.own_close(event_id, reason, fields=fields, halt_state=state, force_halt=False,
+                                 keepalive=self.guard_keepalive, extra={"halt_event_id": state.event_id})
+                  or {}).get("status", flatten.FAILED)
         done = {"last_enforcement_ms": wall_ms(), "last_enforcement_event_id": event_id,
-                "last_enforcement": f"{reason} {fields['status']}"}
+                "last_enforcement": f"{reason} {status}"}
         if action == "enforce":
-            done.update(last_status=fields["status"], last_status_for=state.event_id)
+            done.update(last_status=status, last_status_for=state.event_id)
         return done
 
     def hold_guard(self):
@@ -1482,9 +1469,9 @@ class OwnAuthority:
         """While the guard reads or closes: watchdog pings, and the lease renewed every step
         so that no other EEW starts guarding meanwhile."""
         self.notifier.ping()
-        if time.monotonic() < self.next_lease_step or self.ledger is None:
+        if self.ledger is None or not core.due(self.at, "lease", time.monotonic(),
+                                               guard_policy.step_s(self.config.halt_guard_s)):
             return
-        self.next_lease_step = time.monotonic() + guard_policy.step_s(self.config.halt_guard_s)
         try:
             if not self.hold_guard():
                 log.warning("guard_lease_lost", event_id=self.current_event)
@@ -1525,14 +1512,12 @@ class Worker(Entries, LostPanics, OwnAuthority):
         self.redis = self.ledger = self.heartbeat = None
         self.stopping = self.preflighted = self.ready_sent = False
         self.status_text = ""
-        self.next_sweep = self.next_beat = self.next_markets_try = self.next_reconnect = 0.0
-        self.next_account_check = self.next_guard_sweep = 0.0
+        self.at = {}                      # timer -> monotonic time it is next due (core.due)
         self.account_future = None
         self.account_problem = None       # "exchange_authentication" while the key is refused
         self.live = core.Liveness(unable_since=time.monotonic())      # until the first clean pass
         self.pass_blind, self.pass_lost = None, False
         self.unreported = {}              # event_id -> why: authorised panics without a final report
-        self.next_lease_step = self.next_guard_check = 0.0   # halt guard: lease step, account check
         self.guard_alerted = None         # exposure_key of the last alert-policy report
         self.current_event = "-"
         self.last_positions = None
@@ -1557,28 +1542,27 @@ class Worker(Entries, LostPanics, OwnAuthority):
 
     def iteration(self):
         """One pass, then core.pass_ended decides whether the EEW was able to do its job."""
-        self.pass_blind, self.pass_lost, entries = None, False, None
+        self.pass_blind, self.pass_lost = None, False
+        entries = self.survive(self.one_pass)
+        self.end_pass(entries is not None and self.pass_blind is None and not self.pass_lost)
+
+    def survive(self, step):
+        """step() for the loop, which must never die: a Redis error is classified
+        (redis_failed); a bug outside entry handling is logged and makes the pass not clean:
+        if it repeats, the bus-loss close runs (fail-closed), where dying would stop all panics."""
         try:
-            entries = self.one_pass()
+            return step()
         except ConfigError:
             raise
         except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, "iteration") == "transport":
-                # The entry being handled stays pending (no XACK without a report) and is
-                # resumed after reconnecting; the pass is not clean.
-                self.lost_redis(exc)
-            else:
-                self.pass_blind = f"iteration:{daemon.cause(exc)}"
-        except Exception as exc:  # noqa: BLE001 - the loop must never die
-            # A bug outside entry handling. Not a clean pass: if it repeats, the bus-loss close
-            # runs (fail-closed); dying instead would stop all panics.
-            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
-                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
-            self.pass_blind = f"loop_error:{type(exc).__name__}"
+            self.redis_failed(exc, "iteration")
+        except Exception as exc:  # noqa: BLE001 - the loop must never die (see above)
+            log_bug("loop_error", exc, event_id=self.current_event)
+            self.pass_blind = self.pass_blind or f"loop_error:{type(exc).__name__}"
             time.sleep(0.2)
         finally:
             self.current_event = "-"
-        self.end_pass(entries is not None and self.pass_blind is None and not self.pass_lost)
+        return None
 
     def one_pass(self):
         """Liveness, Redis, markets, journal, the lost-panic checks, at most one batch of
@@ -1611,26 +1595,17 @@ class Worker(Entries, LostPanics, OwnAuthority):
             return
         if self.live.blind and self.live.blind != before.blind:
             log.critical("blind", why=self.live.blind, close_in_s=self.config.bus_loss_close_s)
-        try:
-            self.on_unable()
-        except Exception as exc:  # noqa: BLE001 - the loop must never die; the next pass retries
-            log.error("loop_error", event_id=self.current_event, error=type(exc).__name__,
-                      message=str(exc)[:300], traceback=traceback.format_exc()[-1500:])
-            time.sleep(0.2)
+        self.survive(self.on_unable)
 
     def job_step(self, step, key, fn):
-        """fn() with command errors logged and turned into blindness (None); transport errors
-        propagate to iteration(). Skipped (None) once Redis was lost in this pass."""
+        """fn(), or None after a Redis error (redis_failed: transport -> Redis dropped, command
+        -> blind). Skipped (None) once Redis was lost in this pass."""
         if self.redis is None:
             return None
         try:
             return fn()
         except bus.REDIS_ERRORS as exc:
-            if self.trouble.report(exc, step, key) == "transport":
-                raise
-            # No reconnect: the same command would fail the same way. The EEW is blind on
-            # this path; on_unable() closes on own authority once that lasts too long.
-            self.pass_blind = f"{step}:{daemon.cause(exc)}"
+            self.redis_failed(exc, step, key)
             return None
 
     # -- liveness
@@ -1639,10 +1614,9 @@ class Worker(Entries, LostPanics, OwnAuthority):
         """WATCHDOG=1 and the EEW heartbeat. Only called from the loop's own progress."""
         if core.pings_allowed(self.live, self.config.bus_loss_close_s):
             self.notifier.ping()
-        now = time.monotonic()
-        if self.heartbeat is None or now < self.next_beat:
+        beat_due = core.due(self.at, "beat", time.monotonic(), self.config.heartbeat_interval_s)
+        if self.heartbeat is None or not beat_due:
             return
-        self.next_beat = now + self.config.heartbeat_interval_s
         # Named until the report stands in Redis: failed handling, or a report only on disk
         # (the journal survives a restart, this process's memory does not).
         waiting = list(self.unreported) + sorted(set(self.journaled) - set(self.unreported))
@@ -1685,7 +1659,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
     def bus_ok(self):
         if self.redis is not None:
             return True
-        if time.monotonic() < self.next_reconnect:
+        if not core.due(self.at, "reconnect", time.monotonic()):
             self.pass_lost = True
             return False
         client = None
@@ -1698,29 +1672,37 @@ class Worker(Entries, LostPanics, OwnAuthority):
             client.ping()
             bus.ensure_group(client, schema.PANIC_STREAM, schema.EEW_GROUP, start_id="0")
         except bus.REDIS_ERRORS as exc:
-            if not bus.is_transport_error(exc):
-                # Reachable but refusing our group (NOPERM, WRONGTYPE): blind, not down.
-                self.trouble.report(exc, "XGROUP CREATE", schema.PANIC_STREAM)
-                self.next_reconnect = time.monotonic() + self.backoff.next()
-                self.pass_blind = f"connect:{daemon.cause(exc)}"
+            # Still down: back off and let on_unable decide about a bus-loss close. Reachable but
+            # refusing our group (NOPERM, WRONGTYPE): blind, not down, and the same back-off.
+            if self.redis_failed(exc, "connect", schema.PANIC_STREAM) is core.ErrorKind.COMMAND:
+                self.at["reconnect"] = time.monotonic() + self.backoff.next()
                 client.close()
-                return False
-            # Still down: back off and let on_unable decide about a bus-loss close.
-            self.lost_redis(exc)
             return False
         self.redis, self.ledger = client, Ledger(client)
         self.heartbeat = Heartbeat(client, self.config.consumer, schema.EEW_HEARTBEAT_STREAM)
-        self.next_sweep = 0.0          # a restart may have left our entries pending
+        self.at.pop("sweep", None)     # a restart may have left our entries pending
+        self.at.pop("guard_sweep", None)
         self.audit_cursor = "0-0"      # check the whole stream against the group once more
-        self.next_guard_sweep = 0.0
         self.resume_cursor = f"{max(0, bus.server_time_ms(client) - int(resume.REQUEST_MAX_AGE_S * 1000))}-0"
         log.info("redis_connected", down_s=round(core.unable_for(self.live, time.monotonic()), 3))
         return True
 
+    def redis_failed(self, exc, step, key=""):
+        """The one place a Redis error is classified (bus.is_transport_error, logged by
+        daemon.RedisTrouble): transport -> the client is dropped and the pass is LOST (an
+        entry being handled stays pending, resumed after the reconnect); command -> blind on
+        this path (no reconnect: the same command would fail the same way; on_unable closes on
+        own authority once that lasts too long). Returns the core.ErrorKind."""
+        kind = core.ErrorKind(self.trouble.report(exc, step, key))
+        if kind is core.ErrorKind.TRANSPORT:
+            self.lost_redis(exc)
+        else:
+            self.pass_blind = self.pass_blind or f"{step}:{daemon.cause(exc)}"
+        return kind
+
     def lost_redis(self, exc):
         """Redis went away: this pass is not clean (core.PassEnd.LOST), the client is dropped."""
         self.pass_lost = True
-        self.trouble.report(exc, "connect")
         if self.redis is not None:
             log.error("redis_lost", event_id=self.current_event, error=type(exc).__name__, cause=daemon.cause(exc))
             try:
@@ -1730,7 +1712,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
                 # a fresh one is built on reconnect.
                 pass
         self.redis = self.ledger = self.heartbeat = None
-        self.next_reconnect = time.monotonic() + self.backoff.next()
+        self.at["reconnect"] = time.monotonic() + self.backoff.next()
         self.set_status(f"redis unreachable for {core.unable_for(self.live, time.monotonic()):.0f}s: "
                         f"{daemon.cause(exc)}")
 
@@ -1745,11 +1727,11 @@ class Worker(Entries, LostPanics, OwnAuthority):
         if self.live.blind is not None and not core.pings_allowed(self.live, limit):
             self.set_status(f"blind ({self.live.blind}): watchdog pings stopped"
                             + (", closed on own authority" if self.live.blind_closed else ""))
-        wait = self.next_reconnect - time.monotonic() if self.redis is None else self.backoff.next()
+        wait = self.at.get("reconnect", 0.0) - time.monotonic() if self.redis is None else self.backoff.next()
         time.sleep(max(0.0, min(wait, 0.5)))
 
     def ensure_markets(self):
-        if self.pool.ready or time.monotonic() < self.next_markets_try:
+        if self.pool.ready or not core.due(self.at, "markets", time.monotonic()):
             return
         try:
             self.pool.load_markets()
@@ -1757,7 +1739,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
         except Exception as exc:  # noqa: BLE001 - retried; events are still handled meanwhile
             # Not ready: READY=1 is withheld and the heartbeat says DEGRADED; a panic arriving
             # now still runs and retries the markets inside its own deadline.
-            self.next_markets_try = time.monotonic() + 2.0
+            self.at["markets"] = time.monotonic() + 2.0
             log.error("markets_load_failed", error=_error_text(exc, self.pool.exchange_id))
             return
         if not self.ready_sent and self.config.keepalive_s > 0:
@@ -1790,9 +1772,8 @@ class Worker(Entries, LostPanics, OwnAuthority):
         failures = self.pool.maintain(time.monotonic(), self.warm, self.config.keepalive_s, self.closer.pacer)
         if failures:
             log.warning("keepalive_failed", failed=len(failures), of=self.warm, error=failures[0])
-        if self.pool.ready and self.account_future is None and time.monotonic() >= self.next_account_check \
-                and self.closer.pacer.paused_for() <= 0:
-            self.next_account_check = time.monotonic() + self.config.account_check_s
+        if self.pool.ready and self.account_future is None and self.closer.pacer.paused_for() <= 0 \
+                and core.due(self.at, "account_check", time.monotonic(), self.config.account_check_s):
             # The venue's cheapest signed read: no position-read weight on Binance, and it does
             # not show in a panic's own reads.
             self.account_future = self.pool.submit(exchange.check_key)

@@ -10,6 +10,8 @@ One panic entry (Panic, start/on_result/on_error):
     authorised --> CLAIM --new/resume--> WRITE_HALT --> CLOSE --> REPORT --> done
                          --duplicate--> REPORT_NO_ACTION (DUPLICATE)
                          --done-------> ACK (the report stands; only the ack was missing)
+    a claimed record (resume_recorded) ------> WRITE_HALT --> CLOSE --> REPORT --> done
+    own authority (start_own: bus loss, guard) ----------> CLOSE --> REPORT --> done
 
 Fail-closed (issue 24): whatever fails while handling an AUTHORISED panic (a bug, a Redis
 command error, unexpected exchange data), the EEW still halts (or keeps the halt), attempts
@@ -35,7 +37,7 @@ import enum
 import json
 from dataclasses import dataclass, replace
 
-from . import flatten, schema
+from . import flatten, guard_policy, schema
 
 
 class Stage(str, enum.Enum):
@@ -97,6 +99,7 @@ class Panic:
     failures: tuple = ()         # "<command>:<kind>:<detail>", in order
     degraded: bool = False       # a failure happened: the heartbeat names the event
     final: bool = False          # a final report stands (ledger) or waits in the journal
+    quiet: bool = False          # a repeated bus-loss close: nothing done, no report
 
 
 def start(event_id, entry_id, authorised, journaled=False):
@@ -111,9 +114,24 @@ def start(event_id, entry_id, authorised, journaled=False):
     return replace(panic, stage=Stage.CLAIMING), [Command(Do.CLAIM)]
 
 
+def start_own(event_id, close=True, repeat=False):
+    """A close on the EEW's own authority (bus loss, halt guard): no entry, nothing to claim;
+    the halt is written with the report (Redis may be what is lost; the guard's halt stands).
+    close=False: the report only (the guard's alert policy). repeat: a repeated bus-loss close
+    that found nothing to do writes no report (the first one stands)."""
+    panic = Panic(event_id, None, True, stage=Stage.CLOSING if close else Stage.REPORTING, halted=True,
+                  quiet=repeat)
+    return panic, [Command(Do.CLOSE if close else Do.REPORT)]
+
+
+def resume_recorded(event_id, entry_id):
+    """A claimed ledger record to finish (a lost panic's tamper close, a stranded record)."""
+    return Panic(event_id, entry_id, True, stage=Stage.HALTING), [Command(Do.WRITE_HALT)]
+
+
 def on_result(panic, command, result=None):
-    """The command succeeded with `result` (a Claim for CLAIM, a status for closes and
-    REPORT: "ledger" or "journal")."""
+    """The command succeeded with `result` (a Claim for CLAIM, the report fields of a close,
+    for REPORT where it stands: "ledger", "direct" or "journal")."""
     do = command.do
     if do is Do.CLAIM:
         if result in (Claim.NEW, Claim.RESUME):
@@ -124,6 +142,8 @@ def on_result(panic, command, result=None):
     if do is Do.WRITE_HALT:
         return replace(panic, stage=Stage.CLOSING, halted=True), [Command(Do.CLOSE)]
     if do in (Do.CLOSE, Do.SIMPLE_CLOSE):
+        if panic.quiet and guard_policy.quiet_repeat(result):
+            return replace(panic, stage=Stage.DONE, closed_by=do), []
         return replace(panic, stage=Stage.REPORTING, closed_by=do), [Command(Do.REPORT)]
     if do is Do.TOUCH:
         return panic, []
@@ -164,6 +184,20 @@ def on_error(panic, command, kind, detail=""):
     return replace(failed, stage=Stage.WAITING), []
 
 
+class Read(str, enum.Enum):
+    OWN = "own"                  # this consumer's pending entries (a restart, a journaled report)
+    IDLE = "idle"                # entries other consumers left idle for EEXIT_CLAIM_IDLE_MS
+    NEW = "new"                  # entries never delivered (the read blocks once READY=1 is sent)
+
+
+def entry_reads(sweep_due):
+    """Where a pass's entries come from, tried in order until one read returns entries (NEW
+    always ends it): own pending entries and then idle ones of other consumers once per sweep
+    interval (again at once only after a full batch), then new ones. An entry left pending on
+    purpose (its report waits in the journal) never keeps the read of new entries from running."""
+    return (Read.OWN, Read.IDLE, Read.NEW) if sweep_due else (Read.NEW,)
+
+
 def pending_query(batch_ids, candidate_ids):
     """(min, max, count) of the XPENDING that tells which candidates of an audited batch are
     pending: count covers every entry of the range (other pending entries of the batch could
@@ -196,6 +230,16 @@ def pass_ended(state, outcome, now, why=None):
         return Liveness()
     return replace(state, unable_since=now if state.unable_since is None else state.unable_since,
                    blind=why if outcome is PassEnd.BLIND else state.blind)
+
+
+def due(schedule, timer, now, every_s=None):
+    """Whether the worker's `timer` is due now (schedule: timer -> monotonic time it is next
+    due; absent: due now); if so and every_s is given, it is next due every_s from now."""
+    if now < schedule.get(timer, now):
+        return False
+    if every_s is not None:
+        schedule[timer] = now + every_s
+    return True
 
 
 def unable_for(state, now):
@@ -246,6 +290,43 @@ def failed_fields(panic, detail, scope=""):
 
 
 # ------------------------------------------------------------------------------ one close
+
+READ_BACKOFF_S = (0.1, 0.2, 0.5)
+
+
+def read_retry_s(retry_after_s, attempt):
+    """Seconds before the account is read again after a failed read: the venue's Retry-After
+    if it gave one, else a short back-off. Unknown is never empty: the read is retried until
+    the deadline (and a close that never read reports FAILED)."""
+    if retry_after_s is not None:
+        return retry_after_s
+    return READ_BACKOFF_S[min(attempt, len(READ_BACKOFF_S) - 1)]
+
+
+def batch_size(venue_batch, limits):
+    """Orders per close request: the venue's batch endpoint, never more than the tightest
+    order limit lets out at once."""
+    return min(venue_batch, min(count for count, _ in limits))
+
+
+def order_round(errors, pending, outcomes):
+    """After one request for the `pending` orders of a batch (outcomes: per order None once
+    the exchange accepted it, else (error kind, retry_after_s, text)): fills `errors` (per
+    order None or a text) and returns (the orders to send again, the seconds every thread
+    pauses or None). A 429/418 is sent again with the SAME client order id after Retry-After
+    (the request was refused; a new id would be refused as a duplicate), and every thread
+    waits: the limit is per account/IP. Anything else ends that order's attempt and the
+    re-read decides: the outcome may be unknown (timeout) or the position changed (-2022). A
+    refused order in a batch is treated exactly like a refused single order."""
+    again, pause = [], None
+    for i, outcome in zip(pending, outcomes):
+        if outcome is not None and outcome[0] == "rate_limited":
+            again.append(i)
+            pause = max(pause or 0.0, outcome[1] or 1.0)
+        else:
+            errors[i] = None if outcome is None else outcome[2]
+    return again, pause
+
 
 def close_next(account, rules, now, deadline):
     """After every account read: another round (cancel + close) while the read holds anything

@@ -241,7 +241,7 @@ class SimWorker:
 
     def restart(self):
         self.live = core.Liveness(unable_since=self.world.now)
-        self.next_sweep = 0.0
+        self.schedule = {}            # Worker.at: timers (core.due)
         self.audited = 0
 
     def maybe_crash(self, where):
@@ -284,17 +284,19 @@ class SimWorker:
         if not clean and before.unable_since is not None and self.live.unable_since != before.unable_since:
             raise Violation(f"{self.name}: the bus-loss timer restarted while the inability lasted")
         if core.close_due(self.live, w.now, BUS_LOSS_S):
-            self.bus_loss_close()
+            self.bus_loss_close(repeat=self.live.next_close is not None)
             self.live = core.closed(self.live, w.now, 5.0)
 
-    def bus_loss_close(self):
+    def bus_loss_close(self, repeat):
+        """OwnAuthority.bus_loss_close: the real core's close on own authority (core.start_own),
+        its report to the ledger, else the journal; a repeat that did nothing reports nothing."""
         w = self.world
         event_id = f"busloss-{self.name}-{w.step}"
-        w.halt_tried.add(event_id)
-        status = w.close(event_id, simple=True)
-        w.log(f"{self.name} bus-loss close {status}")
-        self.journal.append({"type": "report", "key": event_id, "entry_id": None,
-                             "report": {"event_id": event_id, "status": status, "entry_id": None}, "published": False})
+        w.halt_tried.add(event_id)            # written with the report (Redis may be what is lost)
+        w.log(f"{self.name} bus-loss close repeat={repeat}")
+        panic = self.drive(*core.start_own(event_id, repeat=repeat))
+        if panic.stage is not core.Stage.DONE or (panic.closed_by is None and not panic.failures):
+            raise Violation(f"{event_id}: the close on own authority did not run to its end: {panic}")
 
     def publish_journal(self):
         w = self.world
@@ -312,21 +314,26 @@ class SimWorker:
         return [e for e in self.world.stream if e.entry_id in entry_ids]
 
     def next_entries(self):
+        """Worker.next_entries: the reads core.entry_reads names, in its order."""
         w = self.world
-        if w.now >= self.next_sweep:
-            self.next_sweep = w.now + SWEEP_S
-            own = [i for i, (c, _, _) in w.pending.items() if c == self.name]
-            if own:
-                return w.redis("xreadgroup 0", lambda: self.deliver(own))
-            idle = [i for i, (c, since, _) in w.pending.items() if c != self.name and w.now - since > IDLE_S]
-            if idle:
-                return w.redis("xautoclaim", lambda: self.deliver(idle))
 
         def read_new():
             new = [e.entry_id for e in w.stream[w.delivered:w.delivered + 4]]
             w.delivered += len(new)
             return self.deliver(new)
-        return w.redis("xreadgroup >", read_new)
+        for read in core.entry_reads(core.due(self.schedule, "sweep", w.now, SWEEP_S)):
+            if read is core.Read.OWN:
+                own = [i for i, (c, _, _) in w.pending.items() if c == self.name]
+                entries = w.redis("xreadgroup 0", lambda: self.deliver(own)) if own else []
+            elif read is core.Read.IDLE:
+                idle = [i for i, (c, since, _) in w.pending.items()
+                        if c != self.name and w.now - since > IDLE_S]
+                entries = w.redis("xautoclaim", lambda: self.deliver(idle)) if idle else []
+            else:
+                return w.redis("xreadgroup >", read_new)
+            if entries:
+                return entries
+        raise Violation("entry_reads ended without a read of new entries")
 
     def audit(self):
         """Worker.audit_stream: authorised entries the group passed by, neither pending nor
@@ -349,12 +356,15 @@ class SimWorker:
 
     # one entry: the real core, commands performed here
     def handle(self, entry):
-        panic, commands = core.start(entry.event_id, entry.entry_id, entry.authorised,
-                                     journaled=entry.event_id in self.journaled())
+        self.drive(*core.start(entry.event_id, entry.entry_id, entry.authorised,
+                               journaled=entry.event_id in self.journaled()))
+
+    def drive(self, panic, commands):
+        """Entries.drive: perform the core's commands, feeding each result or error back."""
         job = {"status": None}
         while commands:
             command, commands = commands[0], commands[1:]
-            self.maybe_crash(f"before {command.do.value} of {entry.entry_id}")
+            self.maybe_crash(f"before {command.do.value} of {panic.event_id}")
             try:
                 result = self.perform(panic, command, job)
             except RedisDown:
@@ -365,14 +375,15 @@ class SimWorker:
                 if kind is core.ErrorKind.COMMAND:
                     self.blind = self.blind or str(exc)
                 if "on_error" in self.world.legacy:
-                    deliveries = self.world.pending.get(entry.entry_id, [0, 0, 0])[2]
+                    deliveries = self.world.pending.get(panic.entry_id, [0, 0, 0])[2]
                     panic, more = LEGACY["on_error"](panic, command, kind, type(exc).__name__, deliveries)
                 else:
                     panic, more = core.on_error(panic, command, kind, type(exc).__name__)
             else:
                 panic, more = core.on_result(panic, command, result)
-            self.maybe_crash(f"after {command.do.value} of {entry.entry_id}")
+            self.maybe_crash(f"after {command.do.value} of {panic.event_id}")
             commands = more + commands
+        return panic
 
     def perform(self, panic, command, job):
         w, do, event_id, entry_id = self.world, command.do, panic.event_id, panic.entry_id
@@ -393,8 +404,9 @@ class SimWorker:
             w.halt_tried.add(event_id)
             return w.redis("halt", lambda: w.halts.add(event_id))
         if do in (core.Do.CLOSE, core.Do.SIMPLE_CLOSE):
+            ordered = event_id in w.ordered
             job["status"] = w.close(event_id, simple=do is core.Do.SIMPLE_CLOSE)
-            return job["status"]
+            return {"status": job["status"], "attempts": int(event_id in w.ordered and not ordered)}
         if do is core.Do.REPORT:
             if not command.status and w.rng.random() < w.p_exchange / 5:
                 raise Bug("report fields")
@@ -419,6 +431,8 @@ class SimWorker:
         report = {"event_id": event_id, "status": status, "entry_id": entry_id}
         try:
             w.redis("finish", lambda: w.finish(event_id, entry_id, report), ledger=True, completed=True)
+            if entry_id is None:
+                w.halts.add(event_id)         # own authority: the halt is written with the report
             return "ledger"
         except RedisDown:
             self.lost, published = True, False
@@ -462,13 +476,38 @@ def close_run(seed):
 
     def read():
         nonlocal now
-        while True:                                         # Closer.read_account retries
+        for attempt in range(10_000):                       # Closer.read_account retries
             now += rng.choice((0.025, 0.1, 0.5, 5.0))       # 5 s: a timeout
             if not exchange_down and rng.random() >= p_fail:
                 held = [Position(s, s, "long", q, "BOTH", 1.0) for s, q in sorted(positions.items())]
                 return Read(held, [object()] * orders, [UnreadableRow("swap", r, "pos_missing") for r in rows])
-            if now + 0.5 > deadline:
+            wait = core.read_retry_s(rng.choice((None, None, 1.0, 30.0)), attempt)   # a 429's Retry-After
+            if not 0 < wait <= 30.0:
+                raise Violation(f"read retry in {wait}s")
+            if now + wait > deadline:
                 return None
+            now += wait
+        raise Violation("the read never ends")
+
+    def send(symbols):
+        """Closer._close: one batch, 429s sent again as core.order_round says."""
+        nonlocal now
+        errors, pending = ["rate_limited:retries_exhausted"] * len(symbols), list(range(len(symbols)))
+        for _ in range(8):                                  # MAX_RATE_RETRIES
+            if not pending:
+                break
+            failures = [None] * 3 + [("rate_limited", rng.choice((None, 0.5)), "rate_limited:429"),
+                                     ("rejected", None, "rejected:-2022")]
+            outcomes = [rng.choice(failures) if rng.random() < p_fail else None for _ in pending]
+            sent, (pending, pause) = list(pending), core.order_round(errors, pending, outcomes)
+            for i, outcome in zip(sent, outcomes):
+                limited = outcome is not None and outcome[0] == "rate_limited"
+                if limited != (i in pending) or (not limited and errors[i] != (outcome and outcome[2])):
+                    raise Violation(f"order_round: {outcome} -> sent again {i in pending}, error {errors[i]}")
+                if limited and (pause is None or pause < (outcome[1] or 1.0)):
+                    raise Violation(f"order_round pauses {pause} under a Retry-After of {outcome[1]}")
+            now += pause or 0.0
+        return dict(zip(symbols, errors))
 
     def check(account, why):
         if account is not None and now < deadline and not core.close_next(account, CLOSE_RULES, now, deadline) \
@@ -486,14 +525,12 @@ def close_run(seed):
             record["attempt"] += 1
             failed = []
             orders = 0 if rng.random() >= p_fail else orders          # cancel-all
-            for symbol in list(positions):
-                if flatten.unplaceable(Position(symbol, symbol, "long", positions[symbol], "BOTH", 1.0),
-                                       CLOSE_RULES.get(symbol)):
-                    continue                                           # dust: no order can take it
-                roll = rng.random()
-                if roll < p_fail / 2:
-                    failed.append(f"close:{symbol}:refused")
-                elif roll < p_fail:
+            placeable = [symbol for symbol in positions if not flatten.unplaceable(
+                Position(symbol, symbol, "long", positions[symbol], "BOTH", 1.0), CLOSE_RULES.get(symbol))]
+            for symbol, error in send(placeable).items():               # dust: no order can take it
+                if error is not None:
+                    failed.append(f"close:{symbol}:{error}")
+                elif rng.random() < p_fail:
                     positions[symbol] = round(positions[symbol] / 2, 2)   # partial fill
                 else:
                     del positions[symbol]

@@ -74,6 +74,56 @@ class UnauthorisedEntry(unittest.TestCase):
         self.assertEqual((False, True), (core.give_up_unauthorised(2, 3), core.give_up_unauthorised(3, 3)))
 
 
+class OwnAuthority(unittest.TestCase):
+    def test_a_close_on_own_authority_goes_through_the_same_transitions_as_a_panic(self):
+        panic, commands = core.start_own("busloss-a-1")
+        self.assertEqual(([Do.CLOSE], None, True), ([c.do for c in commands], panic.entry_id, panic.halted))
+        panic, commands = core.on_result(panic, commands[0], {"status": "FLAT", "attempts": 0})
+        self.assertEqual([Do.REPORT], [c.do for c in commands], "the first close reports even when flat")
+        _panic, commands = after(panic, Do.REPORT, Kind.BUG)
+        self.assertEqual([("FAILED", Do.REPORT)], [(c.status, c.do) for c in commands])
+        panic, commands = after(core.start_own("busloss-a-2")[0], Do.CLOSE, Kind.BUG)
+        self.assertEqual([Do.SIMPLE_CLOSE], [c.do for c in commands], "a failed close falls back as a panic's")
+
+    def test_a_repeat_that_did_nothing_writes_no_report_and_the_guard_alert_only_reports(self):
+        panic, commands = core.start_own("busloss-a-3", repeat=True)
+        panic, commands = core.on_result(panic, commands[0], {"status": "FLAT", "attempts": 0})
+        self.assertEqual((core.Stage.DONE, []), (panic.stage, commands))
+        panic, commands = core.start_own("busloss-a-4", repeat=True)
+        _panic, commands = core.on_result(panic, commands[0], {"status": "FLAT", "attempts": 1})
+        self.assertEqual([Do.REPORT], [c.do for c in commands], "a repeat that closed something reports")
+        _panic, commands = core.start_own("guard-a-5", close=False)
+        self.assertEqual([Do.REPORT], [c.do for c in commands])
+
+    def test_a_claimed_record_is_halted_before_its_close(self):
+        panic, commands = core.resume_recorded("ev", None)
+        self.assertEqual(([Do.WRITE_HALT], False), ([c.do for c in commands], panic.halted))
+
+
+class Close(unittest.TestCase):
+    def test_a_rate_limited_order_is_sent_again_and_everyone_pauses(self):
+        errors = ["unset"] * 3
+        again, pause = core.order_round(errors, [0, 1, 2], [None, ("rate_limited", 2.5, "rate_limited:429"),
+                                                            ("rejected", None, "rejected:-2022")])
+        self.assertEqual(([1], 2.5, [None, "unset", "rejected:-2022"]), (again, pause, errors))
+        self.assertEqual(([0], 1.0), core.order_round(errors, [0], [("rate_limited", None, "x")]))
+
+    def test_a_failed_read_waits_for_the_retry_after_else_backs_off(self):
+        self.assertEqual(7.0, core.read_retry_s(7.0, 0))
+        self.assertEqual([0.1, 0.2, 0.5, 0.5], [core.read_retry_s(None, n) for n in range(4)])
+        self.assertEqual(5, core.batch_size(20, ((5, 1.0), (300, 10.0))))
+
+
+class Worker(unittest.TestCase):
+    def test_own_and_idle_entries_once_a_sweep_interval_new_ones_always(self):
+        schedule = {}
+        self.assertTrue(core.due(schedule, "sweep", 10.0, 5.0))
+        self.assertEqual((core.Read.OWN, core.Read.IDLE, core.Read.NEW), core.entry_reads(True))
+        self.assertFalse(core.due(schedule, "sweep", 14.9, 5.0))
+        self.assertEqual((core.Read.NEW,), core.entry_reads(False))
+        self.assertTrue(core.due(schedule, "sweep", 15.0, 5.0))
+
+
 class Liveness(unittest.TestCase):
     def test_only_a_clean_pass_ends_the_inability(self):
         state = core.pass_ended(core.Liveness(), core.PassEnd.LOST, now=10.0)
