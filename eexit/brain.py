@@ -72,7 +72,7 @@ from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass, field
 
 from . import bus, daemon, flatten, schema
-from .config import ConfigError, env_float, env_str
+from .config import ConfigError, nested, setting, settings
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -84,10 +84,12 @@ GUARD_STATE_KEY = "exit_brain:guard"     # hash: service_id -> JSON of the track
 
 @dataclass(frozen=True)
 class ExitRules:
-    stop_loss_pct: float = 0.0       # close when the loss reaches this % of entry (0 = off)
-    take_profit_pct: float = 0.0     # close when the gain reaches this % of entry
-    trailing_stop_pct: float = 0.0   # close when the mark retreats this % from its best
-    max_holding_s: float = 0.0       # close after this long (since first seen)
+    # close when the loss reaches this % of entry (0 = off); when the gain reaches this %;
+    # when the mark retreats this % from its best; after this long (since first seen)
+    stop_loss_pct: float = setting("EEXIT_STOP_LOSS_PCT", 0.0, 0, 100)
+    take_profit_pct: float = setting("EEXIT_TAKE_PROFIT_PCT", 0.0, 0, 10000)
+    trailing_stop_pct: float = setting("EEXIT_TRAILING_STOP_PCT", 0.0, 0, 100)
+    max_holding_s: float = setting("EEXIT_MAX_HOLDING_S", 0.0, 0, 366 * 86400)
 
     @property
     def enabled(self):
@@ -171,29 +173,13 @@ def _first_rule_hit(position, track, rules, now_ms, priced):
 
 @dataclass(frozen=True)
 class Config:
-    service_id: str
-    interval_s: float
-    latency_budget_ms: float
-    degraded_beat_s: float
-    rules: ExitRules
-    deadman_s: float
-
-    @classmethod
-    def from_env(cls, env=None):
-        interval_s = env_float("EEXIT_BRAIN_INTERVAL_S", 1.0, minimum=0.05, maximum=60, env=env)
-        return cls(
-            service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
-            interval_s=interval_s,
-            latency_budget_ms=env_float("EEXIT_BRAIN_LATENCY_BUDGET_MS", 1000.0, minimum=10, maximum=60000, env=env),
-            degraded_beat_s=env_float("EEXIT_BRAIN_DEGRADED_BEAT_S", 0.5, minimum=0.05, maximum=5, env=env),
-            rules=ExitRules(
-                stop_loss_pct=env_float("EEXIT_STOP_LOSS_PCT", 0.0, minimum=0, maximum=100, env=env),
-                take_profit_pct=env_float("EEXIT_TAKE_PROFIT_PCT", 0.0, minimum=0, maximum=10000, env=env),
-                trailing_stop_pct=env_float("EEXIT_TRAILING_STOP_PCT", 0.0, minimum=0, maximum=100, env=env),
-                max_holding_s=env_float("EEXIT_MAX_HOLDING_S", 0.0, minimum=0, maximum=366 * 86400, env=env),
-            ),
-            deadman_s=env_float("EEXIT_DEADMAN_S", 0.0, minimum=0, maximum=3600, env=env),
-        )
+    service_id: str = setting("EEXIT_BRAIN_SERVICE_ID", "exit_brain")
+    interval_s: float = setting("EEXIT_BRAIN_INTERVAL_S", 1.0, 0.05, 60)
+    latency_budget_ms: float = setting("EEXIT_BRAIN_LATENCY_BUDGET_MS", 1000.0, 10, 60000)
+    degraded_beat_s: float = setting("EEXIT_BRAIN_DEGRADED_BEAT_S", 0.5, 0.05, 5)
+    rules: ExitRules = nested(ExitRules)
+    deadman_s: float = setting("EEXIT_DEADMAN_S", 0.0, 0, 3600)
+    from_env = classmethod(settings)
 
 
 # ---------------------------------------------------------------------------- shell

@@ -6,6 +6,7 @@ INFO), so `journalctl -p err` shows exactly the ERROR and CRITICAL lines; journa
 prefix. Elsewhere (a terminal, a test, a file) lines carry no prefix. The first line every
 Logger writes names the package version (`version=`), so the journal shows which code ran."""
 
+import functools
 import os
 import sys
 import time
@@ -41,7 +42,7 @@ class Logger:
         self.journal = bool(env.get("JOURNAL_STREAM"))
         self.version_logged = False
 
-    def _write(self, level, event, fields):
+    def _write(self, level, event, **fields):
         if not self.version_logged:
             fields = {"version": __version__, **fields}
             self.version_logged = True
@@ -65,14 +66,8 @@ class Logger:
             # Redis remain the record of what happened.
             pass
 
-    def info(self, event, **fields):
-        self._write("INFO", event, fields)
-
-    def warning(self, event, **fields):
-        self._write("WARNING", event, fields)
-
-    def error(self, event, **fields):
-        self._write("ERROR", event, fields)
-
-    def critical(self, event, **fields):
-        self._write("CRITICAL", event, fields)
+    # info / warning / error / critical(event, **fields): one line at that level.
+    info = functools.partialmethod(_write, "INFO")
+    warning = functools.partialmethod(_write, "WARNING")
+    error = functools.partialmethod(_write, "ERROR")
+    critical = functools.partialmethod(_write, "CRITICAL")

@@ -123,7 +123,7 @@ from enum import Enum
 import redis
 
 from . import bus, daemon, schema, signing
-from .config import env_float, env_int, env_str
+from .config import nested, setting, settings
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -152,11 +152,12 @@ IDLE_BLOCK_S = 0.5           # longest blocking XREAD: bounds SIGTERM handling a
 
 @dataclass(frozen=True)
 class Limits:
-    heartbeat_lost_s: float = 5.0
-    unguarded_s: float = 3.0
-    degraded_s: float = 5.0
-    stagnant_s: float = 30.0
-    startup_grace_s: float = 5.0
+    # Upper bounds: a threshold of hours is a watchdog that never fires.
+    heartbeat_lost_s: float = setting("EEXIT_HEARTBEAT_LOST_S", 5.0, 0.01, 600)
+    unguarded_s: float = setting("EEXIT_UNGUARDED_S", 3.0, 0.01, 600)
+    degraded_s: float = setting("EEXIT_DEGRADED_S", 5.0, 0.01, 3600)
+    stagnant_s: float = setting("EEXIT_STAGNANT_S", 30.0, 0.01, 3600)
+    startup_grace_s: float = setting("EEXIT_STARTUP_GRACE_S", 5.0, 0.0, 600, default_from="heartbeat_lost_s")
 
 
 @dataclass(frozen=True)
@@ -507,38 +508,18 @@ def rejection_risk(eew_beat, keyring, issuer=ISSUER):
 
 @dataclass(frozen=True)
 class Config:
-    limits: Limits
-    poll_ms: int
-    republish_s: float
-    brain_service_id: str
-    heartbeat_s: float
-    redis_replicas: int
-    redis_wait_ms: int
-
-    @classmethod
-    def from_env(cls, env=None):
-        # Upper bounds: a threshold of hours is a watchdog that never fires.
-        lost = env_float("EEXIT_HEARTBEAT_LOST_S", 5.0, minimum=0.01, maximum=600, env=env)
-        limits = Limits(
-            heartbeat_lost_s=lost,
-            unguarded_s=env_float("EEXIT_UNGUARDED_S", 3.0, minimum=0.01, maximum=600, env=env),
-            degraded_s=env_float("EEXIT_DEGRADED_S", 5.0, minimum=0.01, maximum=3600, env=env),
-            stagnant_s=env_float("EEXIT_STAGNANT_S", 30.0, minimum=0.01, maximum=3600, env=env),
-            startup_grace_s=env_float("EEXIT_STARTUP_GRACE_S", lost, minimum=0.0, maximum=600, env=env),
-        )
-        return cls(
-            limits=limits,
-            # The blocking XREAD's timeout (Redis rounds it up to its hz tick, 100 ms by
-            # default); near a rule deadline the loop waits on its own clock instead.
-            poll_ms=env_int("EEXIT_WATCHDOG_POLL_MS", 25, minimum=1, maximum=100, env=env),
-            republish_s=env_float("EEXIT_REPUBLISH_S", 5.0, minimum=0.1, maximum=600, env=env),
-            # The brain's service_id: only its beats are judged (another producer is ignored).
-            brain_service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
-            heartbeat_s=env_float("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, minimum=0.05, maximum=60, env=env),
-            # With Sentinel: replicas that must hold a panic before it counts as published.
-            redis_replicas=env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, maximum=16, env=env),
-            redis_wait_ms=env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, maximum=10000, env=env),
-        )
+    limits: Limits = nested(Limits)
+    # The blocking XREAD's timeout (Redis rounds it up to its hz tick, 100 ms by default);
+    # near a rule deadline the loop waits on its own clock instead.
+    poll_ms: int = setting("EEXIT_WATCHDOG_POLL_MS", 25, 1, 100)
+    republish_s: float = setting("EEXIT_REPUBLISH_S", 5.0, 0.1, 600)
+    # The brain's service_id: only its beats are judged (another producer is ignored).
+    brain_service_id: str = setting("EEXIT_BRAIN_SERVICE_ID", "exit_brain")
+    heartbeat_s: float = setting("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, 0.05, 60)
+    # With Sentinel: replicas that must hold a panic before it counts as published.
+    redis_replicas: int = setting("EEXIT_REDIS_REPLICAS", 0, 0, 16)
+    redis_wait_ms: int = setting("EEXIT_REDIS_WAIT_MS", 500, 1, 10000)
+    from_env = classmethod(settings)
 
 
 # ---------------------------------------------------------------------------- shell
