@@ -211,13 +211,6 @@ class Brain:
         # One long-lived cycle thread: a new thread per second is wasted work on a small VPS.
         self.cycle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brain-cycle")
 
-    @property
-    def stopping(self):
-        return self.stop_requested.is_set()
-
-    def stop(self):
-        self.stop_requested.set()
-
     # -- one cycle, in the worker thread ---------------------------------------------------
 
     def cycle(self):
@@ -370,7 +363,7 @@ class Brain:
         if not self.cfg.rules.enabled:
             self.log.warning("no_exit_rules", note="the brain heartbeats and counts positions but closes nothing")
         self.load_guard_state()
-        while not self.stopping:
+        while not self.stop_requested.is_set():
             started = time.monotonic()
             healthy = self.run_once()
             pause = self.cfg.interval_s if healthy else self.cfg.degraded_beat_s
@@ -423,8 +416,9 @@ def main():
         notifier = Notifier()
         client = bus.connect()
         brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, notifier, log)
-        daemon.on_stop_signal(brain.stop)
-        if daemon.wait_for_redis(client, PROBES, log, lambda: brain.stopping, brain.stop_requested.wait, notifier):
+        stop = brain.stop_requested
+        daemon.on_stop_signal(stop.set)
+        if daemon.wait_for_redis(client, PROBES, log, stop.is_set, stop.wait, notifier):
             brain.run()
     return daemon.main(log, start)
 

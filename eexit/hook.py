@@ -139,27 +139,17 @@ def panic_fields(event_id, context, keyring, now_ms):
 
 def load_credentials(env):
     """The signing key ring, after reading every credential file the hook uses, so that an
-    unreadable or malformed one is a ConfigError naming its file, never a Redis error (issue
-    23 found a PermissionError logged as redis_unreachable)."""
-    ring = _credential_file(HOOK_KEY_CREDENTIAL, env,
-                            lambda text: signing.parse_keys(text, f"credential {HOOK_KEY_CREDENTIAL}"))
+    unreadable or malformed one is a ConfigError naming its file (config.credential does for
+    the reading), never a Redis error (issue 23 found a PermissionError logged as
+    redis_unreachable)."""
+    text = credential(HOOK_KEY_CREDENTIAL, (), env)
     for name in ("redis_password", "redis_username"):
-        _credential_file(name, env, lambda text: text)      # read now: connect() cannot fail on it
-    ring = ring if ring is not None else signing.load_keys(env)
+        credential(name, (), env)      # read now: connect() cannot fail on it
+    origin = f"credential file {Path(env.get('CREDENTIALS_DIRECTORY') or '.') / HOOK_KEY_CREDENTIAL}"
+    ring = signing.parse_keys(text, origin) if text is not None else signing.load_keys(env)
     if ring.configured and ring.kid_for(ISSUER) is None:
         raise ConfigError(f"the hook's signing keys hold none for issuer {ISSUER}: its panic would be REJECTED")
     return ring
-
-
-def _credential_file(name, env, parse):
-    """parse(text) of credential `name`, None when absent; any failure names the file."""
-    try:
-        text = credential(name, (), env)
-        return parse(text) if text is not None else None
-    except (OSError, ConfigError) as exc:
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        path = Path(env.get("CREDENTIALS_DIRECTORY") or ".") / name
-        raise ConfigError(f"credential file {path} unreadable: {cause} (the crash unit's LoadCredential=)") from None
 
 
 def read_state(client, notes):

@@ -118,14 +118,13 @@ class ResumeFacts:
     ack: str
     now_ms: int
     state: schema.TradingState
-    state_present: bool
     event_found: bool
     final: tuple | None                 # (report entry id, CompletionReport) or None
-    positions: list | None              # [Position] read from the exchange; None = not read
-    open_orders: list | None
-    exchange_error: str | None
     cooldown_s: float
     stream_broken: str | None = None    # the panic stream cannot take entries (tamper reason)
+    positions: list | None = None       # [Position] read from the exchange; None = not read
+    open_orders: list | None = None
+    exchange_error: str | None = None
 
 
 def resume_refusals(facts, accept_residual):
@@ -283,8 +282,7 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
         verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, action="init")
         client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
         return verdict, None
-    state_raw = bus.decoded(client.hgetall(schema.TRADING_STATE_KEY))
-    state, _problems = schema.TradingState.from_fields(state_raw)
+    state, _problems = schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))
     record = tamper.parse_record(client.hget(schema.PROCESSED_KEY, request.ack)) \
         if not request.ack.startswith(("entry:", LEDGER_PREFIX)) else None
     final = None
@@ -293,9 +291,8 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
         if found:
             report, _ = schema.CompletionReport.from_fields(bus.decoded(found[0][1]))
             final = (bus.as_text(found[0][0]), report) if report.event_id == request.ack else None
-    facts = ResumeFacts(ack=request.ack, now_ms=bus.server_time_ms(client), state=state, state_present=bool(state_raw),
-                        event_found=record is not None, final=final, positions=None, open_orders=None,
-                        exchange_error=None, cooldown_s=cooldown_s, stream_broken=stream_broken)
+    facts = ResumeFacts(request.ack, bus.server_time_ms(client), state, record is not None, final, cooldown_s,
+                        stream_broken)
     # Cheapest first: the halt and the ledger (read above), then the panic stream, and the
     # exchange only when nothing else refuses.
     refusals = cheap_refusals(facts) or waiting_refusals(panics_waiting(client, keyring))

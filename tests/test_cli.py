@@ -334,7 +334,7 @@ class ResumeDecisionTest(unittest.TestCase):
 
     def facts(self, **over):
         values = dict(ack="ev", now_ms=1_000_000, state=schema.TradingState(halted=True, event_id="ev"),
-                      state_present=True, event_found=True,
+                      event_found=True,
                       final=("990000-0", schema.CompletionReport(event_id="ev", status="FLAT")),
                       positions=[], open_orders=[], exchange_error=None, cooldown_s=5.0)
         values.update(over)
@@ -348,7 +348,7 @@ class ResumeDecisionTest(unittest.TestCase):
         self.assertIn("cooldown", resume.resume_refusals(self.facts(now_ms=994_999), False)[0])
 
     def test_missing_state_counts_as_halted(self):
-        facts = self.facts(state=schema.TradingState(halted=None), state_present=False)
+        facts = self.facts(state=schema.TradingState(halted=None))
         self.assertEqual(resume.resume_refusals(facts, False), [])
 
     def test_no_final_report_refused(self):
