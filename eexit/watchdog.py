@@ -142,8 +142,6 @@ REPORT_SCAN = 1000           # completion reports / panics scanned when recoveri
 CLAIM_GRACE_S = 10.0         # a claim without its panic this long (the hook's longest bound) is stale
 MAX_REPUBLISH_S = 30.0       # cap of the doubling republish delay
 ENTRIES_KEPT = 100           # our own panic entry ids remembered per incident
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 2.0
 LOCAL_WAIT_S = 0.25          # nearer a rule deadline than this, wait on our clock, not in XREAD
 IDLE_BLOCK_S = 0.5           # longest blocking XREAD: bounds SIGTERM handling and ping spacing
 
@@ -199,57 +197,45 @@ def observe(state, beat, received_at):
                    instance=beat.instance, stopped=beat.status == "STOPPED")
 
 
-def evaluate(state, now, limits=Limits()):
-    """The rule that fires at monotonic instant `now`, or None."""
-    observed_for = now - state.observing_since
-    heard_since_start = state.last_beat_at is not None and state.last_beat_at >= state.observing_since
-    if observed_for <= limits.startup_grace_s and not heard_since_start:
-        return None
-    if state.last_beat_at is None:
-        if observed_for > limits.heartbeat_lost_s:
-            return Trigger(HEARTBEAT_LOST, f"no heartbeat in {observed_for:.3f}s since start")
-        return None
+def rule_deadlines(state, limits=Limits()):
+    """[(monotonic instant, reason, detail(now))]: every rule that can fire without a new
+    heartbeat, in order of precedence (4, 1, 2, 3), each firing once `now` is strictly past its
+    instant. One table for evaluate and next_deadline, so the loop wakes exactly when a rule
+    can fire. Until a beat sent after the start arrives, nothing fires within the grace."""
+    start, last = state.observing_since, state.last_beat_at
+    not_before = start if last is not None and last >= start else start + limits.startup_grace_s
+    if last is None:
+        rules = [(start + limits.heartbeat_lost_s, HEARTBEAT_LOST,
+                  lambda now: f"no heartbeat in {now - start:.3f}s since start")]
+        return [(max(at, not_before), reason, detail) for at, reason, detail in rules]
     positions_open = state.active_positions is None or state.active_positions > 0
     positions = "unknown" if state.active_positions is None else state.active_positions
-    silence = now - state.last_beat_at
-    if positions_open and silence > limits.unguarded_s:
-        return Trigger(POSITIONS_UNGUARDED, f"no heartbeat for {silence:.3f}s with positions={positions}")
-    if silence > limits.heartbeat_lost_s:
-        return Trigger(HEARTBEAT_LOST, f"no heartbeat for {silence:.3f}s")
-    if state.degraded_since is not None and now - state.degraded_since > limits.degraded_s:
-        return Trigger(DEGRADED_TOO_LONG, f"DEGRADED for {now - state.degraded_since:.3f}s")
-    if positions_open:
-        if state.decision_age_s is not None:
-            decision_age = state.decision_age_s + silence
-            if decision_age > limits.stagnant_s:
-                return Trigger(DECISION_STAGNANT, f"last decision {decision_age:.3f}s old with positions={positions}")
-        elif state.decision_unknown_since is not None and now - state.decision_unknown_since > limits.stagnant_s:
-            return Trigger(DECISION_STAGNANT, f"decision age unknown for {now - state.decision_unknown_since:.3f}s "
-                                              f"with positions={positions}")
-    return None
+    rules = [(last + limits.unguarded_s, POSITIONS_UNGUARDED,
+              lambda now: f"no heartbeat for {now - last:.3f}s with positions={positions}")] if positions_open else []
+    rules.append((last + limits.heartbeat_lost_s, HEARTBEAT_LOST, lambda now: f"no heartbeat for {now - last:.3f}s"))
+    if state.degraded_since is not None:
+        rules.append((state.degraded_since + limits.degraded_s, DEGRADED_TOO_LONG,
+                      lambda now: f"DEGRADED for {now - state.degraded_since:.3f}s"))
+    if positions_open and state.decision_age_s is not None:
+        rules.append((last + limits.stagnant_s - state.decision_age_s, DECISION_STAGNANT, lambda now:
+                      f"last decision {state.decision_age_s + now - last:.3f}s old with positions={positions}"))
+    elif positions_open and state.decision_unknown_since is not None:
+        rules.append((state.decision_unknown_since + limits.stagnant_s, DECISION_STAGNANT, lambda now:
+                      f"decision age unknown for {now - state.decision_unknown_since:.3f}s with positions={positions}"))
+    return [(max(at, not_before), reason, detail) for at, reason, detail in rules]
+
+
+def evaluate(state, now, limits=Limits()):
+    """The rule that fires at monotonic instant `now`, or None."""
+    return next((Trigger(reason, detail(now)) for at, reason, detail in rule_deadlines(state, limits) if now > at),
+                None)
 
 
 def next_deadline(state, now, limits=Limits()):
     """The earliest monotonic instant after `now` at which a rule could start to fire without
     a new heartbeat (rules fire just AFTER it), or None. Lets the loop wake exactly then
     instead of polling blindly, so detection overshoots a threshold by ~1 ms, not a poll."""
-    candidates = []
-    if state.last_beat_at is None or state.last_beat_at < state.observing_since:
-        candidates.append(state.observing_since + limits.startup_grace_s)
-    if state.last_beat_at is None:
-        candidates.append(state.observing_since + max(limits.startup_grace_s, limits.heartbeat_lost_s))
-    else:
-        candidates.append(state.last_beat_at + limits.heartbeat_lost_s)
-        if state.active_positions is None or state.active_positions > 0:
-            candidates.append(state.last_beat_at + limits.unguarded_s)
-            if state.decision_age_s is not None:
-                candidates.append(state.last_beat_at + limits.stagnant_s - state.decision_age_s)
-            elif state.decision_unknown_since is not None:
-                candidates.append(state.decision_unknown_since + limits.stagnant_s)
-        if state.degraded_since is not None:
-            candidates.append(state.degraded_since + limits.degraded_s)
-    future = [at for at in candidates if at >= now]
-    return min(future) if future else None
+    return min((at for at, _reason, _detail in rule_deadlines(state, limits) if at >= now), default=None)
 
 
 def after_outage(prior, replayed, lost_at, answered_at):
@@ -580,7 +566,6 @@ class Watchdog:
         self.synced_before = False
         self.failed_at = 0.0            # monotonic: our last Redis call that failed
         self.last_evaluated = monotonic()
-        self.last_evaluated_ms = clock_ms()
         self.next_own_beat = 0.0
         self.last_ping = 0.0
         self.stopping = False
@@ -715,11 +700,10 @@ class Watchdog:
         now = self.monotonic()
         self._advance(now, server_ms, halt, tuple(reports), found)
         self.last_evaluated = now
-        self.last_evaluated_ms = self.clock_ms()
         if now >= self.next_own_beat:
             self.next_own_beat = now + self.cfg.heartbeat_s
             status, why = health(self.incident, self.eew_risks)
-            self.own_beat.publish(status, 0, self.last_evaluated_ms, latency_ms=(now - received_at) * 1000,
+            self.own_beat.publish(status, 0, self.clock_ms(), latency_ms=(now - received_at) * 1000,
                                   extra={"incident": self.incident.event_id if self.incident else "",
                                          "brain_status": self.state.status or "none", **why})
 
@@ -814,7 +798,7 @@ class Watchdog:
             self.last_ping = now
 
     def run(self):
-        backoff = daemon.Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
+        backoff = daemon.Backoff()      # 0.1 s doubling to 2 s
         synced = False
         self.notifier.ready("watching")
         self.log.info("started", limits=self.cfg.limits, poll_ms=self.cfg.poll_ms,
