@@ -192,7 +192,7 @@ def claim(client, event_id, fields, facts, state, notes):
     return how, (event_id if how == EARLIER_OUTAGE else value), None
 
 
-def publish_on_failure(env, log, started, notes, client=None, origin=None):
+def publish_on_failure(env, log, started, notes, facts, client=None, origin=None):
     """The whole hook after the success check; returns an exit code, raises only HookTimeout
     and the exceptions run() turns into codes. client: a connection kept warm by the crash
     listener (eexit/crash_listener.py), else a new one."""
@@ -203,7 +203,6 @@ def publish_on_failure(env, log, started, notes, client=None, origin=None):
     remaining = lambda: timeout_s - (time.monotonic() - started)   # noqa: E731
     signal.signal(signal.SIGALRM, _raise_timeout)
     signal.setitimer(signal.ITIMER_REAL, max(0.01, remaining()))
-    facts = service_facts(env)
     client = client or bus.connect(env=env, read_timeout_s=max(0.1, remaining()))
     # No retries inside redis-py: publish_durable retries within OUR bound, and the reads
     # before it fail closed at once instead of spending the bound on a refused port.
@@ -229,11 +228,8 @@ def publish_on_failure(env, log, started, notes, client=None, origin=None):
     outcome = dict(event_id=event_id, entry_id=published.entry_id, reason=REASON, issued_by=ISSUER,
                    incident=how, **notes, signed="sig" in fields, replicas_acked=published.replicas_acked,
                    elapsed_ms=round((time.monotonic() - started) * 1000, 1), **facts)
-    if not published.confirmed:
-        log.critical("panic_replication_unconfirmed", **outcome)
-        return EXIT_UNCONFIRMED
-    log.critical("panic_published", **outcome)
-    return EXIT_OK
+    log.critical("panic_published" if published.confirmed else "panic_replication_unconfirmed", **outcome)
+    return EXIT_OK if published.confirmed else EXIT_UNCONFIRMED
 
 
 def _raise_timeout(_signum, _frame):
@@ -253,7 +249,7 @@ def run(env=None, log=None, client=None, origin=None):
         return EXIT_OK
     notes = {}
     try:
-        return publish_on_failure(env, log, started, notes, client, origin)
+        return publish_on_failure(env, log, started, notes, facts, client, origin)
     except HookTimeout:
         # Redis (or the host) stalled: give systemd its stop back. The watchdog's rules still
         # catch the death; this line says why the fast path did not.

@@ -137,6 +137,7 @@ DECISION_STAGNANT = "EXIT_BRAIN_DECISION_STAGNANT"
 POSITIONS_UNGUARDED = "POSITIONS_UNGUARDED"
 BRAIN_RESTARTED = "EXIT_BRAIN_RESTARTED"
 
+STREAMS_READ = (schema.HEARTBEAT_STREAM, schema.COMPLETED_STREAM, schema.EEW_HEARTBEAT_STREAM)
 BACKLOG_REPLAY = 50          # heartbeats replayed on (re)connect to rebuild degraded_since
 REPORT_SCAN = 1000           # completion reports / panics scanned when recovering an incident
 CLAIM_GRACE_S = 10.0         # a claim without its panic this long (the hook's longest bound) is stale
@@ -559,9 +560,8 @@ class Watchdog:
         self.last_trigger = None
         self.last_problems = []
         self.ignored_services = set()   # other producers on the brain's stream, logged once each
-        self.beat_id = "0-0"
-        self.report_id = "0-0"
-        self.eew_beat_id = "0-0"
+        # Where each XREAD of ours continues: after the last entry read.
+        self.read_from = dict.fromkeys(STREAMS_READ, "0-0")
         self.eew_risks = {}             # EEW consumer -> (code, detail): it would reject our panics
         self.synced_before = False
         self.failed_at = 0.0            # monotonic: our last Redis call that failed
@@ -582,11 +582,12 @@ class Watchdog:
         now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
         state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
+        read_up_to = stream_id(self.read_from[schema.HEARTBEAT_STREAM])
         for entry_id, fields in reversed(recent):
             entry_ms = schema.entry_id_ms(entry_id)
             age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
             # A restart is acted on only when seen live: beats after the last one we read.
-            live = self.synced_before and stream_id(entry_id) > stream_id(self.beat_id)
+            live = self.synced_before and stream_id(entry_id) > read_up_to
             state = self._observe(state, fields, now - age_s, live)
         if self.synced_before:
             # Credited: up to our last failed call, or to now if Redis held this one (stalled).
@@ -596,12 +597,12 @@ class Watchdog:
                           startup_grace="not_reapplied")
         self.synced_before = True
         self.state = state
-        self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
+        self.read_from[schema.HEARTBEAT_STREAM] = bus.as_text(recent[0][0]) if recent else "0-0"
         # The newest EEW heartbeat now; the other EEW instances' within their next beat.
-        self.eew_beat_id, eew_fields = self._newest(schema.EEW_HEARTBEAT_STREAM)
+        self.read_from[schema.EEW_HEARTBEAT_STREAM], eew_fields = self._newest(schema.EEW_HEARTBEAT_STREAM)
         if eew_fields is not None:
             self._check_eew(eew_fields)
-        self.report_id, _report = self._newest(schema.COMPLETED_STREAM)
+        self.read_from[schema.COMPLETED_STREAM], _report = self._newest(schema.COMPLETED_STREAM)
         if self.incident is None:
             found, reports = self._read_found()
         else:
@@ -646,16 +647,13 @@ class Watchdog:
             # producer gets fixed without a line per beat.
             self.last_problems = problems
             self.log.warning("heartbeat_problems", problems=",".join(problems) or "none")
-        restart = restarted(state, beat) if live else None
-        if restart is not None and self.restart is None:
-            self.restart = restart
+        if live and self.restart is None:
+            self.restart = restarted(state, beat)
         return observe(state, beat, sent_at)
 
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
         REDIS_ERRORS (run() notes when: failed_at)."""
-        streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id,
-                   schema.EEW_HEARTBEAT_STREAM: self.eew_beat_id}
         before = self.monotonic()
         deadline = next_deadline(self.state, before, self.cfg.limits)
         near = deadline is not None and deadline - before <= LOCAL_WAIT_S
@@ -673,7 +671,7 @@ class Watchdog:
             wait_s = IDLE_BLOCK_S if deadline is None else deadline - before - LOCAL_WAIT_S
             wait_s = min(wait_s, self.next_own_beat - before, self.notifier.max_block_s(IDLE_BLOCK_S))
             block_ms = max(self.cfg.poll_ms, int(wait_s * 1000))
-        reply = self.client.xread(streams, count=100, block=block_ms)
+        reply = self.client.xread(self.read_from, count=100, block=block_ms)
         server_ms, halt = time_and_halt(self.client)
         received_at = self.monotonic()
         max_age_s = received_at - before if near else 0.0
@@ -681,16 +679,14 @@ class Watchdog:
         for stream, entries in reply or []:
             stream = bus.as_text(stream)
             for entry_id, fields in entries:
+                self.read_from[stream] = bus.as_text(entry_id)
                 if stream == schema.HEARTBEAT_STREAM:
-                    self.beat_id = bus.as_text(entry_id)
                     entry_ms = schema.entry_id_ms(entry_id)
                     age_s = 0.0 if entry_ms is None else min(max(0, server_ms - entry_ms) / 1000.0, max_age_s)
                     self.state = self._observe(self.state, fields, received_at - age_s)
                 elif stream == schema.EEW_HEARTBEAT_STREAM:
-                    self.eew_beat_id = bus.as_text(entry_id)
                     self._check_eew(fields)
                 else:
-                    self.report_id = bus.as_text(entry_id)
                     reports.append(schema.CompletionReport.from_fields(fields)[0])
         found = None
         if reports and self.incident is None:
