@@ -188,7 +188,6 @@ class Config:
 class CycleResult:
     positions: int
     decided_at_ms: int
-    exits_sent: int = 0
     problems: list = field(default_factory=list)    # why this completed cycle is DEGRADED
 
 
@@ -266,7 +265,6 @@ class Brain:
                            error=type(exc).__name__, detail=str(exc)[:200])
             result.problems.append(f"exit_failed:{position.symbol}")
             return
-        result.exits_sent += 1
         self.log.info("exit_sent", symbol=position.symbol, rule=exit_.rule, order_id=order["id"],
                       status=order["status"], filled=order["filled"])
 

@@ -10,7 +10,7 @@ the trading state; `eexit resume` asks, the EEW decides:
          (built by ops.build_request: the EEW only checks and serves requests)
     EEW: signature (ops key, domain "eexit-resume-v1"), not expired (Redis clock),
          request_id claimed once in its ledger (a replayed copy gets no second verdict),
-         then resume_refusals() over facts it gathers itself, the cheap ones first: the halt,
+         then the refusals over facts it gathers itself, the cheap ones first: the halt,
          its own ledger record of the event, the final report on the completed stream, the
          cooldown on Redis's clock (EEXIT_RESUME_COOLDOWN_S, read by the EEW), whether the
          panic stream can still take entries, authorised panics not yet executed
@@ -44,7 +44,7 @@ panic reports, read by the watchdog and the audit logger as such; a verdict is n
 Unsigned requests pass only where panics pass unsigned too (no key ring configured); then
 the ACL (only ops may XADD a request) is the only check of who asked.
 
-Pure: check_request, resume_refusals, audit_fields, verdict_fields.
+Pure: check_request, cheap_refusals, waiting_panics, account_refusals, audit_fields, verdict_fields.
 Shell (the EEW calls it, with its own exchange read): serve_request.
 """
 
@@ -125,11 +125,6 @@ class ResumeFacts:
     positions: list | None = None       # [Position] read from the exchange; None = not read
     open_orders: list | None = None
     exchange_error: str | None = None
-
-
-def resume_refusals(facts, accept_residual):
-    """Reasons (strings) to refuse clearing the halt; empty means clear it."""
-    return cheap_refusals(facts) or account_refusals(facts, accept_residual)
 
 
 def cheap_refusals(facts):
