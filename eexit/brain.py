@@ -70,6 +70,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import bus, daemon, flatten, schema
 from .config import ConfigError, nested, setting, settings
@@ -385,8 +386,7 @@ def boot_id():
     """This boot's id (Linux), so guard state written before a reboot is not read on the
     monotonic clock of the next one; "" where the kernel has none."""
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
     except OSError:
         return ""
 

@@ -57,10 +57,7 @@ def parse_requests(buffer):
 
 def make_fifo(path):
     """A fresh FIFO at path, mode 0600, opened read-write non-blocking (its fd)."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    path.unlink(missing_ok=True)
     os.mkfifo(path, 0o600)
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):

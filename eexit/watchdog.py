@@ -122,7 +122,7 @@ from enum import Enum
 
 import redis
 
-from . import bus, daemon, schema, signing
+from . import bus, daemon, schema, signing, tamper
 from .config import nested, setting, settings
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
@@ -536,11 +536,6 @@ def final_reports(client, event_id):
     return () if fields is None else (schema.CompletionReport.from_fields(fields)[0],)
 
 
-def stream_id(entry_id):
-    """A stream entry id as a comparable (ms, seq)."""
-    return tuple(int(part or 0) for part in bus.as_text(entry_id).partition("-")[::2])
-
-
 class Watchdog:
     def __init__(self, cfg, client, keyring, notifier=None, log=None,
                  monotonic=time.monotonic, clock_ms=wall_ms):
@@ -582,12 +577,12 @@ class Watchdog:
         now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
         state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
-        read_up_to = stream_id(self.read_from[schema.HEARTBEAT_STREAM])
+        read_up_to = tamper.parse_id(self.read_from[schema.HEARTBEAT_STREAM])
         for entry_id, fields in reversed(recent):
             entry_ms = schema.entry_id_ms(entry_id)
             age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
             # A restart is acted on only when seen live: beats after the last one we read.
-            live = self.synced_before and stream_id(entry_id) > read_up_to
+            live = self.synced_before and tamper.parse_id(entry_id) > read_up_to
             state = self._observe(state, fields, now - age_s, live)
         if self.synced_before:
             # Credited: up to our last failed call, or to now if Redis held this one (stalled).
@@ -787,9 +782,7 @@ class Watchdog:
         """WATCHDOG=1 while evaluations succeed; stops once none succeeded for longer than the
         systemd interval, so systemd restarts a watchdog that cannot watch."""
         interval = self.notifier.watchdog_interval_s
-        if interval is None or now - self.last_evaluated > interval:
-            return
-        if now - self.last_ping >= interval / 4:
+        if interval is not None and now - self.last_evaluated <= interval and now - self.last_ping >= interval / 4:
             self.notifier.ping()
             self.last_ping = now
 
