@@ -33,6 +33,9 @@ from .config import CONFIG_EXIT_CODE, ConfigError
 
 MIN_REDIS_VERSION = (7, 0)
 CAUSE_LOG_INTERVAL_S = 30.0
+TRANSPORT_CAUSES = (("refused", "connection_refused"), ("name or service not known", "dns"),
+                    ("nodename nor servname", "dns"), ("temporary failure in name resolution", "dns"),
+                    ("no such file", "socket_missing"))        # (text in the error, cause named)
 
 
 def main(log, start):
@@ -86,14 +89,7 @@ def cause(exc):
     if isinstance(exc, redis.TimeoutError):
         return "timeout"
     lowered = text.lower()
-    if "refused" in lowered:
-        return "connection_refused"
-    if "name or service not known" in lowered or "nodename nor servname" in lowered \
-            or "temporary failure in name resolution" in lowered:
-        return "dns"
-    if "no such file" in lowered:
-        return "socket_missing"
-    return type(exc).__name__
+    return next((name for needle, name in TRANSPORT_CAUSES if needle in lowered), type(exc).__name__)
 
 
 class RedisTrouble:
