@@ -101,12 +101,10 @@ def service_facts(env):
     (`result:code:status`, the crash unit's instance name), else systemd's ExecStopPost=
     variables."""
     crash = (env.get("EEXIT_CRASH") or "").strip()
-    if crash:
-        values = (crash.split(":", 2) + ["", ""])[:3]
-    else:
-        values = [env.get(name) or "" for name in SERVICE_VARIABLES]
-    names = [name.lower() for name in SERVICE_VARIABLES]
-    return {name: "" if value.strip() in ("", "none") else value.strip() for name, value in zip(names, values)}
+    values = (crash.split(":", 2) + ["", ""])[:3] if crash else \
+        [env.get(name) or "" for name in SERVICE_VARIABLES]
+    return {name.lower(): "" if value.strip() in ("", "none") else value.strip()
+            for name, value in zip(SERVICE_VARIABLES, values)}
 
 
 def latched(state):
