@@ -217,14 +217,13 @@ def panics_waiting(client, keyring, limit=WAITING_SCAN):
     if len(pending) > limit or len(unread) > limit:
         return [f"more than {limit} panic entries pending or unread, not all checked"]
     entries = [(bus.as_text(entry_id), bus.decoded(fields), "unread") for entry_id, fields in unread]
-    if pending:
-        pipe = client.pipeline(transaction=False)
-        for entry_id in pending:
-            pipe.xrange(schema.PANIC_STREAM, entry_id, entry_id)
-        # An entry deleted while pending has no content the EEW could execute: skipped here
-        # (the EEW's tamper check reports deletions).
-        entries += [(entry_id, bus.decoded(found[0][1]), "pending")
-                    for entry_id, found in zip(pending, pipe.execute()) if found]
+    pipe = client.pipeline(transaction=False)
+    for entry_id in pending:
+        pipe.xrange(schema.PANIC_STREAM, entry_id, entry_id)
+    # An entry deleted while pending has no content the EEW could execute: skipped here
+    # (the EEW's tamper check reports deletions).
+    entries += [(entry_id, bus.decoded(found[0][1]), "pending")
+                for entry_id, found in zip(pending, pipe.execute()) if found]
     inflight = {bus.as_text(event_id) for event_id in client.smembers(INFLIGHT_KEY)}
     ids = sorted(inflight | {fields.get("event_id") or f"entry-{entry_id}" for entry_id, fields, _ in entries})
     raws = client.hmget(schema.PROCESSED_KEY, ids) if ids else []

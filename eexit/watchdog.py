@@ -593,11 +593,12 @@ class Watchdog:
         self.synced_before = True
         self.state = state
         self.read_from[schema.HEARTBEAT_STREAM] = bus.as_text(recent[0][0]) if recent else "0-0"
-        # The newest EEW heartbeat now; the other EEW instances' within their next beat.
-        self.read_from[schema.EEW_HEARTBEAT_STREAM], eew_fields = self._newest(schema.EEW_HEARTBEAT_STREAM)
-        if eew_fields is not None:
-            self._check_eew(eew_fields)
-        self.read_from[schema.COMPLETED_STREAM], _report = self._newest(schema.COMPLETED_STREAM)
+        for stream in (schema.EEW_HEARTBEAT_STREAM, schema.COMPLETED_STREAM):
+            newest = self.client.xrevrange(stream, "+", "-", count=1)
+            self.read_from[stream] = bus.as_text(newest[0][0]) if newest else "0-0"
+            if newest and stream == schema.EEW_HEARTBEAT_STREAM:
+                # The newest EEW heartbeat now; the other EEW instances' within their next beat.
+                self._check_eew(newest[0][1])
         if self.incident is None:
             found, reports = self._read_found()
         else:
@@ -606,11 +607,6 @@ class Watchdog:
                 # Redis lost the hash (restart without persistence): our memory is the record.
                 self.client.hset(INCIDENT_KEY, mapping=self.incident.to_fields())
         self._advance(now, server_ms, halt, reports, found)
-
-    def _newest(self, stream):
-        """(entry id, fields) of the newest entry of `stream`; ("0-0", None) when it is empty."""
-        newest = self.client.xrevrange(stream, "+", "-", count=1)
-        return (bus.as_text(newest[0][0]), newest[0][1]) if newest else ("0-0", None)
 
     def _read_found(self):
         """(Incident or None, its final reports) from the shared hash: another opener's claim
