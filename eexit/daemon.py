@@ -181,13 +181,13 @@ def _refused(client, probe):
                        f"{bus.as_text(probe[0]).upper()} ({command}): grant it in the Redis ACL")
 
 
-def wait_for_redis(client, probes, log, stopped, sleep, notifier=None, multi=False):
+def wait_for_redis(client, probes, log, stopped, sleep, notifier=None):
     """Preflight until it passes; transport failures are logged (cause at once, rate-limited)
     and retried with backoff. Returns False if stopped first. ConfigError propagates."""
     trouble, backoff = RedisTrouble(log), Backoff(0.1, 2.0)
     while not stopped():
         try:
-            preflight(client, probes, multi)
+            preflight(client, probes)
             return True
         except bus.REDIS_ERRORS as exc:
             if not bus.is_transport_error(exc):
