@@ -152,8 +152,7 @@ def load_credentials(env):
 
 def read_state(client, notes):
     try:
-        state, _problems = schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))
-        return state
+        return schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))[0]
     except bus.REDIS_ERRORS as exc:
         # Fail-closed: an unknown halt publishes. The publish below says whether Redis is
         # really gone (then exit 4) or only this read was refused.

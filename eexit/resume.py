@@ -130,14 +130,12 @@ class ResumeFacts:
 def cheap_refusals(facts):
     """Every reason to refuse that needs no exchange read (the account's facts are ignored):
     the EEW reads the account only when this is empty."""
-    reasons = []
     state = facts.state
     if not facts.event_found:
-        reasons.append(f"unknown event id {facts.ack}: the EEW has no record of executing it")
-        return reasons
+        return [f"unknown event id {facts.ack}: the EEW has no record of executing it"]
     if state.halted is False:
-        reasons.append("trading is not halted: nothing to resume")
-        return reasons
+        return ["trading is not halted: nothing to resume"]
+    reasons = []
     if state.event_id and state.event_id != facts.ack:
         reasons.append(f"trading was halted by event {state.event_id}, not {facts.ack}: "
                        f"acknowledge the event that halted it")
