@@ -25,12 +25,6 @@ def _format_value(value):
     return text
 
 
-def format_line(level, event, fields):
-    parts = [f"level={level}", f"event={event}"]
-    parts.extend(f"{key}={_format_value(value)}" for key, value in fields.items())
-    return " ".join(parts)
-
-
 class Logger:
     """Writes `ts=... level=... event=... key=value ...` lines to stderr (journald adds its own
     timestamp; ours is epoch ms so lines can be matched with stream entries)."""
@@ -46,7 +40,8 @@ class Logger:
         if not self.version_logged:
             fields = {"version": __version__, **fields}
             self.version_logged = True
-        self._emit(level, f"ts={int(time.time() * 1000)} daemon={self.daemon} " + format_line(level, event, fields))
+        head = f"ts={int(time.time() * 1000)} daemon={self.daemon} level={level} event={event}"
+        self._emit(level, head + "".join(f" {key}={_format_value(value)}" for key, value in fields.items()))
 
     def summary(self, level, text):
         """One line for a person, not key=value (`eexit.eew: configuration error: ...`), at
