@@ -74,9 +74,10 @@ def env_list(name, default, env=None):
 
 
 def setting(name, default, minimum=None, maximum=None, default_from=None):
-    """A dataclass field read by settings() from environment variable `name`: env_int for an
-    int default, env_float for a float, env_str for a str. default_from names an earlier field
-    of the same class whose value is the default (one setting following another)."""
+    """A dataclass field read by settings() from environment variable `name`, by the type of
+    its default: env_str (str), env_bool (bool), env_list (tuple), env_int (int), env_float
+    (float; the bounds apply to numbers only). default_from names an earlier field of the same
+    class whose value is the default (one setting following another)."""
     return field(default=default, metadata={"env": (name, minimum, maximum, default_from)})
 
 
@@ -95,8 +96,9 @@ def settings(cls, env=None):
             continue
         name, minimum, maximum, default_from = item.metadata["env"]
         default = values[default_from] if default_from else item.default
-        if isinstance(item.default, str):
-            values[item.name] = env_str(name, default, env)
+        plain = {str: env_str, bool: env_bool, tuple: env_list}.get(type(item.default))
+        if plain is not None:
+            values[item.name] = plain(name, default, env)
         else:
             read = env_int if isinstance(item.default, int) else env_float
             values[item.name] = read(name, default, minimum, maximum, env)
