@@ -25,8 +25,7 @@ class Notifier:
         self._log = log or Logger("notify")
         self._failures_logged = set()
         usec = env.get("WATCHDOG_USEC", "")
-        pid = env.get("WATCHDOG_PID", "")
-        owned = pid == "" or pid == str(os.getpid())
+        owned = env.get("WATCHDOG_PID", "") in ("", str(os.getpid()))     # the pings are ours to send
         self.watchdog_interval_s = int(usec) / 1e6 if usec.isdigit() and owned and int(usec) > 0 else None
 
     def max_block_s(self, wanted_s):
