@@ -210,26 +210,27 @@ def rule_deadlines(state, limits=Limits()):
                   lambda now: f"no heartbeat in {now - start:.3f}s since start")]
         return [(max(at, not_before), reason, detail) for at, reason, detail in rules]
     positions_open = state.active_positions is None or state.active_positions > 0
-    positions = "unknown" if state.active_positions is None else state.active_positions
+    held = f"with positions={'unknown' if state.active_positions is None else state.active_positions}"
     rules = [(last + limits.unguarded_s, POSITIONS_UNGUARDED,
-              lambda now: f"no heartbeat for {now - last:.3f}s with positions={positions}")] if positions_open else []
-    rules.append((last + limits.heartbeat_lost_s, HEARTBEAT_LOST, lambda now: f"no heartbeat for {now - last:.3f}s"))
+              lambda now: f"no heartbeat for {now - last:.3f}s {held}")] if positions_open else []
+    rules.append((last + limits.heartbeat_lost_s, HEARTBEAT_LOST,
+                  lambda now: f"no heartbeat for {now - last:.3f}s"))
     if state.degraded_since is not None:
         rules.append((state.degraded_since + limits.degraded_s, DEGRADED_TOO_LONG,
                       lambda now: f"DEGRADED for {now - state.degraded_since:.3f}s"))
     if positions_open and state.decision_age_s is not None:
         rules.append((last + limits.stagnant_s - state.decision_age_s, DECISION_STAGNANT, lambda now:
-                      f"last decision {state.decision_age_s + now - last:.3f}s old with positions={positions}"))
+                      f"last decision {state.decision_age_s + now - last:.3f}s old {held}"))
     elif positions_open and state.decision_unknown_since is not None:
         rules.append((state.decision_unknown_since + limits.stagnant_s, DECISION_STAGNANT, lambda now:
-                      f"decision age unknown for {now - state.decision_unknown_since:.3f}s with positions={positions}"))
+                      f"decision age unknown for {now - state.decision_unknown_since:.3f}s {held}"))
     return [(max(at, not_before), reason, detail) for at, reason, detail in rules]
 
 
 def evaluate(state, now, limits=Limits()):
     """The rule that fires at monotonic instant `now`, or None."""
-    return next((Trigger(reason, detail(now)) for at, reason, detail in rule_deadlines(state, limits) if now > at),
-                None)
+    fired = (Trigger(reason, detail(now)) for at, reason, detail in rule_deadlines(state, limits) if now > at)
+    return next(fired, None)
 
 
 def next_deadline(state, now, limits=Limits()):
@@ -778,7 +779,8 @@ class Watchdog:
         """WATCHDOG=1 while evaluations succeed; stops once none succeeded for longer than the
         systemd interval, so systemd restarts a watchdog that cannot watch."""
         interval = self.notifier.watchdog_interval_s
-        if interval is not None and now - self.last_evaluated <= interval and now - self.last_ping >= interval / 4:
+        if interval is not None and now - self.last_evaluated <= interval \
+                and now - self.last_ping >= interval / 4:
             self.notifier.ping()
             self.last_ping = now
 
