@@ -70,9 +70,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import bus, daemon, flatten, schema
-from .config import ConfigError, env_float, env_str
+from .config import ConfigError, nested, setting, settings
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -84,10 +85,12 @@ GUARD_STATE_KEY = "exit_brain:guard"     # hash: service_id -> JSON of the track
 
 @dataclass(frozen=True)
 class ExitRules:
-    stop_loss_pct: float = 0.0       # close when the loss reaches this % of entry (0 = off)
-    take_profit_pct: float = 0.0     # close when the gain reaches this % of entry
-    trailing_stop_pct: float = 0.0   # close when the mark retreats this % from its best
-    max_holding_s: float = 0.0       # close after this long (since first seen)
+    # close when the loss reaches this % of entry (0 = off); when the gain reaches this %;
+    # when the mark retreats this % from its best; after this long (since first seen)
+    stop_loss_pct: float = setting("EEXIT_STOP_LOSS_PCT", 0.0, 0, 100)
+    take_profit_pct: float = setting("EEXIT_TAKE_PROFIT_PCT", 0.0, 0, 10000)
+    trailing_stop_pct: float = setting("EEXIT_TRAILING_STOP_PCT", 0.0, 0, 100)
+    max_holding_s: float = setting("EEXIT_MAX_HOLDING_S", 0.0, 0, 366 * 86400)
 
     @property
     def enabled(self):
@@ -171,29 +174,13 @@ def _first_rule_hit(position, track, rules, now_ms, priced):
 
 @dataclass(frozen=True)
 class Config:
-    service_id: str
-    interval_s: float
-    latency_budget_ms: float
-    degraded_beat_s: float
-    rules: ExitRules
-    deadman_s: float
-
-    @classmethod
-    def from_env(cls, env=None):
-        interval_s = env_float("EEXIT_BRAIN_INTERVAL_S", 1.0, minimum=0.05, maximum=60, env=env)
-        return cls(
-            service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
-            interval_s=interval_s,
-            latency_budget_ms=env_float("EEXIT_BRAIN_LATENCY_BUDGET_MS", 1000.0, minimum=10, maximum=60000, env=env),
-            degraded_beat_s=env_float("EEXIT_BRAIN_DEGRADED_BEAT_S", 0.5, minimum=0.05, maximum=5, env=env),
-            rules=ExitRules(
-                stop_loss_pct=env_float("EEXIT_STOP_LOSS_PCT", 0.0, minimum=0, maximum=100, env=env),
-                take_profit_pct=env_float("EEXIT_TAKE_PROFIT_PCT", 0.0, minimum=0, maximum=10000, env=env),
-                trailing_stop_pct=env_float("EEXIT_TRAILING_STOP_PCT", 0.0, minimum=0, maximum=100, env=env),
-                max_holding_s=env_float("EEXIT_MAX_HOLDING_S", 0.0, minimum=0, maximum=366 * 86400, env=env),
-            ),
-            deadman_s=env_float("EEXIT_DEADMAN_S", 0.0, minimum=0, maximum=3600, env=env),
-        )
+    service_id: str = setting("EEXIT_BRAIN_SERVICE_ID", "exit_brain")
+    interval_s: float = setting("EEXIT_BRAIN_INTERVAL_S", 1.0, 0.05, 60)
+    latency_budget_ms: float = setting("EEXIT_BRAIN_LATENCY_BUDGET_MS", 1000.0, 10, 60000)
+    degraded_beat_s: float = setting("EEXIT_BRAIN_DEGRADED_BEAT_S", 0.5, 0.05, 5)
+    rules: ExitRules = nested(ExitRules)
+    deadman_s: float = setting("EEXIT_DEADMAN_S", 0.0, 0, 3600)
+    from_env = classmethod(settings)
 
 
 # ---------------------------------------------------------------------------- shell
@@ -202,7 +189,6 @@ class Config:
 class CycleResult:
     positions: int
     decided_at_ms: int
-    exits_sent: int = 0
     problems: list = field(default_factory=list)    # why this completed cycle is DEGRADED
 
 
@@ -224,13 +210,6 @@ class Brain:
         self.stop_requested = threading.Event()
         # One long-lived cycle thread: a new thread per second is wasted work on a small VPS.
         self.cycle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brain-cycle")
-
-    @property
-    def stopping(self):
-        return self.stop_requested.is_set()
-
-    def stop(self):
-        self.stop_requested.set()
 
     # -- one cycle, in the worker thread ---------------------------------------------------
 
@@ -287,7 +266,6 @@ class Brain:
                            error=type(exc).__name__, detail=str(exc)[:200])
             result.problems.append(f"exit_failed:{position.symbol}")
             return
-        result.exits_sent += 1
         self.log.info("exit_sent", symbol=position.symbol, rule=exit_.rule, order_id=order["id"],
                       status=order["status"], filled=order["filled"])
 
@@ -384,7 +362,7 @@ class Brain:
         if not self.cfg.rules.enabled:
             self.log.warning("no_exit_rules", note="the brain heartbeats and counts positions but closes nothing")
         self.load_guard_state()
-        while not self.stopping:
+        while not self.stop_requested.is_set():
             started = time.monotonic()
             healthy = self.run_once()
             pause = self.cfg.interval_s if healthy else self.cfg.degraded_beat_s
@@ -408,8 +386,7 @@ def boot_id():
     """This boot's id (Linux), so guard state written before a reboot is not read on the
     monotonic clock of the next one; "" where the kernel has none."""
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
     except OSError:
         return ""
 
@@ -437,8 +414,9 @@ def main():
         notifier = Notifier()
         client = bus.connect()
         brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, notifier, log)
-        daemon.on_stop_signal(brain.stop)
-        if daemon.wait_for_redis(client, PROBES, log, lambda: brain.stopping, brain.stop_requested.wait, notifier):
+        stop = brain.stop_requested
+        daemon.on_stop_signal(stop.set)
+        if daemon.wait_for_redis(client, PROBES, log, stop.is_set, stop.wait, notifier):
             brain.run()
     return daemon.main(log, start)
 

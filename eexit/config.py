@@ -8,6 +8,7 @@ intended is worse than not starting, and systemd shows the failure.
 
 import math
 import os
+from dataclasses import field, fields
 from pathlib import Path
 
 CONFIG_EXIT_CODE = 2
@@ -70,6 +71,38 @@ def env_list(name, default, env=None):
     if not items:
         raise ConfigError(f"{name}={raw!r} names nothing")
     return items
+
+
+def setting(name, default, minimum=None, maximum=None, default_from=None):
+    """A dataclass field read by settings() from environment variable `name`, by the type of
+    its default: env_str (str), env_bool (bool), env_list (tuple), env_int (int), env_float
+    (float; the bounds apply to numbers only). default_from names an earlier field of the same
+    class whose value is the default (one setting following another)."""
+    return field(default=default, metadata={"env": (name, minimum, maximum, default_from)})
+
+
+def nested(cls):
+    """A dataclass field holding another settings class, read by settings() as well."""
+    return field(default_factory=cls, metadata={"nested": cls})
+
+
+def settings(cls, env=None):
+    """An instance of dataclass cls with every setting() and nested() field read from the
+    environment (one table: each setting is declared once, beside its name and bounds)."""
+    values = {}
+    for item in fields(cls):
+        if "nested" in item.metadata:
+            values[item.name] = settings(item.metadata["nested"], env)
+            continue
+        name, minimum, maximum, default_from = item.metadata["env"]
+        default = values[default_from] if default_from else item.default
+        plain = {str: env_str, bool: env_bool, tuple: env_list}.get(type(item.default))
+        if plain is not None:
+            values[item.name] = plain(name, default, env)
+        else:
+            read = env_int if isinstance(item.default, int) else env_float
+            values[item.name] = read(name, default, minimum, maximum, env)
+    return cls(**values)
 
 
 def credential(file_name, env_names=(), env=None):

@@ -57,10 +57,7 @@ def parse_requests(buffer):
 
 def make_fifo(path):
     """A fresh FIFO at path, mode 0600, opened read-write non-blocking (its fd)."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    path.unlink(missing_ok=True)
     os.mkfifo(path, 0o600)
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
@@ -70,35 +67,32 @@ def make_fifo(path):
 
 def answer(reply_path, code, log):
     """Write the hook's exit code to the reply FIFO if the shell still reads it."""
+    fd = None
     try:
         fd = os.open(reply_path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        # ENXIO: nobody reads (the shell timed out and started the oneshot). Nothing lost: the
-        # fallback runs the same hook.
-        log.warning("reply_dropped", hook_exit_code=code, cause=type(exc).__name__)
-        return
-    try:
         os.write(fd, f"{code}\n".encode())
     except OSError as exc:
+        # ENXIO: nobody reads (the shell timed out and started the oneshot), or the write
+        # failed. Nothing lost: the fallback runs the same hook.
         log.warning("reply_dropped", hook_exit_code=code, cause=type(exc).__name__)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def keepalive(client, log, healthy):
     """PING Redis; returns whether it answered. A failure is logged once per change."""
     try:
         client.ping()
-        ok = True
     except bus.REDIS_ERRORS as exc:
         # Transport or refusal: the next command reconnects; a request meanwhile runs the
         # hook anyway and answers its code (the shell falls back on non-zero).
-        ok = False
         if healthy:
             log.error("redis_keepalive_failed", cause=f"{type(exc).__name__}: {str(exc)[:200]}")
-    if ok and not healthy:
+        return False
+    if not healthy:
         log.info("redis_keepalive_ok")
-    return ok
+    return True
 
 
 def serve(env, log):
@@ -106,7 +100,7 @@ def serve(env, log):
     timeout_s = env_float("EEXIT_HOOK_TIMEOUT_S", 5.0, minimum=0.5, maximum=10.0, env=env)
     directory = Path(env.get("RUNTIME_DIRECTORY") or RUNTIME_DIRECTORY)
     request_fd = make_fifo(directory / "request")
-    make_fifo_closed(directory / "reply")
+    os.close(make_fifo(directory / "reply"))
     client = bus.connect(env=env, read_timeout_s=min(2.0, timeout_s))
     notifier, stopped = Notifier(env, log), []
     daemon.on_stop_signal(lambda: stopped.append(True))
@@ -140,10 +134,6 @@ def serve(env, log):
                                 else "Redis unreachable: crashes go to the oneshot crash unit")
     notifier.stopping()
     return 0
-
-
-def make_fifo_closed(path):
-    os.close(make_fifo(path))
 
 
 def main():

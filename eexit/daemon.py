@@ -33,6 +33,9 @@ from .config import CONFIG_EXIT_CODE, ConfigError
 
 MIN_REDIS_VERSION = (7, 0)
 CAUSE_LOG_INTERVAL_S = 30.0
+TRANSPORT_CAUSES = (("refused", "connection_refused"), ("name or service not known", "dns"),
+                    ("nodename nor servname", "dns"), ("temporary failure in name resolution", "dns"),
+                    ("no such file", "socket_missing"))        # (text in the error, cause named)
 
 
 def main(log, start):
@@ -86,14 +89,7 @@ def cause(exc):
     if isinstance(exc, redis.TimeoutError):
         return "timeout"
     lowered = text.lower()
-    if "refused" in lowered:
-        return "connection_refused"
-    if "name or service not known" in lowered or "nodename nor servname" in lowered \
-            or "temporary failure in name resolution" in lowered:
-        return "dns"
-    if "no such file" in lowered:
-        return "socket_missing"
-    return type(exc).__name__
+    return next((name for needle, name in TRANSPORT_CAUSES if needle in lowered), type(exc).__name__)
 
 
 class RedisTrouble:
@@ -137,50 +133,39 @@ def preflight(client, probes, multi=False):
     try:
         reply = client.execute_command("HELLO")         # every ACL user of ours may call it
         hello = dict(zip(reply[::2], reply[1::2])) if isinstance(reply, list) else reply
-    except redis.AuthenticationError:
-        raise _bad_credentials(client) from None
-    except redis.ResponseError as exc:
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        if cause(exc) == "authentication":
+            raise _bad_credentials(client) from None
         if isinstance(exc, redis.exceptions.NoPermissionError):
             raise _refused(client, ("HELLO",)) from None
         if bus.is_transport_error(exc):
             raise
-        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
-            raise _bad_credentials(client) from None
         hello = {}      # HELLO without arguments exists from 6.2 (6.0 wants a protocol version)
     text = bus.as_text({bus.as_text(k): v for k, v in hello.items()}.get("version", "older than 6.2"))
     if tuple(int(part) if part.isdigit() else 0 for part in text.split(".")[:2]) < MIN_REDIS_VERSION:
         raise ConfigError(f"Redis {text} is too old: eexit needs Redis "
                           f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer")
-    connection = client.connection_pool.get_connection() if multi else None
-
-    def run(*command):
-        if connection is None:
-            return client.execute_command(*command)
-        connection.send_command(*command)
-        return connection.read_response()
-    refused = None
+    # One connection for every probe: inside MULTI the commands are only queued (ACL-checked),
+    # and DISCARD drops them.
+    connection, refused = client.connection_pool.get_connection(), None
+    transaction = ((("MULTI",),), (("DISCARD",),)) if multi else ((), ())
     try:
-        for probe in ((("MULTI",),) if multi else ()) + tuple(probes):
+        for probe in transaction[0] + tuple(probes) + transaction[1]:
             try:
-                run(*probe)
+                connection.send_command(*probe)
+                connection.read_response()
             except redis.exceptions.NoPermissionError:
                 refused = refused or probe
             except redis.ResponseError as exc:
                 if bus.is_transport_error(exc):
                     raise
-                # Any other error came after the ACL check: the command is permitted.
-        if multi:
-            try:
-                run("DISCARD")
-            except redis.ResponseError:
-                pass    # EXECABORT after a refusal: the transaction is gone either way
+                # Any other error came after the ACL check: the command is permitted (and a
+                # DISCARD after a refusal: the transaction is gone either way).
     except BaseException:
-        if connection is not None:
-            connection.disconnect()     # a half-read MULTI must never be reused
+        connection.disconnect()     # a half-read reply or MULTI must never be reused
         raise
     finally:
-        if connection is not None:
-            client.connection_pool.release(connection)
+        client.connection_pool.release(connection)
     if refused is not None:
         raise _refused(client, refused)
 
@@ -196,13 +181,13 @@ def _refused(client, probe):
                        f"{bus.as_text(probe[0]).upper()} ({command}): grant it in the Redis ACL")
 
 
-def wait_for_redis(client, probes, log, stopped, sleep, notifier=None, multi=False):
+def wait_for_redis(client, probes, log, stopped, sleep, notifier=None):
     """Preflight until it passes; transport failures are logged (cause at once, rate-limited)
     and retried with backoff. Returns False if stopped first. ConfigError propagates."""
     trouble, backoff = RedisTrouble(log), Backoff(0.1, 2.0)
     while not stopped():
         try:
-            preflight(client, probes, multi)
+            preflight(client, probes)
             return True
         except bus.REDIS_ERRORS as exc:
             if not bus.is_transport_error(exc):

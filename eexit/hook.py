@@ -101,12 +101,10 @@ def service_facts(env):
     (`result:code:status`, the crash unit's instance name), else systemd's ExecStopPost=
     variables."""
     crash = (env.get("EEXIT_CRASH") or "").strip()
-    if crash:
-        values = (crash.split(":", 2) + ["", ""])[:3]
-    else:
-        values = [env.get(name) or "" for name in SERVICE_VARIABLES]
-    names = [name.lower() for name in SERVICE_VARIABLES]
-    return {name: "" if value.strip() in ("", "none") else value.strip() for name, value in zip(names, values)}
+    values = (crash.split(":", 2) + ["", ""])[:3] if crash else \
+        [env.get(name) or "" for name in SERVICE_VARIABLES]
+    return {name.lower(): "" if value.strip() in ("", "none") else value.strip()
+            for name, value in zip(SERVICE_VARIABLES, values)}
 
 
 def latched(state):
@@ -139,33 +137,22 @@ def panic_fields(event_id, context, keyring, now_ms):
 
 def load_credentials(env):
     """The signing key ring, after reading every credential file the hook uses, so that an
-    unreadable or malformed one is a ConfigError naming its file, never a Redis error (issue
-    23 found a PermissionError logged as redis_unreachable)."""
-    ring = _credential_file(HOOK_KEY_CREDENTIAL, env,
-                            lambda text: signing.parse_keys(text, f"credential {HOOK_KEY_CREDENTIAL}"))
+    unreadable or malformed one is a ConfigError naming its file (config.credential does for
+    the reading), never a Redis error (issue 23 found a PermissionError logged as
+    redis_unreachable)."""
+    text = credential(HOOK_KEY_CREDENTIAL, (), env)
     for name in ("redis_password", "redis_username"):
-        _credential_file(name, env, lambda text: text)      # read now: connect() cannot fail on it
-    ring = ring if ring is not None else signing.load_keys(env)
+        credential(name, (), env)      # read now: connect() cannot fail on it
+    origin = f"credential file {Path(env.get('CREDENTIALS_DIRECTORY') or '.') / HOOK_KEY_CREDENTIAL}"
+    ring = signing.parse_keys(text, origin) if text is not None else signing.load_keys(env)
     if ring.configured and ring.kid_for(ISSUER) is None:
         raise ConfigError(f"the hook's signing keys hold none for issuer {ISSUER}: its panic would be REJECTED")
     return ring
 
 
-def _credential_file(name, env, parse):
-    """parse(text) of credential `name`, None when absent; any failure names the file."""
-    try:
-        text = credential(name, (), env)
-        return parse(text) if text is not None else None
-    except (OSError, ConfigError) as exc:
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        path = Path(env.get("CREDENTIALS_DIRECTORY") or ".") / name
-        raise ConfigError(f"credential file {path} unreadable: {cause} (the crash unit's LoadCredential=)") from None
-
-
 def read_state(client, notes):
     try:
-        state, _problems = schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))
-        return state
+        return schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))[0]
     except bus.REDIS_ERRORS as exc:
         # Fail-closed: an unknown halt publishes. The publish below says whether Redis is
         # really gone (then exit 4) or only this read was refused.
@@ -202,7 +189,7 @@ def claim(client, event_id, fields, facts, state, notes):
     return how, (event_id if how == EARLIER_OUTAGE else value), None
 
 
-def publish_on_failure(env, log, started, notes, client=None, origin=None):
+def publish_on_failure(env, log, started, notes, facts, client=None, origin=None):
     """The whole hook after the success check; returns an exit code, raises only HookTimeout
     and the exceptions run() turns into codes. client: a connection kept warm by the crash
     listener (eexit/crash_listener.py), else a new one."""
@@ -213,7 +200,6 @@ def publish_on_failure(env, log, started, notes, client=None, origin=None):
     remaining = lambda: timeout_s - (time.monotonic() - started)   # noqa: E731
     signal.signal(signal.SIGALRM, _raise_timeout)
     signal.setitimer(signal.ITIMER_REAL, max(0.01, remaining()))
-    facts = service_facts(env)
     client = client or bus.connect(env=env, read_timeout_s=max(0.1, remaining()))
     # No retries inside redis-py: publish_durable retries within OUR bound, and the reads
     # before it fail closed at once instead of spending the bound on a refused port.
@@ -239,11 +225,8 @@ def publish_on_failure(env, log, started, notes, client=None, origin=None):
     outcome = dict(event_id=event_id, entry_id=published.entry_id, reason=REASON, issued_by=ISSUER,
                    incident=how, **notes, signed="sig" in fields, replicas_acked=published.replicas_acked,
                    elapsed_ms=round((time.monotonic() - started) * 1000, 1), **facts)
-    if not published.confirmed:
-        log.critical("panic_replication_unconfirmed", **outcome)
-        return EXIT_UNCONFIRMED
-    log.critical("panic_published", **outcome)
-    return EXIT_OK
+    log.critical("panic_published" if published.confirmed else "panic_replication_unconfirmed", **outcome)
+    return EXIT_OK if published.confirmed else EXIT_UNCONFIRMED
 
 
 def _raise_timeout(_signum, _frame):
@@ -263,7 +246,7 @@ def run(env=None, log=None, client=None, origin=None):
         return EXIT_OK
     notes = {}
     try:
-        return publish_on_failure(env, log, started, notes, client, origin)
+        return publish_on_failure(env, log, started, notes, facts, client, origin)
     except HookTimeout:
         # Redis (or the host) stalled: give systemd its stop back. The watchdog's rules still
         # catch the death; this line says why the fast path did not.

@@ -6,6 +6,7 @@ INFO), so `journalctl -p err` shows exactly the ERROR and CRITICAL lines; journa
 prefix. Elsewhere (a terminal, a test, a file) lines carry no prefix. The first line every
 Logger writes names the package version (`version=`), so the journal shows which code ran."""
 
+import functools
 import os
 import sys
 import time
@@ -24,12 +25,6 @@ def _format_value(value):
     return text
 
 
-def format_line(level, event, fields):
-    parts = [f"level={level}", f"event={event}"]
-    parts.extend(f"{key}={_format_value(value)}" for key, value in fields.items())
-    return " ".join(parts)
-
-
 class Logger:
     """Writes `ts=... level=... event=... key=value ...` lines to stderr (journald adds its own
     timestamp; ours is epoch ms so lines can be matched with stream entries)."""
@@ -41,11 +36,12 @@ class Logger:
         self.journal = bool(env.get("JOURNAL_STREAM"))
         self.version_logged = False
 
-    def _write(self, level, event, fields):
+    def _write(self, level, event, **fields):
         if not self.version_logged:
             fields = {"version": __version__, **fields}
             self.version_logged = True
-        self._emit(level, f"ts={int(time.time() * 1000)} daemon={self.daemon} " + format_line(level, event, fields))
+        head = f"ts={int(time.time() * 1000)} daemon={self.daemon} level={level} event={event}"
+        self._emit(level, head + "".join(f" {key}={_format_value(value)}" for key, value in fields.items()))
 
     def summary(self, level, text):
         """One line for a person, not key=value (`eexit.eew: configuration error: ...`), at
@@ -65,14 +61,8 @@ class Logger:
             # Redis remain the record of what happened.
             pass
 
-    def info(self, event, **fields):
-        self._write("INFO", event, fields)
-
-    def warning(self, event, **fields):
-        self._write("WARNING", event, fields)
-
-    def error(self, event, **fields):
-        self._write("ERROR", event, fields)
-
-    def critical(self, event, **fields):
-        self._write("CRITICAL", event, fields)
+    # info / warning / error / critical(event, **fields): one line at that level.
+    info = functools.partialmethod(_write, "INFO")
+    warning = functools.partialmethod(_write, "WARNING")
+    error = functools.partialmethod(_write, "ERROR")
+    critical = functools.partialmethod(_write, "CRITICAL")

@@ -8,6 +8,7 @@ watchdog pings: the fail-closed outcome). Without NOTIFY_SOCKET every call does 
 (sdnotify's blocking sendall() stalled the EEW's loop for 200 s in a test harness.)
 """
 
+import functools
 import os
 import socket
 
@@ -24,8 +25,7 @@ class Notifier:
         self._log = log or Logger("notify")
         self._failures_logged = set()
         usec = env.get("WATCHDOG_USEC", "")
-        pid = env.get("WATCHDOG_PID", "")
-        owned = pid == "" or pid == str(os.getpid())
+        owned = env.get("WATCHDOG_PID", "") in ("", str(os.getpid()))     # the pings are ours to send
         self.watchdog_interval_s = int(usec) / 1e6 if usec.isdigit() and owned and int(usec) > 0 else None
 
     def max_block_s(self, wanted_s):
@@ -37,14 +37,8 @@ class Notifier:
     def ready(self, status=None):
         self._send("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
-    def ping(self):
-        self._send("WATCHDOG=1")
-
     def status(self, text):
         self._send(f"STATUS={text}")
-
-    def stopping(self):
-        self._send("STOPPING=1")
 
     def _send(self, message):
         if not self._address:
@@ -61,3 +55,6 @@ class Notifier:
             if kind not in self._failures_logged:
                 self._failures_logged.add(kind)
                 self._log.error("sd_notify_dropped", error=kind, note="datagram dropped; logged once")
+
+    ping = functools.partialmethod(_send, "WATCHDOG=1")
+    stopping = functools.partialmethod(_send, "STOPPING=1")

@@ -10,7 +10,7 @@ the trading state; `eexit resume` asks, the EEW decides:
          (built by ops.build_request: the EEW only checks and serves requests)
     EEW: signature (ops key, domain "eexit-resume-v1"), not expired (Redis clock),
          request_id claimed once in its ledger (a replayed copy gets no second verdict),
-         then resume_refusals() over facts it gathers itself, the cheap ones first: the halt,
+         then the refusals over facts it gathers itself, the cheap ones first: the halt,
          its own ledger record of the event, the final report on the completed stream, the
          cooldown on Redis's clock (EEXIT_RESUME_COOLDOWN_S, read by the EEW), whether the
          panic stream can still take entries, authorised panics not yet executed
@@ -44,7 +44,7 @@ panic reports, read by the watchdog and the audit logger as such; a verdict is n
 Unsigned requests pass only where panics pass unsigned too (no key ring configured); then
 the ACL (only ops may XADD a request) is the only check of who asked.
 
-Pure: check_request, resume_refusals, audit_fields, verdict_fields.
+Pure: check_request, cheap_refusals, waiting_panics, account_refusals, audit_fields, verdict_fields.
 Shell (the EEW calls it, with its own exchange read): serve_request.
 """
 
@@ -118,32 +118,24 @@ class ResumeFacts:
     ack: str
     now_ms: int
     state: schema.TradingState
-    state_present: bool
     event_found: bool
     final: tuple | None                 # (report entry id, CompletionReport) or None
-    positions: list | None              # [Position] read from the exchange; None = not read
-    open_orders: list | None
-    exchange_error: str | None
     cooldown_s: float
     stream_broken: str | None = None    # the panic stream cannot take entries (tamper reason)
-
-
-def resume_refusals(facts, accept_residual):
-    """Reasons (strings) to refuse clearing the halt; empty means clear it."""
-    return cheap_refusals(facts) or account_refusals(facts, accept_residual)
+    positions: list | None = None       # [Position] read from the exchange; None = not read
+    open_orders: list | None = None
+    exchange_error: str | None = None
 
 
 def cheap_refusals(facts):
     """Every reason to refuse that needs no exchange read (the account's facts are ignored):
     the EEW reads the account only when this is empty."""
-    reasons = []
     state = facts.state
     if not facts.event_found:
-        reasons.append(f"unknown event id {facts.ack}: the EEW has no record of executing it")
-        return reasons
+        return [f"unknown event id {facts.ack}: the EEW has no record of executing it"]
     if state.halted is False:
-        reasons.append("trading is not halted: nothing to resume")
-        return reasons
+        return ["trading is not halted: nothing to resume"]
+    reasons = []
     if state.event_id and state.event_id != facts.ack:
         reasons.append(f"trading was halted by event {state.event_id}, not {facts.ack}: "
                        f"acknowledge the event that halted it")
@@ -223,14 +215,13 @@ def panics_waiting(client, keyring, limit=WAITING_SCAN):
     if len(pending) > limit or len(unread) > limit:
         return [f"more than {limit} panic entries pending or unread, not all checked"]
     entries = [(bus.as_text(entry_id), bus.decoded(fields), "unread") for entry_id, fields in unread]
-    if pending:
-        pipe = client.pipeline(transaction=False)
-        for entry_id in pending:
-            pipe.xrange(schema.PANIC_STREAM, entry_id, entry_id)
-        # An entry deleted while pending has no content the EEW could execute: skipped here
-        # (the EEW's tamper check reports deletions).
-        entries += [(entry_id, bus.decoded(found[0][1]), "pending")
-                    for entry_id, found in zip(pending, pipe.execute()) if found]
+    pipe = client.pipeline(transaction=False)
+    for entry_id in pending:
+        pipe.xrange(schema.PANIC_STREAM, entry_id, entry_id)
+    # An entry deleted while pending has no content the EEW could execute: skipped here
+    # (the EEW's tamper check reports deletions).
+    entries += [(entry_id, bus.decoded(found[0][1]), "pending")
+                for entry_id, found in zip(pending, pipe.execute()) if found]
     inflight = {bus.as_text(event_id) for event_id in client.smembers(INFLIGHT_KEY)}
     ids = sorted(inflight | {fields.get("event_id") or f"entry-{entry_id}" for entry_id, fields, _ in entries})
     raws = client.hmget(schema.PROCESSED_KEY, ids) if ids else []
@@ -283,8 +274,7 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
         verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, action="init")
         client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
         return verdict, None
-    state_raw = bus.decoded(client.hgetall(schema.TRADING_STATE_KEY))
-    state, _problems = schema.TradingState.from_fields(state_raw)
+    state, _problems = schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))
     record = tamper.parse_record(client.hget(schema.PROCESSED_KEY, request.ack)) \
         if not request.ack.startswith(("entry:", LEDGER_PREFIX)) else None
     final = None
@@ -293,9 +283,8 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
         if found:
             report, _ = schema.CompletionReport.from_fields(bus.decoded(found[0][1]))
             final = (bus.as_text(found[0][0]), report) if report.event_id == request.ack else None
-    facts = ResumeFacts(ack=request.ack, now_ms=bus.server_time_ms(client), state=state, state_present=bool(state_raw),
-                        event_found=record is not None, final=final, positions=None, open_orders=None,
-                        exchange_error=None, cooldown_s=cooldown_s, stream_broken=stream_broken)
+    facts = ResumeFacts(request.ack, bus.server_time_ms(client), state, record is not None, final, cooldown_s,
+                        stream_broken)
     # Cheapest first: the halt and the ledger (read above), then the panic stream, and the
     # exchange only when nothing else refuses.
     refusals = cheap_refusals(facts) or waiting_refusals(panics_waiting(client, keyring))

@@ -122,8 +122,8 @@ from enum import Enum
 
 import redis
 
-from . import bus, daemon, schema, signing
-from .config import env_float, env_int, env_str
+from . import bus, daemon, schema, signing, tamper
+from .config import nested, setting, settings
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -137,13 +137,12 @@ DECISION_STAGNANT = "EXIT_BRAIN_DECISION_STAGNANT"
 POSITIONS_UNGUARDED = "POSITIONS_UNGUARDED"
 BRAIN_RESTARTED = "EXIT_BRAIN_RESTARTED"
 
+STREAMS_READ = (schema.HEARTBEAT_STREAM, schema.COMPLETED_STREAM, schema.EEW_HEARTBEAT_STREAM)
 BACKLOG_REPLAY = 50          # heartbeats replayed on (re)connect to rebuild degraded_since
 REPORT_SCAN = 1000           # completion reports / panics scanned when recovering an incident
 CLAIM_GRACE_S = 10.0         # a claim without its panic this long (the hook's longest bound) is stale
 MAX_REPUBLISH_S = 30.0       # cap of the doubling republish delay
 ENTRIES_KEPT = 100           # our own panic entry ids remembered per incident
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 2.0
 LOCAL_WAIT_S = 0.25          # nearer a rule deadline than this, wait on our clock, not in XREAD
 IDLE_BLOCK_S = 0.5           # longest blocking XREAD: bounds SIGTERM handling and ping spacing
 
@@ -152,11 +151,12 @@ IDLE_BLOCK_S = 0.5           # longest blocking XREAD: bounds SIGTERM handling a
 
 @dataclass(frozen=True)
 class Limits:
-    heartbeat_lost_s: float = 5.0
-    unguarded_s: float = 3.0
-    degraded_s: float = 5.0
-    stagnant_s: float = 30.0
-    startup_grace_s: float = 5.0
+    # Upper bounds: a threshold of hours is a watchdog that never fires.
+    heartbeat_lost_s: float = setting("EEXIT_HEARTBEAT_LOST_S", 5.0, 0.01, 600)
+    unguarded_s: float = setting("EEXIT_UNGUARDED_S", 3.0, 0.01, 600)
+    degraded_s: float = setting("EEXIT_DEGRADED_S", 5.0, 0.01, 3600)
+    stagnant_s: float = setting("EEXIT_STAGNANT_S", 30.0, 0.01, 3600)
+    startup_grace_s: float = setting("EEXIT_STARTUP_GRACE_S", 5.0, 0.0, 600, default_from="heartbeat_lost_s")
 
 
 @dataclass(frozen=True)
@@ -198,57 +198,46 @@ def observe(state, beat, received_at):
                    instance=beat.instance, stopped=beat.status == "STOPPED")
 
 
+def rule_deadlines(state, limits=Limits()):
+    """[(monotonic instant, reason, detail(now))]: every rule that can fire without a new
+    heartbeat, in order of precedence (4, 1, 2, 3), each firing once `now` is strictly past its
+    instant. One table for evaluate and next_deadline, so the loop wakes exactly when a rule
+    can fire. Until a beat sent after the start arrives, nothing fires within the grace."""
+    start, last = state.observing_since, state.last_beat_at
+    not_before = start if last is not None and last >= start else start + limits.startup_grace_s
+    if last is None:
+        rules = [(start + limits.heartbeat_lost_s, HEARTBEAT_LOST,
+                  lambda now: f"no heartbeat in {now - start:.3f}s since start")]
+        return [(max(at, not_before), reason, detail) for at, reason, detail in rules]
+    positions_open = state.active_positions is None or state.active_positions > 0
+    held = f"with positions={'unknown' if state.active_positions is None else state.active_positions}"
+    rules = [(last + limits.unguarded_s, POSITIONS_UNGUARDED,
+              lambda now: f"no heartbeat for {now - last:.3f}s {held}")] if positions_open else []
+    rules.append((last + limits.heartbeat_lost_s, HEARTBEAT_LOST,
+                  lambda now: f"no heartbeat for {now - last:.3f}s"))
+    if state.degraded_since is not None:
+        rules.append((state.degraded_since + limits.degraded_s, DEGRADED_TOO_LONG,
+                      lambda now: f"DEGRADED for {now - state.degraded_since:.3f}s"))
+    if positions_open and state.decision_age_s is not None:
+        rules.append((last + limits.stagnant_s - state.decision_age_s, DECISION_STAGNANT, lambda now:
+                      f"last decision {state.decision_age_s + now - last:.3f}s old {held}"))
+    elif positions_open and state.decision_unknown_since is not None:
+        rules.append((state.decision_unknown_since + limits.stagnant_s, DECISION_STAGNANT, lambda now:
+                      f"decision age unknown for {now - state.decision_unknown_since:.3f}s {held}"))
+    return [(max(at, not_before), reason, detail) for at, reason, detail in rules]
+
+
 def evaluate(state, now, limits=Limits()):
     """The rule that fires at monotonic instant `now`, or None."""
-    observed_for = now - state.observing_since
-    heard_since_start = state.last_beat_at is not None and state.last_beat_at >= state.observing_since
-    if observed_for <= limits.startup_grace_s and not heard_since_start:
-        return None
-    if state.last_beat_at is None:
-        if observed_for > limits.heartbeat_lost_s:
-            return Trigger(HEARTBEAT_LOST, f"no heartbeat in {observed_for:.3f}s since start")
-        return None
-    positions_open = state.active_positions is None or state.active_positions > 0
-    positions = "unknown" if state.active_positions is None else state.active_positions
-    silence = now - state.last_beat_at
-    if positions_open and silence > limits.unguarded_s:
-        return Trigger(POSITIONS_UNGUARDED, f"no heartbeat for {silence:.3f}s with positions={positions}")
-    if silence > limits.heartbeat_lost_s:
-        return Trigger(HEARTBEAT_LOST, f"no heartbeat for {silence:.3f}s")
-    if state.degraded_since is not None and now - state.degraded_since > limits.degraded_s:
-        return Trigger(DEGRADED_TOO_LONG, f"DEGRADED for {now - state.degraded_since:.3f}s")
-    if positions_open:
-        if state.decision_age_s is not None:
-            decision_age = state.decision_age_s + silence
-            if decision_age > limits.stagnant_s:
-                return Trigger(DECISION_STAGNANT, f"last decision {decision_age:.3f}s old with positions={positions}")
-        elif state.decision_unknown_since is not None and now - state.decision_unknown_since > limits.stagnant_s:
-            return Trigger(DECISION_STAGNANT, f"decision age unknown for {now - state.decision_unknown_since:.3f}s "
-                                              f"with positions={positions}")
-    return None
+    fired = (Trigger(reason, detail(now)) for at, reason, detail in rule_deadlines(state, limits) if now > at)
+    return next(fired, None)
 
 
 def next_deadline(state, now, limits=Limits()):
     """The earliest monotonic instant after `now` at which a rule could start to fire without
     a new heartbeat (rules fire just AFTER it), or None. Lets the loop wake exactly then
     instead of polling blindly, so detection overshoots a threshold by ~1 ms, not a poll."""
-    candidates = []
-    if state.last_beat_at is None or state.last_beat_at < state.observing_since:
-        candidates.append(state.observing_since + limits.startup_grace_s)
-    if state.last_beat_at is None:
-        candidates.append(state.observing_since + max(limits.startup_grace_s, limits.heartbeat_lost_s))
-    else:
-        candidates.append(state.last_beat_at + limits.heartbeat_lost_s)
-        if state.active_positions is None or state.active_positions > 0:
-            candidates.append(state.last_beat_at + limits.unguarded_s)
-            if state.decision_age_s is not None:
-                candidates.append(state.last_beat_at + limits.stagnant_s - state.decision_age_s)
-            elif state.decision_unknown_since is not None:
-                candidates.append(state.decision_unknown_since + limits.stagnant_s)
-        if state.degraded_since is not None:
-            candidates.append(state.degraded_since + limits.degraded_s)
-    future = [at for at in candidates if at >= now]
-    return min(future) if future else None
+    return min((at for at, _reason, _detail in rule_deadlines(state, limits) if at >= now), default=None)
 
 
 def after_outage(prior, replayed, lost_at, answered_at):
@@ -507,38 +496,18 @@ def rejection_risk(eew_beat, keyring, issuer=ISSUER):
 
 @dataclass(frozen=True)
 class Config:
-    limits: Limits
-    poll_ms: int
-    republish_s: float
-    brain_service_id: str
-    heartbeat_s: float
-    redis_replicas: int
-    redis_wait_ms: int
-
-    @classmethod
-    def from_env(cls, env=None):
-        # Upper bounds: a threshold of hours is a watchdog that never fires.
-        lost = env_float("EEXIT_HEARTBEAT_LOST_S", 5.0, minimum=0.01, maximum=600, env=env)
-        limits = Limits(
-            heartbeat_lost_s=lost,
-            unguarded_s=env_float("EEXIT_UNGUARDED_S", 3.0, minimum=0.01, maximum=600, env=env),
-            degraded_s=env_float("EEXIT_DEGRADED_S", 5.0, minimum=0.01, maximum=3600, env=env),
-            stagnant_s=env_float("EEXIT_STAGNANT_S", 30.0, minimum=0.01, maximum=3600, env=env),
-            startup_grace_s=env_float("EEXIT_STARTUP_GRACE_S", lost, minimum=0.0, maximum=600, env=env),
-        )
-        return cls(
-            limits=limits,
-            # The blocking XREAD's timeout (Redis rounds it up to its hz tick, 100 ms by
-            # default); near a rule deadline the loop waits on its own clock instead.
-            poll_ms=env_int("EEXIT_WATCHDOG_POLL_MS", 25, minimum=1, maximum=100, env=env),
-            republish_s=env_float("EEXIT_REPUBLISH_S", 5.0, minimum=0.1, maximum=600, env=env),
-            # The brain's service_id: only its beats are judged (another producer is ignored).
-            brain_service_id=env_str("EEXIT_BRAIN_SERVICE_ID", "exit_brain", env),
-            heartbeat_s=env_float("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, minimum=0.05, maximum=60, env=env),
-            # With Sentinel: replicas that must hold a panic before it counts as published.
-            redis_replicas=env_int("EEXIT_REDIS_REPLICAS", 0, minimum=0, maximum=16, env=env),
-            redis_wait_ms=env_int("EEXIT_REDIS_WAIT_MS", 500, minimum=1, maximum=10000, env=env),
-        )
+    limits: Limits = nested(Limits)
+    # The blocking XREAD's timeout (Redis rounds it up to its hz tick, 100 ms by default);
+    # near a rule deadline the loop waits on its own clock instead.
+    poll_ms: int = setting("EEXIT_WATCHDOG_POLL_MS", 25, 1, 100)
+    republish_s: float = setting("EEXIT_REPUBLISH_S", 5.0, 0.1, 600)
+    # The brain's service_id: only its beats are judged (another producer is ignored).
+    brain_service_id: str = setting("EEXIT_BRAIN_SERVICE_ID", "exit_brain")
+    heartbeat_s: float = setting("EEXIT_WATCHDOG_HEARTBEAT_S", 1.0, 0.05, 60)
+    # With Sentinel: replicas that must hold a panic before it counts as published.
+    redis_replicas: int = setting("EEXIT_REDIS_REPLICAS", 0, 0, 16)
+    redis_wait_ms: int = setting("EEXIT_REDIS_WAIT_MS", 500, 1, 10000)
+    from_env = classmethod(settings)
 
 
 # ---------------------------------------------------------------------------- shell
@@ -568,11 +537,6 @@ def final_reports(client, event_id):
     return () if fields is None else (schema.CompletionReport.from_fields(fields)[0],)
 
 
-def stream_id(entry_id):
-    """A stream entry id as a comparable (ms, seq)."""
-    return tuple(int(part or 0) for part in bus.as_text(entry_id).partition("-")[::2])
-
-
 class Watchdog:
     def __init__(self, cfg, client, keyring, notifier=None, log=None,
                  monotonic=time.monotonic, clock_ms=wall_ms):
@@ -592,14 +556,12 @@ class Watchdog:
         self.last_trigger = None
         self.last_problems = []
         self.ignored_services = set()   # other producers on the brain's stream, logged once each
-        self.beat_id = "0-0"
-        self.report_id = "0-0"
-        self.eew_beat_id = "0-0"
+        # Where each XREAD of ours continues: after the last entry read.
+        self.read_from = dict.fromkeys(STREAMS_READ, "0-0")
         self.eew_risks = {}             # EEW consumer -> (code, detail): it would reject our panics
         self.synced_before = False
         self.failed_at = 0.0            # monotonic: our last Redis call that failed
         self.last_evaluated = monotonic()
-        self.last_evaluated_ms = clock_ms()
         self.next_own_beat = 0.0
         self.last_ping = 0.0
         self.stopping = False
@@ -616,11 +578,12 @@ class Watchdog:
         now = self.monotonic()      # after Redis answered: a stall ends only now
         recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
         state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
+        read_up_to = tamper.parse_id(self.read_from[schema.HEARTBEAT_STREAM])
         for entry_id, fields in reversed(recent):
             entry_ms = schema.entry_id_ms(entry_id)
             age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
             # A restart is acted on only when seen live: beats after the last one we read.
-            live = self.synced_before and stream_id(entry_id) > stream_id(self.beat_id)
+            live = self.synced_before and tamper.parse_id(entry_id) > read_up_to
             state = self._observe(state, fields, now - age_s, live)
         if self.synced_before:
             # Credited: up to our last failed call, or to now if Redis held this one (stalled).
@@ -630,12 +593,13 @@ class Watchdog:
                           startup_grace="not_reapplied")
         self.synced_before = True
         self.state = state
-        self.beat_id = bus.as_text(recent[0][0]) if recent else "0-0"
-        # The newest EEW heartbeat now; the other EEW instances' within their next beat.
-        self.eew_beat_id, eew_fields = self._newest(schema.EEW_HEARTBEAT_STREAM)
-        if eew_fields is not None:
-            self._check_eew(eew_fields)
-        self.report_id, _report = self._newest(schema.COMPLETED_STREAM)
+        self.read_from[schema.HEARTBEAT_STREAM] = bus.as_text(recent[0][0]) if recent else "0-0"
+        for stream in (schema.EEW_HEARTBEAT_STREAM, schema.COMPLETED_STREAM):
+            newest = self.client.xrevrange(stream, "+", "-", count=1)
+            self.read_from[stream] = bus.as_text(newest[0][0]) if newest else "0-0"
+            if newest and stream == schema.EEW_HEARTBEAT_STREAM:
+                # The newest EEW heartbeat now; the other EEW instances' within their next beat.
+                self._check_eew(newest[0][1])
         if self.incident is None:
             found, reports = self._read_found()
         else:
@@ -644,11 +608,6 @@ class Watchdog:
                 # Redis lost the hash (restart without persistence): our memory is the record.
                 self.client.hset(INCIDENT_KEY, mapping=self.incident.to_fields())
         self._advance(now, server_ms, halt, reports, found)
-
-    def _newest(self, stream):
-        """(entry id, fields) of the newest entry of `stream`; ("0-0", None) when it is empty."""
-        newest = self.client.xrevrange(stream, "+", "-", count=1)
-        return (bus.as_text(newest[0][0]), newest[0][1]) if newest else ("0-0", None)
 
     def _read_found(self):
         """(Incident or None, its final reports) from the shared hash: another opener's claim
@@ -680,16 +639,13 @@ class Watchdog:
             # producer gets fixed without a line per beat.
             self.last_problems = problems
             self.log.warning("heartbeat_problems", problems=",".join(problems) or "none")
-        restart = restarted(state, beat) if live else None
-        if restart is not None and self.restart is None:
-            self.restart = restart
+        if live and self.restart is None:
+            self.restart = restarted(state, beat)
         return observe(state, beat, sent_at)
 
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
         REDIS_ERRORS (run() notes when: failed_at)."""
-        streams = {schema.HEARTBEAT_STREAM: self.beat_id, schema.COMPLETED_STREAM: self.report_id,
-                   schema.EEW_HEARTBEAT_STREAM: self.eew_beat_id}
         before = self.monotonic()
         deadline = next_deadline(self.state, before, self.cfg.limits)
         near = deadline is not None and deadline - before <= LOCAL_WAIT_S
@@ -707,7 +663,7 @@ class Watchdog:
             wait_s = IDLE_BLOCK_S if deadline is None else deadline - before - LOCAL_WAIT_S
             wait_s = min(wait_s, self.next_own_beat - before, self.notifier.max_block_s(IDLE_BLOCK_S))
             block_ms = max(self.cfg.poll_ms, int(wait_s * 1000))
-        reply = self.client.xread(streams, count=100, block=block_ms)
+        reply = self.client.xread(self.read_from, count=100, block=block_ms)
         server_ms, halt = time_and_halt(self.client)
         received_at = self.monotonic()
         max_age_s = received_at - before if near else 0.0
@@ -715,16 +671,14 @@ class Watchdog:
         for stream, entries in reply or []:
             stream = bus.as_text(stream)
             for entry_id, fields in entries:
+                self.read_from[stream] = bus.as_text(entry_id)
                 if stream == schema.HEARTBEAT_STREAM:
-                    self.beat_id = bus.as_text(entry_id)
                     entry_ms = schema.entry_id_ms(entry_id)
                     age_s = 0.0 if entry_ms is None else min(max(0, server_ms - entry_ms) / 1000.0, max_age_s)
                     self.state = self._observe(self.state, fields, received_at - age_s)
                 elif stream == schema.EEW_HEARTBEAT_STREAM:
-                    self.eew_beat_id = bus.as_text(entry_id)
                     self._check_eew(fields)
                 else:
-                    self.report_id = bus.as_text(entry_id)
                     reports.append(schema.CompletionReport.from_fields(fields)[0])
         found = None
         if reports and self.incident is None:
@@ -734,11 +688,10 @@ class Watchdog:
         now = self.monotonic()
         self._advance(now, server_ms, halt, tuple(reports), found)
         self.last_evaluated = now
-        self.last_evaluated_ms = self.clock_ms()
         if now >= self.next_own_beat:
             self.next_own_beat = now + self.cfg.heartbeat_s
             status, why = health(self.incident, self.eew_risks)
-            self.own_beat.publish(status, 0, self.last_evaluated_ms, latency_ms=(now - received_at) * 1000,
+            self.own_beat.publish(status, 0, self.clock_ms(), latency_ms=(now - received_at) * 1000,
                                   extra={"incident": self.incident.event_id if self.incident else "",
                                          "brain_status": self.state.status or "none", **why})
 
@@ -826,14 +779,13 @@ class Watchdog:
         """WATCHDOG=1 while evaluations succeed; stops once none succeeded for longer than the
         systemd interval, so systemd restarts a watchdog that cannot watch."""
         interval = self.notifier.watchdog_interval_s
-        if interval is None or now - self.last_evaluated > interval:
-            return
-        if now - self.last_ping >= interval / 4:
+        if interval is not None and now - self.last_evaluated <= interval \
+                and now - self.last_ping >= interval / 4:
             self.notifier.ping()
             self.last_ping = now
 
     def run(self):
-        backoff = daemon.Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
+        backoff = daemon.Backoff()      # 0.1 s doubling to 2 s
         synced = False
         self.notifier.ready("watching")
         self.log.info("started", limits=self.cfg.limits, poll_ms=self.cfg.poll_ms,

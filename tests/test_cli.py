@@ -329,43 +329,48 @@ class ResumeSignedTest(ResumeCase):
         self.assertIn("none belongs to issuer 'ops'", result.stderr)
 
 
+def resume_refusals(facts, accept_residual):
+    """The EEW's order: the cheap refusals, then (only if none) the account read's."""
+    return resume.cheap_refusals(facts) or resume.account_refusals(facts, accept_residual)
+
+
 class ResumeDecisionTest(unittest.TestCase):
     """The pure decision, for the combinations the subprocess tests do not cover."""
 
     def facts(self, **over):
         values = dict(ack="ev", now_ms=1_000_000, state=schema.TradingState(halted=True, event_id="ev"),
-                      state_present=True, event_found=True,
+                      event_found=True,
                       final=("990000-0", schema.CompletionReport(event_id="ev", status="FLAT")),
                       positions=[], open_orders=[], exchange_error=None, cooldown_s=5.0)
         values.update(over)
         return resume.ResumeFacts(**values)
 
     def test_clear_when_everything_holds(self):
-        self.assertEqual(resume.resume_refusals(self.facts(), False), [])
+        self.assertEqual(resume_refusals(self.facts(), False), [])
 
     def test_cooldown_boundary(self):
-        self.assertEqual(resume.resume_refusals(self.facts(now_ms=995_000), False), [])
-        self.assertIn("cooldown", resume.resume_refusals(self.facts(now_ms=994_999), False)[0])
+        self.assertEqual(resume_refusals(self.facts(now_ms=995_000), False), [])
+        self.assertIn("cooldown", resume_refusals(self.facts(now_ms=994_999), False)[0])
 
     def test_missing_state_counts_as_halted(self):
-        facts = self.facts(state=schema.TradingState(halted=None), state_present=False)
-        self.assertEqual(resume.resume_refusals(facts, False), [])
+        facts = self.facts(state=schema.TradingState(halted=None))
+        self.assertEqual(resume_refusals(facts, False), [])
 
     def test_no_final_report_refused(self):
-        self.assertIn("no final report", resume.resume_refusals(self.facts(final=None), False)[0])
+        self.assertIn("no final report", resume_refusals(self.facts(final=None), False)[0])
 
     def test_open_orders_refused_unless_accepted(self):
         facts = self.facts(open_orders=[object()])
-        self.assertIn("open order", resume.resume_refusals(facts, False)[0])
-        self.assertEqual(resume.resume_refusals(facts, True), [])
+        self.assertIn("open order", resume_refusals(facts, False)[0])
+        self.assertEqual(resume_refusals(facts, True), [])
 
     def test_exchange_error_refused_even_with_accept_residual(self):
         facts = self.facts(positions=None, open_orders=None, exchange_error="NetworkError: down")
-        self.assertIn("cannot verify", resume.resume_refusals(facts, True)[0])
+        self.assertIn("cannot verify", resume_refusals(facts, True)[0])
 
     def test_a_panic_stream_that_takes_no_entry_refuses_even_with_accept_residual(self):
         facts = self.facts(stream_broken="panic_stream_exhausted")
-        self.assertIn("cannot take entries", resume.resume_refusals(facts, True)[0])
+        self.assertIn("cannot take entries", resume_refusals(facts, True)[0])
 
 
 class ResumeRequestTest(unittest.TestCase):
