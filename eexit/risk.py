@@ -475,8 +475,7 @@ def threshold(name, default, env, maximum=1.0):
     return None if raw.lower() == "off" else env_float(name, default, minimum=1e-6, maximum=maximum, env=env)
 
 
-def pair(rule, warn, panic, env, lower_is_worse=False):
-    warn_name, panic_name = f"EEXIT_RISK_{rule.upper()}_WARN", f"EEXIT_RISK_{rule.upper()}_PANIC"
+def pair(warn_name, warn, panic_name, panic, env, lower_is_worse=False):
     result = Threshold(threshold(warn_name, warn, env), threshold(panic_name, panic, env), lower_is_worse)
     if result.warn is not None and result.panic is not None and not result.crossed(result.panic, result.warn):
         raise ConfigError(f"{warn_name}={result.warn} must come before {panic_name}={result.panic} "
@@ -494,10 +493,11 @@ class Config:
     @classmethod
     def from_env(cls, env=None):
         rules = Rules(
-            drawdown=pair("drawdown", 0.10, 0.20, env),
-            daily_loss=pair("daily_loss", 0.05, 0.10, env),
-            margin=pair("margin", 0.30, 0.50, env),
-            liquidation=pair("liquidation", 0.10, 0.05, env, lower_is_worse=True),
+            drawdown=pair("EEXIT_RISK_DRAWDOWN_WARN", 0.10, "EEXIT_RISK_DRAWDOWN_PANIC", 0.20, env),
+            daily_loss=pair("EEXIT_RISK_DAILY_LOSS_WARN", 0.05, "EEXIT_RISK_DAILY_LOSS_PANIC", 0.10, env),
+            margin=pair("EEXIT_RISK_MARGIN_WARN", 0.30, "EEXIT_RISK_MARGIN_PANIC", 0.50, env),
+            liquidation=pair("EEXIT_RISK_LIQUIDATION_WARN", 0.10, "EEXIT_RISK_LIQUIDATION_PANIC", 0.05, env,
+                             lower_is_worse=True),
             margin_mode=env_str("EEXIT_RISK_MARGIN_MODE", "auto", env).lower(),
             venue_flags=env_bool("EEXIT_RISK_VENUE_FLAGS", True, env),
             blind_s=env_float("EEXIT_RISK_BLIND_S", 60.0, minimum=1.0, maximum=3600, env=env),
