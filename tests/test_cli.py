@@ -102,6 +102,8 @@ class StatusTest(RedisTestCase):
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertIn("HALTED", result.stdout)
         self.redis.hset(schema.TRADING_STATE_KEY, "halted", "false")
+        for _name, stream in health.DAEMON_STREAMS:    # fresh again: each CLI start takes seconds under load
+            beat(self.redis, stream)
         result = run_cli(self.env(), "status")
         self.assertEqual(result.returncode, 0, result.stdout)
         self.assertIn("HEALTHY", result.stdout)
