@@ -11,14 +11,17 @@ Every read RAISES on failure: an exchange error is never an empty account (SPEC 
 """
 
 import functools
+import http.client
 import os
+import select
 import ssl
+import zlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import ccxt
 import certifi
-from requests.adapters import HTTPAdapter
+import requests
 
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
 from eexit.venues import venue
@@ -93,45 +96,111 @@ def tls_context(ca_file=None):
     """The one verifying TLS context every client of a process shares: built once, from
     EEXIT_EXCHANGE_CA_FILE when set (the COMPLETE trust store then, certifi not added: behind
     a TLS-intercepting proxy give its CA, or a bundle with both), else certifi's bundle. Left
-    to itself, requests hands urllib3 the bundle's path and every new connection builds a
-    context and re-reads ~150 KB of PEM (30+ ms CPU each, 60 of them in a cold panic)."""
+    to itself, requests handed urllib3 the bundle's path and every new connection built a
+    context and re-read ~150 KB of PEM (30+ ms CPU each, 60 of them in a cold panic)."""
     return ssl.create_default_context(cafile=ca_file or certifi.where())
 
 
-class SharedTLSAdapter(HTTPAdapter):
-    """requests adapter verifying with tls_context() instead of a per-connection bundle."""
+class ExchangeSession:
+    """ccxt's HTTP session (ex.session) on the standard library's http.client, which urllib3
+    itself wraps: ccxt still builds, signs and sorts every request and answer; what goes is
+    requests' and urllib3's layers around it, most of a request's CPU (docs/BENCHMARKS.md §10).
+    Verifies with the shared tls_context and reads no environment (no proxy, no netrc, no
+    REQUESTS_CA_BUNDLE). A client serves one thread at a time (ExchangePool hands them out so;
+    ccxt keeps per-client state such as the last answer's headers): its connection is kept
+    alive and replaced when the server closed it while idle, as urllib3 does; never retried
+    (its outcome may be unknown). A 3xx is not followed (an order is never re-sent
+    elsewhere): ccxt gets it as a failed request. Failures raise what requests raised, so
+    ccxt sorts them as before: a timeout is RequestTimeout (an order may have been placed),
+    TLS and connection failures NetworkError."""
 
     def __init__(self, context):
         self.context = context
-        super().__init__(pool_connections=1, pool_maxsize=4)
+        self.headers = requests.utils.default_headers()     # ccxt merges them into each request
+        self.cookies = requests.cookies.RequestsCookieJar()  # ccxt clears it; none is ever sent
+        self.idle = []                                       # [((scheme, host), connection)], LIFO
 
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, ssl_context=self.context, **kwargs)
+    def request(self, method, url, data=None, headers=None, timeout=None, verify=True, **options):
+        if not verify or any(options.values()):
+            # ccxt passes verify=True, proxies=None, files=None: anything else is not what eexit built.
+            raise ValueError(f"eexit's exchange session sends verified and direct only: {verify} {options}")
+        parts = urlsplit(url)
+        origin = (parts.scheme, parts.netloc)
+        conn, reusable = self._connection(origin, timeout), False
+        try:
+            conn.request(method, f"{parts.path}?{parts.query}" if parts.query else parts.path, headers=headers or {},
+                         body=b"" if data is None and method not in ("GET", "HEAD") else data)
+            answer = conn.getresponse()
+            body = answer.read()
+            reusable = not answer.will_close
+        except (OSError, http.client.HTTPException) as exc:
+            raise _transport_error(exc, connecting=False) from exc
+        finally:
+            # Only a connection that delivered a whole answer is reused; any other is closed.
+            if reusable:
+                self.idle.append((origin, conn))
+            else:
+                conn.close()
+        response = requests.Response()
+        response.status_code, response.reason, response.url = answer.status, answer.reason, url
+        response.headers = requests.structures.CaseInsensitiveDict(answer.getheaders())
+        coding = response.headers.get("Content-Encoding", "").lower()
+        try:
+            # ccxt asks for gzip or deflate, as requests did; a venue may answer with either.
+            response._content = zlib.decompress(body, 16 + zlib.MAX_WBITS) if coding == "gzip" else \
+                zlib.decompress(body) if coding == "deflate" else body
+        except zlib.error as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        return response
 
-    def cert_verify(self, conn, url, verify, cert):
-        # ccxt always asks for verification; the shared context holds the trust store and
-        # checks hostnames, so nothing is re-read per connection. verify=False is refused
-        # rather than honoured: eexit never talks to an exchange unverified.
-        if not verify:
-            raise ValueError("eexit never disables TLS verification")
-        conn.cert_reqs = "CERT_REQUIRED"
-        conn.ca_certs = conn.ca_cert_dir = None
+    def _connection(self, origin, timeout):
+        """The last idle connection to origin (scheme, host) the server has not closed, else a
+        new one, connected here (a failure to connect is told from one after sending)."""
+        while self.idle:
+            idle_origin, conn = self.idle.pop()
+            readable = select.poll()
+            readable.register(conn.sock, select.POLLIN)
+            if idle_origin == origin and not readable.poll(0):    # readable while idle: closed
+                conn.sock.settimeout(timeout)
+                return conn
+            conn.close()
+        scheme, host = origin
+        conn = http.client.HTTPSConnection(host, timeout=timeout, context=self.context) if scheme == "https" \
+            else http.client.HTTPConnection(host, timeout=timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise _transport_error(exc, connecting=True) from exc
+        return conn
+
+    def close(self):
+        """Closes the idle connections (ccxt's close() calls it)."""
+        while self.idle:
+            self.idle.pop()[1].close()
+
+
+def _transport_error(exc, connecting):
+    """The requests exception that Session.request raised for exc (ccxt sorts those)."""
+    if isinstance(exc, TimeoutError):
+        return (requests.exceptions.ConnectTimeout if connecting else requests.exceptions.ReadTimeout)(exc)
+    return (requests.exceptions.SSLError if isinstance(exc, ssl.SSLError) else requests.exceptions.ConnectionError)(exc)
 
 
 def build_exchange(cfg):
     """A synchronous ccxt exchange. ccxt's rate limiter is off: it sleeps ~200 ms between
     orders, which an emergency close cannot afford; callers pace themselves. HTTPS verifies
-    with the process-wide tls_context (ccxt's session has trust_env=False, so
+    with the process-wide tls_context (ExchangeSession reads no environment, so
     REQUESTS_CA_BUNDLE is ignored: EEXIT_EXCHANGE_CA_FILE is the setting)."""
     klass = getattr(ccxt, cfg.exchange_id)
-    settings = {"enableRateLimit": False, "timeout": int(cfg.timeout_ms)}
+    settings = {"enableRateLimit": False, "timeout": int(cfg.timeout_ms),
+                "session": ExchangeSession(tls_context(cfg.ca_file))}
     if cfg.api_key is not None:
         settings["apiKey"] = cfg.api_key
         settings["secret"] = cfg.api_secret
     if cfg.api_password is not None:
         settings["password"] = cfg.api_password
     ex = klass(settings)
-    ex.session.mount("https://", SharedTLSAdapter(tls_context(cfg.ca_file)))
     # A signed currency listing before the markets costs a request and needs wallet rights.
     ex.options["fetchCurrencies"] = False
     ex.has["fetchCurrencies"] = False
