@@ -96,14 +96,18 @@ class Bench:
         return process, (ready - started) * 1000
 
     def panic(self, paper, process, n, quiet_s, faults=(), timeout_s=300):
-        """Seed n positions, wait quiet_s, XADD, wait for the report: (ms, status, flat, cpu_s)."""
+        """Seed n positions, wait quiet_s, XADD, wait for the report: (ms, status, flat, cpu_s,
+        whether the panic found all n positions)."""
         # The last run's halt stands: the halt guard would close this seed before the panic
-        # (a panic on a flat account is not what this measures). An operator's resume, in effect.
+        # (a panic on a flat account is not what this measures). An operator's resume, in effect;
+        # then up to a second of the quiet period for a guard check that saw the halt before it
+        # went to end (on the account still flat) before the seed, or it closes the seed.
         self.client.delete(schema.TRADING_STATE_KEY)
+        time.sleep(min(1.0, quiet_s))
         paper.reset(seed=seed_for(n))
         for fault in ({"kind": "latency", "ms": self.latency},) + tuple(faults):
             paper.add_fault(dict(fault))
-        time.sleep(quiet_s)
+        time.sleep(quiet_s - min(1.0, quiet_s))
         last = self.client.xrevrange(schema.COMPLETED_STREAM, count=1)
         last_id = last[0][0] if last else b"0-0"
         event_id = str(uuid.uuid4())
@@ -120,7 +124,7 @@ class Bench:
                     if report.event_id == event_id:
                         ms = (time.perf_counter() - start) * 1000
                         return ms, report.status, report.status == "FLAT" and not paper.positions(), \
-                            cpu_seconds(process.pid) - cpu0
+                            cpu_seconds(process.pid) - cpu0, report.positions_total == n
         raise RuntimeError(f"no report within {timeout_s}s for N={n}")
 
 
@@ -130,12 +134,19 @@ def quiet(n):
 
 
 def row(name, runs, settings, target_ms=None, **extra):
+    """A run whose panic did not find the whole seed (positions_total < n: something closed
+    part of it first, e.g. a halt guard) measures less than a close: shown apart, not counted."""
+    discarded = [round(r[0], 1) for r in runs if len(r) > 4 and not r[4]]
+    runs = [r for r in runs if len(r) <= 4 or r[4]]
     ms = [round(r[0], 1) for r in runs]
+    if discarded:
+        extra["discarded_runs_ms"] = discarded
     out = {"name": name, "median_ms": round(statistics.median(ms), 1), "runs_ms": ms,
            "all_flat": all(r[2] for r in runs), "statuses": sorted({r[1] for r in runs}),
            "settings": settings, "target_ms": target_ms, "load_1min": round(os.getloadavg()[0], 2), **extra}
     print(f"{name:<44} {out['median_ms']:>9.1f} ms  runs {ms}  flat={out['all_flat']}  "
-          f"target {target_ms}  settings {settings or 'defaults'}  load {out['load_1min']}", flush=True)
+          f"target {target_ms}  settings {settings or 'defaults'}  load {out['load_1min']}"
+          + (f"  discarded (seed not whole) {discarded}" if discarded else ""), flush=True)
     return out
 
 
@@ -216,11 +227,11 @@ def main(argv=None):
                 if not args.warm_only:
                     rows.append(row(f"cold fresh start N=50 L={L} ({tag})", [cold], {}, 3 * L + 150))
                 warm50 = [bench.panic(paper, process, 50, quiet(50)) for _ in range(args.repeats)]
-                cpu50 = 1000 * sum(r[3] for r in warm50) / (50 * len(warm50))
+                cpu50 = 1000 * sum(r[3] for r in warm50 if r[4]) / (50 * max(1, sum(r[4] for r in warm50)))
                 rows.append(row(f"warm N=50 L={L} ({tag})", warm50, {}, 3 * L + 25,
                                 cpu_ms_per_position=round(cpu50, 3)))
                 warm200 = [bench.panic(paper, process, 200, quiet(200)) for _ in range(max(3, args.repeats // 2))]
-                cpu_ms = 1000 * sum(r[3] for r in warm200) / (200 * len(warm200))
+                cpu_ms = 1000 * sum(r[3] for r in warm200 if r[4]) / (200 * max(1, sum(r[4] for r in warm200)))
                 rows.append(row(f"warm N=200 L={L} ({tag})", warm200, {}, 3 * L + 200,
                                 cpu_ms_per_position=round(cpu_ms, 3)))
                 print(f"  EEW CPU per position, XADD -> report: N=50 {cpu50:.3f} ms, N=200 {cpu_ms:.3f} ms "
