@@ -117,7 +117,7 @@ class ExchangeSession:
     def __init__(self, context):
         self.context = context
         self.headers = requests.utils.default_headers()     # ccxt merges them into each request
-        self.cookies = requests.cookies.RequestsCookieJar()  # ccxt clears it; none is ever sent
+        self.cookies = {}                                    # ccxt clears them; none is ever sent
         self.idle = []                                       # [((scheme, host), connection)], LIFO
 
     def request(self, method, url, data=None, headers=None, timeout=None, verify=True, **options):
