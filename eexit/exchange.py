@@ -231,10 +231,6 @@ def scope(exchange_id):
     return f"{exchange_id}:{','.join(venue(exchange_id).SEGMENTS)}"
 
 
-def segments(ex):
-    return venue_of(ex).SEGMENTS
-
-
 def check_key(ex):
     """One cheap private read-only call; raises when the key is refused."""
     venue_of(ex).check_key(ex)
@@ -266,7 +262,7 @@ def read_positions(ex):
     segment): callers without a per-row report (brain, operator tools) never act on a part
     of the account as if it were all of it. The EEW reads per segment and closes the rest."""
     positions = []
-    for segment in segments(ex):
+    for segment in venue_of(ex).SEGMENTS:
         readable, unreadable = read_segment_positions(ex, segment)
         if unreadable:
             error = ExchangeDataError("unreadable position rows: " + "; ".join(u.describe() for u in unreadable))
@@ -276,15 +272,11 @@ def read_positions(ex):
     return positions
 
 
-def read_open_orders_book(ex, conditional):
-    """Open orders of one book: the normal one, or (conditional=True) the conditional/algo
-    one, of every segment. Separate so that callers can read both books concurrently."""
-    return [o for segment in segments(ex) for book in venue_of(ex).BOOKS if (book != "regular") == conditional
-            for o in read_segment_orders(ex, segment, book)]
-
-
 def read_open_orders(ex):
-    return read_open_orders_book(ex, False) + read_open_orders_book(ex, True)
+    """Open orders of every book of every segment: the regular books first, then the
+    conditional/algo ones."""
+    books = sorted(venue_of(ex).BOOKS, key=lambda book: book != "regular")
+    return [o for book in books for segment in venue_of(ex).SEGMENTS for o in read_segment_orders(ex, segment, book)]
 
 
 def cancel_book(ex, symbol, conditional, orders=()):
