@@ -25,6 +25,9 @@ report as this process sees it, wall clock):
   N=1000       default settings (no EEXIT_CLOSE_DEADLINE_S) with Binance's order limits
                enforced by the paper exchange (300 orders / 10 s, 1200 / 60 s: 429 -1015)
   --warm-only  only the warm rows and CPU/pos (before/after pairs on a shared machine)
+  --timeline   and a timeline of each warm N=50 run: when each request reached the paper
+               exchange and was answered (its handler's start and end, this process's clock),
+               summed into the stages of one close (what the EEW and the paper each add to 3L)
   naive        ccxt binanceusdm with its defaults (own TLS handling), fetch_positions() and one
                reduce-only market order per position, sequentially; enableRateLimit True / False
 """
@@ -49,6 +52,7 @@ from bench.cost import peak_rss_mb, wait_for_ready  # noqa: E402
 from bench.time_to_flat import seed_for, wait_ready  # noqa: E402
 from eexit import schema  # noqa: E402
 from eexit.localredis import RedisServer  # noqa: E402
+import eexit.paper  # noqa: E402
 from eexit.paper import PaperExchange, make_test_cert  # noqa: E402
 from tests.harness import NotifySocket, python_env, start_module, stop_process  # noqa: E402
 
@@ -122,10 +126,47 @@ class Bench:
                     last_id = entry_id
                     report, _ = schema.CompletionReport.from_fields(raw)
                     if report.event_id == event_id:
+                        self.last_span = (start, time.perf_counter())
                         ms = (time.perf_counter() - start) * 1000
                         return ms, report.status, report.status == "FLAT" and not paper.positions(), \
                             cpu_seconds(process.pid) - cpu0, report.positions_total == n
         raise RuntimeError(f"no report within {timeout_s}s for N={n}")
+
+
+SERVED = []     # --timeline: (handler start, end, path) of every request the paper served
+
+
+def record_served():
+    """--timeline: wraps the paper's request handler (this process only) to log its timing."""
+    handle = eexit.paper._Handler._handle
+
+    def timed(handler, method):
+        start = time.perf_counter()
+        try:
+            handle(handler, method)
+        finally:
+            SERVED.append((start, time.perf_counter(), handler.path.split("?")[0]))
+    eexit.paper._Handler._handle = timed
+
+
+def stages(start, end, L):
+    """One warm N=50 close's stages (ms) from SERVED: reads, batches, verifying read."""
+    served = sorted((a - start, b - start, path) for a, b, path in SERVED
+                    if start <= a <= end and not path.endswith("/time"))    # not keep-warm pings
+    batches = [r for r in served if "batchOrders" in r[2]]
+    if not batches:
+        return None
+    reads = [r for r in served if r[0] < batches[0][0]]
+    verify = [r for r in served if r[0] > max(b[1] for b in batches)]
+    total = (end - start) * 1000
+    return {k: round(v * 1000 if k != "total" else v, 1) for k, v in (
+        ("xadd_to_first_read", reads[0][0]), ("read_served_minus_L", max(b - a for a, b, _ in reads) - L / 1000),
+        ("last_read_to_first_batch", batches[0][0] - max(b for _, b, _ in reads)),
+        ("batch_arrival_spread", batches[-1][0] - batches[0][0]),
+        ("batch_served_minus_L_max", max(b - a for a, b, _ in batches) - L / 1000),
+        ("last_batch_to_verify", verify[0][0] - max(b for _, b, _ in batches)),
+        ("verify_served_minus_L", max(b - a for a, b, _ in verify[:3]) - L / 1000),
+        ("verify_to_report", total / 1000 - max(b for _, b, _ in verify[:3])), ("total", total))}
 
 
 def quiet(n):
@@ -206,9 +247,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-1000", action="store_true")
     parser.add_argument("--warm-only", action="store_true")
+    parser.add_argument("--timeline", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "https.json"))
     args = parser.parse_args(argv)
     L = args.latency_ms
+    if args.timeline:
+        record_served()
     tmp = tempfile.mkdtemp(prefix="eexit-bench-https-")
     tls = make_test_cert(tmp)
     cert = tls[0]
@@ -226,10 +270,15 @@ def main(argv=None):
                 cold = bench.panic(paper, process, 50, 0)
                 if not args.warm_only:
                     rows.append(row(f"cold fresh start N=50 L={L} ({tag})", [cold], {}, 3 * L + 150))
-                warm50 = [bench.panic(paper, process, 50, quiet(50)) for _ in range(args.repeats)]
+                warm50, timeline = [], []
+                for _ in range(args.repeats):
+                    warm50.append(bench.panic(paper, process, 50, quiet(50)))
+                    if args.timeline:
+                        timeline.append(stages(*bench.last_span, L))
+                        print(f"  timeline (ms): {timeline[-1]}", flush=True)
                 cpu50 = 1000 * sum(r[3] for r in warm50 if r[4]) / (50 * max(1, sum(r[4] for r in warm50)))
                 rows.append(row(f"warm N=50 L={L} ({tag})", warm50, {}, 3 * L + 25,
-                                cpu_ms_per_position=round(cpu50, 3)))
+                                cpu_ms_per_position=round(cpu50, 3), **({"timeline": timeline} if timeline else {})))
                 warm200 = [bench.panic(paper, process, 200, quiet(200)) for _ in range(max(3, args.repeats // 2))]
                 cpu_ms = 1000 * sum(r[3] for r in warm200 if r[4]) / (200 * max(1, sum(r[4] for r in warm200)))
                 rows.append(row(f"warm N=200 L={L} ({tag})", warm200, {}, 3 * L + 200,
