@@ -1,7 +1,8 @@
 """Time to flat as a real exchange is met: HTTPS, connections dropped while idle, ~600 markets,
 1,000 positions under enforced limits, and the naive baseline with and without ccxt's throttle.
 
-    python bench/https.py [--latency-ms 25] [--repeats 5] [--no-1000] [--warm-only] [--out bench/results/https.json]
+    python bench/https.py [--latency-ms 25] [--repeats 5] [--no-1000] [--warm-only] [--timeline]
+                          [--out bench/results/https.json]
 
 Everything real: a private redis-server; the paper exchange in this process serving HTTPS with
 a self-signed certificate made for the run (the EEW trusts it through EEXIT_EXCHANGE_CA_FILE)
@@ -160,13 +161,20 @@ def stages(start, end, L):
     verify = [r for r in served if r[0] > max(b[1] for b in batches)]
     total = (end - start) * 1000
     return {k: round(v * 1000 if k != "total" else v, 1) for k, v in (
-        ("xadd_to_first_read", reads[0][0]), ("read_served_minus_L", max(b - a for a, b, _ in reads) - L / 1000),
+        ("xadd_to_first_read", reads[0][0]),
+        ("read_served_minus_L", max(b - a for a, b, _ in reads) - L / 1000),
         ("last_read_to_first_batch", batches[0][0] - max(b for _, b, _ in reads)),
         ("batch_arrival_spread", batches[-1][0] - batches[0][0]),
         ("batch_served_minus_L_max", max(b - a for a, b, _ in batches) - L / 1000),
         ("last_batch_to_verify", verify[0][0] - max(b for _, b, _ in batches)),
         ("verify_served_minus_L", max(b - a for a, b, _ in verify[:3]) - L / 1000),
         ("verify_to_report", total / 1000 - max(b for _, b, _ in verify[:3])), ("total", total))}
+
+
+def cpu_per_position(runs, n):
+    """EEW CPU ms per position over the runs that met the whole seed."""
+    counted = [r for r in runs if r[4]]
+    return 1000 * sum(r[3] for r in counted) / (n * max(1, len(counted)))
 
 
 def quiet(n):
@@ -276,18 +284,20 @@ def main(argv=None):
                     if args.timeline:
                         timeline.append(stages(*bench.last_span, L))
                         print(f"  timeline (ms): {timeline[-1]}", flush=True)
-                cpu50 = 1000 * sum(r[3] for r in warm50 if r[4]) / (50 * max(1, sum(r[4] for r in warm50)))
+                cpu50 = cpu_per_position(warm50, 50)
                 rows.append(row(f"warm N=50 L={L} ({tag})", warm50, {}, 3 * L + 25,
-                                cpu_ms_per_position=round(cpu50, 3), **({"timeline": timeline} if timeline else {})))
+                                cpu_ms_per_position=round(cpu50, 3),
+                                **({"timeline": timeline} if timeline else {})))
                 warm200 = [bench.panic(paper, process, 200, quiet(200)) for _ in range(max(3, args.repeats // 2))]
-                cpu_ms = 1000 * sum(r[3] for r in warm200 if r[4]) / (200 * max(1, sum(r[4] for r in warm200)))
+                cpu_ms = cpu_per_position(warm200, 200)
                 rows.append(row(f"warm N=200 L={L} ({tag})", warm200, {}, 3 * L + 200,
                                 cpu_ms_per_position=round(cpu_ms, 3)))
                 print(f"  EEW CPU per position, XADD -> report: N=50 {cpu50:.3f} ms, N=200 {cpu_ms:.3f} ms "
                       f"(target 0.3)", flush=True)
                 footprint.append({"markets": markets, "ready_ms": round(ready_ms, 1),
                                   "peak_rss_mb": round(peak_rss_mb(process.pid), 1),
-                                  "cpu_ms_per_position": round(cpu_ms, 3), "cpu_ms_per_position_n50": round(cpu50, 3),
+                                  "cpu_ms_per_position": round(cpu_ms, 3),
+                                  "cpu_ms_per_position_n50": round(cpu50, 3),
                                   "load_1min": round(os.getloadavg()[0], 2)})
                 print(f"  READY {ready_ms:.0f} ms, peak RSS {footprint[-1]['peak_rss_mb']} MB ({tag})", flush=True)
             finally:

@@ -73,7 +73,8 @@ def main(argv=None):
                 profile.disable()
                 cpu[profiled] += time.process_time() - start
                 assert not left, f"{len(left)} positions left"
-        per_position, profiled_per_position = (1000 * cpu[p] / (args.repeats * args.positions) for p in (False, True))
+        per_position, profiled_per_position = (1000 * cpu[profiled] / (args.repeats * args.positions)
+                                               for profiled in (False, True))
         print(f"batch={size}: CPU {per_position:.3f} ms per position without the profiler, "
               f"{profiled_per_position:.3f} under cProfile ({args.repeats} x {args.positions} positions, "
               f"reads and the verifying read included; load {os.getloadavg()[0]:.1f})")

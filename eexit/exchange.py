@@ -108,11 +108,12 @@ class ExchangeSession:
     Verifies with the shared tls_context and reads no environment (no proxy, no netrc, no
     REQUESTS_CA_BUNDLE). A client serves one thread at a time (ExchangePool hands them out so;
     ccxt keeps per-client state such as the last answer's headers): its connection is kept
-    alive and replaced when the server closed it while idle, as urllib3 does; never retried
-    (its outcome may be unknown). A 3xx is not followed (an order is never re-sent
-    elsewhere): ccxt gets it as a failed request. Failures raise what requests raised, so
-    ccxt sorts them as before: a timeout is RequestTimeout (an order may have been placed),
-    TLS and connection failures NetworkError."""
+    alive and replaced when the server closed it while idle, as urllib3 does. A request is
+    never retried (its outcome may be unknown). A 3xx is not followed (an order is never
+    re-sent elsewhere) and fails the request (ExchangeError: the account is unknown, never
+    empty). Other failures raise what requests raised, so ccxt sorts them as before: a
+    timeout is RequestTimeout (an order may have been placed), TLS and connection failures
+    NetworkError."""
 
     def __init__(self, context):
         self.context = context
@@ -128,7 +129,8 @@ class ExchangeSession:
         origin = (parts.scheme, parts.netloc)
         conn, reusable = self._connection(origin, timeout), False
         try:
-            conn.request(method, f"{parts.path}?{parts.query}" if parts.query else parts.path, headers=headers or {},
+            target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+            conn.request(method, target, headers=headers or {},
                          body=b"" if data is None and method not in ("GET", "HEAD") else data)
             answer = conn.getresponse()
             body = answer.read()
@@ -151,6 +153,10 @@ class ExchangeSession:
                 zlib.decompress(body) if coding == "deflate" else body
         except zlib.error as exc:
             raise requests.exceptions.ContentDecodingError(exc) from exc
+        if 300 <= answer.status < 400:
+            # ccxt would parse the redirect's body (often empty) as the answer: an empty list of orders.
+            raise requests.exceptions.TooManyRedirects(f"{answer.status} {answer.reason} not followed",
+                                                       response=response)
         return response
 
     def _connection(self, origin, timeout):
@@ -184,7 +190,9 @@ def _transport_error(exc, connecting):
     """The requests exception that Session.request raised for exc (ccxt sorts those)."""
     if isinstance(exc, TimeoutError):
         return (requests.exceptions.ConnectTimeout if connecting else requests.exceptions.ReadTimeout)(exc)
-    return (requests.exceptions.SSLError if isinstance(exc, ssl.SSLError) else requests.exceptions.ConnectionError)(exc)
+    if isinstance(exc, ssl.SSLError):
+        return requests.exceptions.SSLError(exc)
+    return requests.exceptions.ConnectionError(exc)
 
 
 def build_exchange(cfg):
@@ -276,7 +284,8 @@ def read_open_orders(ex):
     """Open orders of every book of every segment: the regular books first, then the
     conditional/algo ones."""
     books = sorted(venue_of(ex).BOOKS, key=lambda book: book != "regular")
-    return [o for book in books for segment in venue_of(ex).SEGMENTS for o in read_segment_orders(ex, segment, book)]
+    return [order for book in books for segment in venue_of(ex).SEGMENTS
+            for order in read_segment_orders(ex, segment, book)]
 
 
 def cancel_book(ex, symbol, conditional, orders=()):

@@ -354,8 +354,9 @@ class ExchangeSessionTest(unittest.TestCase):
             self.assertEqual({"ok": True}, self.ex.fetch(self.base + "/gzip"))
         self.assertEqual(1, len(_Plain.connections), "one connection kept alive for every request")
 
-    def test_a_redirect_is_not_followed(self):
-        self.ex.fetch(self.base + "/redirect")
+    def test_a_redirect_is_not_followed_and_fails_the_request(self):
+        with self.assertRaises(ccxt.ExchangeError):
+            self.ex.fetch(self.base + "/redirect")
         self.assertEqual(["/redirect"], _Plain.paths)
 
     def test_a_timeout_is_request_timeout_and_the_connection_is_not_reused(self):
