@@ -1,7 +1,8 @@
 """Time to flat as a real exchange is met: HTTPS, connections dropped while idle, ~600 markets,
 1,000 positions under enforced limits, and the naive baseline with and without ccxt's throttle.
 
-    python bench/https.py [--latency-ms 25] [--repeats 5] [--no-1000] [--out bench/results/https.json]
+    python bench/https.py [--latency-ms 25] [--repeats 5] [--no-1000] [--warm-only] [--timeline]
+                          [--out bench/results/https.json]
 
 Everything real: a private redis-server; the paper exchange in this process serving HTTPS with
 a self-signed certificate made for the run (the EEW trusts it through EEXIT_EXCHANGE_CA_FILE)
@@ -17,10 +18,17 @@ report as this process sees it, wall clock):
                at its default 20 s
   idle drop    the server drops connections idle 5 s; the panic comes after 8 s idle, with the
                default keep-alive (20 s: every connection is gone) and with 4 s (kept warm)
-  CPU/pos      EEW CPU (utime+stime) from XADD to report over the warm N=200 runs, / 200
+  CPU/pos      EEW CPU from XADD to report over the warm N=50 and N=200 runs, / positions: the
+               kernel's per-thread run time (/proc/<pid>/task/*/schedstat, nanoseconds) summed
+               over the EEW's threads (its pool threads live as long as it does), not /proc's
+               10 ms utime+stime ticks
   READY, RSS   process start -> READY=1 (NOTIFY_SOCKET), peak RSS (VmHWM) after all runs
   N=1000       default settings (no EEXIT_CLOSE_DEADLINE_S) with Binance's order limits
                enforced by the paper exchange (300 orders / 10 s, 1200 / 60 s: 429 -1015)
+  --warm-only  only the warm rows and CPU/pos (before/after pairs on a shared machine)
+  --timeline   and a timeline of each warm N=50 run: when each request reached the paper
+               exchange and was answered (its handler's start and end, this process's clock),
+               summed into the stages of one close (what the EEW and the paper each add to 3L)
   naive        ccxt binanceusdm with its defaults (own TLS handling), fetch_positions() and one
                reduce-only market order per position, sequentially; enableRateLimit True / False
 """
@@ -41,14 +49,28 @@ sys.path.insert(0, ROOT)
 
 import ccxt  # noqa: E402
 
-from bench.cost import cpu_seconds, peak_rss_mb, wait_for_ready  # noqa: E402
+from bench.cost import peak_rss_mb, wait_for_ready  # noqa: E402
 from bench.time_to_flat import seed_for, wait_ready  # noqa: E402
 from eexit import schema  # noqa: E402
 from eexit.localredis import RedisServer  # noqa: E402
+import eexit.paper  # noqa: E402
 from eexit.paper import PaperExchange, make_test_cert  # noqa: E402
 from tests.harness import NotifySocket, python_env, start_module, stop_process  # noqa: E402
 
 BINANCE_LIMITS = ({"kind": "order_limit", "limit": 300},)
+
+
+def cpu_seconds(pid):
+    """CPU time of every live thread of pid, in seconds with nanosecond resolution: the first
+    field of /proc/<pid>/task/<tid>/schedstat (time on a CPU). A thread that ended is missing."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended while we listed: its time is not ours to count
+    return total / 1e9
 
 
 class Bench:
@@ -79,14 +101,18 @@ class Bench:
         return process, (ready - started) * 1000
 
     def panic(self, paper, process, n, quiet_s, faults=(), timeout_s=300):
-        """Seed n positions, wait quiet_s, XADD, wait for the report: (ms, status, flat, cpu_s)."""
+        """Seed n positions, wait quiet_s, XADD, wait for the report: (ms, status, flat, cpu_s,
+        whether the panic found all n positions)."""
         # The last run's halt stands: the halt guard would close this seed before the panic
-        # (a panic on a flat account is not what this measures). An operator's resume, in effect.
+        # (a panic on a flat account is not what this measures). An operator's resume, in effect;
+        # then up to a second of the quiet period for a guard check that saw the halt before it
+        # went to end (on the account still flat) before the seed, or it closes the seed.
         self.client.delete(schema.TRADING_STATE_KEY)
+        time.sleep(min(1.0, quiet_s))
         paper.reset(seed=seed_for(n))
         for fault in ({"kind": "latency", "ms": self.latency},) + tuple(faults):
             paper.add_fault(dict(fault))
-        time.sleep(quiet_s)
+        time.sleep(quiet_s - min(1.0, quiet_s))
         last = self.client.xrevrange(schema.COMPLETED_STREAM, count=1)
         last_id = last[0][0] if last else b"0-0"
         event_id = str(uuid.uuid4())
@@ -101,10 +127,54 @@ class Bench:
                     last_id = entry_id
                     report, _ = schema.CompletionReport.from_fields(raw)
                     if report.event_id == event_id:
+                        self.last_span = (start, time.perf_counter())
                         ms = (time.perf_counter() - start) * 1000
                         return ms, report.status, report.status == "FLAT" and not paper.positions(), \
-                            cpu_seconds(process.pid) - cpu0
+                            cpu_seconds(process.pid) - cpu0, report.positions_total == n
         raise RuntimeError(f"no report within {timeout_s}s for N={n}")
+
+
+SERVED = []     # --timeline: (handler start, end, path) of every request the paper served
+
+
+def record_served():
+    """--timeline: wraps the paper's request handler (this process only) to log its timing."""
+    handle = eexit.paper._Handler._handle
+
+    def timed(handler, method):
+        start = time.perf_counter()
+        try:
+            handle(handler, method)
+        finally:
+            SERVED.append((start, time.perf_counter(), handler.path.split("?")[0]))
+    eexit.paper._Handler._handle = timed
+
+
+def stages(start, end, L):
+    """One warm N=50 close's stages (ms) from SERVED: reads, batches, verifying read."""
+    served = sorted((a - start, b - start, path) for a, b, path in SERVED
+                    if start <= a <= end and not path.endswith("/time"))    # not keep-warm pings
+    batches = [r for r in served if "batchOrders" in r[2]]
+    if not batches:
+        return None
+    reads = [r for r in served if r[0] < batches[0][0]]
+    verify = [r for r in served if r[0] > max(b[1] for b in batches)]
+    total = (end - start) * 1000
+    return {k: round(v * 1000 if k != "total" else v, 1) for k, v in (
+        ("xadd_to_first_read", reads[0][0]),
+        ("read_served_minus_L", max(b - a for a, b, _ in reads) - L / 1000),
+        ("last_read_to_first_batch", batches[0][0] - max(b for _, b, _ in reads)),
+        ("batch_arrival_spread", batches[-1][0] - batches[0][0]),
+        ("batch_served_minus_L_max", max(b - a for a, b, _ in batches) - L / 1000),
+        ("last_batch_to_verify", verify[0][0] - max(b for _, b, _ in batches)),
+        ("verify_served_minus_L", max(b - a for a, b, _ in verify[:3]) - L / 1000),
+        ("verify_to_report", total / 1000 - max(b for _, b, _ in verify[:3])), ("total", total))}
+
+
+def cpu_per_position(runs, n):
+    """EEW CPU ms per position over the runs that met the whole seed."""
+    counted = [r for r in runs if r[4]]
+    return 1000 * sum(r[3] for r in counted) / (n * max(1, len(counted)))
 
 
 def quiet(n):
@@ -113,12 +183,19 @@ def quiet(n):
 
 
 def row(name, runs, settings, target_ms=None, **extra):
+    """A run whose panic did not find the whole seed (positions_total < n: something closed
+    part of it first, e.g. a halt guard) measures less than a close: shown apart, not counted."""
+    discarded = [round(r[0], 1) for r in runs if len(r) > 4 and not r[4]]
+    runs = [r for r in runs if len(r) <= 4 or r[4]]
     ms = [round(r[0], 1) for r in runs]
+    if discarded:
+        extra["discarded_runs_ms"] = discarded
     out = {"name": name, "median_ms": round(statistics.median(ms), 1), "runs_ms": ms,
            "all_flat": all(r[2] for r in runs), "statuses": sorted({r[1] for r in runs}),
-           "settings": settings, "target_ms": target_ms, **extra}
+           "settings": settings, "target_ms": target_ms, "load_1min": round(os.getloadavg()[0], 2), **extra}
     print(f"{name:<44} {out['median_ms']:>9.1f} ms  runs {ms}  flat={out['all_flat']}  "
-          f"target {target_ms}  settings {settings or 'defaults'}", flush=True)
+          f"target {target_ms}  settings {settings or 'defaults'}  load {out['load_1min']}"
+          + (f"  discarded (seed not whole) {discarded}" if discarded else ""), flush=True)
     return out
 
 
@@ -139,14 +216,51 @@ def naive(paper, cert, n, latency, throttle):
     return (time.perf_counter() - start) * 1000, not paper.positions()
 
 
+def idle_rows(bench, repeats, L, cert):
+    """Cold start without warm-up, idle drops, and the naive baseline: their rows."""
+    rows = []
+    paper = bench.paper(200, idle_timeout_s=5)
+    try:
+        runs = []
+        for start in range(max(3, repeats // 2)):
+            process, _ = bench.start_eew(paper, f"https-nowarm-{start}", {"EEXIT_EXCHANGE_KEEPALIVE_S": 0})
+            try:
+                runs.append(bench.panic(paper, process, 50, 0))
+            finally:
+                stop_process(process)
+        rows.append(row(f"cold fresh start, no warm-up, N=50 L={L}", runs, {"EEXIT_EXCHANGE_KEEPALIVE_S": 0},
+                        3 * L + 150))
+        for keepalive in (None, 4):
+            settings = {} if keepalive is None else {"EEXIT_EXCHANGE_KEEPALIVE_S": keepalive}
+            process, _ = bench.start_eew(paper, f"https-drop-{keepalive}", settings)
+            try:
+                bench.panic(paper, process, 1, 1.0)          # a first panic: start-up is over
+                runs = [bench.panic(paper, process, 50, 8.0) for _ in range(max(3, repeats // 2))]
+                rows.append(row(f"after 8 s idle, server drops at 5 s, N=50 L={L}", runs,
+                                dict(settings, server_idle_timeout_s=5), 3 * L + 150))
+            finally:
+                stop_process(process)
+        for throttle in (True, False):
+            ms, flat = naive(paper, cert, 50, L, throttle)
+            rows.append(row(f"naive ccxt N=50 L={L} enableRateLimit={throttle}", [(ms, "-", flat, 0)],
+                            {"enableRateLimit": throttle}))
+    finally:
+        paper.stop()
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latency-ms", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-1000", action="store_true")
+    parser.add_argument("--warm-only", action="store_true")
+    parser.add_argument("--timeline", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "https.json"))
     args = parser.parse_args(argv)
     L = args.latency_ms
+    if args.timeline:
+        record_served()
     tmp = tempfile.mkdtemp(prefix="eexit-bench-https-")
     tls = make_test_cert(tmp)
     cert = tls[0]
@@ -161,53 +275,39 @@ def main(argv=None):
             process, ready_ms = bench.start_eew(paper, f"https-{markets}", {})
             try:
                 tag = f"{markets} markets"
-                rows.append(row(f"cold fresh start N=50 L={L} ({tag})", [bench.panic(paper, process, 50, 0)],
-                                {}, 3 * L + 150))
-                warm50 = [bench.panic(paper, process, 50, quiet(50)) for _ in range(args.repeats)]
-                rows.append(row(f"warm N=50 L={L} ({tag})", warm50, {}, 3 * L + 75))
+                cold = bench.panic(paper, process, 50, 0)
+                if not args.warm_only:
+                    rows.append(row(f"cold fresh start N=50 L={L} ({tag})", [cold], {}, 3 * L + 150))
+                warm50, timeline = [], []
+                for _ in range(args.repeats):
+                    warm50.append(bench.panic(paper, process, 50, quiet(50)))
+                    if args.timeline:
+                        timeline.append(stages(*bench.last_span, L))
+                        print(f"  timeline (ms): {timeline[-1]}", flush=True)
+                cpu50 = cpu_per_position(warm50, 50)
+                rows.append(row(f"warm N=50 L={L} ({tag})", warm50, {}, 3 * L + 25,
+                                cpu_ms_per_position=round(cpu50, 3),
+                                **({"timeline": timeline} if timeline else {})))
                 warm200 = [bench.panic(paper, process, 200, quiet(200)) for _ in range(max(3, args.repeats // 2))]
-                # Summed over the runs: /proc's CPU clock ticks are 10 ms, a few per run.
-                cpu_ms = 1000 * sum(r[3] for r in warm200) / (200 * len(warm200))
+                cpu_ms = cpu_per_position(warm200, 200)
                 rows.append(row(f"warm N=200 L={L} ({tag})", warm200, {}, 3 * L + 200,
                                 cpu_ms_per_position=round(cpu_ms, 3)))
-                print(f"  EEW CPU per position (N=200): {cpu_ms:.3f} ms (target 0.7)", flush=True)
+                print(f"  EEW CPU per position, XADD -> report: N=50 {cpu50:.3f} ms, N=200 {cpu_ms:.3f} ms "
+                      f"(target 0.3)", flush=True)
                 footprint.append({"markets": markets, "ready_ms": round(ready_ms, 1),
                                   "peak_rss_mb": round(peak_rss_mb(process.pid), 1),
-                                  "cpu_ms_per_position": round(cpu_ms, 3)})
+                                  "cpu_ms_per_position": round(cpu_ms, 3),
+                                  "cpu_ms_per_position_n50": round(cpu50, 3),
+                                  "load_1min": round(os.getloadavg()[0], 2)})
                 print(f"  READY {ready_ms:.0f} ms, peak RSS {footprint[-1]['peak_rss_mb']} MB ({tag})", flush=True)
             finally:
                 stop_process(process)
                 paper.stop()
 
-        paper = bench.paper(200, idle_timeout_s=5)
-        try:
-            runs = []
-            for start in range(max(3, args.repeats // 2)):
-                process, _ = bench.start_eew(paper, f"https-nowarm-{start}", {"EEXIT_EXCHANGE_KEEPALIVE_S": 0})
-                try:
-                    runs.append(bench.panic(paper, process, 50, 0))
-                finally:
-                    stop_process(process)
-            rows.append(row(f"cold fresh start, no warm-up, N=50 L={L}", runs, {"EEXIT_EXCHANGE_KEEPALIVE_S": 0},
-                            3 * L + 150))
-            for keepalive in (None, 4):
-                settings = {} if keepalive is None else {"EEXIT_EXCHANGE_KEEPALIVE_S": keepalive}
-                process, _ = bench.start_eew(paper, f"https-drop-{keepalive}", settings)
-                try:
-                    bench.panic(paper, process, 1, 1.0)          # a first panic: start-up is over
-                    runs = [bench.panic(paper, process, 50, 8.0) for _ in range(max(3, args.repeats // 2))]
-                    rows.append(row(f"after 8 s idle, server drops at 5 s, N=50 L={L}", runs,
-                                    dict(settings, server_idle_timeout_s=5), 3 * L + 150))
-                finally:
-                    stop_process(process)
-            for throttle in (True, False):
-                ms, flat = naive(paper, cert, 50, L, throttle)
-                rows.append(row(f"naive ccxt N=50 L={L} enableRateLimit={throttle}", [(ms, "-", flat, 0)],
-                                {"enableRateLimit": throttle}))
-        finally:
-            paper.stop()
+        if not args.warm_only:
+            rows += idle_rows(bench, args.repeats, L, cert)
 
-        if not args.no_1000:
+        if not args.no_1000 and not args.warm_only:
             paper = bench.paper(1000, idle_timeout_s=60)
             process, _ = bench.start_eew(paper, "https-1000", {})
             try:

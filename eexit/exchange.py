@@ -11,13 +11,16 @@ Every read RAISES on failure: an exchange error is never an empty account (SPEC 
 """
 
 import functools
+import http.client
 import os
+import select
 import ssl
+import zlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import certifi
-from requests.adapters import HTTPAdapter
+import requests
 
 from eexit.ccxt_lite import ccxt   # before eexit.venues: the stand-in, not every exchange
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
@@ -93,45 +96,119 @@ def tls_context(ca_file=None):
     """The one verifying TLS context every client of a process shares: built once, from
     EEXIT_EXCHANGE_CA_FILE when set (the COMPLETE trust store then, certifi not added: behind
     a TLS-intercepting proxy give its CA, or a bundle with both), else certifi's bundle. Left
-    to itself, requests hands urllib3 the bundle's path and every new connection builds a
-    context and re-reads ~150 KB of PEM (30+ ms CPU each, 60 of them in a cold panic)."""
+    to itself, requests handed urllib3 the bundle's path and every new connection built a
+    context and re-read ~150 KB of PEM (30+ ms CPU each, 60 of them in a cold panic)."""
     return ssl.create_default_context(cafile=ca_file or certifi.where())
 
 
-class SharedTLSAdapter(HTTPAdapter):
-    """requests adapter verifying with tls_context() instead of a per-connection bundle."""
+class ExchangeSession:
+    """ccxt's HTTP session (ex.session) on the standard library's http.client, which urllib3
+    itself wraps: ccxt still builds, signs and sorts every request and answer; what goes is
+    requests' and urllib3's layers around it, most of a request's CPU (docs/BENCHMARKS.md §10).
+    Verifies with the shared tls_context and reads no environment (no proxy, no netrc, no
+    REQUESTS_CA_BUNDLE). A client serves one thread at a time (ExchangePool hands them out so;
+    ccxt keeps per-client state such as the last answer's headers): its connection is kept
+    alive and replaced when the server closed it while idle, as urllib3 does. A request is
+    never retried (its outcome may be unknown). A 3xx is not followed (an order is never
+    re-sent elsewhere) and fails the request (ExchangeError: the account is unknown, never
+    empty). Other failures raise what requests raised, so ccxt sorts them as before: a
+    timeout is RequestTimeout (an order may have been placed), TLS and connection failures
+    NetworkError."""
 
     def __init__(self, context):
         self.context = context
-        super().__init__(pool_connections=1, pool_maxsize=4)
+        self.headers = requests.utils.default_headers()     # ccxt merges them into each request
+        self.cookies = {}                                    # ccxt clears them; none is ever sent
+        self.idle = []                                       # [((scheme, host), connection)], LIFO
 
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, ssl_context=self.context, **kwargs)
+    def request(self, method, url, data=None, headers=None, timeout=None, verify=True, **options):
+        if not verify or any(options.values()):
+            # ccxt passes verify=True, proxies=None, files=None: anything else is not what eexit built.
+            raise ValueError(f"eexit's exchange session sends verified and direct only: {verify} {options}")
+        parts = urlsplit(url)
+        origin = (parts.scheme, parts.netloc)
+        conn, reusable = self._connection(origin, timeout), False
+        try:
+            target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+            conn.request(method, target, headers=headers or {},
+                         body=b"" if data is None and method not in ("GET", "HEAD") else data)
+            answer = conn.getresponse()
+            body = answer.read()
+            reusable = not answer.will_close
+        except (OSError, http.client.HTTPException) as exc:
+            raise _transport_error(exc, connecting=False) from exc
+        finally:
+            # Only a connection that delivered a whole answer is reused; any other is closed.
+            if reusable:
+                self.idle.append((origin, conn))
+            else:
+                conn.close()
+        response = requests.Response()
+        response.status_code, response.reason, response.url = answer.status, answer.reason, url
+        response.headers = requests.structures.CaseInsensitiveDict(answer.getheaders())
+        coding = response.headers.get("Content-Encoding", "").lower()
+        try:
+            # ccxt asks for gzip or deflate, as requests did; a venue may answer with either.
+            response._content = zlib.decompress(body, 16 + zlib.MAX_WBITS) if coding == "gzip" else \
+                zlib.decompress(body) if coding == "deflate" else body
+        except zlib.error as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        if 300 <= answer.status < 400:
+            # ccxt would parse the redirect's body (often empty) as the answer: an empty list of orders.
+            raise requests.exceptions.TooManyRedirects(f"{answer.status} {answer.reason} not followed",
+                                                       response=response)
+        return response
 
-    def cert_verify(self, conn, url, verify, cert):
-        # ccxt always asks for verification; the shared context holds the trust store and
-        # checks hostnames, so nothing is re-read per connection. verify=False is refused
-        # rather than honoured: eexit never talks to an exchange unverified.
-        if not verify:
-            raise ValueError("eexit never disables TLS verification")
-        conn.cert_reqs = "CERT_REQUIRED"
-        conn.ca_certs = conn.ca_cert_dir = None
+    def _connection(self, origin, timeout):
+        """The last idle connection to origin (scheme, host) the server has not closed, else a
+        new one, connected here (a failure to connect is told from one after sending)."""
+        while self.idle:
+            idle_origin, conn = self.idle.pop()
+            readable = select.poll()
+            readable.register(conn.sock, select.POLLIN)
+            if idle_origin == origin and not readable.poll(0):    # readable while idle: closed
+                conn.sock.settimeout(timeout)
+                return conn
+            conn.close()
+        scheme, host = origin
+        conn = http.client.HTTPSConnection(host, timeout=timeout, context=self.context) if scheme == "https" \
+            else http.client.HTTPConnection(host, timeout=timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise _transport_error(exc, connecting=True) from exc
+        return conn
+
+    def close(self):
+        """Closes the idle connections (ccxt's close() calls it)."""
+        while self.idle:
+            self.idle.pop()[1].close()
+
+
+def _transport_error(exc, connecting):
+    """The requests exception that Session.request raised for exc (ccxt sorts those)."""
+    if isinstance(exc, TimeoutError):
+        return (requests.exceptions.ConnectTimeout if connecting else requests.exceptions.ReadTimeout)(exc)
+    if isinstance(exc, ssl.SSLError):
+        return requests.exceptions.SSLError(exc)
+    return requests.exceptions.ConnectionError(exc)
 
 
 def build_exchange(cfg):
     """A synchronous ccxt exchange. ccxt's rate limiter is off: it sleeps ~200 ms between
     orders, which an emergency close cannot afford; callers pace themselves. HTTPS verifies
-    with the process-wide tls_context (ccxt's session has trust_env=False, so
+    with the process-wide tls_context (ExchangeSession reads no environment, so
     REQUESTS_CA_BUNDLE is ignored: EEXIT_EXCHANGE_CA_FILE is the setting)."""
     klass = getattr(ccxt, cfg.exchange_id)
-    settings = {"enableRateLimit": False, "timeout": int(cfg.timeout_ms)}
+    settings = {"enableRateLimit": False, "timeout": int(cfg.timeout_ms),
+                "session": ExchangeSession(tls_context(cfg.ca_file))}
     if cfg.api_key is not None:
         settings["apiKey"] = cfg.api_key
         settings["secret"] = cfg.api_secret
     if cfg.api_password is not None:
         settings["password"] = cfg.api_password
     ex = klass(settings)
-    ex.session.mount("https://", SharedTLSAdapter(tls_context(cfg.ca_file)))
     # A signed currency listing before the markets costs a request and needs wallet rights.
     ex.options["fetchCurrencies"] = False
     ex.has["fetchCurrencies"] = False
@@ -160,10 +237,6 @@ def venue_of(ex):
 def scope(exchange_id):
     """The account segments a read covers, e.g. "bybit:linear/USDT,linear/USDC,inverse"."""
     return f"{exchange_id}:{','.join(venue(exchange_id).SEGMENTS)}"
-
-
-def segments(ex):
-    return venue_of(ex).SEGMENTS
 
 
 def check_key(ex):
@@ -197,7 +270,7 @@ def read_positions(ex):
     segment): callers without a per-row report (brain, operator tools) never act on a part
     of the account as if it were all of it. The EEW reads per segment and closes the rest."""
     positions = []
-    for segment in segments(ex):
+    for segment in venue_of(ex).SEGMENTS:
         readable, unreadable = read_segment_positions(ex, segment)
         if unreadable:
             error = ExchangeDataError("unreadable position rows: " + "; ".join(u.describe() for u in unreadable))
@@ -207,15 +280,12 @@ def read_positions(ex):
     return positions
 
 
-def read_open_orders_book(ex, conditional):
-    """Open orders of one book: the normal one, or (conditional=True) the conditional/algo
-    one, of every segment. Separate so that callers can read both books concurrently."""
-    return [o for segment in segments(ex) for book in venue_of(ex).BOOKS if (book != "regular") == conditional
-            for o in read_segment_orders(ex, segment, book)]
-
-
 def read_open_orders(ex):
-    return read_open_orders_book(ex, False) + read_open_orders_book(ex, True)
+    """Open orders of every book of every segment: the regular books first, then the
+    conditional/algo ones."""
+    books = sorted(venue_of(ex).BOOKS, key=lambda book: book != "regular")
+    return [order for book in books for segment in venue_of(ex).SEGMENTS
+            for order in read_segment_orders(ex, segment, book)]
 
 
 def cancel_book(ex, symbol, conditional, orders=()):

@@ -1,7 +1,10 @@
 """eexit.exchange against the paper exchange through real ccxt."""
 
+import gzip
+import http.server
 import os
 import tempfile
+import threading
 import time
 import unittest
 
@@ -296,3 +299,76 @@ class VenueSeamTest(unittest.TestCase):
         for exchange_id, exc, expected in cases:
             kind = classify_error(exc, exchange_id=exchange_id)
             self.assertEqual(expected, (kind.kind, kind.code), (exchange_id, exc))
+
+
+class _Plain(http.server.BaseHTTPRequestHandler):
+    """Answers for ExchangeSessionTest: gzip, a redirect, a slow answer; counts connections."""
+    protocol_version = "HTTP/1.1"
+    connections, paths = [], []
+
+    def setup(self):
+        super().setup()
+        self.connections.append(self.client_address)
+
+    def do_GET(self):
+        self.paths.append(self.path)
+        if self.path == "/slow":
+            time.sleep(1.0)
+        status, body, headers = 200, b'{"ok":true}', {"Content-Type": "application/json"}
+        if self.path == "/gzip":
+            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+        elif self.path == "/redirect":
+            status, body, headers = 302, b"", {"Location": "/target"}
+        self.send_response(status)
+        for key, value in dict(headers, **{"Content-Length": str(len(body))}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # the slow answer meets a client that timed out and closed: expected here
+
+
+class ExchangeSessionTest(unittest.TestCase):
+    """exchange.ExchangeSession under ccxt's own fetch(): what requests did, on http.client."""
+
+    def setUp(self):
+        _Plain.connections, _Plain.paths = [], []
+        self.server = _Server(("127.0.0.1", 0), _Plain)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.ex = build_exchange(ExchangeConfig.from_env({"EEXIT_EXCHANGE_URL": self.base,
+                                                          "EEXIT_EXCHANGE_TIMEOUT_MS": "300"}))
+
+    def test_keep_alive_and_gzip(self):
+        for _ in range(3):
+            self.assertEqual({"ok": True}, self.ex.fetch(self.base + "/gzip"))
+        self.assertEqual(1, len(_Plain.connections), "one connection kept alive for every request")
+
+    def test_a_redirect_is_not_followed_and_fails_the_request(self):
+        with self.assertRaises(ccxt.ExchangeError):
+            self.ex.fetch(self.base + "/redirect")
+        self.assertEqual(["/redirect"], _Plain.paths)
+
+    def test_a_timeout_is_request_timeout_and_the_connection_is_not_reused(self):
+        self.ex.fetch(self.base + "/plain")
+        with self.assertRaises(ccxt.RequestTimeout):
+            self.ex.fetch(self.base + "/slow")
+        self.assertEqual({"ok": True}, self.ex.fetch(self.base + "/plain"))
+        self.assertEqual(2, len(_Plain.connections))
+
+    def test_a_refused_connection_is_a_network_error_not_a_timeout(self):
+        self.server.shutdown()
+        self.server.server_close()
+        with self.assertRaises(ccxt.NetworkError) as caught:
+            self.ex.fetch(self.base + "/plain")
+        self.assertNotIsInstance(caught.exception, ccxt.RequestTimeout)
