@@ -79,7 +79,6 @@ from .log import Logger
 
 ISSUER = "exit_brain"
 REASON = "EXIT_BRAIN_DIED"
-INCIDENT_KEY = "eexit:watchdog:incident"      # the watchdog's key (tests check they agree)
 OPENED_BY = "hook"
 HOOK_KEY_CREDENTIAL = "hook_hmac_key"
 SERVICE_VARIABLES = ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS")
@@ -165,7 +164,7 @@ def claim(client, event_id, fields, facts, state, notes):
     claim_fields = {"reason": REASON, "opened_by": OPENED_BY, "issued_by": ISSUER,
                     "detail": " ".join(f"{k}={v or '-'}" for k, v in facts.items())}
     try:
-        won, value = bus.claim_and_publish(client, INCIDENT_KEY, schema.PANIC_STREAM, event_id,
+        won, value = bus.claim_and_publish(client, schema.INCIDENT_KEY, schema.PANIC_STREAM, event_id,
                                            claim_fields, fields)
     except bus.REDIS_ERRORS as exc:
         if bus.is_transport_error(exc):

@@ -711,7 +711,7 @@ class Kernel:
         (hook.after_lost_claim) decides, so both producers read a held incident alike."""
         fields = self.panic_fields(event_id, reason, context)
         claim = {"reason": reason, "opened_by": ISSUER, "issued_by": ISSUER}
-        won, written = bus.claim_and_publish(self.client, hook.INCIDENT_KEY, schema.PANIC_STREAM,
+        won, written = bus.claim_and_publish(self.client, schema.INCIDENT_KEY, schema.PANIC_STREAM,
                                              event_id, claim, fields)
         incident = event_id if won else self.after_lost_claim(event_id, holder=written)
         fields = fields if incident == event_id else self.panic_fields(incident, reason, context)
@@ -788,8 +788,9 @@ class Kernel:
 
 
 PROBES = (("XADD", schema.PANIC_STREAM, "0-0", "f", "v"), ("XADD", EVENTS_STREAM, "0-0", "f", "v"),
-          ("EVALSHA", "0" * 40, "2", hook.INCIDENT_KEY, schema.PANIC_STREAM), ("SCRIPT", "LOAD", "return 1"),
-          ("HGET", hook.INCIDENT_KEY, "event_id"), ("HGET", schema.PROCESSED_KEY, "x"),
+          ("EVALSHA", "0" * 40, "2", schema.INCIDENT_KEY, schema.PANIC_STREAM),
+          ("SCRIPT", "LOAD", "return 1"),
+          ("HGET", schema.INCIDENT_KEY, "event_id"), ("HGET", schema.PROCESSED_KEY, "x"),
           ("XADD", HEARTBEAT_STREAM, "0-0", "f", "v"), ("GET", STATE_KEY), ("XLEN", EVENTS_STREAM),
           ("XREVRANGE", REBASE_STREAM, "+", "-", "COUNT", "1"), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
 
