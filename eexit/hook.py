@@ -123,15 +123,6 @@ def after_lost_claim(state, holder_done):
     return ADOPTED
 
 
-def panic_fields(event_id, context, keyring, now_ms):
-    """The panic's wire fields for event_id, signed with the exit_brain key when keys exist."""
-    event = schema.PanicEvent(event_id=event_id, reason=REASON, issued_by=ISSUER, ts=now_ms)
-    event.extra["context"] = json.dumps(context, separators=(",", ":"), sort_keys=True)
-    fields = event.to_fields()
-    # load_credentials refused a configured ring without an exit_brain key.
-    return signing.sign_fields(fields, keyring.kid_for(ISSUER), keyring) if keyring.configured else fields
-
-
 # ---------------------------------------------------------------------------- shell
 
 def load_credentials(env):
@@ -212,10 +203,11 @@ def publish_on_failure(env, log, started, notes, facts, client=None, origin=None
         log.info("panic_skipped", why="latched", held_by_event=state.event_id, **notes, **facts)
         return EXIT_OK
     new_id = str(uuid.uuid4())
-    fields = panic_fields(new_id, context, keyring, now_ms)
+    # Signed with the exit_brain key: load_credentials refused a ring that holds none.
+    fields = signing.signed_panic(new_id, REASON, ISSUER, now_ms, context, keyring)
     how, event_id, written = claim(client, new_id, fields, facts, state, notes)
     if event_id != new_id:
-        fields = panic_fields(event_id, context, keyring, now_ms)
+        fields = signing.signed_panic(event_id, REASON, ISSUER, now_ms, context, keyring)
     published = bus.publish_durable(client, schema.PANIC_STREAM, fields, replicas, wait_ms,
                                     # its backoff sleeps up to 0.5 s: stop retrying before
                                     # the timer, so a refused Redis says 4, a stalled one 3

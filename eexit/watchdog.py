@@ -113,7 +113,6 @@ DEGRADED with `reason` (panic_rejected, incident_not_flat, eew_would_reject) and
 This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
 
-import json
 import sys
 import time
 import uuid
@@ -751,12 +750,8 @@ class Watchdog:
         context = {"detail": incident.detail, "publish_count": incident.publish_count, "incident": incident.event_id,
                    "round": incident.round, "brain_status": self.state.status,
                    "brain_positions": self.state.active_positions}
-        event = schema.PanicEvent(event_id=incident.current, reason=incident.reason,
-                                  issued_by=ISSUER, ts=self.clock_ms(),
-                                  extra={"context": json.dumps(context, sort_keys=True)})
-        fields = event.to_fields()
-        if self.kid is not None:
-            fields = signing.sign_fields(fields, self.kid, self.keyring)
+        fields = signing.signed_panic(incident.current, incident.reason, ISSUER, self.clock_ms(), context,
+                                      self.keyring)
         published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields,
                                         self.cfg.redis_replicas, self.cfg.redis_wait_ms,
                                         give_up_after_s=2.0)
