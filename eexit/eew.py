@@ -319,14 +319,10 @@ def _pairs(fields):
     return [item for name_value in fields.items() for item in name_value]
 
 
-def _text(value):
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def decode_fields(raw):
     """str -> str copy of an entry's fields for signature checks (undecodable bytes replaced;
     such an entry then fails verification rather than crashing the loop)."""
-    return {_text(key): _text(value) for key, value in (raw or {}).items()}
+    return {bus.as_text(key): bus.as_text(value) for key, value in (raw or {}).items()}
 
 
 def authorise(fields, authorized_sources, keyring):
@@ -477,7 +473,7 @@ class Ledger:
             keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, schema.INFLIGHT_KEY, REPORTED_KEY],
             args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "",
                   *_pairs(report_fields)])
-        return bool(written), _text(report_id)
+        return bool(written), bus.as_text(report_id)
 
     def publish(self, item, halt=None):
         """A report item (Entries.finish_report's, or the journal's): its halt (force_halt:
@@ -488,18 +484,18 @@ class Ledger:
 
     def publish_direct(self, event_id, report_fields):
         """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
+        return bus.as_text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
                                   args=[event_id, *_pairs(report_fields)]))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
-        return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+        return bus.as_text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
                                   args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields),
                                         *entry_ids]))
 
     def in_flight(self):
         """{event_id: record or None} for every event id in the in-flight set."""
-        ids = [_text(event_id) for event_id in self.client.smembers(schema.INFLIGHT_KEY)]
+        ids = [bus.as_text(event_id) for event_id in self.client.smembers(schema.INFLIGHT_KEY)]
         raws = self.client.hmget(schema.PROCESSED_KEY, ids) if ids else []
         return {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
 
@@ -1256,7 +1252,7 @@ class LostPanics:
         low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(group.get("last-delivered-id")))
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
-            self.peek_cursor = _text(batch[0][0])
+            self.peek_cursor = bus.as_text(batch[0][0])
         for entry_id, raw, screened in self.authorised(reversed(batch)):
             if self.ledger.record(screened[1]) is None:
                 log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=entry_id)
@@ -1264,7 +1260,8 @@ class LostPanics:
 
     def authorised(self, batch):
         """[(entry id, raw fields, screened)] of the authorised entries of a stream batch."""
-        screened = [(_text(entry_id), raw, self.screen(_text(entry_id), raw)) for entry_id, raw in batch]
+        screened = [(bus.as_text(entry_id), raw, self.screen(bus.as_text(entry_id), raw))
+                    for entry_id, raw in batch]
         return [item for item in screened if item[2][3]]
 
     def tamper_close(self, finding):
@@ -1315,8 +1312,9 @@ class LostPanics:
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
         candidates = [(entry_id, raw, screened[1]) for entry_id, raw, screened in self.authorised(batch)]
         if candidates:
-            low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
-            pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
+            low, high, count = core.pending_query([bus.as_text(entry_id) for entry_id, _ in batch],
+                                                  [c[0] for c in candidates])
+            pending = {bus.as_text(item["message_id"]) for item in self.redis.xpending_range(
                 schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
             raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
             records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
@@ -1324,7 +1322,7 @@ class LostPanics:
                 log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
                              action="executing_from_stream")
                 self.handle_entry(entry_id, raw)
-        self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
+        self.audit_cursor = bus.as_text(batch[-1][0]) if len(batch) == READ_BATCH else last
         if len(batch) == READ_BATCH:
             self.at.pop("guard_sweep", None)    # more to check: next pass
 
@@ -1334,7 +1332,7 @@ class LostPanics:
         reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=1)
         for _stream, items in reply or []:
             for entry_id, fields in items:
-                self.resume_cursor = _text(entry_id)
+                self.resume_cursor = bus.as_text(entry_id)
                 verdict, why = resume.serve_request(
                     self.redis, fields, self.config.keyring, self.config.resume_cooldown_s,
                     self.account_for_resume, self.stream_broken, self.config.consumer)
@@ -1530,7 +1528,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
                  deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
                  bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
                  authorized=",".join(self.config.authorized_sources),
-                 signatures="required" if self.config.keyring.configured else "not_configured")
+                 signatures=signing.advertise(self.config.keyring)["signatures"])
         while not self.stopping:
             self.iteration()
         self.notifier.stopping()
