@@ -211,12 +211,11 @@ class Config:
 
     @classmethod
     def from_env(cls, env=None):
-        env = os.environ if env is None else env
         read = settings(cls, env)
         guard_interval(read.halt_guard_s)
         known_issuers(read.authorized_sources)
         # systemd's StateDirectory=eexit sets STATE_DIRECTORY (/var/lib/eexit): the default lives there.
-        state_dir = (env.get("STATE_DIRECTORY") or "/var/lib/eexit").split(":")[0]
+        state_dir = env_str("STATE_DIRECTORY", "/var/lib/eexit", env).split(":")[0]
         journal_path = env_str("EEXIT_JOURNAL", os.path.join(state_dir, "eew-journal.jsonl"), env)
         try:
             with open(journal_path, "a", encoding="utf-8"):
