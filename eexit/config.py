@@ -88,12 +88,15 @@ def nested(cls):
 
 def settings(cls, env=None):
     """An instance of dataclass cls with every setting() and nested() field read from the
-    environment (one table: each setting is declared once, beside its name and bounds)."""
+    environment (one table: each setting is declared once, beside its name and bounds). Other
+    fields keep their defaults (a from_env of the class fills in what is not one setting)."""
     values = {}
     for item in fields(cls):
         if "nested" in item.metadata:
             values[item.name] = settings(item.metadata["nested"], env)
             continue
+        if "env" not in item.metadata:
+            continue                # not a setting: the class's own from_env fills it in
         name, minimum, maximum, default_from = item.metadata["env"]
         default = values[default_from] if default_from else item.default
         plain = {str: env_str, bool: env_bool, tuple: env_list}.get(type(item.default))

@@ -136,11 +136,11 @@ import time
 import traceback
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import bus, daemon, exchange, flatten, guard_policy, resume, schema, signing, tamper
 from . import eew_core as core
-from .config import ConfigError, env_float, env_int, env_list, env_str
+from .config import ConfigError, env_str, setting, settings
 from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
@@ -173,7 +173,6 @@ PACING_MARGIN_S = 0.1
 # Venues and their load balancers drop kept-alive connections idle for about a minute or
 # more; a ping every 20 s keeps the warm ones well inside that (0 disables it).
 DEFAULT_KEEPALIVE_S = 20
-INFLIGHT_KEY = "eexit:eew:inflight"   # event ids claimed and not yet final (the ledger sweep)
 REPORTED_KEY = "eexit:eew:reported"   # event ids with a final report (once per id, ledger or not)
 READ_BATCH = 512                      # entries per read: a flood costs O(1) round trips per batch
 REJECTED_IDS_SHOWN = 20               # entry ids a rejection summary names
@@ -183,39 +182,40 @@ SIMPLE_CLOSE_ATTEMPT = 1000           # the fail-closed close's first attempt nu
 
 # ------------------------------------------------------------------------------ config
 
-# The numeric settings: (attribute, env name, parse, default, minimum, maximum). Their meaning
-# is documented in docs/CONFIG.md (one row each); an unparsable or out-of-range value is a
-# ConfigError naming the variable (exit 2).
-NUMBERS = (
-    ("close_deadline_s", "EEXIT_CLOSE_DEADLINE_S", env_float, 30, 1, 3600),
-    ("claim_idle_ms", "EEXIT_CLAIM_IDLE_MS", env_int, 15000, 100, 3_600_000),
-    ("sweep_interval_s", "EEXIT_SWEEP_INTERVAL_S", env_float, 5, 0.05, 3600),
-    ("bus_loss_close_s", "EEXIT_BUS_LOSS_CLOSE_S", env_float, 10, 0, 3600),
-    ("concurrency", "EEXIT_CLOSE_CONCURRENCY", env_int, 64, 1, 256),
-    ("block_ms", "EEXIT_BLOCK_MS", env_int, 1000, 10, bus.BLOCK_MS_MAX),
-    ("heartbeat_interval_s", "EEXIT_HEARTBEAT_INTERVAL_S", env_float, 1, 0.05, 60),
-    ("account_check_s", "EEXIT_ACCOUNT_CHECK_S", env_float, 60, 1, 3600),
-    ("keepalive_s", "EEXIT_EXCHANGE_KEEPALIVE_S", env_float, DEFAULT_KEEPALIVE_S, 0, 3600),
-    ("max_deliveries", "EEXIT_MAX_DELIVERIES", env_int, 3, 1, 100),
-    ("halt_guard_s", "EEXIT_HALT_GUARD_S", env_float, 5, 0, 3600),
-    ("resume_cooldown_s", "EEXIT_RESUME_COOLDOWN_S", env_float, 300, 0, 86400),
-)
-
-
+@dataclass(frozen=True, repr=False)     # no repr: the keyring and the exchange credentials never reach a log
 class Config:
-    """Every knob, read once from the environment (ConfigError -> exit 2). Attributes: those
-    of NUMBERS, and redis_url, consumer, authorized_sources, journal_path, order_limits
-    ((orders, window_s), ...), halt_guard_policy, exchange_config, keyring. No __repr__ of the
-    fields: the keyring and the exchange credentials must never reach a log."""
-
-    def __init__(self, **values):
-        self.__dict__.update(values)
+    """Every knob, read once from the environment (ConfigError -> exit 2); each one's meaning
+    is a row of docs/CONFIG.md. The settings are one table; the fields after them are read by
+    from_env because their defaults depend on the environment (the state directory, the host,
+    the venue) or they come from elsewhere (the Redis URL, the exchange, the keyring)."""
+    close_deadline_s: float = setting("EEXIT_CLOSE_DEADLINE_S", 30.0, 1, 3600)
+    claim_idle_ms: int = setting("EEXIT_CLAIM_IDLE_MS", 15000, 100, 3_600_000)
+    sweep_interval_s: float = setting("EEXIT_SWEEP_INTERVAL_S", 5.0, 0.05, 3600)
+    bus_loss_close_s: float = setting("EEXIT_BUS_LOSS_CLOSE_S", 10.0, 0, 3600)
+    concurrency: int = setting("EEXIT_CLOSE_CONCURRENCY", 64, 1, 256)
+    block_ms: int = setting("EEXIT_BLOCK_MS", 1000, 10, bus.BLOCK_MS_MAX)
+    heartbeat_interval_s: float = setting("EEXIT_HEARTBEAT_INTERVAL_S", 1.0, 0.05, 60)
+    account_check_s: float = setting("EEXIT_ACCOUNT_CHECK_S", 60.0, 1, 3600)
+    keepalive_s: float = setting("EEXIT_EXCHANGE_KEEPALIVE_S", float(DEFAULT_KEEPALIVE_S), 0, 3600)
+    max_deliveries: int = setting("EEXIT_MAX_DELIVERIES", 3, 1, 100)
+    halt_guard_s: float = setting("EEXIT_HALT_GUARD_S", 5.0, 0, 3600)
+    resume_cooldown_s: float = setting("EEXIT_RESUME_COOLDOWN_S", 300.0, 0, 86400)
+    authorized_sources: tuple = setting("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS)
+    halt_guard_policy: str = None       # enforce | alert (guard_policy.POLICIES)
+    journal_path: str = None
+    consumer: str = None
+    order_limits: tuple = None          # ((orders, window_s), ...)
+    redis_url: str = None
+    exchange_config: exchange.ExchangeConfig = None
+    keyring: signing.KeyRing = None
 
     @classmethod
     def from_env(cls, env=None):
-        env = os.environ if env is None else env
+        read = settings(cls, env)
+        guard_interval(read.halt_guard_s)
+        known_issuers(read.authorized_sources)
         # systemd's StateDirectory=eexit sets STATE_DIRECTORY (/var/lib/eexit): the default lives there.
-        state_dir = (env.get("STATE_DIRECTORY") or "/var/lib/eexit").split(":")[0]
+        state_dir = env_str("STATE_DIRECTORY", "/var/lib/eexit", env).split(":")[0]
         journal_path = env_str("EEXIT_JOURNAL", os.path.join(state_dir, "eew-journal.jsonl"), env)
         try:
             with open(journal_path, "a", encoding="utf-8"):
@@ -224,18 +224,13 @@ class Config:
             # Refuse to start: without a journal a bus-loss report could not be kept.
             raise ConfigError(f"EEXIT_JOURNAL={journal_path!r} cannot be opened for append: "
                               f"{exc.strerror}") from None
-        numbers = {attribute: parse(name, default, minimum=low, maximum=high, env=env)
-                   for attribute, name, parse, default, low, high in NUMBERS}
-        numbers["halt_guard_s"] = guard_interval(numbers["halt_guard_s"])
         exchange_config = exchange.ExchangeConfig.from_env(env)
-        return cls(
-            **numbers, redis_url=bus.redis_url(env), journal_path=journal_path,
-            consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
-            authorized_sources=known_issuers(env_list("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS, env)),
+        return replace(
+            read, journal_path=journal_path, consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
             order_limits=parse_order_limits(env_str(
                 "EEXIT_ORDER_LIMITS", exchange.default_order_limits(exchange_config.exchange_id), env)),
             halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
-            exchange_config=exchange_config, keyring=signing.load_keys(env))
+            redis_url=bus.redis_url(env), exchange_config=exchange_config, keyring=signing.load_keys(env))
 
 
 def known_issuers(sources):
@@ -323,14 +318,10 @@ def _pairs(fields):
     return [item for name_value in fields.items() for item in name_value]
 
 
-def _text(value):
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def decode_fields(raw):
     """str -> str copy of an entry's fields for signature checks (undecodable bytes replaced;
     such an entry then fails verification rather than crashing the loop)."""
-    return {_text(key): _text(value) for key, value in (raw or {}).items()}
+    return {bus.as_text(key): bus.as_text(value) for key, value in (raw or {}).items()}
 
 
 def authorise(fields, authorized_sources, keyring):
@@ -454,7 +445,7 @@ class Ledger:
             record.update(reason=event.reason, issued_by=event.issued_by)
         pipe = self.client.pipeline(transaction=True)
         pipe.hsetnx(schema.PROCESSED_KEY, event_id, json.dumps(record))
-        pipe.sadd(INFLIGHT_KEY, event_id)    # harmless for a done record: the sweep drops it
+        pipe.sadd(schema.INFLIGHT_KEY, event_id)    # harmless for a done record: the sweep drops it
         if pipe.execute()[0]:
             return "new", record
         existing = self.record(event_id)
@@ -478,10 +469,10 @@ class Ledger:
     def finish(self, ledger_field, done_record, entry_id, report_fields):
         """Write the report unless one stands, mark done, XACK. Returns (written, report id)."""
         written, report_id = self._finish(
-            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, INFLIGHT_KEY, REPORTED_KEY],
+            keys=[schema.PROCESSED_KEY, schema.COMPLETED_STREAM, schema.PANIC_STREAM, schema.INFLIGHT_KEY, REPORTED_KEY],
             args=[ledger_field, json.dumps(done_record), schema.EEW_GROUP, entry_id or "",
                   *_pairs(report_fields)])
-        return bool(written), _text(report_id)
+        return bool(written), bus.as_text(report_id)
 
     def publish(self, item, halt=None):
         """A report item (Entries.finish_report's, or the journal's): its halt (force_halt:
@@ -492,18 +483,18 @@ class Ledger:
 
     def publish_direct(self, event_id, report_fields):
         """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        return _text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
+        return bus.as_text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
                                   args=[event_id, *_pairs(report_fields)]))
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
-        return _text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
+        return bus.as_text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
                                   args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields),
                                         *entry_ids]))
 
     def in_flight(self):
         """{event_id: record or None} for every event id in the in-flight set."""
-        ids = [_text(event_id) for event_id in self.client.smembers(INFLIGHT_KEY)]
+        ids = [bus.as_text(event_id) for event_id in self.client.smembers(schema.INFLIGHT_KEY)]
         raws = self.client.hmget(schema.PROCESSED_KEY, ids) if ids else []
         return {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
 
@@ -1260,7 +1251,7 @@ class LostPanics:
         low = max(tamper.parse_id(self.peek_cursor), tamper.parse_id(group.get("last-delivered-id")))
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
-            self.peek_cursor = _text(batch[0][0])
+            self.peek_cursor = bus.as_text(batch[0][0])
         for entry_id, raw, screened in self.authorised(reversed(batch)):
             if self.ledger.record(screened[1]) is None:
                 log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=entry_id)
@@ -1268,7 +1259,8 @@ class LostPanics:
 
     def authorised(self, batch):
         """[(entry id, raw fields, screened)] of the authorised entries of a stream batch."""
-        screened = [(_text(entry_id), raw, self.screen(_text(entry_id), raw)) for entry_id, raw in batch]
+        screened = [(bus.as_text(entry_id), raw, self.screen(bus.as_text(entry_id), raw))
+                    for entry_id, raw in batch]
         return [item for item in screened if item[2][3]]
 
     def tamper_close(self, finding):
@@ -1300,7 +1292,7 @@ class LostPanics:
         stranded, finished = tamper.stranded_records(records, pending, self.config.consumer,
                                                      bus.server_time_ms(self.redis), self.config.claim_idle_ms)
         if finished:
-            self.redis.srem(INFLIGHT_KEY, *finished)
+            self.redis.srem(schema.INFLIGHT_KEY, *finished)
         for event_id in stranded:
             record = records[event_id]
             log.critical("panic_stranded_resumed", event_id=event_id, entry_id=record.get("entry"),
@@ -1319,8 +1311,9 @@ class LostPanics:
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
         candidates = [(entry_id, raw, screened[1]) for entry_id, raw, screened in self.authorised(batch)]
         if candidates:
-            low, high, count = core.pending_query([_text(e) for e, _ in batch], [c[0] for c in candidates])
-            pending = {_text(item["message_id"]) for item in self.redis.xpending_range(
+            low, high, count = core.pending_query([bus.as_text(entry_id) for entry_id, _ in batch],
+                                                  [c[0] for c in candidates])
+            pending = {bus.as_text(item["message_id"]) for item in self.redis.xpending_range(
                 schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
             raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
             records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
@@ -1328,7 +1321,7 @@ class LostPanics:
                 log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
                              action="executing_from_stream")
                 self.handle_entry(entry_id, raw)
-        self.audit_cursor = _text(batch[-1][0]) if len(batch) == READ_BATCH else last
+        self.audit_cursor = bus.as_text(batch[-1][0]) if len(batch) == READ_BATCH else last
         if len(batch) == READ_BATCH:
             self.at.pop("guard_sweep", None)    # more to check: next pass
 
@@ -1338,7 +1331,7 @@ class LostPanics:
         reply = self.redis.xread({resume.REQUEST_STREAM: self.resume_cursor}, count=1)
         for _stream, items in reply or []:
             for entry_id, fields in items:
-                self.resume_cursor = _text(entry_id)
+                self.resume_cursor = bus.as_text(entry_id)
                 verdict, why = resume.serve_request(
                     self.redis, fields, self.config.keyring, self.config.resume_cooldown_s,
                     self.account_for_resume, self.stream_broken, self.config.consumer)
@@ -1534,7 +1527,7 @@ class Worker(Entries, LostPanics, OwnAuthority):
                  deadline_s=self.config.close_deadline_s, claim_idle_ms=self.config.claim_idle_ms,
                  bus_loss_close_s=self.config.bus_loss_close_s, concurrency=self.config.concurrency,
                  authorized=",".join(self.config.authorized_sources),
-                 signatures="required" if self.config.keyring.configured else "not_configured")
+                 signatures=signing.advertise(self.config.keyring)["signatures"])
         while not self.stopping:
             self.iteration()
         self.notifier.stopping()

@@ -34,9 +34,9 @@ import hashlib
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 
-FLAT = "FLAT"
-RESIDUAL = "RESIDUAL"
-FAILED = "FAILED"
+from .schema import FINAL_STATUSES
+
+FLAT, RESIDUAL, FAILED = FINAL_STATUSES     # the verdicts, named once in the wire contract
 
 CLIENT_ID_PREFIX = "eexit"
 CLIENT_ID_LENGTH = 32

@@ -79,7 +79,6 @@ from .log import Logger
 
 ISSUER = "exit_brain"
 REASON = "EXIT_BRAIN_DIED"
-INCIDENT_KEY = "eexit:watchdog:incident"      # the watchdog's key (tests check they agree)
 OPENED_BY = "hook"
 HOOK_KEY_CREDENTIAL = "hook_hmac_key"
 SERVICE_VARIABLES = ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS")
@@ -124,15 +123,6 @@ def after_lost_claim(state, holder_done):
     return ADOPTED
 
 
-def panic_fields(event_id, context, keyring, now_ms):
-    """The panic's wire fields for event_id, signed with the exit_brain key when keys exist."""
-    event = schema.PanicEvent(event_id=event_id, reason=REASON, issued_by=ISSUER, ts=now_ms)
-    event.extra["context"] = json.dumps(context, separators=(",", ":"), sort_keys=True)
-    fields = event.to_fields()
-    # load_credentials refused a configured ring without an exit_brain key.
-    return signing.sign_fields(fields, keyring.kid_for(ISSUER), keyring) if keyring.configured else fields
-
-
 # ---------------------------------------------------------------------------- shell
 
 def load_credentials(env):
@@ -165,7 +155,7 @@ def claim(client, event_id, fields, facts, state, notes):
     claim_fields = {"reason": REASON, "opened_by": OPENED_BY, "issued_by": ISSUER,
                     "detail": " ".join(f"{k}={v or '-'}" for k, v in facts.items())}
     try:
-        won, value = bus.claim_and_publish(client, INCIDENT_KEY, schema.PANIC_STREAM, event_id,
+        won, value = bus.claim_and_publish(client, schema.INCIDENT_KEY, schema.PANIC_STREAM, event_id,
                                            claim_fields, fields)
     except bus.REDIS_ERRORS as exc:
         if bus.is_transport_error(exc):
@@ -213,10 +203,11 @@ def publish_on_failure(env, log, started, notes, facts, client=None, origin=None
         log.info("panic_skipped", why="latched", held_by_event=state.event_id, **notes, **facts)
         return EXIT_OK
     new_id = str(uuid.uuid4())
-    fields = panic_fields(new_id, context, keyring, now_ms)
+    # Signed with the exit_brain key: load_credentials refused a ring that holds none.
+    fields = signing.signed_panic(new_id, REASON, ISSUER, now_ms, context, keyring)
     how, event_id, written = claim(client, new_id, fields, facts, state, notes)
     if event_id != new_id:
-        fields = panic_fields(event_id, context, keyring, now_ms)
+        fields = signing.signed_panic(event_id, REASON, ISSUER, now_ms, context, keyring)
     published = bus.publish_durable(client, schema.PANIC_STREAM, fields, replicas, wait_ms,
                                     # its backoff sleeps up to 0.5 s: stop retrying before
                                     # the timer, so a refused Redis says 4, a stalled one 3

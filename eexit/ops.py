@@ -23,7 +23,6 @@ from . import bus, resume, schema, signing
 from .config import ConfigError
 
 OPS_AUDIT_STREAM = resume.OPS_AUDIT_STREAM   # written by the EEW on each resume; never trimmed
-FINAL_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 SCAN_PAGE = 500
 
 
@@ -108,7 +107,7 @@ def report_event_ids(fields):
 def final_report(reports):
     """The first FLAT/RESIDUAL/FAILED report, or None."""
     for entry_id, report in reports:
-        if report.status in FINAL_STATUSES:
+        if report.status in schema.FINAL_STATUSES:
             return entry_id, report
     return None
 

@@ -67,9 +67,7 @@ REQUEST_ISSUER = "ops"
 RESUMED, REFUSED = "RESUMED", "RESUME_REFUSED"
 INITIALISED, INIT_REFUSED = "INITIALISED", "INIT_REFUSED"
 ACTIONS = ("resume", "init")
-FINAL_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 LEDGER_PREFIX = "resume:"              # ledger field claiming one request id
-INFLIGHT_KEY = "eexit:eew:inflight"    # the EEW's event ids claimed and not yet final
 WAITING_SCAN = 512                     # entries (pending, unread) checked; more refuses
 
 
@@ -222,7 +220,7 @@ def panics_waiting(client, keyring, limit=WAITING_SCAN):
     # (the EEW's tamper check reports deletions).
     entries += [(entry_id, bus.decoded(found[0][1]), "pending")
                 for entry_id, found in zip(pending, pipe.execute()) if found]
-    inflight = {bus.as_text(event_id) for event_id in client.smembers(INFLIGHT_KEY)}
+    inflight = {bus.as_text(event_id) for event_id in client.smembers(schema.INFLIGHT_KEY)}
     ids = sorted(inflight | {fields.get("event_id") or f"entry-{entry_id}" for entry_id, fields, _ in entries})
     raws = client.hmget(schema.PROCESSED_KEY, ids) if ids else []
     records = {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
@@ -278,7 +276,7 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
     record = tamper.parse_record(client.hget(schema.PROCESSED_KEY, request.ack)) \
         if not request.ack.startswith(("entry:", LEDGER_PREFIX)) else None
     final = None
-    if record is not None and record.get("stage") == "done" and record.get("status") in FINAL_STATUSES:
+    if record is not None and record.get("stage") == "done" and record.get("status") in schema.FINAL_STATUSES:
         found = client.xrange(schema.COMPLETED_STREAM, record.get("report") or "0-0", record.get("report") or "0-0")
         if found:
             report, _ = schema.CompletionReport.from_fields(bus.decoded(found[0][1]))

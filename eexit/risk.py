@@ -709,12 +709,13 @@ class Kernel:
         DUPLICATE; it runs if X's own panic was lost): one incident, one halt. X finished and a
         human resumed since (no watchdog closed it): our own event, unclaimed. The hook's rule
         (hook.after_lost_claim) decides, so both producers read a held incident alike."""
-        fields = self.panic_fields(event_id, reason, context)
+        fields = signing.signed_panic(event_id, reason, ISSUER, wall_ms(), context, self.keyring)
         claim = {"reason": reason, "opened_by": ISSUER, "issued_by": ISSUER}
-        won, written = bus.claim_and_publish(self.client, hook.INCIDENT_KEY, schema.PANIC_STREAM,
+        won, written = bus.claim_and_publish(self.client, schema.INCIDENT_KEY, schema.PANIC_STREAM,
                                              event_id, claim, fields)
         incident = event_id if won else self.after_lost_claim(event_id, holder=written)
-        fields = fields if incident == event_id else self.panic_fields(incident, reason, context)
+        if incident != event_id:
+            fields = signing.signed_panic(incident, reason, ISSUER, wall_ms(), context, self.keyring)
         published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields, self.cfg.redis_replicas,
                                         self.cfg.redis_wait_ms, give_up_after_s=2.0,
                                         entry_id=written if won else None)
@@ -731,12 +732,6 @@ class Kernel:
             done = None
         halt = schema.TradingState.from_fields(bus.decoded(self.client.hgetall(schema.TRADING_STATE_KEY)))[0]
         return event_id if hook.after_lost_claim(halt, done) == hook.EARLIER_OUTAGE else holder
-
-    def panic_fields(self, event_id, reason, context):
-        event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=ISSUER, ts=wall_ms(),
-                                  extra={"context": json.dumps(context, sort_keys=True, default=str)})
-        fields = event.to_fields()
-        return fields if self.kid is None else signing.sign_fields(fields, self.kid, self.keyring)
 
     def take_rebases(self, now_ms):
         reply = self.client.xread({REBASE_STREAM: self.rebase_cursor}, count=10)
@@ -788,8 +783,9 @@ class Kernel:
 
 
 PROBES = (("XADD", schema.PANIC_STREAM, "0-0", "f", "v"), ("XADD", EVENTS_STREAM, "0-0", "f", "v"),
-          ("EVALSHA", "0" * 40, "2", hook.INCIDENT_KEY, schema.PANIC_STREAM), ("SCRIPT", "LOAD", "return 1"),
-          ("HGET", hook.INCIDENT_KEY, "event_id"), ("HGET", schema.PROCESSED_KEY, "x"),
+          ("EVALSHA", "0" * 40, "2", schema.INCIDENT_KEY, schema.PANIC_STREAM),
+          ("SCRIPT", "LOAD", "return 1"),
+          ("HGET", schema.INCIDENT_KEY, "event_id"), ("HGET", schema.PROCESSED_KEY, "x"),
           ("XADD", HEARTBEAT_STREAM, "0-0", "f", "v"), ("GET", STATE_KEY), ("XLEN", EVENTS_STREAM),
           ("XREVRANGE", REBASE_STREAM, "+", "-", "COUNT", "1"), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
 

@@ -27,6 +27,8 @@ TRADING_STATE_KEY = "system:state:trading"
 PROCESSED_KEY = "system:panic_close:processed"
 GUARD_KEY = "eexit:eew:guard"              # the halt guard's status (hash), see eexit/eew.py
 GUARD_LEASE_KEY = "eexit:eew:guard:lease"   # which EEW guards: its consumer name, PX lease
+INFLIGHT_KEY = "eexit:eew:inflight"        # event ids the EEW claimed, not yet final (its ledger sweep)
+INCIDENT_KEY = "eexit:watchdog:incident"   # the open incident: watchdogs, the crash hook, the risk kernel
 
 EEW_GROUP = "emergency_exit_worker"
 
@@ -35,7 +37,8 @@ HEARTBEAT_MAXLEN = 1000
 SEVERITIES = ("CRITICAL",)
 KNOWN_ISSUERS = ("risk_kernel", "exit_brain", "watchdog", "ops")
 HEARTBEAT_STATUSES = ("OK", "DEGRADED", "STOPPED")   # STOPPED: the last beat of a clean stop
-REPORT_STATUSES = ("FLAT", "RESIDUAL", "FAILED", "REJECTED", "DUPLICATE")
+FINAL_STATUSES = ("FLAT", "RESIDUAL", "FAILED")     # a close's verdict: one final report per event id
+REPORT_STATUSES = (*FINAL_STATUSES, "REJECTED", "DUPLICATE")
 
 # Bounds that make a value absurd rather than merely surprising.
 MAX_TEXT = 1024                       # longest text field or name; longer is the problem

@@ -51,6 +51,7 @@ material in a repr, an exception message or a return value.
 
 import hashlib
 import hmac
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -259,6 +260,17 @@ def key_check(keyring, kid):
     """"kid:issuer:check", check = the first 8 hex digits of HMAC-SHA256(key, "eexit-key-check")."""
     check = hmac.new(keyring._secret(kid), _KEY_CHECK_DOMAIN, hashlib.sha256).hexdigest()[:8]
     return f"{kid}:{keyring.issuer_of(kid)}:{check}"
+
+
+def signed_panic(event_id, reason, issuer, ts_ms, context, keyring):
+    """A panic's wire fields, its context (a dict) as compact sorted JSON, signed with issuer's
+    first key when the ring holds one. Unsigned otherwise: an empty ring means verification is
+    off; a ring without the issuer's key refused the daemon's start (check_own_keys)."""
+    context = json.dumps(context, separators=(",", ":"), sort_keys=True, default=str)
+    fields = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=issuer, ts=ts_ms,
+                               extra={"context": context}).to_fields()
+    kid = keyring.kid_for(issuer)
+    return fields if kid is None else sign_fields(fields, kid, keyring)
 
 
 def advertise(keyring):

@@ -113,7 +113,6 @@ DEGRADED with `reason` (panic_rejected, incident_not_flat, eew_would_reject) and
 This module must not import ccxt (start-up < 0.5 s, RSS < 40 MB).
 """
 
-import json
 import sys
 import time
 import uuid
@@ -128,7 +127,6 @@ from .heartbeat import Heartbeat, wall_ms
 from .log import Logger
 from .notify import Notifier
 
-INCIDENT_KEY = "eexit:watchdog:incident"
 ISSUER = "watchdog"
 
 HEARTBEAT_LOST = "EXIT_BRAIN_HEARTBEAT_LOST"
@@ -260,7 +258,6 @@ def after_outage(prior, replayed, lost_at, answered_at):
                    decision_unknown_since=credited(base.decision_unknown_since))
 
 
-COMPLETING_STATUSES = ("FLAT", "RESIDUAL", "FAILED")
 
 
 def report_outcome(status):
@@ -269,7 +266,7 @@ def report_outcome(status):
         "rejected"   REJECTED: not executed (bad signature, unauthorised issuer, ...)
         "duplicate"  DUPLICATE: another entry owns the event id; wait for ITS final report
         "unreadable" anything else: not proof of anything, keep republishing (fail-closed)"""
-    if status in COMPLETING_STATUSES:
+    if status in schema.FINAL_STATUSES:
         return "complete"
     return {"REJECTED": "rejected", "DUPLICATE": "duplicate"}.get(status, "unreadable")
 
@@ -604,16 +601,16 @@ class Watchdog:
             found, reports = self._read_found()
         else:
             found, reports = None, final_reports(self.client, self.incident.current)
-            if not self.client.hget(INCIDENT_KEY, "event_id"):
+            if not self.client.hget(schema.INCIDENT_KEY, "event_id"):
                 # Redis lost the hash (restart without persistence): our memory is the record.
-                self.client.hset(INCIDENT_KEY, mapping=self.incident.to_fields())
+                self.client.hset(schema.INCIDENT_KEY, mapping=self.incident.to_fields())
         self._advance(now, server_ms, halt, reports, found)
 
     def _read_found(self):
         """(Incident or None, its final reports) from the shared hash: another opener's claim
         (the hook, another watchdog) or our own from before a restart. publish_count 0 means
         the panic stream holds no panic of its current event id."""
-        stored = bus.decoded(self.client.hgetall(INCIDENT_KEY))
+        stored = bus.decoded(self.client.hgetall(schema.INCIDENT_KEY))
         if not stored.get("event_id"):
             return None, ()
         found = Incident.from_fields(stored, self.cfg.republish_s)
@@ -706,12 +703,13 @@ class Watchdog:
         incident, commands = step(self.incident, inputs, now, self.cfg.republish_s)
         for command in commands:
             # CLAIM: the hash first, so a crash before the XADD re-publishes THIS id after a
-            # restart. Watchdogs on several hosts and the crash hook share INCIDENT_KEY: the
+            # restart. Watchdogs on several hosts and the crash hook share the incident key: the
             # first claim (HSETNX event_id) wins and the others adopt its event_id (docs/HA.md).
-            if command.do is Do.CLAIM and not bus.claim_incident(self.client, INCIDENT_KEY,
+            if command.do is Do.CLAIM and not bus.claim_incident(self.client, schema.INCIDENT_KEY,
                                                                  command.incident.to_fields())[1]:
                 if attempts == 0:
-                    raise redis.ResponseError(f"{INCIDENT_KEY}: claimed and lost three times in one step")
+                    raise redis.ResponseError(
+                        f"{schema.INCIDENT_KEY}: claimed and lost three times in one step")
                 # Another opener holds the incident: adopt it (or drop it if stale) and decide again.
                 found, final = self._read_found()
                 return self._advance(now, server_ms, halt, reports + final, found, attempts - 1)
@@ -724,12 +722,12 @@ class Watchdog:
         if command.do is Do.PUBLISH:
             self._publish_panic(incident)
         elif command.do is Do.STORE:
-            self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
+            self.client.hset(schema.INCIDENT_KEY, mapping=incident.to_fields())
         elif command.do is Do.CLOSE:
             # Delete only this incident: never a hash a concurrent opener rewrote.
-            stored = self.client.hget(INCIDENT_KEY, "event_id")
+            stored = self.client.hget(schema.INCIDENT_KEY, "event_id")
             if stored is not None and bus.as_text(stored) == incident.event_id:
-                self.client.delete(INCIDENT_KEY)
+                self.client.delete(schema.INCIDENT_KEY)
             self.incident, self.own_entries = None, []
         if command.do is Do.CLAIM or command.event in ("incident_adopted", "incident_recovered"):
             self.own_entries = []
@@ -752,12 +750,8 @@ class Watchdog:
         context = {"detail": incident.detail, "publish_count": incident.publish_count, "incident": incident.event_id,
                    "round": incident.round, "brain_status": self.state.status,
                    "brain_positions": self.state.active_positions}
-        event = schema.PanicEvent(event_id=incident.current, reason=incident.reason,
-                                  issued_by=ISSUER, ts=self.clock_ms(),
-                                  extra={"context": json.dumps(context, sort_keys=True)})
-        fields = event.to_fields()
-        if self.kid is not None:
-            fields = signing.sign_fields(fields, self.kid, self.keyring)
+        fields = signing.signed_panic(incident.current, incident.reason, ISSUER, self.clock_ms(), context,
+                                      self.keyring)
         published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields,
                                         self.cfg.redis_replicas, self.cfg.redis_wait_ms,
                                         give_up_after_s=2.0)
@@ -767,7 +761,7 @@ class Watchdog:
             self.log.critical("panic_replication_unconfirmed", event_id=incident.current,
                               replicas_acked=published.replicas_acked)
         self.own_entries = [*self.own_entries[-(ENTRIES_KEPT - 1):], bus.as_text(published.entry_id)]
-        self.client.hset(INCIDENT_KEY, mapping=incident.to_fields())
+        self.client.hset(schema.INCIDENT_KEY, mapping=incident.to_fields())
         self.log.critical("panic_published", event_id=incident.current, incident=incident.event_id,
                           round=incident.round, reason=incident.reason, entry_id=published.entry_id,
                           publish_count=incident.publish_count, signed=self.kid is not None)
@@ -831,7 +825,7 @@ PROBES = (("XREVRANGE", schema.HEARTBEAT_STREAM, "+", "-", "COUNT", "1"),
           ("XREAD", "COUNT", "1", "STREAMS", schema.COMPLETED_STREAM, "$"),
           ("XADD", schema.PANIC_STREAM, "0-0", "f", "v"),
           ("XADD", schema.WATCHDOG_HEARTBEAT_STREAM, "0-0", "f", "v"),
-          ("HGETALL", INCIDENT_KEY), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
+          ("HGETALL", schema.INCIDENT_KEY), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
 
 
 def main():

@@ -209,7 +209,7 @@ class ResumeCase(EEWCase):
         """A panic executed by the EEW: halted, with its final report."""
         self.publish(event_id, issued_by="ops", reason="MANUAL", **fields)
         [report] = self.wait_reports(event_id)
-        self.assertIn(report.status, ops.FINAL_STATUSES)
+        self.assertIn(report.status, schema.FINAL_STATUSES)
         self.assert_still_halted()
 
     def state(self):

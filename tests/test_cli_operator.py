@@ -119,7 +119,7 @@ class OperatorSideTest(ResumeCase):
         record = {"entry": None, "consumer": DEAD_CONSUMER, "stage": "claimed", "attempt": 0,
                   "ts_started": bus.server_time_ms(self.redis), "reason": "MANUAL", "issued_by": "ops"}
         self.redis.hset(schema.PROCESSED_KEY, "ev-3", json.dumps(record))
-        self.redis.sadd(resume.INFLIGHT_KEY, "ev-3")
+        self.redis.sadd(schema.INFLIGHT_KEY, "ev-3")
         self.assert_refused(self.resume("ev-1"), "ev-3 (in flight)")
         # Once the record is final the same resume goes through.
         self.redis.hset(schema.PROCESSED_KEY, "ev-3", json.dumps(dict(record, stage="done", status="FLAT")))
@@ -209,7 +209,7 @@ class WaitingPanicsTest(RedisTestCase):
         self.redis.xack(schema.PANIC_STREAM, schema.EEW_GROUP, self.redis.xrange(schema.PANIC_STREAM)[0][0])
         self.redis.hset(schema.PROCESSED_KEY, "done-one", json.dumps({"stage": "done"}))
         self.panic("unread-one")
-        self.redis.sadd(resume.INFLIGHT_KEY, "flying", "done-one")
+        self.redis.sadd(schema.INFLIGHT_KEY, "flying", "done-one")
         self.redis.hset(schema.PROCESSED_KEY, "flying", json.dumps({"stage": "claimed"}))
         self.assertEqual(sorted(resume.panics_waiting(self.redis, self.KEYS)),
                          ["flying (in flight)", "pending-one (pending)", "unread-one (unread)"])

@@ -88,7 +88,7 @@ class LatchTest(unittest.TestCase):
             with self.subTest(state=state, processed=processed):
                 self.assertEqual(hook.after_lost_claim(state, processed), expected)
 
-    def test_service_facts_and_shared_key(self):
+    def test_service_facts(self):
         facts = {"service_result": "signal", "exit_code": "killed", "exit_status": "KILL"}
         self.assertEqual(hook.service_facts({"EEXIT_CRASH": KILLED}), facts)
         self.assertEqual(hook.service_facts({"SERVICE_RESULT": "signal", "EXIT_CODE": "killed",
@@ -96,7 +96,6 @@ class LatchTest(unittest.TestCase):
         self.assertEqual(hook.service_facts({"EEXIT_CRASH": "watchdog:none:none"}),
                          {"service_result": "watchdog", "exit_code": "", "exit_status": ""})
         self.assertEqual(hook.service_facts({}), {"service_result": "", "exit_code": "", "exit_status": ""})
-        self.assertEqual(hook.INCIDENT_KEY, watchdog.INCIDENT_KEY)
 
     def test_units_wire_the_crash_path(self):
         brain = read_unit("eexit-brain.service")["Service"]
@@ -140,7 +139,7 @@ class HookRedisTest(RedisTestCase):
         context = json.loads(event.extra["context"])
         self.assertEqual({k: context[k] for k in ("service_result", "exit_code", "exit_status")},
                          {"service_result": "signal", "exit_code": "killed", "exit_status": "KILL"})
-        incident = {k.decode(): v.decode() for k, v in self.redis.hgetall(hook.INCIDENT_KEY).items()}
+        incident = {k.decode(): v.decode() for k, v in self.redis.hgetall(schema.INCIDENT_KEY).items()}
         self.assertEqual((incident["event_id"], incident["opened_by"], incident["issued_by"]),
                          (event.event_id, "hook", "exit_brain"))
         self.assertEqual(len([line for line in err.splitlines() if line.strip()]), 1, err)
@@ -150,7 +149,7 @@ class HookRedisTest(RedisTestCase):
         code, err = self.hook.run(self.redis_server.url, STOPPED)
         self.assertEqual(code, 0, err)
         self.assertEqual(self.panics(), [])
-        self.assertFalse(self.redis.exists(hook.INCIDENT_KEY))
+        self.assertFalse(self.redis.exists(schema.INCIDENT_KEY))
         self.assertIn("why=success", err)
 
     def test_latched_halt_publishes_nothing(self):
@@ -163,18 +162,18 @@ class HookRedisTest(RedisTestCase):
         """Issue 26 findings 4-5: the holder's panic may never have been published (its
         publisher died after claiming): re-publishing its id runs it, or is answered DUPLICATE."""
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "cleared_at": "1"})
-        self.redis.hset(hook.INCIDENT_KEY, mapping={"event_id": "e-wd", "opened_by": "watchdog"})
+        self.redis.hset(schema.INCIDENT_KEY, mapping={"event_id": "e-wd", "opened_by": "watchdog"})
         code, err = self.hook.run(self.redis_server.url, KILLED)
         self.assertEqual(code, 0, err)
         (event,) = self.panics()
         self.assertEqual((event.event_id, event.issued_by, event.extra["kid"]), ("e-wd", "exit_brain", "hk1"))
         self.assertIn("incident=adopted", err)
-        self.assertEqual(self.redis.hget(hook.INCIDENT_KEY, "opened_by"), b"watchdog")
+        self.assertEqual(self.redis.hget(schema.INCIDENT_KEY, "opened_by"), b"watchdog")
 
     def test_incident_executed_before_a_resume_gets_a_new_panic(self):
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "event_id": "e-old",
                                                            "cleared_by": "ann", "cleared_at": "5000"})
-        self.redis.hset(hook.INCIDENT_KEY, mapping={"event_id": "e-old", "opened_at_ms": "99999999999999"})
+        self.redis.hset(schema.INCIDENT_KEY, mapping={"event_id": "e-old", "opened_at_ms": "99999999999999"})
         self.redis.hset(schema.PROCESSED_KEY, "e-old", '{"stage": "claimed"}')     # in flight: adopt
         code, err = self.hook.run(self.redis_server.url, KILLED)
         self.assertEqual((code, [e.event_id for e in self.panics()]), (0, ["e-old"]), err)
@@ -191,16 +190,16 @@ class HookRedisTest(RedisTestCase):
         code, err = self.hook.run(self.redis_server.url, KILLED)
         self.assertEqual(code, 0, err)
         (entry_id, raw), = self.redis.xrange(schema.PANIC_STREAM)
-        incident = bus.decoded(self.redis.hgetall(hook.INCIDENT_KEY))
+        incident = bus.decoded(self.redis.hgetall(schema.INCIDENT_KEY))
         self.assertEqual(incident["entry_id"], entry_id.decode())
         # Redis's clock (TIME inside the script), the one the stream ids come from.
         self.assertLessEqual(abs(int(incident["opened_at_ms"]) - int(entry_id.decode().split("-")[0])), 1000)
-        self.redis.delete(schema.PANIC_STREAM, hook.INCIDENT_KEY)
+        self.redis.delete(schema.PANIC_STREAM, schema.INCIDENT_KEY)
         self.redis.config_set("maxmemory", "1")          # the XADD is refused: no claim either
         self.addCleanup(self.redis.config_set, "maxmemory", "0")
         code, err = self.hook.run(self.redis_server.url, KILLED)
         self.assertNotEqual(code, 0, err)
-        self.assertFalse(self.redis.exists(hook.INCIDENT_KEY), err)
+        self.assertFalse(self.redis.exists(schema.INCIDENT_KEY), err)
 
     def test_unset_result_fails_closed(self):
         code, err = self.hook.run(self.redis_server.url, "")
@@ -375,29 +374,29 @@ class HookAclTest(unittest.TestCase):
         code, err = hook_process.run(self.server.url, KILLED)
         self.assertEqual(code, 0, err)
         self.assertEqual(admin.xlen(schema.PANIC_STREAM), 1)
-        self.assertEqual(admin.hget(hook.INCIDENT_KEY, "opened_by"), "hook")
+        self.assertEqual(admin.hget(schema.INCIDENT_KEY, "opened_by"), "hook")
         clients = admin.acl_log()
         self.assertEqual([entry for entry in clients if entry.get("username") == "eexit-hook"], [])
 
     def test_everything_else_is_refused(self):
         admin = self.client("admin")
         admin.flushall()
-        admin.hset(hook.INCIDENT_KEY, mapping={"event_id": "e-wd", "opened_by": "watchdog"})
+        admin.hset(schema.INCIDENT_KEY, mapping={"event_id": "e-wd", "opened_by": "watchdog"})
         admin.xadd(schema.PANIC_STREAM, {"event_id": "e0"})
         admin.xgroup_create(schema.PANIC_STREAM, schema.EEW_GROUP, id="0")
         c = self.client("eexit-hook")
-        self.assertFalse(c.hsetnx(hook.INCIDENT_KEY, "event_id", "forged"))   # allowed, but cannot rewrite
+        self.assertFalse(c.hsetnx(schema.INCIDENT_KEY, "event_id", "forged"))   # allowed, but cannot rewrite
         self.assertIsNone(c.hget("system:panic_close:processed", "e0"))
-        self.assertEqual(bus.claim_and_publish(c, hook.INCIDENT_KEY, schema.PANIC_STREAM, "e1", {}, {"x": "1"}),
+        self.assertEqual(bus.claim_and_publish(c, schema.INCIDENT_KEY, schema.PANIC_STREAM, "e1", {}, {"x": "1"}),
                          (False, "e-wd"))
         script = c.register_script("return redis.call('DEL', KEYS[1])")
         with self.assertRaises(redis.exceptions.ResponseError):      # the script runs as eexit-hook
-            script(keys=[hook.INCIDENT_KEY])
+            script(keys=[schema.INCIDENT_KEY])
         self.assertTrue(c.hgetall(schema.TRADING_STATE_KEY) == {})
         forbidden = [
-            (c.hset, hook.INCIDENT_KEY, "event_id", "forged"),
-            (c.delete, hook.INCIDENT_KEY),
-            (c.hdel, hook.INCIDENT_KEY, "event_id"),
+            (c.hset, schema.INCIDENT_KEY, "event_id", "forged"),
+            (c.delete, schema.INCIDENT_KEY),
+            (c.hdel, schema.INCIDENT_KEY, "event_id"),
             (c.hset, schema.TRADING_STATE_KEY, "halted", "false"),
             (c.xadd, schema.HEARTBEAT_STREAM, {"status": "OK"}),
             (c.xadd, schema.COMPLETED_STREAM, {"event_id": "e0", "status": "FLAT"}),
@@ -417,7 +416,7 @@ class HookAclTest(unittest.TestCase):
             with self.subTest(command=call.__name__, args=args):
                 with self.assertRaises(redis.exceptions.NoPermissionError):
                     call(*args)
-        self.assertEqual(admin.hget(hook.INCIDENT_KEY, "event_id"), "e-wd")
+        self.assertEqual(admin.hget(schema.INCIDENT_KEY, "event_id"), "e-wd")
 
 
 class WatchdogAdoptionTest(RedisTestCase):
@@ -453,8 +452,8 @@ class WatchdogAdoptionTest(RedisTestCase):
         self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "cleared_by": "alice",
                                                           "cleared_at": str(bus.server_time_ms(self.redis))})
         self.start(active_positions=2)          # healthy heartbeats after that report
-        self.redis.hsetnx(hook.INCIDENT_KEY, "event_id", used)
-        self.redis.hsetnx(hook.INCIDENT_KEY, "opened_by", "hook")
+        self.redis.hsetnx(schema.INCIDENT_KEY, "event_id", used)
+        self.redis.hsetnx(schema.INCIDENT_KEY, "opened_by", "hook")
         if replay:      # a replay of the used id: the EEW answers DUPLICATE, the watchdog sees a report
             self.redis.xadd(schema.COMPLETED_STREAM, {"event_id": used, "status": "DUPLICATE"})
             wait_for(lambda: "incident_closed" in self.log(), 20, message=f"dropped\n{self.log()}")
@@ -463,13 +462,13 @@ class WatchdogAdoptionTest(RedisTestCase):
                        message=f"a new panic\n{self.log()}")
         self.assertEqual([(e.issued_by, e.reason) for e in new], [("watchdog", "POSITIONS_UNGUARDED")])
         self.assertIn("event=incident_closed event_id=" + used + " why=resumed", self.log())
-        self.assertEqual(self.redis.hget(hook.INCIDENT_KEY, "event_id").decode(), new[0].event_id)
+        self.assertEqual(self.redis.hget(schema.INCIDENT_KEY, "event_id").decode(), new[0].event_id)
 
     def test_a_claim_without_a_panic_is_published_at_once(self):
         claimed = "bbbbbbbb-2222-4222-8222-222222222222"
         self.start(active_positions=2)
-        self.redis.hsetnx(hook.INCIDENT_KEY, "event_id", claimed)     # the hook died after its claim
-        self.redis.hsetnx(hook.INCIDENT_KEY, "opened_at_ms", bus.server_time_ms(self.redis))
+        self.redis.hsetnx(schema.INCIDENT_KEY, "event_id", claimed)     # the hook died after its claim
+        self.redis.hsetnx(schema.INCIDENT_KEY, "opened_at_ms", bus.server_time_ms(self.redis))
         self.beaters[0].stop()
         # SCALED re-publishes only after 30 s: a panic well before that is the at-once path.
         event = wait_for(lambda: panics(self.redis), 20, message=f"panic\n{self.log()}")[0]
@@ -557,7 +556,7 @@ class KillBrainThroughHook(RedisTestCase):
         panic = wait_for(self.panics, 30, message=f"watchdog panic\n{self.logs()}")[0]
         self.assertEqual((panic.issued_by, panic.reason), ("watchdog", "POSITIONS_UNGUARDED"))
         self.wait_flat(panic.event_id)
-        self.assertEqual(self.redis.hget(hook.INCIDENT_KEY, "opened_by"), b"watchdog")
+        self.assertEqual(self.redis.hget(schema.INCIDENT_KEY, "opened_by"), b"watchdog")
         self.assertEqual({p.event_id for p in self.panics()}, {panic.event_id})
 
     def test_redis_unreachable_for_the_hook_the_watchdog_catches_it(self):

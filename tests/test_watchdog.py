@@ -15,7 +15,8 @@ import unittest
 
 from eexit import bus, schema, signing
 from eexit.heartbeat import Heartbeat
-from eexit.watchdog import INCIDENT_KEY, Config, Watchdog
+from eexit.schema import INCIDENT_KEY
+from eexit.watchdog import Config, Watchdog
 from eexit.log import Logger
 from tests.harness import NotifySocket, RedisTestCase, python_env, start_module, stop_process, wait_for
 

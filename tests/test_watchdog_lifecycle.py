@@ -23,7 +23,7 @@ import unittest
 
 from eexit import bus, schema
 from eexit.paper import PaperExchange
-from eexit.watchdog import INCIDENT_KEY
+from eexit.schema import INCIDENT_KEY
 from tests.harness import ROOT, RedisTestCase, python_env, start_module, stop_process, tail_logs, wait_for
 from tests.test_watchdog import Beater
 

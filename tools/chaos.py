@@ -125,7 +125,7 @@ def count_reports(client):
 
 def final_counts(counts):
     """{event_id: number of FLAT/RESIDUAL/FAILED reports}"""
-    return {event_id: sum(statuses.get(s, 0) for s in ops.FINAL_STATUSES) for event_id, statuses in counts.items()}
+    return {event_id: sum(statuses.get(s, 0) for s in schema.FINAL_STATUSES) for event_id, statuses in counts.items()}
 
 
 def report_problems(stack, client):
