@@ -13,7 +13,7 @@ built once per process) together, and any module that sets `RUN_AS_ONE_UNIT = Tr
 N long-lived workers (`python -m tests --worker FD`, imports paid once each) take units from
 one queue, longest first by tests/durations.json (a unit it does not know goes first: a new
 test may be slow); each unit's verbose output is printed as one block when the unit ends, and
-every failure is printed in full at the end. N: -j, else $EEXIT_TEST_JOBS, else 3; -j 1 runs
+every failure is printed in full at the end. N: -j, else $EEXIT_TEST_JOBS, else 4; -j 1 runs
 everything in this process. `--save-durations` rewrites tests/durations.json from this run.
 """
 
@@ -32,7 +32,7 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATIONS = os.path.join(ROOT, "tests", "durations.json")
-DEFAULT_JOBS = 3
+DEFAULT_JOBS = 4
 STAGING = "tests.staging"
 
 
