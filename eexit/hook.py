@@ -150,10 +150,9 @@ def read_state(client, notes):
         return None
 
 
-def claim(client, event_id, fields, facts, state, notes):
-    """(how, event id to publish, entry id already written or None), by the latch's rules 2-3."""
-    claim_fields = {"reason": REASON, "opened_by": OPENED_BY, "issued_by": ISSUER,
-                    "detail": " ".join(f"{k}={v or '-'}" for k, v in facts.items())}
+def claim(client, event_id, fields, claim_fields, state, notes):
+    """(how, event id to publish, entry id already written or None), by the latch's rules 2-3.
+    The risk kernel claims through here too, so both read a held incident alike."""
     try:
         won, value = bus.claim_and_publish(client, schema.INCIDENT_KEY, schema.PANIC_STREAM, event_id,
                                            claim_fields, fields)
@@ -205,7 +204,9 @@ def publish_on_failure(env, log, started, notes, facts, client=None, origin=None
     new_id = str(uuid.uuid4())
     # Signed with the exit_brain key: load_credentials refused a ring that holds none.
     fields = signing.signed_panic(new_id, REASON, ISSUER, now_ms, context, keyring)
-    how, event_id, written = claim(client, new_id, fields, facts, state, notes)
+    claim_fields = {"reason": REASON, "opened_by": OPENED_BY, "issued_by": ISSUER,
+                    "detail": " ".join(f"{k}={v or '-'}" for k, v in facts.items())}
+    how, event_id, written = claim(client, new_id, fields, claim_fields, state, notes)
     if event_id != new_id:
         fields = signing.signed_panic(event_id, REASON, ISSUER, now_ms, context, keyring)
     published = bus.publish_durable(client, schema.PANIC_STREAM, fields, replicas, wait_ms,

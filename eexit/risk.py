@@ -707,31 +707,22 @@ class Kernel:
         Lost to an open incident X (another producer fired first, even in the same instant):
         our panic goes out under X's event id, which the EEW executes once (the copy is
         DUPLICATE; it runs if X's own panic was lost): one incident, one halt. X finished and a
-        human resumed since (no watchdog closed it): our own event, unclaimed. The hook's rule
-        (hook.after_lost_claim) decides, so both producers read a held incident alike."""
+        human resumed since (no watchdog closed it): our own event, unclaimed. The hook's claim
+        (hook.claim, hook.after_lost_claim) decides, so both producers read a held incident alike."""
         fields = signing.signed_panic(event_id, reason, ISSUER, wall_ms(), context, self.keyring)
-        claim = {"reason": reason, "opened_by": ISSUER, "issued_by": ISSUER}
-        won, written = bus.claim_and_publish(self.client, schema.INCIDENT_KEY, schema.PANIC_STREAM,
-                                             event_id, claim, fields)
-        incident = event_id if won else self.after_lost_claim(event_id, holder=written)
+        notes = {}      # what could not be read: the claim then joins or publishes (fail-closed)
+        _how, incident, written = hook.claim(self.client, event_id, fields,
+                                             {"reason": reason, "opened_by": ISSUER, "issued_by": ISSUER},
+                                             hook.read_state(self.client, notes), notes)
         if incident != event_id:
             fields = signing.signed_panic(incident, reason, ISSUER, wall_ms(), context, self.keyring)
         published = bus.publish_durable(self.client, schema.PANIC_STREAM, fields, self.cfg.redis_replicas,
-                                        self.cfg.redis_wait_ms, give_up_after_s=2.0,
-                                        entry_id=written if won else None)
+                                        self.cfg.redis_wait_ms, give_up_after_s=2.0, entry_id=written)
         self.save(mark_published(self.state, event_id))
         self.event("panic", event_id=incident, reason=reason, entry_id=published.entry_id)
         self.log.critical("panic_published", event_id=incident, reason=reason, entry_id=published.entry_id,
-                          confirmed=published.confirmed, signed=self.kid is not None, rule_event=event_id)
-
-    def after_lost_claim(self, event_id, holder):
-        record = self.client.hget(schema.PROCESSED_KEY, holder)
-        try:
-            done = json.loads(record).get("stage") == "done" if record is not None else False
-        except (ValueError, AttributeError):    # an unreadable record: not finished (fail-closed: join X)
-            done = None
-        halt = schema.TradingState.from_fields(bus.decoded(self.client.hgetall(schema.TRADING_STATE_KEY)))[0]
-        return event_id if hook.after_lost_claim(halt, done) == hook.EARLIER_OUTAGE else holder
+                          confirmed=published.confirmed, signed=self.kid is not None, rule_event=event_id,
+                          **notes)
 
     def take_rebases(self, now_ms):
         reply = self.client.xread({REBASE_STREAM: self.rebase_cursor}, count=10)
