@@ -40,7 +40,8 @@ def _stand_in():
         if public and os.path.isfile(os.path.join(package.__path__[0], name + ".py")):
             setattr(package, name, getattr(importlib.import_module("ccxt." + name), name))
             return package.__dict__[name]
-        del package.__getattr__             # the full package from here on: no stand-in left
+        package.__dict__.pop("__getattr__", None)   # the full package from here on (a second
+        # thread arriving here finds it gone already: pop, not del, so it never raises)
         spec.loader.exec_module(package)
         return getattr(package, name)
 
