@@ -173,8 +173,9 @@ class LifecycleTest(RedisTestCase):
         self.assertEqual(self.paper.positions(), {})
         log = self.log("eexit.watchdog")
         self.assertIn(f"level=CRITICAL event=incident_not_flat event_id={residual.event_id}", log)
-        incident = self.redis.hgetall(INCIDENT_KEY)
-        self.assertEqual(incident[b"completed_status"], b"FLAT")
+        # The watchdog records the FLAT report in the incident after it reads it: wait for that.
+        incident = wait_for(lambda: (i := self.redis.hgetall(INCIDENT_KEY)).get(b"completed_status") == b"FLAT" and i,
+                            20, message=f"the incident records FLAT\n{self.logs()}")
         self.assertGreaterEqual(int(incident[b"round"]), 1)
         self.assertEqual(incident[b"current_event_id"].decode(), flat.event_id)
 
