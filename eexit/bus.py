@@ -307,32 +307,30 @@ def _entry_holds(client, stream, entry_id, fields):
     return stored == {str(k): str(v) for k, v in fields.items()}
 
 
+# KEYS: the incident hash. ARGV: the id field, then the claim's field pairs (the id's first).
+# One script, so no reader ever sees a claim that holds its id but not yet its opened_at_ms:
+# the watchdogs took such a half-written claim for a stale one and opened a second incident.
+_CLAIM = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held then return {0, held} end
+for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return {1, ARGV[3]}
+"""
+
+
 def claim_incident(client, key, fields, id_field="event_id"):
     """Open an incident shared by several watchdogs: the first to claim `key` wins.
 
-    HSETNX on the id field decides atomically; the winner then writes the rest of `fields`.
-    Returns (event_id_in_force, won). The loser gets the winner's event_id and adopts it:
-    whatever it publishes for this incident carries that id, so the EEW executes once however
-    many watchdogs saw the outage. A claim whose winner died before publishing is still
-    covered, because the loser re-publishes the adopted id on its own schedule when no
-    completion report appears."""
-    candidate = str(fields[id_field])
-    for _attempt in range(3):
-        if client.hsetnx(key, id_field, candidate):
-            # HSETNX for the rest too: a just-won claim has no other field, and a claimer
-            # allowed only HSETNX (the ExecStopPost hook's Redis user) can never rewrite an
-            # incident someone else holds.
-            pipe = client.pipeline(transaction=False)
-            for name, value in fields.items():
-                pipe.hsetnx(key, name, str(value))
-            pipe.execute()
-            return candidate, True
-        stored = client.hget(key, id_field)
-        if stored is not None:
-            return as_text(stored), False
-        # Deleted between our HSETNX and HGET (the other watchdog closed its incident): the
-        # next HSETNX decides again.
-    raise redis.ResponseError(f"{key}: could not claim or read the incident after 3 attempts")
+    One script writes the whole claim, or nothing when the key holds an id already. Returns
+    (event_id_in_force, won). The loser gets the winner's event_id and adopts it: whatever
+    it publishes for this incident carries that id, so the EEW executes once however many
+    watchdogs saw the outage. A claim whose winner died before publishing is still covered,
+    because the loser re-publishes the adopted id on its own schedule when no completion
+    report appears. ACL: EVALSHA and SCRIPT LOAD, HGET and HSETNX on the key."""
+    claim = {id_field: fields[id_field], **fields}
+    args = [id_field, *(str(x) for pair in claim.items() for x in pair)]
+    won, value = client.register_script(_CLAIM)(keys=[key], args=args)
+    return as_text(value), bool(int(won))
 
 
 # KEYS: the incident hash, the panic stream. ARGV: n, n claim field pairs (event_id among them),

@@ -54,7 +54,7 @@ rule that fires, the brain's restart, completion reports, the halt and the share
 hash; the shell performs its commands (claim, publish, store, close, log). The lifecycle is
 tied to the halt, not to a timer:
 - A trigger with no incident open opens one: a new event_id is claimed in the hash
-  `eexit:watchdog:incident` (HSETNX; watchdogs and the crash hook share it) BEFORE the panic
+  `eexit:watchdog:incident` (one script; watchdogs and the crash hook share it) BEFORE the panic
   is published, in the same step, so a crash in between re-publishes the same id.
 - While it is open no new one starts; every further trigger is absorbed by it.
 - Closing: the current round's panic is re-published (same event_id) after EEXIT_REPUBLISH_S,
@@ -340,7 +340,7 @@ class Inputs:
 
 
 class Do(str, Enum):
-    CLAIM = "claim"         # HSETNX the shared incident; lost: drop the rest, step again with `found`
+    CLAIM = "claim"         # claim the shared incident; lost: drop the rest, step again with `found`
     PUBLISH = "publish"     # XADD the signed panic for incident.current, then STORE
     STORE = "store"         # write the incident's hash
     CLOSE = "close"         # delete the hash if it still holds this incident
@@ -704,7 +704,7 @@ class Watchdog:
         for command in commands:
             # CLAIM: the hash first, so a crash before the XADD re-publishes THIS id after a
             # restart. Watchdogs on several hosts and the crash hook share the incident key: the
-            # first claim (HSETNX event_id) wins and the others adopt its event_id (docs/HA.md).
+            # first claim (bus.claim_incident) wins and the others adopt its event_id (docs/HA.md).
             if command.do is Do.CLAIM and not bus.claim_incident(self.client, schema.INCIDENT_KEY,
                                                                  command.incident.to_fields())[1]:
                 if attempts == 0:
@@ -819,13 +819,15 @@ class Watchdog:
             time.sleep(min(0.05, max(0.0, deadline - self.monotonic())))
 
 
-# Harmless preflight probes (daemon.preflight): reads, and XADD with id 0-0, which always
-# fails after the ACL check.
+# Harmless preflight probes (daemon.preflight): reads, XADD with id 0-0 and EVALSHA of no
+# script, which always fail after the ACL check (an ACL file older than the claim script
+# refuses at start, not at the first claim).
 PROBES = (("XREVRANGE", schema.HEARTBEAT_STREAM, "+", "-", "COUNT", "1"),
           ("XREAD", "COUNT", "1", "STREAMS", schema.COMPLETED_STREAM, "$"),
           ("XADD", schema.PANIC_STREAM, "0-0", "f", "v"),
           ("XADD", schema.WATCHDOG_HEARTBEAT_STREAM, "0-0", "f", "v"),
-          ("HGETALL", schema.INCIDENT_KEY), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",))
+          ("HGETALL", schema.INCIDENT_KEY), ("HGETALL", schema.TRADING_STATE_KEY), ("TIME",),
+          ("EVALSHA", "0" * 40, "1", schema.INCIDENT_KEY), ("SCRIPT", "LOAD", "return 0"))
 
 
 def main():

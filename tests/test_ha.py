@@ -129,6 +129,31 @@ class DurableOnOneServer(RedisTestCase):
         self.redis.delete(key)
         self.assertEqual(bus.claim_incident(self.redis, key, {"event_id": "C"}), ("C", True))
 
+    def test_no_reader_sees_a_half_written_claim(self):
+        # CI once saw watchdog B read watchdog A's claim between its HSETNX of the id and the
+        # write of the rest: no opened_at_ms, so B took it for a stale claim and opened a second
+        # incident. The claim is one script now: a reader sees all of it or none.
+        key, fields = "eexit:watchdog:incident", {"event_id": "A", "reason": "R", "opened_at_ms": "1"}
+        done, partial = threading.Event(), []
+
+        def read():
+            client = bus.connect(self.redis_server.url, env={})
+            while not done.is_set():
+                seen = client.hgetall(key)
+                if seen and b"opened_at_ms" not in seen:
+                    partial.append(seen)
+            client.close()
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            for _ in range(300):
+                self.assertEqual(bus.claim_incident(self.redis, key, fields), ("A", True))
+                self.redis.delete(key)
+        finally:
+            done.set()
+            reader.join()
+        self.assertEqual(partial, [])
+
     def test_concurrent_claims_agree_on_one_id(self):
         key = "eexit:watchdog:incident"
         results = []

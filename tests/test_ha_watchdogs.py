@@ -2,8 +2,8 @@
 killed with positions open -> both detect it -> exactly ONE execution by the EEW.
 
 All daemons are real processes using the redis+sentinel:// URL; the paper exchange is real
-HTTP to real ccxt. The watchdogs agree on one event_id through bus.claim_incident (an HSETNX
-on the shared incident hash), see docs/HA.md."""
+HTTP to real ccxt. The watchdogs agree on one event_id through bus.claim_incident (one script
+that writes the whole claim or nothing), see docs/HA.md."""
 
 import os
 import shutil

@@ -135,6 +135,8 @@ class RedisAclTest(unittest.TestCase):
         watchdog.set(WATCHDOG_INCIDENT + ":lock", "1", nx=True, px=5000)
         watchdog.xadd(schema.WATCHDOG_HEARTBEAT_STREAM, {"ts": "1"}, maxlen=100)
         watchdog.delete(WATCHDOG_INCIDENT)
+        self.assertEqual(bus.claim_incident(watchdog, WATCHDOG_INCIDENT, {"event_id": "e2"}), ("e2", True))
+        watchdog.delete(WATCHDOG_INCIDENT)
         self.assertEqual(len(watchdog.xrevrange(schema.COMPLETED_STREAM, count=1)), 0)
         self.assertIn("halted", watchdog.hgetall(schema.TRADING_STATE_KEY))    # read-only: a resume ends its incident
         forbidden = [
