@@ -72,8 +72,15 @@ def tail_logs(directory, chars=2500):
     return "\n".join(parts)
 
 
+# A wait's timeout only bounds how long a failing test takes, never what passes: a loaded
+# 2-core CI machine once took over 10 s to start a daemon. So every timeout is stretched by
+# EEXIT_TEST_TIMEOUT_SCALE (3); a passing test returns at the event, as before.
+TIMEOUT_SCALE = float(os.environ.get("EEXIT_TEST_TIMEOUT_SCALE", "3"))
+
+
 def wait_for(predicate, timeout_s, interval_s=0.02, message="condition"):
     """Poll predicate until truthy; returns its value or fails the test with `message`."""
+    timeout_s *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()

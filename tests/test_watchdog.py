@@ -175,7 +175,8 @@ class WatchdogProcessTest(RedisTestCase):
         self.assertTrue(self.redis.exists(INCIDENT_KEY))
         resume(self.redis)
         wait_for(lambda: not self.redis.exists(INCIDENT_KEY), 10, message="incident closed by the resume")
-        self.assertIn("event=incident_closed", self.log_text())
+        # The line follows the DEL: wait for it rather than race it.
+        wait_for(lambda: "event=incident_closed" in self.log_text(), 10, message="incident_closed logged")
         self.assertEqual(len(panics(self.redis)), count_after_report)   # nothing re-published after the report
         beater.stop()
         events = self.wait_panics(count_after_report + 1)
