@@ -44,8 +44,7 @@ def configure(ex):
     open_orders["warnWithoutSymbol"] = False
 
 
-def load_market_rules(ex):
-    return base.load_market_rules(ex)
+load_market_rules = base.load_market_rules     # MARKET_LOT_SIZE maxQty: ccxt maps it to limits.market.max
 
 
 def check_key(ex):
