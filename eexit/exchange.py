@@ -191,7 +191,6 @@ def build_exchange(cfg):
     orders, which an emergency close cannot afford; callers pace themselves. HTTPS verifies
     with the process-wide tls_context (ExchangeSession reads no environment, so
     REQUESTS_CA_BUNDLE is ignored: EEXIT_EXCHANGE_CA_FILE is the setting)."""
-    klass = getattr(ccxt, cfg.exchange_id)
     settings = {"enableRateLimit": False, "timeout": int(cfg.timeout_ms),
                 "session": ExchangeSession(tls_context(cfg.ca_file))}
     if cfg.api_key is not None:
@@ -199,7 +198,7 @@ def build_exchange(cfg):
         settings["secret"] = cfg.api_secret
     if cfg.api_password is not None:
         settings["password"] = cfg.api_password
-    ex = klass(settings)
+    ex = getattr(ccxt, cfg.exchange_id)(settings)
     # A signed currency listing before the markets costs a request and needs wallet rights.
     ex.options["fetchCurrencies"] = False
     ex.has["fetchCurrencies"] = False
