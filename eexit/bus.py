@@ -247,9 +247,7 @@ def decoded(mapping, drop=()):
 DurablePublish = namedtuple("DurablePublish", "entry_id confirmed replicas_acked writes")
 
 
-def publish_durable(client, stream, message, replicas, timeout_ms,
-                    give_up_after_s=5.0, sleep=time.sleep, monotonic=time.monotonic,
-                    entry_id=None):
+def publish_durable(client, stream, message, replicas, timeout_ms, give_up_after_s=5.0, entry_id=None):
     """XADD `message` (a schema message or a ready field map, e.g. signed fields), then WAIT
     until `replicas` replicas hold it. Until that is confirmed or give_up_after_s has passed:
 
@@ -270,7 +268,7 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
     if replicas > 0 and timeout_ms <= 0:
         raise ValueError("timeout_ms must be > 0: WAIT with timeout 0 blocks forever")
     fields = message.to_fields() if hasattr(message, "to_fields") else dict(message)
-    deadline = monotonic() + give_up_after_s
+    deadline = time.monotonic() + give_up_after_s
     backoff = 0.05                  # seconds, doubled after each error up to 0.5
     writes, acked = int(entry_id is not None), 0
     if entry_id is not None and replicas <= 0:
@@ -288,12 +286,12 @@ def publish_durable(client, stream, message, replicas, timeout_ms,
             # The master is gone or refuses writes (NOREPLICAS, failover in progress): retry
             # within the budget, because the Sentinels may name a new master any moment.
             error = exc
-        if monotonic() >= deadline:
+        if time.monotonic() >= deadline:
             if entry_id is None:
                 raise error
             return DurablePublish(entry_id, False, acked, writes)
         if error is not None:
-            sleep(backoff)
+            time.sleep(backoff)
             backoff = min(backoff * 2, 0.5)
 
 

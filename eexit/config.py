@@ -51,17 +51,14 @@ def _env_number(name, default, parse, kind, minimum, maximum, env):
     return value
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def env_bool(name, default, env=None):
     raw = env_str(name, "true" if default else "false", env).lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
+    if raw not in _BOOLEANS:
+        raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
+    return _BOOLEANS[raw]
 
 
 def env_list(name, default, env=None):

@@ -135,7 +135,8 @@ def preflight(client, probes, multi=False):
         hello = dict(zip(reply[::2], reply[1::2])) if isinstance(reply, list) else reply
     except (redis.AuthenticationError, redis.ResponseError) as exc:
         if cause(exc) == "authentication":
-            raise _bad_credentials(client) from None
+            raise ConfigError(f"REDIS_URL / redis_password: Redis refused the credentials of ACL user "
+                              f"{redis_user(client)!r}") from None
         if isinstance(exc, redis.exceptions.NoPermissionError):
             raise _refused(client, ("HELLO",)) from None
         if bus.is_transport_error(exc):
@@ -168,11 +169,6 @@ def preflight(client, probes, multi=False):
         client.connection_pool.release(connection)
     if refused is not None:
         raise _refused(client, refused)
-
-
-def _bad_credentials(client):
-    return ConfigError(f"REDIS_URL / redis_password: Redis refused the credentials of ACL user "
-                       f"{redis_user(client)!r}")
 
 
 def _refused(client, probe):

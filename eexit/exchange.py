@@ -12,7 +12,6 @@ Every read RAISES on failure: an exchange error is never an empty account (SPEC 
 
 import functools
 import http.client
-import os
 import select
 import ssl
 import zlib
@@ -58,21 +57,19 @@ class ExchangeConfig:
         if not module.NEEDS_PASSWORD and api_password is not None:
             # A passphrase the venue never asks for is a sign of a key meant for another venue.
             raise ConfigError(f"EEXIT_API_PASSWORD (or api_password) is set but {exchange_id} takes none")
-        url = _env_optional("EEXIT_EXCHANGE_URL", env)
+        url = env_str("EEXIT_EXCHANGE_URL", "", env) or None      # unset or blank: none
         if url is not None:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ConfigError(f"EEXIT_EXCHANGE_URL={url!r} is not an http(s) base URL")
             url = url.rstrip("/")
-        if _env_optional("EEXIT_SANDBOX", env) is not None:
-            sandbox = env_bool("EEXIT_SANDBOX", False, env)
-        else:
-            sandbox = env_bool("BINANCE_TESTNET", False, env)
+        sandbox_name = "EEXIT_SANDBOX" if env_str("EEXIT_SANDBOX", "", env) else "BINANCE_TESTNET"   # legacy
+        sandbox = env_bool(sandbox_name, False, env)
         if sandbox and url is not None:
             # Two different destinations for real orders: refuse rather than guess which one.
             raise ConfigError("EEXIT_SANDBOX and EEXIT_EXCHANGE_URL are both set; choose one")
         timeout_ms = env_int("EEXIT_EXCHANGE_TIMEOUT_MS", DEFAULT_TIMEOUT_MS, minimum=100, maximum=120000, env=env)
-        ca_file = _env_optional("EEXIT_EXCHANGE_CA_FILE", env)
+        ca_file = env_str("EEXIT_EXCHANGE_CA_FILE", "", env) or None
         if ca_file is not None:
             try:
                 tls_context(ca_file)
@@ -83,12 +80,6 @@ class ExchangeConfig:
         return cls(exchange_id=exchange_id, api_key=api_key, api_secret=api_secret,
                    api_password=api_password, url=url,
                    sandbox=sandbox, timeout_ms=timeout_ms, ca_file=ca_file)
-
-
-def _env_optional(name, env):
-    env = os.environ if env is None else env
-    value = env.get(name)
-    return value.strip() if value is not None and value.strip() else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -200,7 +191,6 @@ def build_exchange(cfg):
     orders, which an emergency close cannot afford; callers pace themselves. HTTPS verifies
     with the process-wide tls_context (ExchangeSession reads no environment, so
     REQUESTS_CA_BUNDLE is ignored: EEXIT_EXCHANGE_CA_FILE is the setting)."""
-    klass = getattr(ccxt, cfg.exchange_id)
     settings = {"enableRateLimit": False, "timeout": int(cfg.timeout_ms),
                 "session": ExchangeSession(tls_context(cfg.ca_file))}
     if cfg.api_key is not None:
@@ -208,7 +198,7 @@ def build_exchange(cfg):
         settings["secret"] = cfg.api_secret
     if cfg.api_password is not None:
         settings["password"] = cfg.api_password
-    ex = klass(settings)
+    ex = getattr(ccxt, cfg.exchange_id)(settings)
     # A signed currency listing before the markets costs a request and needs wallet rights.
     ex.options["fetchCurrencies"] = False
     ex.has["fetchCurrencies"] = False
@@ -223,8 +213,7 @@ def build_exchange(cfg):
 def _rewrite_urls(api_urls, base):
     """Keep each endpoint's path, replace scheme and host with base."""
     if isinstance(api_urls, str):
-        path = urlsplit(api_urls).path
-        return base + path
+        return base + urlsplit(api_urls).path
     if isinstance(api_urls, dict):
         return {key: _rewrite_urls(value, base) for key, value in api_urls.items()}
     return api_urls
@@ -293,21 +282,6 @@ def cancel_book(ex, symbol, conditional, orders=()):
     venue_of(ex).cancel_book(ex, symbol, conditional, orders)
 
 
-def cancel_all_orders(ex, symbol, orders=()):
-    """Cancel both books for symbol. Both cancels are always attempted; the first error is
-    raised afterwards so the caller knows the symbol may still have resting orders."""
-    first_error = None
-    for conditional in (False, True):
-        try:
-            cancel_book(ex, symbol, conditional, [o for o in orders if o.conditional == conditional])
-        except Exception as exc:  # noqa: BLE001 - re-raised below after the other book
-            # Keep going: the other book must be cancelled even if this one failed.
-            if first_error is None:
-                first_error = exc
-    if first_error is not None:
-        raise first_error
-
-
 def place_close_order(ex, symbol, side, amount, position_side, client_order_id, margin_mode=None):
     """One reduce-only market order. side is the ORDER side ("sell" closes a long);
     position_side "BOTH" (one-way) or "LONG"/"SHORT" (hedge, checked against side)."""
@@ -333,8 +307,9 @@ def place_close_orders(ex, orders, on_batch_refused=None):
     if len(orders) > 1:
         try:
             return module.place_closes(ex, orders)
-        except Exception as exc:  # noqa: BLE001 - sorted by batch_falls_back: raised or sent singly
-            if not batch_falls_back(exc, ex):
+        except Exception as exc:  # noqa: BLE001 - raised, or its orders sent singly
+            # A timeout may have placed the batch; a rate limit would deepen the ban: both raised.
+            if isinstance(exc, ccxt.RequestTimeout) or classify_error(exc, ex).kind == "rate_limited":
                 raise
             if on_batch_refused is not None:
                 on_batch_refused(exc)
@@ -345,11 +320,6 @@ def place_close_orders(ex, orders, on_batch_refused=None):
             limited = result
         results.append(result)
     return results
-
-
-def batch_falls_back(exc, ex):
-    """Whether the orders of a batch request that failed as a whole are sent singly now."""
-    return not isinstance(exc, ccxt.RequestTimeout) and classify_error(exc, ex).kind != "rate_limited"
 
 
 def _place_single(module, ex, o):

@@ -30,9 +30,7 @@ class Notifier:
 
     def max_block_s(self, wanted_s):
         """The longest a loop may block between pings: at most half the watchdog interval."""
-        if self.watchdog_interval_s is None:
-            return wanted_s
-        return min(wanted_s, self.watchdog_interval_s / 2)
+        return wanted_s if self.watchdog_interval_s is None else min(wanted_s, self.watchdog_interval_s / 2)
 
     def ready(self, status=None):
         self._send("READY=1" + (f"\nSTATUS={status}" if status else ""))

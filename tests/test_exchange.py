@@ -12,7 +12,7 @@ import ccxt
 
 from eexit.config import ConfigError
 from eexit.exchange import (ErrorClass, ExchangeConfig, MarketRules, Position, arm_deadman, build_exchange,
-                            cancel_all_orders, classify_error, load_market_rules, place_close_order,
+                            cancel_book, classify_error, load_market_rules, place_close_order,
                             read_open_orders, read_positions)
 from tests.test_paper import PaperTestCase
 
@@ -122,16 +122,9 @@ class OneWayTest(ExchangeTestCase):
         orders = read_open_orders(self.ex)
         self.assertEqual(sorted((o.market_id, o.conditional, o.reduce_only) for o in orders),
                          [("BTCUSDT", False, False), ("BTCUSDT", True, True), ("ETHUSDT", False, False)])
-        cancel_all_orders(self.ex, BTC)
+        for conditional in (False, True):       # each book on its own, as the EEW cancels
+            cancel_book(self.ex, BTC, conditional)
         self.assertEqual([o.market_id for o in read_open_orders(self.ex)], ["ETHUSDT"])
-
-    def test_cancel_all_tries_the_algo_book_even_if_the_normal_cancel_fails(self):
-        self.ex.load_markets()
-        self.ex.create_order(BTC, "market", "sell", 0.01, None, {"stopLossPrice": 60000, "reduceOnly": True})
-        self.paper.add_fault(kind="error", status=503, path="allOpenOrders", count=1)
-        with self.assertRaises(ccxt.ExchangeNotAvailable):
-            cancel_all_orders(self.ex, BTC)
-        self.assertEqual(self.paper.state()["open_algo_orders"], [])
 
     def test_place_close_order_one_way(self):
         result = place_close_order(self.ex, BTC, "sell", 0.01, "BOTH", "eexit-1")

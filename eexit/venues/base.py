@@ -101,13 +101,11 @@ def num(value, what):
 
 
 def opt_num(value):
-    if value is None or value == "":
-        return None
+    """num(value), or None where the value is missing, empty, unreadable or not finite."""
     try:
-        result = float(value)
-    except (TypeError, ValueError):
+        return None if value is None or value == "" else num(value, "")
+    except ExchangeDataError:
         return None
-    return result if math.isfinite(result) else None
 
 
 def rows_of(value, what):
@@ -178,11 +176,6 @@ def unified_symbol(ex, market_id, category=None):
     return candidates[0]["symbol"] if candidates else market_id
 
 
-def market_id(ex, symbol):
-    market = ex.markets.get(symbol)
-    return market["id"] if market else symbol
-
-
 def closing_side_ok(side, position_side):
     """Hedge closes carry no reduce-only guarantee on every venue: the order side is checked
     against the position side here, so a close can never add to a hedge position."""
@@ -211,17 +204,13 @@ class ErrorTable:
     reduce_only: frozenset = frozenset()
 
 
-def error_code(exc, table):
-    codes = [int(code) for code in table.code_re.findall(str(exc)) if code not in ("0", "")]
-    return codes[-1] if codes else None
-
-
 def classify(exc, table, retry_after):
     """kinds: rate_limited, transient, reduce_only_rejected, position_side, auth, rejected,
     unknown. An order whose outcome is unknown (timeout) is "transient": the caller must
     re-read the account before sending another. retry_after() gives the venue's hint."""
-    code = error_code(exc, table)
     text = str(exc)
+    codes = [int(code) for code in table.code_re.findall(text) if code not in ("0", "")]
+    code = codes[-1] if codes else None
     for codes, kind in ((table.rate, "rate_limited"), (table.reduce_only, "reduce_only_rejected"),
                         (table.position_side, "position_side"), (table.auth, "auth"),
                         (table.transient, "transient")):

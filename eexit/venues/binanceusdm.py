@@ -44,8 +44,7 @@ def configure(ex):
     open_orders["warnWithoutSymbol"] = False
 
 
-def load_market_rules(ex):
-    return base.load_market_rules(ex)
+load_market_rules = base.load_market_rules     # MARKET_LOT_SIZE maxQty: ccxt maps it to limits.market.max
 
 
 def check_key(ex):
@@ -83,9 +82,10 @@ def read_orders(ex, segment, book):
     orders = []
     for order in ex.fetch_open_orders(None, None, None, {"trigger": True} if conditional else {}):
         symbol = order.get("symbol") or ""
+        market = ex.markets.get(symbol)
         orders.append(base.OpenOrder(
             id=str(order.get("id")), client_order_id=order.get("clientOrderId"), symbol=symbol,
-            market_id=base.market_id(ex, symbol), side=order.get("side") or "",
+            market_id=market["id"] if market else symbol, side=order.get("side") or "",
             type=order.get("type") or "", amount=base.opt_num(order.get("amount")),
             reduce_only=bool(order.get("reduceOnly")), conditional=conditional))
     return orders

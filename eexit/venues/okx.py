@@ -85,12 +85,17 @@ def _position(ex, row):
 
 
 def _pages(call, params, id_key, what):
-    rows = []
+    """Every row of a list read newest first, 100 a page: the next page is the one `after` the
+    last row's id_key. A full page whose last row has none raises (never the first page again)."""
+    rows, after = [], None
     while True:
-        page = _data(call(dict(params, limit=_ORDER_PAGE, **({"after": rows[-1][id_key]} if rows else {}))), what)
+        page = _data(call(dict(params, limit=_ORDER_PAGE, **({"after": after} if after else {}))), what)
         rows.extend(page)
         if len(page) < _ORDER_PAGE:
             return rows
+        after = page[-1].get(id_key)
+        if not after:
+            raise base.ExchangeDataError(f"{what}: a full page without a {id_key} to go on from")
 
 
 def read_orders(ex, segment, book):
@@ -251,18 +256,12 @@ def read_cash_flows(ex, since_ms, until_ms):
     base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
     archive = since_ms < ex.milliseconds() - _BILLS_KEPT_MS
     call = ex.privateGetAccountBillsArchive if archive else ex.privateGetAccountBills
-    flows, after = [], None
-    while True:
-        page = _data(call({"type": "1", "begin": str(int(since_ms)), "end": str(int(until_ms) - 1),
-                           "limit": _ORDER_PAGE, **({"after": after} if after else {})}), "account/bills")
-        for row in page:
-            if str(row.get("type")) != "1":
-                raise base.ExchangeDataError(f"account/bills asked type 1, got {row.get('type')!r}")
-            flows.append(base.cash_flow(row.get("billId"), base.field(row, "ts", "account/bills"),
-                                        base.field(row, "balChg", "account/bills"),
-                                        f"transfer/{row.get('subType')}", row.get("ccy")))
-        if len(page) < _ORDER_PAGE:
-            return base.flows_between(flows, since_ms, until_ms)
-        after = page[-1].get("billId")
-        if not after:
-            raise base.ExchangeDataError("account/bills: a full page without a billId to go on from")
+    flows = []
+    for row in _pages(call, {"type": "1", "begin": str(int(since_ms)), "end": str(int(until_ms) - 1)},
+                      "billId", "account/bills"):
+        if str(row.get("type")) != "1":
+            raise base.ExchangeDataError(f"account/bills asked type 1, got {row.get('type')!r}")
+        flows.append(base.cash_flow(row.get("billId"), base.field(row, "ts", "account/bills"),
+                                    base.field(row, "balChg", "account/bills"),
+                                    f"transfer/{row.get('subType')}", row.get("ccy")))
+    return base.flows_between(flows, since_ms, until_ms)
