@@ -267,8 +267,7 @@ class Brain:
     def _arm_deadman(self):
         """Re-arm the switch for every symbol with open orders; False if that failed (logged)."""
         try:
-            symbols = sorted({order.symbol for order in self.exchange.read_open_orders(self.ex)})
-            for symbol in symbols:
+            for symbol in sorted({order.symbol for order in self.exchange.read_open_orders(self.ex)}):
                 self.exchange.arm_deadman(self.ex, symbol, int(self.cfg.deadman_s * 1000))
         except Exception as exc:  # noqa: BLE001 - reading orders or arming failed
             # Not armed means the switch may fire or may never fire: report DEGRADED, try again
