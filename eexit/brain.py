@@ -69,7 +69,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import bus, daemon, flatten, schema
@@ -185,13 +185,6 @@ class Config:
 
 # ---------------------------------------------------------------------------- shell
 
-@dataclass
-class CycleResult:
-    positions: int
-    decided_at_ms: int
-    problems: list = field(default_factory=list)    # why this completed cycle is DEGRADED
-
-
 class Brain:
     def __init__(self, cfg, exchange_module, ex, client, notifier=None, log=None):
         self.cfg = cfg
@@ -214,17 +207,18 @@ class Brain:
     # -- one cycle, in the worker thread ---------------------------------------------------
 
     def cycle(self):
+        """(positions read, decided_at_ms, problems: why this completed cycle is DEGRADED)."""
         positions = self.exchange.read_positions(self.ex)
         exits, self.tracked, unpriced = decide_exits(positions, self.tracked, self.cfg.rules, monotonic_ms())
         self._save_guard_state()
-        result = CycleResult(positions=len(positions), decided_at_ms=wall_ms())
-        if unpriced:
-            result.problems.append(f"no_price:{','.join(unpriced)}")
+        decided_at_ms = wall_ms()
+        problems = [f"no_price:{','.join(unpriced)}"] if unpriced else []
         for exit_ in exits:
-            self._close(exit_, result)
-        if self.cfg.deadman_s > 0:
-            self._arm_deadman(result)
-        return result
+            if not self._close(exit_):
+                problems.append(f"exit_failed:{exit_.position.symbol}")
+        if self.cfg.deadman_s > 0 and not self._arm_deadman():
+            problems.append("deadman_failed")
+        return len(positions), decided_at_ms, problems
 
     def _save_guard_state(self):
         if self.tracked == self.saved_tracked:
@@ -249,7 +243,8 @@ class Brain:
         self.saved_tracked = self.tracked
         self.log.info("guard_state_loaded", positions=len(self.tracked))
 
-    def _close(self, exit_, result):
+    def _close(self, exit_):
+        """Send the close of one exit; False if it failed (logged)."""
         position = exit_.position
         client_order_id = "eexitbrain" + uuid.uuid4().hex[:22]   # 32 letters/digits: every venue
         self.log.info("exit_rule_hit", symbol=position.symbol, side=position.side, rule=exit_.rule,
@@ -264,21 +259,22 @@ class Brain:
             kind = self.exchange.classify_error(exc, self.ex).kind
             self.log.error("exit_failed", symbol=position.symbol, rule=exit_.rule, kind=kind,
                            error=type(exc).__name__, detail=str(exc)[:200])
-            result.problems.append(f"exit_failed:{position.symbol}")
-            return
+            return False
         self.log.info("exit_sent", symbol=position.symbol, rule=exit_.rule, order_id=order["id"],
                       status=order["status"], filled=order["filled"])
+        return True
 
-    def _arm_deadman(self, result):
+    def _arm_deadman(self):
+        """Re-arm the switch for every symbol with open orders; False if that failed (logged)."""
         try:
-            symbols = sorted({order.symbol for order in self.exchange.read_open_orders(self.ex)})
-            for symbol in symbols:
+            for symbol in sorted({order.symbol for order in self.exchange.read_open_orders(self.ex)}):
                 self.exchange.arm_deadman(self.ex, symbol, int(self.cfg.deadman_s * 1000))
         except Exception as exc:  # noqa: BLE001 - reading orders or arming failed
             # Not armed means the switch may fire or may never fire: report DEGRADED, try again
             # next cycle. The exits of this cycle are done either way.
             self.log.error("deadman_failed", error=type(exc).__name__, detail=str(exc)[:200])
-            result.problems.append("deadman_failed")
+            return False
+        return True
 
     # -- the main thread: timing, heartbeats, pings ----------------------------------------
 
@@ -341,18 +337,16 @@ class Brain:
                            latency_ms=round(latency_ms, 1))
             self._publish("DEGRADED", None, latency_ms, reason=f"cycle_failed:{type(error).__name__}")
             return False
-        self.last_decision_ts = result.decided_at_ms
-        self.last_positions = result.positions
-        problems = list(result.problems)
+        self.last_positions, self.last_decision_ts, problems = result
         if latency_ms > self.cfg.latency_budget_ms:
             problems.append("over_latency_budget")
         status = "DEGRADED" if problems else "OK"
-        published = self._publish(status, result.positions, latency_ms, reason=",".join(problems))
+        published = self._publish(status, self.last_positions, latency_ms, reason=",".join(problems))
         if status == "OK" and published:
             self.notifier.ping()
             return True
         self.log.warning("cycle_degraded", problems=",".join(problems) or "heartbeat_failed",
-                         positions=result.positions, latency_ms=round(latency_ms, 1))
+                         positions=self.last_positions, latency_ms=round(latency_ms, 1))
         return False
 
     def run(self):
@@ -364,10 +358,10 @@ class Brain:
         self.load_guard_state()
         while not self.stop_requested.is_set():
             started = time.monotonic()
+            # Healthy: the next cycle on the interval's beat; degraded: degraded_beat_s from now.
             healthy = self.run_once()
-            pause = self.cfg.interval_s if healthy else self.cfg.degraded_beat_s
-            next_cycle = started + pause if healthy else time.monotonic() + pause
-            self.stop_requested.wait(max(0.0, next_cycle - time.monotonic()))
+            pause = started + self.cfg.interval_s - time.monotonic() if healthy else self.cfg.degraded_beat_s
+            self.stop_requested.wait(max(0.0, pause))
         try:
             # A clean stop says so: the next instance is then a restart, not a crash.
             self.beat.stopped(self.last_positions, self.last_decision_ts, 0.0, extra={"halted": self.halted})
@@ -403,20 +397,20 @@ def main():
         from . import exchange   # ccxt: ~0.5 s; only the brain and the EEW pay for it
         cfg = Config.from_env()
         exchange_cfg = exchange.ExchangeConfig.from_env()
-        if cfg.deadman_s > 0 and exchange.venue(exchange_cfg.exchange_id).DEADMAN is None:
+        venue = exchange.venue(exchange_cfg.exchange_id)
+        if cfg.deadman_s > 0 and venue.DEADMAN is None:
             # A switch that can never fire must not look armed: refuse rather than degrade.
             raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id} has no "
                               f"dead-man switch eexit can arm; set it to 0")
-        bounds = exchange.venue(exchange_cfg.exchange_id).DEADMAN_RANGE_S
+        bounds = venue.DEADMAN_RANGE_S
         if cfg.deadman_s > 0 and bounds and not bounds[0] <= cfg.deadman_s <= bounds[1]:
             raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id}'s dead-man switch "
                               f"takes {bounds[0]}-{bounds[1]} s")
         notifier = Notifier()
-        client = bus.connect()
-        brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), client, notifier, log)
+        brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), bus.connect(), notifier, log)
         stop = brain.stop_requested
         daemon.on_stop_signal(stop.set)
-        if daemon.wait_for_redis(client, PROBES, log, stop.is_set, stop.wait, notifier):
+        if daemon.wait_for_redis(brain.client, PROBES, log, stop.is_set, stop.wait, notifier):
             brain.run()
     return daemon.main(log, start)
 

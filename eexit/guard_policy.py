@@ -32,8 +32,7 @@ def decide(policy, last_status, positions, closable, orders, already_alerted=Fal
         return "wait", None
     reason = RESIDUAL_RETRY if last_status in UNFINISHED else HALT_VIOLATION
     if policy == "alert":
-        exposed = bool(positions or orders)
-        return ("alert" if exposed and not already_alerted else "quiet"), reason
+        return ("alert" if (positions or orders) and not already_alerted else "quiet"), reason
     if closable or orders or (last_status in UNFINISHED and not positions):
         return "enforce", reason
     return "quiet", reason

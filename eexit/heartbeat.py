@@ -37,11 +37,10 @@ def wall_ms():
 
 
 class Heartbeat:
-    def __init__(self, client, service_id, stream=schema.HEARTBEAT_STREAM, instance=None):
+    def __init__(self, client, service_id, stream=schema.HEARTBEAT_STREAM):
         self.client = client
         self.service_id = service_id
         self.stream = stream
-        self.instance = instance or INSTANCE
 
     @classmethod
     def from_env(cls, service_id, stream=schema.HEARTBEAT_STREAM, env=None):
@@ -52,7 +51,7 @@ class Heartbeat:
         message = schema.Heartbeat(
             service_id=self.service_id, status=status, active_positions=active_positions,
             last_decision_ts=last_decision_ts, latency_ms=latency_ms, ts=wall_ms(),
-            instance=self.instance, extra={key: str(value) for key, value in (extra or {}).items()})
+            instance=INSTANCE, extra={key: str(value) for key, value in (extra or {}).items()})
         return bus.publish(self.client, self.stream, message, maxlen=schema.HEARTBEAT_MAXLEN)
 
     # ok / degraded / stopped(active_positions, last_decision_ts, latency_ms=None, extra=None):

@@ -807,16 +807,13 @@ class Watchdog:
                 self.log.critical(why, cause=daemon.cause(exc), error=type(exc).__name__,
                                   detail=str(exc)[:200], retry_in_s=wait)
                 self.notifier.status(f"{why}: {daemon.cause(exc)}")
-                self._sleep(wait)
+                resume_at = self.monotonic() + wait
+                while not self.stopping and self.monotonic() < resume_at:
+                    self._maybe_ping(self.monotonic())
+                    time.sleep(min(0.05, max(0.0, resume_at - self.monotonic())))
             self._maybe_ping(self.monotonic())
         self.notifier.stopping()
         self.log.info("stopped")
-
-    def _sleep(self, seconds):
-        deadline = self.monotonic() + seconds
-        while not self.stopping and self.monotonic() < deadline:
-            self._maybe_ping(self.monotonic())
-            time.sleep(min(0.05, max(0.0, deadline - self.monotonic())))
 
 
 # Harmless preflight probes (daemon.preflight): reads, XADD with id 0-0 and EVALSHA of no
