@@ -476,9 +476,19 @@ class Ledger:
         return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
 
     def publish_direct(self, event_id, report_fields):
-        """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        return bus.as_text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
-                                  args=[event_id, *_pairs(report_fields)]))
+        """The report straight onto the completed stream, without the ledger (it refused the
+        report): True once a final report of this event stands (this one, or one before it),
+        False if Redis refused that too (logged: the journal still holds the report)."""
+        try:
+            report_id = bus.as_text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
+                                                 args=[event_id, *_pairs(report_fields)]))
+            log.warning("report_published_without_ledger", event_id=event_id,
+                        report_id=report_id or "(one stood)")
+            return True
+        except bus.REDIS_ERRORS as exc:
+            # The journal keeps the report; the heartbeat names the event until it stands.
+            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
+            return False
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
@@ -933,19 +943,21 @@ class Entries:
 
     def next_entries(self):
         """The pass's entries, read where core.entry_reads says, in its order."""
-        group = (self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, self.config.consumer)
-        for read in core.entry_reads(core.due(self.at, "sweep", time.monotonic(), self.config.sweep_interval_s)):
+        cfg = self.config
+        group = (self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer)
+        for read in core.entry_reads(core.due(self.at, "sweep", time.monotonic(), cfg.sweep_interval_s)):
             if read is core.Read.OWN:
                 entries = bus.read_group(*group, block_ms=0, pending=True, count=READ_BATCH)
                 if len(entries) == READ_BATCH:
                     self.at.pop("sweep")       # more of our backlog: next pass
             elif read is core.Read.IDLE:
-                entries = bus.claim_idle(*group, self.config.claim_idle_ms)
+                entries = bus.claim_idle(*group, cfg.claim_idle_ms)
                 if entries:
                     log.info("claimed_idle_entries", entries=",".join(e for e, _ in entries))
             else:
                 # Before READY=1 the first pass does not block: READY follows it at once.
-                return bus.read_group(*group, block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
+                return bus.read_group(*group, block_ms=self.block_ms if self.ready_sent else 1,
+                                      count=READ_BATCH)
             if entries:
                 return entries
 
@@ -1076,7 +1088,8 @@ class Entries:
                 # record whose attempt numbers (client order ids) no normal attempt uses.
                 record, keepalive = {"attempt": SIMPLE_CLOSE_ATTEMPT}, self.ping
             else:
-                record, keepalive = job.record, job.keepalive or self.close_keepalive(event_id, entry_id, job.record)
+                record = job.record
+                keepalive = job.keepalive or self.close_keepalive(event_id, entry_id, record)
             job.fields = self.closer.execute(event_id, record, keepalive)
             return job.fields
         if do is core.Do.REPORT:
@@ -1121,7 +1134,6 @@ class Entries:
         report = core.report(base, dict(status=status, detail=detail, extra={"entry_id": entry_id}), wall_ms())
         done = {"entry": entry_id, "stage": "done", "status": report.status}
         self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
-        return "ledger"
 
     def save_progress(self, event_id, record):
         """Persist the attempt counter, so a resumed close uses new client order ids. Best
@@ -1138,8 +1150,9 @@ class Entries:
         both act reduce-only on what the exchange says is left, and the report script writes
         exactly one final report."""
         if self.redis is not None and entry_id is not None:     # a close on own authority has no entry
-            best_effort("entry_not_touched", event_id, self.redis.xclaim, schema.PANIC_STREAM, schema.EEW_GROUP,
-                        self.config.consumer, min_idle_time=0, message_ids=[entry_id], justid=True)
+            best_effort("entry_not_touched", event_id, self.redis.xclaim, schema.PANIC_STREAM,
+                        schema.EEW_GROUP, self.config.consumer, min_idle_time=0, message_ids=[entry_id],
+                        justid=True)
 
     def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
         """Report, done record, XACK (none without an entry): "ledger". If Redis cannot take
@@ -1173,25 +1186,12 @@ class Entries:
                 if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
                     self.lost_redis(exc)
                 else:
-                    item["published"] = self.publish_direct(event_id, item["report"])
+                    item["published"] = self.ledger.publish_direct(event_id, item["report"])
         self.journal.append(item)
         self.journaled.add(event_id)
         log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
                   path=self.config.journal_path)
         return "direct" if item.get("published") else "journal"
-
-    def publish_direct(self, event_id, report_fields):
-        """The report straight onto the completed stream (the ledger refused it): True once a
-        final report of this event stands (this one, or one before it), False if Redis
-        refused that too (logged: the journal still holds the report)."""
-        try:
-            report_id = self.ledger.publish_direct(event_id, report_fields)
-            log.warning("report_published_without_ledger", event_id=event_id, report_id=report_id or "(one stood)")
-            return True
-        except bus.REDIS_ERRORS as exc:
-            # The journal keeps the report; the heartbeat names the event until it stands.
-            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
-            return False
 
     def publish_journal(self):
         if not self.journaled:
@@ -1250,7 +1250,8 @@ class LostPanics:
 
     def authorised(self, batch):
         """[(entry id, screened)] of the authorised entries of a stream batch."""
-        screened = [(bus.as_text(entry_id), self.screen(bus.as_text(entry_id), raw)) for entry_id, raw in batch]
+        screened = [(bus.as_text(entry_id), self.screen(bus.as_text(entry_id), raw))
+                    for entry_id, raw in batch]
         return [item for item in screened if item[1][3]]
 
     def tamper_close(self, finding):
@@ -1380,7 +1381,8 @@ class OwnAuthority:
         loop between entries, so never during this EEW's own panic; reads and closes go
         through the Closer (its pacer) with guard_keepalive. Status: GUARD_KEY (a hash)."""
         cfg, now = self.config, time.monotonic()
-        if cfg.halt_guard_s <= 0 or not core.due(self.at, "lease", now, guard_policy.step_s(cfg.halt_guard_s)):
+        step_s = guard_policy.step_s(cfg.halt_guard_s)
+        if cfg.halt_guard_s <= 0 or not core.due(self.at, "lease", now, step_s):
             return
         state, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
         if state.halted is not True or not self.hold_guard():
