@@ -309,11 +309,6 @@ def warm_connections(segments, books, batch, limits, concurrency):
     return min(concurrency, max(len(segments) * (1 + len(books)), -(-first_window // batch)))
 
 
-def derive_event_id(entry_id):
-    """The event_id of an entry that has none: deterministic, so redelivery is recognised."""
-    return f"entry-{entry_id}"
-
-
 def _pairs(fields):
     return [item for name_value in fields.items() for item in name_value]
 
@@ -975,7 +970,9 @@ class Entries:
                                                 fields.get("issued_by") or fields.get("source", ""), None), []
         if not event.event_id:
             problems = [*problems, "derived:event_id"]
-        return event, event.event_id or derive_event_id(entry_id), problems, allowed, why
+        # An entry without an event_id gets one from its stream id: deterministic, so its
+        # redelivery is recognised.
+        return event, event.event_id or f"entry-{entry_id}", problems, allowed, why
 
     def handle_batch(self, entries):
         """Authorised entries first, in stream order; then every rejected entry of the batch
