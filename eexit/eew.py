@@ -309,19 +309,8 @@ def warm_connections(segments, books, batch, limits, concurrency):
     return min(concurrency, max(len(segments) * (1 + len(books)), -(-first_window // batch)))
 
 
-def derive_event_id(entry_id):
-    """The event_id of an entry that has none: deterministic, so redelivery is recognised."""
-    return f"entry-{entry_id}"
-
-
 def _pairs(fields):
     return [item for name_value in fields.items() for item in name_value]
-
-
-def decode_fields(raw):
-    """str -> str copy of an entry's fields for signature checks (undecodable bytes replaced;
-    such an entry then fails verification rather than crashing the loop)."""
-    return {bus.as_text(key): bus.as_text(value) for key, value in (raw or {}).items()}
 
 
 def authorise(fields, authorized_sources, keyring):
@@ -482,9 +471,19 @@ class Ledger:
         return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
 
     def publish_direct(self, event_id, report_fields):
-        """The report onto the completed stream without the ledger; its id, "" if one stood."""
-        return bus.as_text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
-                                  args=[event_id, *_pairs(report_fields)]))
+        """The report straight onto the completed stream, without the ledger (it refused the
+        report): True once a final report of this event stands (this one, or one before it),
+        False if Redis refused that too (logged: the journal still holds the report)."""
+        try:
+            report_id = bus.as_text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
+                                                 args=[event_id, *_pairs(report_fields)]))
+            log.warning("report_published_without_ledger", event_id=event_id,
+                        report_id=report_id or "(one stood)")
+            return True
+        except bus.REDIS_ERRORS as exc:
+            # The journal keeps the report; the heartbeat names the event until it stands.
+            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
+            return False
 
     def reject(self, entry_ids, report_fields):
         """One summary report for the rejected entries and their XACK; returns the report id."""
@@ -642,26 +641,23 @@ class ExchangePool:
             self.idle.append(primary)
         self.rules = rules
 
-    def _take(self):
-        """The most recently used idle client, else a new one. Never more than `size` in use:
-        only the executor's `size` threads take clients (load_markets runs once, at start)."""
-        with self.lock:
-            if self.idle:
-                return self.idle.pop()
-        client = exchange.build_exchange(self.cfg)
-        with self.lock:
-            self.built += 1
-        # By reference (ccxt's set_markets would deep-copy every market into every client: 64
-        # copies of 600 markets). ccxt only reads them; a reload replaces, never mutates.
-        client.set_markets_from_exchange(self.primary)
-        return client
-
     def submit(self, fn, *args):
         """Run fn(client, *args) on a worker thread with a client of its own."""
         return self.executor.submit(self._with_client, fn, args)
 
     def _with_client(self, fn, args):
-        client = self._take()
+        """fn(client, *args) with the most recently used idle client, else a new one. Never more
+        than `size` in use: only the executor's `size` threads take clients (load_markets runs
+        once, at start)."""
+        with self.lock:
+            client = self.idle.pop() if self.idle else None
+        if client is None:
+            client = exchange.build_exchange(self.cfg)
+            with self.lock:
+                self.built += 1
+            # By reference (ccxt's set_markets would deep-copy every market into every client: 64
+            # copies of 600 markets). ccxt only reads them; a reload replaces, never mutates.
+            client.set_markets_from_exchange(self.primary)
         try:
             return fn(client, *args)
         finally:
@@ -725,6 +721,16 @@ def log_bug(event, exc, **fields):
     taken inside the except block (issue 24, finding 3)."""
     log.error(event, **fields, error=type(exc).__name__, message=str(exc)[:300],
               traceback=traceback.format_exc()[-2000:])
+
+
+def best_effort(event, event_id, fn, *args, **kwargs):
+    """fn(*args, **kwargs) beside a close (bookkeeping, never the close itself): a Redis error
+    is logged as `event` and the close goes on (None); the caller says why that is safe."""
+    try:
+        return fn(*args, **kwargs)
+    except bus.REDIS_ERRORS as exc:
+        log.warning(event, event_id=event_id, error=type(exc).__name__)
+        return None
 
 
 def _error_text(exc, exchange_id):
@@ -933,38 +939,40 @@ class Entries:
     def next_entries(self):
         """The pass's entries, read where core.entry_reads says, in its order."""
         cfg = self.config
+        group = (self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer)
         for read in core.entry_reads(core.due(self.at, "sweep", time.monotonic(), cfg.sweep_interval_s)):
             if read is core.Read.OWN:
-                entries = bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                         block_ms=0, pending=True, count=READ_BATCH)
+                entries = bus.read_group(*group, block_ms=0, pending=True, count=READ_BATCH)
                 if len(entries) == READ_BATCH:
                     self.at.pop("sweep")       # more of our backlog: next pass
             elif read is core.Read.IDLE:
-                entries = bus.claim_idle(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                         cfg.claim_idle_ms)
+                entries = bus.claim_idle(*group, cfg.claim_idle_ms)
                 if entries:
                     log.info("claimed_idle_entries", entries=",".join(e for e, _ in entries))
             else:
                 # Before READY=1 the first pass does not block: READY follows it at once.
-                return bus.read_group(self.redis, schema.PANIC_STREAM, schema.EEW_GROUP, cfg.consumer,
-                                      block_ms=self.block_ms if self.ready_sent else 1, count=READ_BATCH)
+                return bus.read_group(*group, block_ms=self.block_ms if self.ready_sent else 1,
+                                      count=READ_BATCH)
             if entries:
                 return entries
 
     def screen(self, entry_id, raw):
         """(event, event_id, problems, allowed, why) for one entry; local work, no Redis. The
         schema parse only for authorised entries: a flood of forgeries costs their HMAC."""
-        fields = decode_fields(raw)
+        # Decoded with undecodable bytes replaced: such an entry fails verification rather
+        # than crashing the loop.
+        fields = bus.decoded(raw)
         allowed, why = authorise(fields, self.config.authorized_sources, self.config.keyring)
-        if not allowed:
-            event = schema.PanicEvent(fields.get("event_id", ""), fields.get("reason", ""),
-                                      fields.get("issued_by") or fields.get("source", ""), None)
-            return event, event.event_id or derive_event_id(entry_id), [], False, why
-        event, problems = schema.PanicEvent.from_fields(raw)
-        event_id = event.event_id or derive_event_id(entry_id)
+        if allowed:
+            event, problems = schema.PanicEvent.from_fields(raw)
+        else:
+            event, problems = schema.PanicEvent(fields.get("event_id", ""), fields.get("reason", ""),
+                                                fields.get("issued_by") or fields.get("source", ""), None), []
         if not event.event_id:
             problems = [*problems, "derived:event_id"]
-        return event, event_id, problems, allowed, why
+        # An entry without an event_id gets one from its stream id: deterministic, so its
+        # redelivery is recognised.
+        return event, event.event_id or f"entry-{entry_id}", problems, allowed, why
 
     def handle_batch(self, entries):
         """Authorised entries first, in stream order; then every rejected entry of the batch
@@ -977,7 +985,7 @@ class Entries:
                 return
             screened = self.screen(entry_id, raw)
             if screened[3]:
-                self.handle_entry(entry_id, raw, screened)
+                self.handle_entry(entry_id, screened)
             else:
                 rejected.append((entry_id, screened))
         if rejected:
@@ -1021,8 +1029,7 @@ class Entries:
         report_id = self.ledger.reject(ids, report.to_fields())
         log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
 
-    def handle_entry(self, entry_id, raw, screened=None):
-        screened = screened or self.screen(entry_id, raw)
+    def handle_entry(self, entry_id, screened):
         event, event_id, problems, allowed, _why = screened     # allowed: rejections go by batch
         log.info("panic_received", event_id=event_id, entry_id=entry_id, issued_by=event.issued_by,
                  reason=event.reason, problems=",".join(problems))
@@ -1053,7 +1060,6 @@ class Entries:
         elif panic.final:
             self.unreported.pop(panic.event_id, None)
         self.set_status("waiting for panic events")
-        return panic
 
     def perform(self, panic, command, job):
         """One command of the core, against Redis or the exchange; its result for the core."""
@@ -1070,18 +1076,18 @@ class Entries:
         if do is core.Do.WRITE_HALT:
             self.ledger.halt(job.halt(event_id))
             job.record.update(stage="halted", consumer=self.config.consumer)
-            self.save_progress(event_id, entry_id, job.record)
+            self.save_progress(event_id, job.record)
             return None
         if do in (core.Do.CLOSE, core.Do.SIMPLE_CLOSE):
             self.set_status(f"closing event {event_id}")
             if do is core.Do.SIMPLE_CLOSE:
                 # Nothing from the ledger record (it may be what failed), no bookkeeping: a fresh
                 # record whose attempt numbers (client order ids) no normal attempt uses.
-                job.fields = self.closer.execute(event_id, {"attempt": SIMPLE_CLOSE_ATTEMPT},
-                                                 lambda _save=False: self.notifier.ping())
+                record, keepalive = {"attempt": SIMPLE_CLOSE_ATTEMPT}, self.ping
             else:
-                keepalive = job.keepalive or self.close_keepalive(event_id, entry_id, job.record)
-                job.fields = self.closer.execute(event_id, job.record, keepalive)
+                record = job.record
+                keepalive = job.keepalive or self.close_keepalive(event_id, entry_id, record)
+            job.fields = self.closer.execute(event_id, record, keepalive)
             return job.fields
         if do is core.Do.REPORT:
             fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
@@ -1111,9 +1117,13 @@ class Entries:
         def keepalive(save=False):
             self.touch_entry(event_id, entry_id)
             if save or wall_ms() - record.get("ts_updated", 0) > 1000:
-                self.save_progress(event_id, entry_id, record)
+                self.save_progress(event_id, record)
             self.notifier.ping()
         return keepalive
+
+    def ping(self, _save=False):
+        """The keepalive of a close without bookkeeping (the simple close, the bus-loss close)."""
+        self.notifier.ping()
 
     def report_without_action(self, entry_id, base, status, detail):
         """DUPLICATE (or FAILED for an entry that is not authorised): report + ack, recorded
@@ -1121,34 +1131,25 @@ class Entries:
         report = core.report(base, dict(status=status, detail=detail, extra={"entry_id": entry_id}), wall_ms())
         done = {"entry": entry_id, "stage": "done", "status": report.status}
         self.ledger.finish(f"entry:{entry_id}", done, entry_id, report.to_fields())
-        return "ledger"
 
-    def save_progress(self, event_id, entry_id, record):
+    def save_progress(self, event_id, record):
         """Persist the attempt counter, so a resumed close uses new client order ids. Best
-        effort: see the except clause."""
+        effort: keep closing, the exchange work matters more than bookkeeping. Worst case a
+        restart reuses attempt numbers: the exchange refuses ids still open, and the re-read
+        re-plans from what is actually left."""
         record["ts_updated"] = wall_ms()
-        if self.ledger is None:
-            return
-        try:
-            self.ledger.update(event_id, record)
-        except bus.REDIS_ERRORS as exc:
-            # Keep closing: the exchange work matters more than bookkeeping. Worst case a
-            # restart reuses attempt numbers: the exchange refuses ids still open, and the
-            # re-read re-plans from what is actually left.
-            log.warning("progress_not_saved", event_id=event_id, error=type(exc).__name__)
+        if self.ledger is not None:
+            best_effort("progress_not_saved", event_id, self.ledger.update, event_id, record)
 
     def touch_entry(self, event_id, entry_id):
-        """Reset our entry's idle time so other instances do not claim a close in progress."""
-        if self.redis is None or entry_id is None:     # a close on own authority has no entry
-            return
-        try:
-            self.redis.xclaim(schema.PANIC_STREAM, schema.EEW_GROUP, self.config.consumer,
-                              min_idle_time=0, message_ids=[entry_id], justid=True)
-        except bus.REDIS_ERRORS as exc:
-            # Keep closing. Worst case another instance claims the entry and closes too: both
-            # act reduce-only on what the exchange says is left, and the report script writes
-            # exactly one final report.
-            log.warning("entry_not_touched", event_id=event_id, error=type(exc).__name__)
+        """Reset our entry's idle time so other instances do not claim a close in progress.
+        Best effort: keep closing. Worst case another instance claims the entry and closes too:
+        both act reduce-only on what the exchange says is left, and the report script writes
+        exactly one final report."""
+        if self.redis is not None and entry_id is not None:     # a close on own authority has no entry
+            best_effort("entry_not_touched", event_id, self.redis.xclaim, schema.PANIC_STREAM,
+                        schema.EEW_GROUP, self.config.consumer, min_idle_time=0, message_ids=[entry_id],
+                        justid=True)
 
     def finish_report(self, event_id, entry_id, record, base, fields, halt, force_halt=None):
         """Report, done record, XACK (none without an entry): "ledger". If Redis cannot take
@@ -1182,25 +1183,12 @@ class Entries:
                 if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
                     self.lost_redis(exc)
                 else:
-                    item["published"] = self.publish_direct(event_id, item["report"])
+                    item["published"] = self.ledger.publish_direct(event_id, item["report"])
         self.journal.append(item)
         self.journaled.add(event_id)
         log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
                   path=self.config.journal_path)
         return "direct" if item.get("published") else "journal"
-
-    def publish_direct(self, event_id, report_fields):
-        """The report straight onto the completed stream (the ledger refused it): True once a
-        final report of this event stands (this one, or one before it), False if Redis
-        refused that too (logged: the journal still holds the report)."""
-        try:
-            report_id = self.ledger.publish_direct(event_id, report_fields)
-            log.warning("report_published_without_ledger", event_id=event_id, report_id=report_id or "(one stood)")
-            return True
-        except bus.REDIS_ERRORS as exc:
-            # The journal keeps the report; the heartbeat names the event until it stands.
-            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
-            return False
 
     def publish_journal(self):
         if not self.journaled:
@@ -1252,16 +1240,16 @@ class LostPanics:
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
             self.peek_cursor = bus.as_text(batch[0][0])
-        for entry_id, raw, screened in self.authorised(reversed(batch)):
+        for entry_id, screened in self.authorised(reversed(batch)):
             if self.ledger.record(screened[1]) is None:
                 log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=entry_id)
-                self.handle_entry(entry_id, raw, screened)
+                self.handle_entry(entry_id, screened)
 
     def authorised(self, batch):
-        """[(entry id, raw fields, screened)] of the authorised entries of a stream batch."""
-        screened = [(bus.as_text(entry_id), raw, self.screen(bus.as_text(entry_id), raw))
+        """[(entry id, screened)] of the authorised entries of a stream batch."""
+        screened = [(bus.as_text(entry_id), self.screen(bus.as_text(entry_id), raw))
                     for entry_id, raw in batch]
-        return [item for item in screened if item[2][3]]
+        return [item for item in screened if item[1][3]]
 
     def tamper_close(self, finding):
         """A lost panic of unknown content: close on our own authority, once per finding."""
@@ -1309,7 +1297,8 @@ class LostPanics:
         if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
             return
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
-        candidates = [(entry_id, raw, screened[1]) for entry_id, raw, screened in self.authorised(batch)]
+        # tamper.skipped_entries passes its candidates' second item through: here the screened entry.
+        candidates = [(entry_id, screened, screened[1]) for entry_id, screened in self.authorised(batch)]
         if candidates:
             low, high, count = core.pending_query([bus.as_text(entry_id) for entry_id, _ in batch],
                                                   [c[0] for c in candidates])
@@ -1317,10 +1306,10 @@ class LostPanics:
                 schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
             raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
             records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
-            for entry_id, raw in tamper.skipped_entries(candidates, pending, records):
+            for entry_id, screened in tamper.skipped_entries(candidates, pending, records):
                 log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
                              action="executing_from_stream")
-                self.handle_entry(entry_id, raw)
+                self.handle_entry(entry_id, screened)
         self.audit_cursor = bus.as_text(batch[-1][0]) if len(batch) == READ_BATCH else last
         if len(batch) == READ_BATCH:
             self.at.pop("guard_sweep", None)    # more to check: next pass
@@ -1362,14 +1351,14 @@ class OwnAuthority:
     def own_close(self, event_id, reason, repeat=False, **job):
         """A close on the EEW's own authority through the core (core.start_own), like a panic's:
         no entry, a report of its own. job: Job fields (the guard's halt, keepalive, a report
-        without orders). Returns the report fields (None if the close itself kept failing)."""
+        without orders). Returns the report's status (FAILED if the close itself kept failing)."""
         now = wall_ms()
         event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=SERVICE_ID, ts=now)
         job = Job.of(event, event_id, {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now},
                      ts_started=now, **job)
         job.base["event_age_ms"] = 0
         self.drive(*core.start_own(event_id, close=job.fields is None, repeat=repeat), job)
-        return job.fields
+        return (job.fields or {}).get("status", flatten.FAILED)
 
     def bus_loss_close(self, down_s, repeat=False):
         """Flatten without an event: Redis unreachable or refusing our commands, hence the
@@ -1378,9 +1367,7 @@ class OwnAuthority:
         event_id = self.own_event_id("busloss")
         log.critical("bus_loss_close", event_id=event_id, redis_down_s=round(down_s, 1), repeat=repeat)
         self.set_status(f"redis lost {down_s:.0f}s: flattening on own authority")
-        fields = self.own_close(event_id, BUS_LOSS_REASON, repeat,
-                                keepalive=lambda _save=False: self.notifier.ping())
-        return (fields or {}).get("status", flatten.FAILED)
+        return self.own_close(event_id, BUS_LOSS_REASON, repeat, keepalive=self.ping)
 
     # -- halt guard (decisions: eexit/guard_policy.py)
 
@@ -1426,7 +1413,7 @@ class OwnAuthority:
         """The status of the last final report for this halt: the guard's own latest if it
         reported on this halt, else the halt event's report; "" if the halt has none (an
         operator's halt: any exposure is new); None while that report is not written."""
-        guard = decode_fields(self.redis.hgetall(schema.GUARD_KEY))
+        guard = bus.decoded(self.redis.hgetall(schema.GUARD_KEY))
         if guard.get("last_status_for") == halt_event_id and guard.get("last_status"):
             return guard["last_status"]
         record = self.ledger.record(halt_event_id) if halt_event_id else None
@@ -1446,9 +1433,8 @@ class OwnAuthority:
                           detail=f"policy_alert:no_orders_sent open_orders:{len(account.orders)}")
         else:
             self.set_status(f"halt guard: closing ({reason})")
-        status = (self.own_close(event_id, reason, fields=fields, halt_state=state, force_halt=False,
-                                 keepalive=self.guard_keepalive, extra={"halt_event_id": state.event_id})
-                  or {}).get("status", flatten.FAILED)
+        status = self.own_close(event_id, reason, fields=fields, halt_state=state, force_halt=False,
+                                keepalive=self.guard_keepalive, extra={"halt_event_id": state.event_id})
         done = {"last_enforcement_ms": wall_ms(), "last_enforcement_event_id": event_id,
                 "last_enforcement": f"{reason} {status}"}
         if action == "enforce":
@@ -1465,13 +1451,11 @@ class OwnAuthority:
         if self.ledger is None or not core.due(self.at, "lease", time.monotonic(),
                                                guard_policy.step_s(self.config.halt_guard_s)):
             return
-        try:
-            if not self.hold_guard():
-                log.warning("guard_lease_lost", event_id=self.current_event)
-        except bus.REDIS_ERRORS as exc:
-            # Keep closing: the close is reduce-only and re-reads before it ends. If the lease
-            # lapses meanwhile another EEW's guard may act too, reduce-only on what is left.
-            log.warning("guard_lease_not_renewed", event_id=self.current_event, error=type(exc).__name__)
+        # Not renewed (a Redis error): keep closing, the close is reduce-only and re-reads before
+        # it ends. If the lease lapses meanwhile another EEW's guard may act too, reduce-only on
+        # what is left.
+        if best_effort("guard_lease_not_renewed", self.current_event, self.hold_guard) is False:
+            log.warning("guard_lease_lost", event_id=self.current_event)
 
 
 class Worker(Entries, LostPanics, OwnAuthority):

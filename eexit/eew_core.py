@@ -168,10 +168,9 @@ def on_error(panic, command, kind, detail=""):
         # No record could be claimed: halt and close all the same (a close acts only on what
         # the exchange says is left, so an instance that does own the record loses nothing).
         return replace(failed, stage=Stage.HALTING), [Command(Do.WRITE_HALT)]
-    if do is Do.WRITE_HALT:
-        # The halt is refused: the close still runs, the report says the halt is missing.
-        return replace(failed, stage=Stage.CLOSING), [Command(Do.SIMPLE_CLOSE)]
-    if do is Do.CLOSE:
+    if do in (Do.WRITE_HALT, Do.CLOSE):
+        # The halt refused: the close still runs, the report says the halt is missing. The close
+        # failed: the simplest one, without the ledger bookkeeping that may be what failed.
         return replace(failed, stage=Stage.CLOSING), [Command(Do.SIMPLE_CLOSE)]
     if do is Do.SIMPLE_CLOSE:
         return replace(failed, stage=Stage.REPORTING, closed_by=do), [
