@@ -219,7 +219,10 @@ class ExecutionTest(EEWCase):
         self.assertEqual("unauthorized_issuer:trading_bot", report.detail)
         self.assertEqual([], self.paper.requests(), "no exchange request at all")
         self.assertEqual(0.01, self.paper.position_amount("BTCUSDT"))
-        self.assertEqual({}, self.redis.hgetall(schema.TRADING_STATE_KEY))
+        # No halt of this event. (The class-wide EEW may restore an earlier test's halt after the
+        # wipe: a report it journaled when a reply timed out under load is re-published with its
+        # halt, as after a Redis restart without persistence; a -j 6 run once showed one there.)
+        self.assertNotEqual(event_id.encode(), self.redis.hget(schema.TRADING_STATE_KEY, "event_id"))
         self.assertIsNone(self.redis.hget(schema.PROCESSED_KEY, event_id), "claims nothing")
         wait_for(lambda: self.redis.xpending(schema.PANIC_STREAM, schema.EEW_GROUP)["pending"] == 0,
                  5, message=f"{entry} acknowledged")
