@@ -621,8 +621,7 @@ class ExchangePool:
         self.exchange_id = cfg.exchange_id
         self.rules = None
         self.primary = None            # the client that loaded the markets; others share them
-        self.idle = []                 # most recently used last
-        self.built = 0                 # clients built so far (tests/test_time_to_flat.py)
+        self.idle = []                 # most recently used last; every client built, while none works
         self.warming = []
         self.next_warm = 0.0
         self.lock = threading.Lock()
@@ -637,7 +636,7 @@ class ExchangePool:
         primary = exchange.build_exchange(self.cfg)
         rules = exchange.load_market_rules(primary)
         with self.lock:
-            self.primary, self.built = primary, self.built + 1
+            self.primary = primary
             self.idle.append(primary)
         self.rules = rules
 
@@ -653,8 +652,6 @@ class ExchangePool:
             client = self.idle.pop() if self.idle else None
         if client is None:
             client = exchange.build_exchange(self.cfg)
-            with self.lock:
-                self.built += 1
             # By reference (ccxt's set_markets would deep-copy every market into every client: 64
             # copies of 600 markets). ccxt only reads them; a reload replaces, never mutates.
             client.set_markets_from_exchange(self.primary)

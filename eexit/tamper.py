@@ -144,13 +144,14 @@ def read_stream_state(client, stream=schema.PANIC_STREAM, group=schema.EEW_GROUP
 
 
 def skipped_entries(candidates, pending_ids, records):
-    """Authorised entries the group passed by without the EEW recording them: [(entry_id, raw)].
+    """Authorised entries the group passed by without the EEW recording them: [(entry_id, item)].
 
-    candidates: [(entry_id, raw, event_id)] authorised entries at or before last-delivered-id;
+    candidates: [(entry_id, item, event_id)] authorised entries at or before last-delivered-id
+    (item: passed through as it is; the EEW's screened entry);
     pending_ids: ids pending in the group (someone holds them: claim_idle covers them);
     records: {event_id: ledger record dict or None}. An entry whose event_id has a record of
     another entry was a duplicate: its event is handled, nothing to do."""
-    return [(entry_id, raw) for entry_id, raw, event_id in candidates
+    return [(entry_id, item) for entry_id, item, event_id in candidates
             if entry_id not in pending_ids and records.get(event_id) is None]
 
 

@@ -183,7 +183,7 @@ class Pool(unittest.TestCase):
         _, cfg = client(self.paper)
         pool = eew.ExchangePool(cfg, 4)
         pool.load_markets()
-        self.assertEqual(1, pool.built)
+        self.assertEqual(1, len(pool.idle))     # idle: every client built, while none works
         used = [pool.submit(lambda c: id(c)).result() for _ in range(5)]
         self.assertEqual(1, len(set(used)), "sequential work reuses one warm client")
         barrier = threading.Barrier(3, timeout=10)
@@ -192,7 +192,7 @@ class Pool(unittest.TestCase):
             barrier.wait()
             return id(c)
         wide = {f.result() for f in [pool.submit(hold) for _ in range(3)]}
-        self.assertEqual((3, 3), (len(wide), pool.built), "three at once: three clients, two new")
+        self.assertEqual((3, 3), (len(wide), len(pool.idle)), "three at once: three clients, two new")
         self.assertIn(used[0], wide)
         last = pool.idle[-1]
         self.assertEqual(id(last), pool.submit(lambda c: id(c)).result(), "LIFO: the last returned first")
@@ -209,7 +209,7 @@ class Pool(unittest.TestCase):
         self.assertEqual([], pool.maintain(0.0, 3, 20.0, pacer))
         wait_for(lambda: all(f.done() for f in pool.warming), 10, message="pings done")
         self.assertEqual([], pool.maintain(1.0, 3, 20.0, pacer), "no failure, not due again yet")
-        self.assertEqual(3, pool.built)
+        self.assertEqual(3, len(pool.idle))     # the pings are done: every client is idle
         self.assertEqual(3, len(self.paper.requests(path="/fapi/v1/time")))
         pool.executor.shutdown()
 
