@@ -1399,12 +1399,19 @@ class OwnAuthority:
                                     f" unreadable_rows={len(account.unreadable)}"
                                     if account.positions or account.orders or account.unreadable else "flat")
             # Still the holder after the read (renewed): a holder cut off during a long read
-            # may have lost the lease, and then its successor acts, not both.
-            if action in ("enforce", "alert") and self.hold_guard():
+            # may have lost the lease, and then its successor acts, not both. And still the same
+            # halt: a resume served meanwhile (by another EEW) is a human's decision, and the bot
+            # may trade again at once; the next check judges whatever halt stands then.
+            if action in ("enforce", "alert") and self.hold_guard() and self.halt_stands(state):
                 self.guard_alerted = key
                 status.update(self.guard_close(state, action, reason, account))
         if self.redis is not None:      # None: Redis went away during the close (report journaled)
             self.redis.hset(schema.GUARD_KEY, mapping=status)
+
+    def halt_stands(self, state):
+        """Whether trading is still halted by the halt `state` read before the account."""
+        now, _ = schema.TradingState.from_fields(self.redis.hgetall(schema.TRADING_STATE_KEY))
+        return now.halted is True and now.event_id == state.event_id
 
     def last_final_status(self, halt_event_id):
         """The status of the last final report for this halt: the guard's own latest if it

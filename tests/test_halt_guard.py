@@ -110,6 +110,29 @@ class ViolationTest(GuardCase):
         self.assertEqual(1, len(wait_for(audited, 20, message="the audit line of the guard report")))
 
 
+class ResumedDuringTheReadTest(GuardCase):
+    def test_a_resume_while_the_guard_reads_the_account_is_not_overruled(self):
+        # The guard read the halt, then the account; a human resumed in between (through
+        # another EEW, or any writer of the halt) and the bot trades again at once. What the
+        # read returns must not be closed: the halt that justified the check no longer stands.
+        self.start_eew("eew-a", EEXIT_ACCOUNT_CHECK_S="3600", **GUARD)
+        self.panic_flat()
+        self.wait_guard_checks(1)
+        self.paper.add_fault(kind="latency", ms=1500, path="positionRisk")   # every read is slow
+        self.paper.clear_requests()
+        wait_for(lambda: self.paper.requests(path="positionRisk"), 20, message="a guard read under way")
+        self.paper.set_position("ETHUSDT", -0.5)          # the bot, trading again after the resume
+        resumed_ms = int(self.redis.time()[0]) * 1000 + int(self.redis.time()[1]) // 1000
+        self.redis.hset(schema.TRADING_STATE_KEY, mapping={"halted": "false", "cleared_by": "test",
+                                                           "cleared_at": str(resumed_ms)})
+        wait_for(lambda: int(self.guard_status().get("last_check_ms", 0)) > resumed_ms, 20,
+                 message="the guard's check that began before the resume")
+        self.assertEqual("positions=1 orders=0 unreadable_rows=0", self.guard_status()["last_check"])
+        self.assertEqual([], self.order_requests())
+        self.assertEqual([], self.guard_reports())
+        self.assertEqual(-0.5, self.paper.position_amount("ETHUSDT"))
+
+
 class ResidualRetryTest(GuardCase):
     def test_exchange_outage_past_the_deadline_then_recovery_closes_the_rest(self):
         self.start_eew("eew-a", EEXIT_CLOSE_DEADLINE_S=2, **GUARD)
