@@ -121,20 +121,23 @@ class Bench:
         return None
 
     def one_kill(self, number):
-        if self.args.eew:
-            self.paper.reset(seed=SEED)
-        panics_before = self.client.xlen(schema.PANIC_STREAM)
         since = bus.server_time_ms(self.client)
         brain = self.start("eexit.brain")
 
-        def healthy_beat():
+        def healthy_beat(count=None, after_ms=since):
             entry_id, raw = self.latest(schema.HEARTBEAT_STREAM)
-            if entry_id is None or schema.entry_id_ms(entry_id) < since:
+            if entry_id is None or schema.entry_id_ms(entry_id) < after_ms:
                 return False
             beat, _ = schema.Heartbeat.from_fields(raw)
-            return beat.status == "OK" and beat.active_positions == SEED_COUNT
+            return beat.status == "OK" and (count is None or beat.active_positions == count)
         wait_for(healthy_beat, 30, message="brain healthy")
+        self.settle()
+        if self.args.eew:
+            self.paper.reset(seed=SEED)
+        seeded = bus.server_time_ms(self.client)
+        wait_for(lambda: healthy_beat(SEED_COUNT, seeded), 30, message="brain guards the seed")
         wait_for(lambda: not self.client.exists("eexit:watchdog:incident"), 30, message="watchdog re-armed")
+        panics_before = self.client.xlen(schema.PANIC_STREAM)
         time.sleep(random.uniform(0.0, 1.0))
         kill_ms = bus.server_time_ms(self.client)
         brain.send_signal(signal.SIGKILL)
@@ -159,7 +162,30 @@ class Bench:
             bus.publish(self.client, schema.COMPLETED_STREAM, schema.CompletionReport(
                 event_id=event.event_id, status="FLAT", issued_by="watchdog", ts_started=kill_ms,
                 ts_completed=kill_ms, execution_time_ms=0))
-        return row
+        return row      # its incident ends at the next brain's start (settle)
+
+    def resume(self):
+        """The incident lasts until a human resumes (issue 26): what the EEW writes after `eexit
+        resume`, played here (detection is what is measured), so the next kill opens a new one."""
+        self.client.hset(schema.TRADING_STATE_KEY, mapping={
+            "halted": "false", "cleared_by": "bench", "cleared_at": str(bus.server_time_ms(self.client))})
+
+    def settle(self):
+        """Before a kill, a quiet watchdog: the last kill's incident (and the new brain's own
+        trigger, EXIT_BRAIN_RESTARTED, issue 26, which that incident absorbs) is resumed once the
+        new brain beats and the watchdog has judged that beat; a resume while no brain runs
+        would only open the next incident at once."""
+        first_beat_ms = schema.entry_id_ms(self.latest(schema.HEARTBEAT_STREAM)[0])
+        wait_for(lambda: any(schema.entry_id_ms(entry_id) > first_beat_ms for entry_id, _ in
+                             self.client.xrevrange(schema.WATCHDOG_HEARTBEAT_STREAM, "+", "-", count=1)),
+                 30, message="a watchdog beat after the brain's first beat")
+        event_id = bus.as_text(self.client.hget("eexit:watchdog:incident", "current_event_id") or
+                               self.client.hget("eexit:watchdog:incident", "event_id") or b"")
+        if not event_id:
+            return
+        if self.args.eew:
+            wait_for(lambda: self.report_for(event_id), 30, message="the open incident's report")
+        self.resume()
 
     def run(self):
         startup_ms, rss = self.cold_start()
