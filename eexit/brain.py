@@ -214,11 +214,26 @@ class Brain:
         decided_at_ms = wall_ms()
         problems = [f"no_price:{','.join(unpriced)}"] if unpriced else []
         for exit_ in exits:
-            if not self._close(exit_):
-                problems.append(f"exit_failed:{exit_.position.symbol}")
-        if self.cfg.deadman_s > 0 and not self._arm_deadman():
-            problems.append("deadman_failed")
+            problems += self._tried(f"exit_failed:{exit_.position.symbol}", self._close, exit_,
+                                    symbol=exit_.position.symbol, rule=exit_.rule)
+        if self.cfg.deadman_s > 0:
+            problems += self._tried("deadman_failed", self._arm_deadman)
         return len(positions), decided_at_ms, problems
+
+    def _tried(self, problem, action, *args, **fields):
+        """[] once action(*args) returned; [problem] if it raised (logged, the event named by
+        the problem's part before the colon), which makes this cycle DEGRADED."""
+        try:
+            action(*args)
+            return []
+        except Exception as exc:  # noqa: BLE001 - one close, or reading orders / arming the switch
+            # The other exits still go out and the cycle ends; the next one re-reads the account
+            # and tries again (an exit rule still holds if the position is still there; a switch
+            # not armed may fire or may never fire, so it is re-armed each cycle).
+            kind = self.exchange.classify_error(exc, self.ex).kind
+            self.log.error(problem.partition(":")[0], **fields, kind=kind, error=type(exc).__name__,
+                           detail=str(exc)[:200])
+            return [problem]
 
     def _save_guard_state(self):
         if self.tracked == self.saved_tracked:
@@ -244,37 +259,21 @@ class Brain:
         self.log.info("guard_state_loaded", positions=len(self.tracked))
 
     def _close(self, exit_):
-        """Send the close of one exit; False if it failed (logged)."""
+        """Send the close of one exit; raises what the exchange raised."""
         position = exit_.position
         client_order_id = "eexitbrain" + uuid.uuid4().hex[:22]   # 32 letters/digits: every venue
         self.log.info("exit_rule_hit", symbol=position.symbol, side=position.side, rule=exit_.rule,
                       detail=exit_.detail, contracts=position.contracts, client_order_id=client_order_id)
-        try:
-            order = self.exchange.place_close_order(self.ex, position.symbol, flatten.closing_side(position),
-                                                    position.contracts, position.position_side,
-                                                    client_order_id, position.margin_mode)
-        except Exception as exc:  # noqa: BLE001 - any failure of one close
-            # The other exits still go out; this cycle is DEGRADED and the next one re-reads
-            # the account and tries again (the rule still holds if the position is still there).
-            kind = self.exchange.classify_error(exc, self.ex).kind
-            self.log.error("exit_failed", symbol=position.symbol, rule=exit_.rule, kind=kind,
-                           error=type(exc).__name__, detail=str(exc)[:200])
-            return False
+        order = self.exchange.place_close_order(self.ex, position.symbol, flatten.closing_side(position),
+                                                position.contracts, position.position_side,
+                                                client_order_id, position.margin_mode)
         self.log.info("exit_sent", symbol=position.symbol, rule=exit_.rule, order_id=order["id"],
                       status=order["status"], filled=order["filled"])
-        return True
 
     def _arm_deadman(self):
-        """Re-arm the switch for every symbol with open orders; False if that failed (logged)."""
-        try:
-            for symbol in sorted({order.symbol for order in self.exchange.read_open_orders(self.ex)}):
-                self.exchange.arm_deadman(self.ex, symbol, int(self.cfg.deadman_s * 1000))
-        except Exception as exc:  # noqa: BLE001 - reading orders or arming failed
-            # Not armed means the switch may fire or may never fire: report DEGRADED, try again
-            # next cycle. The exits of this cycle are done either way.
-            self.log.error("deadman_failed", error=type(exc).__name__, detail=str(exc)[:200])
-            return False
-        return True
+        """Re-arm the switch for every symbol with open orders; raises what the exchange raised."""
+        for symbol in sorted({order.symbol for order in self.exchange.read_open_orders(self.ex)}):
+            self.exchange.arm_deadman(self.ex, symbol, int(self.cfg.deadman_s * 1000))
 
     # -- the main thread: timing, heartbeats, pings ----------------------------------------
 
@@ -362,12 +361,9 @@ class Brain:
             healthy = self.run_once()
             pause = started + self.cfg.interval_s - time.monotonic() if healthy else self.cfg.degraded_beat_s
             self.stop_requested.wait(max(0.0, pause))
-        try:
-            # A clean stop says so: the next instance is then a restart, not a crash.
-            self.beat.stopped(self.last_positions, self.last_decision_ts, 0.0, extra={"halted": self.halted})
-        except bus.REDIS_ERRORS as exc:
-            # Without it the next start counts as a crash: a needless flatten, never a missed one.
-            self.log.warning("stopped_beat_failed", error=type(exc).__name__)
+        # A clean stop says so: the next instance is then a restart, not a crash. Not published
+        # (logged by _publish): the next start counts as a crash, a needless flatten, never a missed one.
+        self._publish("STOPPED", self.last_positions, 0.0)
         self.notifier.stopping()
         self.log.info("stopped")
 
@@ -397,15 +393,13 @@ def main():
         from . import exchange   # ccxt: ~0.5 s; only the brain and the EEW pay for it
         cfg = Config.from_env()
         exchange_cfg = exchange.ExchangeConfig.from_env()
-        venue = exchange.venue(exchange_cfg.exchange_id)
-        if cfg.deadman_s > 0 and venue.DEADMAN is None:
+        venue, name = exchange.venue(exchange_cfg.exchange_id), exchange_cfg.exchange_id
+        low, high = venue.DEADMAN_RANGE_S or (0, cfg.deadman_s)
+        if cfg.deadman_s > 0 and (venue.DEADMAN is None or not low <= cfg.deadman_s <= high):
             # A switch that can never fire must not look armed: refuse rather than degrade.
-            raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id} has no "
-                              f"dead-man switch eexit can arm; set it to 0")
-        bounds = venue.DEADMAN_RANGE_S
-        if cfg.deadman_s > 0 and bounds and not bounds[0] <= cfg.deadman_s <= bounds[1]:
-            raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: {exchange_cfg.exchange_id}'s dead-man switch "
-                              f"takes {bounds[0]}-{bounds[1]} s")
+            raise ConfigError(f"EEXIT_DEADMAN_S={cfg.deadman_s:g}: " + (
+                f"{name} has no dead-man switch eexit can arm; set it to 0" if venue.DEADMAN is None
+                else f"{name}'s dead-man switch takes {low}-{high} s"))
         notifier = Notifier()
         brain = Brain(cfg, exchange, exchange.build_exchange(exchange_cfg), bus.connect(), notifier, log)
         stop = brain.stop_requested

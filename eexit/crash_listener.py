@@ -80,19 +80,23 @@ def answer(reply_path, code, log):
             os.close(fd)
 
 
-def keepalive(client, log, healthy):
-    """PING Redis; returns whether it answered. A failure is logged once per change."""
+def keepalive(client, log, notifier, healthy, listening):
+    """PING Redis; returns whether it answered. A change is logged and said in STATUS= (a
+    listener that cannot publish now says so)."""
     try:
         client.ping()
+        answered, cause = True, ""
     except bus.REDIS_ERRORS as exc:
         # Transport or refusal: the next command reconnects; a request meanwhile runs the
         # hook anyway and answers its code (the shell falls back on non-zero).
-        if healthy:
-            log.error("redis_keepalive_failed", cause=f"{type(exc).__name__}: {str(exc)[:200]}")
-        return False
-    if not healthy:
-        log.info("redis_keepalive_ok")
-    return True
+        answered, cause = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+    if answered != healthy:
+        if answered:
+            log.info("redis_keepalive_ok")
+        else:
+            log.error("redis_keepalive_failed", cause=cause)
+        notifier.status(listening if answered else "Redis unreachable: crashes go to the oneshot crash unit")
+    return answered
 
 
 def serve(env, log):
@@ -102,16 +106,15 @@ def serve(env, log):
     request_fd = make_fifo(directory / "request")
     os.close(make_fifo(directory / "reply"))
     client = bus.connect(env=env, read_timeout_s=min(2.0, timeout_s))
-    notifier, stopped = Notifier(env, log), []
+    notifier, stopped, listening = Notifier(env, log), [], f"listening on {directory}/request"
     daemon.on_stop_signal(lambda: stopped.append(True))
-    healthy = keepalive(client, log, True)
+    healthy = keepalive(client, log, notifier, True, listening)
     while not healthy and not stopped:
         # READY only with a warm connection: until then the brain's shell falls back.
-        notifier.status("waiting for Redis")
         time.sleep(0.5)
         notifier.ping()
-        healthy = keepalive(client, log, False)
-    notifier.ready(f"listening on {directory}/request")
+        healthy = keepalive(client, log, notifier, healthy, listening)
+    notifier.ready(listening)
     log.info("ready", fifo=str(directory / "request"), hook_timeout_s=timeout_s)
     buffer, last_ping = b"", time.monotonic()
     while not stopped:
@@ -124,14 +127,10 @@ def serve(env, log):
                 code = hook.run({**env, "EEXIT_CRASH": facts}, log, client, ORIGIN)
                 answer(directory / "reply", code, log)
         if time.monotonic() - last_ping >= KEEPALIVE_S:
-            was_healthy = healthy
-            healthy, last_ping = keepalive(client, log, healthy), time.monotonic()
-            if healthy != was_healthy:
-                # Pings go on while Redis is gone (a restart cannot bring Redis back, and each
-                # request still runs the hook and answers its code, so the brain's shell falls
-                # back on the oneshot); STATUS= says why this listener cannot publish now.
-                notifier.status(f"listening on {directory}/request" if healthy
-                                else "Redis unreachable: crashes go to the oneshot crash unit")
+            # Pings go on while Redis is gone (a restart cannot bring Redis back, and each
+            # request still runs the hook and answers its code, so the brain's shell falls
+            # back on the oneshot); STATUS= says why this listener cannot publish now.
+            healthy, last_ping = keepalive(client, log, notifier, healthy, listening), time.monotonic()
     notifier.stopping()
     return 0
 

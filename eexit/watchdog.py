@@ -573,30 +573,22 @@ class Watchdog:
         asked_at = self.monotonic()
         server_ms, halt = time_and_halt(self.client)
         now = self.monotonic()      # after Redis answered: a stall ends only now
-        recent = self.client.xrevrange(schema.HEARTBEAT_STREAM, "+", "-", count=BACKLOG_REPLAY)
-        state = WatchState(observing_since=self.state.observing_since if self.synced_before else now)
-        read_up_to = tamper.parse_id(self.read_from[schema.HEARTBEAT_STREAM])
-        for entry_id, fields in reversed(recent):
-            entry_ms = schema.entry_id_ms(entry_id)
-            age_s = max(0, server_ms - entry_ms) / 1000.0 if entry_ms is not None else float("inf")
-            # A restart is acted on only when seen live: beats after the last one we read.
-            live = self.synced_before and tamper.parse_id(entry_id) > read_up_to
-            state = self._observe(state, fields, now - age_s, live)
+        prior, read_up_to = self.state, self.read_from
+        self.state = WatchState(observing_since=prior.observing_since if self.synced_before else now)
+        self.read_from = dict.fromkeys(STREAMS_READ, "0-0")
+        for stream, count in zip(STREAMS_READ, (BACKLOG_REPLAY, 1, 1)):
+            # The recent heartbeats; of the others where they end (the newest EEW heartbeat is
+            # checked now, the other EEW instances' within their next beat; reports are read
+            # below by event id).
+            newest = self.client.xrevrange(stream, "+", "-", count=count)
+            self._take(stream, reversed(newest), server_ms, now, read_up_to)
         if self.synced_before:
             # Credited: up to our last failed call, or to now if Redis held this one (stalled).
             answered_at = now if now - asked_at > LOCAL_WAIT_S else max(self.failed_at, self.last_evaluated)
-            state = after_outage(self.state, state, self.last_evaluated, answered_at)
+            self.state = after_outage(prior, self.state, self.last_evaluated, answered_at)
             self.log.info("resynced", outage_s=round(answered_at - self.last_evaluated, 3),
                           startup_grace="not_reapplied")
         self.synced_before = True
-        self.state = state
-        self.read_from[schema.HEARTBEAT_STREAM] = bus.as_text(recent[0][0]) if recent else "0-0"
-        for stream in (schema.EEW_HEARTBEAT_STREAM, schema.COMPLETED_STREAM):
-            newest = self.client.xrevrange(stream, "+", "-", count=1)
-            self.read_from[stream] = bus.as_text(newest[0][0]) if newest else "0-0"
-            if newest and stream == schema.EEW_HEARTBEAT_STREAM:
-                # The newest EEW heartbeat now; the other EEW instances' within their next beat.
-                self._check_eew(newest[0][1])
         if self.incident is None:
             found, reports = self._read_found()
         else:
@@ -620,25 +612,41 @@ class Watchdog:
 
     # -- one iteration -------------------------------------------------------------------
 
-    def _observe(self, state, fields, sent_at, live=True):
-        beat, problems = schema.Heartbeat.from_fields(fields)
-        if beat.service_id != self.cfg.brain_service_id:
-            # Only the brain's own beats are judged: a bot beating here must neither hide the
-            # brain's death nor overwrite its positions. ACLs cannot refuse it (they scope keys,
-            # not field values), so it is ignored and said once per producer.
-            if beat.service_id not in self.ignored_services:
-                self.ignored_services.add(beat.service_id)
-                self.log.warning("heartbeat_ignored", service_id=beat.service_id or "-",
-                                 watching=self.cfg.brain_service_id)
-            return state
-        if problems != self.last_problems:
-            # Kept and read fail-closed (see observe); logged when the set changes, so the
-            # producer gets fixed without a line per beat.
-            self.last_problems = problems
-            self.log.warning("heartbeat_problems", problems=",".join(problems) or "none")
-        if live and self.restart is None:
-            self.restart = restarted(state, beat)
-        return observe(state, beat, sent_at)
+    def _take(self, stream, entries, server_ms, received_at, read_up_to, max_age_s=float("inf")):
+        """Feed one stream's entries (oldest first) into what we know; returns its completion
+        reports. A heartbeat sent `age` before `received_at`: its age on Redis's clock (TIME
+        minus its id's ms), at most max_age_s. A restart counts only in a beat after
+        read_up_to[stream], seen live (not one replayed at the first start)."""
+        up_to, reports = tamper.parse_id(read_up_to[stream]), []
+        for entry_id, fields in entries:
+            self.read_from[stream] = bus.as_text(entry_id)
+            if stream == schema.EEW_HEARTBEAT_STREAM:
+                self._check_eew(fields)
+                continue
+            if stream == schema.COMPLETED_STREAM:
+                reports.append(schema.CompletionReport.from_fields(fields)[0])
+                continue
+            beat, problems = schema.Heartbeat.from_fields(fields)
+            if beat.service_id != self.cfg.brain_service_id:
+                # Only the brain's own beats are judged: a bot beating here must neither hide the
+                # brain's death nor overwrite its positions. ACLs cannot refuse it (they scope keys,
+                # not field values), so it is ignored and said once per producer.
+                if beat.service_id not in self.ignored_services:
+                    self.ignored_services.add(beat.service_id)
+                    self.log.warning("heartbeat_ignored", service_id=beat.service_id or "-",
+                                     watching=self.cfg.brain_service_id)
+                continue
+            if problems != self.last_problems:
+                # Kept and read fail-closed (see observe); logged when the set changes, so the
+                # producer gets fixed without a line per beat.
+                self.last_problems = problems
+                self.log.warning("heartbeat_problems", problems=",".join(problems) or "none")
+            if self.restart is None and self.synced_before and tamper.parse_id(entry_id) > up_to:
+                self.restart = restarted(self.state, beat)
+            entry_ms = schema.entry_id_ms(entry_id)
+            age_s = float("inf") if entry_ms is None else max(0, server_ms - entry_ms) / 1000.0
+            self.state = observe(self.state, beat, received_at - min(age_s, max_age_s))
+        return reports
 
     def step(self):
         """Wait for heartbeats or the next rule deadline, then evaluate and act. Raises
@@ -666,17 +674,7 @@ class Watchdog:
         max_age_s = received_at - before if near else 0.0
         reports = []
         for stream, entries in reply or []:
-            stream = bus.as_text(stream)
-            for entry_id, fields in entries:
-                self.read_from[stream] = bus.as_text(entry_id)
-                if stream == schema.HEARTBEAT_STREAM:
-                    entry_ms = schema.entry_id_ms(entry_id)
-                    age_s = 0.0 if entry_ms is None else min(max(0, server_ms - entry_ms) / 1000.0, max_age_s)
-                    self.state = self._observe(self.state, fields, received_at - age_s)
-                elif stream == schema.EEW_HEARTBEAT_STREAM:
-                    self._check_eew(fields)
-                else:
-                    reports.append(schema.CompletionReport.from_fields(fields)[0])
+            reports += self._take(bus.as_text(stream), entries, server_ms, received_at, self.read_from, max_age_s)
         found = None
         if reports and self.incident is None:
             # Another opener's incident (the crash hook, another watchdog) is adopted when a
