@@ -67,17 +67,13 @@ def make_fifo(path):
 
 def answer(reply_path, code, log):
     """Write the hook's exit code to the reply FIFO if the shell still reads it."""
-    fd = None
     try:
-        fd = os.open(reply_path, os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, f"{code}\n".encode())
+        with open(os.open(reply_path, os.O_WRONLY | os.O_NONBLOCK), "wb", buffering=0) as reply:
+            reply.write(f"{code}\n".encode())
     except OSError as exc:
         # ENXIO: nobody reads (the shell timed out and started the oneshot), or the write
         # failed. Nothing lost: the fallback runs the same hook.
         log.warning("reply_dropped", hook_exit_code=code, cause=type(exc).__name__)
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def keepalive(client, log, notifier, healthy, listening):

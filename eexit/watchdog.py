@@ -589,14 +589,7 @@ class Watchdog:
             self.log.info("resynced", outage_s=round(answered_at - self.last_evaluated, 3),
                           startup_grace="not_reapplied")
         self.synced_before = True
-        if self.incident is None:
-            found, reports = self._read_found()
-        else:
-            found, reports = None, final_reports(self.client, self.incident.current)
-            if not self.client.hget(schema.INCIDENT_KEY, "event_id"):
-                # Redis lost the hash (restart without persistence): our memory is the record.
-                self.client.hset(schema.INCIDENT_KEY, mapping=self.incident.to_fields())
-        self._advance(now, server_ms, halt, reports, found)
+        self._advance(now, server_ms, halt, (), recover=True)
 
     def _read_found(self):
         """(Incident or None, its final reports) from the shared hash: another opener's claim
@@ -617,14 +610,14 @@ class Watchdog:
         reports. A heartbeat sent `age` before `received_at`: its age on Redis's clock (TIME
         minus its id's ms), at most max_age_s. A restart counts only in a beat after
         read_up_to[stream], seen live (not one replayed at the first start)."""
-        up_to, reports = tamper.parse_id(read_up_to[stream]), []
+        up_to, reports = tamper.parse_id(read_up_to[stream]), ()
         for entry_id, fields in entries:
             self.read_from[stream] = bus.as_text(entry_id)
             if stream == schema.EEW_HEARTBEAT_STREAM:
                 self._check_eew(fields)
                 continue
             if stream == schema.COMPLETED_STREAM:
-                reports.append(schema.CompletionReport.from_fields(fields)[0])
+                reports += (schema.CompletionReport.from_fields(fields)[0],)
                 continue
             beat, problems = schema.Heartbeat.from_fields(fields)
             if beat.service_id != self.cfg.brain_service_id:
@@ -672,16 +665,11 @@ class Watchdog:
         server_ms, halt = time_and_halt(self.client)
         received_at = self.monotonic()
         max_age_s = received_at - before if near else 0.0
-        reports = []
+        reports = ()
         for stream, entries in reply or []:
             reports += self._take(bus.as_text(stream), entries, server_ms, received_at, self.read_from, max_age_s)
-        found = None
-        if reports and self.incident is None:
-            # Another opener's incident (the crash hook, another watchdog) is adopted when a
-            # report arrives, so it lives and ends by the same rules as our own.
-            found, _final = self._read_found()
         now = self.monotonic()
-        self._advance(now, server_ms, halt, tuple(reports), found)
+        self._advance(now, server_ms, halt, reports)
         self.last_evaluated = now
         if now >= self.next_own_beat:
             self.next_own_beat = now + self.cfg.heartbeat_s
@@ -690,8 +678,21 @@ class Watchdog:
                                   extra={"incident": self.incident.event_id if self.incident else "",
                                          "brain_status": self.state.status or "none", **why})
 
-    def _advance(self, now, server_ms, halt, reports, found, attempts=3):
-        """Evaluate the rules, run the incident function and perform its commands."""
+    def _advance(self, now, server_ms, halt, reports, recover=False, attempts=3):
+        """Evaluate the rules, run the incident function and perform its commands. With no
+        incident of ours and reports, or to `recover` (a (re)sync, a lost claim), the incident
+        another opener holds (the crash hook, another watchdog, ours before a restart) is read
+        with its final report first, so it is adopted and lives and ends by the same rules as
+        our own; to recover our own incident, its final report is read."""
+        found = None
+        if self.incident is None and (reports or recover):
+            found, final = self._read_found()
+            reports += final
+        elif recover:
+            reports += final_reports(self.client, self.incident.current)
+            if not self.client.hget(schema.INCIDENT_KEY, "event_id"):
+                # Redis lost the hash (restart without persistence): our memory is the record.
+                self.client.hset(schema.INCIDENT_KEY, mapping=self.incident.to_fields())
         trigger = evaluate(self.state, now, self.cfg.limits) or self.restart
         if trigger is not None and (self.last_trigger is None or trigger.reason != self.last_trigger.reason):
             self.log.critical("rule_fired", reason=trigger.reason, detail=trigger.detail,
@@ -709,28 +710,24 @@ class Watchdog:
                     raise redis.ResponseError(
                         f"{schema.INCIDENT_KEY}: claimed and lost three times in one step")
                 # Another opener holds the incident: adopt it (or drop it if stale) and decide again.
-                found, final = self._read_found()
-                return self._advance(now, server_ms, halt, reports + final, found, attempts - 1)
-            self._perform(command)
+                return self._advance(now, server_ms, halt, reports, True, attempts - 1)
+            if command.do is Do.PUBLISH:
+                self._publish_panic(command.incident)
+            elif command.do is Do.STORE:
+                self.client.hset(schema.INCIDENT_KEY, mapping=command.incident.to_fields())
+            elif command.do is Do.CLOSE:
+                # Delete only this incident: never a hash a concurrent opener rewrote.
+                stored = self.client.hget(schema.INCIDENT_KEY, "event_id")
+                if stored is not None and bus.as_text(stored) == command.incident.event_id:
+                    self.client.delete(schema.INCIDENT_KEY)
+                self.incident, self.own_entries = None, []
+            if command.do is Do.CLAIM or command.event in ("incident_adopted", "incident_recovered"):
+                self.own_entries = []
+            if command.event:
+                getattr(self.log, command.level)(command.event, **{"event_id": command.incident.event_id,
+                                                                   **dict(command.fields)})
         self.restart = None         # acted on: a restart is one trigger, not a standing rule
         self.incident = incident
-
-    def _perform(self, command):
-        incident = command.incident
-        if command.do is Do.PUBLISH:
-            self._publish_panic(incident)
-        elif command.do is Do.STORE:
-            self.client.hset(schema.INCIDENT_KEY, mapping=incident.to_fields())
-        elif command.do is Do.CLOSE:
-            # Delete only this incident: never a hash a concurrent opener rewrote.
-            stored = self.client.hget(schema.INCIDENT_KEY, "event_id")
-            if stored is not None and bus.as_text(stored) == incident.event_id:
-                self.client.delete(schema.INCIDENT_KEY)
-            self.incident, self.own_entries = None, []
-        if command.do is Do.CLAIM or command.event in ("incident_adopted", "incident_recovered"):
-            self.own_entries = []
-        if command.event:
-            getattr(self.log, command.level)(command.event, **{"event_id": incident.event_id, **dict(command.fields)})
 
     def _check_eew(self, fields):
         """Compare one EEW heartbeat's advertised keys with ours (rejection_risk); log when
