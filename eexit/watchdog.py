@@ -573,15 +573,17 @@ class Watchdog:
         asked_at = self.monotonic()
         server_ms, halt = time_and_halt(self.client)
         now = self.monotonic()      # after Redis answered: a stall ends only now
+        # The recent heartbeats; of the other streams where they end (the newest EEW heartbeat
+        # is checked now, the other EEW instances' within their next beat; the reports that
+        # matter are read by event id). All read before anything is replaced: a resync that
+        # fails leaves what we knew for the next one.
+        newest = [(stream, self.client.xrevrange(stream, "+", "-", count=count))
+                  for stream, count in zip(STREAMS_READ, (BACKLOG_REPLAY, 1, 1))]
         prior, read_up_to = self.state, self.read_from
         self.state = WatchState(observing_since=prior.observing_since if self.synced_before else now)
         self.read_from = dict.fromkeys(STREAMS_READ, "0-0")
-        for stream, count in zip(STREAMS_READ, (BACKLOG_REPLAY, 1, 1)):
-            # The recent heartbeats; of the others where they end (the newest EEW heartbeat is
-            # checked now, the other EEW instances' within their next beat; reports are read
-            # below by event id).
-            newest = self.client.xrevrange(stream, "+", "-", count=count)
-            self._take(stream, reversed(newest), server_ms, now, read_up_to)
+        for stream, entries in newest:
+            self._take(stream, reversed(entries), server_ms, now, read_up_to)
         if self.synced_before:
             # Credited: up to our last failed call, or to now if Redis held this one (stalled).
             answered_at = now if now - asked_at > LOCAL_WAIT_S else max(self.failed_at, self.last_evaluated)
@@ -667,7 +669,8 @@ class Watchdog:
         max_age_s = received_at - before if near else 0.0
         reports = ()
         for stream, entries in reply or []:
-            reports += self._take(bus.as_text(stream), entries, server_ms, received_at, self.read_from, max_age_s)
+            reports += self._take(bus.as_text(stream), entries, server_ms, received_at, self.read_from,
+                                  max_age_s)
         now = self.monotonic()
         self._advance(now, server_ms, halt, reports)
         self.last_evaluated = now
