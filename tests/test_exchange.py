@@ -2,6 +2,7 @@
 
 import gzip
 import http.server
+import json
 import os
 import tempfile
 import threading
@@ -74,6 +75,16 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(ex.urls["api"]["fapiPrivateV3"], "http://127.0.0.1:9/fapi/v3")
         sandbox = build_exchange(ExchangeConfig.from_env({"EEXIT_SANDBOX": "true"}))
         self.assertIn("testnet", sandbox.urls["api"]["fapiPublic"])
+
+    def test_rawencode_is_ccxts_text_without_the_round_trip(self):
+        """The batch body Binance signs is byte for byte what ccxt's own rawencode gives."""
+        from ccxt.base.exchange import Exchange
+        ex = build_exchange(ExchangeConfig.from_env({}))
+        batch = json.dumps([{"symbol": "BTCUSDT", "quantity": "0.1", "reduceOnly": "true",
+                             "newClientOrderId": "eexit-a_b-1"}])
+        for params in ({"batchOrders": batch, "timestamp": 1765000000000, "recvWindow": 10000},
+                       {"a": True, "b": False, "c": None, "d": 1.5, "e": "x y+z%25&=?/~ünï", "f": [1, "2"]}, {}):
+            self.assertEqual(ex.rawencode(params), Exchange.rawencode(params))
 
 
 class ExchangeTestCase(PaperTestCase):
