@@ -140,26 +140,6 @@ def _read(kind, text, name, problems, maximum=None, required=True, allowed=None,
     return empty
 
 
-def _encode(pairs, extra, omit_empty=False):
-    """Known fields first, None (and with omit_empty "") omitted; a float with 3 decimals at
-    most (a latency); extra fields never override known ones."""
-    encoded = {}
-    for name, value in pairs:
-        if value is None or (omit_empty and value == ""):
-            continue
-        if isinstance(value, float):
-            encoded[name] = str(round(value, 3))
-        elif isinstance(value, bool):
-            encoded[name] = "true" if value else "false"
-        elif isinstance(value, (list, dict)):
-            encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
-        else:
-            encoded[name] = str(value)
-    for name, value in extra.items():
-        encoded.setdefault(name, value)
-    return encoded
-
-
 @functools.cache
 def _wire_fields(cls):
     """Every field of a message class but `extra`, in wire order: declaration order, unless the
@@ -183,8 +163,21 @@ class _Message:
     OMIT_EMPTY = False      # True: an empty text field is left out, not written as ""
 
     def to_fields(self):
-        declared = [(f.name, getattr(self, f.name)) for f in _wire_fields(type(self))]
-        return _encode(declared, self.extra, self.OMIT_EMPTY)
+        """Known fields first, None (and with OMIT_EMPTY "") omitted; a float with 3 decimals at
+        most (a latency); extra fields never override known ones."""
+        encoded = {}
+        for name, value in ((f.name, getattr(self, f.name)) for f in _wire_fields(type(self))):
+            if value is None or (self.OMIT_EMPTY and value == ""):
+                continue
+            if isinstance(value, float):
+                encoded[name] = str(round(value, 3))
+            elif isinstance(value, bool):
+                encoded[name] = "true" if value else "false"
+            elif isinstance(value, (list, dict)):
+                encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            else:
+                encoded[name] = str(value)
+        return encoded | {name: value for name, value in self.extra.items() if name not in encoded}
 
     @classmethod
     def from_fields(cls, raw):
