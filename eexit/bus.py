@@ -21,6 +21,7 @@ SENTINEL_SCHEME = "redis+sentinel"
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 10
+SENTINEL_TIMEOUT_S = 1.0
 BLOCK_MS_MAX = int(READ_TIMEOUT_S * 1000 / 2)
 
 # Every error a Redis call can raise. Two kinds, handled differently (eexit/daemon.py):
@@ -81,34 +82,42 @@ def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
     """A client for REDIS_URL. The password may be in the URL or in the credential file
     `redis_password` (user in `redis_username`), which wins so that no secret needs to be in
     an environment file. Connecting is lazy: the first command raises if Redis is down.
-    A redis+sentinel:// URL gives a client that asks the Sentinels for the master on every
-    new connection, so a daemon's ordinary reconnect after an error follows a failover."""
+
+    A redis+sentinel:// URL gives a master client through redis-py's Sentinel support:
+    SentinelConnectionPool asks the Sentinels for the master's address every time it opens a
+    connection and drops idle connections when the address changed; a connection to a demoted
+    master (READONLY) is closed and raised as ConnectionError. So after any Redis error a
+    daemon's usual back-off-and-retry reaches the new master without a new client."""
     url = url or redis_url(env)
     parts = urlsplit(url)
     # credential() gives None or a non-empty text; the URL's own credentials are the fallback.
     username = credential("redis_username", ("REDIS_USERNAME",), env) or unquote(parts.username or "") or None
     password = credential("redis_password", ("REDIS_PASSWORD",), env) or unquote(parts.password or "") or None
-    if parts.scheme == SENTINEL_SCHEME:
-        return _connect_sentinel(url, env, read_timeout_s, username, password)
-    options = dict(_data_options(read_timeout_s), username=username, password=password)
+    # Every connection to a data node, direct or via Sentinel: timeouts and a health check.
+    options = dict(socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=read_timeout_s,
+                   health_check_interval=HEALTH_CHECK_S, decode_responses=False, username=username,
+                   password=password)
     if parts.scheme != "unix":
         # TCP only: redis-py's unix-socket connection refuses socket_keepalive (TypeError at
         # the first command), and a local socket has no half-open peer to detect anyway.
         options["socket_keepalive"] = True
+    if parts.scheme == SENTINEL_SCHEME:
+        parsed = parse_sentinel_url(url)
+        sentinels = Sentinel(parsed.sentinels, sentinel_kwargs=dict(
+            socket_connect_timeout=min(CONNECT_TIMEOUT_S, SENTINEL_TIMEOUT_S),
+            socket_timeout=SENTINEL_TIMEOUT_S,
+            socket_keepalive=True,
+            # No retries inside one Sentinel query: a dead Sentinel is skipped for the next one
+            # at once; the data connection's own retry runs the whole discovery again.
+            retry=Retry(NoBackoff(), 0),
+            username=credential("redis_sentinel_username", ("REDIS_SENTINEL_USERNAME",), env),
+            password=credential("redis_sentinel_password", ("REDIS_SENTINEL_PASSWORD",), env)))
+        return sentinels.master_for(parsed.service, db=parsed.db, check_connection=True, **options)
     # redis-py lets credentials in the URL override keyword arguments, so the URL loses them.
     # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
     query = f"?{parts.query}" if parts.query else ""
     url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"
     return redis.Redis.from_url(url, **options)
-
-
-def _data_options(read_timeout_s):
-    """Timeouts and health check of every connection to a data node, direct or via Sentinel."""
-    return dict(socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=read_timeout_s,
-                health_check_interval=HEALTH_CHECK_S, decode_responses=False)
-
-
-SENTINEL_TIMEOUT_S = 1.0
 
 
 # sentinels: ((host, port), ...); service: the master's name in `sentinel monitor <name> ...`;
@@ -133,35 +142,6 @@ def parse_sentinel_url(url):
         raise ConfigError(f"REDIS_URL: a {SENTINEL_SCHEME} URL ends in /<service>[/<db>], db a whole number")
     return SentinelUrl(tuple(sentinels), unquote(service), int(db_text or "0"),
                        unquote(parts.username or "") or None, unquote(parts.password or "") or None)
-
-
-def _connect_sentinel(url, env, read_timeout_s, username, password):
-    """A master client through redis-py's Sentinel support. SentinelConnectionPool asks the
-    Sentinels for the master's address every time it opens a connection and drops idle
-    connections when the address changed; a connection to a demoted master (READONLY) is
-    closed and raised as ConnectionError. So after any Redis error a daemon's usual
-    back-off-and-retry reaches the new master without a new client."""
-    parsed = parse_sentinel_url(url)
-    sentinel_options = dict(
-        socket_connect_timeout=min(CONNECT_TIMEOUT_S, SENTINEL_TIMEOUT_S),
-        socket_timeout=SENTINEL_TIMEOUT_S,
-        socket_keepalive=True,
-        # No retries inside one Sentinel query: a dead Sentinel is skipped for the next one
-        # at once; the data connection's own retry runs the whole discovery again.
-        retry=Retry(NoBackoff(), 0),
-        username=credential("redis_sentinel_username", ("REDIS_SENTINEL_USERNAME",), env),
-        password=credential("redis_sentinel_password", ("REDIS_SENTINEL_PASSWORD",), env),
-    )
-    manager = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_options)
-    return manager.master_for(
-        parsed.service,
-        db=parsed.db,
-        username=username,          # connect(): the credential files', else the URL's
-        password=password,
-        socket_keepalive=True,
-        check_connection=True,
-        **_data_options(read_timeout_s),
-    )
 
 
 def ensure_group(client, stream, group, start_id="0"):
