@@ -185,18 +185,13 @@ def panics_waiting(client, keyring, limit=WAITING_SCAN):
     or after its last-delivered id, and the event ids in eexit:eew:inflight. More than `limit`
     entries pending or unread cannot all be checked: that refuses too (fail-closed; the EEW
     works the backlog down). Raises the client's errors."""
-    try:
-        groups = client.xinfo_groups(schema.PANIC_STREAM)
-    except redis.ResponseError as exc:
-        if "no such key" not in str(exc):
-            raise
-        groups = None                  # no panic stream: nothing pending or unread
-    mine = [g for g in groups or [] if bus.as_text(g.get("name")) == schema.EEW_GROUP]
-    # No group: the EEW creates it at 0 and reads the whole stream, so all of it is unread.
-    last = bus.as_text(mine[0].get("last-delivered-id")) if mine else "0-0"
+    # No stream: nothing pending or unread. No group: the EEW creates it at 0 and reads the
+    # whole stream, so all of it is unread.
+    stream_info, group = tamper.read_stream_state(client)
+    last = (group or {}).get("last-delivered-id") or "0-0"
     pending = [bus.as_text(item["message_id"]) for item in client.xpending_range(
-        schema.PANIC_STREAM, schema.EEW_GROUP, "-", "+", limit + 1)] if mine else []
-    unread = client.xrange(schema.PANIC_STREAM, "(" + last, "+", count=limit + 1) if groups is not None else []
+        schema.PANIC_STREAM, schema.EEW_GROUP, "-", "+", limit + 1)] if group else []
+    unread = client.xrange(schema.PANIC_STREAM, "(" + last, "+", count=limit + 1) if stream_info else []
     if len(pending) > limit or len(unread) > limit:
         return [f"more than {limit} panic entries pending or unread, not all checked"]
     entries = [(bus.as_text(entry_id), bus.decoded(fields), "unread") for entry_id, fields in unread]
