@@ -214,7 +214,11 @@ def panics_waiting(client, keyring, limit=WAITING_SCAN):
 
 
 def audit_fields(facts, request, state, now_ms, consumer):
-    """The eexit:ops:audit entry of one resume."""
+    """The eexit:ops:audit entry of one init (facts None) or resume."""
+    if facts is None:
+        from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
+        return {"action": "init", "operator": request.operator, "ts": str(now_ms), "version": __version__,
+                "request_id": request.request_id, "cleared_by_consumer": consumer}
     report_entry, report = facts.final
     residual = [{"symbol": p.symbol, "side": p.side, "contracts": p.contracts,
                  "position_side": p.position_side} for p in facts.positions or []]
@@ -251,14 +255,7 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
     if not client.hsetnx(schema.PROCESSED_KEY, LEDGER_PREFIX + request.request_id, str(bus.server_time_ms(client))):
         return None, "already_answered"
     if request.action == "init":
-        # halted=false with who/when and an audit entry, only where no trading state exists
-        # (the first start).
-        from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
         facts, refusals = None, []
-        lift = (lambda raw, _state: not raw, lambda now_ms, _state: {
-            "action": "init", "operator": request.operator, "ts": str(now_ms), "version": __version__,
-            "request_id": request.request_id, "cleared_by_consumer": consumer},
-            "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)")
     else:
         raw = bus.decoded(client.hgetall(schema.TRADING_STATE_KEY))
         state, _problems = schema.TradingState.from_fields(raw)
@@ -279,31 +276,31 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
         if not refusals:
             facts.positions, facts.open_orders, facts.exchange_error = read_account()
             refusals = account_refusals(facts, request.accept_residual)
-        # Clear the halt only if it is still what the checks saw.
-        seen = (state.event_id, state.halted)
-        lift = (lambda _raw, now: (now.event_id, now.halted) == seen,
-                lambda now_ms, state: audit_fields(facts, request, state, now_ms, consumer),
-                "the halt changed meanwhile (a new panic?); run `eexit status` and try again")
     audit_id = None
     if not refusals:
-        audit_id, refusals = _lift(client, request, keyring, *lift)
+        audit_id, refusals = _lift(client, request, keyring, facts, consumer)
     verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id,
                              facts and facts.positions, request.action)
     client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
     return verdict, None
 
 
-def _lift(client, request, keyring, still_as_checked, audit, refusal):
+def _lift(client, request, keyring, facts, consumer):
     """halted=false (cleared_by/at) and the eexit:ops:audit entry in one MULTI under WATCH of
     the halt, if the request has not expired, no authorised panic waits (checked again: the
-    account read took up to seconds) and still_as_checked(raw, state): (the audit entry id,
-    []), or (None, [refusal]) if nothing was written."""
+    account read took up to seconds) and the halt is as checked: an init (facts None) writes
+    only where no trading state exists (the first start), a resume only while the halt is the
+    one its checks saw. (the audit entry id, []), or (None, [refusal]) if nothing was written."""
+    init = facts is None
+    halt = None if init else (facts.state.event_id, facts.state.halted)     # the halt the checks saw
+    refusal = "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)" \
+        if init else "the halt changed meanwhile (a new panic?); run `eexit status` and try again"
     with client.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(schema.TRADING_STATE_KEY)
             raw = bus.decoded(pipe.hgetall(schema.TRADING_STATE_KEY))
             state, _ = schema.TradingState.from_fields(raw)
-            if not still_as_checked(raw, state):
+            if (raw and init) or (not init and (state.event_id, state.halted) != halt):
                 return None, [refusal]
             waiting = waiting_refusals(panics_waiting(pipe, keyring))
             if waiting:
@@ -316,7 +313,7 @@ def _lift(client, request, keyring, still_as_checked, audit, refusal):
             pipe.hset(schema.TRADING_STATE_KEY, mapping={
                 "halted": "false", "requires_manual_reset": "false",
                 "cleared_by": request.operator, "cleared_at": str(now_ms)})
-            pipe.xadd(OPS_AUDIT_STREAM, audit(now_ms, state))
+            pipe.xadd(OPS_AUDIT_STREAM, audit_fields(facts, request, state, now_ms, consumer))
             return bus.as_text(pipe.execute()[1]), []
         except redis.WatchError:
             # Someone wrote the halt between the check and the write (a new panic's halt):
