@@ -100,13 +100,13 @@ def _text(item, label, problems):
     return None
 
 
-# How a field of each kind is read from its text: (parse, problem code, value when absent or
-# unreadable). parse raises ValueError, LookupError (_FLAGS) or RecursionError (deep JSON).
+# How a field of each kind but text is read from its text: (parse, problem code). parse raises
+# ValueError, LookupError (_FLAGS) or RecursionError (deep JSON).
 _KINDS = {
-    "integer": (_whole, "bad_int", None),
-    "number": (float, "bad_number", None),
-    "boolean": (lambda text: _FLAGS[text.strip().lower()], "bad_bool", None),
-    "json_list": (_json_list, "bad_json", []),       # valid JSON that is no array: bad_json too
+    "integer": (_whole, "bad_int"),
+    "number": (float, "bad_number"),
+    "boolean": (lambda text: _FLAGS[text.strip().lower()], "bad_bool"),
+    "json_list": (_json_list, "bad_json"),       # valid JSON that is no array: bad_json too
 }
 
 
@@ -116,7 +116,8 @@ def _read(kind, text, name, problems, maximum=None, required=True, allowed=None,
     outside it after the `legacy` renames (unknown_value:<name>, kept as sent); a value parse
     cannot read (<problem>:<name>) or a number outside 0..maximum (absurd:<name>; NaN and
     infinities compare false, so they are absurd too). Never raises."""
-    parse, problem, empty = _KINDS.get(kind, (None, None, ""))
+    parse, problem = _KINDS.get(kind, (None, None))
+    empty = [] if kind == "json_list" else "" if parse is None else None    # absent or unreadable
     if text == "":
         if required:
             problems.append(f"missing:{name}")
