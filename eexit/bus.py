@@ -21,6 +21,7 @@ SENTINEL_SCHEME = "redis+sentinel"
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 10
+SENTINEL_TIMEOUT_S = 1.0
 BLOCK_MS_MAX = int(READ_TIMEOUT_S * 1000 / 2)
 
 # Every error a Redis call can raise. Two kinds, handled differently (eexit/daemon.py):
@@ -42,7 +43,8 @@ def is_transport_error(exc):
 
 
 def redis_url(env=None):
-    """REDIS_URL, checked: scheme, port 1..65535, db a whole number. ConfigError names it."""
+    """REDIS_URL, checked: scheme, host, port 1..65535, db a whole number (a Sentinel URL
+    checked as parse_sentinel_url reads it). ConfigError names it."""
     url = env_str("REDIS_URL", DEFAULT_URL, env)        # unset or blank: the default
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
@@ -51,16 +53,10 @@ def redis_url(env=None):
     if parts.scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url)   # a malformed Sentinel URL is a start-up error, not a runtime one
         return url
-    try:
-        port_ok = parts.port != 0                # None: the default port (and a unix:// URL)
-    except ValueError:                           # not a number, or above 65535
-        port_ok = False
     if parts.scheme == "unix" and not parts.path:
         raise ConfigError("REDIS_URL: a unix:// URL needs the socket path (unix:///run/redis/redis.sock)")
-    if parts.scheme != "unix" and not port_ok:
-        raise ConfigError("REDIS_URL: the port must be a number from 1 to 65535")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError("REDIS_URL names no host")
+    if parts.scheme != "unix":
+        _address(parts.netloc.rpartition("@")[2], 6379)
     # The database: a TCP URL's path ("/3"), else ?db= (a unix:// URL's path is the socket).
     path_db = "" if parts.scheme == "unix" else parts.path.strip("/")
     db_text = path_db or dict(parse_qsl(parts.query)).get("db", "0")
@@ -69,38 +65,59 @@ def redis_url(env=None):
     return url
 
 
+def _address(item, default_port):
+    """(host, port) of one `host[:port]` of REDIS_URL (IPv6 in brackets), or ConfigError."""
+    try:
+        address = urlsplit("//" + item.strip())           # the stdlib reads host, [v6 host], port
+        host, port = address.hostname, address.port
+    except ValueError:                                    # not a number, or above 65535
+        raise ConfigError(f"REDIS_URL: {item!r} has a malformed port") from None
+    port = default_port if port is None else port
+    if not host or not 0 < port < 65536:
+        raise ConfigError(f"REDIS_URL: {item!r} is not host:port (port 1 to 65535)")
+    return host, port
+
+
 def connect(url=None, env=None, read_timeout_s=READ_TIMEOUT_S):
     """A client for REDIS_URL. The password may be in the URL or in the credential file
     `redis_password` (user in `redis_username`), which wins so that no secret needs to be in
     an environment file. Connecting is lazy: the first command raises if Redis is down.
-    A redis+sentinel:// URL gives a client that asks the Sentinels for the master on every
-    new connection, so a daemon's ordinary reconnect after an error follows a failover."""
+
+    A redis+sentinel:// URL gives a master client through redis-py's Sentinel support:
+    SentinelConnectionPool asks the Sentinels for the master's address every time it opens a
+    connection and drops idle connections when the address changed; a connection to a demoted
+    master (READONLY) is closed and raised as ConnectionError. So after any Redis error a
+    daemon's usual back-off-and-retry reaches the new master without a new client."""
     url = url or redis_url(env)
     parts = urlsplit(url)
     # credential() gives None or a non-empty text; the URL's own credentials are the fallback.
     username = credential("redis_username", ("REDIS_USERNAME",), env) or unquote(parts.username or "") or None
     password = credential("redis_password", ("REDIS_PASSWORD",), env) or unquote(parts.password or "") or None
-    if parts.scheme == SENTINEL_SCHEME:
-        return _connect_sentinel(url, env, read_timeout_s, username, password)
-    options = dict(_data_options(read_timeout_s), username=username, password=password)
+    # Every connection to a data node, direct or via Sentinel: timeouts and a health check.
+    options = dict(socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=read_timeout_s,
+                   health_check_interval=HEALTH_CHECK_S, decode_responses=False, username=username,
+                   password=password)
     if parts.scheme != "unix":
         # TCP only: redis-py's unix-socket connection refuses socket_keepalive (TypeError at
         # the first command), and a local socket has no half-open peer to detect anyway.
         options["socket_keepalive"] = True
+    if parts.scheme == SENTINEL_SCHEME:
+        parsed = parse_sentinel_url(url)
+        sentinels = Sentinel(parsed.sentinels, sentinel_kwargs=dict(
+            socket_connect_timeout=min(CONNECT_TIMEOUT_S, SENTINEL_TIMEOUT_S),
+            socket_timeout=SENTINEL_TIMEOUT_S,
+            socket_keepalive=True,
+            # No retries inside one Sentinel query: a dead Sentinel is skipped for the next one
+            # at once; the data connection's own retry runs the whole discovery again.
+            retry=Retry(NoBackoff(), 0),
+            username=credential("redis_sentinel_username", ("REDIS_SENTINEL_USERNAME",), env),
+            password=credential("redis_sentinel_password", ("REDIS_SENTINEL_PASSWORD",), env)))
+        return sentinels.master_for(parsed.service, db=parsed.db, check_connection=True, **options)
     # redis-py lets credentials in the URL override keyword arguments, so the URL loses them.
     # Spelled out: urlunsplit drops the "//" of a unix:// URL whose netloc becomes empty.
     query = f"?{parts.query}" if parts.query else ""
     url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"
     return redis.Redis.from_url(url, **options)
-
-
-def _data_options(read_timeout_s):
-    """Timeouts and health check of every connection to a data node, direct or via Sentinel."""
-    return dict(socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=read_timeout_s,
-                health_check_interval=HEALTH_CHECK_S, decode_responses=False)
-
-
-SENTINEL_TIMEOUT_S = 1.0
 
 
 # sentinels: ((host, port), ...); service: the master's name in `sentinel monitor <name> ...`;
@@ -118,51 +135,13 @@ def parse_sentinel_url(url):
     parts = urlsplit(url)
     if parts.scheme != SENTINEL_SCHEME:
         raise ConfigError(f"REDIS_URL is not a {SENTINEL_SCHEME}:// URL")
-    sentinels = []
-    for item in parts.netloc.rpartition("@")[2].split(","):
-        try:
-            address = urlsplit("//" + item.strip())       # the stdlib reads host, [v6 host], port
-            host, port = address.hostname, address.port
-        except ValueError:
-            raise ConfigError(f"REDIS_URL: sentinel {item!r} has a malformed port") from None
-        port = 26379 if port is None else port        # Sentinel's own default port
-        if not host or not 0 < port < 65536:
-            raise ConfigError(f"REDIS_URL: sentinel {item!r} is not host:port")
-        sentinels.append((host, port))
+    # 26379: Sentinel's own default port.
+    sentinels = [_address(item, 26379) for item in parts.netloc.rpartition("@")[2].split(",")]
     service, _, db_text = parts.path.strip("/").partition("/")
     if not service or not (db_text or "0").isdigit():
         raise ConfigError(f"REDIS_URL: a {SENTINEL_SCHEME} URL ends in /<service>[/<db>], db a whole number")
     return SentinelUrl(tuple(sentinels), unquote(service), int(db_text or "0"),
                        unquote(parts.username or "") or None, unquote(parts.password or "") or None)
-
-
-def _connect_sentinel(url, env, read_timeout_s, username, password):
-    """A master client through redis-py's Sentinel support. SentinelConnectionPool asks the
-    Sentinels for the master's address every time it opens a connection and drops idle
-    connections when the address changed; a connection to a demoted master (READONLY) is
-    closed and raised as ConnectionError. So after any Redis error a daemon's usual
-    back-off-and-retry reaches the new master without a new client."""
-    parsed = parse_sentinel_url(url)
-    sentinel_options = dict(
-        socket_connect_timeout=min(CONNECT_TIMEOUT_S, SENTINEL_TIMEOUT_S),
-        socket_timeout=SENTINEL_TIMEOUT_S,
-        socket_keepalive=True,
-        # No retries inside one Sentinel query: a dead Sentinel is skipped for the next one
-        # at once; the data connection's own retry runs the whole discovery again.
-        retry=Retry(NoBackoff(), 0),
-        username=credential("redis_sentinel_username", ("REDIS_SENTINEL_USERNAME",), env),
-        password=credential("redis_sentinel_password", ("REDIS_SENTINEL_PASSWORD",), env),
-    )
-    manager = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_options)
-    return manager.master_for(
-        parsed.service,
-        db=parsed.db,
-        username=username,          # connect(): the credential files', else the URL's
-        password=password,
-        socket_keepalive=True,
-        check_connection=True,
-        **_data_options(read_timeout_s),
-    )
 
 
 def ensure_group(client, stream, group, start_id="0"):
@@ -305,18 +284,37 @@ def _entry_holds(client, stream, entry_id, fields):
     return stored == {str(k): str(v) for k, v in fields.items()}
 
 
-# KEYS: the incident hash. ARGV: the id field, then the claim's field pairs (the id's first).
-# One script, so no reader ever sees a claim that holds its id but not yet its opened_at_ms:
-# the watchdogs took such a half-written claim for a stale one and opened a second incident.
+# KEYS: the incident hash [, the panic stream]. ARGV: n, n claim field pairs (event_id's first),
+# then the panic's field pairs. One script, so no reader ever sees a claim that holds its id but
+# not yet its opened_at_ms (the watchdogs took such a half-written claim for a stale one and
+# opened a second incident). With a stream, checked first and written after the XADD: a script
+# is not rolled back on an error, so a refused XADD leaves no claim behind; one clock:
+# opened_at_ms is Redis's.
 _CLAIM = """
-local held = redis.call('HGET', KEYS[1], ARGV[1])
-if held then return {0, held} end
-for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return {1, ARGV[3]}
+local holder = redis.call('HGET', KEYS[1], 'event_id')
+if holder then return {0, holder} end
+local n, value = tonumber(ARGV[1]), ARGV[3]
+if KEYS[2] then value = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2 + 2 * n)) end
+for i = 2, 1 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if KEYS[2] then
+  local t = redis.call('TIME')
+  redis.call('HSETNX', KEYS[1], 'opened_at_ms', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)))
+  redis.call('HSETNX', KEYS[1], 'entry_id', value)
+end
+return {1, value}
 """
 
 
-def claim_incident(client, key, fields, id_field="event_id"):
+def _claim(client, keys, claim, message_fields):
+    """(won, value) of the _CLAIM script: won -> the entry id (with a stream) or the claim's
+    event id; lost -> the event id already in force (nothing written)."""
+    pairs = [*claim.items(), *message_fields.items()]
+    args = [len(claim), *(str(x) for pair in pairs for x in pair)]
+    won, value = client.register_script(_CLAIM)(keys=keys, args=args)
+    return bool(int(won)), as_text(value)
+
+
+def claim_incident(client, key, fields):
     """Open an incident shared by several watchdogs: the first to claim `key` wins.
 
     One script writes the whole claim, or nothing when the key holds an id already. Returns
@@ -325,26 +323,8 @@ def claim_incident(client, key, fields, id_field="event_id"):
     watchdogs saw the outage. A claim whose winner died before publishing is still covered,
     because the loser re-publishes the adopted id on its own schedule when no completion
     report appears. ACL: EVALSHA and SCRIPT LOAD, HGET and HSETNX on the key."""
-    claim = {id_field: fields[id_field], **fields}
-    args = [id_field, *(str(x) for pair in claim.items() for x in pair)]
-    won, value = client.register_script(_CLAIM)(keys=[key], args=args)
-    return as_text(value), bool(int(won))
-
-
-# KEYS: the incident hash, the panic stream. ARGV: n, n claim field pairs (event_id among them),
-# then the panic's field pairs. Checked first, written after the XADD: a script is not rolled
-# back on an error, so a refused XADD leaves no claim behind. One clock: opened_at_ms is Redis's.
-_CLAIM_AND_PUBLISH = """
-local holder = redis.call('HGET', KEYS[1], 'event_id')
-if holder then return {0, holder} end
-local n = tonumber(ARGV[1])
-local entry_id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2 + 2 * n))
-for i = 2, 1 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local now = redis.call('TIME')
-redis.call('HSETNX', KEYS[1], 'opened_at_ms', string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000)))
-redis.call('HSETNX', KEYS[1], 'entry_id', entry_id)
-return {1, entry_id}
-"""
+    won, value = _claim(client, [key], {"event_id": fields["event_id"], **fields}, {})
+    return value, won
 
 
 def claim_and_publish(client, key, stream, event_id, claim_fields, message_fields):
@@ -354,8 +334,4 @@ def claim_and_publish(client, key, stream, event_id, claim_fields, message_field
     incident was open: nothing written). The claim records opened_at_ms from Redis's clock and
     the entry id. ACL: EVALSHA and SCRIPT LOAD; the script's own commands (HGET, HSETNX, XADD,
     TIME) are checked against the caller's user like any other."""
-    claim = {**claim_fields, "event_id": event_id}
-    pairs = [*claim.items(), *message_fields.items()]
-    args = [len(claim), *(str(x) for pair in pairs for x in pair)]
-    won, value = client.register_script(_CLAIM_AND_PUBLISH)(keys=[key, stream], args=args)
-    return bool(int(won)), as_text(value)
+    return _claim(client, [key, stream], {**claim_fields, "event_id": event_id}, message_fields)

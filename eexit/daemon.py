@@ -99,25 +99,22 @@ class RedisTrouble:
         self.log, self.interval_s, self.monotonic = log, interval_s, monotonic
         self.last_logged = {}
 
-    def _due(self, key):
-        now = self.monotonic()
-        if now - self.last_logged.get(key, -self.interval_s - 1) < self.interval_s:
-            return False
-        self.last_logged[key] = now
-        return True
-
     def report(self, exc, command="", key=""):
-        """Log exc (if due) and return "transport" or "command"."""
+        """Log exc at once, then at most once per interval_s for the same cause (a transport
+        cause, or a command error of that command and key), and return "transport" or "command"."""
         why = cause(exc)
-        if bus.is_transport_error(exc):
-            if self._due(("transport", why)):
+        kind = "transport" if bus.is_transport_error(exc) else "command"
+        seen = (kind, why) if kind == "transport" else (kind, command, key, why)
+        now = self.monotonic()
+        if now - self.last_logged.get(seen, -self.interval_s - 1) >= self.interval_s:
+            self.last_logged[seen] = now
+            if kind == "transport":
                 self.log.error("redis_unreachable", cause=why, error=type(exc).__name__,
                                detail=str(exc)[:200])
-            return "transport"
-        if self._due(("command", command, key, why)):
-            self.log.error("redis_command_error", command=command or "-", key=key or "-",
-                           error=str(exc)[:200])
-        return "command"
+            else:
+                self.log.error("redis_command_error", command=command or "-", key=key or "-",
+                               error=str(exc)[:200])
+        return kind
 
 
 def redis_user(client):

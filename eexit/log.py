@@ -41,15 +41,13 @@ class Logger:
             fields = {"version": __version__, **fields}
             self.version_logged = True
         head = f"ts={int(time.time() * 1000)} daemon={self.daemon} level={level} event={event}"
-        self._emit(level, head + "".join(f" {key}={_format_value(value)}" for key, value in fields.items()))
+        self.summary(level, head + "".join(f" {key}={_format_value(value)}" for key, value in fields.items()))
 
     def summary(self, level, text):
-        """One line for a person, not key=value (`eexit.eew: configuration error: ...`), at
-        its level: under the journal it carries the priority prefix like every other line, so
-        `journalctl -p err` shows why a unit refused to start."""
-        self._emit(level, text)
-
-    def _emit(self, level, text):
+        """One line at its level, with the priority prefix under the journal. Also the one
+        writer of every key=value line; called directly, a line for a person, not key=value
+        (`eexit.eew: configuration error: ...`), so `journalctl -p err` shows why a unit
+        refused to start."""
         prefix = f"<{PRIORITIES[level]}>" if self.journal else ""
         line = prefix + text.replace("\n", " ")
         out = self.stream or sys.stderr

@@ -44,8 +44,8 @@ panic reports, read by the watchdog and the audit logger as such; a verdict is n
 Unsigned requests pass only where panics pass unsigned too (no key ring configured); then
 the ACL (only ops may XADD a request) is the only check of who asked.
 
-Pure: check_request, cheap_refusals, waiting_panics, account_refusals, audit_fields, verdict_fields.
-Shell (the EEW calls it, with its own exchange read): serve_request.
+Pure: check_request, cheap_refusals, waiting_refusals, account_refusals, audit_fields, verdict_fields.
+Shell (the EEW calls it, with its own exchange read): serve_request, panics_waiting.
 """
 
 import json
@@ -179,37 +179,19 @@ def waiting_refusals(waiting):
             f"its report (`eexit status`), then acknowledge the event that holds the halt"]
 
 
-def waiting_panics(entries, inflight, records, keyring):
-    """["<event_id> (pending|unread|in flight)"] for authorised panics without a final ledger
-    record. entries: [(entry_id, fields, where)] of the panic stream (pending in the EEW's group
-    or after its last-delivered id); inflight: event ids in eexit:eew:inflight; records:
-    {event_id: ledger record dict or None}. Pure."""
-    waiting = []
-    for entry_id, fields, where in entries:
-        event_id = fields.get("event_id") or f"entry-{entry_id}"     # as the EEW derives it
-        if signing.verify_fields(fields, keyring)[0] and (records.get(event_id) or {}).get("stage") != "done":
-            waiting.append(f"{event_id} ({where})")
-    waiting.extend(f"{event_id} (in flight)" for event_id in sorted(inflight)
-                   if (records.get(event_id) or {}).get("stage") != "done")
-    return list(dict.fromkeys(waiting))
-
-
 def panics_waiting(client, keyring, limit=WAITING_SCAN):
-    """waiting_panics() over what Redis holds now. More than `limit` entries pending or unread
-    cannot all be checked: that refuses too (fail-closed; the EEW works the backlog down).
-    Raises the client's errors."""
-    try:
-        groups = client.xinfo_groups(schema.PANIC_STREAM)
-    except redis.ResponseError as exc:
-        if "no such key" not in str(exc):
-            raise
-        groups = None                  # no panic stream: nothing pending or unread
-    mine = [g for g in groups or [] if bus.as_text(g.get("name")) == schema.EEW_GROUP]
-    # No group: the EEW creates it at 0 and reads the whole stream, so all of it is unread.
-    last = bus.as_text(mine[0].get("last-delivered-id")) if mine else "0-0"
+    """["<event_id> (pending|unread|in flight)"] for authorised panics without a final ledger
+    record, over what Redis holds now: entries of the panic stream pending in the EEW's group
+    or after its last-delivered id, and the event ids in eexit:eew:inflight. More than `limit`
+    entries pending or unread cannot all be checked: that refuses too (fail-closed; the EEW
+    works the backlog down). Raises the client's errors."""
+    # No stream: nothing pending or unread. No group: the EEW creates it at 0 and reads the
+    # whole stream, so all of it is unread.
+    stream_info, group = tamper.read_stream_state(client)
+    last = (group or {}).get("last-delivered-id") or "0-0"
     pending = [bus.as_text(item["message_id"]) for item in client.xpending_range(
-        schema.PANIC_STREAM, schema.EEW_GROUP, "-", "+", limit + 1)] if mine else []
-    unread = client.xrange(schema.PANIC_STREAM, "(" + last, "+", count=limit + 1) if groups is not None else []
+        schema.PANIC_STREAM, schema.EEW_GROUP, "-", "+", limit + 1)] if group else []
+    unread = client.xrange(schema.PANIC_STREAM, "(" + last, "+", count=limit + 1) if stream_info else []
     if len(pending) > limit or len(unread) > limit:
         return [f"more than {limit} panic entries pending or unread, not all checked"]
     entries = [(bus.as_text(entry_id), bus.decoded(fields), "unread") for entry_id, fields in unread]
@@ -220,24 +202,29 @@ def panics_waiting(client, keyring, limit=WAITING_SCAN):
     # (the EEW's tamper check reports deletions).
     entries += [(entry_id, bus.decoded(found[0][1]), "pending")
                 for entry_id, found in zip(pending, pipe.execute()) if found]
-    inflight = {bus.as_text(event_id) for event_id in client.smembers(schema.INFLIGHT_KEY)}
-    ids = sorted(inflight | {fields.get("event_id") or f"entry-{entry_id}" for entry_id, fields, _ in entries})
-    raws = client.hmget(schema.PROCESSED_KEY, ids) if ids else []
-    records = {event_id: tamper.parse_record(raw) for event_id, raw in zip(ids, raws)}
-    return waiting_panics(entries, inflight, records, keyring)
-
-
-def residual_list(positions):
-    return [{"symbol": p.symbol, "side": p.side, "contracts": p.contracts,
-             "position_side": p.position_side} for p in positions or []]
+    # (event id as the EEW derives it, where), authorised (any issuer) entries only
+    waiting = [(fields.get("event_id") or f"entry-{entry_id}", where) for entry_id, fields, where in entries
+               if signing.verify_fields(fields, keyring)[0]]
+    inflight = sorted(bus.as_text(event_id) for event_id in client.smembers(schema.INFLIGHT_KEY))
+    waiting += [(event_id, "in flight") for event_id in inflight]
+    ids = sorted({event_id for event_id, _ in waiting})
+    records = dict(zip(ids, client.hmget(schema.PROCESSED_KEY, ids))) if ids else {}
+    return list(dict.fromkeys(f"{event_id} ({where})" for event_id, where in waiting
+                              if (tamper.parse_record(records[event_id]) or {}).get("stage") != "done"))
 
 
 def audit_fields(facts, request, state, now_ms, consumer):
-    """The eexit:ops:audit entry of one resume."""
+    """The eexit:ops:audit entry of one init (facts None) or resume."""
+    if facts is None:
+        from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
+        return {"action": "init", "operator": request.operator, "ts": str(now_ms), "version": __version__,
+                "request_id": request.request_id, "cleared_by_consumer": consumer}
     report_entry, report = facts.final
+    residual = [{"symbol": p.symbol, "side": p.side, "contracts": p.contracts,
+                 "position_side": p.position_side} for p in facts.positions or []]
     return {"action": "resume", "operator": request.operator, "event_id": request.ack, "ts": str(now_ms),
             "accept_residual": "true" if request.accept_residual else "false",
-            "residual_positions": json.dumps(residual_list(facts.positions), separators=(",", ":")),
+            "residual_positions": json.dumps(residual, separators=(",", ":")),
             "open_orders": str(len(facts.open_orders or [])),
             "report_entry_id": report_entry, "report_status": report.status,
             "halted_reason": state.reason, "halted_by": state.halted_by,
@@ -268,64 +255,52 @@ def serve_request(client, fields, keyring, cooldown_s, read_account, stream_brok
     if not client.hsetnx(schema.PROCESSED_KEY, LEDGER_PREFIX + request.request_id, str(bus.server_time_ms(client))):
         return None, "already_answered"
     if request.action == "init":
-        audit_id, refusals = _init(client, request, consumer, keyring)
-        verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, action="init")
-        client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
-        return verdict, None
-    state, _problems = schema.TradingState.from_fields(bus.decoded(client.hgetall(schema.TRADING_STATE_KEY)))
-    record = tamper.parse_record(client.hget(schema.PROCESSED_KEY, request.ack)) \
-        if not request.ack.startswith(("entry:", LEDGER_PREFIX)) else None
-    final = None
-    if record is not None and record.get("stage") == "done" and record.get("status") in schema.FINAL_STATUSES:
-        found = client.xrange(schema.COMPLETED_STREAM, record.get("report") or "0-0", record.get("report") or "0-0")
-        if found:
-            report, _ = schema.CompletionReport.from_fields(bus.decoded(found[0][1]))
-            final = (bus.as_text(found[0][0]), report) if report.event_id == request.ack else None
-    facts = ResumeFacts(request.ack, bus.server_time_ms(client), state, record is not None, final, cooldown_s,
-                        stream_broken)
-    # Cheapest first: the halt and the ledger (read above), then the panic stream, and the
-    # exchange only when nothing else refuses.
-    refusals = cheap_refusals(facts) or waiting_refusals(panics_waiting(client, keyring))
-    if not refusals:
-        facts.positions, facts.open_orders, facts.exchange_error = read_account()
-        refusals = account_refusals(facts, request.accept_residual)
+        facts, refusals = None, []
+    else:
+        raw = bus.decoded(client.hgetall(schema.TRADING_STATE_KEY))
+        state, _problems = schema.TradingState.from_fields(raw)
+        record = tamper.parse_record(client.hget(schema.PROCESSED_KEY, request.ack)) \
+            if not request.ack.startswith(("entry:", LEDGER_PREFIX)) else None
+        final = None
+        if (record or {}).get("stage") == "done" and record.get("status") in schema.FINAL_STATUSES:
+            report_id = record.get("report") or "0-0"
+            found = client.xrange(schema.COMPLETED_STREAM, report_id, report_id)
+            if found:
+                report, _ = schema.CompletionReport.from_fields(bus.decoded(found[0][1]))
+                final = (bus.as_text(found[0][0]), report) if report.event_id == request.ack else None
+        facts = ResumeFacts(request.ack, bus.server_time_ms(client), state, record is not None, final,
+                            cooldown_s, stream_broken)
+        # Cheapest first: the halt and the ledger (read above), then the panic stream, and the
+        # exchange only when nothing else refuses.
+        refusals = cheap_refusals(facts) or waiting_refusals(panics_waiting(client, keyring))
+        if not refusals:
+            facts.positions, facts.open_orders, facts.exchange_error = read_account()
+            refusals = account_refusals(facts, request.accept_residual)
     audit_id = None
     if not refusals:
-        audit_id, refusals = _clear(client, facts, request, consumer, keyring)
-    verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id, facts.positions)
+        audit_id, refusals = _lift(client, request, keyring, facts, consumer)
+    verdict = verdict_fields(request.request_id, request.ack, request.operator, refusals, audit_id,
+                             facts and facts.positions, request.action)
     client.xadd(VERDICT_STREAM, verdict, maxlen=VERDICT_MAXLEN, approximate=True)
     return verdict, None
 
 
-def _init(client, request, consumer, keyring):
-    """halted=false with who/when and an audit entry, only where no trading state exists (the
-    first start). (audit id, []) or (None, [refusal])."""
-    from . import __version__   # noqa: PLC0415 - the package's version, for the audit entry
-    return _lift(client, request, keyring, lambda raw, _state: not raw, lambda now_ms, _state: {
-        "action": "init", "operator": request.operator, "ts": str(now_ms), "version": __version__,
-        "request_id": request.request_id, "cleared_by_consumer": consumer},
-        "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)")
-
-
-def _clear(client, facts, request, consumer, keyring):
-    """Clear the halt, only if it is still what the checks saw. (audit id, []) or (None, [refusal])."""
-    return _lift(client, request, keyring,
-                 lambda _raw, state: (state.event_id, state.halted) == (facts.state.event_id, facts.state.halted),
-                 lambda now_ms, state: audit_fields(facts, request, state, now_ms, consumer),
-                 "the halt changed meanwhile (a new panic?); run `eexit status` and try again")
-
-
-def _lift(client, request, keyring, still_as_checked, audit, refusal):
+def _lift(client, request, keyring, facts, consumer):
     """halted=false (cleared_by/at) and the eexit:ops:audit entry in one MULTI under WATCH of
     the halt, if the request has not expired, no authorised panic waits (checked again: the
-    account read took up to seconds) and still_as_checked(raw, state): (the audit entry id,
-    []), or (None, [refusal]) if nothing was written."""
+    account read took up to seconds) and the halt is as checked: an init (facts None) writes
+    only where no trading state exists (the first start), a resume only while the halt is the
+    one its checks saw. (the audit entry id, []), or (None, [refusal]) if nothing was written."""
+    init = facts is None
+    halt = None if init else (facts.state.event_id, facts.state.halted)     # the halt the checks saw
+    refusal = "a trading state exists: init never clears a halt (use `eexit status` and `eexit resume`)" \
+        if init else "the halt changed meanwhile (a new panic?); run `eexit status` and try again"
     with client.pipeline(transaction=True) as pipe:
         try:
             pipe.watch(schema.TRADING_STATE_KEY)
             raw = bus.decoded(pipe.hgetall(schema.TRADING_STATE_KEY))
             state, _ = schema.TradingState.from_fields(raw)
-            if not still_as_checked(raw, state):
+            if (raw and init) or (not init and (state.event_id, state.halted) != halt):
                 return None, [refusal]
             waiting = waiting_refusals(panics_waiting(pipe, keyring))
             if waiting:
@@ -338,7 +313,7 @@ def _lift(client, request, keyring, still_as_checked, audit, refusal):
             pipe.hset(schema.TRADING_STATE_KEY, mapping={
                 "halted": "false", "requires_manual_reset": "false",
                 "cleared_by": request.operator, "cleared_at": str(now_ms)})
-            pipe.xadd(OPS_AUDIT_STREAM, audit(now_ms, state))
+            pipe.xadd(OPS_AUDIT_STREAM, audit_fields(facts, request, state, now_ms, consumer))
             return bus.as_text(pipe.execute()[1]), []
         except redis.WatchError:
             # Someone wrote the halt between the check and the write (a new panic's halt):

@@ -2,7 +2,7 @@
 
 Every message has `to_fields()` (str -> str, ready for XADD/HSET) and a classmethod
 `from_fields(raw)` returning `(message, problems)`; each field of a message says how it is read
-(`_wire`: which _FieldReader method, its bound, whether it is required). `from_fields` never raises: a safety daemon
+(`_wire`: its kind, its bound, whether it is required). `from_fields` never raises: a safety daemon
 that crashes on a malformed entry is a daemon an attacker (or a bug) can switch off with one
 XADD. Problems are short codes such as `missing:event_id` or `bad_int:ts`; the caller decides
 what a problem means (the EEW still executes an authorised but malformed panic, except one
@@ -100,94 +100,45 @@ def _text(item, label, problems):
     return None
 
 
-class _FieldReader:
-    """Collects typed values out of a raw Redis field map, recording problems instead of
-    raising. Consumed names are tracked so the rest can be kept as `extra`."""
+# How a field of each kind but text is read from its text: (parse, problem code). parse raises
+# ValueError, LookupError (_FLAGS) or RecursionError (deep JSON).
+_KINDS = {
+    "integer": (_whole, "bad_int"),
+    "number": (float, "bad_number"),
+    "boolean": (lambda text: _FLAGS[text.strip().lower()], "bad_bool"),
+    "json_list": (_json_list, "bad_json"),       # valid JSON that is no array: bad_json too
+}
 
-    def __init__(self, raw):
-        self.values, self.problems = text_map(raw)
-        self.consumed = set()
 
-    def _take(self, name, required, aliases=()):
-        """The raw text of `name` (or the first alias present; all present ones are consumed),
-        or None when absent or empty, recorded as missing:<name> if it is required."""
-        present = [candidate for candidate in (name, *aliases) if candidate in self.values]
-        self.consumed.update(present)
-        value = self.values[present[0]] if present else ""
-        if value == "":
-            if required:
-                self.problems.append(f"missing:{name}")
-            return None
+def _read(kind, text, name, problems, maximum=None, required=True, allowed=None, legacy=None):
+    """The value of field `name` from its text ("" when absent), recording problems: absent
+    (missing:<name> if required); a text cut at MAX_TEXT (too_long:<name>) and, with `allowed`,
+    outside it after the `legacy` renames (unknown_value:<name>, kept as sent); a value parse
+    cannot read (<problem>:<name>) or a number outside 0..maximum (absurd:<name>; NaN and
+    infinities compare false, so they are absurd too). Never raises."""
+    parse, problem = _KINDS.get(kind, (None, None))
+    empty = [] if kind == "json_list" else "" if parse is None else None    # absent or unreadable
+    if text == "":
+        if required:
+            problems.append(f"missing:{name}")
+        return empty
+    if parse is None:                                   # text
+        if len(text) > MAX_TEXT:
+            problems.append(f"too_long:{name}")
+            text = text[:MAX_TEXT]
+        text = (legacy or {}).get(text, text)
+        if allowed is not None and text not in allowed:
+            problems.append(f"unknown_value:{name}")
+        return text
+    try:
+        value = parse(text)
+    except (ValueError, LookupError, RecursionError):
+        problems.append(f"{problem}:{name}")
+        return empty
+    if maximum is None or 0 <= value <= maximum:
         return value
-
-    def text(self, name, required=True, aliases=(), allowed=None, legacy=None):
-        """The text ("" when absent), cut at MAX_TEXT (too_long:<name>); with `allowed`, a
-        value outside it (after the `legacy` renames) is unknown_value:<name>, kept as sent."""
-        value = self._take(name, required, aliases)
-        if value is None:
-            return ""
-        if len(value) > MAX_TEXT:
-            self.problems.append(f"too_long:{name}")
-            value = value[:MAX_TEXT]
-        value = (legacy or {}).get(value, value)
-        if allowed is not None and value not in allowed:
-            self.problems.append(f"unknown_value:{name}")
-        return value
-
-    def _typed(self, parse, problem, name, maximum=None, required=True):
-        """parse(raw text) of field `name`; None when it is absent (missing:<name> if required),
-        when parse raises (<problem>:<name>), or when a number is outside 0..maximum
-        (absurd:<name>; NaN and infinities compare false, so they are absurd too)."""
-        value = self._take(name, required)
-        if value is None:
-            return None
-        try:
-            value = parse(value)
-        except (ValueError, LookupError, RecursionError):   # unreadable (_FLAGS: LookupError)
-            self.problems.append(f"{problem}:{name}")
-            return None
-        if maximum is None or 0 <= value <= maximum:
-            return value
-        self.problems.append(f"absurd:{name}")
-        return None
-
-    integer = functools.partialmethod(_typed, _whole, "bad_int")          # (name, maximum, required)
-    number = functools.partialmethod(_typed, float, "bad_number")         # (name, maximum, required)
-    boolean = functools.partialmethod(_typed, lambda text: _FLAGS[text.strip().lower()], "bad_bool")
-
-    def json_list(self, name, required=True):
-        """A JSON array; [] when absent or unreadable (valid JSON that is no array too)."""
-        return self._typed(_json_list, "bad_json", name, required=required) or []
-
-    def extra(self):
-        kept = {}
-        for name, value in self.values.items():
-            if name in self.consumed:
-                continue
-            if len(name) > MAX_TEXT or len(value) > MAX_TEXT:
-                self.problems.append(f"too_long:{name[:64]}")
-            kept[name[:MAX_TEXT]] = value[:MAX_TEXT]
-        return kept
-
-
-def _encode(pairs, extra, omit_empty=False):
-    """Known fields first, None (and with omit_empty "") omitted; a float with 3 decimals at
-    most (a latency); extra fields never override known ones."""
-    encoded = {}
-    for name, value in pairs:
-        if value is None or (omit_empty and value == ""):
-            continue
-        if isinstance(value, float):
-            encoded[name] = str(round(value, 3))
-        elif isinstance(value, bool):
-            encoded[name] = "true" if value else "false"
-        elif isinstance(value, (list, dict)):
-            encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
-        else:
-            encoded[name] = str(value)
-    for name, value in extra.items():
-        encoded.setdefault(name, value)
-    return encoded
+    problems.append(f"absurd:{name}")
+    return empty
 
 
 @functools.cache
@@ -199,29 +150,52 @@ def _wire_fields(cls):
     return tuple(declared[name] for name in getattr(cls, "WIRE_ORDER", declared))
 
 
-def _wire(read, *args, default=MISSING, factory=MISSING, **options):
-    """A message field and how from_fields reads it: _FieldReader.<read>(name, *args, **options)."""
-    return field(default=default, default_factory=factory, metadata={"read": (read, args, options)})
+def _wire(kind, maximum=None, default=MISSING, factory=MISSING, aliases=(), **options):
+    """A message field and how from_fields reads it: _read(kind, ..., maximum, **options), from
+    the field or, when it is absent, the first of its aliases present."""
+    return field(default=default, default_factory=factory,
+                 metadata={"read": (kind, aliases, dict(options, maximum=maximum))})
 
 
 class _Message:
     """to_fields and from_fields of a message whose fields say how they are read (_wire): in
-    wire order, then `extra`, the fields no reader consumed."""
+    wire order, then `extra`, the fields no reader consumed (each cut at MAX_TEXT)."""
 
     OMIT_EMPTY = False      # True: an empty text field is left out, not written as ""
 
     def to_fields(self):
-        declared = [(f.name, getattr(self, f.name)) for f in _wire_fields(type(self))]
-        return _encode(declared, self.extra, self.OMIT_EMPTY)
+        """Known fields first, None (and with OMIT_EMPTY "") omitted; a float with 3 decimals at
+        most (a latency); extra fields never override known ones."""
+        encoded = {}
+        for name, value in ((f.name, getattr(self, f.name)) for f in _wire_fields(type(self))):
+            if value is None or (self.OMIT_EMPTY and value == ""):
+                continue
+            if isinstance(value, float):
+                encoded[name] = str(round(value, 3))
+            elif isinstance(value, bool):
+                encoded[name] = "true" if value else "false"
+            elif isinstance(value, (list, dict)):
+                encoded[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            else:
+                encoded[name] = str(value)
+        return encoded | {name: value for name, value in self.extra.items() if name not in encoded}
 
     @classmethod
     def from_fields(cls, raw):
-        r = _FieldReader(raw)
-        values = {}
+        texts, problems = text_map(raw)
+        values, consumed = {}, set()
         for f in _wire_fields(cls):
-            read, args, options = f.metadata["read"]
-            values[f.name] = getattr(r, read)(f.name, *args, **options)
-        return cls(**values, extra=r.extra()), r.problems
+            kind, aliases, options = f.metadata["read"]
+            present = [name for name in (f.name, *aliases) if name in texts]    # all of them consumed
+            consumed.update(present)
+            values[f.name] = _read(kind, texts[present[0]] if present else "", f.name, problems, **options)
+        extra = {}
+        for name, value in texts.items():
+            if name not in consumed:
+                if len(name) > MAX_TEXT or len(value) > MAX_TEXT:
+                    problems.append(f"too_long:{name[:64]}")
+                extra[name[:MAX_TEXT]] = value[:MAX_TEXT]
+        return cls(**values, extra=extra), problems
 
 
 @dataclass
