@@ -351,25 +351,3 @@ def classify_error(exc, ex=None, exchange_id=None):
     exchange_id = ex.id if ex is not None else exchange_id or DEFAULT_EXCHANGE
     return venue(exchange_id).classify_error(exc, ex)
 
-
-def risk_inputs(ex_or_id, margin_mode=None):
-    """What the venue's risk snapshot provides (of base.RISK_INPUT_NAMES): in margin_mode (a
-    RiskSnapshot.margin_mode) when given, else in the venue's fullest mode."""
-    module = venue(getattr(ex_or_id, "id", ex_or_id))
-    return module.RISK_INPUTS_BY_MODE.get(margin_mode, module.RISK_INPUTS)
-
-
-def read_risk_snapshot(ex):
-    """One consistent base.RiskSnapshot from the venue's raw fields. Raises on anything
-    unreadable or non-finite: never a partial or default snapshot."""
-    return venue_of(ex).read_risk_snapshot(ex)
-
-
-def read_cash_flows(ex, since_ms, until_ms):
-    """[base.CashFlow] with since_ms <= ts_ms < until_ms from the venue's own ledger, all
-    pages/windows, oldest first. Raises on failure (never [] for an error); an empty interval
-    is [] without a request, a reversed one a ValueError (the caller's bug, not the venue's),
-    one starting before the venue keeps its ledger (LEDGER_KEPT_MS) base.LedgerGapError."""
-    if until_ms < since_ms:
-        raise ValueError(f"cash flows from {since_ms} until {until_ms}: the interval is reversed")
-    return [] if until_ms == since_ms else venue_of(ex).read_cash_flows(ex, since_ms, until_ms)

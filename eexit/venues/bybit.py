@@ -58,7 +58,7 @@ def _request(segment):
     return {"category": category, **({"settleCoin": settle} if settle else {})}
 
 
-def _pages(call, params, limit, what):
+def pages(call, params, limit, what):
     """Every row of a cursor-paginated v5 list."""
     rows, cursor = [], None
     while True:
@@ -81,11 +81,17 @@ def read_positions(ex, segment):
     unreadable; the rows beside it are read."""
     ex.load_markets()
     category = _request(segment)["category"]
-    rows = _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list")
-    return base.read_rows(ex, rows, segment, "symbol", lambda row: _position(ex, row, category), category)
+    rows = position_rows(ex, segment)
+    return base.read_rows(ex, rows, segment, "symbol", lambda row: position(ex, segment, row), category)
 
 
-def _position(ex, row, category):
+def position_rows(ex, segment):
+    """The raw rows of /v5/position/list for one segment, every page."""
+    return pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list")
+
+
+def position(ex, segment, row):
+    """The Position of one raw row, None when it is zero; raises when it cannot be read."""
     if not row.get("symbol"):
         raise base.ExchangeDataError("position row without a symbol")
     size = base.num(row.get("size"), "size")
@@ -96,7 +102,7 @@ def _position(ex, row, category):
         raise base.ExchangeDataError(f"unreadable side: {row.get('side')!r}")
     idx = str(row.get("positionIdx", "0"))
     return base.Position(
-        symbol=base.unified_symbol(ex, str(row["symbol"]), category),
+        symbol=base.unified_symbol(ex, str(row["symbol"]), _request(segment)["category"]),
         market_id=str(row["symbol"]), side=side, contracts=abs(size),
         position_side={"0": "BOTH", "1": "LONG", "2": "SHORT"}.get(idx, "BOTH"),
         entry_price=base.opt_num(row.get("avgPrice")) or 0.0,
@@ -110,7 +116,7 @@ def read_orders(ex, segment, book):
     category = _request(segment)["category"]
     params = dict(_request(segment), openOnly=0, orderFilter=_BOOK[conditional])
     orders = []
-    for row in _pages(ex.privateGetV5OrderRealtime, params, _ORDER_PAGE, "order/realtime"):
+    for row in pages(ex.privateGetV5OrderRealtime, params, _ORDER_PAGE, "order/realtime"):
         market_id = str(row.get("symbol"))
         orders.append(base.OpenOrder(
             id=str(row.get("orderId")), client_order_id=row.get("orderLinkId") or None,
@@ -202,65 +208,3 @@ def classify_error(exc, ex=None):
             return min(max(0.0, reset_ms / 1000.0 - time.time()), 60.0)
         return 1.0
     return base.classify(exc, ERRORS, retry_after)
-
-
-# ---------------------------------------------------------------------------- risk kernel
-# GET /v5/account/wallet-balance?accountType=UNIFIED (USD totals): E = totalMarginBalance,
-# MM = totalMaintenanceMargin (accountMMRate = MM/E, liquidation at 1). Bybit's account-wide
-# margin fields do not apply in isolated margin mode (GET /v5/account/info marginMode): there
-# E = totalEquity and MM is None. Positions of every segment: liqPrice ("" = unknown),
-# markPrice; a positionStatus other than Normal ("Liq", "Adl") is a venue flag. Venue time:
-# the wallet answer's envelope `time`. Cash flows: GET /v5/account/transaction-log,
-# type TRANSFER_IN / TRANSFER_OUT, windows of at most 7 days, 50 a page (cursor).
-
-RISK_INPUTS = base.RISK_INPUT_NAMES
-LEDGER_KEPT_MS = 730 * base.DAY_MS     # transaction-log: the last 2 years
-RISK_INPUTS_BY_MODE = {"isolated": base.RISK_INPUT_NAMES - {"maintenance_margin"}}
-_MODES = {"ISOLATED_MARGIN": "isolated", "REGULAR_MARGIN": "cross", "PORTFOLIO_MARGIN": "portfolio"}
-_TRANSFERS = {"TRANSFER_IN": 1, "TRANSFER_OUT": -1}
-
-
-def read_risk_snapshot(ex):
-    ex.load_markets()
-    raw_mode = base.obj((ex.privateGetV5AccountInfo() or {}).get("result"), "account/info").get("marginMode")
-    mode = _MODES.get(raw_mode)
-    if mode is None:
-        raise base.ExchangeDataError(f"account/info marginMode {raw_mode!r}")
-    response = base.obj(ex.privateGetV5AccountWalletBalance({"accountType": "UNIFIED"}), "wallet-balance")
-    wallet = base.rows_of((base.obj(response.get("result"), "wallet-balance")).get("list"), "wallet-balance")
-    if len(wallet) != 1:
-        raise base.ExchangeDataError(f"wallet-balance answered {len(wallet)} accounts, not 1")
-    positions, flags = [], []
-    for segment in SEGMENTS:
-        category = _request(segment)["category"]
-        for row in _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list"):
-            size = base.field(row, "size", "position/list")
-            if size == 0:
-                continue
-            symbol = base.unified_symbol(ex, str(row.get("symbol")), category)
-            positions.append(base.risk_position(
-                symbol, {"Buy": "long", "Sell": "short"}.get(row.get("side")), abs(size),
-                base.price_or_none(row, "markPrice", "position/list"),
-                base.price_or_none(row, "liqPrice", "position/list")))
-            if row.get("positionStatus") not in (None, "", "Normal"):
-                flags.append(f"{symbol}:positionStatus={row['positionStatus']}")
-    isolated = mode == "isolated"
-    return base.risk_snapshot(
-        base.field(wallet[0], "totalEquity" if isolated else "totalMarginBalance", "wallet-balance"),
-        None if isolated else base.field(wallet[0], "totalMaintenanceMargin", "wallet-balance"),
-        mode, "USD", positions, base.field(response, "time", "wallet-balance"), flags)
-
-
-def read_cash_flows(ex, since_ms, until_ms):
-    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
-    flows = []
-    for start, end in base.windows(since_ms, until_ms, 7 * base.DAY_MS):
-        for kind, sign in _TRANSFERS.items():
-            params = {"accountType": "UNIFIED", "type": kind, "startTime": start, "endTime": end - 1}
-            for row in _pages(ex.privateGetV5AccountTransactionLog, params, 50, "transaction-log"):
-                amount = base.field(row, "change", "transaction-log")
-                if amount * sign < 0 or row.get("type") != kind:
-                    raise base.ExchangeDataError(f"transaction-log asked {kind}: {row.get('type')!r} {amount!r}")
-                flows.append(base.cash_flow(row.get("id"), base.field(row, "transactionTime", "transaction-log"),
-                                            amount, kind, row.get("currency")))
-    return base.flows_between(flows, since_ms, until_ms)
