@@ -18,8 +18,8 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                    it is refused at start (never clamped silently)
   configure(ex)                        ccxt options set once at build time (no private calls
                                        at load_markets beyond trading permission)
-  load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the
-                                       venue's maximum MARKET order size
+  MARKET_MAX       the path in ccxt's market to the venue's maximum MARKET order size where
+                   ccxt does not map it (base.load_market_rules), else None
   read_positions(ex, segment)          (positions, unreadable): every non-zero position of one
                                        segment, all pages, and every row it cannot read
                                        (base.read_rows: such a row is named, never dropped
@@ -44,13 +44,13 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        place_close would send it) in one request: per order
                                        its id, or the exception its rejection is (classified
                                        like a single order's); the request failing raises
-  ping(ex)                             the cheapest public request (server time): keep-alive
+  PING             ccxt's method for the cheapest public request (server time): keep-alive
   check_key(ex)                        one cheap private read-only call: raises (auth) when the
                                        key is wrong or revoked (the EEW's account check)
-  arm_deadman(ex, symbol, countdown_ms) the venue's dead-man switch; ccxt.NotSupported if none
-  classify_error(exc, ex)              base.ErrorClass by the venue's own codes: rate_limited
-                                       (with the venue's retry hint), transient, auth,
-                                       position_side, reduce_only_rejected, rejected, unknown
+  arm_deadman(ex, symbol, countdown_ms) the venue's dead-man switch, where DEADMAN names one
+  ERRORS           base.ErrorTable: the venue's own error codes by kind (rate_limited,
+                   transient, auth, position_side, reduce_only_rejected; else rejected or
+                   unknown) and where its rate-limit answers carry the retry hint
 
 The risk kernel's reads of a venue (account snapshot, transfer ledger) are in risk_reads.py,
 which only eexit.risk imports: the close path never carries them.

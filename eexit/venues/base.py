@@ -6,6 +6,7 @@ Every read RAISES on failure: an exchange error is never an empty account (SPEC 
 
 import math
 import re
+import time
 from dataclasses import dataclass
 
 from eexit.ccxt_lite import ccxt   # the stand-in: only the exchanges built (eexit/ccxt_lite.py)
@@ -128,41 +129,37 @@ def in_segment(segment, read):
         raise
 
 
-def load_market_rules(ex, max_market_qty=None):
-    """{unified symbol: MarketRules} of the contract markets. max_market_qty(market), when
-    given, returns the venue's market-order maximum where ccxt does not map it. Raises on
-    failure (no rules means no safe sizing)."""
+def load_market_rules(ex, market_max=None):
+    """{unified symbol: MarketRules} of the contract markets. market_max: the path in ccxt's
+    market to the venue's market-order maximum where ccxt does not map it (the venue's
+    MARKET_MAX), tried before limits.market.max and limits.amount.max. Raises on failure (no
+    rules means no safe sizing)."""
     markets = ex.load_markets()
     if not markets:
         raise ExchangeDataError("exchange returned no markets")
-    tick_size = ex.precisionMode == ccxt.TICK_SIZE
+    if ex.precisionMode != ccxt.TICK_SIZE:
+        # Every supported venue gives steps (ccxt 4.5); digits read as steps would mis-size every close.
+        raise ExchangeDataError(f"{ex.id}: ccxt precision mode {ex.precisionMode} is not tick size")
+    maxima = [path for path in (market_max, ("limits", "market", "max"), ("limits", "amount", "max")) if path]
     rules = {}
     for symbol, market in markets.items():
-        precision = market.get("precision") or {}
-        limits = market.get("limits") or {}
-        amount_limits = limits.get("amount") or {}
-        max_market = max_market_qty(market) if max_market_qty else None
-        if max_market is None:
-            max_market = opt_num((limits.get("market") or {}).get("max"))
-        if max_market is None:
-            max_market = opt_num(amount_limits.get("max"))
         rules[symbol] = MarketRules(
             symbol=symbol, market_id=market["id"],
-            amount_step=_step(precision.get("amount"), tick_size),
-            min_qty=opt_num(amount_limits.get("min")),
-            max_market_qty=max_market,
-            min_notional=opt_num((limits.get("cost") or {}).get("min")),
-            price_step=_step(precision.get("price"), tick_size),
-            contract_size=opt_num(market.get("contractSize")) or 1.0,
+            amount_step=_at(market, "precision", "amount"),
+            min_qty=_at(market, "limits", "amount", "min"),
+            max_market_qty=next((q for q in (_at(market, *path) for path in maxima) if q is not None), None),
+            min_notional=_at(market, "limits", "cost", "min"),
+            price_step=_at(market, "precision", "price"),
+            contract_size=_at(market, "contractSize") or 1.0,
         )
     return rules
 
 
-def _step(value, tick_size):
-    value = opt_num(value)
-    if value is None:
-        return None
-    return value if tick_size else 10.0 ** -value
+def _at(tree, *path):
+    """opt_num of the value at path in nested objects; None where a step is missing."""
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return opt_num(tree)
 
 
 def unified_symbol(ex, market_id, category=None):
@@ -202,12 +199,26 @@ class ErrorTable:
     transient: frozenset
     position_side: frozenset = frozenset()
     reduce_only: frozenset = frozenset()
+    wait_header: str = "Retry-After"   # where a rate limit's answer says how long to wait:
+    wait_until_ms: bool = False        # seconds, or (True) the window's end in epoch ms
+    ban_wait_s: float = 1.0            # the wait without a hint after a 418 (an IP ban)
 
 
-def classify(exc, table, retry_after):
+def retry_after(exc, ex, table):
+    """Seconds to wait after a rate limit: the venue's hint in the last answer's headers,
+    else table.ban_wait_s after a 418, else 1 s."""
+    hint = opt_num(header(ex, table.wait_header))
+    if hint is not None and table.wait_until_ms:
+        return min(max(0.0, hint / 1000.0 - time.time()), 60.0)
+    if hint is not None and hint >= 0:
+        return hint
+    return table.ban_wait_s if " 418 " in str(exc) else 1.0
+
+
+def classify(exc, table, ex=None):
     """kinds: rate_limited, transient, reduce_only_rejected, position_side, auth, rejected,
     unknown. An order whose outcome is unknown (timeout) is "transient": the caller must
-    re-read the account before sending another. retry_after() gives the venue's hint."""
+    re-read the account before sending another. ex, when given, holds the retry hint."""
     text = str(exc)
     codes = [int(code) for code in table.code_re.findall(text) if code not in ("0", "")]
     code = codes[-1] if codes else None
@@ -215,9 +226,9 @@ def classify(exc, table, retry_after):
                         (table.position_side, "position_side"), (table.auth, "auth"),
                         (table.transient, "transient")):
         if code in codes:
-            return ErrorClass(kind, retry_after() if kind == "rate_limited" else None, code)
+            return ErrorClass(kind, retry_after(exc, ex, table) if kind == "rate_limited" else None, code)
     if isinstance(exc, (ccxt.DDoSProtection, ccxt.RateLimitExceeded)) or " 418 " in text or " 429 " in text:
-        return ErrorClass("rate_limited", retry_after(), code)
+        return ErrorClass("rate_limited", retry_after(exc, ex, table), code)
     if isinstance(exc, (ccxt.AuthenticationError, ccxt.PermissionDenied, ccxt.AccountSuspended)):
         return ErrorClass("auth", None, code)
     if isinstance(exc, (ccxt.NetworkError, ccxt.InvalidNonce, ConnectionError, TimeoutError)):
@@ -243,8 +254,6 @@ def batch_results(rows, count, what, accepted):
 
 
 def header(ex, name):
+    """The last answer's header name (any case), or None."""
     headers = getattr(ex, "last_response_headers", None) or {}
-    for key, value in headers.items():
-        if key.lower() == name.lower():
-            return value
-    return None
+    return next((value for key, value in headers.items() if key.lower() == name.lower()), None)

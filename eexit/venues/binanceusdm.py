@@ -23,6 +23,8 @@ ORDER_LIMITS = "300/10,1200/60"
 DEADMAN = "countdownCancelAll"
 BATCH_ORDERS = 5             # POST /fapi/v1/batchOrders
 DEADMAN_RANGE_S = None   # no bound beyond EEXIT_DEADMAN_S's own
+MARKET_MAX = None        # MARKET_LOT_SIZE maxQty: ccxt maps it to limits.market.max
+PING = "fapiPublicGetTime"   # GET /fapi/v1/time, weight 1: keeps a connection warm
 
 ERRORS = base.ErrorTable(
     code_re=re.compile(r'"code"\s*:\s*"?(-\d+)'),
@@ -32,9 +34,8 @@ ERRORS = base.ErrorTable(
     transient=frozenset({-1000, -1001, -1006, -1007, -1008, -1021}),
     position_side=frozenset({-4061, -1106}),
     reduce_only=frozenset({-2022}),
+    ban_wait_s=60.0,
 )
-_DEFAULT_BAN_WAIT_S = 60.0
-_DEFAULT_RATE_WAIT_S = 1.0
 
 
 def configure(ex):
@@ -44,7 +45,6 @@ def configure(ex):
     open_orders["warnWithoutSymbol"] = False
 
 
-load_market_rules = base.load_market_rules     # MARKET_LOT_SIZE maxQty: ccxt maps it to limits.market.max
 
 
 def check_key(ex):
@@ -97,10 +97,6 @@ def read_orders(ex, segment, book):
     return orders
 
 
-def ping(ex):
-    ex.fapiPublicGetTime()   # GET /fapi/v1/time, weight 1: keeps a connection warm
-
-
 def _order_params(ex, order):
     position_side = base.closing_side_ok(order.side, order.position_side)
     params = {"symbol": ex.market(order.symbol)["id"], "side": order.side.upper(), "type": "MARKET",
@@ -150,12 +146,3 @@ def arm_deadman(ex, symbol, countdown_ms):
     ex.load_markets()
     ex.fapiPrivatePostCountdownCancelAll({"symbol": ex.market(symbol)["id"],
                                           "countdownTime": int(countdown_ms)})
-
-
-def classify_error(exc, ex=None):
-    def retry_after():
-        seconds = base.opt_num(base.header(ex, "Retry-After"))
-        if seconds is not None and seconds >= 0:
-            return seconds
-        return _DEFAULT_BAN_WAIT_S if " 418 " in str(exc) else _DEFAULT_RATE_WAIT_S
-    return base.classify(exc, ERRORS, retry_after)

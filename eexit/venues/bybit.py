@@ -18,7 +18,6 @@ end in X-Bapi-Limit-Reset-Timestamp (ms). Markets: linear and inverse instrument
 """
 
 import re
-import time
 
 from . import base
 
@@ -30,6 +29,8 @@ ORDER_LIMITS = "10/1"        # /v5/order/create default per UID for linear and i
 DEADMAN = None
 BATCH_ORDERS = 10            # /v5/order/create-batch, linear and inverse: 10 a request
 DEADMAN_RANGE_S = None   # no bound beyond EEXIT_DEADMAN_S's own
+MARKET_MAX = ("info", "lotSizeFilter", "maxMktOrderQty")     # ccxt does not map it
+PING = "publicGetV5MarketTime"
 _POSITION_PAGE, _ORDER_PAGE = 200, 50
 _BOOK = {False: "Order", True: "StopOrder"}
 _IDX = {"BOTH": 0, "LONG": 1, "SHORT": 2}
@@ -40,17 +41,13 @@ ERRORS = base.ErrorTable(
     auth=frozenset({10003, 10004, 10005, 10007, 10009, 10010, 33004}),
     transient=frozenset({10000, 10002, 10016, 10019}),
     reduce_only=frozenset({110017}),
+    wait_header="X-Bapi-Limit-Reset-Timestamp",
+    wait_until_ms=True,
 )
 
 
 def configure(ex):
     ex.options["fetchMarkets"] = {"types": ["linear", "inverse"]}
-
-
-def load_market_rules(ex):
-    return base.load_market_rules(
-        ex, lambda market: base.opt_num(((market.get("info") or {}).get("lotSizeFilter") or {})
-                                        .get("maxMktOrderQty")))
 
 
 def _request(segment):
@@ -149,10 +146,6 @@ def place_close(ex, symbol, side, amount, position_side, client_order_id, margin
             "status": "open", "filled": 0.0, "amount": float(amount)}
 
 
-def ping(ex):
-    ex.publicGetV5MarketTime()
-
-
 def _close_body(ex, symbol, side, amount, position_side, client_order_id):
     position_side = base.closing_side_ok(side, position_side)
     market, category = _category(ex, symbol)
@@ -195,16 +188,3 @@ def place_closes(ex, orders):
     if failures and len(failures) == len(categories):
         raise failures[0]
     return results
-
-
-def arm_deadman(ex, symbol, countdown_ms):
-    raise NotImplementedError("bybit has no REST countdown dead-man switch (DEADMAN is None)")
-
-
-def classify_error(exc, ex=None):
-    def retry_after():
-        reset_ms = base.opt_num(base.header(ex, "X-Bapi-Limit-Reset-Timestamp"))
-        if reset_ms is not None:
-            return min(max(0.0, reset_ms / 1000.0 - time.time()), 60.0)
-        return 1.0
-    return base.classify(exc, ERRORS, retry_after)

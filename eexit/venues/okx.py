@@ -30,6 +30,8 @@ ORDER_LIMITS = "60/2"        # /trade/order: 60 per 2 s (per instrument; applied
 DEADMAN = "cancel-all-after"
 BATCH_ORDERS = 20            # /trade/batch-orders
 DEADMAN_RANGE_S = (10, 120)   # cancel-all-after accepts 0 or 10-120 s: anything else is refused at start
+MARKET_MAX = ("info", "maxMktSz")     # ccxt maps only maxLmtSz
+PING = "publicGetPublicTime"
 _ORDER_PAGE = 100
 _GONE = {"51400", "51401", "51402", "51403"}    # cancel: already filled, cancelled or unknown
 _BATCH = {False: 20, True: 10}
@@ -46,10 +48,6 @@ ERRORS = base.ErrorTable(
 
 def configure(ex):
     ex.options["fetchMarkets"] = {"types": ["swap", "future"]}
-
-
-def load_market_rules(ex):
-    return base.load_market_rules(ex, lambda market: base.opt_num((market.get("info") or {}).get("maxMktSz")))
 
 
 def data(response, what):
@@ -109,7 +107,7 @@ def read_orders(ex, segment, book):
     conditional = book != "regular"
     if conditional:
         rows = pages(ex.privateGetTradeOrdersAlgoPending, {"instType": segment, "ordType": book},
-                      "algoId", "algo-pending")
+                     "algoId", "algo-pending")
     else:
         rows = pages(ex.privateGetTradeOrdersPending, {"instType": segment}, "ordId", "orders-pending")
     return [base.OpenOrder(
@@ -136,10 +134,6 @@ def cancel_book(ex, symbol, conditional, orders=()):
     items = [{"instId": order.market_id, key: order.id} for order in orders]
     for start in range(0, len(items), _BATCH[conditional]):
         _check_items(call(items[start:start + _BATCH[conditional]]), "cancel")
-
-
-def ping(ex):
-    ex.publicGetPublicTime()
 
 
 def place_closes(ex, orders):
@@ -180,10 +174,3 @@ def arm_deadman(ex, symbol, countdown_ms):
     """Account-wide: every order of the account is cancelled unless re-armed in time."""
     seconds = 0 if countdown_ms <= 0 else math.ceil(countdown_ms / 1000)   # range checked at start
     ex.privatePostTradeCancelAllAfter({"timeOut": str(seconds)})
-
-
-def classify_error(exc, ex=None):
-    def retry_after():
-        seconds = base.opt_num(base.header(ex, "Retry-After"))
-        return seconds if seconds is not None and seconds >= 0 else 1.0
-    return base.classify(exc, ERRORS, retry_after)
