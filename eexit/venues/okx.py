@@ -55,7 +55,7 @@ def data(response, what):
 
 
 def check_key(ex):
-    data(ex.privateGetAccountPositions({"instType": "SWAP"}), "account/positions")
+    position_rows(ex, "SWAP")
 
 
 def read_positions(ex, segment):

@@ -7,8 +7,7 @@ carries the risk kernel's reads: they are not part of what must be audited to tr
 Positions are read here as the close path reads them (the venue module's position_rows and
 position), plus the mark and liquidation price the kernel needs.
 
-Per venue (READS below):
-  inputs           which of RISK_INPUT_NAMES the venue provides in its fullest mode
+Per venue (READS below); every venue provides all RISK_INPUT_NAMES in its fullest mode:
   inputs_by_mode   {margin_mode: inputs} for the modes that provide less (a snapshot's
                    maintenance_margin is None exactly there); risk_inputs(ex, mode)
   ledger_kept_ms   how far back the venue keeps its ledger: read_cash_flows from before
@@ -80,7 +79,6 @@ DAY_MS = 86_400_000
 
 @dataclass(frozen=True)
 class Reads:
-    inputs: frozenset
     inputs_by_mode: dict
     ledger_kept_ms: int
     snapshot: Callable
@@ -90,8 +88,7 @@ class Reads:
 def risk_inputs(ex_or_id, margin_mode=None):
     """What the venue's risk snapshot provides (of RISK_INPUT_NAMES): in margin_mode (a
     RiskSnapshot.margin_mode) when given, else in the venue's fullest mode."""
-    reads = READS[getattr(ex_or_id, "id", ex_or_id)]
-    return reads.inputs_by_mode.get(margin_mode, reads.inputs)
+    return READS[getattr(ex_or_id, "id", ex_or_id)].inputs_by_mode.get(margin_mode, RISK_INPUT_NAMES)
 
 
 def read_risk_snapshot(ex):
@@ -357,10 +354,10 @@ def _okx_cash_flows(ex, since_ms, until_ms):
 
 
 READS = {
-    binanceusdm.ID: Reads(RISK_INPUT_NAMES, {}, 90 * DAY_MS,       # income history: the last 3 months
-                          _binance_snapshot, _binance_cash_flows),
-    bybit.ID: Reads(RISK_INPUT_NAMES, {"isolated": RISK_INPUT_NAMES - {"maintenance_margin"}},
-                    730 * DAY_MS, _bybit_snapshot, _bybit_cash_flows),   # transaction-log: the last 2 years
-    okx.ID: Reads(RISK_INPUT_NAMES, {"spot": RISK_INPUT_NAMES - {"maintenance_margin"}},
-                  90 * DAY_MS, _okx_snapshot, _okx_cash_flows),          # bills-archive: the last 3 months
+    # ledger kept: Binance's income 3 months, Bybit's transaction-log 2 years, OKX's bills-archive 3 months
+    binanceusdm.ID: Reads({}, 90 * DAY_MS, _binance_snapshot, _binance_cash_flows),
+    bybit.ID: Reads({"isolated": RISK_INPUT_NAMES - {"maintenance_margin"}}, 730 * DAY_MS,
+                    _bybit_snapshot, _bybit_cash_flows),
+    okx.ID: Reads({"spot": RISK_INPUT_NAMES - {"maintenance_margin"}}, 90 * DAY_MS,
+                  _okx_snapshot, _okx_cash_flows),
 }
