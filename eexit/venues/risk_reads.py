@@ -144,7 +144,7 @@ def risk_position(symbol, side, contracts, mark_price, liquidation_price):
     return RiskPosition(symbol, side, float(contracts), mark_price, liquidation_price)
 
 
-def positions(ex, venue, mark, liquidation):
+def positions(ex, venue, what, mark, liquidation):
     """[(raw row, RiskPosition)] of every non-zero position of every segment, each row read
     as the close path reads it (venue.position) plus its mark and liquidation price. A row
     that cannot be read raises: a snapshot is never partial."""
@@ -155,7 +155,7 @@ def positions(ex, venue, mark, liquidation):
             if position is not None:
                 found.append((row, risk_position(
                     position.symbol, position.side, position.contracts,
-                    price_or_none(row, mark, "position"), price_or_none(row, liquidation, "position"))))
+                    price_or_none(row, mark, what), price_or_none(row, liquidation, what))))
     return found
 
 
@@ -213,7 +213,8 @@ def _binance_snapshot(ex):
         raise ExchangeDataError(f"multiAssetsMargin is not a boolean: {multi!r}")
     venue_ms = field(obj(ex.fapiPublicGetTime(), "time"), "serverTime", "time")
     account = obj(ex.fapiPrivateV3GetAccount(), "account")
-    found = [position for _, position in positions(ex, binanceusdm, "markPrice", "liquidationPrice")]
+    found = [position for _, position in
+             positions(ex, binanceusdm, "positionRisk", "markPrice", "liquidationPrice")]
     return risk_snapshot(
         field(account, "totalMarginBalance", "account"), field(account, "totalMaintMargin", "account"),
         "multi_assets" if multi else "single_asset", "USD" if multi else "USDT", found, venue_ms)
@@ -259,7 +260,7 @@ def _bybit_snapshot(ex):
     wallet = rows_of((obj(response.get("result"), "wallet-balance")).get("list"), "wallet-balance")
     if len(wallet) != 1:
         raise ExchangeDataError(f"wallet-balance answered {len(wallet)} accounts, not 1")
-    found = positions(ex, bybit, "markPrice", "liqPrice")
+    found = positions(ex, bybit, "position/list", "markPrice", "liqPrice")
     flags = [f"{position.symbol}:positionStatus={row['positionStatus']}" for row, position in found
              if row.get("positionStatus") not in (None, "", "Normal")]
     isolated = mode == "isolated"
@@ -312,7 +313,7 @@ def _okx_snapshot(ex):
         raise ExchangeDataError(f"account/config acctLv {acct_lv!r}")
     venue_ms = field(_okx_one(ex.publicGetPublicTime(), "public/time"), "ts", "public/time")
     balance = _okx_one(ex.privateGetAccountBalance(), "account/balance")
-    found = [position for _, position in positions(ex, okx, "markPx", "liqPx")]
+    found = [position for _, position in positions(ex, okx, "account/positions", "markPx", "liqPx")]
     margin = mode in ("multi_currency", "portfolio")
     equity = field(balance, "adjEq" if margin else "totalEq", "account/balance")
     mm = field(balance, "mmr", "account/balance") if margin else None
