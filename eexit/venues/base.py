@@ -26,13 +26,11 @@ class Position:
 
 @dataclass(frozen=True)
 class OpenOrder:
+    """What cancelling a book needs of an order (its side, type and size never matter: the
+    whole book goes), and whether it was reduce-only (a reader's check)."""
     id: str
-    client_order_id: str | None
     symbol: str
     market_id: str
-    side: str
-    type: str
-    amount: float | None
     reduce_only: bool
     conditional: bool      # lives in the algo/conditional book
 

@@ -90,9 +90,7 @@ def read_orders(ex, segment, book):
         symbol = order.get("symbol") or ""
         market = ex.markets.get(symbol)
         orders.append(base.OpenOrder(
-            id=str(order.get("id")), client_order_id=order.get("clientOrderId"), symbol=symbol,
-            market_id=market["id"] if market else symbol, side=order.get("side") or "",
-            type=order.get("type") or "", amount=base.opt_num(order.get("amount")),
+            id=str(order.get("id")), symbol=symbol, market_id=market["id"] if market else symbol,
             reduce_only=bool(order.get("reduceOnly")), conditional=conditional))
     return orders
 

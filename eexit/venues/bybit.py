@@ -116,11 +116,8 @@ def read_orders(ex, segment, book):
     for row in pages(ex.privateGetV5OrderRealtime, params, _ORDER_PAGE, "order/realtime"):
         market_id = str(row.get("symbol"))
         orders.append(base.OpenOrder(
-            id=str(row.get("orderId")), client_order_id=row.get("orderLinkId") or None,
-            symbol=base.unified_symbol(ex, market_id, category), market_id=market_id,
-            side=str(row.get("side") or "").lower(), type=str(row.get("orderType") or "").lower(),
-            amount=base.opt_num(row.get("qty")), reduce_only=bool(row.get("reduceOnly")),
-            conditional=conditional))
+            id=str(row.get("orderId")), symbol=base.unified_symbol(ex, market_id, category),
+            market_id=market_id, reduce_only=bool(row.get("reduceOnly")), conditional=conditional))
     return orders
 
 

@@ -112,11 +112,8 @@ def read_orders(ex, segment, book):
         rows = pages(ex.privateGetTradeOrdersPending, {"instType": segment}, "ordId", "orders-pending")
     return [base.OpenOrder(
         id=str(row.get("algoId" if conditional else "ordId")),
-        client_order_id=row.get("algoClOrdId" if conditional else "clOrdId") or None,
         symbol=base.unified_symbol(ex, str(row.get("instId"))), market_id=str(row.get("instId")),
-        side=str(row.get("side") or ""), type=str(row.get("ordType") or ""),
-        amount=base.opt_num(row.get("sz")), reduce_only=str(row.get("reduceOnly")) == "true",
-        conditional=conditional) for row in rows]
+        reduce_only=str(row.get("reduceOnly")) == "true", conditional=conditional) for row in rows]
 
 
 def _check_items(response, what):
