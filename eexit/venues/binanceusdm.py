@@ -45,8 +45,6 @@ def configure(ex):
     open_orders["warnWithoutSymbol"] = False
 
 
-
-
 def check_key(ex):
     ex.fetch_balance()       # GET /fapi/v3/account: signed, read-only, no position weight
 
