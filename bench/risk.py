@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from eexit import exchange, risk, schema  # noqa: E402
+from eexit.venues import risk_reads  # noqa: E402
 from eexit.paper import PaperExchange  # noqa: E402
 from tests.harness import RedisServer, python_env, start_module, stop_process, wait_for  # noqa: E402
 
@@ -102,8 +103,8 @@ def one_read_ms(stack, reads=10):
     times = []
     for _ in range(reads):
         started = time.perf_counter()
-        snap = exchange.read_risk_snapshot(ex)
-        exchange.read_cash_flows(ex, snap.venue_ts_ms - 600_000, snap.venue_ts_ms + 1)
+        snap = risk_reads.read_risk_snapshot(ex)
+        risk_reads.read_cash_flows(ex, snap.venue_ts_ms - 600_000, snap.venue_ts_ms + 1)
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
 

@@ -23,7 +23,7 @@ import requests
 
 from eexit.ccxt_lite import ccxt   # before eexit.venues: the stand-in, not every exchange
 from eexit.config import ConfigError, credential, env_bool, env_int, env_str
-from eexit.venues import venue
+from eexit.venues import base, venue
 from eexit.venues.base import (ErrorClass, ExchangeDataError, MarketRules, OpenOrder, Position,  # noqa: F401
                                in_segment)
 
@@ -221,12 +221,12 @@ def _rawencode(params, sort=False):
                     for key, value in params.items())
 
 
-def _rewrite_urls(api_urls, base):
-    """Keep each endpoint's path, replace scheme and host with base."""
+def _rewrite_urls(api_urls, base_url):
+    """Keep each endpoint's path, replace scheme and host with base_url."""
     if isinstance(api_urls, str):
-        return base + urlsplit(api_urls).path
+        return base_url + urlsplit(api_urls).path
     if isinstance(api_urls, dict):
-        return {key: _rewrite_urls(value, base) for key, value in api_urls.items()}
+        return {key: _rewrite_urls(value, base_url) for key, value in api_urls.items()}
     return api_urls
 
 
@@ -261,7 +261,7 @@ def default_order_limits(exchange_id):
 
 def load_market_rules(ex):
     """{unified symbol: MarketRules}. Raises on failure (no rules means no safe sizing)."""
-    return venue_of(ex).load_market_rules(ex)
+    return base.load_market_rules(ex, venue_of(ex).MARKET_MAX)
 
 
 def read_positions(ex):
@@ -345,7 +345,7 @@ def _place_single(module, ex, o):
 
 def ping(ex):
     """The venue's cheapest public request (server time): keeps a connection from idling out."""
-    venue_of(ex).ping(ex)
+    getattr(ex, venue_of(ex).PING)()
 
 
 def arm_deadman(ex, symbol, countdown_ms):
@@ -360,27 +360,5 @@ def classify_error(exc, ex=None, exchange_id=None):
     """What kind of failure exc is, by the venue's own codes first, then by ccxt class. ex,
     when given, supplies the venue and the response headers holding retry hints."""
     exchange_id = ex.id if ex is not None else exchange_id or DEFAULT_EXCHANGE
-    return venue(exchange_id).classify_error(exc, ex)
+    return base.classify(exc, venue(exchange_id).ERRORS, ex)
 
-
-def risk_inputs(ex_or_id, margin_mode=None):
-    """What the venue's risk snapshot provides (of base.RISK_INPUT_NAMES): in margin_mode (a
-    RiskSnapshot.margin_mode) when given, else in the venue's fullest mode."""
-    module = venue(getattr(ex_or_id, "id", ex_or_id))
-    return module.RISK_INPUTS_BY_MODE.get(margin_mode, module.RISK_INPUTS)
-
-
-def read_risk_snapshot(ex):
-    """One consistent base.RiskSnapshot from the venue's raw fields. Raises on anything
-    unreadable or non-finite: never a partial or default snapshot."""
-    return venue_of(ex).read_risk_snapshot(ex)
-
-
-def read_cash_flows(ex, since_ms, until_ms):
-    """[base.CashFlow] with since_ms <= ts_ms < until_ms from the venue's own ledger, all
-    pages/windows, oldest first. Raises on failure (never [] for an error); an empty interval
-    is [] without a request, a reversed one a ValueError (the caller's bug, not the venue's),
-    one starting before the venue keeps its ledger (LEDGER_KEPT_MS) base.LedgerGapError."""
-    if until_ms < since_ms:
-        raise ValueError(f"cash flows from {since_ms} until {until_ms}: the interval is reversed")
-    return [] if until_ms == since_ms else venue_of(ex).read_cash_flows(ex, since_ms, until_ms)

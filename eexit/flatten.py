@@ -55,15 +55,11 @@ class CloseOrder:
 
 def _dec(value):
     """Decimal of a float/str via its shortest repr; None for missing, non-finite or <= 0."""
-    if value is None:
-        return None
     try:
-        number = Decimal(repr(value) if isinstance(value, float) else str(value))
+        number = Decimal(repr(value) if isinstance(value, float) else str(value))   # str(None): invalid
     except (InvalidOperation, ValueError):
         return None
-    if not number.is_finite() or number <= 0:
-        return None
-    return number
+    return number if number.is_finite() and number > 0 else None
 
 
 def _to_step(amount, step, rounding=ROUND_FLOOR):

@@ -4,7 +4,7 @@
 
 The seed's "Risk Kernel" producer of `system:panic_close`, a daemon of its own beside the three
 core daemons (a bug here can never stop the EEW). Every EEXIT_RISK_INTERVAL_S it reads one
-snapshot of the account through the venue seam (exchange.read_risk_snapshot: equity E,
+snapshot of the account through the venue seam (venues.risk_reads.read_risk_snapshot: equity E,
 maintenance margin MM, positions with mark and liquidation prices, the account's margin mode,
 the venue's own timestamp), then the venue's cash-flow ledger up to that snapshot, and feeds
 both to the pure `step(state, rules, reading, now_ms, new_id) -> (state, commands)`. Never
@@ -602,18 +602,18 @@ class Kernel:
 
     def read(self, now_ms):
         """One Reading: snapshot, then the ledger up to its venue time, then the halt."""
-        from . import exchange   # noqa: PLC0415 - ccxt only in the daemon, not for status
+        from .venues import risk_reads   # noqa: PLC0415 - ccxt only in the daemon, not for status
         # Only an explicit halt mutes a panic: a missing or unreadable state publishes (fail-closed).
         halted = schema.TradingState.from_fields(bus.decoded(self.client.hgetall(schema.TRADING_STATE_KEY)))[0].halted
         try:
-            snap = exchange.read_risk_snapshot(self.ex)
+            snap = risk_reads.read_risk_snapshot(self.ex)
             flows, until = (), None
-            if "cash_flows" in exchange.risk_inputs(self.ex):
+            if "cash_flows" in risk_reads.risk_inputs(self.ex):
                 until = (snap.venue_ts_ms or now_ms) + 1
                 # A pending rebase starts afresh from this snapshot: its equity holds every
                 # earlier transfer (so a ledger gap, LedgerGapError, is healed by a rebase).
                 start = until if self.state.rebase_pending else (self.state.flows_until_ms or until)
-                flows = tuple(exchange.read_cash_flows(self.ex, start - FLOW_OVERLAP_MS, until))
+                flows = tuple(risk_reads.read_cash_flows(self.ex, start - FLOW_OVERLAP_MS, until))
         except Exception as exc:  # noqa: BLE001 - any failure is "no valid snapshot": the blind rule decides
             return Reading(error=f"{type(exc).__name__}: {str(exc)[:200]}", halted=halted is True)
         if not self.mode_checked:
@@ -621,7 +621,7 @@ class Kernel:
             # (else the one found) at the first snapshot; ConfigError is exit 2 naming the rule.
             mode = self.state.baseline.margin_mode if self.state.baseline else snap.margin_mode
             mode = mode if self.cfg.rules.margin_mode in ("auto", "off") else self.cfg.rules.margin_mode
-            check_inputs(self.cfg.rules, exchange.risk_inputs(self.ex, mode), f"{self.ex.id} in mode {mode}")
+            check_inputs(self.cfg.rules, risk_reads.risk_inputs(self.ex, mode), f"{self.ex.id} in mode {mode}")
             self.mode_checked = True
         return Reading(snap, flows, until, halted=halted is True)
 
@@ -648,12 +648,12 @@ class Kernel:
         """A loss panic from a read whose equity may already hold a transfer the ledger had
         not yet shown up to the snapshot's venue time (both are separate requests): one more
         ledger read; a transfer found after that time defers the decision by one read."""
-        from . import exchange   # noqa: PLC0415 - see read
+        from .venues import risk_reads   # noqa: PLC0415 - see read
         losses = [c for c in commands if isinstance(c, Panic) and {"drawdown", "daily_loss"} & set(c.context["rules"])]
         if not losses or reading.flows_until_ms is None:
             return False
         try:
-            later = exchange.read_cash_flows(self.ex, reading.flows_until_ms, reading.flows_until_ms + FLOW_OVERLAP_MS)
+            later = risk_reads.read_cash_flows(self.ex, reading.flows_until_ms, reading.flows_until_ms + FLOW_OVERLAP_MS)
         except Exception as exc:  # noqa: BLE001 - the read that fired was valid: fire (fail-closed)
             self.log.warning("ledger_recheck_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
             return False
@@ -786,7 +786,7 @@ def main():
 
     def start():
         from . import exchange   # noqa: PLC0415 - see Kernel.read
-        from .venues.base import MARGIN_MODES   # noqa: PLC0415 - imports ccxt, as exchange does
+        from .venues.risk_reads import MARGIN_MODES, risk_inputs   # noqa: PLC0415 - imports ccxt, as exchange
         cfg = Config.from_env()
         if cfg.rules.margin_mode not in MARGIN_MODES | {"auto", "off"}:
             raise ConfigError(f"EEXIT_RISK_MARGIN_MODE={cfg.rules.margin_mode!r} is none of auto, off, "
@@ -795,7 +795,7 @@ def main():
         signing.check_own_keys(keyring, ISSUER, signing.key_source())
         rebase_keys = load_rebase_keys(keyring)
         ex_cfg = exchange.ExchangeConfig.from_env()
-        check_inputs(cfg.rules, exchange.risk_inputs(ex_cfg.exchange_id), ex_cfg.exchange_id)
+        check_inputs(cfg.rules, risk_inputs(ex_cfg.exchange_id), ex_cfg.exchange_id)
         ex = exchange.build_exchange(ex_cfg)
         client = bus.connect()
         notifier = Notifier()

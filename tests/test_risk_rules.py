@@ -10,7 +10,7 @@ from dataclasses import replace
 from eexit import risk, signing
 from eexit.config import ConfigError
 from eexit.risk import Notice, Panic, Reading, RiskState, Rules, Threshold, step
-from eexit.venues.base import CashFlow, RiskPosition, RiskSnapshot
+from eexit.venues.risk_reads import CashFlow, RiskPosition, RiskSnapshot
 
 T0 = 1_780_000_000_000      # epoch ms (some day in 2026)
 MIN = 60_000

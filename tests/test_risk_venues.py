@@ -1,6 +1,6 @@
 """The risk kernel's exchange side (issue 25 points 1 and 6), per venue: real ccxt over HTTP
 against the paper exchange speaking that venue's dialect. The snapshot and the cash flows
-read through eexit.exchange must equal the paper's own model (Account.risk_view, ledger)."""
+read through eexit.venues.risk_reads must equal the paper's own model (Account.risk_view, ledger)."""
 
 import http.client
 import json
@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 
 import ccxt
 
-from eexit import exchange
 from eexit.exchange import ExchangeConfig, build_exchange
 from eexit.paper import PaperExchange
-from eexit.venues import base
-from eexit.venues.base import CashFlow, ExchangeDataError, LedgerGapError
+from eexit.venues import risk_reads
+from eexit.venues.base import ExchangeDataError
+from eexit.venues.risk_reads import CashFlow, LedgerGapError
 
 DAY_MS = 86_400_000
 BTC, ETH = "BTC/USDT:USDT", "ETH/USDT:USDT"
@@ -54,10 +54,10 @@ class RiskVenueCase:
             api_password="paper-pass" if self.venue == "okx" else None, timeout_ms=2000))
 
     def snapshot(self):
-        return exchange.read_risk_snapshot(self.ex)
+        return risk_reads.read_risk_snapshot(self.ex)
 
     def flows(self, since_ms, until_ms):
-        return exchange.read_cash_flows(self.ex, since_ms, until_ms)
+        return risk_reads.read_cash_flows(self.ex, since_ms, until_ms)
 
     def position(self, snapshot, symbol):
         [position] = [p for p in snapshot.positions if p.symbol == symbol]
@@ -147,7 +147,7 @@ class RiskVenueCase:
                 snap = self.snapshot()
                 self.assertEqual(mode, snap.margin_mode)
                 self.assertGreater(snap.equity, 0)
-                provided = exchange.risk_inputs(self.ex, mode)
+                provided = risk_reads.risk_inputs(self.ex, mode)
                 self.assertEqual("maintenance_margin" in provided, snap.maintenance_margin is not None)
                 if mode == "multi_assets":      # Binance's totals are USD over every collateral
                     self.assertEqual("USD", snap.currency)
@@ -180,7 +180,7 @@ class RiskVenueCase:
             self.flows(10, 5)
 
     def test_flows_from_before_the_venue_keeps_its_ledger_are_refused_never_partial(self):
-        kept = exchange.venue_of(self.ex).LEDGER_KEPT_MS
+        kept = risk_reads.READS[self.ex.id].ledger_kept_ms
         self.paper.clear_requests()
         with self.assertRaises(LedgerGapError):
             self.flows(now_ms() - kept - DAY_MS, now_ms())
@@ -214,40 +214,40 @@ class RiskVenueCase:
 
 
 class SharedParsingTest(unittest.TestCase):
-    """venues/base.py's risk helpers, as plain functions."""
+    """venues/risk_reads.py's helpers, as plain functions."""
 
     def test_windows_cover_the_interval_edge_to_edge(self):
-        self.assertEqual([(0, 7), (7, 14), (14, 15)], base.windows(0, 15, 7))
-        self.assertEqual([(3, 5)], base.windows(3, 5, 7))
-        self.assertEqual([], base.windows(5, 5, 7))
+        self.assertEqual([(0, 7), (7, 14), (14, 15)], risk_reads.windows(0, 15, 7))
+        self.assertEqual([(3, 5)], risk_reads.windows(3, 5, 7))
+        self.assertEqual([], risk_reads.windows(5, 5, 7))
 
     def test_flows_between_dedupes_by_id_and_keeps_the_half_open_interval(self):
         flow = lambda i, ts: CashFlow(i, ts, 1.0, "T")   # noqa: E731 - a table helper
         flows = [flow("b", 20), flow("a", 10), flow("a", 10), flow("c", 30), flow("z", 9)]
-        self.assertEqual(["a", "b"], [f.flow_id for f in base.flows_between(flows, 10, 30)])
+        self.assertEqual(["a", "b"], [f.flow_id for f in risk_reads.flows_between(flows, 10, 30)])
 
     def test_prices_unknown_or_refused(self):
         for raw in (None, "", "0", 0, "0.000"):
-            self.assertIsNone(base.price_or_none({"p": raw}, "p", "t"), raw)
-        self.assertIsNone(base.price_or_none({}, "p", "t"))
-        self.assertEqual(12.5, base.price_or_none({"p": "12.5"}, "p", "t"))
+            self.assertIsNone(risk_reads.price_or_none({"p": raw}, "p", "t"), raw)
+        self.assertIsNone(risk_reads.price_or_none({}, "p", "t"))
+        self.assertEqual(12.5, risk_reads.price_or_none({"p": "12.5"}, "p", "t"))
         for raw in ("abc", "NaN", "inf", "-1", [], {}):
             with self.assertRaises(ExchangeDataError, msg=raw):
-                base.price_or_none({"p": raw}, "p", "t")
+                risk_reads.price_or_none({"p": raw}, "p", "t")
 
     def test_a_snapshot_is_whole_or_refused(self):
         ok = dict(equity=1.0, maintenance_margin=0.1, margin_mode="cross", currency="USD", positions=(),
                   venue_ts_ms=1)
-        self.assertEqual(1.0, base.risk_snapshot(**ok).equity)
+        self.assertEqual(1.0, risk_reads.risk_snapshot(**ok).equity)
         for bad in (dict(margin_mode="CROSS"), dict(maintenance_margin=-0.1), dict(venue_ts_ms=0)):
             with self.assertRaises(ExchangeDataError, msg=bad):
-                base.risk_snapshot(**dict(ok, **bad))
+                risk_reads.risk_snapshot(**dict(ok, **bad))
         with self.assertRaises(ExchangeDataError):
-            base.field({}, "totalEquity", "wallet")
+            risk_reads.field({}, "totalEquity", "wallet")
         with self.assertRaises(ExchangeDataError):
-            base.risk_position("BTC/USDT:USDT", None, 1.0, None, None)
+            risk_reads.risk_position("BTC/USDT:USDT", None, 1.0, None, None)
         with self.assertRaises(ExchangeDataError):
-            base.cash_flow("", 1, 1.0, "T", "USDT")
+            risk_reads.cash_flow("", 1, 1.0, "T", "USDT")
 
 
 class CcxtStandInTest(unittest.TestCase):
@@ -354,8 +354,8 @@ class OkxRiskTest(RiskVenueCase, unittest.TestCase):
                 with self.assertRaises(ExchangeDataError):
                     self.snapshot()
         self.paper.set_risk_field("details", None)
-        self.assertIn("maintenance_margin", exchange.risk_inputs(self.ex, "futures"))
-        self.assertNotIn("maintenance_margin", exchange.risk_inputs(self.ex, "spot"))
+        self.assertIn("maintenance_margin", risk_reads.risk_inputs(self.ex, "futures"))
+        self.assertNotIn("maintenance_margin", risk_reads.risk_inputs(self.ex, "spot"))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                    it is refused at start (never clamped silently)
   configure(ex)                        ccxt options set once at build time (no private calls
                                        at load_markets beyond trading permission)
-  load_market_rules(ex)                {symbol: base.MarketRules}, max_market_qty = the
-                                       venue's maximum MARKET order size
+  MARKET_MAX       the path in ccxt's market to the venue's maximum MARKET order size where
+                   ccxt does not map it (base.load_market_rules), else None
   read_positions(ex, segment)          (positions, unreadable): every non-zero position of one
                                        segment, all pages, and every row it cannot read
                                        (base.read_rows: such a row is named, never dropped
                                        and never fatal for the others); raises when the
                                        answer as a whole is unreadable or the request fails
+  position_rows(ex, segment)           the raw rows read_positions reads (every page); raises
+  position(ex, segment, row)           base.Position of one raw row, None when zero; raises
+                                       when the row cannot be read (the risk reads use both)
   BOOKS            the order reads of a segment: "regular" plus the conditional/algo ones
                    (one name per request the venue needs; read in parallel)
   read_orders(ex, segment, book)       [base.OpenOrder] of one book of one segment, all
@@ -41,31 +44,20 @@ _submit_order; here synchronous and limited to what an emergency close needs):
                                        place_close would send it) in one request: per order
                                        its id, or the exception its rejection is (classified
                                        like a single order's); the request failing raises
-  ping(ex)                             the cheapest public request (server time): keep-alive
+  PING             ccxt's method for the cheapest public request (server time): keep-alive
   check_key(ex)                        one cheap private read-only call: raises (auth) when the
                                        key is wrong or revoked (the EEW's account check)
-  arm_deadman(ex, symbol, countdown_ms) the venue's dead-man switch; ccxt.NotSupported if none
-  classify_error(exc, ex)              base.ErrorClass by the venue's own codes: rate_limited
-                                       (with the venue's retry hint), transient, auth,
-                                       position_side, reduce_only_rejected, rejected, unknown
+  arm_deadman(ex, symbol, countdown_ms) the venue's dead-man switch, where DEADMAN names one
+  ERRORS           base.ErrorTable: the venue's own error codes by kind (rate_limited,
+                   transient, auth, position_side, reduce_only_rejected; else rejected or
+                   unknown) and where its rate-limit answers carry the retry hint
 
-The risk kernel's reads (read-only key; docs/RISK.md):
-  RISK_INPUTS      which of "equity", "maintenance_margin", "liquidation_price", "cash_flows",
-                   "margin_mode" the venue provides in its fullest mode
-  RISK_INPUTS_BY_MODE  {margin_mode: inputs} for the modes that provide less (a snapshot's
-                   maintenance_margin is None exactly there); exchange.risk_inputs(ex, mode)
-  LEDGER_KEPT_MS   how far back the venue keeps its ledger: read_cash_flows from before
-                   that raises base.LedgerGapError (the answer could only be incomplete)
-  read_risk_snapshot(ex)               base.RiskSnapshot from the venue's raw fields (never
-                                       ccxt's unified `total`); raises on anything malformed
-                                       or non-finite, never a partial or default snapshot
-  read_cash_flows(ex, since_ms, until_ms)
-                                       [base.CashFlow] of the venue's transfer ledger with
-                                       since_ms <= ts_ms < until_ms, oldest first, every page
-                                       and window the venue needs; raises on failure
+The risk kernel's reads of a venue (account snapshot, transfer ledger) are in risk_reads.py,
+which only eexit.risk imports: the close path never carries them.
 
-Adding a venue: one module here, one registry line below, one paper dialect
-(eexit/paper/<id>.py) and the parametrised tests; docs/VENUES.md has the checklist.
+Adding a venue: one module here, one registry line below, its risk reads in risk_reads.py,
+one paper dialect (eexit/paper/<id>.py) and the parametrised tests; docs/VENUES.md has the
+checklist.
 """
 
 from eexit.config import ConfigError

@@ -6,6 +6,7 @@ Every read RAISES on failure: an exchange error is never an empty account (SPEC 
 
 import math
 import re
+import time
 from dataclasses import dataclass
 
 from eexit.ccxt_lite import ccxt   # the stand-in: only the exchanges built (eexit/ccxt_lite.py)
@@ -25,13 +26,11 @@ class Position:
 
 @dataclass(frozen=True)
 class OpenOrder:
+    """What cancelling a book needs of an order (its side, type and size never matter: the
+    whole book goes), and whether it was reduce-only (a reader's check)."""
     id: str
-    client_order_id: str | None
     symbol: str
     market_id: str
-    side: str
-    type: str
-    amount: float | None
     reduce_only: bool
     conditional: bool      # lives in the algo/conditional book
 
@@ -128,41 +127,37 @@ def in_segment(segment, read):
         raise
 
 
-def load_market_rules(ex, max_market_qty=None):
-    """{unified symbol: MarketRules} of the contract markets. max_market_qty(market), when
-    given, returns the venue's market-order maximum where ccxt does not map it. Raises on
-    failure (no rules means no safe sizing)."""
+def load_market_rules(ex, market_max=None):
+    """{unified symbol: MarketRules} of the contract markets. market_max: the path in ccxt's
+    market to the venue's market-order maximum where ccxt does not map it (the venue's
+    MARKET_MAX), tried before limits.market.max and limits.amount.max. Raises on failure (no
+    rules means no safe sizing)."""
     markets = ex.load_markets()
     if not markets:
         raise ExchangeDataError("exchange returned no markets")
-    tick_size = ex.precisionMode == ccxt.TICK_SIZE
+    if ex.precisionMode != ccxt.TICK_SIZE:
+        # Every supported venue gives steps (ccxt 4.5); digits read as steps would mis-size every close.
+        raise ExchangeDataError(f"{ex.id}: ccxt precision mode {ex.precisionMode} is not tick size")
+    maxima = [path for path in (market_max, ("limits", "market", "max"), ("limits", "amount", "max")) if path]
     rules = {}
     for symbol, market in markets.items():
-        precision = market.get("precision") or {}
-        limits = market.get("limits") or {}
-        amount_limits = limits.get("amount") or {}
-        max_market = max_market_qty(market) if max_market_qty else None
-        if max_market is None:
-            max_market = opt_num((limits.get("market") or {}).get("max"))
-        if max_market is None:
-            max_market = opt_num(amount_limits.get("max"))
         rules[symbol] = MarketRules(
             symbol=symbol, market_id=market["id"],
-            amount_step=_step(precision.get("amount"), tick_size),
-            min_qty=opt_num(amount_limits.get("min")),
-            max_market_qty=max_market,
-            min_notional=opt_num((limits.get("cost") or {}).get("min")),
-            price_step=_step(precision.get("price"), tick_size),
-            contract_size=opt_num(market.get("contractSize")) or 1.0,
+            amount_step=_at(market, "precision", "amount"),
+            min_qty=_at(market, "limits", "amount", "min"),
+            max_market_qty=next((q for q in (_at(market, *path) for path in maxima) if q is not None), None),
+            min_notional=_at(market, "limits", "cost", "min"),
+            price_step=_at(market, "precision", "price"),
+            contract_size=_at(market, "contractSize") or 1.0,
         )
     return rules
 
 
-def _step(value, tick_size):
-    value = opt_num(value)
-    if value is None:
-        return None
-    return value if tick_size else 10.0 ** -value
+def _at(tree, *path):
+    """opt_num of the value at path in nested objects; None where a step is missing."""
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return opt_num(tree)
 
 
 def unified_symbol(ex, market_id, category=None):
@@ -202,12 +197,26 @@ class ErrorTable:
     transient: frozenset
     position_side: frozenset = frozenset()
     reduce_only: frozenset = frozenset()
+    wait_header: str = "Retry-After"   # where a rate limit's answer says how long to wait:
+    wait_until_ms: bool = False        # seconds, or (True) the window's end in epoch ms
+    ban_wait_s: float = 1.0            # the wait without a hint after a 418 (an IP ban)
 
 
-def classify(exc, table, retry_after):
+def retry_after(exc, ex, table):
+    """Seconds to wait after a rate limit: the venue's hint in the last answer's headers,
+    else table.ban_wait_s after a 418, else 1 s."""
+    hint = opt_num(header(ex, table.wait_header))
+    if hint is not None and table.wait_until_ms:
+        return min(max(0.0, hint / 1000.0 - time.time()), 60.0)
+    if hint is not None and hint >= 0:
+        return hint
+    return table.ban_wait_s if " 418 " in str(exc) else 1.0
+
+
+def classify(exc, table, ex=None):
     """kinds: rate_limited, transient, reduce_only_rejected, position_side, auth, rejected,
     unknown. An order whose outcome is unknown (timeout) is "transient": the caller must
-    re-read the account before sending another. retry_after() gives the venue's hint."""
+    re-read the account before sending another. ex, when given, holds the retry hint."""
     text = str(exc)
     codes = [int(code) for code in table.code_re.findall(text) if code not in ("0", "")]
     code = codes[-1] if codes else None
@@ -215,9 +224,9 @@ def classify(exc, table, retry_after):
                         (table.position_side, "position_side"), (table.auth, "auth"),
                         (table.transient, "transient")):
         if code in codes:
-            return ErrorClass(kind, retry_after() if kind == "rate_limited" else None, code)
+            return ErrorClass(kind, retry_after(exc, ex, table) if kind == "rate_limited" else None, code)
     if isinstance(exc, (ccxt.DDoSProtection, ccxt.RateLimitExceeded)) or " 418 " in text or " 429 " in text:
-        return ErrorClass("rate_limited", retry_after(), code)
+        return ErrorClass("rate_limited", retry_after(exc, ex, table), code)
     if isinstance(exc, (ccxt.AuthenticationError, ccxt.PermissionDenied, ccxt.AccountSuspended)):
         return ErrorClass("auth", None, code)
     if isinstance(exc, (ccxt.NetworkError, ccxt.InvalidNonce, ConnectionError, TimeoutError)):
@@ -243,130 +252,6 @@ def batch_results(rows, count, what, accepted):
 
 
 def header(ex, name):
+    """The last answer's header name (any case), or None."""
     headers = getattr(ex, "last_response_headers", None) or {}
-    for key, value in headers.items():
-        if key.lower() == name.lower():
-            return value
-    return None
-
-
-# ---------------------------------------------------------------------------- risk snapshot
-
-@dataclass(frozen=True)
-class RiskPosition:
-    symbol: str                      # ccxt unified symbol
-    side: str                        # "long" | "short"
-    contracts: float                 # > 0
-    mark_price: float | None         # None: the venue gave none
-    liquidation_price: float | None  # None: unknown (venue gave 0, "" or nothing), never "far away"
-
-
-@dataclass(frozen=True)
-class RiskSnapshot:
-    """One read of the account for the risk kernel, from the venue's raw fields (never ccxt's
-    unified `total`, which means different things per venue). margin_mode is the venue's
-    account mode, normalised to one of MARGIN_MODES."""
-    equity: float                    # E: margin balance incl. unrealised PnL, in `currency`
-    maintenance_margin: float | None  # MM, same currency; None only in a mode whose
-                                      # RISK_INPUTS_BY_MODE lacks "maintenance_margin"
-    margin_mode: str
-    currency: str                    # "USDT" / "USD" ...
-    positions: tuple[RiskPosition, ...]
-    venue_ts_ms: int                 # the venue's own time of the snapshot
-    venue_flags: tuple[str, ...] = ()   # venue risk flags where the venue has them
-
-
-@dataclass(frozen=True)
-class CashFlow:
-    flow_id: str                     # the venue's ledger id (dedupe)
-    ts_ms: int
-    amount: float                    # + in (deposit / transfer in), - out
-    kind: str                        # the venue's type text
-    asset: str = ""                  # the coin of `amount` (may differ from the snapshot's currency)
-
-
-# The account modes, normalised: binanceusdm "single_asset" | "multi_assets"
-# (/fapi/v1/multiAssetsMargin); bybit "isolated" | "cross" | "portfolio" (/v5/account/info
-# marginMode ISOLATED_MARGIN | REGULAR_MARGIN | PORTFOLIO_MARGIN); okx "spot" | "futures" |
-# "multi_currency" | "portfolio" (/api/v5/account/config acctLv 1..4).
-MARGIN_MODES = frozenset({"single_asset", "multi_assets", "isolated", "cross", "portfolio",
-                          "spot", "futures", "multi_currency"})
-
-class LedgerGapError(ExchangeDataError):
-    """Cash flows asked from before the venue's ledger retention: the entries are gone, so
-    the answer could only be incomplete. Raised instead (the kernel cannot tell a transfer
-    from PnL over that gap: a human re-bases)."""
-
-
-RISK_INPUT_NAMES = frozenset({"equity", "maintenance_margin", "liquidation_price", "cash_flows", "margin_mode"})
-DAY_MS = 86_400_000
-
-
-def obj(value, what):
-    if not isinstance(value, dict):
-        raise ExchangeDataError(f"{what} returned {type(value).__name__}, not an object")
-    return value
-
-
-def field(row, key, what):
-    """row[key] as a finite float; missing, empty, unreadable or non-finite raises."""
-    if key not in row:
-        raise ExchangeDataError(f"{what} without {key}")
-    return num(row[key], f"{what} {key}")
-
-
-def price_or_none(row, key, what):
-    """A price field: None when the venue gave nothing, "" or 0 (unknown, never "far away");
-    anything else must be a finite positive number, or the read raises."""
-    value = row.get(key)
-    if value is None or value == "":
-        return None
-    price = num(value, f"{what} {key}")
-    if price < 0:
-        raise ExchangeDataError(f"negative {what} {key}: {value!r}")
-    return price or None
-
-
-def risk_position(symbol, side, contracts, mark_price, liquidation_price):
-    if side not in ("long", "short") or not contracts > 0:
-        raise ExchangeDataError(f"position {symbol}: side {side!r} / contracts {contracts!r}")
-    return RiskPosition(symbol, side, float(contracts), mark_price, liquidation_price)
-
-
-def risk_snapshot(equity, maintenance_margin, margin_mode, currency, positions, venue_ts_ms, venue_flags=()):
-    """The snapshot, checked as a whole: a mode outside MARGIN_MODES, a negative maintenance
-    margin or a missing venue time raises (E <= 0 is returned: the kernel judges it)."""
-    if margin_mode not in MARGIN_MODES:
-        raise ExchangeDataError(f"unknown account mode {margin_mode!r}")
-    if maintenance_margin is not None and maintenance_margin < 0:
-        raise ExchangeDataError(f"negative maintenance margin {maintenance_margin!r}")
-    if not venue_ts_ms > 0:
-        raise ExchangeDataError(f"no venue time for the snapshot: {venue_ts_ms!r}")
-    return RiskSnapshot(float(equity), maintenance_margin, margin_mode, str(currency), tuple(positions),
-                        int(venue_ts_ms), tuple(venue_flags))
-
-
-def cash_flow(flow_id, ts_ms, amount, kind, asset):
-    if flow_id in (None, "") or not ts_ms > 0:
-        raise ExchangeDataError(f"ledger entry without an id or time: {flow_id!r} {ts_ms!r}")
-    return CashFlow(str(flow_id), int(ts_ms), float(amount), str(kind), str(asset or ""))
-
-
-def check_kept(ex, since_ms, kept_ms):
-    """LedgerGapError when since_ms is older than the venue keeps its ledger (kept_ms)."""
-    if since_ms < ex.milliseconds() - kept_ms:
-        raise LedgerGapError(f"{ex.id} keeps its ledger {kept_ms // DAY_MS} days: "
-                             f"cash flows since {since_ms} cannot be read completely")
-
-
-def windows(since_ms, until_ms, span_ms):
-    """[since, until) in consecutive windows of at most span_ms (the venue's query limit)."""
-    since_ms, until_ms = int(since_ms), int(until_ms)
-    return [(start, min(start + span_ms, until_ms)) for start in range(since_ms, until_ms, span_ms)]
-
-
-def flows_between(flows, since_ms, until_ms):
-    """Each ledger id once, since_ms <= ts < until_ms, oldest first: windows and pages that
-    overlap at their edges never count an entry twice."""
-    unique = {flow.flow_id: flow for flow in flows if since_ms <= flow.ts_ms < until_ms}
-    return sorted(unique.values(), key=lambda flow: (flow.ts_ms, flow.flow_id))
+    return next((value for key, value in headers.items() if key.lower() == name.lower()), None)

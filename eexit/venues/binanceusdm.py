@@ -23,6 +23,8 @@ ORDER_LIMITS = "300/10,1200/60"
 DEADMAN = "countdownCancelAll"
 BATCH_ORDERS = 5             # POST /fapi/v1/batchOrders
 DEADMAN_RANGE_S = None   # no bound beyond EEXIT_DEADMAN_S's own
+MARKET_MAX = None        # MARKET_LOT_SIZE maxQty: ccxt maps it to limits.market.max
+PING = "fapiPublicGetTime"   # GET /fapi/v1/time, weight 1: keeps a connection warm
 
 ERRORS = base.ErrorTable(
     code_re=re.compile(r'"code"\s*:\s*"?(-\d+)'),
@@ -32,9 +34,8 @@ ERRORS = base.ErrorTable(
     transient=frozenset({-1000, -1001, -1006, -1007, -1008, -1021}),
     position_side=frozenset({-4061, -1106}),
     reduce_only=frozenset({-2022}),
+    ban_wait_s=60.0,
 )
-_DEFAULT_BAN_WAIT_S = 60.0
-_DEFAULT_RATE_WAIT_S = 1.0
 
 
 def configure(ex):
@@ -44,9 +45,6 @@ def configure(ex):
     open_orders["warnWithoutSymbol"] = False
 
 
-load_market_rules = base.load_market_rules     # MARKET_LOT_SIZE maxQty: ccxt maps it to limits.market.max
-
-
 def check_key(ex):
     ex.fetch_balance()       # GET /fapi/v3/account: signed, read-only, no position weight
 
@@ -54,13 +52,19 @@ def check_key(ex):
 def read_positions(ex, segment):
     """(positions, unreadable rows): a row without a readable symbol or positionAmt is unreadable."""
     ex.load_markets()
-    rows = base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk")
+    rows = position_rows(ex, segment)
     if any(row.get("symbol") not in ex.markets_by_id for row in rows):
         ex.load_markets(True)   # a newly listed symbol; one reload, then report what we have
-    return base.read_rows(ex, rows, segment, "symbol", lambda row: _position(ex, row))
+    return base.read_rows(ex, rows, segment, "symbol", lambda row: position(ex, segment, row))
 
 
-def _position(ex, row):
+def position_rows(ex, segment):
+    """The raw rows of GET /fapi/v3/positionRisk (the one segment: every USDⓈ-M contract)."""
+    return base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk")
+
+
+def position(ex, segment, row):
+    """The Position of one raw row, None when it is zero; raises when it cannot be read."""
     if not row.get("symbol"):
         raise base.ExchangeDataError("positionRisk row without a symbol")
     amount = base.num(row.get("positionAmt"), "positionAmt")
@@ -84,15 +88,9 @@ def read_orders(ex, segment, book):
         symbol = order.get("symbol") or ""
         market = ex.markets.get(symbol)
         orders.append(base.OpenOrder(
-            id=str(order.get("id")), client_order_id=order.get("clientOrderId"), symbol=symbol,
-            market_id=market["id"] if market else symbol, side=order.get("side") or "",
-            type=order.get("type") or "", amount=base.opt_num(order.get("amount")),
+            id=str(order.get("id")), symbol=symbol, market_id=market["id"] if market else symbol,
             reduce_only=bool(order.get("reduceOnly")), conditional=conditional))
     return orders
-
-
-def ping(ex):
-    ex.fapiPublicGetTime()   # GET /fapi/v1/time, weight 1: keeps a connection warm
 
 
 def _order_params(ex, order):
@@ -144,72 +142,3 @@ def arm_deadman(ex, symbol, countdown_ms):
     ex.load_markets()
     ex.fapiPrivatePostCountdownCancelAll({"symbol": ex.market(symbol)["id"],
                                           "countdownTime": int(countdown_ms)})
-
-
-def classify_error(exc, ex=None):
-    def retry_after():
-        seconds = base.opt_num(base.header(ex, "Retry-After"))
-        if seconds is not None and seconds >= 0:
-            return seconds
-        return _DEFAULT_BAN_WAIT_S if " 418 " in str(exc) else _DEFAULT_RATE_WAIT_S
-    return base.classify(exc, ERRORS, retry_after)
-
-
-# ---------------------------------------------------------------------------- risk kernel
-# E = totalMarginBalance (wallet + unrealised), MM = totalMaintMargin, both from GET
-# /fapi/v3/account: USDT only in single-asset mode, USD over every collateral asset in
-# multi-assets mode (GET /fapi/v1/multiAssetsMargin). Liquidation and mark per position from
-# GET /fapi/v3/positionRisk ("0" = none computed: unknown). The account answer has no
-# timestamp: the venue time is GET /fapi/v1/time, read just before it (the data is at least
-# that new; a transfer within that one request may show in E one read before its ledger entry).
-# Weight per snapshot 1 + 30 + 5 + 5. Cash flows: GET /fapi/v1/income (weight 30 a page of
-# 1000, every income type, kept for 3 months), transfers told apart by incomeType.
-
-RISK_INPUTS = base.RISK_INPUT_NAMES
-LEDGER_KEPT_MS = 90 * base.DAY_MS     # income history: the last 3 months
-RISK_INPUTS_BY_MODE = {}     # both modes provide every input
-TRANSFER_TYPES = frozenset({"TRANSFER", "INTERNAL_TRANSFER", "CROSS_COLLATERAL_TRANSFER",
-                            "COIN_SWAP_DEPOSIT", "COIN_SWAP_WITHDRAW", "STRATEGY_UMFUTURES_TRANSFER"})
-_INCOME_PAGE = 1000
-_INCOME_SPAN_MS = 7 * base.DAY_MS
-
-
-def read_risk_snapshot(ex):
-    ex.load_markets()
-    multi = base.obj(ex.fapiPrivateGetMultiAssetsMargin(), "multiAssetsMargin").get("multiAssetsMargin")
-    if not isinstance(multi, bool):
-        raise base.ExchangeDataError(f"multiAssetsMargin is not a boolean: {multi!r}")
-    venue_ms = base.field(base.obj(ex.fapiPublicGetTime(), "time"), "serverTime", "time")
-    account = base.obj(ex.fapiPrivateV3GetAccount(), "account")
-    positions = []
-    for row in base.rows_of(ex.fapiPrivateV3GetPositionRisk(), "positionRisk"):
-        amount = base.field(row, "positionAmt", "positionRisk")
-        if amount == 0:
-            continue
-        position_side = str(row.get("positionSide") or "BOTH").upper()
-        side = {"LONG": "long", "SHORT": "short"}.get(position_side, "long" if amount > 0 else "short")
-        positions.append(base.risk_position(
-            base.unified_symbol(ex, str(row.get("symbol"))), side, abs(amount),
-            base.price_or_none(row, "markPrice", "positionRisk"),
-            base.price_or_none(row, "liquidationPrice", "positionRisk")))
-    return base.risk_snapshot(
-        base.field(account, "totalMarginBalance", "account"), base.field(account, "totalMaintMargin", "account"),
-        "multi_assets" if multi else "single_asset", "USD" if multi else "USDT", positions, venue_ms)
-
-
-def read_cash_flows(ex, since_ms, until_ms):
-    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
-    flows = []
-    for start, end in base.windows(since_ms, until_ms, _INCOME_SPAN_MS):
-        for page in range(1, 10_000):
-            rows = base.rows_of(ex.fapiPrivateGetIncome(
-                {"startTime": start, "endTime": end - 1, "limit": _INCOME_PAGE, "page": page}), "income")
-            flows += [base.cash_flow(row.get("tranId") and f"{row['tranId']}:{row['incomeType']}:{row.get('asset')}",
-                                     base.field(row, "time", "income"), base.field(row, "income", "income"),
-                                     row["incomeType"], row.get("asset"))
-                      for row in rows if row.get("incomeType") in TRANSFER_TYPES]
-            if len(rows) < _INCOME_PAGE:
-                break
-        else:
-            raise base.ExchangeDataError("income: no last page")
-    return base.flows_between(flows, since_ms, until_ms)

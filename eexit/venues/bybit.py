@@ -18,7 +18,6 @@ end in X-Bapi-Limit-Reset-Timestamp (ms). Markets: linear and inverse instrument
 """
 
 import re
-import time
 
 from . import base
 
@@ -30,6 +29,8 @@ ORDER_LIMITS = "10/1"        # /v5/order/create default per UID for linear and i
 DEADMAN = None
 BATCH_ORDERS = 10            # /v5/order/create-batch, linear and inverse: 10 a request
 DEADMAN_RANGE_S = None   # no bound beyond EEXIT_DEADMAN_S's own
+MARKET_MAX = ("info", "lotSizeFilter", "maxMktOrderQty")     # ccxt does not map it
+PING = "publicGetV5MarketTime"
 _POSITION_PAGE, _ORDER_PAGE = 200, 50
 _BOOK = {False: "Order", True: "StopOrder"}
 _IDX = {"BOTH": 0, "LONG": 1, "SHORT": 2}
@@ -40,6 +41,8 @@ ERRORS = base.ErrorTable(
     auth=frozenset({10003, 10004, 10005, 10007, 10009, 10010, 33004}),
     transient=frozenset({10000, 10002, 10016, 10019}),
     reduce_only=frozenset({110017}),
+    wait_header="X-Bapi-Limit-Reset-Timestamp",
+    wait_until_ms=True,
 )
 
 
@@ -47,18 +50,12 @@ def configure(ex):
     ex.options["fetchMarkets"] = {"types": ["linear", "inverse"]}
 
 
-def load_market_rules(ex):
-    return base.load_market_rules(
-        ex, lambda market: base.opt_num(((market.get("info") or {}).get("lotSizeFilter") or {})
-                                        .get("maxMktOrderQty")))
-
-
 def _request(segment):
     category, _, settle = segment.partition("/")
     return {"category": category, **({"settleCoin": settle} if settle else {})}
 
 
-def _pages(call, params, limit, what):
+def pages(call, params, limit, what):
     """Every row of a cursor-paginated v5 list."""
     rows, cursor = [], None
     while True:
@@ -81,11 +78,17 @@ def read_positions(ex, segment):
     unreadable; the rows beside it are read."""
     ex.load_markets()
     category = _request(segment)["category"]
-    rows = _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list")
-    return base.read_rows(ex, rows, segment, "symbol", lambda row: _position(ex, row, category), category)
+    rows = position_rows(ex, segment)
+    return base.read_rows(ex, rows, segment, "symbol", lambda row: position(ex, segment, row), category)
 
 
-def _position(ex, row, category):
+def position_rows(ex, segment):
+    """The raw rows of /v5/position/list for one segment, every page."""
+    return pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list")
+
+
+def position(ex, segment, row):
+    """The Position of one raw row, None when it is zero; raises when it cannot be read."""
     if not row.get("symbol"):
         raise base.ExchangeDataError("position row without a symbol")
     size = base.num(row.get("size"), "size")
@@ -96,7 +99,7 @@ def _position(ex, row, category):
         raise base.ExchangeDataError(f"unreadable side: {row.get('side')!r}")
     idx = str(row.get("positionIdx", "0"))
     return base.Position(
-        symbol=base.unified_symbol(ex, str(row["symbol"]), category),
+        symbol=base.unified_symbol(ex, str(row["symbol"]), _request(segment)["category"]),
         market_id=str(row["symbol"]), side=side, contracts=abs(size),
         position_side={"0": "BOTH", "1": "LONG", "2": "SHORT"}.get(idx, "BOTH"),
         entry_price=base.opt_num(row.get("avgPrice")) or 0.0,
@@ -110,14 +113,11 @@ def read_orders(ex, segment, book):
     category = _request(segment)["category"]
     params = dict(_request(segment), openOnly=0, orderFilter=_BOOK[conditional])
     orders = []
-    for row in _pages(ex.privateGetV5OrderRealtime, params, _ORDER_PAGE, "order/realtime"):
+    for row in pages(ex.privateGetV5OrderRealtime, params, _ORDER_PAGE, "order/realtime"):
         market_id = str(row.get("symbol"))
         orders.append(base.OpenOrder(
-            id=str(row.get("orderId")), client_order_id=row.get("orderLinkId") or None,
-            symbol=base.unified_symbol(ex, market_id, category), market_id=market_id,
-            side=str(row.get("side") or "").lower(), type=str(row.get("orderType") or "").lower(),
-            amount=base.opt_num(row.get("qty")), reduce_only=bool(row.get("reduceOnly")),
-            conditional=conditional))
+            id=str(row.get("orderId")), symbol=base.unified_symbol(ex, market_id, category),
+            market_id=market_id, reduce_only=bool(row.get("reduceOnly")), conditional=conditional))
     return orders
 
 
@@ -141,10 +141,6 @@ def place_close(ex, symbol, side, amount, position_side, client_order_id, margin
     result = (ex.privatePostV5OrderCreate(body) or {}).get("result") or {}
     return {"id": None if result.get("orderId") is None else str(result["orderId"]),
             "status": "open", "filled": 0.0, "amount": float(amount)}
-
-
-def ping(ex):
-    ex.publicGetV5MarketTime()
 
 
 def _close_body(ex, symbol, side, amount, position_side, client_order_id):
@@ -189,78 +185,3 @@ def place_closes(ex, orders):
     if failures and len(failures) == len(categories):
         raise failures[0]
     return results
-
-
-def arm_deadman(ex, symbol, countdown_ms):
-    raise NotImplementedError("bybit has no REST countdown dead-man switch (DEADMAN is None)")
-
-
-def classify_error(exc, ex=None):
-    def retry_after():
-        reset_ms = base.opt_num(base.header(ex, "X-Bapi-Limit-Reset-Timestamp"))
-        if reset_ms is not None:
-            return min(max(0.0, reset_ms / 1000.0 - time.time()), 60.0)
-        return 1.0
-    return base.classify(exc, ERRORS, retry_after)
-
-
-# ---------------------------------------------------------------------------- risk kernel
-# GET /v5/account/wallet-balance?accountType=UNIFIED (USD totals): E = totalMarginBalance,
-# MM = totalMaintenanceMargin (accountMMRate = MM/E, liquidation at 1). Bybit's account-wide
-# margin fields do not apply in isolated margin mode (GET /v5/account/info marginMode): there
-# E = totalEquity and MM is None. Positions of every segment: liqPrice ("" = unknown),
-# markPrice; a positionStatus other than Normal ("Liq", "Adl") is a venue flag. Venue time:
-# the wallet answer's envelope `time`. Cash flows: GET /v5/account/transaction-log,
-# type TRANSFER_IN / TRANSFER_OUT, windows of at most 7 days, 50 a page (cursor).
-
-RISK_INPUTS = base.RISK_INPUT_NAMES
-LEDGER_KEPT_MS = 730 * base.DAY_MS     # transaction-log: the last 2 years
-RISK_INPUTS_BY_MODE = {"isolated": base.RISK_INPUT_NAMES - {"maintenance_margin"}}
-_MODES = {"ISOLATED_MARGIN": "isolated", "REGULAR_MARGIN": "cross", "PORTFOLIO_MARGIN": "portfolio"}
-_TRANSFERS = {"TRANSFER_IN": 1, "TRANSFER_OUT": -1}
-
-
-def read_risk_snapshot(ex):
-    ex.load_markets()
-    raw_mode = base.obj((ex.privateGetV5AccountInfo() or {}).get("result"), "account/info").get("marginMode")
-    mode = _MODES.get(raw_mode)
-    if mode is None:
-        raise base.ExchangeDataError(f"account/info marginMode {raw_mode!r}")
-    response = base.obj(ex.privateGetV5AccountWalletBalance({"accountType": "UNIFIED"}), "wallet-balance")
-    wallet = base.rows_of((base.obj(response.get("result"), "wallet-balance")).get("list"), "wallet-balance")
-    if len(wallet) != 1:
-        raise base.ExchangeDataError(f"wallet-balance answered {len(wallet)} accounts, not 1")
-    positions, flags = [], []
-    for segment in SEGMENTS:
-        category = _request(segment)["category"]
-        for row in _pages(ex.privateGetV5PositionList, _request(segment), _POSITION_PAGE, "position/list"):
-            size = base.field(row, "size", "position/list")
-            if size == 0:
-                continue
-            symbol = base.unified_symbol(ex, str(row.get("symbol")), category)
-            positions.append(base.risk_position(
-                symbol, {"Buy": "long", "Sell": "short"}.get(row.get("side")), abs(size),
-                base.price_or_none(row, "markPrice", "position/list"),
-                base.price_or_none(row, "liqPrice", "position/list")))
-            if row.get("positionStatus") not in (None, "", "Normal"):
-                flags.append(f"{symbol}:positionStatus={row['positionStatus']}")
-    isolated = mode == "isolated"
-    return base.risk_snapshot(
-        base.field(wallet[0], "totalEquity" if isolated else "totalMarginBalance", "wallet-balance"),
-        None if isolated else base.field(wallet[0], "totalMaintenanceMargin", "wallet-balance"),
-        mode, "USD", positions, base.field(response, "time", "wallet-balance"), flags)
-
-
-def read_cash_flows(ex, since_ms, until_ms):
-    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
-    flows = []
-    for start, end in base.windows(since_ms, until_ms, 7 * base.DAY_MS):
-        for kind, sign in _TRANSFERS.items():
-            params = {"accountType": "UNIFIED", "type": kind, "startTime": start, "endTime": end - 1}
-            for row in _pages(ex.privateGetV5AccountTransactionLog, params, 50, "transaction-log"):
-                amount = base.field(row, "change", "transaction-log")
-                if amount * sign < 0 or row.get("type") != kind:
-                    raise base.ExchangeDataError(f"transaction-log asked {kind}: {row.get('type')!r} {amount!r}")
-                flows.append(base.cash_flow(row.get("id"), base.field(row, "transactionTime", "transaction-log"),
-                                            amount, kind, row.get("currency")))
-    return base.flows_between(flows, since_ms, until_ms)

@@ -30,6 +30,8 @@ ORDER_LIMITS = "60/2"        # /trade/order: 60 per 2 s (per instrument; applied
 DEADMAN = "cancel-all-after"
 BATCH_ORDERS = 20            # /trade/batch-orders
 DEADMAN_RANGE_S = (10, 120)   # cancel-all-after accepts 0 or 10-120 s: anything else is refused at start
+MARKET_MAX = ("info", "maxMktSz")     # ccxt maps only maxLmtSz
+PING = "publicGetPublicTime"
 _ORDER_PAGE = 100
 _GONE = {"51400", "51401", "51402", "51403"}    # cancel: already filled, cancelled or unknown
 _BATCH = {False: 20, True: 10}
@@ -48,27 +50,29 @@ def configure(ex):
     ex.options["fetchMarkets"] = {"types": ["swap", "future"]}
 
 
-def load_market_rules(ex):
-    return base.load_market_rules(ex, lambda market: base.opt_num((market.get("info") or {}).get("maxMktSz")))
-
-
-def _data(response, what):
+def data(response, what):
     return base.rows_of((response or {}).get("data"), what)
 
 
 def check_key(ex):
-    _data(ex.privateGetAccountPositions({"instType": "SWAP"}), "account/positions")
+    position_rows(ex, "SWAP")
 
 
 def read_positions(ex, segment):
     """(positions, unreadable rows): a row without a readable instId or pos is unreadable (never "no
     position": a missing pos was once read as 0, a false FLAT with 70 contracts open)."""
     ex.load_markets()
-    rows = _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions")
-    return base.read_rows(ex, rows, segment, "instId", lambda row: _position(ex, row))
+    rows = position_rows(ex, segment)
+    return base.read_rows(ex, rows, segment, "instId", lambda row: position(ex, segment, row))
 
 
-def _position(ex, row):
+def position_rows(ex, segment):
+    """The raw rows of /account/positions for one instType (one page holds all)."""
+    return data(ex.privateGetAccountPositions({"instType": segment}), "account/positions")
+
+
+def position(ex, segment, row):
+    """The Position of one raw row, None when it is zero; raises when it cannot be read."""
     if not row.get("instId"):
         raise base.ExchangeDataError("position row without an instId")
     amount = base.num(row.get("pos"), "pos")
@@ -84,12 +88,12 @@ def _position(ex, row):
         margin_mode=str(row.get("mgnMode") or "cross"))
 
 
-def _pages(call, params, id_key, what):
+def pages(call, params, id_key, what):
     """Every row of a list read newest first, 100 a page: the next page is the one `after` the
     last row's id_key. A full page whose last row has none raises (never the first page again)."""
     rows, after = [], None
     while True:
-        page = _data(call(dict(params, limit=_ORDER_PAGE, **({"after": after} if after else {}))), what)
+        page = data(call(dict(params, limit=_ORDER_PAGE, **({"after": after} if after else {}))), what)
         rows.extend(page)
         if len(page) < _ORDER_PAGE:
             return rows
@@ -102,22 +106,19 @@ def read_orders(ex, segment, book):
     ex.load_markets()
     conditional = book != "regular"
     if conditional:
-        rows = _pages(ex.privateGetTradeOrdersAlgoPending, {"instType": segment, "ordType": book},
-                      "algoId", "algo-pending")
+        rows = pages(ex.privateGetTradeOrdersAlgoPending, {"instType": segment, "ordType": book},
+                     "algoId", "algo-pending")
     else:
-        rows = _pages(ex.privateGetTradeOrdersPending, {"instType": segment}, "ordId", "orders-pending")
+        rows = pages(ex.privateGetTradeOrdersPending, {"instType": segment}, "ordId", "orders-pending")
     return [base.OpenOrder(
         id=str(row.get("algoId" if conditional else "ordId")),
-        client_order_id=row.get("algoClOrdId" if conditional else "clOrdId") or None,
         symbol=base.unified_symbol(ex, str(row.get("instId"))), market_id=str(row.get("instId")),
-        side=str(row.get("side") or ""), type=str(row.get("ordType") or ""),
-        amount=base.opt_num(row.get("sz")), reduce_only=str(row.get("reduceOnly")) == "true",
-        conditional=conditional) for row in rows]
+        reduce_only=str(row.get("reduceOnly")) == "true", conditional=conditional) for row in rows]
 
 
 def _check_items(response, what):
     """Raise unless every item of a batch answer succeeded (or names an order already gone)."""
-    failed = [row for row in _data(response, what) if str(row.get("sCode", "0")) not in {"0"} | _GONE]
+    failed = [row for row in data(response, what) if str(row.get("sCode", "0")) not in {"0"} | _GONE]
     if failed:
         raise base.ExchangeDataError(f"{what}: " + ", ".join(
             f'{{"sCode": "{row.get("sCode")}", "sMsg": {row.get("sMsg")!r}}}' for row in failed[:5]))
@@ -132,10 +133,6 @@ def cancel_book(ex, symbol, conditional, orders=()):
         _check_items(call(items[start:start + _BATCH[conditional]]), "cancel")
 
 
-def ping(ex):
-    ex.publicGetPublicTime()
-
-
 def place_closes(ex, orders):
     """Up to BATCH_ORDERS closes in one request; per order its ordId or the exception its
     sCode means. A batch failing as a whole (envelope code "1": every item refused) raises
@@ -143,7 +140,7 @@ def place_closes(ex, orders):
     ex.load_markets()
     bodies = [_close_body(ex, o.symbol, o.side, o.amount, o.position_side, o.client_order_id, o.margin_mode)
               for o in orders]
-    return base.batch_results(_data(ex.privatePostTradeBatchOrders(bodies), "batch-orders"), len(bodies),
+    return base.batch_results(data(ex.privatePostTradeBatchOrders(bodies), "batch-orders"), len(bodies),
                               "batch-orders", lambda row: str(row.get("ordId")) if str(row.get("sCode")) == "0"
                               else base.item_error(ID, f'{{"sCode": "{row.get("sCode")}", "sMsg": {row.get("sMsg")!r}}}'))
 
@@ -165,7 +162,7 @@ def place_close(ex, symbol, side, amount, position_side, client_order_id, margin
     response = ex.privatePostTradeOrder(_close_body(ex, symbol, side, amount, position_side,
                                                     client_order_id, margin_mode))
     _check_items(response, "order")
-    [row] = _data(response, "order")[:1] or [{}]
+    [row] = data(response, "order")[:1] or [{}]
     return {"id": None if row.get("ordId") is None else str(row["ordId"]), "status": "open",
             "filled": 0.0, "amount": float(amount)}
 
@@ -174,94 +171,3 @@ def arm_deadman(ex, symbol, countdown_ms):
     """Account-wide: every order of the account is cancelled unless re-armed in time."""
     seconds = 0 if countdown_ms <= 0 else math.ceil(countdown_ms / 1000)   # range checked at start
     ex.privatePostTradeCancelAllAfter({"timeOut": str(seconds)})
-
-
-def classify_error(exc, ex=None):
-    def retry_after():
-        seconds = base.opt_num(base.header(ex, "Retry-After"))
-        return seconds if seconds is not None and seconds >= 0 else 1.0
-    return base.classify(exc, ERRORS, retry_after)
-
-
-# ---------------------------------------------------------------------------- risk kernel
-# GET /api/v5/account/balance (USD): in multi-currency and portfolio mode (GET
-# /api/v5/account/config acctLv 3, 4) E = adjEq and MM = mmr (mgnRatio = adjEq / mmr,
-# liquidation at 1). In spot and futures mode (acctLv 1, 2) those account-level fields are ""
-# (details[].mgnRatio applies per currency): E = totalEq and MM is None. Positions of every
-# segment: liqPx ("" = unknown), markPx. Venue time: GET /api/v5/public/time, read just
-# before the balance (the data is at least that new).
-# Cash flows: GET /api/v5/account/bills type 1 (transfer), 100 a page (newest first, `after`
-# = billId); it keeps 7 days: an older start reads /account/bills-archive (3 months).
-
-RISK_INPUTS = base.RISK_INPUT_NAMES
-LEDGER_KEPT_MS = 90 * base.DAY_MS     # bills-archive: the last 3 months
-RISK_INPUTS_BY_MODE = {"spot": base.RISK_INPUT_NAMES - {"maintenance_margin"}}
-_ACCT_LV = {"1": "spot", "2": "futures", "3": "multi_currency", "4": "portfolio"}
-_BILLS_KEPT_MS = 7 * base.DAY_MS - 3_600_000   # an hour's margin for clocks
-
-
-def _one(response, what):
-    rows = _data(response, what)
-    if len(rows) != 1:
-        raise base.ExchangeDataError(f"{what} answered {len(rows)} rows, not 1")
-    return rows[0]
-
-
-def read_risk_snapshot(ex):
-    ex.load_markets()
-    acct_lv = str(_one(ex.privateGetAccountConfig(), "account/config").get("acctLv"))
-    mode = _ACCT_LV.get(acct_lv)
-    if mode is None:
-        raise base.ExchangeDataError(f"account/config acctLv {acct_lv!r}")
-    venue_ms = base.field(_one(ex.publicGetPublicTime(), "public/time"), "ts", "public/time")
-    balance = _one(ex.privateGetAccountBalance(), "account/balance")
-    positions = []
-    for segment in SEGMENTS:
-        for row in _data(ex.privateGetAccountPositions({"instType": segment}), "account/positions"):
-            amount = base.field(row, "pos", "account/positions")
-            if amount == 0:
-                continue
-            side = {"long": "long", "short": "short"}.get(row.get("posSide"), "long" if amount > 0 else "short")
-            positions.append(base.risk_position(
-                base.unified_symbol(ex, str(row.get("instId"))), side, abs(amount),
-                base.price_or_none(row, "markPx", "account/positions"),
-                base.price_or_none(row, "liqPx", "account/positions")))
-    margin = mode in ("multi_currency", "portfolio")
-    equity = base.field(balance, "adjEq" if margin else "totalEq", "account/balance")
-    mm = base.field(balance, "mmr", "account/balance") if margin else None
-    if mode == "futures":
-        mm = equity * _worst_currency_margin_use(balance)
-    return base.risk_snapshot(equity, mm, mode, "USD", positions, venue_ms)
-
-
-def _worst_currency_margin_use(balance):
-    """Futures mode (acctLv 2) margins each currency on its own: the account-level mmr is ""
-    and details[].mmr (in that currency) against details[].eq applies; a currency is liquidated
-    when its own mmr reaches its eq. The worst currency's mmr/eq, never an average over
-    currencies that would hide it (the caller scales it to the account's equity, so MM/E is
-    that currency's margin use). mmr "" or 0: no cross position in that currency; eq <= 0
-    with a maintenance margin: at liquidation (1.0)."""
-    worst = 0.0
-    for row in base.rows_of(balance.get("details"), "account/balance details"):
-        if row.get("mmr") in ("", None) or (mm := base.field(row, "mmr", "account/balance details")) == 0:
-            continue
-        if mm < 0:
-            raise base.ExchangeDataError(f"account/balance details {row.get('ccy')} mmr {mm!r} < 0")
-        equity = base.field(row, "eq", "account/balance details")
-        worst = max(worst, mm / equity if equity > 0 else 1.0)
-    return worst
-
-
-def read_cash_flows(ex, since_ms, until_ms):
-    base.check_kept(ex, since_ms, LEDGER_KEPT_MS)
-    archive = since_ms < ex.milliseconds() - _BILLS_KEPT_MS
-    call = ex.privateGetAccountBillsArchive if archive else ex.privateGetAccountBills
-    flows = []
-    for row in _pages(call, {"type": "1", "begin": str(int(since_ms)), "end": str(int(until_ms) - 1)},
-                      "billId", "account/bills"):
-        if str(row.get("type")) != "1":
-            raise base.ExchangeDataError(f"account/bills asked type 1, got {row.get('type')!r}")
-        flows.append(base.cash_flow(row.get("billId"), base.field(row, "ts", "account/bills"),
-                                    base.field(row, "balChg", "account/bills"),
-                                    f"transfer/{row.get('subType')}", row.get("ccy")))
-    return base.flows_between(flows, since_ms, until_ms)
