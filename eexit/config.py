@@ -109,10 +109,6 @@ def settings(cls, env=None):
     return cls(**values)
 
 
-def env_choice(name, default, choices, env=None):
-    return chosen(name, env_str(name, default, env), choices)
-
-
 def chosen(name, value, choices):
     """value (a str, or a tuple of them) if it is (every item is) one of choices: a typo
     ("watchdgo") must not start a daemon that then ignores what the operator meant."""

@@ -435,11 +435,10 @@ class Ledger:
                   *_pairs(report_fields)])
         return bool(written), bus.as_text(report_id)
 
-    def publish(self, item, halt=None):
+    def publish(self, item):
         """A report item (Entries.finish_report's, or the journal's): its halt (force_halt:
         written; else only restored if it vanished), then FINISH_LUA. (written, report id)."""
-        halt = halt or schema.TradingState.from_fields(item["halt"])[0]
-        self.halt(halt, force=bool(item.get("force_halt")))
+        self.halt(schema.TradingState.from_fields(item["halt"])[0], force=bool(item.get("force_halt")))
         return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
 
     def publish_direct(self, event_id, report_fields):
@@ -1060,11 +1059,8 @@ class Entries:
             job.fields = self.closer.execute(event_id, record, keepalive)
             return job.fields
         if do is core.Do.REPORT:
-            fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
-                dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
-            fields["extra"] = {**fields.get("extra", {}), **job.extra}
-            if panic.failures and not command.status:
-                fields["extra"]["failures"] = ";".join(panic.failures)[-1000:]
+            fields = core.report_fields(panic, command, job.fields, self.closer.scope)
+            fields["extra"].update(job.extra)
             return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id),
                                       job.force_halt)
         if do is core.Do.REPORT_NO_ACTION:
@@ -1144,7 +1140,7 @@ class Entries:
                 "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                self.ledger.publish(item, halt)
+                self.ledger.publish(item)
                 return "ledger"
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
