@@ -195,7 +195,8 @@ def guard_interval(seconds):
 class Config:
     """Every knob, read once from the environment (ConfigError -> exit 2); each one's meaning
     is a row of docs/CONFIG.md. The settings are one table; the fields after them are read by
-    from_env because their defaults depend on the environment (the state directory, the venue) or they come from elsewhere (the Redis URL, the exchange, the keyring)."""
+    from_env because their defaults depend on the environment (the state directory, the venue)
+    or they come from elsewhere (the Redis URL, the exchange, the keyring)."""
     close_deadline_s: float = setting("EEXIT_CLOSE_DEADLINE_S", 30.0, 1, 3600)
     claim_idle_ms: int = setting("EEXIT_CLAIM_IDLE_MS", 15000, 100, 3_600_000)
     sweep_interval_s: float = setting("EEXIT_SWEEP_INTERVAL_S", 5.0, 0.05, 3600)
@@ -441,20 +442,6 @@ class Ledger:
         self.halt(schema.TradingState.from_fields(item["halt"])[0], force=bool(item.get("force_halt")))
         return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
 
-    def publish_direct(self, event_id, report_fields):
-        """The report straight onto the completed stream, without the ledger (it refused the
-        report): True once a final report of this event stands (this one, or one before it),
-        False if Redis refused that too (logged: the journal still holds the report)."""
-        try:
-            report_id = self.report(report_fields, event_id)
-            log.warning("report_published_without_ledger", event_id=event_id,
-                        report_id=report_id or "(one stood)")
-            return True
-        except bus.REDIS_ERRORS as exc:
-            # The journal keeps the report; the heartbeat names the event until it stands.
-            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
-            return False
-
     def report(self, report_fields, event_id="", entry_ids=()):
         """REPORT_LUA: a report without the ledger (an event's, or, with the entry ids, the
         summary of a batch of rejected entries, acknowledged with it); its id, '' if a report
@@ -693,8 +680,9 @@ def log_bug(event, exc, **fields):
 
 
 def best_effort(event, event_id, fn, *args, **kwargs):
-    """fn(*args, **kwargs) beside a close (bookkeeping, never the close itself): a Redis error
-    is logged as `event` and the close goes on (None); the caller says why that is safe."""
+    """fn(*args, **kwargs) where a Redis error must not stop what goes on (bookkeeping beside
+    a close, never the close itself; a report the journal keeps anyway): it is logged as
+    `event` (None); the caller says why that is safe."""
     try:
         return fn(*args, **kwargs)
     except bus.REDIS_ERRORS as exc:
@@ -870,6 +858,13 @@ class Closer:
 
 # ------------------------------------------------------------------------------ the loop
 
+def report_base(event, event_id, problems=(), ts_started=None):
+    """What every report of an entry or event starts from (core.report's base): the event id,
+    the event's issuer and reason, the problems found in it, when its handling started."""
+    return dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
+                problems=tuple(problems), ts_started=ts_started or wall_ms())
+
+
 @dataclass
 class Job:
     """What the shell keeps while it performs one panic's commands (the decisions are the
@@ -883,13 +878,6 @@ class Job:
     keepalive: object = None            # None: Entries.close_keepalive (entry and record kept fresh)
     force_halt: bool = None             # None: write the halt with the report when there is no entry
     extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, event, event_id, record, problems=(), ts_started=None, **job):
-        """The job of an event: its report base (the event's issuer and reason) and record."""
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=ts_started or wall_ms())
-        return cls(event, base, record=record, **job)
 
     def halt(self, event_id):
         """The halt of this event, built once (halted_at is when it was first written)."""
@@ -977,9 +965,8 @@ class Entries:
                                                 max=entry_id, count=1)
             if core.give_up_unauthorised(int(pending[0]["times_delivered"]) if pending else 0,
                                          self.config.max_deliveries):
-                self.report_without_action(entry_id, dict(
-                    event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms(),
-                    problems=(f"internal_error:{error}",)), "FAILED", f"not_authorised:{why}; handling failed")
+                base = report_base(event, event_id, (f"internal_error:{error}",))
+                self.report_without_action(entry_id, base, "FAILED", f"not_authorised:{why}; handling failed")
 
     def report_rejected(self, rejected):
         """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
@@ -990,7 +977,7 @@ class Entries:
             event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
             why = collections.Counter(screened[4] for _, screened in rejected)
             detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms())
+        base = report_base(event, event_id)
         report = core.report(base, dict(status="REJECTED", detail=detail, extra=dict(
             entry_id=ids[0], rejected_count=len(ids), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
             event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))),
@@ -1004,7 +991,7 @@ class Entries:
                  reason=event.reason, problems=",".join(problems))
         panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
         record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
-        self.drive(panic, commands, Job.of(event, event_id, record, problems))
+        self.drive(panic, commands, Job(event, report_base(event, event_id, problems), record))
 
     def drive(self, panic, commands, job):
         """Perform the core's commands in order, feeding each result or error back."""
@@ -1149,7 +1136,11 @@ class Entries:
                 if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
                     self.lost_redis(exc)
                 else:
-                    item["published"] = self.ledger.publish_direct(event_id, item["report"])
+                    # The ledger refuses: the report straight onto the completed stream, once per
+                    # event id (one may stand already). Refused too: the journal keeps it and the
+                    # heartbeat names the event until it stands.
+                    item["published"] = best_effort("report_not_published", event_id, self.ledger.report,
+                                                    item["report"], event_id) is not None
         self.journal.append(item)
         self.journaled.add(event_id)
         log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
@@ -1212,14 +1203,15 @@ class LostPanics:
     def run_unrecorded(self, batch, check_pending, event, **fields):
         """Execute the authorised entries of a stream batch (oldest first) that no ledger record
         names and, with check_pending, that nobody holds in the group (claim_idle covers those)."""
-        screened = [(bus.as_text(entry_id), self.screen(bus.as_text(entry_id), raw)) for entry_id, raw in batch]
+        ids = [bus.as_text(entry_id) for entry_id, _ in batch]
+        screened = [(entry_id, self.screen(entry_id, raw)) for entry_id, (_, raw) in zip(ids, batch)]
         # tamper.skipped_entries passes its candidates' second item through: here the screened entry.
         candidates = [(entry_id, item, item[1]) for entry_id, item in screened if item[3]]
         if not candidates:
             return
         pending = set()
         if check_pending:
-            low, high, count = core.pending_query([entry_id for entry_id, _ in screened], [c[0] for c in candidates])
+            low, high, count = core.pending_query(ids, [entry_id for entry_id, _, _ in candidates])
             pending = {bus.as_text(item["message_id"]) for item in self.redis.xpending_range(
                 schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
         raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
@@ -1244,7 +1236,8 @@ class LostPanics:
     def run_recorded(self, event, record, problems):
         """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
         panic, commands = core.resume_recorded(event.event_id, record.get("entry"))
-        self.drive(panic, commands, Job.of(event, event.event_id, record, problems, record.get("ts_started")))
+        base = report_base(event, event.event_id, problems, record.get("ts_started"))
+        self.drive(panic, commands, Job(event, base, record))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1320,8 +1313,8 @@ class OwnAuthority:
         without orders). Returns the report's status (FAILED if the close itself kept failing)."""
         now = wall_ms()
         event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=SERVICE_ID, ts=now)
-        job = Job.of(event, event_id, {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now},
-                     ts_started=now, **job)
+        job = Job(event, report_base(event, event_id, ts_started=now),
+                  {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}, **job)
         job.base["event_age_ms"] = 0
         self.drive(*core.start_own(event_id, close=job.fields is None, repeat=repeat), job)
         return (job.fields or {}).get("status", flatten.FAILED)

@@ -27,7 +27,8 @@ class Outer:
     name: str = setting("EEXIT_T_NAME", "exit_brain")
     count: int = setting("EEXIT_T_COUNT", 25, 1, 100)
     flag: bool = setting("EEXIT_T_FLAG", False)
-    issuers: tuple = setting("EEXIT_T_ISSUERS", ("watchdog", "ops"), choices=("watchdog", "ops", "risk_kernel"))
+    issuers: tuple = setting("EEXIT_T_ISSUERS", ("watchdog", "ops"),
+                             choices=("watchdog", "ops", "risk_kernel"))
     policy: str = setting("EEXIT_T_POLICY", "enforce", choices=("enforce", "alert"))
     even: int = setting("EEXIT_T_EVEN", 2, 0, 10, check=even)
     from_env = classmethod(settings)
@@ -48,8 +49,10 @@ class SettingsTest(unittest.TestCase):
 
     def test_a_bad_value_names_the_variable(self):
         for env, name in (({"EEXIT_T_COUNT": "1.5"}, "EEXIT_T_COUNT"), ({"EEXIT_T_COUNT": "101"}, "EEXIT_T_COUNT"),
-                          ({"EEXIT_T_LOST_S": "soon"}, "EEXIT_T_LOST_S"), ({"EEXIT_T_FLAG": "maybe"}, "EEXIT_T_FLAG"),
-                          ({"EEXIT_T_ISSUERS": "ops,watchdgo"}, "EEXIT_T_ISSUERS='ops,watchdgo': watchdgo is not one of"),
+                          ({"EEXIT_T_LOST_S": "soon"}, "EEXIT_T_LOST_S"),
+                          ({"EEXIT_T_FLAG": "maybe"}, "EEXIT_T_FLAG"),
+                          ({"EEXIT_T_ISSUERS": "ops,watchdgo"},
+                           "EEXIT_T_ISSUERS='ops,watchdgo': watchdgo is not one of"),
                           ({"EEXIT_T_POLICY": "warn"}, "EEXIT_T_POLICY='warn' is not one of enforce,alert"),
                           ({"EEXIT_T_EVEN": "3"}, "EEXIT_T_EVEN=3 is odd")):
             with self.subTest(env=env), self.assertRaisesRegex(ConfigError, name):

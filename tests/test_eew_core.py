@@ -155,7 +155,8 @@ class Reports(unittest.TestCase):
         failed = core.report_fields(panic, core.Command(core.Do.REPORT, "FAILED", "why"), None)
         self.assertEqual(("FAILED", "halt_not_written;why"), (failed["status"], failed["detail"]))
         self.assertEqual("claim:command:WRONGTYPE", failed["extra"]["failures"])
-        closed = core.report_fields(panic, core.Command(core.Do.REPORT), dict(status="FLAT", extra={"n": "1"}))
+        closed = core.report_fields(panic, core.Command(core.Do.REPORT),
+                                    dict(status="FLAT", extra={"n": "1"}))
         self.assertEqual(("FLAT", "halt_not_written;", {"n": "1", "failures": "claim:command:WRONGTYPE"}),
                          (closed["status"], closed["detail"], closed["extra"]))
 
