@@ -98,12 +98,9 @@ def settings(cls, env=None):
             continue                # not a setting: the class's own from_env fills it in
         name, minimum, maximum, default_from, choices, check = item.metadata["env"]
         default = values[default_from] if default_from else item.default
-        plain = {str: env_str, bool: env_bool, tuple: env_list}.get(type(item.default))
-        if plain is not None:
-            value = plain(name, default, env)
-        else:
-            read = env_int if isinstance(item.default, int) else env_float
-            value = read(name, default, minimum, maximum, env)
+        read = {str: env_str, bool: env_bool, tuple: env_list, int: env_int}.get(type(item.default), env_float)
+        bounds = (minimum, maximum) if read in (env_int, env_float) else ()
+        value = read(name, default, *bounds, env=env)
         value = chosen(name, value, choices) if choices else value
         values[item.name] = check(value) if check else value
     return cls(**values)

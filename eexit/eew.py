@@ -213,7 +213,7 @@ class Config:
     authorized_sources: tuple = setting("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS,
                                         choices=schema.KNOWN_ISSUERS)
     halt_guard_policy: str = setting("EEXIT_HALT_GUARD_POLICY", "enforce", choices=guard_policy.POLICIES)
-    consumer: str = setting("EEXIT_CONSUMER", socket.gethostname())
+    consumer: str = setting("EEXIT_CONSUMER", socket.gethostname())      # default: this host's name
     journal_path: str = None
     order_limits: tuple = None          # ((orders, window_s), ...)
     redis_url: str = None
@@ -1198,11 +1198,12 @@ class LostPanics:
         if batch:
             self.peek_cursor = bus.as_text(batch[0][0])
         # Past last-delivered-id: nothing there is pending.
-        self.run_unrecorded(batch[::-1], False, "panic_taken_ahead_of_backlog")
+        self.run_unrecorded(batch[::-1], False, log.warning, "panic_taken_ahead_of_backlog")
 
-    def run_unrecorded(self, batch, check_pending, event, **fields):
+    def run_unrecorded(self, batch, check_pending, say, event, **fields):
         """Execute the authorised entries of a stream batch (oldest first) that no ledger record
-        names and, with check_pending, that nobody holds in the group (claim_idle covers those)."""
+        names and, with check_pending, that nobody holds in the group (claim_idle covers those);
+        say(event, ...) logs each."""
         ids = [bus.as_text(entry_id) for entry_id, _ in batch]
         screened = [(entry_id, self.screen(entry_id, raw)) for entry_id, (_, raw) in zip(ids, batch)]
         # tamper.skipped_entries passes its candidates' second item through: here the screened entry.
@@ -1217,7 +1218,7 @@ class LostPanics:
         raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
         records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
         for entry_id, item in tamper.skipped_entries(candidates, pending, records):
-            log.critical(event, entry_id=entry_id, event_id=item[1], **fields)
+            say(event, entry_id=entry_id, event_id=item[1], **fields)
             self.handle_entry(entry_id, item)
 
     def tamper_close(self, finding):
@@ -1267,7 +1268,7 @@ class LostPanics:
         if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
             return
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
-        self.run_unrecorded(batch, True, "panic_skipped_by_group", last_delivered=last,
+        self.run_unrecorded(batch, True, log.critical, "panic_skipped_by_group", last_delivered=last,
                             action="executing_from_stream")
         self.audit_cursor = bus.as_text(batch[-1][0]) if len(batch) == READ_BATCH else last
         if len(batch) == READ_BATCH:
