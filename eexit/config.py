@@ -70,12 +70,14 @@ def env_list(name, default, env=None):
     return items
 
 
-def setting(name, default, minimum=None, maximum=None, default_from=None):
+def setting(name, default, minimum=None, maximum=None, default_from=None, choices=None, check=None):
     """A dataclass field read by settings() from environment variable `name`, by the type of
     its default: env_str (str), env_bool (bool), env_list (tuple), env_int (int), env_float
     (float; the bounds apply to numbers only). default_from names an earlier field of the same
-    class whose value is the default (one setting following another)."""
-    return field(default=default, metadata={"env": (name, minimum, maximum, default_from)})
+    class whose value is the default (one setting following another). choices: the values a
+    str (or every item of a tuple) may take; check(value) -> value raises ConfigError for a
+    rule the bounds cannot say."""
+    return field(default=default, metadata={"env": (name, minimum, maximum, default_from, choices, check)})
 
 
 def nested(cls):
@@ -94,15 +96,24 @@ def settings(cls, env=None):
             continue
         if "env" not in item.metadata:
             continue                # not a setting: the class's own from_env fills it in
-        name, minimum, maximum, default_from = item.metadata["env"]
+        name, minimum, maximum, default_from, choices, check = item.metadata["env"]
         default = values[default_from] if default_from else item.default
-        plain = {str: env_str, bool: env_bool, tuple: env_list}.get(type(item.default))
-        if plain is not None:
-            values[item.name] = plain(name, default, env)
-        else:
-            read = env_int if isinstance(item.default, int) else env_float
-            values[item.name] = read(name, default, minimum, maximum, env)
+        read = {str: env_str, bool: env_bool, tuple: env_list, int: env_int}.get(type(item.default), env_float)
+        bounds = (minimum, maximum) if read in (env_int, env_float) else ()
+        value = read(name, default, *bounds, env=env)
+        value = chosen(name, value, choices) if choices else value
+        values[item.name] = check(value) if check else value
     return cls(**values)
+
+
+def chosen(name, value, choices):
+    """value (a str, or a tuple of them) if it is (every item is) one of choices: a typo
+    ("watchdgo") must not start a daemon that then ignores what the operator meant."""
+    unknown = [item for item in ((value,) if isinstance(value, str) else value) if item not in choices]
+    if unknown:
+        shown, named = (value, "") if isinstance(value, str) else (",".join(value), f": {','.join(unknown)}")
+        raise ConfigError(f"{name}={shown!r}{named} is not one of {','.join(choices)}")
+    return value
 
 
 def credential(file_name, env_names=(), env=None):

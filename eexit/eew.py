@@ -182,12 +182,21 @@ SIMPLE_CLOSE_ATTEMPT = 1000           # the fail-closed close's first attempt nu
 
 # ------------------------------------------------------------------------------ config
 
+def guard_interval(seconds):
+    """0 disables the halt guard; otherwise at least MIN_INTERVAL_S (each check is a full
+    account read against the venue's request-weight budget)."""
+    if 0 < seconds < guard_policy.MIN_INTERVAL_S:
+        raise ConfigError(f"EEXIT_HALT_GUARD_S={seconds:g} is below {guard_policy.MIN_INTERVAL_S:g} "
+                          "(0 disables the guard)")
+    return seconds
+
+
 @dataclass(frozen=True, repr=False)     # no repr: the keyring and the exchange credentials never reach a log
 class Config:
     """Every knob, read once from the environment (ConfigError -> exit 2); each one's meaning
     is a row of docs/CONFIG.md. The settings are one table; the fields after them are read by
-    from_env because their defaults depend on the environment (the state directory, the host,
-    the venue) or they come from elsewhere (the Redis URL, the exchange, the keyring)."""
+    from_env because their defaults depend on the environment (the state directory, the venue)
+    or they come from elsewhere (the Redis URL, the exchange, the keyring)."""
     close_deadline_s: float = setting("EEXIT_CLOSE_DEADLINE_S", 30.0, 1, 3600)
     claim_idle_ms: int = setting("EEXIT_CLAIM_IDLE_MS", 15000, 100, 3_600_000)
     sweep_interval_s: float = setting("EEXIT_SWEEP_INTERVAL_S", 5.0, 0.05, 3600)
@@ -198,12 +207,14 @@ class Config:
     account_check_s: float = setting("EEXIT_ACCOUNT_CHECK_S", 60.0, 1, 3600)
     keepalive_s: float = setting("EEXIT_EXCHANGE_KEEPALIVE_S", float(DEFAULT_KEEPALIVE_S), 0, 3600)
     max_deliveries: int = setting("EEXIT_MAX_DELIVERIES", 3, 1, 100)
-    halt_guard_s: float = setting("EEXIT_HALT_GUARD_S", 5.0, 0, 3600)
+    halt_guard_s: float = setting("EEXIT_HALT_GUARD_S", 5.0, 0, 3600, check=guard_interval)
     resume_cooldown_s: float = setting("EEXIT_RESUME_COOLDOWN_S", 300.0, 0, 86400)
-    authorized_sources: tuple = setting("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS)
-    halt_guard_policy: str = None       # enforce | alert (guard_policy.POLICIES)
+    # Only issuers that exist: a typo ("watchdgo") would otherwise reject the real watchdog's panics.
+    authorized_sources: tuple = setting("EEXIT_AUTHORIZED_SOURCES", schema.KNOWN_ISSUERS,
+                                        choices=schema.KNOWN_ISSUERS)
+    halt_guard_policy: str = setting("EEXIT_HALT_GUARD_POLICY", "enforce", choices=guard_policy.POLICIES)
+    consumer: str = setting("EEXIT_CONSUMER", socket.gethostname())      # default: this host's name
     journal_path: str = None
-    consumer: str = None
     order_limits: tuple = None          # ((orders, window_s), ...)
     redis_url: str = None
     exchange_config: exchange.ExchangeConfig = None
@@ -212,8 +223,6 @@ class Config:
     @classmethod
     def from_env(cls, env=None):
         read = settings(cls, env)
-        guard_interval(read.halt_guard_s)
-        known_issuers(read.authorized_sources)
         # systemd's StateDirectory=eexit sets STATE_DIRECTORY (/var/lib/eexit): the default lives there.
         state_dir = env_str("STATE_DIRECTORY", "/var/lib/eexit", env).split(":")[0]
         journal_path = env_str("EEXIT_JOURNAL", os.path.join(state_dir, "eew-journal.jsonl"), env)
@@ -226,37 +235,9 @@ class Config:
                               f"{exc.strerror}") from None
         exchange_config = exchange.ExchangeConfig.from_env(env)
         return replace(
-            read, journal_path=journal_path, consumer=env_str("EEXIT_CONSUMER", socket.gethostname(), env),
-            order_limits=parse_order_limits(env_str(
+            read, journal_path=journal_path, order_limits=parse_order_limits(env_str(
                 "EEXIT_ORDER_LIMITS", exchange.default_order_limits(exchange_config.exchange_id), env)),
-            halt_guard_policy=env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", guard_policy.POLICIES, env),
             redis_url=bus.redis_url(env), exchange_config=exchange_config, keyring=signing.load_keys(env))
-
-
-def known_issuers(sources):
-    """EEXIT_AUTHORIZED_SOURCES may name only issuers that exist: a typo ("watchdgo") would
-    otherwise reject the real watchdog's panics."""
-    unknown = [source for source in sources if source not in schema.KNOWN_ISSUERS]
-    if unknown:
-        raise ConfigError(f"EEXIT_AUTHORIZED_SOURCES names unknown issuers {','.join(unknown)}; "
-                          f"known: {','.join(schema.KNOWN_ISSUERS)}")
-    return sources
-
-
-def guard_interval(seconds):
-    """0 disables the halt guard; otherwise at least MIN_INTERVAL_S (each check is a full
-    account read against the venue's request-weight budget)."""
-    if 0 < seconds < guard_policy.MIN_INTERVAL_S:
-        raise ConfigError(f"EEXIT_HALT_GUARD_S={seconds:g} is below {guard_policy.MIN_INTERVAL_S:g} "
-                          "(0 disables the guard)")
-    return seconds
-
-
-def env_choice(name, default, choices, env):
-    value = env_str(name, default, env)
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {','.join(choices)}")
-    return value
 
 
 def parse_order_limits(text):
@@ -337,7 +318,7 @@ def authorise(fields, authorized_sources, keyring):
 # ARGV: field, done-record JSON, group, entry id ("" for none), then report field/value pairs.
 # Writes the report only if the field is not already "done" and no report of it stands (the
 # reported set: a report published straight onto the stream while the ledger refused, see
-# DIRECT_LUA); always acknowledges the entry and takes the field out of the in-flight set. An
+# REPORT_LUA); always acknowledges the entry and takes the field out of the in-flight set. An
 # entry whose event another entry finished gets its own report, as a DUPLICATE: no entry is
 # acknowledged without a report.
 FINISH_LUA = """
@@ -367,27 +348,19 @@ if ARGV[4] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
 return {id ~= '' and 1 or 0, id}
 """
 
-# KEYS: reported set, completed stream. ARGV: event id, report field/value pairs. The report
-# straight onto the stream (the ledger refused it), once per event id: '' if one stands.
-# Writes in this order because a script is not rolled back: a refused XADD leaves no mark.
-DIRECT_LUA = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return '' end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-redis.call('SADD', KEYS[1], ARGV[1])
-return id
-"""
-
-# KEYS: completed stream, panic stream. ARGV: group, number of report pairs N, N*2 report
-# field/values, then the entry ids. One summary report for a batch of rejected entries and
-# their XACK, atomically: a forged entry costs no round trip and leaves no ledger field.
-REJECT_LUA = """
-local pairs = tonumber(ARGV[2])
-local report = {}
-for i = 3, 2 + pairs * 2 do report[#report + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[1], '*', unpack(report))
-local ids = {}
-for i = 3 + pairs * 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-redis.call('XACK', KEYS[2], ARGV[1], unpack(ids))
+# KEYS: completed stream, panic stream, reported set. ARGV: group, event id, number of report
+# pairs N, N*2 report field/values, then entry ids to XACK. A report without the ledger, in
+# one script: an event's report straight onto the stream while the ledger refused it (once per
+# event id via the reported set: '' if one stands; written in this order because a script is
+# not rolled back, so a refused XADD leaves no mark), or, with event id '', one summary
+# report for a batch of rejected entries and their XACK (a forgery costs no round trip and
+# leaves no ledger field).
+REPORT_LUA = """
+if ARGV[2] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then return '' end
+local last = 3 + tonumber(ARGV[3]) * 2
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4, last))
+if ARGV[2] ~= '' then redis.call('SADD', KEYS[3], ARGV[2]) end
+if #ARGV > last then redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, last + 1)) end
 return id
 """
 
@@ -417,8 +390,8 @@ class Ledger:
 
     def __init__(self, client):
         self.client = client          # the scripts are registered on it and run there
-        scripts = map(client.register_script, (FINISH_LUA, UPDATE_LUA, LEASE_LUA, REJECT_LUA, DIRECT_LUA))
-        self._finish, self._update, self._lease, self._reject, self._direct = scripts
+        scripts = map(client.register_script, (FINISH_LUA, UPDATE_LUA, LEASE_LUA, REPORT_LUA))
+        self._finish, self._update, self._lease, self._report = scripts
 
     def hold_lease(self, consumer, lease_ms):
         return bool(self._lease(keys=[schema.GUARD_LEASE_KEY], args=[consumer, lease_ms]))
@@ -463,33 +436,19 @@ class Ledger:
                   *_pairs(report_fields)])
         return bool(written), bus.as_text(report_id)
 
-    def publish(self, item, halt=None):
+    def publish(self, item):
         """A report item (Entries.finish_report's, or the journal's): its halt (force_halt:
         written; else only restored if it vanished), then FINISH_LUA. (written, report id)."""
-        halt = halt or schema.TradingState.from_fields(item["halt"])[0]
-        self.halt(halt, force=bool(item.get("force_halt")))
+        self.halt(schema.TradingState.from_fields(item["halt"])[0], force=bool(item.get("force_halt")))
         return self.finish(item["key"], item["done"], item.get("entry_id"), item["report"])
 
-    def publish_direct(self, event_id, report_fields):
-        """The report straight onto the completed stream, without the ledger (it refused the
-        report): True once a final report of this event stands (this one, or one before it),
-        False if Redis refused that too (logged: the journal still holds the report)."""
-        try:
-            report_id = bus.as_text(self._direct(keys=[REPORTED_KEY, schema.COMPLETED_STREAM],
-                                                 args=[event_id, *_pairs(report_fields)]))
-            log.warning("report_published_without_ledger", event_id=event_id,
-                        report_id=report_id or "(one stood)")
-            return True
-        except bus.REDIS_ERRORS as exc:
-            # The journal keeps the report; the heartbeat names the event until it stands.
-            log.error("report_not_published", event_id=event_id, cause=daemon.cause(exc))
-            return False
-
-    def reject(self, entry_ids, report_fields):
-        """One summary report for the rejected entries and their XACK; returns the report id."""
-        return bus.as_text(self._reject(keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM],
-                                  args=[schema.EEW_GROUP, len(report_fields), *_pairs(report_fields),
-                                        *entry_ids]))
+    def report(self, report_fields, event_id="", entry_ids=()):
+        """REPORT_LUA: a report without the ledger (an event's, or, with the entry ids, the
+        summary of a batch of rejected entries, acknowledged with it); its id, '' if a report
+        of event_id stood already."""
+        return bus.as_text(self._report(
+            keys=[schema.COMPLETED_STREAM, schema.PANIC_STREAM, REPORTED_KEY],
+            args=[schema.EEW_GROUP, event_id, len(report_fields), *_pairs(report_fields), *entry_ids]))
 
     def in_flight(self):
         """{event_id: record or None} for every event id in the in-flight set."""
@@ -721,8 +680,9 @@ def log_bug(event, exc, **fields):
 
 
 def best_effort(event, event_id, fn, *args, **kwargs):
-    """fn(*args, **kwargs) beside a close (bookkeeping, never the close itself): a Redis error
-    is logged as `event` and the close goes on (None); the caller says why that is safe."""
+    """fn(*args, **kwargs) where a Redis error must not stop what goes on (bookkeeping beside
+    a close, never the close itself; a report the journal keeps anyway): it is logged as
+    `event` (None); the caller says why that is safe."""
     try:
         return fn(*args, **kwargs)
     except bus.REDIS_ERRORS as exc:
@@ -898,6 +858,13 @@ class Closer:
 
 # ------------------------------------------------------------------------------ the loop
 
+def report_base(event, event_id, problems=(), ts_started=None):
+    """What every report of an entry or event starts from (core.report's base): the event id,
+    the event's issuer and reason, the problems found in it, when its handling started."""
+    return dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
+                problems=tuple(problems), ts_started=ts_started or wall_ms())
+
+
 @dataclass
 class Job:
     """What the shell keeps while it performs one panic's commands (the decisions are the
@@ -911,13 +878,6 @@ class Job:
     keepalive: object = None            # None: Entries.close_keepalive (entry and record kept fresh)
     force_halt: bool = None             # None: write the halt with the report when there is no entry
     extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, event, event_id, record, problems=(), ts_started=None, **job):
-        """The job of an event: its report base (the event's issuer and reason) and record."""
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason,
-                    problems=tuple(problems), ts_started=ts_started or wall_ms())
-        return cls(event, base, record=record, **job)
 
     def halt(self, event_id):
         """The halt of this event, built once (halted_at is when it was first written)."""
@@ -1005,9 +965,8 @@ class Entries:
                                                 max=entry_id, count=1)
             if core.give_up_unauthorised(int(pending[0]["times_delivered"]) if pending else 0,
                                          self.config.max_deliveries):
-                self.report_without_action(entry_id, dict(
-                    event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms(),
-                    problems=(f"internal_error:{error}",)), "FAILED", f"not_authorised:{why}; handling failed")
+                base = report_base(event, event_id, (f"internal_error:{error}",))
+                self.report_without_action(entry_id, base, "FAILED", f"not_authorised:{why}; handling failed")
 
     def report_rejected(self, rejected):
         """One REJECTED report for the batch's rejected entries: the entry's own (event_id cut
@@ -1018,12 +977,12 @@ class Entries:
             event, event_id = schema.PanicEvent("", "", "", None), f"rejected-{ids[0]}-{len(ids)}"
             why = collections.Counter(screened[4] for _, screened in rejected)
             detail = ",".join(f"{reason}={count}" for reason, count in sorted(why.items()))
-        base = dict(event_id=event_id, issued_by=event.issued_by, reason=event.reason, ts_started=wall_ms())
+        base = report_base(event, event_id)
         report = core.report(base, dict(status="REJECTED", detail=detail, extra=dict(
             entry_id=ids[0], rejected_count=len(ids), entry_ids=json.dumps(ids[:REJECTED_IDS_SHOWN]),
             event_ids=json.dumps([s[1][:schema.MAX_TEXT] for _, s in rejected[:REJECTED_IDS_SHOWN]]))),
             base["ts_started"])
-        report_id = self.ledger.reject(ids, report.to_fields())
+        report_id = self.ledger.report(report.to_fields(), entry_ids=ids)
         log.warning("panics_rejected", count=len(ids), first=ids[0], last=ids[-1], report=report_id, why=detail[:300])
 
     def handle_entry(self, entry_id, screened):
@@ -1032,7 +991,7 @@ class Entries:
                  reason=event.reason, problems=",".join(problems))
         panic, commands = core.start(event_id, entry_id, allowed, journaled=event_id in self.journaled)
         record = {"entry": entry_id, "consumer": self.config.consumer, "stage": "claimed", "attempt": 0}
-        self.drive(panic, commands, Job.of(event, event_id, record, problems))
+        self.drive(panic, commands, Job(event, report_base(event, event_id, problems), record))
 
     def drive(self, panic, commands, job):
         """Perform the core's commands in order, feeding each result or error back."""
@@ -1087,11 +1046,8 @@ class Entries:
             job.fields = self.closer.execute(event_id, record, keepalive)
             return job.fields
         if do is core.Do.REPORT:
-            fields = core.failed_fields(panic, command.detail, self.closer.scope) if command.status else \
-                dict(job.fields, detail=("" if panic.halted else "halt_not_written;") + job.fields.get("detail", ""))
-            fields["extra"] = {**fields.get("extra", {}), **job.extra}
-            if panic.failures and not command.status:
-                fields["extra"]["failures"] = ";".join(panic.failures)[-1000:]
+            fields = core.report_fields(panic, command, job.fields, self.closer.scope)
+            fields["extra"].update(job.extra)
             return self.finish_report(event_id, entry_id, job.record, job.base, fields, job.halt(event_id),
                                       job.force_halt)
         if do is core.Do.REPORT_NO_ACTION:
@@ -1171,7 +1127,7 @@ class Entries:
                 "force_halt": force_halt}     # bus loss: nobody has halted yet
         if self.ledger is not None:
             try:
-                self.ledger.publish(item, halt)
+                self.ledger.publish(item)
                 return "ledger"
             except bus.REDIS_ERRORS as exc:
                 # Redis cannot take the report now: journal it below. The entry stays
@@ -1180,7 +1136,11 @@ class Entries:
                 if self.trouble.report(exc, "finish_report", schema.PROCESSED_KEY) == "transport":
                     self.lost_redis(exc)
                 else:
-                    item["published"] = self.ledger.publish_direct(event_id, item["report"])
+                    # The ledger refuses: the report straight onto the completed stream, once per
+                    # event id (one may stand already). Refused too: the journal keeps it and the
+                    # heartbeat names the event until it stands.
+                    item["published"] = best_effort("report_not_published", event_id, self.ledger.report,
+                                                    item["report"], event_id) is not None
         self.journal.append(item)
         self.journaled.add(event_id)
         log.error("report_journaled", event_id=event_id, status=report.status, published=item.get("published", ""),
@@ -1237,16 +1197,29 @@ class LostPanics:
         batch = self.redis.xrevrange(schema.PANIC_STREAM, "+", "({}-{}".format(*low), count=READ_BATCH)
         if batch:
             self.peek_cursor = bus.as_text(batch[0][0])
-        for entry_id, screened in self.authorised(reversed(batch)):
-            if self.ledger.record(screened[1]) is None:
-                log.warning("panic_taken_ahead_of_backlog", event_id=screened[1], entry_id=entry_id)
-                self.handle_entry(entry_id, screened)
+        # Past last-delivered-id: nothing there is pending.
+        self.run_unrecorded(batch[::-1], False, log.warning, "panic_taken_ahead_of_backlog")
 
-    def authorised(self, batch):
-        """[(entry id, screened)] of the authorised entries of a stream batch."""
-        screened = [(bus.as_text(entry_id), self.screen(bus.as_text(entry_id), raw))
-                    for entry_id, raw in batch]
-        return [item for item in screened if item[1][3]]
+    def run_unrecorded(self, batch, check_pending, say, event, **fields):
+        """Execute the authorised entries of a stream batch (oldest first) that no ledger record
+        names and, with check_pending, that nobody holds in the group (claim_idle covers those);
+        say(event, ...) logs each."""
+        ids = [bus.as_text(entry_id) for entry_id, _ in batch]
+        screened = [(entry_id, self.screen(entry_id, raw)) for entry_id, (_, raw) in zip(ids, batch)]
+        # tamper.skipped_entries passes its candidates' second item through: here the screened entry.
+        candidates = [(entry_id, item, item[1]) for entry_id, item in screened if item[3]]
+        if not candidates:
+            return
+        pending = set()
+        if check_pending:
+            low, high, count = core.pending_query(ids, [entry_id for entry_id, _, _ in candidates])
+            pending = {bus.as_text(item["message_id"]) for item in self.redis.xpending_range(
+                schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
+        raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
+        records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
+        for entry_id, item in tamper.skipped_entries(candidates, pending, records):
+            say(event, entry_id=entry_id, event_id=item[1], **fields)
+            self.handle_entry(entry_id, item)
 
     def tamper_close(self, finding):
         """A lost panic of unknown content: close on our own authority, once per finding."""
@@ -1264,7 +1237,8 @@ class LostPanics:
     def run_recorded(self, event, record, problems):
         """Halt, close and report a claimed ledger record (tamper close or stranded record)."""
         panic, commands = core.resume_recorded(event.event_id, record.get("entry"))
-        self.drive(panic, commands, Job.of(event, event.event_id, record, problems, record.get("ts_started")))
+        base = report_base(event, event.event_id, problems, record.get("ts_started"))
+        self.drive(panic, commands, Job(event, base, record))
 
     def sweep_ledger(self):
         """Resume records that are not final while no group entry carries them."""
@@ -1294,19 +1268,8 @@ class LostPanics:
         if tamper.parse_id(self.audit_cursor) >= tamper.parse_id(last):
             return
         batch = self.redis.xrange(schema.PANIC_STREAM, "(" + self.audit_cursor, last, count=READ_BATCH)
-        # tamper.skipped_entries passes its candidates' second item through: here the screened entry.
-        candidates = [(entry_id, screened, screened[1]) for entry_id, screened in self.authorised(batch)]
-        if candidates:
-            low, high, count = core.pending_query([bus.as_text(entry_id) for entry_id, _ in batch],
-                                                  [c[0] for c in candidates])
-            pending = {bus.as_text(item["message_id"]) for item in self.redis.xpending_range(
-                schema.PANIC_STREAM, schema.EEW_GROUP, low, high, count)}
-            raws = self.redis.hmget(schema.PROCESSED_KEY, [event_id for _, _, event_id in candidates])
-            records = {event_id: tamper.parse_record(raw) for (_, _, event_id), raw in zip(candidates, raws)}
-            for entry_id, screened in tamper.skipped_entries(candidates, pending, records):
-                log.critical("panic_skipped_by_group", entry_id=entry_id, last_delivered=last,
-                             action="executing_from_stream")
-                self.handle_entry(entry_id, screened)
+        self.run_unrecorded(batch, True, log.critical, "panic_skipped_by_group", last_delivered=last,
+                            action="executing_from_stream")
         self.audit_cursor = bus.as_text(batch[-1][0]) if len(batch) == READ_BATCH else last
         if len(batch) == READ_BATCH:
             self.at.pop("guard_sweep", None)    # more to check: next pass
@@ -1351,8 +1314,8 @@ class OwnAuthority:
         without orders). Returns the report's status (FAILED if the close itself kept failing)."""
         now = wall_ms()
         event = schema.PanicEvent(event_id=event_id, reason=reason, issued_by=SERVICE_ID, ts=now)
-        job = Job.of(event, event_id, {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now},
-                     ts_started=now, **job)
+        job = Job(event, report_base(event, event_id, ts_started=now),
+                  {"entry": None, "stage": "halted", "attempt": 0, "ts_started": now}, **job)
         job.base["event_age_ms"] = 0
         self.drive(*core.start_own(event_id, close=job.fields is None, repeat=repeat), job)
         return (job.fields or {}).get("status", flatten.FAILED)

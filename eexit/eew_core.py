@@ -281,11 +281,17 @@ def report(base, fields, now_ms):
     return built
 
 
-def failed_fields(panic, detail, scope=""):
-    """A FAILED report's fields for a panic whose close could not run to a verdict."""
-    halt = "" if panic.halted else "halt_not_written;"
-    return dict(status="FAILED", detail=f"{halt}{detail}"[:schema.MAX_TEXT], scope=scope,
-                extra={"failures": ";".join(panic.failures)[-1000:]} if panic.failures else {})
+def report_fields(panic, command, closed, scope=""):
+    """A panic's report fields: its close's (`closed`), or FAILED naming why when the command
+    says so (the close or the report failed); either way naming a halt that could not be
+    written and the failures on the way (the heartbeat named them meanwhile)."""
+    fields = dict(status="FAILED", detail=command.detail, scope=scope) if command.status else dict(closed)
+    detail = ("" if panic.halted else "halt_not_written;") + fields.get("detail", "")
+    fields["detail"] = detail[:schema.MAX_TEXT] if command.status else detail
+    fields["extra"] = dict(fields.get("extra", {}))
+    if panic.failures:
+        fields["extra"]["failures"] = ";".join(panic.failures)[-1000:]
+    return fields
 
 
 # ------------------------------------------------------------------------------ one close

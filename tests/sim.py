@@ -185,7 +185,7 @@ class World:
         self.ack(entry_id)
 
     def publish_direct(self, key, report):
-        """DIRECT_LUA: once per event id."""
+        """REPORT_LUA with an event id: once per event id."""
         if key not in self.reported:
             self.reported.add(key)
             self.add_report(report)

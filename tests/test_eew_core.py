@@ -151,9 +151,14 @@ class Reports(unittest.TestCase):
         report = core.report(base, dict(status="FLAT", positions_total=2, extra={"n": 3}), 1500)
         self.assertEqual(("FLAT", 500, ["p"], "3", None), (report.status, report.execution_time_ms, report.problems,
                                                           report.extra["n"], report.positions_closed))
-        failed = core.failed_fields(core.Panic("ev", "1-0", True, failures=("claim:command:WRONGTYPE",)), "why")
-        self.assertEqual("FAILED", failed["status"])
-        self.assertTrue(failed["detail"].startswith("halt_not_written;"))
+        panic = core.Panic("ev", "1-0", True, failures=("claim:command:WRONGTYPE",))
+        failed = core.report_fields(panic, core.Command(core.Do.REPORT, "FAILED", "why"), None)
+        self.assertEqual(("FAILED", "halt_not_written;why"), (failed["status"], failed["detail"]))
+        self.assertEqual("claim:command:WRONGTYPE", failed["extra"]["failures"])
+        closed = core.report_fields(panic, core.Command(core.Do.REPORT),
+                                    dict(status="FLAT", extra={"n": "1"}))
+        self.assertEqual(("FLAT", "halt_not_written;", {"n": "1", "failures": "claim:command:WRONGTYPE"}),
+                         (closed["status"], closed["detail"], closed["extra"]))
 
 
 if __name__ == "__main__":

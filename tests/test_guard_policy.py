@@ -4,7 +4,7 @@ import unittest
 from types import SimpleNamespace
 
 from eexit import eew
-from eexit.config import ConfigError
+from eexit.config import ConfigError, chosen
 from eexit.guard_policy import (HALT_VIOLATION, RESIDUAL_RETRY, decide, exposure_key, lease_ms,
                                 quiet_repeat, repeat_close_s, step_s)
 
@@ -74,11 +74,9 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(5, eew.guard_interval(5))
         with self.assertRaisesRegex(ConfigError, "EEXIT_HALT_GUARD_S=0.5 is below 1"):
             eew.guard_interval(0.5)
-        self.assertEqual("alert", eew.env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", ("enforce", "alert"),
-                                                 {"EEXIT_HALT_GUARD_POLICY": "alert"}))
+        self.assertEqual("alert", chosen("EEXIT_HALT_GUARD_POLICY", "alert", ("enforce", "alert")))
         with self.assertRaisesRegex(ConfigError, "EEXIT_HALT_GUARD_POLICY='warn' is not one of enforce,alert"):
-            eew.env_choice("EEXIT_HALT_GUARD_POLICY", "enforce", ("enforce", "alert"),
-                           {"EEXIT_HALT_GUARD_POLICY": "warn"})
+            chosen("EEXIT_HALT_GUARD_POLICY", "warn", ("enforce", "alert"))
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ class RedisAclTest(unittest.TestCase):
         # The lost-panic checks and the resume path (eexit/tamper.py, eexit/resume.py).
         self.assertIsNotNone(tamper.read_stream_state(eew)[1])
         self.assertEqual(ledger.in_flight(), {})
-        ledger.reject([entry_id], {"event_id": "rejected-x", "status": "REJECTED"})
+        ledger.report({"event_id": "rejected-x", "status": "REJECTED"}, entry_ids=[entry_id])
         eew.xread({resume.REQUEST_STREAM: "0"}, count=1)
         with eew.pipeline(transaction=True) as pipe:
             pipe.watch(schema.TRADING_STATE_KEY)
