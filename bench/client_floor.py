@@ -11,7 +11,9 @@ verifying read (the same three at once). No Redis, no ledger, no halt, no report
 is measured is what ccxt, http.client, TLS and the paper cost on these cores, which the EEW's
 figures (bench/https.py: warm N=50 wall, CPU per position) cannot go below. Prints per run the
 wall time from the first read to the verifying read's answer and this process's CPU over that
-span (every thread, from /proc/self/task/*/schedstat) per position.
+span (every thread, from /proc/self/task/*/schedstat) per position. --split-cpus runs the clients
+on CPU 0 and the paper on CPU 1 (a diagnostic, printed beside its figures: how much of the floor
+is the paper's CPU competing with the client's on these 2 cores, which a real venue's is not).
 """
 
 import argparse
@@ -111,7 +113,10 @@ def main(argv=None):
     parser.add_argument("--positions", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--latency-ms", type=float, default=25)
+    parser.add_argument("--split-cpus", action="store_true", help="clients on CPU 0, the paper on CPU 1")
     args = parser.parse_args(argv)
+    if args.split_cpus:
+        os.sched_setaffinity(0, {0})
     tmp = tempfile.mkdtemp(prefix="eexit-floor-")
     cert, key = make_test_cert(tmp)
     for n in args.positions:
@@ -119,6 +124,8 @@ def main(argv=None):
                                   "--latency-ms", str(args.latency_ms), "--cert", cert, "--key", key],
                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
+            if args.split_cpus:
+                os.sched_setaffinity(paper.pid, {1})
             url = paper.stdout.readline().strip()
             clients = Clients(exchange.ExchangeConfig.from_env({
                 "EEXIT_EXCHANGE_URL": url, "EEXIT_API_KEY": "paper-key", "EEXIT_API_SECRET": "paper-secret",
@@ -133,7 +140,7 @@ def main(argv=None):
             print(f"floor N={n} L={args.latency_ms:g}: wall p50 {statistics.median(walls):.1f} ms "
                   f"(runs {', '.join(f'{w:.1f}' for w in walls)}), CPU per position p50 "
                   f"{statistics.median(cpus):.3f} ms (runs {', '.join(f'{c:.3f}' for c in cpus)}), "
-                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"load {os.getloadavg()[0]:.2f}{', --split-cpus' if args.split_cpus else ''}", flush=True)
         finally:
             paper.terminate()
             paper.wait()

@@ -31,6 +31,10 @@ report as this process sees it, wall clock):
                summed into the stages of one close (what the EEW and the paper each add to 3L)
   naive        ccxt binanceusdm with its defaults (own TLS handling), fetch_positions() and one
                reduce-only market order per position, sequentially; enableRateLimit True / False
+  --split-cpus the EEW and redis-server on CPU 0, this process (the paper exchange, the bench) on
+               CPU 1, printed beside every figure: a diagnostic of how much of a figure is the
+               paper's CPU competing with the EEW's on 2 cores (a real venue's CPU is not ours);
+               the verdicts are the default run's
 """
 
 import argparse
@@ -92,7 +96,9 @@ class Bench:
                    EEXIT_EXCHANGE_CA_FILE=self.cert, EEXIT_JOURNAL=os.path.join(self.tmp, f"{consumer}.jsonl"),
                    **{k: str(v) for k, v in settings.items()})
         started = time.monotonic()
+        on_cpu(0)           # the EEW and every thread it starts
         process = start_module("eexit.eew", env, os.path.join(self.tmp, f"{consumer}.log"))
+        on_cpu(1)
         ready = wait_for_ready(notify, process, timeout_s=120)
         notify.close()
         if ready is None:
@@ -182,6 +188,15 @@ def quiet(n):
     return 10.2 if n > 10 else 1.0
 
 
+SPLIT = {}      # --split-cpus: the setting printed beside every figure
+
+
+def on_cpu(cpu):
+    """This thread (and what it starts from now on) on one CPU, with --split-cpus; else nothing."""
+    if SPLIT:
+        os.sched_setaffinity(0, {cpu})
+
+
 def row(name, runs, settings, target_ms=None, **extra):
     """A run whose panic did not find the whole seed (positions_total < n: something closed
     part of it first, e.g. a halt guard) measures less than a close: shown apart, not counted."""
@@ -192,9 +207,9 @@ def row(name, runs, settings, target_ms=None, **extra):
         extra["discarded_runs_ms"] = discarded
     out = {"name": name, "median_ms": round(statistics.median(ms), 1), "runs_ms": ms,
            "all_flat": all(r[2] for r in runs), "statuses": sorted({r[1] for r in runs}),
-           "settings": settings, "target_ms": target_ms, "load_1min": round(os.getloadavg()[0], 2), **extra}
+           "settings": {**settings, **SPLIT}, "target_ms": target_ms, "load_1min": round(os.getloadavg()[0], 2), **extra}
     print(f"{name:<44} {out['median_ms']:>9.1f} ms  runs {ms}  flat={out['all_flat']}  "
-          f"target {target_ms}  settings {settings or 'defaults'}  load {out['load_1min']}"
+          f"target {target_ms}  settings {out['settings'] or 'defaults'}  load {out['load_1min']}"
           + (f"  discarded (seed not whole) {discarded}" if discarded else ""), flush=True)
     return out
 
@@ -256,6 +271,7 @@ def main(argv=None):
     parser.add_argument("--no-1000", action="store_true")
     parser.add_argument("--warm-only", action="store_true")
     parser.add_argument("--timeline", action="store_true")
+    parser.add_argument("--split-cpus", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "https.json"))
     args = parser.parse_args(argv)
     L = args.latency_ms
@@ -264,7 +280,11 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="eexit-bench-https-")
     tls = make_test_cert(tmp)
     cert = tls[0]
+    if args.split_cpus:
+        SPLIT["cpus"] = "EEW+redis-server:0 paper+bench:1"
+    on_cpu(0)
     redis_server = RedisServer(die_with_parent=True).start()
+    on_cpu(1)           # from here this process's threads (the paper's too) start on CPU 1
     client = redis_server.client()
     bench = Bench(client, redis_server.url, tmp, tls, L)
     rows, footprint = [], []
