@@ -284,8 +284,8 @@ def _entry_holds(client, stream, entry_id, fields):
     return stored == {str(k): str(v) for k, v in fields.items()}
 
 
-# KEYS: the incident hash [, the panic stream]. ARGV: n, n claim field pairs (event_id's first),
-# then the panic's field pairs. One script, so no reader ever sees a claim that holds its id but
+# KEYS: the incident hash [, the panic stream]. ARGV: n, n claim field pairs (without a stream
+# event_id's first: its value is what a won claim returns), then the panic's field pairs. One script, so no reader ever sees a claim that holds its id but
 # not yet its opened_at_ms (the watchdogs took such a half-written claim for a stale one and
 # opened a second incident). With a stream, checked first and written after the XADD: a script
 # is not rolled back on an error, so a refused XADD leaves no claim behind; one clock:

@@ -218,8 +218,8 @@ def classify(exc, table, ex=None):
     unknown. An order whose outcome is unknown (timeout) is "transient": the caller must
     re-read the account before sending another. ex, when given, holds the retry hint."""
     text = str(exc)
-    codes = [int(code) for code in table.code_re.findall(text) if code not in ("0", "")]
-    code = codes[-1] if codes else None
+    found = [int(code) for code in table.code_re.findall(text) if code not in ("0", "")]
+    code = found[-1] if found else None     # the venue's own code: the last one in the text
     for codes, kind in ((table.rate, "rate_limited"), (table.reduce_only, "reduce_only_rejected"),
                         (table.position_side, "position_side"), (table.auth, "auth"),
                         (table.transient, "transient")):
