@@ -66,8 +66,16 @@ def reset(paper, n, latency):
         paper.add_fault(kind="latency", ms=latency)
 
 
+def clear_halt(client):
+    """The last panic's halt stands: the EEW's halt guard would close the next seed (under the
+    EEW's panic, or the naive method's orders: -2022 on a position already gone). An
+    operator's resume, in effect, then a second for a guard check that read the halt to end."""
+    client.delete(schema.TRADING_STATE_KEY)
+    time.sleep(1.0)
+
+
 def eew_run(client, paper, n, latency, timeout_s):
-    client.delete(schema.TRADING_STATE_KEY)     # the last run's halt: its guard would close the seed
+    clear_halt(client)
     reset(paper, n, latency)
     time.sleep(quiet_period_s(n))
     last = client.xrevrange(schema.COMPLETED_STREAM, count=1)
@@ -91,7 +99,8 @@ def eew_run(client, paper, n, latency, timeout_s):
     raise RuntimeError(f"no report within {timeout_s}s for N={n}")
 
 
-def naive_run(paper, n, latency):
+def naive_run(client, paper, n, latency):
+    clear_halt(client)
     reset(paper, n, latency)
     ex = ccxt.binanceusdm({"apiKey": "paper-key", "secret": "paper-secret"})   # defaults
     ex.options["fetchCurrencies"] = False
@@ -140,7 +149,7 @@ def main(argv=None):
                 for n in sizes:
                     repeats = 1 if n >= 1000 else args.repeats if n <= 50 else min(3, args.repeats)
                     runs = [eew_run(client, paper, n, latency, 300) for _ in range(repeats)]
-                    naive = None if args.no_naive or n >= 1000 else naive_run(paper, n, latency)
+                    naive = None if args.no_naive or n >= 1000 else naive_run(client, paper, n, latency)
                     row = {"latency_ms": latency, "positions": n, "floor_ms": 3 * latency,
                            "eew_median_ms": round(statistics.median(r[0] for r in runs), 1),
                            "eew_runs_ms": [round(r[0], 1) for r in runs],
